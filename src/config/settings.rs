@@ -1,0 +1,290 @@
+//! The typed configuration: what `config/*.toml`, the environment and the secrets turn into.
+//!
+//! `RawSettings` mirrors the files key for key (serde, no defaults: `config/default.toml` holds
+//! every key). `Settings` is the validated form the rest of the program receives: paths made
+//! absolute, secrets attached, backends chosen.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::DatasetType;
+
+/// The merged configuration files, before validation. Field names are the TOML keys.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawSettings {
+    pub app_id: String,
+    /// Threads of the CPU pool; 0 means one per core.
+    pub parallelism: usize,
+    pub genome_file_types: Vec<String>,
+    pub paths: RawPaths,
+    pub registration: RawRegistration,
+    pub stage: RawStage,
+    pub inspect: RawInspect,
+    pub workflows: RawWorkflows,
+    pub retry: RawRetry,
+    pub worker: RawWorker,
+    pub progress: RawProgress,
+    pub registry: RawBackend,
+    pub store: RawBackend,
+    pub broker: RawBackend,
+    pub archive: RawBackend,
+    pub sqlite: RawSqlite,
+    pub secrets: RawSecrets,
+    pub log: RawLog,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawPaths {
+    pub root: PathBuf,
+    pub scratch: PathBuf,
+    pub download_dir: PathBuf,
+    #[serde(rename = "RAW_DATA")]
+    pub raw_data: RawTypePaths,
+    #[serde(rename = "DATA_PRODUCT")]
+    pub data_product: RawTypePaths,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawTypePaths {
+    pub upload: PathBuf,
+    /// May contain `{year}`, replaced by the current year when a bundle is archived.
+    pub archive: String,
+    pub stage: PathBuf,
+    pub qc: Option<PathBuf>,
+    pub bundle: RawBundlePaths,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawBundlePaths {
+    pub generate: PathBuf,
+    pub stage: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawRegistration {
+    #[serde(rename = "RAW_DATA")]
+    pub raw_data: RawSource,
+    #[serde(rename = "DATA_PRODUCT")]
+    pub data_product: RawSource,
+    pub recency_threshold_seconds: u64,
+    pub wait_between_stability_checks_seconds: u64,
+    pub poll_interval_seconds: u64,
+    pub full_scan_every_n_scans: u32,
+    pub minimum_dataset_size: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawSource {
+    pub source_dir: PathBuf,
+    pub rejects: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawStage {
+    pub purge: RawPurge,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawPurge {
+    pub days_to_live: u32,
+    pub max_purges: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawInspect {
+    pub file_metadata_batch_size: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawWorkflows {
+    /// Folder of the workflow definitions (`<name>.toml`).
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawRetry {
+    pub default: RetryPolicy,
+    /// Per task name (`inspect_dataset`, ...): overrides of the default policy.
+    pub steps: BTreeMap<String, RetryPolicy>,
+}
+
+/// How often a failing step is tried again (spec B.0: `max_retries=3` means up to 4 attempts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub struct RetryPolicy {
+    pub max_retries: u32,
+    pub delay_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawWorker {
+    /// Steps one process runs at once.
+    pub concurrency: usize,
+    /// Embedded queue: a claimed step whose lease is not renewed within this time is redelivered.
+    pub lease_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawProgress {
+    /// Least time between two progress writes of one step to the store.
+    pub interval_seconds: f64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawBackend {
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawSqlite {
+    pub path: PathBuf,
+    pub busy_timeout_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawSecrets {
+    /// Secrets that must be present in the environment (names as in `Secret::name`).
+    pub required: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawLog {
+    /// `human` or `json`.
+    pub format: String,
+    /// A `tracing` filter directive such as `info` or `workers=debug`.
+    pub level: String,
+}
+
+/// Validated configuration handed to the rest of the program.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub app_id: String,
+    pub parallelism: usize,
+    pub genome_file_types: Vec<String>,
+    pub paths: Paths,
+    pub registration: Registration,
+    pub stage: Stage,
+    pub inspect: RawInspect,
+    pub workflows_dir: PathBuf,
+    pub retry: RawRetry,
+    pub worker: RawWorker,
+    pub progress_interval: std::time::Duration,
+    pub backends: Backends,
+    pub sqlite: RawSqlite,
+    pub log: RawLog,
+    /// Where the configuration came from, for `config show` and error messages.
+    pub sources: Vec<String>,
+    /// Things worth telling the operator at startup (for example a development secret in use).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub root: PathBuf,
+    pub scratch: PathBuf,
+    pub download_dir: PathBuf,
+    pub raw_data: TypePaths,
+    pub data_product: TypePaths,
+}
+
+impl Paths {
+    pub fn for_type(&self, dataset_type: DatasetType) -> &TypePaths {
+        match dataset_type {
+            DatasetType::RawData => &self.raw_data,
+            DatasetType::DataProduct => &self.data_product,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TypePaths {
+    pub upload: PathBuf,
+    pub archive: String,
+    pub stage: PathBuf,
+    pub qc: Option<PathBuf>,
+    pub bundle_generate: PathBuf,
+    pub bundle_stage: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub raw_data: Source,
+    pub data_product: Source,
+    pub recency_threshold: std::time::Duration,
+    pub wait_between_stability_checks: std::time::Duration,
+    pub poll_interval: std::time::Duration,
+    pub full_scan_every_n_scans: u32,
+    pub minimum_dataset_size: u64,
+}
+
+impl Registration {
+    pub fn for_type(&self, dataset_type: DatasetType) -> &Source {
+        match dataset_type {
+            DatasetType::RawData => &self.raw_data,
+            DatasetType::DataProduct => &self.data_product,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub source_dir: PathBuf,
+    pub rejects: globset::GlobSet,
+    pub reject_patterns: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub days_to_live: u32,
+    pub max_purges: u32,
+    pub alias_salt: SecretString,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistryKind {
+    Sqlite,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreKind {
+    Sqlite,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    Embedded,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveKind {
+    Local,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Backends {
+    pub registry: RegistryKind,
+    pub store: StoreKind,
+    pub broker: BrokerKind,
+    pub archive: ArchiveKind,
+}
+
+/// A secret value; `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretString(String);
+
+impl SecretString {
+    pub fn new(value: String) -> SecretString {
+        SecretString(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
