@@ -39,7 +39,9 @@ impl FromStr for DatasetType {
         match s {
             "RAW_DATA" => Ok(DatasetType::RawData),
             "DATA_PRODUCT" => Ok(DatasetType::DataProduct),
-            other => Err(format!("unknown dataset type `{other}` (expected RAW_DATA or DATA_PRODUCT)")),
+            other => Err(format!(
+                "unknown dataset type `{other}` (expected RAW_DATA or DATA_PRODUCT)"
+            )),
         }
     }
 }
@@ -61,7 +63,9 @@ impl DatasetName {
             return Err(NameError::Empty);
         }
         if normalized.len() > MAX_NAME_BYTES {
-            return Err(NameError::TooLong { bytes: normalized.len() });
+            return Err(NameError::TooLong {
+                bytes: normalized.len(),
+            });
         }
         Ok(DatasetName(normalized))
     }
@@ -96,7 +100,11 @@ pub enum NameError {
 pub fn normalize_name(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len());
     for c in raw.chars() {
-        let c = if c.is_ascii_alphanumeric() || c == '_' { c } else { '-' };
+        let c = if c.is_ascii_alphanumeric() || c == '_' {
+            c
+        } else {
+            '-'
+        };
         if c == '-' && out.ends_with('-') {
             continue;
         }
@@ -247,7 +255,11 @@ mod tests {
             ("日本", "-"),
         ];
         for (raw, want) in cases {
-            assert_eq!(DatasetName::normalize(raw).unwrap().as_str(), want, "normalizing {raw:?}");
+            assert_eq!(
+                DatasetName::normalize(raw).unwrap().as_str(),
+                want,
+                "normalizing {raw:?}"
+            );
         }
     }
 
@@ -256,8 +268,14 @@ mod tests {
         assert_eq!(DatasetName::normalize(""), Err(NameError::Empty));
         let longest = "x".repeat(MAX_NAME_BYTES);
         let name = DatasetName::normalize(&longest).unwrap();
-        assert_eq!(name.staged_bundle_file_name(DatasetType::DataProduct).len(), 255);
+        assert_eq!(
+            name.staged_bundle_file_name(DatasetType::DataProduct).len(),
+            255
+        );
         let too_long = "x".repeat(MAX_NAME_BYTES + 1);
-        assert!(matches!(DatasetName::normalize(&too_long), Err(NameError::TooLong { .. })));
+        assert!(matches!(
+            DatasetName::normalize(&too_long),
+            Err(NameError::TooLong { .. })
+        ));
     }
 }
