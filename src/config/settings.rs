@@ -261,6 +261,36 @@ pub enum ArchiveKind {
     Local,
 }
 
+/// Gives a backend enum its configuration names (`kind = "..."`), so the loader's checks and
+/// messages grow with the enum.
+macro_rules! backend_kind_names {
+    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// Every accepted `kind` value.
+            pub const NAMES: &'static [&'static str] = &[$($name),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+
+            /// The backend named `name` (exact, case-sensitive), if there is one.
+            pub fn from_name(name: &str) -> Option<$ty> {
+                match name {
+                    $($name => Some($ty::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+backend_kind_names!(RegistryKind { Sqlite => "sqlite" });
+backend_kind_names!(StoreKind { Sqlite => "sqlite" });
+backend_kind_names!(BrokerKind { Embedded => "embedded" });
+backend_kind_names!(ArchiveKind { Local => "local" });
+
 #[derive(Debug, Clone, Copy)]
 pub struct Backends {
     pub registry: RegistryKind,

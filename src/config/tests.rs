@@ -1,0 +1,953 @@
+//! Tests of the configuration loader: layering, environment mapping, paths, secrets and the
+//! error reports, on temporary configuration folders with explicit environments.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+/// The real base file, so the tests exercise the defaults operators get.
+const DEFAULT: &str = include_str!("../../config/default.toml");
+
+/// A temporary project: `<dir>/config/default.toml` plus whatever a test adds.
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new() -> Project {
+        Project::with_default(DEFAULT)
+    }
+
+    fn with_default(default: &str) -> Project {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::create_dir(dir.path().join("config")).expect("config folder");
+        let project = Project { dir };
+        project.write("default.toml", default);
+        project
+    }
+
+    fn write(&self, file: &str, text: &str) -> &Project {
+        std::fs::write(self.config_dir().join(file), text).expect("write config file");
+        self
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+
+    fn opts(&self, app_env: Option<&str>, env: &[(&str, &str)]) -> LoadOptions {
+        LoadOptions {
+            config_dir: self.config_dir(),
+            app_env: app_env.map(str::to_string),
+            env: env_map(env),
+            problems: Vec::new(),
+        }
+    }
+
+    /// Loads with `production.toml` = `overlay` and the given environment.
+    fn load_production(
+        &self,
+        overlay: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Settings, ConfigErrors> {
+        self.write("production.toml", overlay);
+        load(&self.opts(Some("production"), env))
+    }
+}
+
+fn env_map(env: &[(&str, &str)]) -> BTreeMap<String, String> {
+    env.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn ok(result: Result<Settings, ConfigErrors>) -> Settings {
+    match result {
+        Ok(settings) => settings,
+        Err(errors) => panic!("expected the configuration to load, got:\n{errors}"),
+    }
+}
+
+fn expect_errors(result: Result<Settings, ConfigErrors>) -> Vec<ConfigError> {
+    match result {
+        Ok(_) => panic!("expected configuration errors"),
+        Err(errors) => errors.0,
+    }
+}
+
+/// The error about `key`, failing with the whole list when there is none.
+fn error_for<'a>(errors: &'a [ConfigError], key: &str) -> &'a ConfigError {
+    errors.iter().find(|e| e.key == key).unwrap_or_else(|| {
+        let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        panic!("no error about `{key}` in:\n{}", all.join("\n"))
+    })
+}
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+// --- the shipped files ---
+
+#[test]
+fn the_shipped_default_loads() {
+    let opts = LoadOptions {
+        config_dir: manifest_dir().join("config"),
+        ..LoadOptions::default()
+    };
+    let settings = ok(load(&opts));
+    let root = manifest_dir();
+    assert_eq!(settings.app_id, "bioloop-dev.sca.iu.edu");
+    assert!(settings.parallelism >= 1, "0 means one thread per core");
+    assert_eq!(settings.paths.root, root.join("var"));
+    assert_eq!(
+        settings.paths.raw_data.stage,
+        root.join("var/stage/raw_data")
+    );
+    assert_eq!(
+        settings.paths.raw_data.archive,
+        root.join("var/archive/{year}/raw_data")
+            .to_str()
+            .expect("UTF-8 path")
+    );
+    assert_eq!(
+        settings.paths.raw_data.qc,
+        Some(root.join("var/qc/raw_data"))
+    );
+    assert_eq!(settings.paths.data_product.qc, None);
+    assert_eq!(
+        settings.paths.data_product.bundle_stage,
+        root.join("var/bundle/data_products/staging")
+    );
+    assert_eq!(
+        settings.registration.raw_data.source_dir,
+        root.join("examples/raw_data")
+    );
+    assert!(
+        settings
+            .registration
+            .raw_data
+            .rejects
+            .is_match(".snapshots")
+    );
+    assert!(!settings.registration.raw_data.rejects.is_match("run_1"));
+    assert_eq!(
+        settings.registration.recency_threshold,
+        Duration::from_secs(2)
+    );
+    assert_eq!(
+        settings.registration.wait_between_stability_checks,
+        Duration::from_secs(1)
+    );
+    assert_eq!(settings.genome_file_types.len(), 10);
+    assert_eq!(settings.stage.days_to_live, 20);
+    assert_eq!(settings.inspect.file_metadata_batch_size, 25000);
+    assert_eq!(settings.workflows_dir, root.join("jobs"));
+    assert_eq!(settings.retry.default.max_retries, 3);
+    assert!(settings.retry.steps.is_empty());
+    assert_eq!(settings.worker.concurrency, 2);
+    assert_eq!(settings.progress_interval, Duration::from_secs(1));
+    assert_eq!(settings.backends.registry, RegistryKind::Sqlite);
+    assert_eq!(settings.backends.broker, BrokerKind::Embedded);
+    assert_eq!(settings.backends.archive, ArchiveKind::Local);
+    assert_eq!(settings.sqlite.path, root.join("var/workers.db"));
+    assert_eq!(settings.log.format, "human");
+    assert_eq!(
+        settings.stage.alias_salt.expose(),
+        "development-only-alias-salt"
+    );
+    assert!(
+        settings
+            .warnings
+            .iter()
+            .any(|w| w.contains("ALIAS_SALT is not set")),
+        "{:?}",
+        settings.warnings
+    );
+}
+
+#[test]
+fn the_shipped_production_overlay_loads_with_a_salt() {
+    let opts = LoadOptions {
+        config_dir: manifest_dir().join("config"),
+        app_env: Some("production".to_string()),
+        env: env_map(&[("ALIAS_SALT", "s3cret")]),
+        problems: Vec::new(),
+    };
+    let settings = ok(load(&opts));
+    assert_eq!(
+        settings.registration.recency_threshold,
+        Duration::from_secs(3600)
+    );
+    assert_eq!(
+        settings.registration.wait_between_stability_checks,
+        Duration::from_secs(300)
+    );
+    assert_eq!(settings.registration.minimum_dataset_size, 0);
+    assert_eq!(settings.paths.root, PathBuf::from("/opt/sca/data"));
+    assert_eq!(
+        settings.paths.raw_data.archive,
+        "/opt/sca/data/archive/{year}/raw_data"
+    );
+    assert_eq!(
+        settings.paths.raw_data.stage,
+        PathBuf::from("/opt/sca/data/staged/raw_data")
+    );
+    assert_eq!(
+        settings.paths.data_product.bundle_generate,
+        PathBuf::from("/opt/sca/data/bundle/data_products/generation")
+    );
+    assert_eq!(
+        settings.registration.data_product.source_dir,
+        PathBuf::from("/opt/sca/data/origin/data_products")
+    );
+    assert_eq!(
+        settings.sqlite.path,
+        PathBuf::from("/var/lib/workers/workers.db")
+    );
+    assert_eq!(settings.log.format, "json");
+    // Not in the overlay: still the default's.
+    assert_eq!(settings.retry.default.delay_seconds, 5);
+    assert!(
+        settings
+            .registration
+            .raw_data
+            .rejects
+            .is_match(".snapshots")
+    );
+    assert_eq!(settings.stage.alias_salt.expose(), "s3cret");
+    assert!(settings.warnings.is_empty(), "{:?}", settings.warnings);
+}
+
+#[test]
+fn the_shipped_production_overlay_requires_the_salt() {
+    let opts = LoadOptions {
+        config_dir: manifest_dir().join("config"),
+        app_env: Some("production".to_string()),
+        ..LoadOptions::default()
+    };
+    let errors = expect_errors(load(&opts));
+    let error = error_for(&errors, "secrets.alias_salt");
+    assert!(error.message.contains("ALIAS_SALT"), "{error}");
+    assert!(error.message.contains("production.toml"), "{error}");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+}
+
+// --- layering ---
+
+#[test]
+fn tables_merge_and_arrays_replace() {
+    let project = Project::new();
+    let settings = ok(project.load_production(
+        r#"
+genome_file_types = [".bam"]
+
+[registration]
+poll_interval_seconds = 30
+
+[registration.RAW_DATA]
+rejects = ["*.tmp"]
+"#,
+        &[],
+    ));
+    assert_eq!(settings.registration.poll_interval, Duration::from_secs(30));
+    // The rest of [registration] and [registration.RAW_DATA] still comes from default.toml.
+    assert_eq!(
+        settings.registration.recency_threshold,
+        Duration::from_secs(2)
+    );
+    assert_eq!(
+        settings.registration.raw_data.source_dir,
+        project.root().join("examples/raw_data")
+    );
+    // Arrays replace rather than append.
+    assert_eq!(
+        settings.registration.raw_data.reject_patterns,
+        vec!["*.tmp"]
+    );
+    assert!(
+        !settings
+            .registration
+            .raw_data
+            .rejects
+            .is_match(".snapshots")
+    );
+    assert_eq!(settings.genome_file_types, vec![".bam"]);
+    assert_eq!(
+        settings.registration.data_product.reject_patterns,
+        vec![".snapshots"]
+    );
+}
+
+#[test]
+fn environment_overrides_files() {
+    let project = Project::new();
+    let settings = ok(project.load_production(
+        "[registration]\npoll_interval_seconds = 30\n",
+        &[("WORKERS__REGISTRATION__POLL_INTERVAL_SECONDS", "45")],
+    ));
+    assert_eq!(settings.registration.poll_interval, Duration::from_secs(45));
+    assert!(
+        settings
+            .sources
+            .iter()
+            .any(|s| s == "environment variable WORKERS__REGISTRATION__POLL_INTERVAL_SECONDS"),
+        "{:?}",
+        settings.sources
+    );
+}
+
+#[test]
+fn environment_names_match_keys_case_insensitively() {
+    let project = Project::new();
+    let settings = ok(load(&project.opts(
+        None,
+        &[
+            ("WORKERS__PATHS__RAW_DATA__STAGE", "/srv/stage/raw"),
+            (
+                "WORKERS__paths__data_product__Bundle__GENERATE",
+                "/srv/bundle",
+            ),
+            ("WORKERS__PATHS__DATA_PRODUCT__QC", "/srv/qc"),
+        ],
+    )));
+    assert_eq!(
+        settings.paths.raw_data.stage,
+        PathBuf::from("/srv/stage/raw")
+    );
+    assert_eq!(
+        settings.paths.data_product.bundle_generate,
+        PathBuf::from("/srv/bundle")
+    );
+    assert_eq!(
+        settings.paths.data_product.qc,
+        Some(PathBuf::from("/srv/qc"))
+    );
+}
+
+#[test]
+fn environment_values_are_toml_values_for_non_string_keys() {
+    let project = Project::new();
+    let settings = ok(load(&project.opts(
+        None,
+        &[
+            ("WORKERS__PARALLELISM", "4"),
+            ("WORKERS__GENOME_FILE_TYPES", r#"[".x", ".y"]"#),
+            ("WORKERS__PROGRESS__INTERVAL_SECONDS", "0.5"),
+            (
+                "WORKERS__RETRY__STEPS__ARCHIVE_DATASET",
+                "{ max_retries = 5, delay_seconds = 60 }",
+            ),
+            ("WORKERS__RETRY__DEFAULT__MAX_RETRIES", "7"),
+        ],
+    )));
+    assert_eq!(settings.parallelism, 4);
+    assert_eq!(settings.genome_file_types, vec![".x", ".y"]);
+    assert_eq!(settings.progress_interval, Duration::from_millis(500));
+    assert_eq!(
+        settings.retry.steps.get("archive_dataset"),
+        Some(&RetryPolicy {
+            max_retries: 5,
+            delay_seconds: 60
+        })
+    );
+    assert_eq!(
+        settings.retry.default,
+        RetryPolicy {
+            max_retries: 7,
+            delay_seconds: 5
+        }
+    );
+
+    // `true` is read as a boolean, not the string "true": the integer key rejects it as such.
+    let errors = expect_errors(load(
+        &project.opts(None, &[("WORKERS__WORKER__CONCURRENCY", "true")]),
+    ));
+    let error = error_for(&errors, "worker.concurrency");
+    assert_eq!(
+        error.source,
+        "environment variable WORKERS__WORKER__CONCURRENCY"
+    );
+    assert!(error.message.contains("found boolean `true`"), "{error}");
+
+    // Not TOML at all.
+    let errors = errors_of_env(&project, &[("WORKERS__PARALLELISM", "four")]);
+    let error = error_for(&errors, "parallelism");
+    assert_eq!(error.message, "`four` is not an integer");
+
+    // Structured values keep the parser's explanation.
+    let errors = errors_of_env(&project, &[("WORKERS__GENOME_FILE_TYPES", "[\".x\"")]);
+    let error = error_for(&errors, "genome_file_types");
+    assert!(
+        error.message.starts_with("`[\".x\"` is not an array"),
+        "{error}"
+    );
+}
+
+fn errors_of_env(project: &Project, env: &[(&str, &str)]) -> Vec<ConfigError> {
+    expect_errors(load(&project.opts(None, env)))
+}
+
+#[test]
+fn string_keys_take_environment_values_verbatim() {
+    let project = Project::new();
+    let settings = ok(load(&project.opts(
+        None,
+        &[
+            ("WORKERS__APP_ID", "123"),
+            ("WORKERS__LOG__LEVEL", "true"),
+            ("WORKERS__SECRETS__ALIAS_SALT", "123"),
+        ],
+    )));
+    assert_eq!(settings.app_id, "123");
+    assert_eq!(settings.log.level, "true");
+    assert_eq!(settings.stage.alias_salt.expose(), "123");
+    assert!(settings.warnings.is_empty(), "{:?}", settings.warnings);
+}
+
+#[test]
+fn a_partial_step_override_from_the_environment_names_the_missing_key() {
+    let project = Project::new();
+    let errors = errors_of_env(
+        &project,
+        &[("WORKERS__RETRY__STEPS__INSPECT_DATASET__MAX_RETRIES", "5")],
+    );
+    let error = error_for(&errors, "retry.steps.inspect_dataset.delay_seconds");
+    assert_eq!(
+        error.source,
+        "environment variable WORKERS__RETRY__STEPS__INSPECT_DATASET__MAX_RETRIES"
+    );
+    assert!(error.message.contains("missing key"), "{error}");
+}
+
+#[test]
+fn the_two_salt_variables_must_agree() {
+    let project = Project::new();
+    let errors = errors_of_env(
+        &project,
+        &[
+            ("ALIAS_SALT", "one"),
+            ("WORKERS__SECRETS__ALIAS_SALT", "two"),
+        ],
+    );
+    let error = error_for(&errors, "secrets.alias_salt");
+    assert!(error.message.contains("different values"), "{error}");
+    // The same value twice is fine.
+    ok(load(&project.opts(
+        None,
+        &[
+            ("ALIAS_SALT", "one"),
+            ("WORKERS__SECRETS__ALIAS_SALT", "one"),
+        ],
+    )));
+}
+
+// --- paths ---
+
+#[test]
+fn relative_paths_resolve_against_the_parent_of_the_config_folder() {
+    let project = Project::new();
+    let settings = ok(project.load_production(
+        r#"
+[paths]
+root = "data"
+scratch = "/abs/scratch"
+
+[paths.RAW_DATA]
+archive = "archive/{year}/raw"
+"#,
+        &[("WORKERS__SQLITE__PATH", "db/w.db")],
+    ));
+    let root = project.root();
+    assert_eq!(settings.paths.root, root.join("data"));
+    assert_eq!(settings.paths.scratch, PathBuf::from("/abs/scratch"));
+    assert_eq!(settings.paths.download_dir, root.join("var/downloads"));
+    assert_eq!(
+        settings.paths.raw_data.archive,
+        root.join("archive/{year}/raw")
+            .to_str()
+            .expect("UTF-8 path")
+    );
+    assert_eq!(settings.sqlite.path, root.join("db/w.db"));
+    assert_eq!(settings.workflows_dir, root.join("jobs"));
+}
+
+#[test]
+fn a_relative_config_folder_resolves_against_the_current_directory() {
+    let cwd = std::env::current_dir().expect("current directory");
+    assert_eq!(project_root(Path::new("config")).expect("absolute"), cwd);
+    assert_eq!(project_root(Path::new("./config")).expect("absolute"), cwd);
+    assert_eq!(
+        project_root(Path::new("/etc/workers/config")).expect("absolute"),
+        PathBuf::from("/etc/workers")
+    );
+}
+
+#[test]
+fn paths_that_would_mean_something_else_are_refused() {
+    let project = Project::new();
+    let errors =
+        expect_errors(project.load_production("[paths]\nroot = \"~/data\"\nscratch = \"\"\n", &[]));
+    assert!(error_for(&errors, "paths.root").message.contains("`~`"));
+    assert!(
+        error_for(&errors, "paths.scratch")
+            .message
+            .contains("empty")
+    );
+}
+
+// --- errors ---
+
+#[test]
+fn an_unknown_key_in_a_file_names_the_key_and_the_file() {
+    let project = Project::new();
+    let errors =
+        expect_errors(project.load_production("[registration]\npoll_intervall = 5\n", &[]));
+    let error = error_for(&errors, "registration.poll_intervall");
+    assert!(error.source.ends_with("production.toml:2:1"), "{error}");
+    assert!(error.message.contains("unknown key"), "{error}");
+    assert!(
+        error
+            .message
+            .contains("did you mean `poll_interval_seconds`?"),
+        "{error}"
+    );
+    assert_eq!(errors.len(), 1, "{errors:?}");
+}
+
+#[test]
+fn an_unknown_section_is_reported_once_per_file() {
+    let project = Project::new();
+    let errors = expect_errors(project.load_production("[api]\nbase_url = \"http://x\"\n", &[]));
+    let error = error_for(&errors, "api");
+    assert!(error.source.ends_with("production.toml:1:2"), "{error}");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+}
+
+#[test]
+fn an_unknown_workers_variable_is_an_error() {
+    let project = Project::new();
+    let errors = errors_of_env(
+        &project,
+        &[
+            ("WORKERS__REGISTRATION__POLL_INTERVALL", "5"),
+            ("WORKERS__NOPE", "1"),
+        ],
+    );
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    let error = error_for(&errors, "nope");
+    assert_eq!(error.source, "environment variable WORKERS__NOPE");
+    assert!(error.message.starts_with("unknown key"), "{error}");
+    let error = error_for(&errors, "registration.poll_intervall");
+    assert_eq!(
+        error.source,
+        "environment variable WORKERS__REGISTRATION__POLL_INTERVALL"
+    );
+    assert!(
+        error
+            .message
+            .contains("did you mean `poll_interval_seconds`?"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_wrong_type_names_the_key_the_file_and_what_was_expected() {
+    let project = Project::new();
+    let errors = expect_errors(
+        project.load_production("[registration]\npoll_interval_seconds = \"ten\"\n", &[]),
+    );
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let error = error_for(&errors, "registration.poll_interval_seconds");
+    assert!(error.source.ends_with("production.toml:2:1"), "{error}");
+    assert_eq!(
+        error.message,
+        "expected a non-negative integer, found string \"ten\""
+    );
+}
+
+#[test]
+fn two_wrong_types_in_one_section_are_both_reported() {
+    let project = Project::new();
+    let errors = expect_errors(project.load_production(
+        "[registration]\npoll_interval_seconds = \"ten\"\nfull_scan_every_n_scans = -1\n",
+        &[],
+    ));
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    error_for(&errors, "registration.poll_interval_seconds");
+    let error = error_for(&errors, "registration.full_scan_every_n_scans");
+    assert!(error.source.ends_with("production.toml:3:1"), "{error}");
+    assert!(error.message.contains("found integer `-1`"), "{error}");
+}
+
+#[test]
+fn a_wrong_array_element_is_located() {
+    let project = Project::new();
+    let errors = expect_errors(project.load_production("genome_file_types = [\".bam\", 7]\n", &[]));
+    let error = error_for(&errors, "genome_file_types[1]");
+    assert!(error.source.ends_with("production.toml:1:30"), "{error}");
+}
+
+#[test]
+fn a_missing_required_secret_names_the_variables_and_the_requirement() {
+    let project = Project::new();
+    let errors =
+        expect_errors(project.load_production("[secrets]\nrequired = [\"alias_salt\"]\n", &[]));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let error = error_for(&errors, "secrets.alias_salt");
+    assert_eq!(error.source, "environment");
+    assert!(
+        error
+            .message
+            .contains("ALIAS_SALT or WORKERS__SECRETS__ALIAS_SALT"),
+        "{error}"
+    );
+    assert!(
+        error.message.contains("required by secrets.required in"),
+        "{error}"
+    );
+    assert!(error.message.contains("production.toml:2:1"), "{error}");
+
+    // Set but empty counts as missing.
+    let errors = expect_errors(load(
+        &project.opts(Some("production"), &[("ALIAS_SALT", "")]),
+    ));
+    assert!(
+        error_for(&errors, "secrets.alias_salt")
+            .message
+            .contains("empty")
+    );
+}
+
+#[test]
+fn an_unknown_required_secret_is_an_error() {
+    let project = Project::new();
+    let errors =
+        expect_errors(project.load_production("[secrets]\nrequired = [\"api_token\"]\n", &[]));
+    let error = error_for(&errors, "secrets.required[0]");
+    assert!(
+        error.message.contains("unknown secret `api_token`"),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_secret_in_a_file_is_an_error() {
+    let project = Project::new();
+    let errors = expect_errors(project.load_production(
+        "[secrets]\nalias_salt = \"x\"\n\n[stage]\nalias_salt = \"y\"\n",
+        &[("ALIAS_SALT", "fine")],
+    ));
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    for key in ["secrets.alias_salt", "stage.alias_salt"] {
+        let error = error_for(&errors, key);
+        assert!(error.source.contains("production.toml"), "{error}");
+        assert!(
+            error
+                .message
+                .contains("secrets are read from the environment only"),
+            "{error}"
+        );
+        assert!(
+            !error.to_string().contains("\"x\""),
+            "the value must not be echoed: {error}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_glob_is_reported_with_its_index() {
+    let project = Project::new();
+    let errors = expect_errors(project.load_production(
+        "[registration.RAW_DATA]\nrejects = [\"ok*\", \"[abc\"]\n",
+        &[],
+    ));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let error = error_for(&errors, "registration.RAW_DATA.rejects[1]");
+    assert!(error.message.contains("invalid glob `[abc`"), "{error}");
+    assert!(error.source.ends_with("production.toml:2:19"), "{error}");
+}
+
+#[test]
+fn an_unknown_backend_kind_lists_the_known_ones() {
+    let project = Project::new();
+    let errors = expect_errors(project.load_production("[registry]\nkind = \"postgres\"\n", &[]));
+    let error = error_for(&errors, "registry.kind");
+    assert_eq!(
+        error.message,
+        "unknown registry backend `postgres` (known: sqlite)"
+    );
+}
+
+#[test]
+fn every_semantic_problem_is_reported() {
+    let project = Project::new();
+    let errors = expect_errors(project.load_production(
+        r#"
+genome_file_types = [".bam", "vcf"]
+[paths.RAW_DATA]
+archive = "var/archive/{month}/raw_data"
+[inspect]
+file_metadata_batch_size = 0
+[retry.steps]
+archive = { max_retries = 1, delay_seconds = 1 }
+[worker]
+concurrency = 0
+[progress]
+interval_seconds = 0.0
+[broker]
+kind = "rabbitmq"
+[log]
+format = "xml"
+"#,
+        &[],
+    ));
+    for key in [
+        "genome_file_types[1]",
+        "paths.RAW_DATA.archive",
+        "inspect.file_metadata_batch_size",
+        "retry.steps.archive",
+        "worker.concurrency",
+        "progress.interval_seconds",
+        "broker.kind",
+        "log.format",
+    ] {
+        let error = error_for(&errors, key);
+        assert!(error.source.contains("production.toml"), "{error}");
+    }
+    assert_eq!(errors.len(), 8, "{errors:?}");
+    assert!(
+        error_for(&errors, "paths.RAW_DATA.archive")
+            .message
+            .contains("`{month}`")
+    );
+}
+
+#[test]
+fn a_missing_app_env_file_is_named() {
+    let project = Project::new();
+    let errors = expect_errors(load(&project.opts(Some("staging"), &[])));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].source.ends_with("config/staging.toml"),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[0].message.contains("APP_ENV=staging"),
+        "{}",
+        errors[0]
+    );
+
+    let errors = expect_errors(load(&project.opts(Some("../etc/passwd"), &[])));
+    assert_eq!(errors[0].source, "environment variable APP_ENV");
+}
+
+#[test]
+fn a_missing_default_file_is_named() {
+    let project = Project::new();
+    std::fs::remove_file(project.config_dir().join("default.toml")).expect("remove");
+    let errors = expect_errors(load(&project.opts(None, &[])));
+    assert!(
+        errors[0].source.ends_with("config/default.toml"),
+        "{}",
+        errors[0]
+    );
+    assert!(errors[0].message.contains("not found"), "{}", errors[0]);
+}
+
+#[test]
+fn a_syntax_error_gives_file_line_and_column() {
+    let project = Project::new();
+    let errors = expect_errors(
+        project.load_production("[registration]\npoll_interval_seconds = = 5\n", &[]),
+    );
+    assert!(!errors.is_empty());
+    let error = &errors[0];
+    assert!(error.source.ends_with("production.toml:2:25"), "{error}");
+    assert!(error.message.starts_with("TOML syntax error"), "{error}");
+    assert!(error.key.is_empty());
+}
+
+#[test]
+fn a_key_missing_from_default_is_reported() {
+    let default = DEFAULT.replace("app_id = \"bioloop-dev.sca.iu.edu\"", "");
+    let project = Project::with_default(&default);
+    let errors = expect_errors(load(&project.opts(None, &[])));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let error = error_for(&errors, "app_id");
+    assert!(error.source.ends_with("default.toml"), "{error}");
+    assert!(error.message.contains("missing key"), "{error}");
+}
+
+#[test]
+fn a_wrong_type_in_default_itself_is_reported_without_looping() {
+    let default = DEFAULT.replace("parallelism = 0", "parallelism = \"all\"");
+    let project = Project::with_default(&default);
+    let errors = expect_errors(load(&project.opts(None, &[])));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let error = error_for(&errors, "parallelism");
+    assert!(error.source.contains("default.toml:"), "{error}");
+}
+
+#[test]
+fn an_unknown_key_a_wrong_type_and_a_missing_secret_are_reported_together() {
+    let project = Project::new();
+    let errors = expect_errors(project.load_production(
+        r#"
+[registration]
+poll_intervall = 5
+
+[worker]
+concurrency = "two"
+
+[secrets]
+required = ["alias_salt"]
+"#,
+        &[],
+    ));
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    error_for(&errors, "registration.poll_intervall");
+    error_for(&errors, "worker.concurrency");
+    error_for(&errors, "secrets.alias_salt");
+}
+
+#[test]
+fn display_is_one_line_per_problem() {
+    let project = Project::new();
+    let errors = match project.load_production(
+        "[registration]\npoll_intervall = 5\n[worker]\nconcurrency = \"two\"\n[secrets]\nrequired = [\"alias_salt\"]\n",
+        &[],
+    ) {
+        Ok(_) => panic!("expected errors"),
+        Err(errors) => errors,
+    };
+    let shown = errors.to_string();
+    let lines: Vec<&str> = shown.lines().collect();
+    assert_eq!(lines.len(), errors.0.len());
+    for (line, error) in lines.iter().zip(&errors.0) {
+        assert_eq!(
+            *line,
+            format!("{}: {}: {}", error.source, error.key, error.message)
+        );
+    }
+    let without_key = ConfigError::new(
+        "",
+        "config/x.toml:1:1",
+        "TOML syntax error:\n  expected `=`",
+    );
+    assert_eq!(
+        without_key.to_string(),
+        "config/x.toml:1:1: TOML syntax error: expected `=`"
+    );
+}
+
+// --- effective configuration and .env ---
+
+#[test]
+fn effective_redacts_secrets_and_shows_resolved_values() {
+    let project = Project::new();
+    let opts = project.opts(None, &[("ALIAS_SALT", "very-secret-salt")]);
+    let (settings, tree) = match effective(&opts) {
+        Ok(shown) => shown,
+        Err(errors) => panic!("{errors}"),
+    };
+    let secrets = tree["secrets"].as_table().expect("secrets table");
+    assert_eq!(secrets["alias_salt"].as_str(), Some("<redacted>"));
+    assert!(
+        !toml::to_string(&tree)
+            .expect("serializable")
+            .contains("very-secret-salt")
+    );
+    assert_eq!(
+        tree["paths"]["root"].as_str(),
+        Some(project.root().join("var").to_str().expect("UTF-8 path"))
+    );
+    assert_eq!(
+        tree["parallelism"].as_integer(),
+        i64::try_from(settings.parallelism).ok()
+    );
+
+    let (_, tree) = match effective(&project.opts(None, &[])) {
+        Ok(shown) => shown,
+        Err(errors) => panic!("{errors}"),
+    };
+    assert_eq!(tree["secrets"]["alias_salt"].as_str(), Some("<unset>"));
+}
+
+#[test]
+fn dotenv_files_are_read_and_their_problems_reported() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join(".env");
+    std::fs::write(
+        &path,
+        "# comment\nAPP_ENV=production\nWORKERS__GENOME_FILE_TYPES='[\".a\", \".b\"]'\nNOT VALID\n",
+    )
+    .expect("write .env");
+    let mut env = BTreeMap::new();
+    let mut problems = Vec::new();
+    read_dotenv(&path, &mut env, &mut problems);
+    assert_eq!(env.get("APP_ENV").map(String::as_str), Some("production"));
+    assert_eq!(
+        env.get("WORKERS__GENOME_FILE_TYPES").map(String::as_str),
+        Some("[\".a\", \".b\"]")
+    );
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].source.ends_with(".env"));
+
+    // A missing .env is not a problem.
+    read_dotenv(&dir.path().join("absent"), &mut env, &mut problems);
+    assert_eq!(problems.len(), 1);
+
+    // Problems gathered with the options are reported with the configuration's.
+    let project = Project::new();
+    let mut opts = project.opts(None, &[]);
+    opts.problems = problems;
+    let errors = expect_errors(load(&opts));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+}
+
+#[test]
+fn the_env_example_parses_and_its_overrides_load() {
+    // Uncomment the example assignments, as an operator would.
+    let example =
+        std::fs::read_to_string(manifest_dir().join(".env.example")).expect(".env.example");
+    let uncommented: String = example
+        .lines()
+        .filter_map(|line| line.strip_prefix("# "))
+        .filter(|line| {
+            line.split('=').next().is_some_and(|name| {
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+            })
+        })
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join(".env");
+    std::fs::write(&path, uncommented).expect("write .env");
+    let mut env = BTreeMap::new();
+    let mut problems = Vec::new();
+    read_dotenv(&path, &mut env, &mut problems);
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(env.contains_key("ALIAS_SALT"), "{env:?}");
+    assert!(
+        env.keys().filter(|k| k.starts_with("WORKERS__")).count() >= 5,
+        "{env:?}"
+    );
+
+    let project = Project::new();
+    let opts = LoadOptions {
+        config_dir: project.config_dir(),
+        env,
+        ..LoadOptions::default()
+    };
+    let settings = ok(load(&opts));
+    assert_eq!(settings.parallelism, 4);
+    assert!(settings.retry.steps.contains_key("archive_dataset"));
+}

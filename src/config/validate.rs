@@ -1,0 +1,698 @@
+//! From the merged tree to [`Settings`]: typed deserialization that finds every unknown key and
+//! every wrong type (not only the first), then the checks the types cannot express.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use toml::Table;
+
+use super::ConfigError;
+use super::layers::{
+    Layer, Origins, Seg, display_path, get, key_path, key_prefix, remove, set, suggest,
+};
+use super::secrets::{DEVELOPMENT_ALIAS_SALT, SECRETS, SecretValue};
+use super::settings::*;
+
+/// Each round fixes one wrong value; beyond this many the configuration is hopeless anyway.
+const MAX_ROUNDS: usize = 64;
+
+/// Task names `retry.steps` may override.
+pub(super) const TASK_NAMES: &[&str] = &[
+    "await_stability",
+    "inspect_dataset",
+    "archive_dataset",
+    "stage_dataset",
+    "validate_dataset",
+    "setup_dataset_download",
+    "delete_dataset",
+    "delete_source",
+];
+
+const LOG_FORMATS: &[&str] = &["human", "json"];
+const MAX_BATCH_SIZE: usize = 100_000;
+
+/// What validation needs to know about the layers.
+pub(super) struct Context<'a> {
+    /// Every layer, `default.toml` first (index 0).
+    pub(super) layers: &'a [Layer],
+    pub(super) origins: Origins,
+    /// `default.toml`: the fallback for wrong values.
+    pub(super) default: &'a Table,
+    /// Every key the program knows, for suggestions.
+    pub(super) known: &'a Table,
+}
+
+impl Context<'_> {
+    /// Where the value in effect at `path` came from.
+    fn source_of(&self, path: &[Seg]) -> String {
+        let layer = self
+            .origins
+            .of(&key_prefix(path))
+            .last()
+            .copied()
+            .unwrap_or(0);
+        self.layers[layer].describe(path)
+    }
+
+    fn error(&self, path: &[Seg], message: impl Into<String>) -> ConfigError {
+        ConfigError::new(display_path(path), self.source_of(path), message)
+    }
+
+    /// Puts the value of `default.toml` back at `keys`, or removes the key when the value in
+    /// effect is the default's own or it has none, so the next round gets past it. False when
+    /// nothing can be done (the root).
+    fn fall_back(
+        &mut self,
+        working: &mut Table,
+        keys: &[String],
+        removed: &mut BTreeSet<Vec<String>>,
+    ) -> bool {
+        if keys.is_empty() {
+            return false;
+        }
+        let from_default = self.origins.of(keys).last() == Some(&0);
+        match get(self.default, keys) {
+            Some(value) if !from_default => {
+                set(working, keys, value.clone());
+                self.origins.reset_to(keys, 0);
+            }
+            _ => {
+                remove(working, keys);
+                removed.insert(keys.to_vec());
+            }
+        }
+        true
+    }
+}
+
+/// Deserializes `merged` into [`RawSettings`], reporting every unknown key, wrong type and
+/// missing key. `None` when some problem could not be worked around.
+pub(super) fn deserialize(
+    merged: &Table,
+    ctx: &mut Context<'_>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<RawSettings> {
+    let mut working = merged.clone();
+    let mut unknown: BTreeSet<Vec<Seg>> = BTreeSet::new();
+    let mut removed: BTreeSet<Vec<String>> = BTreeSet::new();
+    let mut seen: BTreeSet<(Vec<Seg>, String)> = BTreeSet::new();
+    let mut type_errors = Vec::new();
+    let mut result = None;
+    let mut out_of_rounds = true;
+
+    // serde stops at the first wrong value; to report them all, each round records the error,
+    // puts the default's value in place of the wrong one, and tries again.
+    for _ in 0..MAX_ROUNDS {
+        let mut ignored = Vec::new();
+        let attempt = {
+            let mut on_ignored = |path: serde_ignored::Path<'_>| ignored.push(ignored_path(&path));
+            let de = serde_ignored::Deserializer::new(working.clone(), &mut on_ignored);
+            serde_path_to_error::deserialize::<_, RawSettings>(de)
+        };
+        unknown.extend(ignored);
+        let err = match attempt {
+            Ok(raw) => {
+                result = Some(raw);
+                break;
+            }
+            Err(err) => err,
+        };
+        let path = error_path(err.path());
+        let message = err.inner().message().to_string();
+        if !seen.insert((path.clone(), message.clone())) {
+            // The same error again: the fix did not take, so stop rather than loop.
+            out_of_rounds = false;
+            break;
+        }
+        let progressed = match missing_field(&message) {
+            Some(field) => {
+                let parent = key_prefix(&path);
+                let mut full = parent.clone();
+                full.push(field.to_string());
+                if removed.contains(&full) {
+                    // Its wrong value was reported and removed, and default.toml has no valid
+                    // one to put back: give up on the enclosing table instead.
+                    ctx.fall_back(&mut working, &parent, &mut removed)
+                } else {
+                    type_errors.push(missing_error(ctx, &parent, &full));
+                    match get(ctx.default, &full) {
+                        Some(value) => {
+                            set(&mut working, &full, value.clone());
+                            ctx.origins.reset_to(&full, 0);
+                            true
+                        }
+                        None => ctx.fall_back(&mut working, &parent, &mut removed),
+                    }
+                }
+            }
+            None => {
+                type_errors.push(ctx.error(&path, explain(&message)));
+                let target = existing_prefix(&working, &path);
+                ctx.fall_back(&mut working, &target, &mut removed)
+            }
+        };
+        if !progressed {
+            out_of_rounds = false;
+            break;
+        }
+    }
+
+    for path in &unknown {
+        errors.extend(unknown_errors(ctx, path));
+    }
+    errors.extend(type_errors);
+    if result.is_none() && out_of_rounds {
+        errors.push(ConfigError::new(
+            "",
+            ctx.layers[0].name.clone(),
+            format!(
+                "stopped after {MAX_ROUNDS} wrong values; fix the ones above and load again to \
+                 see the rest"
+            ),
+        ));
+    }
+    result
+}
+
+fn missing_error(ctx: &Context<'_>, parent: &[String], full: &[String]) -> ConfigError {
+    // Blame the layer that introduced the enclosing table: that is where the key belongs.
+    let layer = ctx.origins.of(parent).first().copied().unwrap_or(0);
+    let mut message = "missing key".to_string();
+    if layer == 0 {
+        message.push_str(&format!(" ({} must define every key)", ctx.layers[0].name));
+    }
+    ConfigError::new(
+        display_path(&key_path(full)),
+        ctx.layers[layer].describe(&key_path(parent)),
+        message,
+    )
+}
+
+/// One error per layer that set an unknown key.
+fn unknown_errors(ctx: &Context<'_>, path: &[Seg]) -> Vec<ConfigError> {
+    let keys = key_prefix(path);
+    let mut message = "unknown key".to_string();
+    if let Some(suggestion) = suggest(ctx.known, &keys) {
+        message.push_str(&format!(" (did you mean `{suggestion}`?)"));
+    }
+    let mut layers: Vec<usize> = ctx.origins.of(&keys).to_vec();
+    layers.dedup();
+    let mut seen = BTreeSet::new();
+    layers
+        .into_iter()
+        .filter(|layer| seen.insert(*layer))
+        .map(|layer| {
+            ConfigError::new(
+                display_path(path),
+                ctx.layers[layer].describe(path),
+                message.clone(),
+            )
+        })
+        .collect()
+}
+
+fn ignored_path(path: &serde_ignored::Path<'_>) -> Vec<Seg> {
+    fn walk(path: &serde_ignored::Path<'_>, out: &mut Vec<Seg>) {
+        use serde_ignored::Path as P;
+        match path {
+            P::Root => {}
+            P::Seq { parent, index } => {
+                walk(parent, out);
+                out.push(Seg::Index(*index));
+            }
+            P::Map { parent, key } => {
+                walk(parent, out);
+                out.push(Seg::Key(key.clone()));
+            }
+            P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+                walk(parent, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(path, &mut out);
+    out
+}
+
+fn error_path(path: &serde_path_to_error::Path) -> Vec<Seg> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|segment| match segment {
+            Segment::Seq { index } => Some(Seg::Index(*index)),
+            Segment::Map { key } => Some(Seg::Key(key.clone())),
+            Segment::Enum { variant } => Some(Seg::Key(variant.clone())),
+            Segment::Unknown => None,
+        })
+        .collect()
+}
+
+/// The longest table-key prefix of `path` present in `table`: the value to fall back on.
+fn existing_prefix(table: &Table, path: &[Seg]) -> Vec<String> {
+    let keys = key_prefix(path);
+    let mut len = keys.len();
+    while len > 0 && get(table, &keys[..len]).is_none() {
+        len -= 1;
+    }
+    keys[..len].to_vec()
+}
+
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.strip_suffix('`')
+}
+
+/// serde's `invalid type: string "x", expected u64` in an operator's words.
+fn explain(message: &str) -> String {
+    let rest = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "));
+    let Some((found, expected)) = rest.and_then(|rest| rest.rsplit_once(", expected ")) else {
+        return message.to_string();
+    };
+    let expected = match expected {
+        "usize" | "u64" => "a non-negative integer".to_string(),
+        "u32" => "a non-negative integer up to 4294967295".to_string(),
+        "f64" => "a number".to_string(),
+        "a sequence" => "an array".to_string(),
+        "path string" => "a string (a path)".to_string(),
+        "a map" => "a table".to_string(),
+        other if other.starts_with("struct ") => "a table".to_string(),
+        other => other.to_string(),
+    };
+    let found = match found {
+        "sequence" => "an array",
+        "map" => "a table",
+        other => other,
+    };
+    format!("expected {expected}, found {found}")
+}
+
+/// Checks what the types cannot and builds [`Settings`], plus the resolved raw form for
+/// `config show`. `None` when something failed (the errors say what).
+pub(super) fn build(
+    raw: RawSettings,
+    ctx: &Context<'_>,
+    root: &Path,
+    secrets: &[SecretValue],
+    errors: &mut Vec<ConfigError>,
+) -> Option<(Settings, RawSettings)> {
+    let mut check = Checker {
+        ctx,
+        root,
+        errors: Vec::new(),
+    };
+
+    let app_id = raw.app_id.trim().to_string();
+    if app_id.is_empty() {
+        check.fail(&key(&["app_id"]), "must not be empty");
+    }
+    let parallelism = match raw.parallelism {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    for (i, suffix) in raw.genome_file_types.iter().enumerate() {
+        if !suffix.starts_with('.') || suffix.len() < 2 {
+            check.fail(
+                &at(key(&["genome_file_types"]), i),
+                format!(
+                    "`{suffix}` is not a file name suffix: it must start with '.', e.g. \".bam\""
+                ),
+            );
+        }
+    }
+
+    let paths = Paths {
+        root: check.path(&["paths", "root"], &raw.paths.root),
+        scratch: check.path(&["paths", "scratch"], &raw.paths.scratch),
+        download_dir: check.path(&["paths", "download_dir"], &raw.paths.download_dir),
+        raw_data: check.type_paths("RAW_DATA", &raw.paths.raw_data),
+        data_product: check.type_paths("DATA_PRODUCT", &raw.paths.data_product),
+    };
+
+    let registration = Registration {
+        raw_data: check.source("RAW_DATA", &raw.registration.raw_data),
+        data_product: check.source("DATA_PRODUCT", &raw.registration.data_product),
+        recency_threshold: Duration::from_secs(raw.registration.recency_threshold_seconds),
+        wait_between_stability_checks: Duration::from_secs(
+            raw.registration.wait_between_stability_checks_seconds,
+        ),
+        poll_interval: Duration::from_secs(raw.registration.poll_interval_seconds),
+        full_scan_every_n_scans: raw.registration.full_scan_every_n_scans,
+        minimum_dataset_size: raw.registration.minimum_dataset_size,
+    };
+
+    let batch = raw.inspect.file_metadata_batch_size;
+    if !(1..=MAX_BATCH_SIZE).contains(&batch) {
+        check.fail(
+            &key(&["inspect", "file_metadata_batch_size"]),
+            format!("must be between 1 and {MAX_BATCH_SIZE}, not {batch}"),
+        );
+    }
+    let workflows_dir = check.path(&["workflows", "dir"], &raw.workflows.dir);
+
+    for task in raw.retry.steps.keys() {
+        if !TASK_NAMES.contains(&task.as_str()) {
+            check.fail(
+                &key(&["retry", "steps", task]),
+                format!("unknown task `{task}` (known: {})", TASK_NAMES.join(", ")),
+            );
+        }
+    }
+    if raw.worker.concurrency < 1 {
+        check.fail(&key(&["worker", "concurrency"]), "must be at least 1");
+    }
+    let interval = raw.progress.interval_seconds;
+    let progress_interval = Duration::try_from_secs_f64(interval)
+        .ok()
+        .filter(|d| !d.is_zero() && interval.is_finite());
+    if progress_interval.is_none() {
+        check.fail(
+            &key(&["progress", "interval_seconds"]),
+            format!("must be a number of seconds greater than 0, not {interval}"),
+        );
+    }
+
+    let backends = MaybeBackends {
+        registry: check.kind(
+            "registry",
+            &raw.registry,
+            RegistryKind::from_name,
+            RegistryKind::NAMES,
+        ),
+        store: check.kind("store", &raw.store, StoreKind::from_name, StoreKind::NAMES),
+        broker: check.kind(
+            "broker",
+            &raw.broker,
+            BrokerKind::from_name,
+            BrokerKind::NAMES,
+        ),
+        archive: check.kind(
+            "archive",
+            &raw.archive,
+            ArchiveKind::from_name,
+            ArchiveKind::NAMES,
+        ),
+    };
+    let sqlite_path = check.path(&["sqlite", "path"], &raw.sqlite.path);
+
+    if !LOG_FORMATS.contains(&raw.log.format.as_str()) {
+        check.fail(
+            &key(&["log", "format"]),
+            format!(
+                "unknown format `{}` (expected one of: {})",
+                raw.log.format,
+                LOG_FORMATS.join(", ")
+            ),
+        );
+    }
+
+    let (alias_salt, warnings) = check.secrets(&raw.secrets, secrets);
+
+    errors.append(&mut check.errors);
+    let (Some(backends), Some(progress_interval)) = (backends.all(), progress_interval) else {
+        return None;
+    };
+    if !errors.is_empty() {
+        return None;
+    }
+
+    let mut resolved = raw.clone();
+    resolved.parallelism = parallelism;
+    resolved.paths = RawPaths {
+        root: paths.root.clone(),
+        scratch: paths.scratch.clone(),
+        download_dir: paths.download_dir.clone(),
+        raw_data: raw_type_paths(&paths.raw_data),
+        data_product: raw_type_paths(&paths.data_product),
+    };
+    resolved.registration.raw_data.source_dir = registration.raw_data.source_dir.clone();
+    resolved.registration.data_product.source_dir = registration.data_product.source_dir.clone();
+    resolved.workflows.dir = workflows_dir.clone();
+    resolved.sqlite.path = sqlite_path.clone();
+
+    let settings = Settings {
+        app_id,
+        parallelism,
+        genome_file_types: raw.genome_file_types,
+        paths,
+        registration,
+        stage: Stage {
+            days_to_live: raw.stage.purge.days_to_live,
+            max_purges: raw.stage.purge.max_purges,
+            alias_salt: SecretString::new(alias_salt),
+        },
+        inspect: raw.inspect,
+        workflows_dir,
+        retry: raw.retry,
+        worker: raw.worker,
+        progress_interval,
+        backends,
+        sqlite: RawSqlite {
+            path: sqlite_path,
+            busy_timeout_seconds: raw.sqlite.busy_timeout_seconds,
+        },
+        log: raw.log,
+        sources: ctx.layers.iter().map(|layer| layer.name.clone()).collect(),
+        warnings,
+    };
+    Some((settings, resolved))
+}
+
+fn raw_type_paths(paths: &TypePaths) -> RawTypePaths {
+    RawTypePaths {
+        upload: paths.upload.clone(),
+        archive: paths.archive.clone(),
+        stage: paths.stage.clone(),
+        qc: paths.qc.clone(),
+        bundle: RawBundlePaths {
+            generate: paths.bundle_generate.clone(),
+            stage: paths.bundle_stage.clone(),
+        },
+    }
+}
+
+fn key(parts: &[&str]) -> Vec<Seg> {
+    parts
+        .iter()
+        .map(|part| Seg::Key(part.to_string()))
+        .collect()
+}
+
+fn at(mut path: Vec<Seg>, index: usize) -> Vec<Seg> {
+    path.push(Seg::Index(index));
+    path
+}
+
+/// Backends while some may still be unknown.
+struct MaybeBackends {
+    registry: Option<RegistryKind>,
+    store: Option<StoreKind>,
+    broker: Option<BrokerKind>,
+    archive: Option<ArchiveKind>,
+}
+
+impl MaybeBackends {
+    fn all(self) -> Option<Backends> {
+        Some(Backends {
+            registry: self.registry?,
+            store: self.store?,
+            broker: self.broker?,
+            archive: self.archive?,
+        })
+    }
+}
+
+/// Collects the semantic errors of one load.
+struct Checker<'a> {
+    ctx: &'a Context<'a>,
+    root: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn fail(&mut self, path: &[Seg], message: impl Into<String>) {
+        self.errors.push(self.ctx.error(path, message));
+    }
+
+    /// Makes a configured path absolute against the project root, refusing what would
+    /// silently mean something else than the operator wrote.
+    fn path(&mut self, parts: &[&str], path: &Path) -> PathBuf {
+        self.resolve(&key(parts), path)
+    }
+
+    fn resolve(&mut self, at: &[Seg], path: &Path) -> PathBuf {
+        if path.as_os_str().is_empty() {
+            self.fail(at, "must not be empty");
+        } else if path.starts_with("~") {
+            self.fail(at, "`~` is not expanded here; write the absolute path");
+        }
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.root.join(path)
+        }
+    }
+
+    fn type_paths(&mut self, dataset_type: &str, raw: &RawTypePaths) -> TypePaths {
+        let base = ["paths", dataset_type];
+        let sub = |name: &str| key(&[base[0], base[1], name]);
+        let archive_key = sub("archive");
+        if let Err(message) = check_template(&raw.archive) {
+            self.fail(&archive_key, message);
+        }
+        let archive = self.resolve(&archive_key, Path::new(&raw.archive));
+        let archive = match archive.to_str() {
+            Some(archive) => archive.to_string(),
+            None => {
+                self.fail(&archive_key, "the resolved path is not valid UTF-8");
+                raw.archive.clone()
+            }
+        };
+        TypePaths {
+            upload: self.resolve(&sub("upload"), &raw.upload),
+            archive,
+            stage: self.resolve(&sub("stage"), &raw.stage),
+            qc: raw.qc.as_ref().map(|qc| self.resolve(&sub("qc"), qc)),
+            bundle_generate: self.resolve(
+                &key(&[base[0], base[1], "bundle", "generate"]),
+                &raw.bundle.generate,
+            ),
+            bundle_stage: self.resolve(
+                &key(&[base[0], base[1], "bundle", "stage"]),
+                &raw.bundle.stage,
+            ),
+        }
+    }
+
+    fn source(&mut self, dataset_type: &str, raw: &RawSource) -> Source {
+        let source_dir = self.resolve(
+            &key(&["registration", dataset_type, "source_dir"]),
+            &raw.source_dir,
+        );
+        let mut builder = GlobSetBuilder::new();
+        for (i, pattern) in raw.rejects.iter().enumerate() {
+            let at = at(key(&["registration", dataset_type, "rejects"]), i);
+            if pattern.is_empty() {
+                self.fail(&at, "an empty pattern matches no directory");
+                continue;
+            }
+            // Like Python's fnmatch, which the original used: `*` also matches `/`, case
+            // matters, and a backslash is an ordinary character.
+            let glob = GlobBuilder::new(pattern)
+                .literal_separator(false)
+                .backslash_escape(false)
+                .case_insensitive(false)
+                .build();
+            match glob {
+                Ok(glob) => {
+                    builder.add(glob);
+                }
+                Err(err) => self.fail(&at, format!("invalid glob `{pattern}`: {}", err.kind())),
+            }
+        }
+        let rejects = builder.build().unwrap_or_else(|err| {
+            self.fail(
+                &key(&["registration", dataset_type, "rejects"]),
+                format!("invalid globs: {err}"),
+            );
+            GlobSet::empty()
+        });
+        Source {
+            source_dir,
+            rejects,
+            reject_patterns: raw.rejects.clone(),
+        }
+    }
+
+    fn kind<K>(
+        &mut self,
+        section: &str,
+        raw: &RawBackend,
+        from_name: fn(&str) -> Option<K>,
+        names: &[&str],
+    ) -> Option<K> {
+        let kind = from_name(&raw.kind);
+        if kind.is_none() {
+            self.fail(
+                &key(&[section, "kind"]),
+                format!(
+                    "unknown {section} backend `{}` (known: {})",
+                    raw.kind,
+                    names.join(", ")
+                ),
+            );
+        }
+        kind
+    }
+
+    /// Checks `secrets.required` against the environment; returns the alias salt to use and the
+    /// warnings for the operator.
+    fn secrets(&mut self, raw: &RawSecrets, found: &[SecretValue]) -> (String, Vec<String>) {
+        let required_source = self.ctx.source_of(&key(&["secrets", "required"]));
+        let mut required = BTreeSet::new();
+        for (i, name) in raw.required.iter().enumerate() {
+            if SECRETS.iter().any(|spec| spec.name == name) {
+                required.insert(name.as_str());
+            } else {
+                let known: Vec<&str> = SECRETS.iter().map(|spec| spec.name).collect();
+                self.fail(
+                    &at(key(&["secrets", "required"]), i),
+                    format!("unknown secret `{name}` (known: {})", known.join(", ")),
+                );
+            }
+        }
+        for secret in found {
+            if required.contains(secret.spec.name) && secret.value.is_none() {
+                let state = if secret.empty {
+                    "is set but empty"
+                } else {
+                    "is not set"
+                };
+                self.errors.push(ConfigError::new(
+                    format!("secrets.{}", secret.spec.name),
+                    "environment",
+                    format!(
+                        "required secret {state}: set {} (required by secrets.required in \
+                         {required_source})",
+                        secret.spec.variables()
+                    ),
+                ));
+            }
+        }
+        let mut warnings = Vec::new();
+        let salt = found
+            .iter()
+            .find(|secret| secret.spec.name == "alias_salt")
+            .and_then(|secret| secret.value.clone());
+        let salt = salt.unwrap_or_else(|| {
+            warnings.push(
+                "ALIAS_SALT is not set; using the development salt: stage aliases are predictable"
+                    .to_string(),
+            );
+            DEVELOPMENT_ALIAS_SALT.to_string()
+        });
+        (salt, warnings)
+    }
+}
+
+/// Only `{year}` may appear in braces in an archive path template.
+fn check_template(template: &str) -> Result<(), String> {
+    let mut rest = template;
+    while let Some(pos) = rest.find(['{', '}']) {
+        let tail = &rest[pos..];
+        if let Some(after) = tail.strip_prefix("{year}") {
+            rest = after;
+            continue;
+        }
+        let placeholder = if tail.starts_with('{') {
+            tail.find('}').map_or(tail, |end| &tail[..=end])
+        } else {
+            "}"
+        };
+        return Err(format!(
+            "unsupported placeholder `{placeholder}` in `{template}`: only {{year}} is replaced"
+        ));
+    }
+    Ok(())
+}
