@@ -1,5 +1,36 @@
-//! Data-lifecycle workers for Bioloop: watch, register, inspect, archive, stage, validate and publish research datasets.
+//! `workers`: the data-lifecycle workers of Bioloop. They watch instrument drop directories,
+//! register new datasets, wait until the data stops changing, inspect it (sizes and per-file
+//! MD5), bundle it into a tar archive, archive the bundle, stage it back, validate the staged
+//! copy and publish download links.
+//!
+//! The code map, in reading order (see README.md, "Architecture"):
+//! - `cli`, `commands`: parse the command line, load the configuration, build the app, call
+//!   one core function, print. No business rules.
+//! - `config`: files and environment to validated `Settings`, every problem reported at once.
+//! - `app`: builds the backends from the settings; the only place that chooses them.
+//! - `registry`, `store`, `broker`, `archive`: the four seams, one trait each, one file per
+//!   backend. `sqlite` is the embedded database the default backends share.
+//! - `workflow`: definitions, derived status, the engine that runs one step to a recorded end,
+//!   and the worker loop.
+//! - `steps`: one file per step, each a function over a `StepContext`.
+//! - `jobs`: `watch` and `register`.
+//! - `compute`: the rayon pool, MD5, tar writing, safe extraction and tree walks; the only
+//!   code that touches rayon.
+//! - `model`, `progress`, `ui`: shared types, progress counters and terminal output.
 
+pub mod app;
+pub mod archive;
+pub mod broker;
+pub mod cli;
+pub mod commands;
 pub mod compute;
 pub mod config;
+pub mod jobs;
 pub mod model;
+pub mod progress;
+pub mod registry;
+pub mod sqlite;
+pub mod steps;
+pub mod store;
+pub mod ui;
+pub mod workflow;

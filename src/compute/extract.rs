@@ -1,0 +1,1281 @@
+//! Safe, all-or-nothing extraction of tar bundles (ours and GNU tar's) for staging.
+//!
+//! Bundles come back from the tape archive and are treated as untrusted: every member path is checked,
+//! nothing is ever written through a symbolic link, links may not resolve outside the tree, and the tree
+//! only appears at its destination (by rename) once everything has been extracted and verified.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, VecDeque};
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use filetime::FileTime;
+use tar::EntryType;
+use walkdir::WalkDir;
+
+use crate::compute::md5::{CHUNK_SIZE, advise_sequential, read_retrying, with_read_buffer};
+
+/// What [`extract_bundle`] created.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExtractSummary {
+    /// Regular files and hard links.
+    pub files: u64,
+    /// Directory members other than the root.
+    pub directories: u64,
+    pub symlinks: u64,
+    /// Bytes of file content written.
+    pub bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error("bundle member `{member}` is unsafe: {reason}")]
+    Unsafe { member: String, reason: String },
+    #[error("bundle `{bundle}` is not a readable tar archive")]
+    Corrupt {
+        bundle: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write `{path}`")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ExtractError {
+    /// Only I/O failures may go away on retry; an unsafe or corrupt bundle stays so.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ExtractError::Io { .. })
+    }
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> ExtractError + '_ {
+    move |source| ExtractError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn unsafe_member(member: &str, reason: impl Into<String>) -> ExtractError {
+    ExtractError::Unsafe {
+        member: member.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// `<parent>/.<name>.partial`: where `extract_bundle` builds the tree before renaming it to `dest`.
+pub fn partial_dir_for(dest: &Path) -> PathBuf {
+    let parent = match dest.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let mut name = OsString::from(".");
+    name.push(dest.file_name().unwrap_or(OsStr::new("extract")));
+    name.push(".partial");
+    parent.join(name)
+}
+
+/// Extracts `bundle` into `dest` (which must not exist; its parent must) with a safety filter, all or nothing.
+///
+/// An existing `dest` is an `Io` error of kind `AlreadyExists`: staging never merges into or replaces a
+/// tree. The tree is built in [`partial_dir_for`]`(dest)` and renamed to `dest` at the end; on any error
+/// that directory is removed, so neither a partial tree nor a leftover is ever visible.
+///
+/// Member paths lose their leading `./`; absolute paths, `..` components, drive prefixes and NUL bytes are
+/// `Unsafe`, and so are devices and fifos. Symbolic links are created only after every other member, and
+/// each must resolve (following the links it passes through) inside the tree. Ownership is not restored;
+/// permission bits (without setuid/setgid on files) and modification times are.
+pub fn extract_bundle(
+    bundle: &Path,
+    dest: &Path,
+    on_bytes: &(dyn Fn(u64) + Sync),
+) -> Result<ExtractSummary, ExtractError> {
+    match fs::symlink_metadata(dest) {
+        Ok(_) => {
+            return Err(io_error(dest)(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the extraction destination already exists",
+            )));
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(io_error(dest)(err)),
+    }
+    let partial = partial_dir_for(dest);
+    remove_tree(&partial).map_err(io_error(&partial))?;
+    fs::create_dir(&partial).map_err(io_error(&partial))?;
+    let result = extract_into(bundle, &partial, on_bytes).and_then(|summary| {
+        rename_no_replace(&partial, dest).map_err(io_error(dest))?;
+        Ok(summary)
+    });
+    if result.is_err() {
+        if let Err(err) = remove_tree(&partial) {
+            tracing::warn!(path = %partial.display(), error = %err, "cannot remove a partial extraction");
+        }
+    }
+    result
+}
+
+fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
+    // A plain rename would silently replace an empty directory created at `to` in the meantime.
+    match rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        from,
+        rustix::fs::CWD,
+        to,
+        rustix::fs::RenameFlags::NOREPLACE,
+    ) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+            // File systems without RENAME_NOREPLACE: check, then rename.
+            if fs::symlink_metadata(to).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "the extraction destination already exists",
+                ));
+            }
+            fs::rename(from, to)
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
+/// Removes a tree that may contain read-only directories (left by an interrupted extraction).
+fn remove_tree(path: &Path) -> io::Result<()> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(err) => return Err(err),
+    };
+    if !meta.is_dir() {
+        return fs::remove_file(path);
+    }
+    if fs::remove_dir_all(path).is_ok() {
+        return Ok(());
+    }
+    for entry in WalkDir::new(path).follow_links(false).into_iter().flatten() {
+        if entry.file_type().is_dir() {
+            let _ = fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o700));
+        }
+    }
+    match fs::remove_dir_all(path) {
+        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
+        _ => Ok(()),
+    }
+}
+
+/// What the bundle reader observed, to tell a failing disk (retryable) from a malformed archive.
+#[derive(Default)]
+struct ReadState {
+    io_failed: Cell<bool>,
+    saw_eof: Cell<bool>,
+}
+
+/// Counts bundle bytes as the tar parser consumes them and reports them about once per MiB.
+struct CountingReader<'a, R> {
+    inner: R,
+    state: &'a ReadState,
+    on_bytes: &'a (dyn Fn(u64) + Sync),
+    pending: u64,
+}
+
+impl<R: Read> Read for CountingReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match read_retrying(&mut self.inner, buf) {
+            Ok(0) if !buf.is_empty() => {
+                self.state.saw_eof.set(true);
+                Ok(0)
+            }
+            Ok(n) => {
+                self.pending += n as u64;
+                if self.pending >= CHUNK_SIZE as u64 {
+                    (self.on_bytes)(self.pending);
+                    self.pending = 0;
+                }
+                Ok(n)
+            }
+            Err(err) => {
+                self.state.io_failed.set(true);
+                Err(err)
+            }
+        }
+    }
+}
+
+impl<R> Drop for CountingReader<'_, R> {
+    fn drop(&mut self) {
+        if self.pending > 0 {
+            (self.on_bytes)(self.pending);
+        }
+    }
+}
+
+struct PendingLink {
+    member: String,
+    target: PathBuf,
+    mtime: u64,
+}
+
+struct Extraction<'a> {
+    bundle: &'a Path,
+    root: &'a Path,
+    state: &'a ReadState,
+    /// Symbolic links, created only after every other member so nothing is written through one.
+    links: BTreeMap<PathBuf, PendingLink>,
+    /// Directory (relative path) → (mode, mtime), applied at the end, deepest first.
+    directories: BTreeMap<PathBuf, (u32, u64)>,
+    summary: ExtractSummary,
+}
+
+fn extract_into(
+    bundle: &Path,
+    root: &Path,
+    on_bytes: &(dyn Fn(u64) + Sync),
+) -> Result<ExtractSummary, ExtractError> {
+    let file = File::open(bundle).map_err(|source| ExtractError::Io {
+        path: bundle.to_owned(),
+        source,
+    })?;
+    advise_sequential(&file);
+    let state = ReadState::default();
+    let mut extraction = Extraction {
+        bundle,
+        root,
+        state: &state,
+        links: BTreeMap::new(),
+        directories: BTreeMap::new(),
+        summary: ExtractSummary::default(),
+    };
+    {
+        let reader = CountingReader {
+            inner: BufReader::with_capacity(CHUNK_SIZE, file),
+            state: &state,
+            on_bytes,
+            pending: 0,
+        };
+        let mut archive = tar::Archive::new(reader);
+        let entries = archive.entries().map_err(|e| extraction.read_error(e))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| extraction.read_error(e))?;
+            extraction.member(&mut entry)?;
+        }
+    }
+    if state.saw_eof.get() {
+        return Err(ExtractError::Corrupt {
+            bundle: bundle.to_owned(),
+            source: io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the archive ends without an end-of-archive block (truncated)",
+            ),
+        });
+    }
+    extraction.create_links()?;
+    extraction.verify_links()?;
+    extraction.apply_directory_metadata()?;
+    Ok(extraction.summary)
+}
+
+/// Splits a member path into its components, dropping `./` prefixes and empty parts; the root is empty.
+fn member_path(bytes: &[u8]) -> Result<PathBuf, &'static str> {
+    if bytes.contains(&0) {
+        return Err("the path contains a NUL byte");
+    }
+    if bytes.first() == Some(&b'/') {
+        return Err("the path is absolute");
+    }
+    let mut path = PathBuf::new();
+    for (i, part) in bytes.split(|&b| b == b'/').enumerate() {
+        match part {
+            b"" | b"." => {}
+            b".." => return Err("the path contains a `..` component"),
+            _ => {
+                if i == 0 && part.len() >= 2 && part[0].is_ascii_alphabetic() && part[1] == b':' {
+                    return Err("the path starts with a drive prefix");
+                }
+                if i == 0 && part.starts_with(b"\\\\") {
+                    return Err("the path starts with a network share prefix");
+                }
+                path.push(OsStr::from_bytes(part));
+            }
+        }
+    }
+    Ok(path)
+}
+
+fn is_conflict(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::NotADirectory | io::ErrorKind::AlreadyExists | io::ErrorKind::IsADirectory
+    )
+}
+
+impl Extraction<'_> {
+    fn read_error(&self, source: io::Error) -> ExtractError {
+        if self.state.io_failed.get() {
+            ExtractError::Io {
+                path: self.bundle.to_owned(),
+                source,
+            }
+        } else {
+            ExtractError::Corrupt {
+                bundle: self.bundle.to_owned(),
+                source,
+            }
+        }
+    }
+
+    fn corrupt(&self, message: String) -> ExtractError {
+        ExtractError::Corrupt {
+            bundle: self.bundle.to_owned(),
+            source: io::Error::new(io::ErrorKind::InvalidData, message),
+        }
+    }
+
+    fn member<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ExtractError> {
+        let kind = entry.header().entry_type();
+        if matches!(
+            kind,
+            EntryType::XGlobalHeader
+                | EntryType::XHeader
+                | EntryType::GNULongName
+                | EntryType::GNULongLink
+        ) || kind.as_byte() == b'V'
+        {
+            // Archive-level metadata (pax globals, volume labels), not files.
+            return Ok(());
+        }
+        let raw_name = entry.path_bytes().into_owned();
+        let member = String::from_utf8_lossy(&raw_name).into_owned();
+        let rel = member_path(&raw_name).map_err(|reason| unsafe_member(&member, reason))?;
+        if rel.as_os_str().is_empty() && kind != EntryType::Directory {
+            return Err(unsafe_member(
+                &member,
+                "only a directory can stand for the root",
+            ));
+        }
+        if kind != EntryType::Symlink {
+            self.reject_through_link(&member, &rel)?;
+            // A later member replaces an earlier one of the same name.
+            self.links.remove(&rel);
+        }
+        let header = entry.header();
+        let mode = header
+            .mode()
+            .map_err(|e| self.corrupt(format!("member `{member}`: {e}")))?;
+        let mtime = header
+            .mtime()
+            .map_err(|e| self.corrupt(format!("member `{member}`: {e}")))?;
+        match kind {
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                self.file(entry, &member, &rel, mode, mtime)
+            }
+            EntryType::Directory => self.directory(&member, &rel, mode, mtime),
+            EntryType::Symlink => self.symlink(entry, &member, &rel, mtime),
+            EntryType::Link => self.hard_link(entry, &member, &rel),
+            EntryType::Char | EntryType::Block | EntryType::Fifo => Err(unsafe_member(
+                &member,
+                "devices and fifos are not allowed in a dataset",
+            )),
+            other => Err(unsafe_member(
+                &member,
+                format!(
+                    "unsupported member type `{}`",
+                    other.as_byte().escape_ascii()
+                ),
+            )),
+        }
+    }
+
+    /// Rejects a member whose path passes through a symbolic link of the bundle: extracting it would write
+    /// through that link.
+    fn reject_through_link(&self, member: &str, rel: &Path) -> Result<(), ExtractError> {
+        for ancestor in rel.ancestors().skip(1) {
+            if ancestor.as_os_str().is_empty() {
+                break;
+            }
+            if self.links.contains_key(ancestor) {
+                return Err(unsafe_member(
+                    member,
+                    format!(
+                        "the path goes through symbolic link `{}`",
+                        ancestor.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the parent directories of `rel` (no symbolic links exist in the tree yet).
+    fn make_parents(&self, member: &str, rel: &Path) -> Result<(), ExtractError> {
+        if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let dir = self.root.join(parent);
+            fs::create_dir_all(&dir).map_err(|err| {
+                if is_conflict(&err) {
+                    unsafe_member(member, "a parent of this member is not a directory")
+                } else {
+                    io_error(&dir)(err)
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes whatever a previous member left at `path`, so a new file never shares an inode with it.
+    fn clear_path(&self, member: &str, path: &Path) -> Result<(), ExtractError> {
+        match fs::symlink_metadata(path) {
+            Ok(meta) if meta.is_dir() => Err(unsafe_member(
+                member,
+                "the member would replace a directory",
+            )),
+            Ok(_) => fs::remove_file(path).map_err(io_error(path)),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(err) => Err(io_error(path)(err)),
+        }
+    }
+
+    fn file<R: Read>(
+        &mut self,
+        entry: &mut tar::Entry<'_, R>,
+        member: &str,
+        rel: &Path,
+        mode: u32,
+        mtime: u64,
+    ) -> Result<(), ExtractError> {
+        self.make_parents(member, rel)?;
+        let path = self.root.join(rel);
+        self.clear_path(member, &path)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        let expected = entry.size();
+        let written = with_read_buffer(|buf| -> Result<u64, ExtractError> {
+            let mut written = 0u64;
+            loop {
+                let n = read_retrying(entry, buf).map_err(|e| self.read_error(e))?;
+                if n == 0 {
+                    return Ok(written);
+                }
+                file.write_all(&buf[..n]).map_err(io_error(&path))?;
+                written += n as u64;
+            }
+        })?;
+        if written != expected {
+            return Err(self.corrupt(format!(
+                "member `{member}` holds {written} of its {expected} bytes (truncated archive)"
+            )));
+        }
+        file.set_permissions(fs::Permissions::from_mode(mode & 0o777))
+            .map_err(io_error(&path))?;
+        filetime::set_file_handle_times(&file, None, Some(unix_time(mtime)))
+            .map_err(io_error(&path))?;
+        self.summary.files += 1;
+        self.summary.bytes += written;
+        Ok(())
+    }
+
+    fn directory(
+        &mut self,
+        member: &str,
+        rel: &Path,
+        mode: u32,
+        mtime: u64,
+    ) -> Result<(), ExtractError> {
+        if !rel.as_os_str().is_empty() {
+            let path = self.root.join(rel);
+            match fs::symlink_metadata(&path) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => {
+                    return Err(unsafe_member(member, "the member would replace a file"));
+                }
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                    self.make_parents(member, rel)?;
+                    fs::create_dir(&path).map_err(io_error(&path))?;
+                }
+                Err(err) => return Err(io_error(&path)(err)),
+            }
+            if self
+                .directories
+                .insert(rel.to_owned(), (mode, mtime))
+                .is_none()
+            {
+                self.summary.directories += 1;
+            }
+        } else {
+            self.directories.insert(PathBuf::new(), (mode, mtime));
+        }
+        Ok(())
+    }
+
+    fn symlink<R: Read>(
+        &mut self,
+        entry: &tar::Entry<'_, R>,
+        member: &str,
+        rel: &Path,
+        mtime: u64,
+    ) -> Result<(), ExtractError> {
+        let target = match entry.link_name_bytes() {
+            Some(target) if !target.is_empty() => target.into_owned(),
+            _ => return Err(unsafe_member(member, "symbolic link without a target")),
+        };
+        if target.contains(&0) {
+            return Err(unsafe_member(member, "the link target contains a NUL byte"));
+        }
+        if target.first() == Some(&b'/') {
+            return Err(unsafe_member(
+                member,
+                format!(
+                    "symbolic link to an absolute path (`{}`)",
+                    String::from_utf8_lossy(&target)
+                ),
+            ));
+        }
+        self.reject_through_link(member, rel)?;
+        self.links.insert(
+            rel.to_owned(),
+            PendingLink {
+                member: member.to_owned(),
+                target: PathBuf::from(OsStr::from_bytes(&target)),
+                mtime,
+            },
+        );
+        Ok(())
+    }
+
+    fn hard_link<R: Read>(
+        &mut self,
+        entry: &tar::Entry<'_, R>,
+        member: &str,
+        rel: &Path,
+    ) -> Result<(), ExtractError> {
+        let target = entry
+            .link_name_bytes()
+            .map(|t| t.into_owned())
+            .unwrap_or_default();
+        let target_rel = member_path(&target)
+            .map_err(|reason| unsafe_member(member, format!("hard link target: {reason}")))?;
+        let described = String::from_utf8_lossy(&target).into_owned();
+        self.reject_through_link(member, &target_rel)?;
+        let target_path = self.root.join(&target_rel);
+        let is_extracted_file = !target_rel.as_os_str().is_empty()
+            && target_rel != rel
+            && fs::symlink_metadata(&target_path).is_ok_and(|meta| meta.is_file());
+        if !is_extracted_file {
+            return Err(unsafe_member(
+                member,
+                format!("hard link target `{described}` is not a file extracted earlier"),
+            ));
+        }
+        self.make_parents(member, rel)?;
+        let path = self.root.join(rel);
+        self.clear_path(member, &path)?;
+        fs::hard_link(&target_path, &path).map_err(io_error(&path))?;
+        self.summary.files += 1;
+        Ok(())
+    }
+
+    fn create_links(&mut self) -> Result<(), ExtractError> {
+        for (rel, link) in &self.links {
+            // Parents must be real directories: an earlier link in this loop could otherwise redirect
+            // the new one outside the tree.
+            let mut dir = self.root.to_path_buf();
+            if let Some(parent) = rel.parent() {
+                for part in parent.components() {
+                    dir.push(part);
+                    match fs::symlink_metadata(&dir) {
+                        Ok(meta) if meta.is_dir() => {}
+                        Ok(meta) if meta.file_type().is_symlink() => {
+                            return Err(unsafe_member(
+                                &link.member,
+                                "the path goes through another symbolic link",
+                            ));
+                        }
+                        Ok(_) => {
+                            return Err(unsafe_member(
+                                &link.member,
+                                "a parent of this member is not a directory",
+                            ));
+                        }
+                        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                            fs::create_dir(&dir).map_err(io_error(&dir))?;
+                        }
+                        Err(err) => return Err(io_error(&dir)(err)),
+                    }
+                }
+            }
+            let path = self.root.join(rel);
+            std::os::unix::fs::symlink(&link.target, &path).map_err(|err| {
+                if err.kind() == io::ErrorKind::AlreadyExists {
+                    unsafe_member(&link.member, "the link conflicts with another member")
+                } else {
+                    io_error(&path)(err)
+                }
+            })?;
+            let time = unix_time(link.mtime);
+            filetime::set_symlink_file_times(&path, time, time).map_err(io_error(&path))?;
+            self.summary.symlinks += 1;
+        }
+        Ok(())
+    }
+
+    fn verify_links(&self) -> Result<(), ExtractError> {
+        for (rel, link) in &self.links {
+            if let Err(reason) = resolves_inside(self.root, rel, &link.target) {
+                return Err(unsafe_member(&link.member, reason));
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_directory_metadata(&self) -> Result<(), ExtractError> {
+        let mut dirs: Vec<(&PathBuf, &(u32, u64))> = self.directories.iter().collect();
+        // Deepest first, so a read-only directory is closed only after everything inside it is done.
+        dirs.sort_by_key(|(rel, _)| std::cmp::Reverse(rel.components().count()));
+        for (rel, &(mode, mtime)) in dirs {
+            let path = self.root.join(rel);
+            let dir = OpenOptions::new()
+                .read(true)
+                .custom_flags(
+                    (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::DIRECTORY).bits() as i32,
+                )
+                .open(&path)
+                .map_err(io_error(&path))?;
+            dir.set_permissions(fs::Permissions::from_mode(mode & 0o3777))
+                .map_err(io_error(&path))?;
+            filetime::set_file_handle_times(&dir, None, Some(unix_time(mtime)))
+                .map_err(io_error(&path))?;
+        }
+        Ok(())
+    }
+}
+
+fn unix_time(secs: u64) -> FileTime {
+    FileTime::from_unix_time(i64::try_from(secs).unwrap_or(i64::MAX), 0)
+}
+
+/// Most symbolic links followed while resolving one link, as the kernel allows (MAXSYMLINKS).
+const MAX_HOPS: u32 = 40;
+
+/// Resolves `parent(link_rel)/target` against the real tree under `root`, component by component,
+/// following symbolic links met on the way (so `..` applies to where a link really leads); once a
+/// component does not exist the rest is resolved lexically. Fails if the resolution ever leaves `root`.
+fn resolves_inside(root: &Path, link_rel: &Path, target: &Path) -> Result<(), String> {
+    let escapes = || {
+        format!(
+            "symbolic link target `{}` resolves outside the dataset",
+            target.display()
+        )
+    };
+    let mut current: Vec<OsString> = link_rel
+        .parent()
+        .map(|p| p.iter().map(OsStr::to_owned).collect())
+        .unwrap_or_default();
+    let mut pending: VecDeque<OsString> = VecDeque::new();
+    if !push_components(&mut pending, target) {
+        return Err(escapes());
+    }
+    let mut hops = 0;
+    let mut on_disk = true;
+    while let Some(part) = pending.pop_front() {
+        if part == "." {
+            continue;
+        }
+        if part == ".." {
+            if current.pop().is_none() {
+                return Err(escapes());
+            }
+            continue;
+        }
+        current.push(part);
+        if !on_disk {
+            continue;
+        }
+        let path: PathBuf = std::iter::once(root.as_os_str())
+            .chain(current.iter().map(OsString::as_os_str))
+            .collect();
+        match fs::symlink_metadata(&path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                hops += 1;
+                if hops > MAX_HOPS {
+                    return Err(format!(
+                        "symbolic link target `{}` goes through too many links",
+                        target.display()
+                    ));
+                }
+                let next = fs::read_link(&path)
+                    .map_err(|e| format!("cannot read a link it goes through: {e}"))?;
+                current.pop();
+                let mut expanded = VecDeque::new();
+                if !push_components(&mut expanded, &next) {
+                    return Err(escapes());
+                }
+                expanded.extend(pending);
+                pending = expanded;
+            }
+            Ok(meta) if meta.is_dir() => {}
+            // A file or a missing entry: nothing below it exists, so the rest is lexical.
+            _ => on_disk = false,
+        }
+    }
+    Ok(())
+}
+
+/// Appends the components of a relative path; false for an absolute one.
+fn push_components(out: &mut VecDeque<OsString>, path: &Path) -> bool {
+    for component in path.components() {
+        match component {
+            Component::Normal(part) => out.push_back(part.to_owned()),
+            Component::CurDir => out.push_back(".".into()),
+            Component::ParentDir => out.push_back("..".into()),
+            Component::RootDir | Component::Prefix(_) => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compute::Pool;
+    use crate::compute::bundle::tests::{describe_tree, sample_tree};
+    use std::process::Command;
+
+    /// Builds a bundle from raw members; names are written into the header verbatim (no checks).
+    struct Hostile {
+        builder: tar::Builder<Vec<u8>>,
+    }
+
+    impl Hostile {
+        fn new() -> Self {
+            Hostile {
+                builder: tar::Builder::new(Vec::new()),
+            }
+        }
+
+        fn header(name: &str, kind: EntryType, size: u64, link: Option<&str>) -> tar::Header {
+            let mut header = tar::Header::new_gnu();
+            let old = header.as_old_mut();
+            old.name[..name.len()].copy_from_slice(name.as_bytes());
+            if let Some(link) = link {
+                old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+            }
+            header.set_mode(0o644);
+            header.set_mtime(1_600_000_000);
+            header.set_size(size);
+            header.set_entry_type(kind);
+            header.set_cksum();
+            header
+        }
+
+        fn dir(mut self, name: &str) -> Self {
+            let header = Self::header(name, EntryType::Directory, 0, None);
+            self.builder.append(&header, io::empty()).expect("append");
+            self
+        }
+
+        fn file(mut self, name: &str, data: &[u8]) -> Self {
+            let header = Self::header(name, EntryType::Regular, data.len() as u64, None);
+            self.builder.append(&header, data).expect("append");
+            self
+        }
+
+        fn link(mut self, name: &str, kind: EntryType, target: &str) -> Self {
+            let header = Self::header(name, kind, 0, Some(target));
+            self.builder.append(&header, io::empty()).expect("append");
+            self
+        }
+
+        fn with_data(mut self, name: &str, kind: EntryType, data: &[u8]) -> Self {
+            let header = Self::header(name, kind, data.len() as u64, None);
+            self.builder.append(&header, data).expect("append");
+            self
+        }
+
+        fn raw(mut self, name: &str, kind: EntryType) -> Self {
+            let header = Self::header(name, kind, 0, None);
+            self.builder.append(&header, io::empty()).expect("append");
+            self
+        }
+
+        fn finish(self) -> Vec<u8> {
+            self.builder.into_inner().expect("finish")
+        }
+    }
+
+    struct Case {
+        _dir: tempfile::TempDir,
+        base: PathBuf,
+        bundle: PathBuf,
+        dest: PathBuf,
+    }
+
+    impl Case {
+        fn new(bytes: &[u8]) -> Case {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let base = dir.path().join("stage");
+            fs::create_dir(&base).expect("mkdir");
+            let bundle = dir.path().join("bundle.tar");
+            fs::write(&bundle, bytes).expect("write");
+            let dest = base.join("restored");
+            Case {
+                base,
+                bundle,
+                dest,
+                _dir: dir,
+            }
+        }
+
+        fn extract(&self) -> Result<ExtractSummary, ExtractError> {
+            Pool::new(2)
+                .expect("pool")
+                .install(|| extract_bundle(&self.bundle, &self.dest, &|_| {}))
+        }
+
+        /// The extraction failed cleanly: no tree at dest, no partial directory, nothing outside.
+        fn assert_nothing_left(&self) {
+            assert!(!self.dest.exists(), "dest must not exist");
+            assert!(fs::symlink_metadata(&self.dest).is_err());
+            assert!(fs::symlink_metadata(partial_dir_for(&self.dest)).is_err());
+            let left: Vec<_> = fs::read_dir(&self.base).expect("read_dir").collect();
+            assert!(left.is_empty(), "stage dir is empty: {left:?}");
+            let outside: Vec<_> = fs::read_dir(self.base.parent().expect("parent"))
+                .expect("read_dir")
+                .map(|e| e.expect("entry").file_name())
+                .collect();
+            let mut outside: Vec<_> = outside
+                .iter()
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect();
+            outside.sort();
+            assert_eq!(outside, ["bundle.tar", "stage"], "nothing written outside");
+        }
+    }
+
+    fn expect_unsafe(bytes: Vec<u8>, member: &str) {
+        let case = Case::new(&bytes);
+        match case.extract() {
+            Err(ExtractError::Unsafe {
+                member: got,
+                reason,
+            }) => {
+                assert_eq!(got, member, "{reason}");
+                assert!(
+                    !ExtractError::Unsafe {
+                        member: got,
+                        reason
+                    }
+                    .is_retryable()
+                );
+            }
+            other => panic!("expected Unsafe for `{member}`, got {other:?}"),
+        }
+        case.assert_nothing_left();
+    }
+
+    #[test]
+    fn rejects_parent_components() {
+        expect_unsafe(Hostile::new().file("../evil", b"x").finish(), "../evil");
+        expect_unsafe(
+            Hostile::new().dir("a/").file("a/../../evil", b"x").finish(),
+            "a/../../evil",
+        );
+        expect_unsafe(
+            Hostile::new()
+                .file("./ok", b"x")
+                .file("a/..", b"x")
+                .finish(),
+            "a/..",
+        );
+    }
+
+    /// One pax extended-header record: "<length> <key>=<value>\n", the length counting itself.
+    fn pax_record(key: &str, value: &str) -> Vec<u8> {
+        let body = format!(" {key}={value}\n");
+        let mut len = body.len() + 1;
+        while format!("{len}{body}").len() != len {
+            len += 1;
+        }
+        format!("{len}{body}").into_bytes()
+    }
+
+    #[test]
+    fn checks_paths_from_extended_headers() {
+        // A pax path overrides the harmless name in the header itself.
+        expect_unsafe(
+            Hostile::new()
+                .with_data(
+                    "./PaxHeaders/x",
+                    EntryType::XHeader,
+                    &pax_record("path", "../evil"),
+                )
+                .file("innocent", b"x")
+                .finish(),
+            "../evil",
+        );
+        expect_unsafe(
+            Hostile::new()
+                .with_data(
+                    "./PaxHeaders/l",
+                    EntryType::XHeader,
+                    &pax_record("linkpath", "../../outside"),
+                )
+                .link("l", EntryType::Symlink, "harmless")
+                .finish(),
+            "l",
+        );
+        // A GNU long name record.
+        let long = format!("{}/../../evil", "d".repeat(120));
+        let mut record = long.clone().into_bytes();
+        record.push(0);
+        expect_unsafe(
+            Hostile::new()
+                .with_data("././@LongLink", EntryType::GNULongName, &record)
+                .file("short", b"x")
+                .finish(),
+            &long,
+        );
+    }
+
+    #[test]
+    fn extracts_gnu_sparse_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = dir.path().join("source");
+        fs::create_dir(&source).expect("mkdir");
+        let sparse = source.join("sparse.img");
+        let file = File::create(&sparse).expect("create");
+        file.set_len(8 << 20).expect("truncate");
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(b"head", 0).expect("write");
+        file.write_all_at(b"middle", 3 << 20).expect("write");
+        file.write_all_at(b"tail", (8 << 20) - 4).expect("write");
+        drop(file);
+        let bundle = dir.path().join("sparse.tar");
+        let status = Command::new("tar")
+            .arg("--sparse")
+            .arg("-cf")
+            .arg(&bundle)
+            .arg("-C")
+            .arg(&source)
+            .arg(".")
+            .status()
+            .expect("tar");
+        assert!(status.success());
+        let dest = dir.path().join("restored");
+        let summary = extract_bundle(&bundle, &dest, &|_| {}).expect("extract");
+        assert_eq!(summary.bytes, 8 << 20);
+        assert!(
+            fs::read(dest.join("sparse.img")).expect("read") == fs::read(&sparse).expect("read")
+        );
+    }
+
+    #[test]
+    fn rejects_absolute_and_prefixed_paths() {
+        expect_unsafe(Hostile::new().file("/abs/path", b"x").finish(), "/abs/path");
+        expect_unsafe(
+            Hostile::new().file("C:/windows", b"x").finish(),
+            "C:/windows",
+        );
+    }
+
+    #[test]
+    fn rejects_escaping_symlinks() {
+        expect_unsafe(
+            Hostile::new()
+                .link("l", EntryType::Symlink, "../../outside")
+                .finish(),
+            "l",
+        );
+        expect_unsafe(
+            Hostile::new()
+                .link("./l", EntryType::Symlink, "/etc")
+                .finish(),
+            "./l",
+        );
+        expect_unsafe(
+            Hostile::new()
+                .dir("./d/")
+                .link("./d/l", EntryType::Symlink, "sub/../../..")
+                .finish(),
+            "./d/l",
+        );
+    }
+
+    #[test]
+    fn rejects_chained_symlinks_that_escape_together() {
+        // Each looks harmless lexically: a -> b/.. stays at the root and b -> . is the root itself, but
+        // on disk b/.. is the parent of the root.
+        expect_unsafe(
+            Hostile::new()
+                .link("a", EntryType::Symlink, "b/..")
+                .link("b", EntryType::Symlink, ".")
+                .finish(),
+            "a",
+        );
+        // A chain through a subdirectory: up -> d/x/.. with d/x -> ../.. .
+        expect_unsafe(
+            Hostile::new()
+                .dir("d/")
+                .link("d/x", EntryType::Symlink, "..")
+                .link("up", EntryType::Symlink, "d/x/..")
+                .finish(),
+            "up",
+        );
+        // A loop is rejected, not followed forever.
+        expect_unsafe(
+            Hostile::new()
+                .link("p", EntryType::Symlink, "q/x")
+                .link("q", EntryType::Symlink, "p/x")
+                .finish(),
+            "p",
+        );
+    }
+
+    #[test]
+    fn never_writes_through_a_symlink() {
+        // l -> sub, then l/x: rejected rather than written through the link.
+        expect_unsafe(
+            Hostile::new()
+                .dir("sub/")
+                .link("l", EntryType::Symlink, "sub")
+                .file("l/x", b"through the link")
+                .finish(),
+            "l/x",
+        );
+        // The classic: a link to the outside, then a file below it.
+        expect_unsafe(
+            Hostile::new()
+                .link("l", EntryType::Symlink, "../../outside")
+                .file("l/x", b"escaped")
+                .finish(),
+            "l/x",
+        );
+        // A file first, then a link at its parent: the link conflicts with the real directory.
+        expect_unsafe(
+            Hostile::new()
+                .file("l/x", b"data")
+                .link("l", EntryType::Symlink, "sub")
+                .finish(),
+            "l",
+        );
+    }
+
+    #[test]
+    fn rejects_hard_links_outside_or_to_nothing() {
+        expect_unsafe(
+            Hostile::new().link("h", EntryType::Link, "../x").finish(),
+            "h",
+        );
+        expect_unsafe(
+            Hostile::new()
+                .link("h", EntryType::Link, "/etc/passwd")
+                .finish(),
+            "h",
+        );
+        expect_unsafe(
+            Hostile::new()
+                .link("h", EntryType::Link, "missing")
+                .finish(),
+            "h",
+        );
+        // A hard link to a symlink could alias its target.
+        expect_unsafe(
+            Hostile::new()
+                .file("f", b"x")
+                .link("s", EntryType::Symlink, "f")
+                .link("h", EntryType::Link, "s")
+                .finish(),
+            "h",
+        );
+    }
+
+    #[test]
+    fn rejects_devices_and_fifos() {
+        expect_unsafe(Hostile::new().raw("dev", EntryType::Char).finish(), "dev");
+        expect_unsafe(Hostile::new().raw("blk", EntryType::Block).finish(), "blk");
+        expect_unsafe(Hostile::new().raw("fifo", EntryType::Fifo).finish(), "fifo");
+    }
+
+    fn expect_corrupt(bytes: &[u8]) {
+        let case = Case::new(bytes);
+        match case.extract() {
+            Err(err @ ExtractError::Corrupt { .. }) => assert!(!err.is_retryable()),
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+        case.assert_nothing_left();
+    }
+
+    #[test]
+    fn truncated_or_garbage_archives_are_corrupt() {
+        let data = crate::compute::md5::tests::pseudo_random(5000, 2);
+        let whole = Hostile::new()
+            .dir("./")
+            .file("./a", b"first")
+            .file("./big", &data)
+            .finish();
+        // Inside the content of a member.
+        expect_corrupt(&whole[..512 * 4 + 100]);
+        // Inside a header.
+        expect_corrupt(&whole[..512 * 3 + 100]);
+        // Exactly at a member boundary, without the end-of-archive blocks.
+        expect_corrupt(&whole[..512 * 3]);
+        // Not a tar at all, and empty.
+        expect_corrupt(&data);
+        expect_corrupt(b"");
+        // A flipped byte in a header breaks its checksum.
+        let mut flipped = whole.clone();
+        flipped[512 + 3] ^= 0x20;
+        expect_corrupt(&flipped);
+    }
+
+    #[test]
+    fn existing_destination_is_already_exists() {
+        let case = Case::new(&Hostile::new().file("a", b"x").finish());
+        fs::create_dir(&case.dest).expect("mkdir");
+        match case.extract() {
+            Err(ExtractError::Io { path, source }) => {
+                assert_eq!(path, case.dest);
+                assert_eq!(source.kind(), io::ErrorKind::AlreadyExists);
+            }
+            other => panic!("expected AlreadyExists, got {other:?}"),
+        }
+        // The existing directory is untouched.
+        assert!(case.dest.is_dir());
+    }
+
+    #[test]
+    fn leftover_partial_directory_is_replaced() {
+        let case = Case::new(&Hostile::new().dir("./").file("./a", b"fresh").finish());
+        let partial = partial_dir_for(&case.dest);
+        fs::create_dir_all(partial.join("stale/ro")).expect("mkdir");
+        fs::write(partial.join("stale/ro/old"), b"old").expect("write");
+        fs::set_permissions(partial.join("stale/ro"), fs::Permissions::from_mode(0o555))
+            .expect("chmod");
+        let summary = case.extract().expect("extract");
+        assert_eq!(summary.files, 1);
+        assert_eq!(fs::read(case.dest.join("a")).expect("read"), b"fresh");
+        assert!(!case.dest.join("stale").exists());
+        assert!(fs::symlink_metadata(&partial).is_err());
+    }
+
+    #[test]
+    fn partial_dir_is_a_hidden_sibling() {
+        assert_eq!(
+            partial_dir_for(Path::new("/stage/ds1")),
+            Path::new("/stage/.ds1.partial")
+        );
+        assert_eq!(partial_dir_for(Path::new("ds")), Path::new("./.ds.partial"));
+    }
+
+    #[test]
+    fn extracts_members_hard_links_and_harmless_links() {
+        let bytes = Hostile::new()
+            .dir("./")
+            .dir("./d/")
+            .file("./d/f", b"content")
+            .link("./d/h", EntryType::Link, "./d/f")
+            .link("./up", EntryType::Symlink, "d/../d/f")
+            .link("./d/self", EntryType::Symlink, "..")
+            .link("./d/via", EntryType::Symlink, "self/d/f")
+            .file("./dup", b"first")
+            .file("./dup", b"second wins")
+            .finish();
+        let case = Case::new(&bytes);
+        let summary = case.extract().expect("extract");
+        assert_eq!(
+            summary,
+            ExtractSummary {
+                files: 4,
+                directories: 1,
+                symlinks: 3,
+                bytes: 7 + 5 + 11,
+            }
+        );
+        assert_eq!(fs::read(case.dest.join("d/h")).expect("read"), b"content");
+        assert_eq!(fs::read(case.dest.join("up")).expect("read"), b"content");
+        assert_eq!(fs::read(case.dest.join("d/via")).expect("read"), b"content");
+        assert_eq!(
+            fs::read(case.dest.join("dup")).expect("read"),
+            b"second wins"
+        );
+        use std::os::unix::fs::MetadataExt;
+        let f = fs::metadata(case.dest.join("d/f")).expect("stat");
+        assert_eq!(f.nlink(), 2);
+        assert_eq!(f.mtime(), 1_600_000_000);
+    }
+
+    #[test]
+    fn read_only_directories_do_not_block_extraction() {
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = Hostile::header("ro/", EntryType::Directory, 0, None);
+        header.set_mode(0o555);
+        header.set_cksum();
+        builder.append(&header, io::empty()).expect("append");
+        let header = Hostile::header("ro/f", EntryType::Regular, 2, None);
+        builder.append(&header, &b"hi"[..]).expect("append");
+        let case = Case::new(&builder.into_inner().expect("finish"));
+        case.extract().expect("extract");
+        let meta = fs::metadata(case.dest.join("ro")).expect("stat");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o555);
+        assert_eq!(fs::read(case.dest.join("ro/f")).expect("read"), b"hi");
+    }
+
+    #[test]
+    fn extracts_a_gnu_tar_bundle() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = dir.path().join("source");
+        sample_tree(&source);
+        let bundle = dir.path().join("gnu.tar");
+        let status = Command::new("tar")
+            .arg("cf")
+            .arg(&bundle)
+            .arg("-C")
+            .arg(&source)
+            .arg(".")
+            .status()
+            .expect("tar cf");
+        assert!(status.success());
+        let dest = dir.path().join("restored");
+        let reported = std::sync::atomic::AtomicU64::new(0);
+        let summary = Pool::new(1)
+            .expect("pool")
+            .install(|| {
+                extract_bundle(&bundle, &dest, &|n| {
+                    reported.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                })
+            })
+            .expect("extract");
+        assert_eq!(describe_tree(&dest), describe_tree(&source));
+        assert_eq!(summary.files, 7);
+        assert_eq!(summary.symlinks, 4);
+        let consumed = reported.load(std::sync::atomic::Ordering::Relaxed);
+        let len = fs::metadata(&bundle).expect("stat").len();
+        assert!(
+            consumed > 1_300_000 && consumed <= len,
+            "{consumed} of {len}"
+        );
+        assert!(fs::symlink_metadata(partial_dir_for(&dest)).is_err());
+    }
+
+    #[test]
+    fn member_paths() {
+        assert_eq!(member_path(b"./a/b"), Ok(PathBuf::from("a/b")));
+        assert_eq!(member_path(b"././a//b/"), Ok(PathBuf::from("a/b")));
+        assert_eq!(member_path(b"./"), Ok(PathBuf::new()));
+        assert!(member_path(b"a/../b").is_err());
+        assert!(member_path(b"/a").is_err());
+        assert!(member_path(b"a\0b").is_err());
+        assert!(member_path(b"c:x").is_err());
+        // A colon later in a name is an ordinary character.
+        assert_eq!(member_path(b"a/c:x"), Ok(PathBuf::from("a/c:x")));
+    }
+}
