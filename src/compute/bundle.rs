@@ -66,16 +66,14 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> BundleError + '_ {
     }
 }
 
-/// `<bundle>.partial`, in the same directory so the final rename is atomic.
+/// A sibling of the bundle, so the final rename is atomic.
 fn partial_path(bundle: &Path) -> PathBuf {
-    let mut name = bundle.as_os_str().to_owned();
-    name.push(".partial");
-    PathBuf::from(name)
+    super::partial_sibling(bundle)
 }
 
 /// Writes the tar bundle of `source` to `bundle`, hashing it while it is written (never re-read).
 ///
-/// The bundle is built in `<bundle>.partial`, synced, renamed into place and its directory synced; on any
+/// The bundle is built in a hidden sibling file (`super::partial_sibling`), synced, renamed into place and its directory synced; on any
 /// error the partial file is removed and `bundle` is left as it was.
 pub fn write_bundle(
     source: &Path,
@@ -399,6 +397,35 @@ fn copy_member(reader: &mut dyn Read, len: u64, out: &mut dyn Write) -> Result<(
         }
         pad(out, len).map_err(MemberError::Write)
     })
+}
+
+/// The non-directory members of a bundle as (path without `./`, size), where a symbolic
+/// link's size is the length of its target (what `lstat` reports, and what inspect records).
+/// Reads only the headers: data is skipped with seeks.
+pub fn list_members(bundle: &Path) -> io::Result<Vec<(String, u64)>> {
+    let mut archive = tar::Archive::new(File::open(bundle)?);
+    let mut out = Vec::new();
+    for entry in archive.entries_with_seek()? {
+        let entry = entry?;
+        let kind = entry.header().entry_type();
+        if kind.is_dir() {
+            continue;
+        }
+        let path = entry
+            .path()?
+            .to_string_lossy()
+            .trim_start_matches("./")
+            .to_owned();
+        let size = if kind.is_symlink() {
+            entry
+                .link_name_bytes()
+                .map_or(0, |target| target.len() as u64)
+        } else {
+            entry.size()
+        };
+        out.push((path, size));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod md5;
 pub mod walk;
 
 use std::panic::{self, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -74,9 +75,32 @@ impl Pool {
     }
 }
 
+/// Where to build `path` before renaming it into place: a hidden sibling named after a hash
+/// of `path`'s name. The name stays short whatever the length of the final name (a 255-byte
+/// name plus a suffix would not fit in a path component), and it is the same on every
+/// attempt, so a leftover of a crash is found and replaced by the next one.
+pub fn partial_sibling(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap_or_default();
+    let digest = openssl::sha::sha256(name.as_encoded_bytes());
+    path.with_file_name(format!(".{}.partial", hex::encode(&digest[..8])))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partial_siblings_are_short_stable_and_distinct() {
+        let long = Path::new("/d").join("x".repeat(255));
+        let partial = partial_sibling(&long);
+        assert_eq!(partial.parent(), Some(Path::new("/d")));
+        assert_eq!(
+            partial.file_name().unwrap().len(),
+            ".0123456789abcdef.partial".len()
+        );
+        assert_eq!(partial, partial_sibling(&long));
+        assert_ne!(partial, partial_sibling(Path::new("/d/y")));
+    }
 
     #[test]
     fn rejects_zero_threads() {

@@ -1,0 +1,107 @@
+//! Builds the backends from the settings: the only place that chooses between them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::archive::Archive;
+use crate::archive::local::LocalArchive;
+use crate::broker::Broker;
+use crate::broker::embedded::{ConsumerId, EmbeddedBroker};
+use crate::compute::Pool;
+use crate::config::{ArchiveKind, BrokerKind, RegistryKind, Settings, StoreKind};
+use crate::registry::Registry;
+use crate::registry::sqlite::SqliteRegistry;
+use crate::sqlite::Db;
+use crate::store::WorkflowStore;
+use crate::store::sqlite::SqliteStore;
+use crate::workflow::definitions::Definitions;
+
+/// This process, as recorded in task results and queue leases.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub hostname: String,
+    pub pid: u32,
+}
+
+impl Identity {
+    pub fn current() -> Identity {
+        let hostname = rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned();
+        Identity {
+            hostname,
+            pid: std::process::id(),
+        }
+    }
+}
+
+/// Workflow definitions that do not load are a configuration problem (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("\n"))]
+pub struct DefinitionErrors(pub Vec<String>);
+
+/// Everything a command needs: settings, backends, the CPU pool and the workflow definitions.
+pub struct App {
+    pub settings: Settings,
+    pub registry: Arc<dyn Registry>,
+    pub store: Arc<dyn WorkflowStore>,
+    pub broker: Arc<dyn Broker>,
+    pub archive: Arc<dyn Archive>,
+    pub pool: Pool,
+    pub definitions: Definitions,
+    pub identity: Identity,
+}
+
+impl App {
+    pub fn build(settings: Settings) -> anyhow::Result<Arc<App>> {
+        let definitions = Definitions::load(&settings.workflows_dir).map_err(DefinitionErrors)?;
+        let pool = Pool::new(settings.parallelism)?;
+        let identity = Identity::current();
+        // The embedded backends share one database file; open it only if one of them is used.
+        let mut db: Option<Db> = None;
+        let mut embedded_db = || -> anyhow::Result<Db> {
+            if let Some(db) = &db {
+                return Ok(db.clone());
+            }
+            let opened = Db::open(
+                &settings.sqlite.path,
+                Duration::from_secs(settings.sqlite.busy_timeout_seconds),
+            )
+            .context("cannot open the embedded database (sqlite.path)")?;
+            db = Some(opened.clone());
+            Ok(opened)
+        };
+        let registry: Arc<dyn Registry> = match settings.backends.registry {
+            RegistryKind::Sqlite => Arc::new(SqliteRegistry::new(embedded_db()?)),
+        };
+        let store: Arc<dyn WorkflowStore> = match settings.backends.store {
+            StoreKind::Sqlite => Arc::new(SqliteStore::new(embedded_db()?)),
+        };
+        let broker: Arc<dyn Broker> = match settings.backends.broker {
+            BrokerKind::Embedded => Arc::new(EmbeddedBroker::new(
+                embedded_db()?,
+                ConsumerId {
+                    hostname: identity.hostname.clone(),
+                    pid: identity.pid,
+                },
+                Duration::from_secs(settings.worker.lease_seconds),
+            )),
+        };
+        let archive: Arc<dyn Archive> = match settings.backends.archive {
+            ArchiveKind::Local => Arc::new(LocalArchive::new(pool.clone())),
+        };
+        Ok(Arc::new(App {
+            settings,
+            registry,
+            store,
+            broker,
+            archive,
+            pool,
+            definitions,
+            identity,
+        }))
+    }
+}

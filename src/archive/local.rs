@@ -1,0 +1,161 @@
+//! The local-directory archive (the original's Docker mode): archive paths are absolute
+//! paths on this host.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use async_trait::async_trait;
+
+use super::{Archive, ArchiveError};
+use crate::compute::Pool;
+use crate::compute::md5::{Md5Digest, copy_file_with_md5};
+use crate::progress::Progress;
+
+pub struct LocalArchive {
+    pool: Pool,
+}
+
+impl LocalArchive {
+    pub fn new(pool: Pool) -> LocalArchive {
+        LocalArchive { pool }
+    }
+}
+
+/// Copies `src` to `dst` through a hidden sibling, hashing while copying, then fsyncs and
+/// renames so that `dst` is either absent, the old file, or the complete new one.
+fn copy_atomically(src: &Path, dst: &Path, progress: &Progress) -> anyhow::Result<Md5Digest> {
+    if let Some(parent) = dst.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create `{}`", parent.display()))?;
+    }
+    let partial = crate::compute::partial_sibling(dst);
+    let result = (|| {
+        let (md5, _) =
+            copy_file_with_md5(src, &partial, &|n| progress.add(n)).with_context(|| {
+                format!("cannot copy `{}` to `{}`", src.display(), partial.display())
+            })?;
+        std::fs::File::open(&partial)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("cannot sync `{}`", partial.display()))?;
+        std::fs::rename(&partial, dst).with_context(|| {
+            format!(
+                "cannot rename `{}` to `{}`",
+                partial.display(),
+                dst.display()
+            )
+        })?;
+        sync_parent(dst);
+        Ok(md5)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result
+}
+
+/// Makes a rename durable. Failure only weakens durability against power loss, so it is
+/// not an error.
+fn sync_parent(path: &Path) {
+    if let Some(parent) = path.parent()
+        && let Ok(dir) = std::fs::File::open(parent)
+    {
+        let _ = dir.sync_all();
+    }
+}
+
+#[async_trait]
+impl Archive for LocalArchive {
+    fn describe(&self) -> &'static str {
+        "local directory"
+    }
+
+    async fn put(
+        &self,
+        local: &Path,
+        archive_path: &str,
+        md5: Md5Digest,
+        progress: &Progress,
+    ) -> Result<(), ArchiveError> {
+        let (local, dst, progress) = (
+            local.to_path_buf(),
+            PathBuf::from(archive_path),
+            progress.clone(),
+        );
+        let size = std::fs::metadata(&local).map(|m| m.len()).ok();
+        progress.start("archive copy", "bytes", size);
+        self.pool
+            .run(move || {
+                // On the same file system a rename stores the bundle without reading it again;
+                // it was hashed and synced when it was written.
+                if let Some(parent) = dst.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| format!("cannot create `{}`", parent.display()))?;
+                }
+                match std::fs::rename(&local, &dst) {
+                    Ok(()) => {
+                        sync_parent(&dst);
+                        progress.set_done(size.unwrap_or(0));
+                        return Ok(());
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::CrossesDevices => {}
+                    Err(err) => {
+                        return Err(anyhow::Error::new(err)
+                            .context(format!("cannot move `{}` to `{}`", local.display(), dst.display())));
+                    }
+                }
+                let copied = copy_atomically(&local, &dst, &progress)?;
+                // The source is hashed as it is read: a difference means the bundle changed
+                // or was damaged after it was written, and must not be archived.
+                if copied != md5 {
+                    let _ = std::fs::remove_file(&dst);
+                    anyhow::bail!(
+                        "`{}` read back with MD5 {copied}, but the bundle was written with MD5 {md5}",
+                        local.display()
+                    );
+                }
+                Ok(())
+            })
+            .await
+            .map_err(ArchiveError::Transient)
+    }
+
+    async fn get(
+        &self,
+        archive_path: &str,
+        local: &Path,
+        progress: &Progress,
+    ) -> Result<Md5Digest, ArchiveError> {
+        let (src, dst, progress) = (
+            PathBuf::from(archive_path),
+            local.to_path_buf(),
+            progress.clone(),
+        );
+        let size = match std::fs::metadata(&src) {
+            Ok(meta) => meta.len(),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                return Err(ArchiveError::NotFound(archive_path.to_owned()));
+            }
+            Err(err) => {
+                return Err(ArchiveError::Transient(
+                    anyhow::Error::new(err).context(format!("cannot read `{archive_path}`")),
+                ));
+            }
+        };
+        progress.start("archive fetch", "bytes", Some(size));
+        self.pool
+            .run(move || copy_atomically(&src, &dst, &progress))
+            .await
+            .map_err(ArchiveError::Transient)
+    }
+
+    async fn delete(&self, archive_path: &str) -> Result<bool, ArchiveError> {
+        match std::fs::remove_file(archive_path) {
+            Ok(()) => Ok(true),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(err) => Err(ArchiveError::Transient(
+                anyhow::Error::new(err).context(format!("cannot remove `{archive_path}`")),
+            )),
+        }
+    }
+}

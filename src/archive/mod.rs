@@ -1,0 +1,49 @@
+//! The archive seam: where bundles are kept for the long term (a directory, or HPSS tape).
+
+pub mod local;
+
+use std::path::Path;
+
+use async_trait::async_trait;
+
+use crate::compute::md5::Md5Digest;
+use crate::progress::Progress;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("`{0}` is not in the archive")]
+    NotFound(String),
+    /// The archive or the transfer failed; trying again later may work.
+    #[error(transparent)]
+    Transient(anyhow::Error),
+}
+
+#[async_trait]
+pub trait Archive: Send + Sync {
+    /// A short description for logs (`local directory`, `HPSS via hsi`).
+    fn describe(&self) -> &'static str;
+
+    /// Stores the local file `local`, whose MD5 is `md5`, at `archive_path`, atomically: a
+    /// reader never sees a partial file there. The backend may move `local` instead of copying
+    /// it; callers remove `local` afterwards if it is still there. Byte progress goes to
+    /// `progress`.
+    async fn put(
+        &self,
+        local: &Path,
+        archive_path: &str,
+        md5: Md5Digest,
+        progress: &Progress,
+    ) -> Result<(), ArchiveError>;
+
+    /// Fetches `archive_path` into `local` (replacing it) and returns the MD5 of the fetched
+    /// bytes, computed during the transfer where the backend allows.
+    async fn get(
+        &self,
+        archive_path: &str,
+        local: &Path,
+        progress: &Progress,
+    ) -> Result<Md5Digest, ArchiveError>;
+
+    /// Removes `archive_path`; returns whether there was something to remove.
+    async fn delete(&self, archive_path: &str) -> Result<bool, ArchiveError>;
+}

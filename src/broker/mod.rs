@@ -1,0 +1,74 @@
+//! The broker seam: a durable queue of step messages (Celery's task messages, spec G.2).
+//!
+//! A message is handed to one consumer at a time and stays in the broker until that consumer
+//! acknowledges it, so a consumer that dies mid-step loses nothing: the message is delivered
+//! again. Acknowledging only after the step's result is stored and the next step published
+//! makes every step run to a recorded end.
+
+pub mod embedded;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+/// One step to run: the fields of a Celery protocol v2 message that the workers use.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskMessage {
+    /// The task id; retries of the task keep it.
+    pub id: String,
+    /// The registered task name (`inspect_dataset`, ...).
+    pub task: String,
+    pub args: Vec<serde_json::Value>,
+    /// Includes `workflow_id`, `step` and `app_id` for workflow steps.
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
+    /// 0-9; higher runs first.
+    pub priority: u8,
+    /// Not to run before this time.
+    pub eta: Option<DateTime<Utc>>,
+    pub retries: u32,
+    pub root_id: String,
+    pub parent_id: Option<String>,
+    pub queue: String,
+}
+
+impl TaskMessage {
+    pub fn workflow_id(&self) -> Option<&str> {
+        self.kwargs.get("workflow_id").and_then(|v| v.as_str())
+    }
+
+    pub fn step_name(&self) -> Option<&str> {
+        self.kwargs.get("step").and_then(|v| v.as_str())
+    }
+}
+
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// Queues `message`. Publishing a message whose id is still queued is a no-op.
+    async fn publish(&self, message: &TaskMessage) -> anyhow::Result<()>;
+
+    /// Waits for the next runnable message (highest priority first, `eta` honoured) and
+    /// claims it for this consumer. Cancel by dropping the future.
+    async fn next(&self) -> anyhow::Result<Box<dyn Delivery>>;
+
+    /// Whether a message with this id is queued or being worked on, when the broker can tell.
+    async fn holds(&self, task_id: &str) -> anyhow::Result<Option<bool>>;
+}
+
+/// A claimed message. Exactly one of `ack`, `retry_later` or `release` ends it; dropping it
+/// without one leaves the message to be delivered again after its lease runs out.
+#[async_trait]
+pub trait Delivery: Send + Sync {
+    fn message(&self) -> &TaskMessage;
+
+    /// Renews the claim; an error means the claim was lost and another consumer may run the
+    /// step, so the caller must stop and record nothing.
+    async fn keep_alive(&self) -> anyhow::Result<()>;
+
+    /// The step is finished and recorded: remove the message.
+    async fn ack(self: Box<Self>) -> anyhow::Result<()>;
+
+    /// Run the same task id again at `eta` with the given retry count.
+    async fn retry_later(self: Box<Self>, eta: DateTime<Utc>, retries: u32) -> anyhow::Result<()>;
+
+    /// Give the message back untouched (shutdown).
+    async fn release(self: Box<Self>) -> anyhow::Result<()>;
+}

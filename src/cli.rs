@@ -1,0 +1,208 @@
+//! The command line: what each subcommand takes. Parsing only; `commands` does the work.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::model::DatasetType;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "workers",
+    version,
+    about = "Data-lifecycle workers for Bioloop research datasets"
+)]
+pub struct Cli {
+    /// Folder of default.toml and <APP_ENV>.toml [default: $WORKERS_CONFIG_DIR, else ./config]
+    #[arg(long, global = true, value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+
+    /// Log format (overrides log.format)
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+
+    /// Log filter such as `info` or `workers=debug` (overrides log.level)
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConfigFormat {
+    Toml,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check or show the configuration
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Run jobs by hand
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+    /// Register a directory (or each of its subdirectories) as datasets and start their ingestion
+    Register(RegisterArgs),
+    /// List, show, start and resume workflows
+    #[command(subcommand)]
+    Workflows(WorkflowsCommand),
+    /// List and show datasets
+    #[command(subcommand)]
+    Datasets(DatasetsCommand),
+    /// Run workflow steps from the queue until stopped
+    Worker(WorkerArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Load and validate the configuration and the workflow definitions; exit 2 on any problem
+    Check,
+    /// Print the effective configuration (files, environment and defaults merged; secrets redacted)
+    Show {
+        #[arg(long, value_enum, default_value = "toml")]
+        format: ConfigFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum JobName {
+    /// Register new directories of the source directories and start their workflows
+    Watch,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// Run one job now
+    Run {
+        #[arg(value_enum)]
+        job: JobName,
+        /// Also run the workflows in this process until every one has finished, then print a summary
+        #[arg(long)]
+        wait: bool,
+        /// Scan every directory, not only the ones not seen before
+        #[arg(long)]
+        full: bool,
+        /// Report what would be done; change nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RegisterArgs {
+    /// The directory to register
+    pub dir: PathBuf,
+    /// Dataset type
+    #[arg(long = "type", value_parser = parse_type)]
+    pub dataset_type: DatasetType,
+    /// Register each immediate subdirectory instead of DIR itself
+    #[arg(long)]
+    pub ingest_subdirs: bool,
+    /// Put `PREFIX-` before each name
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Put `-SUFFIX` after each name
+    #[arg(long)]
+    pub suffix: Option<String>,
+    /// Description of the datasets
+    #[arg(long)]
+    pub description: Option<String>,
+    /// Report what would be registered; register and start nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Run the started workflows in this process until they finish
+    #[arg(long)]
+    pub wait: bool,
+}
+
+fn parse_type(s: &str) -> Result<DatasetType, String> {
+    s.parse()
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkflowsCommand {
+    /// List workflows, newest first
+    List {
+        /// Only workflows that have not finished
+        #[arg(long)]
+        active: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+    /// Show a workflow: status, steps, attempts, last error and progress
+    Show {
+        id: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+    /// Restart a failed workflow from its failed step
+    Resume {
+        id: String,
+        /// Run it in this process until it finishes
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Start a workflow (integrated, stage or delete) for a dataset
+    Start {
+        name: String,
+        /// Dataset id or name
+        dataset: String,
+        /// Dataset type, when a name is given and both types have it
+        #[arg(long = "type", value_parser = parse_type)]
+        dataset_type: Option<DatasetType>,
+        /// Run it in this process until it finishes
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DatasetsCommand {
+    /// List datasets, most recently updated first
+    List {
+        #[arg(long = "type", value_parser = parse_type)]
+        dataset_type: Option<DatasetType>,
+        /// Include deleted datasets
+        #[arg(long)]
+        deleted: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+    /// Show one dataset with its states, bundle, paths and workflows
+    Show {
+        /// Dataset id or name
+        dataset: String,
+        #[arg(long = "type", value_parser = parse_type)]
+        dataset_type: Option<DatasetType>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Steps run at once [default: worker.concurrency]
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Exit when no workflow is active
+    #[arg(long)]
+    pub until_idle: bool,
+}

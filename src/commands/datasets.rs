@@ -1,0 +1,144 @@
+//! `workers datasets list|show`.
+
+use std::process::ExitCode;
+
+use serde_json::{Value, json};
+
+use super::find_dataset;
+use crate::app::App;
+use crate::cli::{DatasetsCommand, OutputFormat};
+use crate::registry::{Dataset, DatasetQuery};
+
+pub(super) async fn run(app: &App, cmd: DatasetsCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        DatasetsCommand::List {
+            dataset_type,
+            deleted,
+            limit,
+            format,
+        } => {
+            let query = DatasetQuery {
+                dataset_type,
+                include_deleted: deleted,
+                limit: Some(limit),
+                ..Default::default()
+            };
+            let datasets = app.registry.find(&query).await?;
+            match format {
+                OutputFormat::Json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(
+                            &datasets.iter().map(to_json).collect::<Vec<_>>()
+                        )?
+                    )
+                }
+                OutputFormat::Table => {
+                    let mut table = super::table([
+                        "id", "name", "type", "state", "files", "size", "staged", "updated",
+                    ]);
+                    for d in &datasets {
+                        table.add_row([
+                            d.id.to_string(),
+                            d.name.to_string(),
+                            d.dataset_type.to_string(),
+                            d.latest_state().unwrap_or_default().to_owned(),
+                            d.num_files.map(|n| n.to_string()).unwrap_or_default(),
+                            d.size
+                                .map(|n| indicatif::HumanBytes(n).to_string())
+                                .unwrap_or_default(),
+                            if d.is_staged { "yes" } else { "no" }.to_owned(),
+                            d.updated_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+                        ]);
+                    }
+                    println!("{table}");
+                }
+            }
+        }
+        DatasetsCommand::Show {
+            dataset,
+            dataset_type,
+            format,
+        } => {
+            let dataset = find_dataset(app, &dataset, dataset_type).await?;
+            match format {
+                OutputFormat::Json => {
+                    println!("{}", serde_json::to_string_pretty(&to_json(&dataset))?)
+                }
+                OutputFormat::Table => print_dataset(&dataset),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_dataset(d: &Dataset) {
+    let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
+    let num = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_else(|| "-".to_owned());
+    println!("dataset {} `{}` ({})", d.id, d.name, d.dataset_type);
+    println!("  origin path:   {}", opt(&d.origin_path));
+    println!("  archive path:  {}", opt(&d.archive_path));
+    println!("  staged path:   {}", opt(&d.staged_path));
+    println!("  staged:        {}", d.is_staged);
+    println!("  deleted:       {}", d.is_deleted);
+    println!(
+        "  created by:    {}",
+        d.create_method.map(|m| m.as_str()).unwrap_or("-")
+    );
+    println!(
+        "  files:         {}   directories: {}",
+        num(d.num_files),
+        num(d.num_directories)
+    );
+    println!(
+        "  size:          {} bytes (du {} bytes)",
+        num(d.size),
+        num(d.du_size)
+    );
+    if let Some(bundle) = &d.bundle {
+        println!(
+            "  bundle:        {} ({} bytes, md5 {})",
+            bundle.name, bundle.size, bundle.md5
+        );
+    }
+    println!("  metadata:      {}", d.metadata);
+    println!(
+        "  workflows:     {}",
+        if d.workflows.is_empty() {
+            "-".to_owned()
+        } else {
+            d.workflows.join(", ")
+        }
+    );
+    println!("  states:");
+    for state in &d.states {
+        println!("    {}  {}", state.timestamp.to_rfc3339(), state.state);
+    }
+}
+
+/// The dataset as JSON, shaped like the Bioloop API's response (states newest first).
+fn to_json(d: &Dataset) -> Value {
+    json!({
+        "id": d.id,
+        "name": d.name.as_str(),
+        "type": d.dataset_type.as_str(),
+        "origin_path": d.origin_path,
+        "archive_path": d.archive_path,
+        "staged_path": d.staged_path,
+        "description": d.description,
+        "du_size": d.du_size,
+        "size": d.size,
+        "bundle_size": d.bundle_size,
+        "num_files": d.num_files,
+        "num_directories": d.num_directories,
+        "is_deleted": d.is_deleted,
+        "is_staged": d.is_staged,
+        "metadata": d.metadata,
+        "create_method": d.create_method.map(|m| m.as_str()),
+        "created_at": d.created_at.to_rfc3339(),
+        "updated_at": d.updated_at.to_rfc3339(),
+        "states": d.states.iter().rev().map(|s| json!({"state": s.state, "timestamp": s.timestamp.to_rfc3339()})).collect::<Vec<_>>(),
+        "bundle": d.bundle.as_ref().map(|b| json!({"name": b.name, "size": b.size, "md5": b.md5.to_string()})),
+        "workflows": d.workflows.iter().map(|id| json!({"id": id})).collect::<Vec<_>>(),
+    })
+}

@@ -1,0 +1,281 @@
+//! One function per subcommand: load the configuration, build the app, call the core, print.
+//! No business rules live here.
+
+mod config;
+mod datasets;
+mod jobs;
+mod register;
+mod worker;
+mod workflows;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use comfy_table::{Table, presets};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::app::App;
+use crate::cli::{Cli, Command, LogFormat};
+use crate::config::{ConfigErrors, LoadOptions, Settings};
+use crate::registry::DatasetQuery;
+use crate::store::TaskStatus;
+use crate::ui::Display;
+use crate::workflow::engine;
+use crate::workflow::worker::{Until, WorkerOptions};
+
+/// Exit status 1: the command ran, but something it did failed (a workflow, a registration).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Failed(pub String);
+
+/// Exit status 2: the command was used wrongly (bad arguments, unknown dataset, ...).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+
+/// The exit status for an error: 2 for configuration and usage problems, 1 otherwise.
+pub fn exit_code(err: &anyhow::Error) -> ExitCode {
+    let usage = err.is::<ConfigErrors>()
+        || err.is::<crate::app::DefinitionErrors>()
+        || err.is::<crate::jobs::register::InvalidInput>()
+        || err.is::<Usage>();
+    ExitCode::from(if usage { EXIT_USAGE } else { EXIT_FAILED })
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let load = LoadOptions::from_process(cli.config_dir.clone());
+    if let Command::Config(cmd) = &cli.command {
+        return config::run(&load, cmd);
+    }
+    let settings = crate::config::load(&load)?;
+    let interactive = !matches!(cli.command, Command::Worker(_));
+    let display = Display::new(interactive);
+    init_logging(&cli, &settings, &display);
+    // Warnings about the configuration matter to commands that do work, not to look-ups.
+    let looks_up = matches!(
+        cli.command,
+        Command::Datasets(_)
+            | Command::Workflows(
+                crate::cli::WorkflowsCommand::List { .. }
+                    | crate::cli::WorkflowsCommand::Show { .. }
+            )
+    );
+    for warning in &settings.warnings {
+        if looks_up {
+            tracing::debug!("{warning}");
+        } else {
+            warn!("{warning}");
+        }
+    }
+    let app = App::build(settings)?;
+    match cli.command {
+        Command::Config(_) => unreachable!("handled above"),
+        Command::Jobs(cmd) => jobs::run(&app, cmd, display).await,
+        Command::Register(args) => register::run(&app, args, display).await,
+        Command::Workflows(cmd) => workflows::run(&app, cmd, display).await,
+        Command::Datasets(cmd) => datasets::run(&app, cmd).await,
+        Command::Worker(args) => worker::run(&app, args).await,
+    }
+}
+
+fn init_logging(cli: &Cli, settings: &Settings, display: &Display) {
+    use tracing_subscriber::EnvFilter;
+    let level = cli
+        .log_level
+        .clone()
+        .unwrap_or_else(|| settings.log.level.clone());
+    // A bare level applies to this program; libraries only speak up about problems.
+    let directive = if level.contains('=') {
+        level
+    } else {
+        format!("warn,workers={level}")
+    };
+    let filter =
+        EnvFilter::try_new(&directive).unwrap_or_else(|_| EnvFilter::new("warn,workers=info"));
+    let json = match cli.log_format {
+        Some(format) => format == LogFormat::Json,
+        None => settings.log.format == "json",
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(display.log_writer());
+    if json {
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
+    } else {
+        builder
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
+}
+
+/// Turns Ctrl-C and SIGTERM into a stop signal for the worker loop.
+fn stop_on_signals() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate => {}
+        }
+        warn!("Stopping: running steps are interrupted and will run again later.");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// Runs every active workflow to its end in this process (`--wait`), then prints a summary of
+/// `started` and of every workflow that was active before (left by an interrupted run, for
+/// example). Fails (exit 1) if any of them did not succeed.
+pub(crate) async fn wait_for(
+    app: &Arc<App>,
+    started: &[String],
+    display: Display,
+) -> anyhow::Result<ExitCode> {
+    let mut workflow_ids: Vec<String> = started.to_vec();
+    for workflow in app
+        .store
+        .workflows(crate::store::WorkflowFilter::Active, 10_000)
+        .await?
+    {
+        if !workflow_ids.contains(&workflow.id) {
+            workflow_ids.push(workflow.id);
+        }
+    }
+    let stop = stop_on_signals();
+    let opts = WorkerOptions {
+        concurrency: app.settings.worker.concurrency,
+        until: Until::Idle,
+    };
+    crate::workflow::worker::run(Arc::clone(app), opts, stop.clone(), display).await?;
+    if *stop.borrow() {
+        return Err(
+            Failed("interrupted; the workflows carry on with the next worker".to_owned()).into(),
+        );
+    }
+    let mut table = table([
+        "dataset", "type", "workflow", "status", "state", "files", "bytes", "duration",
+    ]);
+    let mut unsuccessful = 0;
+    for id in &workflow_ids {
+        let Some(workflow) = app.store.workflow(id).await? else {
+            continue;
+        };
+        let view = engine::view(app, workflow).await?;
+        let query = DatasetQuery {
+            workflow_id: Some(id.clone()),
+            include_deleted: true,
+            ..Default::default()
+        };
+        let dataset = app.registry.find(&query).await?.into_iter().next();
+        if view.derived.status != TaskStatus::Success {
+            unsuccessful += 1;
+        }
+        let duration = view
+            .workflow
+            .updated_at
+            .map(|end| {
+                format!(
+                    "{:.2} s",
+                    (end - view.workflow.created_at).num_milliseconds() as f64 / 1000.0
+                )
+            })
+            .unwrap_or_default();
+        table.add_row([
+            dataset
+                .as_ref()
+                .map(|d| d.name.to_string())
+                .unwrap_or_default(),
+            dataset
+                .as_ref()
+                .map(|d| d.dataset_type.to_string())
+                .unwrap_or_default(),
+            view.workflow.name.clone(),
+            view.derived.status.to_string(),
+            dataset
+                .as_ref()
+                .and_then(|d| d.latest_state().map(str::to_owned))
+                .unwrap_or_default(),
+            dataset
+                .as_ref()
+                .and_then(|d| d.num_files)
+                .map(|n| n.to_string())
+                .unwrap_or_default(),
+            dataset
+                .as_ref()
+                .and_then(|d| d.size)
+                .map(|n| indicatif::HumanBytes(n).to_string())
+                .unwrap_or_default(),
+            duration,
+        ]);
+    }
+    if !workflow_ids.is_empty() {
+        println!("{table}");
+    }
+    if unsuccessful > 0 {
+        return Err(Failed(format!(
+            "{unsuccessful} of {} workflows did not succeed; see `workers workflows show ID`",
+            workflow_ids.len()
+        ))
+        .into());
+    }
+    info!(workflows = workflow_ids.len(), "All workflows succeeded.");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A table in the style every command prints.
+pub(crate) fn table<const N: usize>(header: [&str; N]) -> Table {
+    let mut table = Table::new();
+    table.load_style(presets::UTF8_FULL_CONDENSED);
+    table.set_header(header);
+    table
+}
+
+/// Finds a dataset by id or exact name (normalized).
+pub(crate) async fn find_dataset(
+    app: &App,
+    key: &str,
+    dataset_type: Option<crate::model::DatasetType>,
+) -> anyhow::Result<crate::registry::Dataset> {
+    if let Ok(id) = key.parse::<i64>() {
+        return match app.registry.get(id).await {
+            Ok(dataset) => Ok(dataset),
+            Err(crate::registry::RegistryError::NotFound(_)) => {
+                Err(Usage(format!("no dataset has the id {id}")).into())
+            }
+            Err(err) => Err(err.into()),
+        };
+    }
+    let name =
+        crate::model::DatasetName::normalize(key).map_err(|e| Usage(format!("`{key}`: {e}")))?;
+    let query = DatasetQuery {
+        dataset_type,
+        name: Some(name.clone()),
+        ..Default::default()
+    };
+    let mut found = app.registry.find(&query).await?;
+    match found.len() {
+        0 => Err(Usage(format!("no dataset is named `{name}`")).into()),
+        1 => Ok(found.remove(0)),
+        _ => Err(Usage(format!(
+            "both a RAW_DATA and a DATA_PRODUCT dataset are named `{name}`; add --type"
+        ))
+        .into()),
+    }
+}

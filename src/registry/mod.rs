@@ -1,0 +1,209 @@
+//! The dataset registry seam: what the workers read and write about datasets.
+//!
+//! The contract is the Bioloop API's (spec E.2, E.3): names normalized on create, uniqueness on
+//! (name, type, is_deleted), REGISTERED on create, metadata deep-merged on update, file rows
+//! unique on (dataset, path). Two deliberate strengthenings, so that retries and crashes never
+//! duplicate records: `add_state` is a no-op when the dataset's latest state is already the
+//! one given, and `add_workflow` is a no-op for a link that exists.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::model::{Bundle, CreateMethod, DatasetName, DatasetState, DatasetType, FileRecord};
+
+pub type DatasetId = i64;
+
+/// The API rejects bulk requests of more than this many datasets.
+pub const MAX_BULK: usize = 100;
+
+/// A dataset to create.
+#[derive(Debug, Clone)]
+pub struct NewDataset {
+    pub name: DatasetName,
+    pub dataset_type: DatasetType,
+    pub origin_path: String,
+    pub create_method: CreateMethod,
+    pub description: Option<String>,
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// A dataset as the registry returns it.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub id: DatasetId,
+    pub name: DatasetName,
+    pub dataset_type: DatasetType,
+    pub origin_path: Option<String>,
+    pub archive_path: Option<String>,
+    pub staged_path: Option<String>,
+    pub description: Option<String>,
+    pub du_size: Option<u64>,
+    pub size: Option<u64>,
+    pub bundle_size: Option<u64>,
+    pub num_files: Option<u64>,
+    pub num_directories: Option<u64>,
+    pub is_deleted: bool,
+    pub is_staged: bool,
+    /// Always a JSON object.
+    pub metadata: serde_json::Value,
+    pub create_method: Option<CreateMethod>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Oldest first.
+    pub states: Vec<StateRecord>,
+    pub bundle: Option<Bundle>,
+    /// Ids of the workflows linked to the dataset, oldest first.
+    pub workflows: Vec<String>,
+}
+
+impl Dataset {
+    /// `metadata.stage_alias`, once stage has recorded one.
+    pub fn stage_alias(&self) -> Option<&str> {
+        self.metadata.get("stage_alias").and_then(|v| v.as_str())
+    }
+
+    pub fn latest_state(&self) -> Option<&str> {
+        self.states.last().map(|s| s.state.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateRecord {
+    /// A state name; usually one of `DatasetState`, but the registry may hold others (QC, ...).
+    pub state: String,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// A partial update. `None` leaves a field alone; for the nullable columns `Some(None)` clears.
+#[derive(Debug, Clone, Default)]
+pub struct DatasetPatch {
+    pub name: Option<DatasetName>,
+    pub du_size: Option<u64>,
+    pub size: Option<u64>,
+    pub num_files: Option<u64>,
+    pub num_directories: Option<u64>,
+    /// Deep-merged into the stored metadata (objects merge key by key, other values replace).
+    pub metadata: Option<serde_json::Value>,
+    pub archive_path: Option<Option<String>>,
+    pub staged_path: Option<Option<String>>,
+    pub is_staged: Option<bool>,
+    pub is_deleted: Option<bool>,
+    /// Upserted.
+    pub bundle: Option<Bundle>,
+}
+
+/// What a bulk create did with each item (spec E.2 `POST /datasets/bulk`).
+#[derive(Debug, Clone, Default)]
+pub struct BulkOutcome {
+    pub created: Vec<Dataset>,
+    pub conflicted: Vec<(DatasetName, DatasetType)>,
+    pub errored: Vec<(DatasetName, DatasetType, String)>,
+}
+
+/// A filter for `Registry::find`. The default finds every dataset that is not deleted.
+#[derive(Debug, Clone, Default)]
+pub struct DatasetQuery {
+    pub dataset_type: Option<DatasetType>,
+    /// Exact (normalized) name.
+    pub name: Option<DatasetName>,
+    pub include_deleted: bool,
+    /// Only datasets with no linked workflow.
+    pub without_workflows: bool,
+    pub create_method: Option<CreateMethod>,
+    /// Only datasets linked to this workflow.
+    pub workflow_id: Option<String>,
+    pub limit: Option<usize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("dataset {0} does not exist")]
+    NotFound(DatasetId),
+    #[error("{0}")]
+    Invalid(String),
+    /// The registry could not be reached or was busy; trying again later may work.
+    #[error("the dataset registry is unavailable")]
+    Unavailable(#[source] anyhow::Error),
+}
+
+#[async_trait]
+pub trait Registry: Send + Sync {
+    /// Creates up to `MAX_BULK` datasets, each with state REGISTERED.
+    async fn bulk_create(&self, items: &[NewDataset]) -> Result<BulkOutcome, RegistryError>;
+
+    /// One dataset with its states, bundle and workflow links.
+    async fn get(&self, id: DatasetId) -> Result<Dataset, RegistryError>;
+
+    /// Datasets matching `query`, most recently updated first.
+    async fn find(&self, query: &DatasetQuery) -> Result<Vec<Dataset>, RegistryError>;
+
+    async fn update(&self, id: DatasetId, patch: &DatasetPatch) -> Result<Dataset, RegistryError>;
+
+    /// Appends `state` unless it is already the dataset's latest state.
+    async fn add_state(&self, id: DatasetId, state: DatasetState) -> Result<(), RegistryError>;
+
+    /// Stores file rows; a row whose path the dataset already has is skipped.
+    async fn add_files(&self, id: DatasetId, files: &[FileRecord]) -> Result<(), RegistryError>;
+
+    /// File rows in path order, starting after `after`: a stream in pages, so that datasets of
+    /// millions of files are never held in memory at once.
+    async fn files_page(
+        &self,
+        id: DatasetId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<FileRecord>, RegistryError>;
+
+    /// Links a workflow to the dataset.
+    async fn add_workflow(&self, id: DatasetId, workflow_id: &str) -> Result<(), RegistryError>;
+}
+
+/// Merges `patch` into `base` like lodash `merge`, which the API uses for metadata: objects
+/// merge key by key and arrays index by index, recursively; any other value replaces.
+pub fn deep_merge(base: &mut serde_json::Value, patch: &serde_json::Value) {
+    use serde_json::Value;
+    match (base, patch) {
+        (Value::Object(base), Value::Object(patch)) => {
+            for (key, value) in patch {
+                match base.get_mut(key) {
+                    Some(existing) => deep_merge(existing, value),
+                    None => {
+                        base.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (Value::Array(base), Value::Array(patch)) => {
+            for (idx, value) in patch.iter().enumerate() {
+                match base.get_mut(idx) {
+                    Some(existing) => deep_merge(existing, value),
+                    None => base.push(value.clone()),
+                }
+            }
+        }
+        (base, patch) => *base = patch.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn metadata_merges_deeply() {
+        let mut base = json!({"a": {"x": 1, "y": 2}, "b": [1, 2], "c": "keep"});
+        deep_merge(
+            &mut base,
+            &json!({"a": {"y": 3, "z": 4}, "b": [9], "d": null}),
+        );
+        // Arrays merge index by index, as lodash does.
+        assert_eq!(
+            base,
+            json!({"a": {"x": 1, "y": 3, "z": 4}, "b": [9, 2], "c": "keep", "d": null})
+        );
+    }
+}

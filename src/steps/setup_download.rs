@@ -1,0 +1,124 @@
+//! `setup_dataset_download` (spec B.6): publishes the staged copy through two symbolic links
+//! in the download directory and opens read permissions for the web server.
+//!
+//! Links are replaced atomically (a new link renamed over the old one), and a staged path
+//! outside `paths.root` is an error instead of the original's endless loop.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use tracing::info;
+
+use super::{StepContext, StepError, StepResult, returns_dataset, staged_bundle_path};
+
+fn failed(err: anyhow::Error) -> StepError {
+    StepError::permanent("ValidationFailed", err)
+}
+
+pub async fn run(ctx: &StepContext) -> StepResult {
+    let app = &ctx.app;
+    let dataset = ctx.dataset().await?;
+    let staged = dataset
+        .staged_path
+        .as_deref()
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .ok_or_else(|| {
+            failed(anyhow::format_err!(
+                "dataset {} (`{}`) has no staged copy",
+                dataset.id,
+                dataset.name
+            ))
+        })?;
+    let Some(alias) = dataset.stage_alias().map(str::to_owned) else {
+        return Err(failed(anyhow::format_err!(
+            "dataset {} (`{}`) has no stage alias",
+            dataset.id,
+            dataset.name
+        )));
+    };
+    let root_setting = &app.settings.paths.root;
+    let root = std::fs::canonicalize(root_setting)
+        .with_context(|| format!("cannot resolve paths.root `{}`", root_setting.display()))?;
+    let staged = std::fs::canonicalize(&staged)
+        .with_context(|| format!("cannot resolve `{}`", staged.display()))?;
+    if !staged.starts_with(&root) {
+        return Err(failed(anyhow::format_err!(
+            "staged path `{}` is outside paths.root `{}`; downloads can only be published below it",
+            staged.display(),
+            root.display()
+        )));
+    }
+    let download_setting = &app.settings.paths.download_dir;
+    std::fs::create_dir_all(download_setting)
+        .with_context(|| format!("cannot create `{}`", download_setting.display()))?;
+    let download_dir = std::fs::canonicalize(download_setting)
+        .with_context(|| format!("cannot resolve `{}`", download_setting.display()))?;
+    let bundle = staged_bundle_path(app, &dataset);
+
+    replace_with_symlink(&download_dir.join(&alias), &staged)?;
+    let bundle_link = download_dir.join(dataset.name.staged_bundle_file_name(dataset.dataset_type));
+    replace_with_symlink(&bundle_link, &bundle)?;
+
+    let (tree, bundle_path, root_dir) = (staged.clone(), bundle.clone(), root.clone());
+    app.pool
+        .run(move || -> anyhow::Result<()> {
+            open_tree_for_reading(&tree)?;
+            if bundle_path.exists() {
+                add_mode(&bundle_path, 0o004)?;
+            }
+            // Every directory between the root and the staged tree must be searchable.
+            for ancestor in tree.ancestors().skip(1) {
+                if ancestor == root_dir || !ancestor.starts_with(&root_dir) {
+                    break;
+                }
+                add_mode(ancestor, 0o001)?;
+            }
+            Ok(())
+        })
+        .await?;
+    info!(alias = %alias, download_dir = %download_dir.display(), "Published the download links.");
+    Ok(returns_dataset(dataset.id))
+}
+
+/// Points `link` at `target`, whatever `link` was before (link, file or directory tree).
+fn replace_with_symlink(link: &Path, target: &Path) -> anyhow::Result<()> {
+    let temp = crate::compute::partial_sibling(link);
+    let _ = std::fs::remove_file(&temp);
+    std::os::unix::fs::symlink(target, &temp)
+        .with_context(|| format!("cannot create `{}`", temp.display()))?;
+    if let Ok(meta) = link.symlink_metadata()
+        && meta.is_dir()
+    {
+        // rename(2) cannot replace a directory with a link.
+        std::fs::remove_dir_all(link)
+            .with_context(|| format!("cannot remove `{}`", link.display()))?;
+    }
+    std::fs::rename(&temp, link).with_context(|| format!("cannot replace `{}`", link.display()))
+}
+
+fn add_mode(path: &Path, bits: u32) -> anyhow::Result<()> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read `{}`", path.display()))?;
+    let mode = meta.permissions().mode();
+    if mode & bits != bits {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode | bits))
+            .with_context(|| format!("cannot change the permissions of `{}`", path.display()))?;
+    }
+    Ok(())
+}
+
+/// `o+r` on files and `o+rx` on directories, without following links.
+fn open_tree_for_reading(root: &Path) -> anyhow::Result<()> {
+    for entry in walkdir::WalkDir::new(root) {
+        let entry = entry.with_context(|| format!("cannot walk `{}`", root.display()))?;
+        let file_type = entry.file_type();
+        if file_type.is_dir() {
+            add_mode(entry.path(), 0o005)?;
+        } else if file_type.is_file() {
+            add_mode(entry.path(), 0o004)?;
+        }
+    }
+    Ok(())
+}

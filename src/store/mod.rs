@@ -1,0 +1,269 @@
+//! The workflow store seam: workflows, their steps and task runs, and per-task results.
+//!
+//! The model is sca-rhythm's `workflow_meta` document plus Celery's `celery_taskmeta` results
+//! (spec F.2, F.3), so that the production backend can write exactly those documents. The
+//! status of a workflow is derived from its task results (`workflow::status`); the `status`
+//! kept here is only a cache, as in sca-rhythm.
+
+pub mod sqlite;
+
+use std::collections::{BTreeSet, HashMap};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+/// Celery task states as stored in task results; PENDING means "no result yet".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskStatus {
+    Pending,
+    Started,
+    Retry,
+    Success,
+    Failure,
+    Revoked,
+}
+
+impl TaskStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Pending => "PENDING",
+            TaskStatus::Started => "STARTED",
+            TaskStatus::Retry => "RETRY",
+            TaskStatus::Success => "SUCCESS",
+            TaskStatus::Failure => "FAILURE",
+            TaskStatus::Revoked => "REVOKED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskStatus> {
+        Some(match s {
+            "PENDING" => TaskStatus::Pending,
+            "STARTED" => TaskStatus::Started,
+            "RETRY" => TaskStatus::Retry,
+            "SUCCESS" => TaskStatus::Success,
+            "FAILURE" => TaskStatus::Failure,
+            "REVOKED" => TaskStatus::Revoked,
+            _ => return None,
+        })
+    }
+
+    /// SUCCESS, FAILURE and REVOKED: nothing more will happen without an operator.
+    pub fn is_done(self) -> bool {
+        matches!(
+            self,
+            TaskStatus::Success | TaskStatus::Failure | TaskStatus::Revoked
+        )
+    }
+}
+
+impl std::fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One step of a workflow definition (spec F.2 `steps[]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepSpec {
+    pub name: String,
+    pub task: String,
+    pub queue: Option<String>,
+    pub kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    pub priority: Option<u8>,
+}
+
+/// A workflow to create: its name, description and steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkflowSpec {
+    pub name: String,
+    pub description: Option<String>,
+    pub steps: Vec<StepSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRun {
+    pub task_id: String,
+    pub date_start: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkflowStep {
+    pub spec: StepSpec,
+    /// Oldest first; retries and redeliveries reuse a task id and add no run.
+    pub runs: Vec<TaskRun>,
+}
+
+impl WorkflowStep {
+    pub fn last_run(&self) -> Option<&TaskRun> {
+        self.runs.last()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Workflow {
+    pub id: String,
+    pub name: String,
+    pub app_id: String,
+    pub description: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: Option<DateTime<Utc>>,
+    /// The cached status (`_status`); derive the real one with `workflow::status`.
+    pub status_cache: TaskStatus,
+    pub resume_lock: Option<DateTime<Utc>>,
+    /// The positional arguments the workflow was started with (`[dataset_id]`).
+    pub start_args: Vec<serde_json::Value>,
+    pub steps: Vec<WorkflowStep>,
+}
+
+impl Workflow {
+    /// The task id of the last run of every step that has one.
+    pub fn last_task_ids(&self) -> Vec<String> {
+        self.steps
+            .iter()
+            .filter_map(|s| s.last_run().map(|r| r.task_id.clone()))
+            .collect()
+    }
+
+    /// Every task id of every run.
+    pub fn all_task_ids(&self) -> BTreeSet<String> {
+        self.steps
+            .iter()
+            .flat_map(|s| s.runs.iter().map(|r| r.task_id.clone()))
+            .collect()
+    }
+}
+
+/// A task result (`celery_taskmeta`).
+#[derive(Debug, Clone)]
+pub struct TaskMeta {
+    pub task_id: String,
+    pub status: TaskStatus,
+    /// STARTED: `{pid, hostname}` then progress; RETRY/FAILURE: the error; SUCCESS: the return value.
+    pub result: serde_json::Value,
+    pub traceback: Option<String>,
+    pub date_done: Option<DateTime<Utc>>,
+    pub name: Option<String>,
+    pub args: Vec<serde_json::Value>,
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
+    pub worker: Option<String>,
+    pub retries: u32,
+    pub queue: Option<String>,
+}
+
+/// Everything recorded when a task starts running.
+#[derive(Debug, Clone)]
+pub struct TaskStart {
+    pub workflow_id: String,
+    pub position: usize,
+    pub task_id: String,
+    pub task_name: String,
+    pub args: Vec<serde_json::Value>,
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
+    pub hostname: String,
+    pub pid: u32,
+    pub retries: u32,
+    pub queue: String,
+}
+
+/// A failure as Celery records it: `{exc_type, exc_message: [..], exc_module}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskError {
+    pub exc_type: String,
+    pub exc_message: String,
+    pub exc_module: String,
+}
+
+impl TaskError {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "exc_type": self.exc_type,
+            "exc_message": [self.exc_message],
+            "exc_module": self.exc_module,
+        })
+    }
+}
+
+/// The `watch` job's memory of one source directory (spec C.1): which names it has handled
+/// and how many scans it has made since the last full one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WatchState {
+    pub scan_count: u32,
+    pub known: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkflowFilter {
+    All,
+    /// Cached status PENDING or STARTED.
+    Active,
+}
+
+#[async_trait]
+pub trait WorkflowStore: Send + Sync {
+    /// Inserts a new workflow in status PENDING.
+    async fn create_workflow(
+        &self,
+        id: &str,
+        app_id: &str,
+        spec: &WorkflowSpec,
+        start_args: &[serde_json::Value],
+    ) -> anyhow::Result<()>;
+
+    async fn workflow(&self, id: &str) -> anyhow::Result<Option<Workflow>>;
+
+    /// Workflows, newest first.
+    async fn workflows(
+        &self,
+        filter: WorkflowFilter,
+        limit: usize,
+    ) -> anyhow::Result<Vec<Workflow>>;
+
+    /// Results of the given tasks; ids without a result are absent (PENDING).
+    async fn task_metas(&self, task_ids: &[String]) -> anyhow::Result<HashMap<String, TaskMeta>>;
+
+    /// Records a task start (sca-rhythm's `before_start`): appends a run unless the task id
+    /// already has one, stores STARTED with `{pid, hostname}`, marks the workflow STARTED and
+    /// clears its resume lock.
+    async fn task_started(&self, start: &TaskStart) -> anyhow::Result<()>;
+
+    /// Replaces the result of a STARTED task with a progress report.
+    async fn task_progress(
+        &self,
+        task_id: &str,
+        progress: &serde_json::Value,
+    ) -> anyhow::Result<()>;
+
+    /// Stores RETRY with the error; the workflow stays STARTED.
+    async fn task_retry(
+        &self,
+        task_id: &str,
+        error: &TaskError,
+        retries: u32,
+    ) -> anyhow::Result<()>;
+
+    /// Stores SUCCESS with the return value.
+    async fn task_succeeded(&self, task_id: &str, result: &serde_json::Value)
+    -> anyhow::Result<()>;
+
+    /// Stores FAILURE with the error and marks the workflow FAILURE.
+    async fn task_failed(
+        &self,
+        workflow_id: &str,
+        task_id: &str,
+        error: &TaskError,
+    ) -> anyhow::Result<()>;
+
+    /// Sets the cached workflow status.
+    async fn set_workflow_status(
+        &self,
+        workflow_id: &str,
+        status: TaskStatus,
+    ) -> anyhow::Result<()>;
+
+    /// Sets the resume lock (a resume in flight), unless one is set; returns whether it was set.
+    async fn lock_for_resume(&self, workflow_id: &str, now: DateTime<Utc>) -> anyhow::Result<bool>;
+
+    async fn watch_state(&self, source_dir: &str) -> anyhow::Result<WatchState>;
+
+    async fn save_watch_state(&self, source_dir: &str, state: &WatchState) -> anyhow::Result<()>;
+}

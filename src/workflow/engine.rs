@@ -1,0 +1,530 @@
+//! The workflow engine: starts workflows, runs one delivered step to a recorded end, resumes
+//! failed workflows and repairs stalled ones.
+//!
+//! Crash safety comes from ordering and idempotence, not from transactions across seams:
+//! a step's message is acknowledged only after its result is stored and the next step is
+//! published, so a crash at any point redelivers the message. A redelivered message whose
+//! task already succeeded does not run again; it only publishes the next step, whose id is
+//! derived from the finished task's id, so publishing it twice is harmless.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::{Map, Value, json};
+use tracing::{Instrument, error, info, info_span, warn};
+use uuid::Uuid;
+
+use super::status::{DerivedStatus, derive};
+use crate::app::App;
+use crate::broker::{Delivery, TaskMessage};
+use crate::progress::{Progress, RateEstimator};
+use crate::registry::DatasetId;
+use crate::steps::{self, StepContext, StepError, Task};
+use crate::store::{TaskError, TaskStart, TaskStatus, Workflow, WorkflowFilter};
+use crate::ui::Display;
+
+/// Namespace of the task ids the engine derives (for `next` steps and restarts).
+const TASK_ID_NAMESPACE: Uuid = Uuid::from_u128(0x5b1f_0c3e_7d2a_4e8f_9a61_3c0d_2e4b_7f19);
+
+/// The id of the first step's message of a workflow.
+pub fn start_task_id(workflow_id: &str) -> String {
+    Uuid::new_v5(
+        &TASK_ID_NAMESPACE,
+        format!("{workflow_id}/start").as_bytes(),
+    )
+    .to_string()
+}
+
+/// The id of the message published after task `task_id` succeeded.
+pub fn next_task_id(task_id: &str) -> String {
+    Uuid::new_v5(&TASK_ID_NAMESPACE, format!("{task_id}/next").as_bytes()).to_string()
+}
+
+/// The queue a step goes to: its own, or `{app_id}.q`.
+fn queue_of(app: &App, workflow: &Workflow, position: usize) -> String {
+    workflow.steps[position]
+        .spec
+        .queue
+        .clone()
+        .unwrap_or_else(|| format!("{}.q", app.settings.app_id))
+}
+
+/// Builds the message for step `position` (spec F.6): priority is the step's own or its
+/// 1-based position, clamped to 0-9; kwargs are the step's, then `extra_kwargs` (the start
+/// kwargs, for a first step), then `workflow_id`, `step` and `app_id`. The message starts a
+/// new chain (its own root, no parent) until the caller says otherwise.
+fn step_message(
+    app: &App,
+    workflow: &Workflow,
+    position: usize,
+    id: String,
+    args: Vec<Value>,
+    extra_kwargs: &Map<String, Value>,
+) -> TaskMessage {
+    let step = &workflow.steps[position].spec;
+    let mut kwargs = step.kwargs.clone().unwrap_or_default();
+    kwargs.extend(extra_kwargs.clone());
+    kwargs.insert("workflow_id".into(), json!(workflow.id));
+    kwargs.insert("step".into(), json!(step.name));
+    kwargs.insert("app_id".into(), json!(workflow.app_id));
+    let priority = step.priority.map_or(position + 1, usize::from).min(9) as u8;
+    TaskMessage {
+        root_id: id.clone(),
+        id,
+        task: step.task.clone(),
+        args,
+        kwargs,
+        priority,
+        eta: None,
+        retries: 0,
+        parent_id: None,
+        queue: queue_of(app, workflow, position),
+    }
+}
+
+/// Creates workflow `name` for a dataset, links it to the dataset and publishes its first
+/// step. Returns the workflow id.
+pub async fn start(
+    app: &App,
+    name: &str,
+    dataset_id: DatasetId,
+    start_kwargs: Map<String, Value>,
+) -> anyhow::Result<String> {
+    let spec = app
+        .definitions
+        .get(name)
+        .ok_or_else(|| anyhow::format_err!("no workflow is named `{name}`"))?;
+    let workflow_id = Uuid::new_v4().to_string();
+    let args = vec![json!(dataset_id)];
+    app.store
+        .create_workflow(&workflow_id, &app.settings.app_id, spec, &args)
+        .await?;
+    app.registry.add_workflow(dataset_id, &workflow_id).await?;
+    let workflow = app.store.workflow(&workflow_id).await?.ok_or_else(|| {
+        anyhow::format_err!("workflow {workflow_id} vanished after it was created")
+    })?;
+    let message = step_message(
+        app,
+        &workflow,
+        0,
+        start_task_id(&workflow_id),
+        args,
+        &start_kwargs,
+    );
+    app.broker.publish(&message).await?;
+    info!(dataset_id, workflow_id = %workflow_id, workflow = name, "Started workflow.");
+    Ok(workflow_id)
+}
+
+/// The arguments of the step after one that returned `result`: sca-rhythm passes the first
+/// element of the return value on as the only argument.
+fn next_args(result: &Value, args: &[Value]) -> Vec<Value> {
+    match result {
+        Value::Array(items) if !items.is_empty() => vec![items[0].clone()],
+        _ => args.iter().take(1).cloned().collect(),
+    }
+}
+
+/// Publishes the step after `position`, or marks the workflow done after the last one.
+async fn advance(
+    app: &App,
+    workflow: &Workflow,
+    position: usize,
+    finished: &TaskMessage,
+    result: &Value,
+) -> anyhow::Result<()> {
+    let next = position + 1;
+    if next >= workflow.steps.len() {
+        app.store
+            .set_workflow_status(&workflow.id, TaskStatus::Success)
+            .await?;
+        info!(workflow_id = %workflow.id, "Workflow succeeded.");
+        return Ok(());
+    }
+    let args = next_args(result, &finished.args);
+    let mut message = step_message(
+        app,
+        workflow,
+        next,
+        next_task_id(&finished.id),
+        args,
+        &Map::new(),
+    );
+    message.parent_id = Some(finished.id.clone());
+    message.root_id = finished.root_id.clone();
+    app.broker.publish(&message).await
+}
+
+/// Converts a step failure into the error Celery records.
+fn task_error(err: &StepError) -> TaskError {
+    TaskError {
+        exc_type: err.kind().to_owned(),
+        exc_message: format!("{:#}", err.error()),
+        exc_module: "workers.exceptions".to_owned(),
+    }
+}
+
+enum Outcome {
+    Finished(Result<Value, StepError>),
+    LeaseLost(anyhow::Error),
+}
+
+/// Runs one delivered message to a recorded end. Errors returned here are errors of the
+/// engine's own bookkeeping (store or broker unreachable); the message is then left
+/// unacknowledged and will be delivered again.
+pub async fn handle(
+    app: &Arc<App>,
+    delivery: Box<dyn Delivery>,
+    display: &Display,
+) -> anyhow::Result<()> {
+    let message = delivery.message().clone();
+    let Some(task) = Task::from_name(&message.task) else {
+        error!(task_id = %message.id, task = %message.task, "Dropped a message of an unknown task.");
+        return delivery.ack().await;
+    };
+    let (Some(workflow_id), Some(step_name)) = (
+        message.workflow_id().map(str::to_owned),
+        message.step_name().map(str::to_owned),
+    ) else {
+        error!(task_id = %message.id, task = %message.task, "Dropped a message without workflow_id and step.");
+        return delivery.ack().await;
+    };
+    let Some(workflow) = app.store.workflow(&workflow_id).await? else {
+        error!(task_id = %message.id, workflow_id, "Dropped a message of a workflow that does not exist.");
+        return delivery.ack().await;
+    };
+    let Some(position) = workflow.steps.iter().position(|s| s.spec.name == step_name) else {
+        error!(task_id = %message.id, workflow_id, step = step_name, "Dropped a message of an unknown step.");
+        return delivery.ack().await;
+    };
+    let Some(dataset_id) = message.args.first().and_then(Value::as_i64) else {
+        error!(task_id = %message.id, workflow_id, "Dropped a message without a dataset id.");
+        return delivery.ack().await;
+    };
+    let span = info_span!("step", dataset_id, workflow_id = %workflow.id, step = %step_name);
+    async move {
+        let metas = app.store.task_metas(std::slice::from_ref(&message.id)).await?;
+        match metas.get(&message.id).map(|m| m.status) {
+            Some(TaskStatus::Success) => {
+                // Redelivered after the result was stored: finish the bookkeeping only.
+                info!(task_id = %message.id, "Step already succeeded; publishing what follows it.");
+                let result = metas[&message.id].result.clone();
+                advance(app, &workflow, position, &message, &result).await?;
+                return delivery.ack().await;
+            }
+            Some(TaskStatus::Failure | TaskStatus::Revoked) => {
+                info!(task_id = %message.id, "Step already finished; dropping the duplicate message.");
+                return delivery.ack().await;
+            }
+            _ => {}
+        }
+        app.store
+            .task_started(&TaskStart {
+                workflow_id: workflow.id.clone(),
+                position,
+                task_id: message.id.clone(),
+                task_name: message.task.clone(),
+                args: message.args.clone(),
+                kwargs: message.kwargs.clone(),
+                hostname: app.identity.hostname.clone(),
+                pid: app.identity.pid,
+                retries: message.retries,
+                queue: message.queue.clone(),
+            })
+            .await?;
+        let attempt = message.retries + 1;
+        info!(task_id = %message.id, attempt, "Step started.");
+        let started = Instant::now();
+        let progress = Progress::new();
+        let ctx = StepContext {
+            app: Arc::clone(app),
+            dataset_id,
+            workflow_id: workflow.id.clone(),
+            task_id: message.id.clone(),
+            kwargs: message.kwargs.clone(),
+            progress: progress.clone(),
+        };
+        let label = format!("{dataset_id} {step_name}");
+        let outcome = supervise(app, &*delivery, task, ctx, &progress, display, &label).await?;
+        let outcome = match outcome {
+            Outcome::LeaseLost(err) => {
+                error!(task_id = %message.id, error = %format!("{err:#}"), "Stopped the step: its claim was lost; another worker runs it.");
+                return Ok(());
+            }
+            Outcome::Finished(result) => result,
+        };
+        let elapsed = started.elapsed().as_secs_f64();
+        match outcome {
+            Ok(result) => {
+                app.store.task_succeeded(&message.id, &result).await?;
+                info!(task_id = %message.id, seconds = elapsed, "Step succeeded.");
+                advance(app, &workflow, position, &message, &result).await?;
+                delivery.ack().await
+            }
+            Err(err) => {
+                let policy = app.settings.retry.steps.get(&message.task).copied().unwrap_or(app.settings.retry.default);
+                let error = task_error(&err);
+                if err.is_retryable() && message.retries < policy.max_retries {
+                    let retries = message.retries + 1;
+                    warn!(task_id = %message.id, attempt, error = %error.exc_message,
+                        "Step failed; it will be tried again in {} s.", policy.delay_seconds);
+                    app.store.task_retry(&message.id, &error, message.retries).await?;
+                    let eta = Utc::now() + chrono::Duration::seconds(policy.delay_seconds as i64);
+                    delivery.retry_later(eta, retries).await
+                } else {
+                    error!(task_id = %message.id, attempt, error = %error.exc_message, "Step failed; the workflow stops here.");
+                    app.store.task_failed(&workflow.id, &message.id, &error).await?;
+                    delivery.ack().await
+                }
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Runs the step while keeping its claim alive and reporting its progress. A panic in the
+/// step becomes a permanent failure, never a dead worker.
+async fn supervise(
+    app: &Arc<App>,
+    delivery: &dyn Delivery,
+    task: Task,
+    ctx: StepContext,
+    progress: &Progress,
+    display: &Display,
+    label: &str,
+) -> anyhow::Result<Outcome> {
+    let task_id = ctx.task_id.clone();
+    let mut step = AbortOnDrop(tokio::spawn(steps::run(task, ctx).in_current_span()));
+    let keep_alive_every = Duration::from_secs(app.settings.worker.lease_seconds.max(3) / 3);
+    let report_every = app.settings.progress_interval;
+    let mut keep_alive = tokio::time::interval(keep_alive_every);
+    let mut report = tokio::time::interval(report_every);
+    keep_alive.tick().await;
+    report.tick().await;
+    let mut reporter = Reporter {
+        estimator: RateEstimator::default(),
+        last_version: u64::MAX,
+    };
+    let tracker = display.track(label);
+    let outcome = loop {
+        tokio::select! {
+            joined = &mut step.0 => {
+                break match joined {
+                    Ok(result) => Outcome::Finished(result),
+                    Err(join_error) => {
+                        let what = if join_error.is_panic() { "panicked" } else { "was cancelled" };
+                        Outcome::Finished(Err(StepError::permanent("WorkerLostError",
+                            anyhow::format_err!("the step {what}: {join_error}"))))
+                    }
+                };
+            }
+            _ = keep_alive.tick() => {
+                if let Err(err) = delivery.keep_alive().await {
+                    step.0.abort();
+                    break Outcome::LeaseLost(err);
+                }
+            }
+            _ = report.tick() => {
+                if let Some(report) = reporter.report(progress) {
+                    tracker.update(&report);
+                    if let Err(err) = app.store.task_progress(&task_id, &report).await {
+                        warn!(error = %format!("{err:#}"), "Could not store the step's progress.");
+                    }
+                }
+            }
+        }
+    };
+    // The final report is always written (the original's throttle could drop it).
+    if let Some(report) = reporter.report(progress) {
+        tracker.update(&report);
+        if let Outcome::Finished(Ok(_)) = &outcome {
+            app.store.task_progress(&task_id, &report).await?;
+        }
+    }
+    tracker.finish();
+    Ok(outcome)
+}
+
+/// Aborts the step's task when the supervisor is dropped (shutdown), so an interrupted step
+/// does not keep running unsupervised.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+struct Reporter {
+    estimator: RateEstimator,
+    last_version: u64,
+}
+
+impl Reporter {
+    /// A new report when the counter changed since the last one.
+    fn report(&mut self, progress: &Progress) -> Option<Value> {
+        let snap = progress.snapshot();
+        if snap.version == self.last_version || (snap.name.is_empty() && snap.custom.is_none()) {
+            return None;
+        }
+        self.last_version = snap.version;
+        Some(self.estimator.report(&snap, Instant::now()))
+    }
+}
+
+/// A workflow with its derived status.
+pub struct WorkflowView {
+    pub workflow: Workflow,
+    pub derived: DerivedStatus,
+    pub metas: HashMap<String, crate::store::TaskMeta>,
+}
+
+pub async fn view(app: &App, workflow: Workflow) -> anyhow::Result<WorkflowView> {
+    let ids: Vec<String> = workflow.all_task_ids().into_iter().collect();
+    let metas = app.store.task_metas(&ids).await?;
+    let derived = derive(&workflow, &metas);
+    Ok(WorkflowView {
+        workflow,
+        derived,
+        metas,
+    })
+}
+
+/// What `resume` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resumed {
+    /// The failed step was published again under this task id.
+    Restarted {
+        step: String,
+        task_id: String,
+    },
+    NotFailed(TaskStatus),
+    AlreadyResuming,
+}
+
+/// Restarts a failed workflow from its failed step, with the same arguments and keyword
+/// arguments as its last run (the original dropped the start kwargs, spec J.14).
+pub async fn resume(app: &App, workflow_id: &str) -> anyhow::Result<Resumed> {
+    let workflow = app
+        .store
+        .workflow(workflow_id)
+        .await?
+        .ok_or_else(|| anyhow::format_err!("no workflow has the id `{workflow_id}`"))?;
+    let view = view(app, workflow).await?;
+    let Some(position) = view.derived.pending else {
+        return Ok(Resumed::NotFailed(TaskStatus::Success));
+    };
+    let step_status = view.derived.steps[position];
+    if !matches!(step_status, TaskStatus::Failure | TaskStatus::Revoked) {
+        return Ok(Resumed::NotFailed(view.derived.status));
+    }
+    if !app.store.lock_for_resume(workflow_id, Utc::now()).await? {
+        return Ok(Resumed::AlreadyResuming);
+    }
+    let workflow = &view.workflow;
+    let last = workflow.steps[position]
+        .last_run()
+        .map(|r| r.task_id.clone());
+    let last_meta = last.as_ref().and_then(|id| view.metas.get(id));
+    let args = last_meta
+        .map(|m| m.args.clone())
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| workflow.start_args.clone());
+    let task_id = Uuid::new_v4().to_string();
+    let kwargs = last_meta.map(|m| m.kwargs.clone()).unwrap_or_default();
+    let mut message = step_message(app, workflow, position, task_id.clone(), args, &kwargs);
+    message.parent_id = last.clone();
+    app.broker.publish(&message).await?;
+    app.store
+        .set_workflow_status(workflow_id, TaskStatus::Started)
+        .await?;
+    let step = workflow.steps[position].spec.name.clone();
+    info!(workflow_id, step = %step, task_id = %task_id, "Resumed workflow.");
+    Ok(Resumed::Restarted { step, task_id })
+}
+
+/// Finds active workflows whose next step is neither queued nor running (a crash between
+/// creating a workflow and publishing its first step, for example) and publishes that step
+/// again under the id it would have had. Needs a broker that can tell what it holds.
+/// Returns the ids of the repaired workflows.
+pub async fn repair_stalled(app: &App) -> anyhow::Result<Vec<String>> {
+    let mut repaired = Vec::new();
+    for workflow in app.store.workflows(WorkflowFilter::Active, 10_000).await? {
+        if workflow.resume_lock.is_some() {
+            // A resumed step is queued under a new id; it records a run when it starts.
+            continue;
+        }
+        let view = view(app, workflow).await?;
+        let workflow = &view.workflow;
+        let Some(position) = view.derived.pending else {
+            app.store
+                .set_workflow_status(&workflow.id, TaskStatus::Success)
+                .await?;
+            continue;
+        };
+        let step_status = view.derived.steps[position];
+        if step_status.is_done() {
+            // FAILURE or REVOKED: the cache is stale; an operator resumes failed workflows.
+            app.store
+                .set_workflow_status(&workflow.id, step_status)
+                .await?;
+            continue;
+        }
+        let message = match workflow.steps[position].last_run() {
+            // Started once: its message carries the same id, arguments and retry count.
+            Some(run) => {
+                let Some(meta) = view.metas.get(&run.task_id) else {
+                    continue;
+                };
+                let mut message = step_message(
+                    app,
+                    workflow,
+                    position,
+                    run.task_id.clone(),
+                    meta.args.clone(),
+                    &meta.kwargs,
+                );
+                message.retries = meta.retries;
+                message
+            }
+            None if position == 0 => step_message(
+                app,
+                workflow,
+                0,
+                start_task_id(&workflow.id),
+                workflow.start_args.clone(),
+                &Map::new(),
+            ),
+            // Never started: the message the previous step's success would have published.
+            None => {
+                let Some(previous) = workflow.steps[position - 1].last_run() else {
+                    continue;
+                };
+                let Some(meta) = view.metas.get(&previous.task_id) else {
+                    continue;
+                };
+                let args = next_args(&meta.result, &meta.args);
+                let mut message = step_message(
+                    app,
+                    workflow,
+                    position,
+                    next_task_id(&previous.task_id),
+                    args,
+                    &Map::new(),
+                );
+                message.parent_id = Some(previous.task_id.clone());
+                message
+            }
+        };
+        if app.broker.holds(&message.id).await? == Some(false) {
+            warn!(workflow_id = %workflow.id, task_id = %message.id, step = %workflow.steps[position].spec.name,
+                "Workflow had no step in flight; published it again.");
+            app.broker.publish(&message).await?;
+            repaired.push(workflow.id.clone());
+        }
+    }
+    Ok(repaired)
+}

@@ -1,0 +1,299 @@
+//! The test harness: a throw-away project (configuration, workflow definitions, source
+//! directories, database) in a temporary directory, driven through the real binary or the
+//! library.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+
+use workers::app::App;
+use workers::config::{LoadOptions, Settings};
+use workers::model::DatasetType;
+use workers::registry::{Dataset, DatasetQuery};
+
+pub const SALT: &str = "test-salt";
+
+/// A project directory laid out like the repository: `config/`, `jobs/`, `examples/`, `var/`.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+    env: BTreeMap<String, String>,
+}
+
+impl Project {
+    pub fn new() -> Project {
+        let dir = tempfile::Builder::new()
+            .prefix("workers-test-")
+            .tempdir()
+            .expect("temp dir");
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for sub in ["config", "jobs"] {
+            std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+            for entry in std::fs::read_dir(repo.join(sub)).unwrap() {
+                let entry = entry.unwrap();
+                if entry.path().extension().is_some_and(|e| e == "toml") {
+                    std::fs::copy(entry.path(), dir.path().join(sub).join(entry.file_name()))
+                        .unwrap();
+                }
+            }
+        }
+        for t in DatasetType::ALL {
+            std::fs::create_dir_all(source_dir_in(dir.path(), t)).unwrap();
+        }
+        let mut env = BTreeMap::new();
+        // Data written by the test is "stable" at once; retries are quick.
+        env.insert(
+            "WORKERS__REGISTRATION__RECENCY_THRESHOLD_SECONDS".into(),
+            "0".into(),
+        );
+        env.insert(
+            "WORKERS__REGISTRATION__WAIT_BETWEEN_STABILITY_CHECKS_SECONDS".into(),
+            "1".into(),
+        );
+        env.insert("WORKERS__RETRY__DEFAULT__DELAY_SECONDS".into(), "0".into());
+        env.insert("WORKERS__PARALLELISM".into(), "2".into());
+        env.insert("ALIAS_SALT".into(), SALT.into());
+        Project { dir, env }
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn source(&self, t: DatasetType) -> PathBuf {
+        source_dir_in(self.dir.path(), t)
+    }
+
+    /// Sets an environment variable for both the binary and `settings()`.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.insert(key.into(), value.into());
+    }
+
+    pub fn remove_env(&mut self, key: &str) {
+        self.env.remove(key);
+    }
+
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            config_dir: self.path("config"),
+            app_env: self.env.get("APP_ENV").cloned(),
+            env: self.env.clone(),
+            problems: vec![],
+        }
+    }
+
+    pub fn settings(&self) -> Settings {
+        workers::config::load(&self.load_options())
+            .unwrap_or_else(|e| panic!("test configuration: {e}"))
+    }
+
+    /// The app over the project's database, as the binary builds it.
+    pub fn app(&self) -> Arc<App> {
+        App::build(self.settings()).expect("app")
+    }
+
+    /// The binary, with the project's configuration and environment (and nothing inherited
+    /// that could change the configuration).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_workers"));
+        cmd.current_dir(self.root())
+            .arg("--config-dir")
+            .arg(self.path("config"))
+            .args(args);
+        for (key, _) in std::env::vars_os() {
+            let name = key.to_string_lossy();
+            if name.starts_with("WORKERS") || name == "APP_ENV" || name == "ALIAS_SALT" {
+                cmd.env_remove(&key);
+            }
+        }
+        cmd.envs(&self.env);
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run workers")
+    }
+
+    /// Runs the binary and fails the test unless it exits 0.
+    pub fn run_ok(&self, args: &[&str]) -> Output {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "workers {args:?} failed: {}",
+            describe(&out)
+        );
+        out
+    }
+
+    /// Creates `files` (relative path, content) below `<source>/<name>`.
+    pub fn dataset(&self, t: DatasetType, name: &str, files: &[(&str, &[u8])]) -> PathBuf {
+        let root = self.source(t).join(name);
+        std::fs::create_dir_all(&root).unwrap();
+        for (rel, content) in files {
+            write_file(&root.join(rel), content);
+        }
+        root
+    }
+}
+
+fn source_dir_in(root: &Path, t: DatasetType) -> PathBuf {
+    root.join(match t {
+        DatasetType::RawData => "examples/raw_data",
+        DatasetType::DataProduct => "examples/data_products",
+    })
+}
+
+pub fn describe(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn write_file(path: &Path, content: &[u8]) {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).unwrap();
+    }
+    std::fs::write(path, content).unwrap();
+}
+
+/// Deterministic bytes that do not compress to nothing.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as u8
+        })
+        .collect()
+}
+
+/// MD5 of a file by `md5sum`: an oracle independent of the code under test.
+pub fn md5sum(path: &Path) -> String {
+    let out = Command::new("md5sum").arg(path).output().expect("md5sum");
+    assert!(out.status.success(), "md5sum {}", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// SHA-256 hex of a string by `sha256sum`.
+pub fn sha256_hex(text: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// The one live dataset of that name and type.
+pub async fn dataset_named(app: &App, t: DatasetType, name: &str) -> Dataset {
+    let name = workers::model::DatasetName::normalize(name).unwrap();
+    let query = DatasetQuery {
+        dataset_type: Some(t),
+        name: Some(name.clone()),
+        ..Default::default()
+    };
+    let mut found = app.registry.find(&query).await.unwrap();
+    assert_eq!(found.len(), 1, "datasets named {name}: {found:?}");
+    found.remove(0)
+}
+
+pub fn state_names(dataset: &Dataset) -> Vec<String> {
+    dataset.states.iter().map(|s| s.state.clone()).collect()
+}
+
+/// Every file row of a dataset.
+pub async fn file_rows(app: &App, id: i64) -> Vec<workers::model::FileRecord> {
+    let mut rows = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = app
+            .registry
+            .files_page(id, after.as_deref(), 1000)
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        after = Some(last.path.clone());
+        rows.extend(page);
+    }
+    rows
+}
+
+/// Regular files and symbolic links below `root`, relative, sorted.
+pub fn tree_files(root: &Path) -> Vec<String> {
+    let mut out: Vec<String> = walkdir::WalkDir::new(root)
+        .min_depth(1)
+        .into_iter()
+        .map(|e| e.unwrap())
+        .filter(|e| !e.file_type().is_dir())
+        .map(|e| {
+            e.path()
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Runs `cmd` so that even root cannot read files it lacks permission for (the capabilities
+/// that bypass permission checks are dropped), when the tests run as root.
+pub fn without_dac_override(cmd: Command) -> Command {
+    if !rustix::process::geteuid().is_root() {
+        return cmd;
+    }
+    let mut wrapped = Command::new("setpriv");
+    wrapped
+        .arg("--bounding-set=-dac_override,-dac_read_search")
+        .arg("--inh-caps=-dac_override,-dac_read_search")
+        .arg(cmd.get_program());
+    wrapped.args(cmd.get_args());
+    if let Some(dir) = cmd.get_current_dir() {
+        wrapped.current_dir(dir);
+    }
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    wrapped
+}
