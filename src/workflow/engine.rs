@@ -180,10 +180,7 @@ pub async fn handle(
     display: &Display,
 ) -> anyhow::Result<()> {
     let message = delivery.message().clone();
-    let Some(task) = Task::from_name(&message.task) else {
-        error!(task_id = %message.id, task = %message.task, "Dropped a message of an unknown task.");
-        return delivery.ack().await;
-    };
+    // Messages that can never run are rejected to the log rather than requeued forever.
     let (Some(workflow_id), Some(step_name)) = (
         message.workflow_id().map(str::to_owned),
         message.step_name().map(str::to_owned),
@@ -197,6 +194,35 @@ pub async fn handle(
     };
     let Some(position) = workflow.steps.iter().position(|s| s.spec.name == step_name) else {
         error!(task_id = %message.id, workflow_id, step = step_name, "Dropped a message of an unknown step.");
+        return delivery.ack().await;
+    };
+    let start = TaskStart {
+        workflow_id: workflow.id.clone(),
+        position,
+        task_id: message.id.clone(),
+        task_name: message.task.clone(),
+        args: message.args.clone(),
+        kwargs: message.kwargs.clone(),
+        hostname: app.identity.hostname.clone(),
+        pid: app.identity.pid,
+        retries: message.retries,
+        queue: message.queue.clone(),
+    };
+    let Some(task) = Task::from_name(&message.task) else {
+        // The workflow fails visibly instead of waiting forever for a step nobody runs.
+        error!(task_id = %message.id, task = %message.task, workflow_id, "Dropped a message of an unknown task.");
+        let error = TaskError {
+            exc_type: "NotRegistered".to_owned(),
+            exc_message: format!(
+                "no task named `{}` is registered with this worker",
+                message.task
+            ),
+            exc_module: "celery.exceptions".to_owned(),
+        };
+        app.store.task_started(&start).await?;
+        app.store
+            .task_failed(&workflow.id, &message.id, &error)
+            .await?;
         return delivery.ack().await;
     };
     let Some(dataset_id) = message.args.first().and_then(Value::as_i64) else {
@@ -220,20 +246,7 @@ pub async fn handle(
             }
             _ => {}
         }
-        app.store
-            .task_started(&TaskStart {
-                workflow_id: workflow.id.clone(),
-                position,
-                task_id: message.id.clone(),
-                task_name: message.task.clone(),
-                args: message.args.clone(),
-                kwargs: message.kwargs.clone(),
-                hostname: app.identity.hostname.clone(),
-                pid: app.identity.pid,
-                retries: message.retries,
-                queue: message.queue.clone(),
-            })
-            .await?;
+        app.store.task_started(&start).await?;
         let attempt = message.retries + 1;
         info!(task_id = %message.id, attempt, "Step started.");
         let started = Instant::now();

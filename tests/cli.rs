@@ -1,0 +1,130 @@
+//! The command line as operators use it: configuration display, logs, look-ups.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+mod common;
+
+use common::*;
+use workers::model::DatasetType;
+
+#[test]
+fn config_show_prints_the_effective_configuration_with_secrets_redacted() {
+    let mut project = Project::new();
+    project.set_env("WORKERS__WORKER__CONCURRENCY", "5");
+    let out = project.run_ok(&["config", "show", "--format", "json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["worker"]["concurrency"], 5);
+    assert_eq!(shown["secrets"]["alias_salt"], "<redacted>");
+    assert!(!stdout(&out).contains(SALT));
+    // Relative paths are resolved against the project, wherever the command runs.
+    let stage = shown["paths"]["RAW_DATA"]["stage"].as_str().unwrap();
+    assert_eq!(stage, project.path("var/stage/raw_data").to_str().unwrap());
+    let toml = stdout(&project.run_ok(&["config", "show"]));
+    assert!(toml.contains("concurrency = 5"), "{toml}");
+    assert!(stdout(&project.run_ok(&["config", "check"])).contains("configuration is valid"));
+}
+
+#[test]
+fn json_logs_carry_the_dataset_workflow_and_step_of_each_line() {
+    let project = Project::new();
+    project.dataset(DatasetType::RawData, "logged", &[("a.txt", b"a")]);
+    let out = project.run_ok(&["--log-format", "json", "jobs", "run", "watch", "--wait"]);
+    let lines: Vec<serde_json::Value> = stderr(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let started: Vec<_> = lines
+        .iter()
+        .filter(|l| l["message"] == "Step started.")
+        .collect();
+    assert_eq!(started.len(), 6);
+    for line in started {
+        let span = &line["span"];
+        assert_eq!(span["dataset_id"], 1, "{line}");
+        assert!(
+            span["workflow_id"].as_str().is_some_and(|w| w.len() == 36),
+            "{line}"
+        );
+        assert!(span["step"].as_str().is_some(), "{line}");
+        assert!(line["task_id"].as_str().is_some(), "{line}");
+    }
+}
+
+#[test]
+fn datasets_and_workflows_can_be_looked_up_as_json() {
+    let project = Project::new();
+    project.dataset(DatasetType::DataProduct, "looked up", &[("a.txt", b"a")]);
+    project.run_ok(&["jobs", "run", "watch", "--wait"]);
+    let out = project.run_ok(&["datasets", "show", "looked up", "--format", "json"]);
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["name"], "looked-up");
+    assert_eq!(d["type"], "DATA_PRODUCT");
+    assert_eq!(
+        d["states"][0]["state"], "STAGED",
+        "newest first, as the API returns them"
+    );
+    assert_eq!(d["bundle"]["name"], "looked-up.tar");
+    let by_id = project.run_ok(&["datasets", "show", "1", "--format", "json"]);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&by_id.stdout).unwrap()["id"],
+        1
+    );
+
+    let workflow_id = d["workflows"][0]["id"].as_str().unwrap();
+    let out = project.run_ok(&["workflows", "show", workflow_id, "--format", "json"]);
+    let w: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(w["status"], "SUCCESS");
+    assert_eq!(w["steps_done"], 6);
+    assert_eq!(w["dataset_id"], 1);
+    assert_eq!(w["steps"][1]["name"], "inspect");
+    assert_eq!(w["steps"][1]["attempts"], 1);
+    let listed = project.run_ok(&["workflows", "list", "--format", "json"]);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&listed.stdout)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let table = stdout(&project.run_ok(&["workflows", "show", workflow_id]));
+    assert!(
+        table.contains("setup_dataset_download") && table.contains("SUCCESS"),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_staged_path_outside_the_root_is_an_error_not_a_hang() {
+    let mut project = Project::new();
+    // The staging area lies outside paths.root.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let root = project.path("published");
+    std::fs::create_dir_all(&root).unwrap();
+    project.set_env("WORKERS__PATHS__ROOT", root.to_str().unwrap());
+    project.set_env(
+        "WORKERS__PATHS__RAW_DATA__STAGE",
+        elsewhere.path().to_str().unwrap(),
+    );
+    project.dataset(DatasetType::RawData, "outside", &[("a.txt", b"a")]);
+    let out = project.run(&["jobs", "run", "watch", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let show = stdout(&project.run_ok(&["workflows", "list"]));
+    assert!(show.contains("FAILURE"), "{show}");
+    let d = serde_json::from_slice::<serde_json::Value>(
+        &project
+            .run_ok(&["datasets", "show", "outside", "--format", "json"])
+            .stdout,
+    )
+    .unwrap();
+    let workflow = project.run_ok(&[
+        "workflows",
+        "show",
+        d["workflows"][0]["id"].as_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    let w: serde_json::Value = serde_json::from_slice(&workflow.stdout).unwrap();
+    let error = w["steps"][5]["error"]["exc_message"][0].as_str().unwrap();
+    assert!(error.contains("outside paths.root"), "{error}");
+}

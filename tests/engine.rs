@@ -1,0 +1,339 @@
+//! The workflow engine through the library: retries, failures, resume, redelivery, unknown
+//! tasks, stalled workflows and progress.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use workers::app::App;
+use workers::broker::TaskMessage;
+use workers::model::{CreateMethod, DatasetName, DatasetType};
+use workers::registry::{DatasetId, NewDataset};
+use workers::store::TaskStatus;
+use workers::ui::Display;
+use workers::workflow::engine::{self, Resumed, WorkflowView};
+use workers::workflow::worker::{self, Until, WorkerOptions};
+
+/// Registers a dataset directly in the registry (no workflow yet).
+async fn register(app: &App, project: &Project, name: &str) -> DatasetId {
+    let origin = project.dataset(
+        DatasetType::RawData,
+        name,
+        &[("a.txt", b"alpha"), ("d/b.txt", b"beta")],
+    );
+    let outcome = app
+        .registry
+        .bulk_create(&[NewDataset {
+            name: DatasetName::normalize(name).unwrap(),
+            dataset_type: DatasetType::RawData,
+            origin_path: origin.to_string_lossy().into_owned(),
+            create_method: CreateMethod::Scan,
+            description: None,
+            metadata: None,
+        }])
+        .await
+        .unwrap();
+    outcome.created[0].id
+}
+
+/// Runs workers in this process until no workflow is active.
+async fn run_until_idle(app: &Arc<App>) {
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let opts = WorkerOptions {
+        concurrency: 2,
+        until: Until::Idle,
+    };
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        worker::run(Arc::clone(app), opts, stop, Display::quiet()),
+    )
+    .await
+    .expect("workflows finish")
+    .unwrap();
+}
+
+async fn view_of(app: &App, workflow_id: &str) -> WorkflowView {
+    engine::view(app, app.store.workflow(workflow_id).await.unwrap().unwrap())
+        .await
+        .unwrap()
+}
+
+fn step<'a>(view: &'a WorkflowView, name: &str) -> (usize, &'a workers::store::WorkflowStep) {
+    view.workflow
+        .steps
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.spec.name == name)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retryable_failures_are_retried_then_fail_and_resume_finishes_the_workflow() {
+    let mut project = Project::new();
+    project.set_env(
+        "WORKERS__RETRY__STEPS__ARCHIVE_DATASET",
+        "{ max_retries = 2, delay_seconds = 0 }",
+    );
+    let app = project.app();
+    let id = register(&app, &project, "retry_me").await;
+    // A file where the bundle directory should be: creating it fails (an I/O error, retryable).
+    let blocker = app
+        .settings
+        .paths
+        .raw_data
+        .bundle_generate
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"not a directory").unwrap();
+
+    let workflow_id = engine::start(&app, "integrated", id, Default::default())
+        .await
+        .unwrap();
+    run_until_idle(&app).await;
+    let view = view_of(&app, &workflow_id).await;
+    assert_eq!(view.derived.status, TaskStatus::Failure);
+    let (idx, archive) = step(&view, "archive");
+    assert_eq!(view.derived.pending, Some(idx));
+    let meta = &view.metas[&archive.runs[0].task_id];
+    // Three attempts (max_retries = 2) under one task id: one run.
+    assert_eq!(archive.runs.len(), 1);
+    assert_eq!(meta.retries, 2);
+    assert_eq!(meta.result["exc_type"], "RetryableException");
+    let message = meta.result["exc_message"][0].as_str().unwrap();
+    assert!(message.contains(blocker.to_str().unwrap()), "{message}");
+
+    // The operator removes the cause; resume restarts the failed step and the rest follows.
+    std::fs::remove_file(&blocker).unwrap();
+    assert!(
+        matches!(engine::resume(&app, &workflow_id).await.unwrap(), Resumed::Restarted { step, .. } if step == "archive")
+    );
+    assert_eq!(
+        engine::resume(&app, &workflow_id).await.unwrap(),
+        Resumed::AlreadyResuming
+    );
+    run_until_idle(&app).await;
+    let view = view_of(&app, &workflow_id).await;
+    assert_eq!(view.derived.status, TaskStatus::Success);
+    assert_eq!(
+        step(&view, "archive").1.runs.len(),
+        2,
+        "the failed run and the resumed one"
+    );
+    assert_eq!(
+        step(&view, "inspect").1.runs.len(),
+        1,
+        "steps before it did not run again"
+    );
+    assert!(matches!(
+        engine::resume(&app, &workflow_id).await.unwrap(),
+        Resumed::NotFailed(TaskStatus::Success)
+    ));
+    let d = app.registry.get(id).await.unwrap();
+    assert_eq!(
+        state_names(&d),
+        ["REGISTERED", "READY", "ARCHIVED", "FETCHED", "STAGED"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_permanent_failure_stops_the_workflow_at_once() {
+    let project = Project::new();
+    let app = project.app();
+    let id = register(&app, &project, "vanished").await;
+    std::fs::remove_dir_all(project.source(DatasetType::RawData).join("vanished")).unwrap();
+    let workflow_id = engine::start(&app, "integrated", id, Default::default())
+        .await
+        .unwrap();
+    run_until_idle(&app).await;
+    let view = view_of(&app, &workflow_id).await;
+    assert_eq!(view.derived.status, TaskStatus::Failure);
+    assert_eq!(view.derived.pending, Some(0));
+    let meta = &view.metas[&view.workflow.steps[0].runs[0].task_id];
+    assert_eq!(meta.retries, 0, "not retried");
+    assert!(
+        meta.result["exc_message"][0]
+            .as_str()
+            .unwrap()
+            .contains("vanished"),
+        "{}",
+        meta.result
+    );
+    // The original marked such a dataset READY (spec B.1); here it stays REGISTERED.
+    assert_eq!(
+        state_names(&app.registry.get(id).await.unwrap()),
+        ["REGISTERED"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redelivered_message_of_a_finished_step_does_not_run_it_again() {
+    let project = Project::new();
+    let app = project.app();
+    let id = register(&app, &project, "twice").await;
+    let workflow_id = engine::start(&app, "integrated", id, Default::default())
+        .await
+        .unwrap();
+    run_until_idle(&app).await;
+    let before = view_of(&app, &workflow_id).await;
+    assert_eq!(before.derived.status, TaskStatus::Success);
+
+    // The first step's message arrives again (a broker redelivery after a crash).
+    let first = &before.workflow.steps[0].runs[0].task_id;
+    let meta = &before.metas[first];
+    let message = TaskMessage {
+        id: first.clone(),
+        task: "await_stability".into(),
+        args: vec![json!(id)],
+        kwargs: meta.kwargs.clone(),
+        priority: 1,
+        eta: None,
+        retries: 0,
+        root_id: first.clone(),
+        parent_id: None,
+        queue: "q".into(),
+    };
+    app.broker.publish(&message).await.unwrap();
+    // Handle whatever that sets off until the queue is quiet.
+    while let Ok(Ok(delivery)) =
+        tokio::time::timeout(Duration::from_secs(2), app.broker.next()).await
+    {
+        engine::handle(&app, delivery, &Display::quiet())
+            .await
+            .unwrap();
+    }
+    let after = view_of(&app, &workflow_id).await;
+    for (a, b) in before.workflow.steps.iter().zip(&after.workflow.steps) {
+        assert_eq!(a.runs, b.runs, "step `{}` got a new run", a.spec.name);
+        let (ma, mb) = (
+            &before.metas[&a.runs[0].task_id],
+            &after.metas[&b.runs[0].task_id],
+        );
+        assert_eq!(
+            ma.date_done, mb.date_done,
+            "step `{}` ran again",
+            a.spec.name
+        );
+    }
+    assert_eq!(state_names(&app.registry.get(id).await.unwrap()).len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_of_an_unknown_task_fails_its_workflow_instead_of_looping() {
+    let project = Project::new();
+    let app = project.app();
+    let id = register(&app, &project, "unknown_task").await;
+    let workflow_id = engine::start(&app, "integrated", id, Default::default())
+        .await
+        .unwrap();
+    // Replace the queued first step by one no worker knows.
+    let mut delivery = app.broker.next().await.unwrap();
+    let mut message = delivery.message().clone();
+    delivery.ack().await.unwrap();
+    message.task = "no_such_task".into();
+    app.broker.publish(&message).await.unwrap();
+    delivery = app.broker.next().await.unwrap();
+    engine::handle(&app, delivery, &Display::quiet())
+        .await
+        .unwrap();
+    assert_eq!(
+        app.broker.holds(&message.id).await.unwrap(),
+        Some(false),
+        "acknowledged, not requeued"
+    );
+    let view = view_of(&app, &workflow_id).await;
+    assert_eq!(view.derived.status, TaskStatus::Failure);
+    assert_eq!(view.metas[&message.id].result["exc_type"], "NotRegistered");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workflow_whose_first_step_was_never_published_is_repaired() {
+    let project = Project::new();
+    let app = project.app();
+    let id = register(&app, &project, "stalled").await;
+    // What a crash between creating the workflow and publishing its first step leaves.
+    let spec = app.definitions.get("integrated").unwrap().clone();
+    app.store
+        .create_workflow("stalled-wf", &app.settings.app_id, &spec, &[json!(id)])
+        .await
+        .unwrap();
+    app.registry.add_workflow(id, "stalled-wf").await.unwrap();
+    assert_eq!(engine::repair_stalled(&app).await.unwrap(), ["stalled-wf"]);
+    // Repairing again publishes nothing new: the message is queued.
+    assert!(engine::repair_stalled(&app).await.unwrap().is_empty());
+    run_until_idle(&app).await;
+    assert_eq!(
+        view_of(&app, "stalled-wf").await.derived.status,
+        TaskStatus::Success
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn progress_is_recorded_while_a_long_step_runs() {
+    let mut project = Project::new();
+    project.set_env("WORKERS__PROGRESS__INTERVAL_SECONDS", "0.05");
+    let files: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| (format!("p{i}.bin"), pseudo_random(64 << 20, i)))
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, c)| (p.as_str(), c.as_slice()))
+        .collect();
+    project.dataset(DatasetType::RawData, "progress", &refs);
+    let app = project.app();
+    let mut child = project
+        .command(&["jobs", "run", "watch", "--wait"])
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        for workflow in app
+            .store
+            .workflows(workers::store::WorkflowFilter::All, 5)
+            .await
+            .unwrap()
+        {
+            let view = engine::view(&app, workflow).await.unwrap();
+            for meta in view.metas.values() {
+                if meta.status == TaskStatus::Started && meta.result.get("units").is_some() {
+                    seen.push(meta.result.clone());
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(child.wait().unwrap().success());
+    let partial: Vec<_> = seen
+        .iter()
+        .filter(|r| {
+            r["fraction_done"]
+                .as_f64()
+                .is_some_and(|f| f > 0.0 && f < 1.0)
+        })
+        .collect();
+    assert!(
+        !partial.is_empty(),
+        "no report between 0 and 100%: {seen:?}"
+    );
+    for report in partial {
+        for field in [
+            "name",
+            "fraction_done",
+            "done",
+            "total",
+            "units",
+            "time_remaining_sec",
+            "wt_avg_rate",
+            "avg_rate",
+        ] {
+            assert!(report.get(field).is_some(), "{field} missing from {report}");
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! `watch` beyond the happy path: nothing is left registered without a workflow, a failed
+//! batch is tried again on the next run, and several processes share one database.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use common::*;
+use workers::app::App;
+use workers::jobs::watch::{self, WatchOptions};
+use workers::model::{CreateMethod, DatasetName, DatasetState, DatasetType, FileRecord};
+use workers::registry::{
+    BulkOutcome, Dataset, DatasetId, DatasetPatch, DatasetQuery, NewDataset, Registry,
+    RegistryError,
+};
+use workers::store::{TaskStatus, WorkflowFilter};
+use workers::workflow::engine;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dataset_left_without_a_workflow_is_found_and_started() {
+    let project = Project::new();
+    let origin = project.dataset(DatasetType::RawData, "orphan", &[("a.txt", b"a")]);
+    // What a crash between registration and workflow start leaves behind (spec J.1).
+    let app = project.app();
+    app.registry
+        .bulk_create(&[NewDataset {
+            name: DatasetName::normalize("orphan").unwrap(),
+            dataset_type: DatasetType::RawData,
+            origin_path: origin.to_string_lossy().into_owned(),
+            create_method: CreateMethod::Scan,
+            description: None,
+            metadata: None,
+        }])
+        .await
+        .unwrap();
+    let out = project.run_ok(&["jobs", "run", "watch", "--wait"]);
+    assert!(
+        stdout(&out).contains("started the missing workflow of dataset 1 (`orphan`)"),
+        "{}",
+        stdout(&out)
+    );
+    let d = dataset_named(&app, DatasetType::RawData, "orphan").await;
+    assert_eq!(d.workflows.len(), 1);
+    assert_eq!(
+        state_names(&d),
+        ["REGISTERED", "READY", "ARCHIVED", "FETCHED", "STAGED"]
+    );
+}
+
+/// A registry whose first `fail_bulk` bulk creates fail as if the API were down.
+struct FlakyRegistry {
+    inner: Arc<dyn Registry>,
+    fail_bulk: AtomicUsize,
+}
+
+#[async_trait]
+impl Registry for FlakyRegistry {
+    async fn bulk_create(&self, items: &[NewDataset]) -> Result<BulkOutcome, RegistryError> {
+        if self.fail_bulk.load(Ordering::SeqCst) > 0 {
+            self.fail_bulk.fetch_sub(1, Ordering::SeqCst);
+            return Err(RegistryError::Unavailable(anyhow::format_err!(
+                "503 Service Unavailable"
+            )));
+        }
+        self.inner.bulk_create(items).await
+    }
+    async fn get(&self, id: DatasetId) -> Result<Dataset, RegistryError> {
+        self.inner.get(id).await
+    }
+    async fn find(&self, query: &DatasetQuery) -> Result<Vec<Dataset>, RegistryError> {
+        self.inner.find(query).await
+    }
+    async fn update(&self, id: DatasetId, patch: &DatasetPatch) -> Result<Dataset, RegistryError> {
+        self.inner.update(id, patch).await
+    }
+    async fn add_state(&self, id: DatasetId, state: DatasetState) -> Result<(), RegistryError> {
+        self.inner.add_state(id, state).await
+    }
+    async fn add_files(&self, id: DatasetId, files: &[FileRecord]) -> Result<(), RegistryError> {
+        self.inner.add_files(id, files).await
+    }
+    async fn files_page(
+        &self,
+        id: DatasetId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<FileRecord>, RegistryError> {
+        self.inner.files_page(id, after, limit).await
+    }
+    async fn add_workflow(&self, id: DatasetId, workflow_id: &str) -> Result<(), RegistryError> {
+        self.inner.add_workflow(id, workflow_id).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_batch_is_tried_again_on_the_next_run() {
+    let project = Project::new();
+    project.dataset(DatasetType::RawData, "first_try_fails", &[("a.txt", b"a")]);
+    let built = project.app();
+    let flaky = Arc::new(FlakyRegistry {
+        inner: Arc::clone(&built.registry),
+        fail_bulk: AtomicUsize::new(1),
+    });
+    let app = App {
+        settings: built.settings.clone(),
+        registry: flaky,
+        store: Arc::clone(&built.store),
+        broker: Arc::clone(&built.broker),
+        archive: Arc::clone(&built.archive),
+        pool: built.pool.clone(),
+        definitions: built.definitions.clone(),
+        identity: built.identity.clone(),
+    };
+    let report = watch::run(&app, WatchOptions::default()).await.unwrap();
+    assert_eq!(report.failed(), 1);
+    assert!(
+        report.sources[0].failed[0].1.contains("unavailable"),
+        "{:?}",
+        report.sources[0].failed
+    );
+    assert!(
+        app.registry
+            .find(&Default::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // The very next run (incremental, not a full scan) registers it.
+    let report = watch::run(&app, WatchOptions::default()).await.unwrap();
+    assert_eq!(report.failed(), 0);
+    assert_eq!(report.sources[0].scan, watch::ScanKind::Incremental);
+    assert_eq!(report.sources[0].registered.len(), 1);
+    assert!(report.sources[0].registered[0].workflow_id.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_worker_processes_share_the_queue_and_run_each_step_once() {
+    let project = Project::new();
+    let names: Vec<String> = (0..6).map(|i| format!("shared_{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        project.dataset(
+            DatasetType::RawData,
+            name,
+            &[("data.bin", &pseudo_random(2 << 20, i as u64))],
+        );
+    }
+    project.run_ok(&["jobs", "run", "watch"]);
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            project
+                .command(&["worker", "--until-idle", "--concurrency", "2"])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = workers
+        .into_iter()
+        .map(|w| w.wait_with_output().unwrap())
+        .collect();
+    for out in &outputs {
+        assert!(out.status.success(), "{}", describe(out));
+    }
+    let app = project.app();
+    for name in &names {
+        let d = dataset_named(&app, DatasetType::RawData, name).await;
+        assert_eq!(
+            state_names(&d),
+            ["REGISTERED", "READY", "ARCHIVED", "FETCHED", "STAGED"],
+            "{name}"
+        );
+        let workflow = app.store.workflow(&d.workflows[0]).await.unwrap().unwrap();
+        let view = engine::view(&app, workflow).await.unwrap();
+        assert_eq!(view.derived.status, TaskStatus::Success);
+        for step in &view.workflow.steps {
+            assert_eq!(step.runs.len(), 1, "{name}: {}", step.spec.name);
+            assert_eq!(
+                view.metas[&step.runs[0].task_id].retries, 0,
+                "{name}: {}",
+                step.spec.name
+            );
+        }
+    }
+    assert!(
+        app.store
+            .workflows(WorkflowFilter::Active, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let started: Vec<usize> = outputs
+        .iter()
+        .map(|o| stderr(o).matches("Step started.").count())
+        .collect();
+    assert_eq!(
+        started.iter().sum::<usize>(),
+        names.len() * 6,
+        "{started:?}"
+    );
+}
