@@ -50,21 +50,11 @@ impl Display {
     }
 
     pub fn track(&self, label: &str) -> Tracker {
-        let bar = self.bars.as_ref().map(|bars| {
-            let bar = bars.add(ProgressBar::new(0));
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{prefix:>24.bold} {msg:<14} [{bar:30}] {pos}/{len} ({eta})",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            bar.set_prefix(label.to_owned());
-            bar
-        });
         // Log lines start only once a step has run for a while: short steps stay quiet.
         Tracker {
-            bar,
+            bars: self.bars.clone(),
+            bar: Mutex::new(None),
+            label: label.to_owned(),
             log_lines: self.log_lines,
             last_log: Mutex::new(Instant::now()),
         }
@@ -73,7 +63,10 @@ impl Display {
 
 /// The display of one running step.
 pub struct Tracker {
-    bar: Option<ProgressBar>,
+    bars: Option<MultiProgress>,
+    /// Added on the first report, so steps that report nothing show no bar.
+    bar: Mutex<Option<ProgressBar>>,
+    label: String,
     log_lines: bool,
     last_log: Mutex<Instant>,
 }
@@ -84,13 +77,30 @@ impl Tracker {
         let name = report["name"].as_str().unwrap_or_default();
         let done = report["done"].as_u64();
         let total = report["total"].as_u64();
-        if let Some(bar) = &self.bar {
-            bar.set_message(name.to_owned());
-            if let Some(total) = total {
-                bar.set_length(total);
-            }
-            if let Some(done) = done {
-                bar.set_position(done);
+        if let Some(bars) = &self.bars {
+            let mut slot = self.bar.lock().unwrap_or_else(|e| e.into_inner());
+            let bar = slot.get_or_insert_with(|| {
+                let bar = bars.add(ProgressBar::new(0));
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{prefix:>28.bold} {msg:<16} [{bar:30}] {pos}/{len} ({eta})",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                bar.set_prefix(self.label.clone());
+                bar
+            });
+            match (done, total) {
+                (Some(done), Some(total)) => {
+                    bar.set_message(name.to_owned());
+                    bar.set_length(total);
+                    bar.set_position(done);
+                }
+                _ => {
+                    let remaining = report["time_remaining_sec"].as_f64().unwrap_or_default();
+                    bar.set_message(format!("stable in {remaining:.0} s"));
+                }
             }
             return;
         }
@@ -125,7 +135,7 @@ impl Tracker {
     }
 
     pub fn finish(self) {
-        if let Some(bar) = self.bar {
+        if let Some(bar) = self.bar.into_inner().unwrap_or_else(|e| e.into_inner()) {
             bar.finish_and_clear();
         }
     }

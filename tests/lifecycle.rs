@@ -281,3 +281,32 @@ async fn the_stage_workflow_stages_an_archived_dataset_again() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_delete_workflow_removes_the_archive_and_frees_the_name() {
+    let project = Project::new();
+    populate(&project, DatasetType::DataProduct, "to_delete", 3);
+    project.run_ok(&["jobs", "run", "watch", "--wait"]);
+    let app = project.app();
+    let before = dataset_named(&app, DatasetType::DataProduct, "to_delete").await;
+    let archive = PathBuf::from(before.archive_path.clone().unwrap());
+    assert!(archive.exists());
+
+    project.run_ok(&["workflows", "start", "delete", "to_delete", "--wait"]);
+    let after = app.registry.get(before.id).await.unwrap();
+    assert!(after.is_deleted);
+    assert_eq!(after.name.as_str(), format!("to_delete-{}", before.id));
+    assert_eq!(after.archive_path, None);
+    assert_eq!(
+        state_names(&after).last().map(String::as_str),
+        Some("DELETED")
+    );
+    assert!(!archive.exists(), "the archived bundle is removed");
+    // The name is free again for a new dataset of that name.
+    let query = workers::registry::DatasetQuery {
+        dataset_type: Some(DatasetType::DataProduct),
+        name: Some(workers::model::DatasetName::normalize("to_delete").unwrap()),
+        ..Default::default()
+    };
+    assert!(app.registry.find(&query).await.unwrap().is_empty());
+}

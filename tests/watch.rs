@@ -96,6 +96,25 @@ impl Registry for FlakyRegistry {
     }
 }
 
+#[test]
+fn a_dry_run_registers_nothing() {
+    let project = Project::new();
+    project.dataset(DatasetType::RawData, "maybe", &[("a.txt", b"a")]);
+    let out = project.run_ok(&["jobs", "run", "watch", "--dry-run"]);
+    assert!(
+        stdout(&out).contains("would register RAW_DATA `maybe`"),
+        "{}",
+        stdout(&out)
+    );
+    let out = project.run_ok(&["datasets", "list", "--format", "json"]);
+    assert_eq!(stdout(&out).trim(), "[]");
+    // Nothing was remembered either: the next real run registers it.
+    let out = project.run_ok(&["jobs", "run", "watch"]);
+    assert!(stdout(&out).contains("incremental"));
+    let out = project.run_ok(&["datasets", "list", "--format", "json"]);
+    assert!(stdout(&out).contains("\"maybe\""), "{}", stdout(&out));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_batch_is_tried_again_on_the_next_run() {
     let project = Project::new();

@@ -259,7 +259,7 @@ pub async fn handle(
             kwargs: message.kwargs.clone(),
             progress: progress.clone(),
         };
-        let label = format!("{dataset_id} {step_name}");
+        let label = format!("dataset {dataset_id} {step_name}");
         let outcome = supervise(app, &*delivery, task, ctx, &progress, display, &label).await?;
         let outcome = match outcome {
             Outcome::LeaseLost(err) => {
