@@ -107,10 +107,10 @@ pub fn extract_bundle(
         rename_no_replace(&partial, dest).map_err(io_error(dest))?;
         Ok(summary)
     });
-    if result.is_err() {
-        if let Err(err) = remove_tree(&partial) {
-            tracing::warn!(path = %partial.display(), error = %err, "cannot remove a partial extraction");
-        }
+    if result.is_err()
+        && let Err(err) = remove_tree(&partial)
+    {
+        tracing::warn!(path = %partial.display(), error = %err, "cannot remove a partial extraction");
     }
     result
 }

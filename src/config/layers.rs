@@ -322,13 +322,12 @@ pub(super) fn env_layers(
             ));
             continue;
         }
-        if let [section, name] = segments.as_slice() {
-            if section.eq_ignore_ascii_case("secrets") {
-                if let Some(spec) = SECRETS.iter().find(|s| s.name.eq_ignore_ascii_case(name)) {
-                    secret_vars.push((spec.name, var.clone()));
-                    continue;
-                }
-            }
+        if let [section, name] = segments.as_slice()
+            && section.eq_ignore_ascii_case("secrets")
+            && let Some(spec) = SECRETS.iter().find(|s| s.name.eq_ignore_ascii_case(name))
+        {
+            secret_vars.push((spec.name, var.clone()));
+            continue;
         }
         let (keys, template_value) = match lookup(template, &segments) {
             Ok(found) => found,

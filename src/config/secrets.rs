@@ -101,17 +101,14 @@ pub(super) fn resolve(
                 .filter_map(|var| env.get(*var).map(|value| (*var, value)))
                 .collect();
             let set: Vec<&(&str, &String)> = found.iter().filter(|(_, v)| !v.is_empty()).collect();
-            if let Some((first_var, first)) = set.first() {
-                if let Some((other_var, _)) = set.iter().find(|(_, v)| v != first) {
-                    errors.push(ConfigError::new(
-                        format!("secrets.{}", spec.name),
-                        "environment",
-                        format!(
-                            "{first_var} and {other_var} are both set, to different values; set \
-                             only one"
-                        ),
-                    ));
-                }
+            if let Some((first_var, first)) = set.first()
+                && let Some((other_var, _)) = set.iter().find(|(_, v)| v != first)
+            {
+                errors.push(ConfigError::new(
+                    format!("secrets.{}", spec.name),
+                    "environment",
+                    format!("{first_var} and {other_var} are both set, to different values; set only one"),
+                ));
             }
             SecretValue {
                 spec,
