@@ -221,3 +221,34 @@ async fn two_worker_processes_share_the_queue_and_run_each_step_once() {
         "{started:?}"
     );
 }
+
+#[test]
+fn directories_below_the_minimum_size_are_held_back_until_they_grow() {
+    let mut project = Project::new();
+    project.set_env("WORKERS__REGISTRATION__MINIMUM_DATASET_SIZE", "1000");
+    project.dataset(DatasetType::RawData, "small", &[("a.txt", b"tiny")]);
+    project.dataset(
+        DatasetType::RawData,
+        "large",
+        &[("a.bin", &pseudo_random(2000, 1))],
+    );
+    let out = project.run_ok(&["jobs", "run", "watch"]);
+    assert!(
+        stdout(&out).contains("held back `small`"),
+        "{}",
+        stdout(&out)
+    );
+    let listed = stdout(&project.run_ok(&["datasets", "list", "--format", "json"]));
+    assert!(
+        listed.contains("\"large\"") && !listed.contains("\"small\""),
+        "{listed}"
+    );
+    // Not remembered: once it has grown, the next incremental run registers it.
+    write_file(
+        &project.source(DatasetType::RawData).join("small/b.bin"),
+        &pseudo_random(2000, 2),
+    );
+    project.run_ok(&["jobs", "run", "watch"]);
+    let listed = stdout(&project.run_ok(&["datasets", "list", "--format", "json"]));
+    assert!(listed.contains("\"small\""), "{listed}");
+}

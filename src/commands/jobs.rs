@@ -86,6 +86,9 @@ fn print_watch_report(report: &WatchReport, dry_run: bool) {
         for name in &source.would_register {
             println!("would register {} `{name}`", source.dataset_type);
         }
+        for name in &source.held_back {
+            println!("held back `{name}`: smaller than registration.minimum_dataset_size");
+        }
         for (dir, reason) in &source.rejected {
             println!("rejected `{dir}`: {reason}");
         }

@@ -200,8 +200,8 @@ pub fn staged_bundle_path(app: &App, dataset: &Dataset) -> std::path::PathBuf {
         .join(dataset.name.staged_bundle_file_name(dataset.dataset_type))
 }
 
-/// Fails with a permanent error unless the dataset has `origin_path` and it exists; returns
-/// it with symbolic links resolved.
+/// Fails with a permanent error unless the dataset has `origin_path` and it is a directory;
+/// returns it with symbolic links resolved.
 pub fn existing_origin(
     dataset: &Dataset,
     kind: &'static str,
