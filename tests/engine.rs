@@ -12,33 +12,21 @@ use common::*;
 use serde_json::json;
 use workers::app::App;
 use workers::broker::TaskMessage;
-use workers::model::{CreateMethod, DatasetName, DatasetType};
-use workers::registry::{DatasetId, NewDataset};
+use workers::model::DatasetType;
+use workers::registry::DatasetId;
 use workers::store::TaskStatus;
 use workers::ui::Display;
 use workers::workflow::engine::{self, Resumed, WorkflowView};
 use workers::workflow::worker::{self, Until, WorkerOptions};
 
-/// Registers a dataset directly in the registry (no workflow yet).
+/// A small dataset registered directly in the registry (no workflow yet).
 async fn register(app: &App, project: &Project, name: &str) -> DatasetId {
     let origin = project.dataset(
         DatasetType::RawData,
         name,
         &[("a.txt", b"alpha"), ("d/b.txt", b"beta")],
     );
-    let outcome = app
-        .registry
-        .bulk_create(&[NewDataset {
-            name: DatasetName::normalize(name).unwrap(),
-            dataset_type: DatasetType::RawData,
-            origin_path: origin.to_string_lossy().into_owned(),
-            create_method: CreateMethod::Scan,
-            description: None,
-            metadata: None,
-        }])
-        .await
-        .unwrap();
-    outcome.created[0].id
+    register_without_workflow(app, name, &origin).await
 }
 
 /// Runs workers in this process until no workflow is active.

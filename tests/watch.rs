@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use common::*;
 use workers::app::App;
 use workers::jobs::watch::{self, WatchOptions};
-use workers::model::{CreateMethod, DatasetName, DatasetState, DatasetType, FileRecord};
+use workers::model::{DatasetState, DatasetType, FileRecord};
 use workers::registry::{
     BulkOutcome, Dataset, DatasetId, DatasetPatch, DatasetQuery, NewDataset, Registry,
     RegistryError,
@@ -26,17 +26,7 @@ async fn a_dataset_left_without_a_workflow_is_found_and_started() {
     let origin = project.dataset(DatasetType::RawData, "orphan", &[("a.txt", b"a")]);
     // What a crash between registration and workflow start leaves behind (spec J.1).
     let app = project.app();
-    app.registry
-        .bulk_create(&[NewDataset {
-            name: DatasetName::normalize("orphan").unwrap(),
-            dataset_type: DatasetType::RawData,
-            origin_path: origin.to_string_lossy().into_owned(),
-            create_method: CreateMethod::Scan,
-            description: None,
-            metadata: None,
-        }])
-        .await
-        .unwrap();
+    register_without_workflow(&app, "orphan", &origin).await;
     let out = project.run_ok(&["jobs", "run", "watch", "--wait"]);
     assert!(
         stdout(&out).contains("started the missing workflow of dataset 1 (`orphan`)"),

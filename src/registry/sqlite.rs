@@ -25,6 +25,34 @@ fn unavailable(err: anyhow::Error) -> RegistryError {
     RegistryError::Unavailable(err)
 }
 
+impl SqliteRegistry {
+    /// Runs `f` in a write transaction if dataset `id` exists; `NotFound` otherwise.
+    async fn write_existing<F>(&self, id: DatasetId, f: F) -> Result<(), RegistryError>
+    where
+        F: FnOnce(&Transaction<'_>) -> anyhow::Result<()> + Send + 'static,
+    {
+        let found = self
+            .db
+            .write(move |tx| {
+                let exists: Option<i64> = tx
+                    .query_row("SELECT id FROM datasets WHERE id = ?1", [id], |r| r.get(0))
+                    .optional()?;
+                if exists.is_none() {
+                    return Ok(false);
+                }
+                f(tx)?;
+                Ok(true)
+            })
+            .await
+            .map_err(unavailable)?;
+        if found {
+            Ok(())
+        } else {
+            Err(RegistryError::NotFound(id))
+        }
+    }
+}
+
 const DATASET_COLUMNS: &str = "id, name, type, origin_path, archive_path, staged_path, description, \
      du_size, size, bundle_size, num_files, num_directories, is_deleted, is_staged, metadata, \
      create_method, created_at, updated_at";
@@ -307,34 +335,21 @@ impl Registry for SqliteRegistry {
     }
 
     async fn add_state(&self, id: DatasetId, state: DatasetState) -> Result<(), RegistryError> {
-        let found = self
-            .db
-            .write(move |tx| {
-                let exists: Option<i64> =
-                    tx.query_row("SELECT id FROM datasets WHERE id = ?1", [id], |r| r.get(0)).optional()?;
-                if exists.is_none() {
-                    return Ok(false);
-                }
-                let latest: Option<String> = tx
-                    .query_row(
-                        "SELECT state FROM dataset_states WHERE dataset_id = ?1 ORDER BY seq DESC LIMIT 1",
-                        [id],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                if latest.as_deref() != Some(state.as_str()) {
-                    insert_state(tx, id, state.as_str())?;
-                    tx.execute("UPDATE datasets SET updated_at = ?2 WHERE id = ?1", params![id, to_millis(Utc::now())])?;
-                }
-                Ok(true)
-            })
-            .await
-            .map_err(unavailable)?;
-        if found {
+        self.write_existing(id, move |tx| {
+            let latest: Option<String> = tx
+                .query_row(
+                    "SELECT state FROM dataset_states WHERE dataset_id = ?1 ORDER BY seq DESC LIMIT 1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if latest.as_deref() != Some(state.as_str()) {
+                insert_state(tx, id, state.as_str())?;
+                tx.execute("UPDATE datasets SET updated_at = ?2 WHERE id = ?1", params![id, to_millis(Utc::now())])?;
+            }
             Ok(())
-        } else {
-            Err(RegistryError::NotFound(id))
-        }
+        })
+        .await
     }
 
     async fn add_files(&self, id: DatasetId, files: &[FileRecord]) -> Result<(), RegistryError> {
@@ -391,27 +406,14 @@ impl Registry for SqliteRegistry {
 
     async fn add_workflow(&self, id: DatasetId, workflow_id: &str) -> Result<(), RegistryError> {
         let workflow_id = workflow_id.to_owned();
-        let found = self
-            .db
-            .write(move |tx| {
-                let exists: Option<i64> =
-                    tx.query_row("SELECT id FROM datasets WHERE id = ?1", [id], |r| r.get(0)).optional()?;
-                if exists.is_none() {
-                    return Ok(false);
-                }
-                tx.execute(
-                    "INSERT INTO dataset_workflows (workflow_id, dataset_id, created_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (workflow_id) DO NOTHING",
-                    params![workflow_id, id, to_millis(Utc::now())],
-                )?;
-                Ok(true)
-            })
-            .await
-            .map_err(unavailable)?;
-        if found {
+        self.write_existing(id, move |tx| {
+            tx.execute(
+                "INSERT INTO dataset_workflows (workflow_id, dataset_id, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (workflow_id) DO NOTHING",
+                params![workflow_id, id, to_millis(Utc::now())],
+            )?;
             Ok(())
-        } else {
-            Err(RegistryError::NotFound(id))
-        }
+        })
+        .await
     }
 }

@@ -221,6 +221,24 @@ pub fn sha256_hex(text: &str) -> String {
         .to_owned()
 }
 
+/// Registers `origin` as a scanned RAW_DATA dataset straight in the registry, with no
+/// workflow: what a crash between registration and workflow start leaves behind.
+pub async fn register_without_workflow(app: &App, name: &str, origin: &Path) -> i64 {
+    let outcome = app
+        .registry
+        .bulk_create(&[workers::registry::NewDataset {
+            name: workers::model::DatasetName::normalize(name).unwrap(),
+            dataset_type: DatasetType::RawData,
+            origin_path: origin.to_string_lossy().into_owned(),
+            create_method: workers::model::CreateMethod::Scan,
+            description: None,
+            metadata: None,
+        }])
+        .await
+        .unwrap();
+    outcome.created[0].id
+}
+
 /// The one live dataset of that name and type.
 pub async fn dataset_named(app: &App, t: DatasetType, name: &str) -> Dataset {
     let name = workers::model::DatasetName::normalize(name).unwrap();
