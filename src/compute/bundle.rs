@@ -12,9 +12,7 @@ use std::path::{Path, PathBuf};
 use tar::{EntryType, Header};
 use walkdir::WalkDir;
 
-use crate::compute::md5::{
-    CHUNK_SIZE, HashingWriter, Md5Digest, advise_sequential, read_retrying, with_read_buffer,
-};
+use crate::compute::md5::{CHUNK_SIZE, CopyError, HashingWriter, Md5Digest, advise_sequential};
 use crate::compute::walk::{EntryKind, classify, fingerprint_add, symlink_escapes};
 
 /// What [`write_bundle`] wrote.
@@ -245,6 +243,21 @@ struct ProgressWriter<'a, W: Write> {
 }
 
 impl<W: Write> ProgressWriter<'_, W> {
+    /// Reads member content straight into the hashing writer's buffer.
+    fn read_from(&mut self, reader: &mut dyn Read) -> Result<usize, CopyError> {
+        let n = self.inner.read_from(reader)?;
+        self.count(n);
+        Ok(n)
+    }
+
+    fn count(&mut self, n: usize) {
+        self.pending += n as u64;
+        if self.pending >= CHUNK_SIZE as u64 {
+            (self.on_bytes)(self.pending);
+            self.pending = 0;
+        }
+    }
+
     fn finish(self) -> io::Result<(W, Md5Digest, u64)> {
         if self.pending > 0 {
             (self.on_bytes)(self.pending);
@@ -256,11 +269,7 @@ impl<W: Write> ProgressWriter<'_, W> {
 impl<W: Write> Write for ProgressWriter<'_, W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(data)?;
-        self.pending += n as u64;
-        if self.pending >= CHUNK_SIZE as u64 {
-            (self.on_bytes)(self.pending);
-            self.pending = 0;
-        }
+        self.count(n);
         Ok(n)
     }
 
@@ -342,8 +351,8 @@ enum MemberError {
     Write(io::Error),
 }
 
-fn append_file(
-    out: &mut dyn Write,
+fn append_file<W: Write>(
+    out: &mut ProgressWriter<'_, W>,
     name: &[u8],
     path: &Path,
     meta: &Metadata,
@@ -381,22 +390,27 @@ fn append_file(
     Ok(())
 }
 
-/// Copies exactly `len` bytes of member content and the block padding. A reader that runs dry early means
-/// the file shrank after its header was written: the archive would be corrupt, so that is `Changed`.
-fn copy_member(reader: &mut dyn Read, len: u64, out: &mut dyn Write) -> Result<(), MemberError> {
-    with_read_buffer(|buf| {
-        let mut remaining = len;
-        while remaining > 0 {
-            let want = remaining.min(buf.len() as u64) as usize;
-            let n = read_retrying(reader, &mut buf[..want]).map_err(MemberError::Read)?;
-            if n == 0 {
-                return Err(MemberError::Changed);
-            }
-            out.write_all(&buf[..n]).map_err(MemberError::Write)?;
-            remaining -= n as u64;
+/// Copies exactly `len` bytes of member content and the block padding, reading straight into the
+/// hashing writer's buffer (no intermediate copy). A reader that runs dry early means the file shrank
+/// after its header was written: the archive would be corrupt, so that is `Changed`.
+fn copy_member<W: Write>(
+    reader: &mut dyn Read,
+    len: u64,
+    out: &mut ProgressWriter<'_, W>,
+) -> Result<(), MemberError> {
+    let mut limited = reader.take(len);
+    let mut remaining = len;
+    while remaining > 0 {
+        let n = out.read_from(&mut limited).map_err(|err| match err {
+            CopyError::Read(err) => MemberError::Read(err),
+            CopyError::Write(err) => MemberError::Write(err),
+        })?;
+        if n == 0 {
+            return Err(MemberError::Changed);
         }
-        pad(out, len).map_err(MemberError::Write)
-    })
+        remaining -= n as u64;
+    }
+    pad(out, len).map_err(MemberError::Write)
 }
 
 /// The non-directory members of a bundle as (path without `./`, size), where a symbolic
@@ -712,14 +726,22 @@ pub(crate) mod tests {
 
     #[test]
     fn short_content_is_changed() {
-        let mut out = Vec::new();
+        let writer = |on_bytes| ProgressWriter {
+            inner: HashingWriter::new(Vec::new()),
+            on_bytes,
+            pending: 0,
+        };
+        let mut out = writer(&|_| {});
         let err = copy_member(&mut &b"only ten b"[..], 20, &mut out).expect_err("short");
         assert!(matches!(err, MemberError::Changed));
-        let mut out = Vec::new();
+        let mut out = writer(&|_| {});
         copy_member(&mut &b"exactly ten and more"[..], 10, &mut out).expect("exact");
+        let (out, digest, size) = out.finish().expect("finish");
         assert_eq!(out.len(), BLOCK);
+        assert_eq!(size, BLOCK as u64);
         assert_eq!(&out[..10], b"exactly te");
         assert!(out[10..].iter().all(|&b| b == 0));
+        assert_eq!(digest, crate::compute::md5::md5_bytes(&out));
     }
 
     #[test]

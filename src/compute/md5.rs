@@ -394,6 +394,21 @@ impl Drop for DoneGuard {
     }
 }
 
+/// Which side of a copy failed: callers name the source or the destination accordingly.
+#[derive(Debug)]
+pub(crate) enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+impl From<CopyError> for io::Error {
+    fn from(err: CopyError) -> io::Error {
+        match err {
+            CopyError::Read(err) | CopyError::Write(err) => err,
+        }
+    }
+}
+
 /// A writer that hashes what passes through it.
 ///
 /// Bytes are gathered in 1 MiB chunks. Each full chunk is written to the inner writer and then queued;
@@ -476,15 +491,15 @@ impl<W: Write> HashingWriter<W> {
     }
 
     /// Reads from `reader` straight into the current chunk (no intermediate copy); returns 0 at EOF.
-    pub(crate) fn read_from(&mut self, reader: &mut dyn Read) -> io::Result<usize> {
+    pub(crate) fn read_from(&mut self, reader: &mut dyn Read) -> Result<usize, CopyError> {
         if self.current.len == CHUNK_SIZE {
-            self.submit()?;
+            self.submit().map_err(CopyError::Write)?;
         }
         let start = self.current.len;
-        let n = read_retrying(reader, &mut self.current.data[start..])?;
+        let n = read_retrying(reader, &mut self.current.data[start..]).map_err(CopyError::Read)?;
         self.current.len += n;
         if self.current.len == CHUNK_SIZE {
-            self.submit()?;
+            self.submit().map_err(CopyError::Write)?;
         }
         Ok(n)
     }
