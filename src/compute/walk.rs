@@ -448,6 +448,28 @@ pub fn inspect_tree(
     Ok(start.merge(rest))
 }
 
+/// How many entries below `root` are not directories: the number of file rows an inspection
+/// will produce, known cheaply (directory listings only, no `stat` where the file system
+/// reports entry types). Unreadable parts are skipped; this only sizes a progress bar.
+pub fn count_non_directories(root: &Path) -> u64 {
+    WalkDir::new(root)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| !e.file_type().is_dir())
+        .count() as u64
+}
+
+/// The apparent size of the regular files below `root`. Unreadable parts are skipped.
+pub fn regular_file_bytes(root: &Path) -> u64 {
+    WalkDir::new(root)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::{Registered, register_and_start, registry_error, start_integrated};
 use crate::app::App;
+use crate::compute::walk::regular_file_bytes;
 use crate::model::{CreateMethod, DatasetName, DatasetType};
 use crate::registry::{DatasetQuery, NewDataset};
 use crate::store::WatchState;
@@ -191,7 +192,7 @@ async fn scan_source(
         let min_size = app.settings.registration.minimum_dataset_size;
         if min_size > 0 {
             let root = path.clone();
-            let size = app.pool.run(move || tree_size(&root)).await;
+            let size = app.pool.run(move || regular_file_bytes(&root)).await;
             if size < min_size {
                 info!(directory = %path.display(), bytes = size, minimum = min_size,
                     "Directory held back: smaller than registration.minimum_dataset_size.");
@@ -308,17 +309,6 @@ pub async fn repair_missing_workflows(app: &App) -> anyhow::Result<Vec<Registere
         });
     }
     Ok(repaired)
-}
-
-/// Apparent size of the files below `root`.
-fn tree_size(root: &Path) -> u64 {
-    walkdir::WalkDir::new(root)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-        .filter_map(|e| e.metadata().ok())
-        .map(|m| m.len())
-        .sum()
 }
 
 #[cfg(test)]

@@ -18,7 +18,9 @@ use tracing::info;
 
 use super::{StepContext, StepError, StepResult, existing_origin, returns_dataset};
 use crate::compute::md5::Md5Digest;
-use crate::compute::walk::{InspectOptions, InspectRecord, RecordKind, inspect_tree};
+use crate::compute::walk::{
+    InspectOptions, InspectRecord, RecordKind, count_non_directories, inspect_tree,
+};
 use crate::model::{FileRecord, FileType};
 use crate::registry::DatasetPatch;
 
@@ -76,7 +78,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     let progress = ctx.progress.clone();
     progress.start("counting files", "files", None);
     let root = origin.clone();
-    let total = app.pool.run(move || count_files(&root)).await;
+    let total = app.pool.run(move || count_non_directories(&root)).await;
     progress.start("inspect", "files", Some(total));
 
     let scratch = app.settings.paths.scratch.clone();
@@ -190,16 +192,6 @@ fn check_readable(origin: &Path) -> anyhow::Result<()> {
     };
     rustix::fs::access(origin, access)
         .with_context(|| format!("`{}` is not readable", origin.display()))
-}
-
-/// Counts what will become file rows, for the progress total; a cheap walk that needs no
-/// `stat` for most entries.
-fn count_files(root: &Path) -> u64 {
-    walkdir::WalkDir::new(root)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| !e.file_type().is_dir())
-        .count() as u64
 }
 
 /// Streams the spool into the registry in batches of `inspect.file_metadata_batch_size`.

@@ -57,13 +57,15 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         .with_context(|| format!("cannot resolve `{}`", download_setting.display()))?;
     let bundle = staged_bundle_path(app, &dataset);
 
-    replace_with_symlink(&download_dir.join(&alias), &staged)?;
+    let alias_link = download_dir.join(&alias);
     let bundle_link = download_dir.join(dataset.name.staged_bundle_file_name(dataset.dataset_type));
-    replace_with_symlink(&bundle_link, &bundle)?;
-
     let (tree, bundle_path, root_dir) = (staged.clone(), bundle.clone(), root.clone());
+    // Replacing a link may mean removing a whole tree, and opening permissions walks the staged
+    // copy: disk work, on the pool.
     app.pool
         .run(move || -> anyhow::Result<()> {
+            replace_with_symlink(&alias_link, &tree)?;
+            replace_with_symlink(&bundle_link, &bundle_path)?;
             open_tree_for_reading(&tree)?;
             if bundle_path.exists() {
                 add_mode(&bundle_path, 0o004)?;

@@ -67,13 +67,18 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     std::fs::create_dir_all(&alias_dir)
         .with_context(|| format!("cannot create `{}`", alias_dir.display()))?;
     if staging_dir.symlink_metadata().is_ok() {
-        // A previous staging (or an interrupted one that got as far as the rename).
-        std::fs::remove_dir_all(&staging_dir).with_context(|| {
-            format!(
-                "cannot remove the previous staging `{}`",
-                staging_dir.display()
-            )
-        })?;
+        // A previous staging (or an interrupted one that got as far as the rename): removing a
+        // large tree is disk work, so it runs on the pool.
+        let previous = staging_dir.clone();
+        app.pool
+            .run(move || std::fs::remove_dir_all(&previous))
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot remove the previous staging `{}`",
+                    staging_dir.display()
+                )
+            })?;
     }
     ctx.progress.start("extract", "bytes", Some(bundle.size));
     let (source, dest, progress) = (
