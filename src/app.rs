@@ -14,8 +14,8 @@ use crate::config::{ArchiveKind, BrokerKind, RegistryKind, Settings, StoreKind};
 use crate::registry::Registry;
 use crate::registry::sqlite::SqliteRegistry;
 use crate::sqlite::Db;
-use crate::store::WorkflowStore;
 use crate::store::sqlite::SqliteStore;
+use crate::store::{SchedulerStore, WorkflowStore};
 use crate::workflow::definitions::Definitions;
 
 /// This process, as recorded in task results and queue leases.
@@ -26,6 +26,11 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// `hostname:pid`, as job runs and leases record their owner.
+    pub fn holder(&self) -> String {
+        format!("{}:{}", self.hostname, self.pid)
+    }
+
     pub fn current() -> Identity {
         let hostname = rustix::system::uname()
             .nodename()
@@ -48,6 +53,8 @@ pub struct App {
     pub settings: Settings,
     pub registry: Arc<dyn Registry>,
     pub store: Arc<dyn WorkflowStore>,
+    /// The scheduler's records, kept by the same backend as the workflow store.
+    pub scheduler_store: Arc<dyn SchedulerStore>,
     pub broker: Arc<dyn Broker>,
     pub archive: Arc<dyn Archive>,
     pub pool: Pool,
@@ -77,9 +84,13 @@ impl App {
         let registry: Arc<dyn Registry> = match settings.backends.registry {
             RegistryKind::Sqlite => Arc::new(SqliteRegistry::new(embedded_db()?)),
         };
-        let store: Arc<dyn WorkflowStore> = match settings.backends.store {
-            StoreKind::Sqlite => Arc::new(SqliteStore::new(embedded_db()?)),
-        };
+        let (store, scheduler_store): (Arc<dyn WorkflowStore>, Arc<dyn SchedulerStore>) =
+            match settings.backends.store {
+                StoreKind::Sqlite => {
+                    let store = Arc::new(SqliteStore::new(embedded_db()?));
+                    (store.clone(), store)
+                }
+            };
         let broker: Arc<dyn Broker> = match settings.backends.broker {
             BrokerKind::Embedded => Arc::new(EmbeddedBroker::new(
                 embedded_db()?,
@@ -97,6 +108,7 @@ impl App {
             settings,
             registry,
             store,
+            scheduler_store,
             broker,
             archive,
             pool,

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::jobs::JobName;
 use crate::model::DatasetType;
 
 #[derive(Debug, Parser)]
@@ -65,6 +66,8 @@ pub enum Command {
     Datasets(DatasetsCommand),
     /// Run workflow steps from the queue until stopped
     Worker(WorkerArgs),
+    /// Run every job on its schedule until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration)
+    Scheduler,
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,28 +81,41 @@ pub enum ConfigCommand {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum JobName {
-    /// Register new directories of the source directories and start their workflows
-    Watch,
-}
-
 #[derive(Debug, Subcommand)]
 pub enum JobsCommand {
-    /// Run one job now
+    /// Run one job now, exactly as the scheduler runs it (recorded in the job history)
     Run {
-        #[arg(value_enum)]
+        /// watch, purge_staged_datasets, purge_stale_workflows, reconcile or metrics
+        #[arg(value_parser = parse_job)]
         job: JobName,
         /// Also run the workflows in this process until every one has finished, then print a summary
         #[arg(long)]
         wait: bool,
-        /// Scan every directory, not only the ones not seen before
+        /// watch: scan every directory, not only the ones not seen before
         #[arg(long)]
         full: bool,
         /// Report what would be done; change nothing
         #[arg(long)]
         dry_run: bool,
     },
+    /// Every job with its schedule, next run and last run
+    List {
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+    /// Recent runs of a job: trigger, start, end, outcome, error and counters
+    History {
+        #[arg(value_parser = parse_job)]
+        job: JobName,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+}
+
+fn parse_job(s: &str) -> Result<JobName, String> {
+    JobName::from_name(s).ok_or_else(|| format!("unknown job `{s}` (known: {})", JobName::names()))
 }
 
 #[derive(Debug, Args)]

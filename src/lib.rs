@@ -29,6 +29,7 @@ pub mod jobs;
 pub mod model;
 pub mod progress;
 pub mod registry;
+pub mod scheduler;
 pub mod sqlite;
 pub mod steps;
 pub mod store;

@@ -84,6 +84,18 @@ impl Registry for FlakyRegistry {
     async fn add_workflow(&self, id: DatasetId, workflow_id: &str) -> Result<(), RegistryError> {
         self.inner.add_workflow(id, workflow_id).await
     }
+    async fn linked_workflows(
+        &self,
+        ids: &[String],
+    ) -> Result<std::collections::HashSet<String>, RegistryError> {
+        self.inner.linked_workflows(ids).await
+    }
+    async fn add_metrics(
+        &self,
+        metrics: &[workers::registry::Metric],
+    ) -> Result<(), RegistryError> {
+        self.inner.add_metrics(metrics).await
+    }
 }
 
 #[test]
@@ -118,6 +130,7 @@ async fn a_failed_batch_is_tried_again_on_the_next_run() {
         settings: built.settings.clone(),
         registry: flaky,
         store: Arc::clone(&built.store),
+        scheduler_store: Arc::clone(&built.scheduler_store),
         broker: Arc::clone(&built.broker),
         archive: Arc::clone(&built.archive),
         pool: built.pool.clone(),

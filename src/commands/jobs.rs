@@ -1,12 +1,17 @@
-//! `workers jobs run <job>`.
+//! `workers jobs run|list|history`.
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use chrono::Utc;
+use serde_json::{Value, json};
+
 use super::{Failed, wait_for};
 use crate::app::App;
-use crate::cli::{JobName, JobsCommand};
-use crate::jobs::watch::{self, ScanKind, WatchOptions, WatchReport};
+use crate::cli::{JobsCommand, OutputFormat};
+use crate::jobs::watch::{ScanKind, WatchReport};
+use crate::jobs::{self, JobName, JobOptions, JobReport};
+use crate::store::{JobRun, RunOutcome, Trigger};
 use crate::ui::Display;
 
 pub(super) async fn run(
@@ -14,27 +19,229 @@ pub(super) async fn run(
     cmd: JobsCommand,
     display: Display,
 ) -> anyhow::Result<ExitCode> {
-    let JobsCommand::Run {
-        job,
-        wait,
-        full,
-        dry_run,
-    } = cmd;
-    match job {
-        JobName::Watch => {
-            let report = watch::run(app, WatchOptions { full, dry_run }).await?;
-            print_watch_report(&report, dry_run);
-            let failed = report.failed();
-            if wait && !dry_run {
-                wait_for(app, &report.started_workflows(), display).await?;
+    match cmd {
+        JobsCommand::Run {
+            job,
+            wait,
+            full,
+            dry_run,
+        } => {
+            let execution = jobs::execute(
+                Arc::clone(app),
+                job,
+                Trigger::Manual,
+                None,
+                JobOptions { dry_run, full },
+            )
+            .await?;
+            if let Some(report) = &execution.report {
+                print_report(report, dry_run);
+                if wait && !dry_run {
+                    wait_for(app, &report.started_workflows(), display).await?;
+                }
             }
-            if failed > 0 {
-                return Err(Failed(format!(
-                    "{failed} directories could not be registered; the next run tries again"
-                ))
-                .into());
+            match execution.outcome {
+                RunOutcome::Failed(reason) => Err(Failed(format!("{job} failed: {reason}")).into()),
+                _ => Ok(ExitCode::SUCCESS),
+            }
+        }
+        JobsCommand::List { format } => {
+            let mut rows = Vec::new();
+            for job in JobName::ALL {
+                let last = app
+                    .scheduler_store
+                    .runs(Some(job.name()), 1)
+                    .await?
+                    .into_iter()
+                    .next();
+                let schedule = app.settings.schedule(job);
+                let next = schedule.filter(|s| s.enabled).and_then(|s| {
+                    s.next_slot(Utc::now())
+                        .map(|slot| s.fire_time(job.name(), slot))
+                });
+                rows.push(json!({
+                    "job": job.name(),
+                    "schedule": schedule.map(|s| s.text.clone()),
+                    "timezone": schedule.map(|s| s.timezone.name()),
+                    "enabled": schedule.is_some_and(|s| s.enabled),
+                    "next_run": next.map(|t| t.to_rfc3339()),
+                    "last_run": last.as_ref().map(run_json),
+                }));
+            }
+            match format {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+                OutputFormat::Table => {
+                    let mut table = super::table([
+                        "job",
+                        "schedule",
+                        "time zone",
+                        "next run",
+                        "last run",
+                        "outcome",
+                    ]);
+                    for row in &rows {
+                        let text = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+                        let next = if row["enabled"] == true {
+                            text(&row["next_run"])
+                        } else {
+                            "disabled".to_owned()
+                        };
+                        table.add_row([
+                            text(&row["job"]),
+                            text(&row["schedule"]),
+                            text(&row["timezone"]),
+                            next,
+                            text(&row["last_run"]["started_at"]),
+                            text(&row["last_run"]["outcome"]),
+                        ]);
+                    }
+                    println!("{table}");
+                }
             }
             Ok(ExitCode::SUCCESS)
+        }
+        JobsCommand::History { job, limit, format } => {
+            let runs = app.scheduler_store.runs(Some(job.name()), limit).await?;
+            match format {
+                OutputFormat::Json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(
+                            &runs.iter().map(run_json).collect::<Vec<_>>()
+                        )?
+                    )
+                }
+                OutputFormat::Table => {
+                    let mut table = super::table([
+                        "run", "trigger", "slot", "started", "ended", "outcome", "error",
+                        "counters",
+                    ]);
+                    for run in &runs {
+                        let time = |t: Option<chrono::DateTime<Utc>>| {
+                            t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                                .unwrap_or_default()
+                        };
+                        let error = match &run.outcome {
+                            RunOutcome::Failed(e) | RunOutcome::Skipped(e) => e.clone(),
+                            _ => String::new(),
+                        };
+                        table.add_row([
+                            run.id.to_string(),
+                            format!(
+                                "{}{}",
+                                run.trigger,
+                                if run.dry_run { " (dry run)" } else { "" }
+                            ),
+                            time(run.slot),
+                            time(Some(run.started_at)),
+                            time(run.ended_at),
+                            run.outcome.as_str().to_owned(),
+                            error,
+                            Value::Object(run.counters.clone()).to_string(),
+                        ]);
+                    }
+                    println!("{table}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn run_json(run: &JobRun) -> Value {
+    let error = match &run.outcome {
+        RunOutcome::Failed(e) | RunOutcome::Skipped(e) => Some(e.clone()),
+        _ => None,
+    };
+    json!({
+        "id": run.id,
+        "job": run.job,
+        "trigger": run.trigger,
+        "slot": run.slot.map(|t| t.to_rfc3339()),
+        "started_at": run.started_at.to_rfc3339(),
+        "ended_at": run.ended_at.map(|t| t.to_rfc3339()),
+        "outcome": run.outcome.as_str(),
+        "error": error,
+        "counters": run.counters,
+        "host": run.host,
+        "dry_run": run.dry_run,
+    })
+}
+
+fn print_report(report: &JobReport, dry_run: bool) {
+    let verb = if dry_run { "would purge" } else { "purged" };
+    match report {
+        JobReport::Watch(r) => print_watch_report(r, dry_run),
+        JobReport::PurgeStaged(r) => {
+            for (id, name) in &r.purged {
+                println!("{verb} the staged copy of dataset {id} (`{name}`)");
+            }
+            for (id, reason) in &r.failed {
+                println!("could not purge dataset {id}: {reason}");
+            }
+            if r.deferred > 0 {
+                println!(
+                    "{} more are due and left for the next run (stage.purge.max_purges)",
+                    r.deferred
+                );
+            }
+            println!("{} staged dataset(s) {verb}", r.purged.len());
+        }
+        JobReport::PurgeWorkflows(r) => {
+            for id in &r.purged {
+                println!(
+                    "{} workflow {id}",
+                    if dry_run { "would delete" } else { "deleted" }
+                );
+            }
+            println!(
+                "{} stale workflow(s) {}",
+                r.purged.len(),
+                if dry_run {
+                    "would be deleted"
+                } else {
+                    "deleted"
+                }
+            );
+        }
+        JobReport::Reconcile(r) => {
+            for d in &r.started {
+                match &d.workflow_id {
+                    Some(w) => println!(
+                        "dataset {} (`{}`) had no workflow: started {w}",
+                        d.id, d.name
+                    ),
+                    None if dry_run => println!("dataset {} (`{}`) has no workflow", d.id, d.name),
+                    None => println!(
+                        "dataset {} (`{}`) has no workflow and none could be started",
+                        d.id, d.name
+                    ),
+                }
+            }
+            for id in &r.repaired {
+                println!("workflow {id} had no step in flight: published it again");
+            }
+            println!(
+                "{} dataset(s) without a workflow, {} stalled workflow(s) repaired",
+                r.started.len(),
+                r.repaired.len()
+            );
+        }
+        JobReport::Metrics(r) => {
+            let mut table = super::table(["measurement", "subject", "usage", "limit", "paths"]);
+            for m in &r.metrics {
+                table.add_row([
+                    m.measurement.clone(),
+                    m.subject.clone(),
+                    m.usage.to_string(),
+                    m.limit.to_string(),
+                    m.tags.join(", "),
+                ]);
+            }
+            println!("{table}");
+            for missing in &r.missing {
+                println!("not measured (does not exist): {missing}");
+            }
         }
     }
 }

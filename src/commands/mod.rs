@@ -5,6 +5,7 @@ mod config;
 mod datasets;
 mod jobs;
 mod register;
+mod scheduler;
 mod worker;
 mod workflows;
 
@@ -52,7 +53,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return config::run(&load, cmd);
     }
     let settings = crate::config::load(&load)?;
-    let interactive = !matches!(cli.command, Command::Worker(_));
+    let interactive = !matches!(cli.command, Command::Worker(_) | Command::Scheduler);
     let display = Display::new(interactive);
     init_logging(&cli, &settings, &display);
     // Warnings about the configuration matter to commands that do work, not to look-ups.
@@ -79,6 +80,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Workflows(cmd) => workflows::run(&app, cmd, display).await,
         Command::Datasets(cmd) => datasets::run(&app, cmd).await,
         Command::Worker(args) => worker::run(&app, args).await,
+        Command::Scheduler => scheduler::run(&app, load).await,
     }
 }
 

@@ -9,12 +9,16 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::jobs::JobName;
 use crate::model::DatasetType;
+use crate::scheduler::schedule::Schedule;
 
 /// The merged configuration files, before validation. Field names are the TOML keys.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RawSettings {
     pub app_id: String,
+    /// The account the workers run as (its quota is measured by the metrics job).
+    pub service_user: String,
     /// Threads of the CPU pool; 0 means one per core.
     pub parallelism: usize,
     pub genome_file_types: Vec<String>,
@@ -33,6 +37,48 @@ pub struct RawSettings {
     pub sqlite: RawSqlite,
     pub secrets: RawSecrets,
     pub log: RawLog,
+    pub scheduler: RawScheduler,
+    /// `[schedules.<job>]`, one table per job.
+    pub schedules: BTreeMap<String, RawSchedule>,
+    pub metrics: RawMetrics,
+}
+
+/// When a job runs (`[schedules.<job>]`): `cron` or `every`, plus policies.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawSchedule {
+    /// Six fields, seconds first, e.g. "0 0 7 * * *"; "" when `every` is used.
+    pub cron: Option<String>,
+    /// An interval such as "10s"; "" when `cron` is used.
+    pub every: Option<String>,
+    pub timezone: String,
+    pub enabled: bool,
+    /// "skip" or "queue".
+    pub overlap: String,
+    /// "skip" or "run_once".
+    pub misfire: String,
+    /// A duration such as "30s"; "0s" for none.
+    pub jitter: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawScheduler {
+    /// Only the holder of the scheduler lease fires jobs; it renews the lease every third of
+    /// this, and another scheduler takes over at most two lease periods after it dies.
+    pub lease_seconds: u64,
+    /// On SIGTERM, how long running jobs may take to finish before they are stopped.
+    pub grace_seconds: u64,
+    /// Workflow steps the scheduler process also runs (embedded broker); 0 leaves them to
+    /// `workers worker` processes.
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawMetrics {
+    /// Also run `quota` and `lfs quota` and record their figures (the original's SDA and
+    /// Lustre scratch quotas).
+    pub quota: bool,
+    /// The Lustre file system `lfs quota -u <service_user>` is asked about.
+    pub lfs_path: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -101,6 +147,18 @@ pub struct RawInspect {
 pub struct RawWorkflows {
     /// Folder of the workflow definitions (`<name>.toml`).
     pub dir: PathBuf,
+    pub purge: RawWorkflowPurge,
+}
+
+/// `purge_stale_workflows` (spec C.3).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawWorkflowPurge {
+    /// Workflow names considered.
+    pub types: Vec<String>,
+    /// Only workflows older than this and linked to no dataset are deleted.
+    pub age_threshold_seconds: u64,
+    /// At most this many per run.
+    pub max_purge_count: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -173,10 +231,32 @@ pub struct Settings {
     pub backends: Backends,
     pub sqlite: RawSqlite,
     pub log: RawLog,
+    pub service_user: String,
+    pub scheduler: SchedulerSettings,
+    /// Every job with its schedule, in `JobName::ALL` order.
+    pub schedules: Vec<(JobName, Schedule)>,
+    pub workflow_purge: RawWorkflowPurge,
+    pub metrics: RawMetrics,
     /// Where the configuration came from, for `config show` and error messages.
     pub sources: Vec<String>,
     /// Things worth telling the operator at startup (for example a development secret in use).
     pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerSettings {
+    pub lease: std::time::Duration,
+    pub grace: std::time::Duration,
+    pub workers: usize,
+}
+
+impl Settings {
+    pub fn schedule(&self, job: JobName) -> Option<&Schedule> {
+        self.schedules
+            .iter()
+            .find(|(j, _)| *j == job)
+            .map(|(_, s)| s)
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -14,6 +14,8 @@ use super::layers::{
 };
 use super::secrets::{DEVELOPMENT_ALIAS_SALT, SECRETS, SecretValue};
 use super::settings::*;
+use crate::jobs::JobName;
+use crate::scheduler::schedule::{Schedule, ScheduleFields};
 
 /// Each round fixes one wrong value; beyond this many the configuration is hopeless anyway.
 const MAX_ROUNDS: usize = 64;
@@ -409,6 +411,23 @@ pub(super) fn build(
 
     let (alias_salt, warnings) = check.secrets(&raw.secrets, secrets);
 
+    if raw.service_user.trim().is_empty() {
+        check.fail(&key(&["service_user"]), "must not be empty");
+    }
+    let schedules = check.schedules(&raw.schedules);
+    if raw.scheduler.lease_seconds < 3 {
+        check.fail(&key(&["scheduler", "lease_seconds"]), "must be at least 3");
+    }
+    for (i, name) in raw.workflows.purge.types.iter().enumerate() {
+        if name.trim().is_empty() {
+            check.fail(
+                &at(key(&["workflows", "purge", "types"]), i),
+                "must not be empty",
+            );
+        }
+    }
+    let lfs_path = check.path(&["metrics", "lfs_path"], &raw.metrics.lfs_path);
+
     errors.append(&mut check.errors);
     let (Some(backends), Some(progress_interval)) = (backends.all(), progress_interval) else {
         return None;
@@ -430,6 +449,7 @@ pub(super) fn build(
     resolved.registration.data_product.source_dir = registration.data_product.source_dir.clone();
     resolved.workflows.dir = workflows_dir.clone();
     resolved.sqlite.path = sqlite_path.clone();
+    resolved.metrics.lfs_path = lfs_path.clone();
 
     let settings = Settings {
         app_id,
@@ -453,6 +473,18 @@ pub(super) fn build(
             busy_timeout_seconds: raw.sqlite.busy_timeout_seconds,
         },
         log: raw.log,
+        service_user: raw.service_user,
+        scheduler: SchedulerSettings {
+            lease: Duration::from_secs(raw.scheduler.lease_seconds),
+            grace: Duration::from_secs(raw.scheduler.grace_seconds),
+            workers: raw.scheduler.workers,
+        },
+        schedules,
+        workflow_purge: raw.workflows.purge,
+        metrics: RawMetrics {
+            quota: raw.metrics.quota,
+            lfs_path,
+        },
         sources: ctx.layers.iter().map(|layer| layer.name.clone()).collect(),
         warnings,
     };
@@ -603,6 +635,50 @@ impl Checker<'_> {
             rejects,
             reject_patterns: raw.rejects.clone(),
         }
+    }
+
+    /// Every job must have a schedule and every schedule a job; each is parsed and checked.
+    fn schedules(
+        &mut self,
+        raw: &std::collections::BTreeMap<String, RawSchedule>,
+    ) -> Vec<(JobName, Schedule)> {
+        let mut out = Vec::new();
+        for (name, table) in raw {
+            let Some(job) = JobName::from_name(name) else {
+                self.fail(
+                    &key(&["schedules", name]),
+                    format!("unknown job `{name}` (known: {})", JobName::names()),
+                );
+                continue;
+            };
+            let fields = ScheduleFields {
+                cron: table.cron.as_deref(),
+                every: table.every.as_deref(),
+                timezone: &table.timezone,
+                enabled: table.enabled,
+                overlap: &table.overlap,
+                misfire: &table.misfire,
+                jitter: &table.jitter,
+            };
+            match Schedule::parse(&fields) {
+                Ok(schedule) => out.push((job, schedule)),
+                Err(problems) => {
+                    for (field, message) in problems {
+                        self.fail(&key(&["schedules", name, field]), message);
+                    }
+                }
+            }
+        }
+        for job in JobName::ALL {
+            if !raw.contains_key(job.name()) {
+                self.fail(
+                    &key(&["schedules", job.name()]),
+                    "every job needs a schedule (set enabled = false to turn it off)",
+                );
+            }
+        }
+        out.sort_by_key(|(job, _)| *job);
+        out
     }
 
     fn kind<K>(

@@ -2,14 +2,68 @@
 //! (register directories on demand). The scheduler decides when jobs run; these modules
 //! decide what a run does.
 
+pub mod metrics;
+pub mod purge;
+pub mod reconcile;
 pub mod register;
 pub mod watch;
 
-use serde_json::Map;
-use tracing::{error, warn};
+/// The jobs the scheduler runs (and `workers jobs run` runs by hand), by their configuration
+/// names: `[schedules.<name>]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum JobName {
+    Watch,
+    PurgeStagedDatasets,
+    PurgeStaleWorkflows,
+    Reconcile,
+    Metrics,
+}
+
+impl JobName {
+    pub const ALL: [JobName; 5] = [
+        JobName::Watch,
+        JobName::PurgeStagedDatasets,
+        JobName::PurgeStaleWorkflows,
+        JobName::Reconcile,
+        JobName::Metrics,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            JobName::Watch => "watch",
+            JobName::PurgeStagedDatasets => "purge_staged_datasets",
+            JobName::PurgeStaleWorkflows => "purge_stale_workflows",
+            JobName::Reconcile => "reconcile",
+            JobName::Metrics => "metrics",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<JobName> {
+        JobName::ALL.into_iter().find(|j| j.name() == name)
+    }
+
+    /// The job names, comma-separated, for messages.
+    pub fn names() -> String {
+        JobName::ALL.map(JobName::name).join(", ")
+    }
+}
+
+impl std::fmt::Display for JobName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value, json};
+use tracing::{error, info, warn};
 
 use crate::app::App;
 use crate::registry::{BulkOutcome, Dataset, DatasetId, MAX_BULK, NewDataset, RegistryError};
+use crate::store::{RunOutcome, Trigger};
 use crate::workflow::engine;
 
 /// A dataset registered by a job, and the workflow started for it (when it could be).
@@ -75,4 +129,199 @@ pub async fn start_integrated(app: &App, dataset: &Dataset) -> Option<String> {
 
 pub(crate) fn registry_error(err: RegistryError) -> anyhow::Error {
     anyhow::Error::new(err)
+}
+
+/// How a job is run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JobOptions {
+    /// Report what would be done; change nothing.
+    pub dry_run: bool,
+    /// `watch` only: look at every directory, not only new ones.
+    pub full: bool,
+}
+
+/// What a job run did.
+#[derive(Debug, Clone)]
+pub enum JobReport {
+    Watch(watch::WatchReport),
+    PurgeStaged(purge::StagedPurgeReport),
+    PurgeWorkflows(purge::WorkflowPurgeReport),
+    Reconcile(reconcile::ReconcileReport),
+    Metrics(metrics::MetricsReport),
+}
+
+impl JobReport {
+    /// The figures recorded with the run in the job history.
+    pub fn counters(&self) -> Map<String, Value> {
+        let value = match self {
+            JobReport::Watch(r) => json!({
+                "registered": r.sources.iter().map(|s| s.registered.len()).sum::<usize>(),
+                "already_registered": r.sources.iter().map(|s| s.already_registered).sum::<usize>(),
+                "rejected": r.sources.iter().map(|s| s.rejected.len()).sum::<usize>(),
+                "held_back": r.sources.iter().map(|s| s.held_back.len()).sum::<usize>(),
+                "failed": r.failed(),
+                "workflows_started": r.started_workflows().len(),
+                "would_register": r.sources.iter().map(|s| s.would_register.len()).sum::<usize>(),
+            }),
+            JobReport::PurgeStaged(r) => {
+                json!({"purged": r.purged.len(), "deferred": r.deferred, "failed": r.failed.len()})
+            }
+            JobReport::PurgeWorkflows(r) => json!({"purged": r.purged.len()}),
+            JobReport::Reconcile(r) => json!({
+                "datasets_without_workflow": r.started.len(),
+                "workflows_started": r.started.iter().filter(|s| s.workflow_id.is_some()).count(),
+                "stalled_workflows_repaired": r.repaired.len(),
+            }),
+            JobReport::Metrics(r) => {
+                json!({"metrics": r.metrics.len(), "missing_paths": r.missing.len()})
+            }
+        };
+        match value {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        }
+    }
+
+    /// Things the run could not do (it still did the rest).
+    pub fn failures(&self) -> usize {
+        match self {
+            JobReport::Watch(r) => r.failed(),
+            JobReport::PurgeStaged(r) => r.failed.len(),
+            JobReport::Reconcile(r) => r.started.iter().filter(|s| s.workflow_id.is_none()).count(),
+            JobReport::PurgeWorkflows(_) | JobReport::Metrics(_) => 0,
+        }
+    }
+
+    /// Workflows the run started.
+    pub fn started_workflows(&self) -> Vec<String> {
+        match self {
+            JobReport::Watch(r) => r.started_workflows(),
+            JobReport::Reconcile(r) => r
+                .started
+                .iter()
+                .filter_map(|s| s.workflow_id.clone())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Runs one job.
+pub async fn run_job(app: &App, job: JobName, opts: JobOptions) -> anyhow::Result<JobReport> {
+    Ok(match job {
+        JobName::Watch => JobReport::Watch(
+            watch::run(
+                app,
+                watch::WatchOptions {
+                    full: opts.full,
+                    dry_run: opts.dry_run,
+                },
+            )
+            .await?,
+        ),
+        JobName::PurgeStagedDatasets => {
+            JobReport::PurgeStaged(purge::purge_staged(app, opts.dry_run).await?)
+        }
+        JobName::PurgeStaleWorkflows => {
+            JobReport::PurgeWorkflows(purge::purge_stale_workflows(app, opts.dry_run).await?)
+        }
+        JobName::Reconcile => JobReport::Reconcile(reconcile::run(app, opts.dry_run).await?),
+        JobName::Metrics => JobReport::Metrics(metrics::run(app, opts.dry_run).await?),
+    })
+}
+
+/// A recorded job run and what it did.
+#[derive(Debug)]
+pub struct Execution {
+    pub run_id: i64,
+    pub outcome: RunOutcome,
+    /// `None` when the run failed before it could report.
+    pub report: Option<JobReport>,
+}
+
+/// Runs a job the way both the scheduler and `workers jobs run` do: recorded in the job
+/// history from start to end, and a failure or a panic of the job becomes a failed run.
+pub async fn execute(
+    app: Arc<App>,
+    job: JobName,
+    trigger: Trigger,
+    slot: Option<DateTime<Utc>>,
+    opts: JobOptions,
+) -> anyhow::Result<Execution> {
+    let host = app.identity.holder();
+    let store = Arc::clone(&app.scheduler_store);
+    let run_id = store
+        .start_run(job.name(), trigger, slot, &host, opts.dry_run, Utc::now())
+        .await?;
+    info!(job = %job, trigger = trigger.as_str(), run_id, "Job started.");
+    let joined = tokio::spawn(async move {
+        failpoint(job).await?;
+        run_job(&app, job, opts).await
+    })
+    .await;
+    let (outcome, report) = match joined {
+        Ok(Ok(report)) => {
+            let outcome = match report.failures() {
+                0 => RunOutcome::Success,
+                n => RunOutcome::Failed(format!(
+                    "{n} item(s) could not be handled; the next run tries again"
+                )),
+            };
+            (outcome, Some(report))
+        }
+        Ok(Err(err)) => (RunOutcome::Failed(format!("{err:#}")), None),
+        Err(join_error) => {
+            let what = if join_error.is_panic() {
+                "panicked"
+            } else {
+                "was cancelled"
+            };
+            (
+                RunOutcome::Failed(format!("the job {what}: {join_error}")),
+                None,
+            )
+        }
+    };
+    let counters = report.as_ref().map(JobReport::counters).unwrap_or_default();
+    store
+        .finish_run(run_id, &outcome, &counters, Utc::now())
+        .await?;
+    match &outcome {
+        RunOutcome::Failed(reason) => error!(job = %job, run_id, error = %reason, "Job failed."),
+        _ => {
+            info!(job = %job, run_id, counters = %serde_json::Value::Object(counters), "Job finished.")
+        }
+    }
+    Ok(Execution {
+        run_id,
+        outcome,
+        report,
+    })
+}
+
+/// Failure injection for testing how failures are handled, from `WORKERS_FAILPOINTS`, e.g.
+/// `metrics=panic,watch=sleep(2000),reconcile=error`. Unset in normal operation.
+async fn failpoint(job: JobName) -> anyhow::Result<()> {
+    let Ok(spec) = std::env::var("WORKERS_FAILPOINTS") else {
+        return Ok(());
+    };
+    for entry in spec.split(',') {
+        let Some((name, action)) = entry.trim().split_once('=') else {
+            continue;
+        };
+        if name != job.name() {
+            continue;
+        }
+        if action == "panic" {
+            panic!("failpoint: {job} panics");
+        } else if action == "error" {
+            anyhow::bail!("failpoint: {job} fails");
+        } else if let Some(ms) = action
+            .strip_prefix("sleep(")
+            .and_then(|a| a.strip_suffix(')'))
+        {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+        }
+    }
+    Ok(())
 }

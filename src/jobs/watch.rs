@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tracing::{info, warn};
 
-use super::{Registered, register_and_start, registry_error, start_integrated};
+use super::{Registered, register_and_start, registry_error};
 use crate::app::App;
 use crate::compute::walk::regular_file_bytes;
 use crate::model::{CreateMethod, DatasetName, DatasetType};
@@ -121,7 +121,8 @@ pub async fn run(app: &App, opts: WatchOptions) -> anyhow::Result<WatchReport> {
             .push(scan_source(app, dataset_type, opts).await?);
     }
     if !opts.dry_run {
-        report.repaired = repair_missing_workflows(app).await?;
+        report.repaired =
+            super::reconcile::start_missing_workflows(app, &[CreateMethod::Scan], false).await?;
     }
     Ok(report)
 }
@@ -285,30 +286,6 @@ async fn scan_source(
         info!(dataset_id = registered.id, name = %registered.name, dataset_type = %dataset_type, "Registered a new dataset.");
     }
     Ok(report)
-}
-
-/// Starts `integrated` for every scanned dataset that has no workflow: the datasets a crash
-/// or an outage left between registration and workflow start (spec J.1).
-pub async fn repair_missing_workflows(app: &App) -> anyhow::Result<Vec<Registered>> {
-    let query = DatasetQuery {
-        without_workflows: true,
-        create_method: Some(CreateMethod::Scan),
-        ..Default::default()
-    };
-    let orphans = app.registry.find(&query).await.map_err(registry_error)?;
-    let mut repaired = Vec::new();
-    for dataset in orphans {
-        let workflow_id = start_integrated(app, &dataset).await;
-        if workflow_id.is_some() {
-            warn!(dataset_id = dataset.id, name = %dataset.name, "Dataset had no workflow; started one.");
-        }
-        repaired.push(Registered {
-            id: dataset.id,
-            name: dataset.name.to_string(),
-            workflow_id,
-        });
-    }
-    Ok(repaired)
 }
 
 #[cfg(test)]

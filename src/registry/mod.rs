@@ -8,6 +8,8 @@
 
 pub mod sqlite;
 
+use std::collections::HashSet;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
@@ -114,7 +116,20 @@ pub struct DatasetQuery {
     pub create_method: Option<CreateMethod>,
     /// Only datasets linked to this workflow.
     pub workflow_id: Option<String>,
+    /// Only staged datasets whose last STAGED state is older than this (spec C.2:
+    /// `days_since_last_staged`).
+    pub staged_before: Option<DateTime<Utc>>,
     pub limit: Option<usize>,
+}
+
+/// A usage measurement (spec C.4, `POST /metrics`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metric {
+    pub measurement: String,
+    pub subject: String,
+    pub usage: u64,
+    pub limit: u64,
+    pub tags: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +173,15 @@ pub trait Registry: Send + Sync {
 
     /// Links a workflow to the dataset.
     async fn add_workflow(&self, id: DatasetId, workflow_id: &str) -> Result<(), RegistryError>;
+
+    /// Which of `workflow_ids` are linked to a dataset.
+    async fn linked_workflows(
+        &self,
+        workflow_ids: &[String],
+    ) -> Result<HashSet<String>, RegistryError>;
+
+    /// Records usage measurements, all with the same timestamp.
+    async fn add_metrics(&self, metrics: &[Metric]) -> Result<(), RegistryError>;
 }
 
 /// Merges `patch` into `base` like lodash `merge`, which the API uses for metadata: objects

@@ -1,12 +1,14 @@
 //! The registry in the embedded SQLite database, with the Bioloop API's semantics.
 
+use std::collections::HashSet;
+
 use async_trait::async_trait;
 use chrono::Utc;
 use rusqlite::{OptionalExtension, Row, Transaction, params};
 
 use super::{
-    BulkOutcome, Dataset, DatasetId, DatasetPatch, DatasetQuery, MAX_BULK, NewDataset, Registry,
-    RegistryError, StateRecord, deep_merge,
+    BulkOutcome, Dataset, DatasetId, DatasetPatch, DatasetQuery, MAX_BULK, Metric, NewDataset,
+    Registry, RegistryError, StateRecord, deep_merge,
 };
 use crate::model::{Bundle, DatasetName, DatasetState, DatasetType, FileRecord};
 use crate::sqlite::{Db, from_millis, to_millis};
@@ -249,6 +251,14 @@ impl Registry for SqliteRegistry {
                 if query.without_workflows {
                     sql.push_str(" AND NOT EXISTS (SELECT 1 FROM dataset_workflows w WHERE w.dataset_id = datasets.id)");
                 }
+                if let Some(cutoff) = query.staged_before {
+                    args.push(Box::new(to_millis(cutoff)));
+                    sql.push_str(&format!(
+                        " AND is_staged = 1 AND NOT EXISTS (SELECT 1 FROM dataset_states s
+                           WHERE s.dataset_id = datasets.id AND s.state = 'STAGED' AND s.timestamp >= ?{})",
+                        args.len()
+                    ));
+                }
                 if let Some(workflow_id) = &query.workflow_id {
                     args.push(Box::new(workflow_id.clone()));
                     sql.push_str(&format!(
@@ -415,5 +425,49 @@ impl Registry for SqliteRegistry {
             Ok(())
         })
         .await
+    }
+
+    async fn linked_workflows(
+        &self,
+        workflow_ids: &[String],
+    ) -> Result<HashSet<String>, RegistryError> {
+        let ids = serde_json::to_string(workflow_ids).unwrap_or_else(|_| "[]".to_owned());
+        self.db
+            .call(move |conn| {
+                let mut stmt = conn.prepare(
+                    "SELECT workflow_id FROM dataset_workflows WHERE workflow_id IN (SELECT value FROM json_each(?1))",
+                )?;
+                let rows = stmt.query_map([ids], |r| r.get(0))?;
+                Ok(rows.collect::<rusqlite::Result<_>>()?)
+            })
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn add_metrics(&self, metrics: &[Metric]) -> Result<(), RegistryError> {
+        let metrics = metrics.to_vec();
+        self.db
+            .write(move |tx| {
+                let now = to_millis(Utc::now());
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO metrics (timestamp, measurement, subject, usage, \"limit\", tags)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (timestamp, measurement, subject) DO UPDATE SET usage = excluded.usage,
+                        \"limit\" = excluded.\"limit\", tags = excluded.tags",
+                )?;
+                for m in &metrics {
+                    stmt.execute(params![
+                        now,
+                        m.measurement,
+                        m.subject,
+                        m.usage as i64,
+                        m.limit as i64,
+                        serde_json::to_string(&m.tags)?
+                    ])?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(unavailable)
     }
 }

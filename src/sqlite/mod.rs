@@ -96,7 +96,10 @@ impl Db {
 }
 
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(include_str!("migrations/0001_initial.sql"))])
+    Migrations::new(vec![
+        M::up(include_str!("migrations/0001_initial.sql")),
+        M::up(include_str!("migrations/0002_scheduler.sql")),
+    ])
 }
 
 /// Milliseconds since the Unix epoch, the time unit of every column.

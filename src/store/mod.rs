@@ -263,7 +263,148 @@ pub trait WorkflowStore: Send + Sync {
     /// Sets the resume lock (a resume in flight), unless one is set; returns whether it was set.
     async fn lock_for_resume(&self, workflow_id: &str, now: DateTime<Utc>) -> anyhow::Result<bool>;
 
+    /// Workflows named one of `names` and created before `cutoff`, oldest first, after the
+    /// workflow `after` (a cursor for paging).
+    async fn workflows_created_before(
+        &self,
+        names: &[String],
+        cutoff: DateTime<Utc>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<Workflow>>;
+
+    /// Deletes a workflow with its runs and task results (and, in a store that also holds the
+    /// queue, its queued messages).
+    async fn delete_workflow(&self, id: &str) -> anyhow::Result<()>;
+
     async fn watch_state(&self, source_dir: &str) -> anyhow::Result<WatchState>;
 
     async fn save_watch_state(&self, source_dir: &str, state: &WatchState) -> anyhow::Result<()>;
+}
+
+/// Why a job run started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// Its scheduled slot came.
+    Schedule,
+    /// Slots were missed while no scheduler ran (misfire = "run_once").
+    Misfire,
+    /// It was due while running and waited for the run to end (overlap = "queue").
+    Queued,
+    /// `workers jobs run`.
+    Manual,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Schedule => "schedule",
+            Trigger::Misfire => "misfire",
+            Trigger::Queued => "queued",
+            Trigger::Manual => "manual",
+        }
+    }
+}
+
+/// How a job run ended (or that it is still running, or was skipped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutcome {
+    Running,
+    Success,
+    Failed(String),
+    Skipped(String),
+}
+
+impl RunOutcome {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RunOutcome::Running => "running",
+            RunOutcome::Success => "success",
+            RunOutcome::Failed(_) => "failed",
+            RunOutcome::Skipped(_) => "skipped",
+        }
+    }
+}
+
+/// One recorded run of a job.
+#[derive(Debug, Clone)]
+pub struct JobRun {
+    pub id: i64,
+    pub job: String,
+    pub trigger: String,
+    /// The scheduled slot, for scheduled runs.
+    pub slot: Option<DateTime<Utc>>,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub outcome: RunOutcome,
+    /// What the run did (datasets registered, purged, ...).
+    pub counters: serde_json::Map<String, serde_json::Value>,
+    /// `host:pid` of the process that ran it.
+    pub host: String,
+    pub dry_run: bool,
+}
+
+/// The scheduler's records: job runs, the last slot handled per job, and leases.
+#[async_trait]
+pub trait SchedulerStore: Send + Sync {
+    /// Takes or renews the lease `name` for `holder` until `now + ttl`, unless another holder
+    /// has it and it has not expired. Returns whether `holder` holds it now.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        ttl: std::time::Duration,
+    ) -> anyhow::Result<bool>;
+
+    /// Gives the lease up, if `holder` has it.
+    async fn release_lease(&self, name: &str, holder: &str) -> anyhow::Result<()>;
+
+    /// The last slot handled (run or skipped) per job.
+    async fn last_slots(&self) -> anyhow::Result<HashMap<String, DateTime<Utc>>>;
+
+    async fn set_last_slot(&self, job: &str, slot: DateTime<Utc>) -> anyhow::Result<()>;
+
+    /// Records a run as started; returns its id.
+    async fn start_run(
+        &self,
+        job: &str,
+        trigger: Trigger,
+        slot: Option<DateTime<Utc>>,
+        host: &str,
+        dry_run: bool,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<i64>;
+
+    /// Records how a run ended.
+    async fn finish_run(
+        &self,
+        id: i64,
+        outcome: &RunOutcome,
+        counters: &serde_json::Map<String, serde_json::Value>,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<()>;
+
+    /// Records a slot that was not run, and why.
+    async fn record_skip(
+        &self,
+        job: &str,
+        trigger: Trigger,
+        slot: DateTime<Utc>,
+        host: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<()>;
+
+    /// Recent runs, newest first; of one job or of all.
+    async fn runs(&self, job: Option<&str>, limit: usize) -> anyhow::Result<Vec<JobRun>>;
+
+    /// Marks the runs `host` left running as failed with `reason` (the process stopped or
+    /// died before they ended). Returns how many there were.
+    async fn abandon_runs(
+        &self,
+        host: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<u64>;
 }

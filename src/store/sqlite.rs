@@ -7,8 +7,9 @@ use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
 use super::{
-    StepSpec, TaskError, TaskMeta, TaskRun, TaskStart, TaskStatus, WatchState, Workflow,
-    WorkflowFilter, WorkflowSpec, WorkflowStep, WorkflowStore,
+    JobRun, RunOutcome, SchedulerStore, StepSpec, TaskError, TaskMeta, TaskRun, TaskStart,
+    TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec, WorkflowStep,
+    WorkflowStore,
 };
 use crate::sqlite::{Db, from_millis, to_millis};
 
@@ -394,6 +395,53 @@ impl WorkflowStore for SqliteStore {
             .await
     }
 
+    async fn workflows_created_before(
+        &self,
+        names: &[String],
+        cutoff: DateTime<Utc>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> anyhow::Result<Vec<Workflow>> {
+        let (names, after) = (names.to_vec(), after.map(str::to_owned));
+        self.db
+            .call(move |conn| {
+                let names_json = serde_json::to_string(&names)?;
+                let mut stmt = conn.prepare(
+                    "SELECT id FROM workflows
+                     WHERE name IN (SELECT value FROM json_each(?1)) AND created_at <= ?2
+                       AND (?3 IS NULL OR (created_at, id) > ((SELECT created_at FROM workflows WHERE id = ?3), ?3))
+                     ORDER BY created_at, id LIMIT ?4",
+                )?;
+                let ids: Vec<String> = stmt
+                    .query_map(params![names_json, to_millis(cutoff), after, limit as i64], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let mut out = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if let Some(workflow) = load_workflow(conn, &id)? {
+                        out.push(workflow);
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    async fn delete_workflow(&self, id: &str) -> anyhow::Result<()> {
+        let id = id.to_owned();
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "DELETE FROM task_meta WHERE task_id IN (SELECT task_id FROM task_runs WHERE workflow_id = ?1)",
+                    [&id],
+                )?;
+                tx.execute("DELETE FROM queue WHERE json_extract(kwargs, '$.workflow_id') = ?1", [&id])?;
+                // Steps and runs go with the workflow (ON DELETE CASCADE).
+                tx.execute("DELETE FROM workflows WHERE id = ?1", [&id])?;
+                Ok(())
+            })
+            .await
+    }
+
     async fn watch_state(&self, source_dir: &str) -> anyhow::Result<WatchState> {
         let source_dir = source_dir.to_owned();
         self.db
@@ -426,6 +474,201 @@ impl WorkflowStore for SqliteStore {
                     params![source_dir, i64::from(state.scan_count), serde_json::to_string(&state.known)?],
                 )?;
                 Ok(())
+            })
+            .await
+    }
+}
+
+/// The lease, run and slot records of the scheduler, in the same database.
+#[async_trait]
+impl SchedulerStore for SqliteStore {
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        ttl: std::time::Duration,
+    ) -> anyhow::Result<bool> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        let (now, until) = (to_millis(now), to_millis(now) + ttl.as_millis() as i64);
+        self.db
+            .write(move |tx| {
+                let changed = tx.execute(
+                    "INSERT INTO leases (name, holder, expires_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+                     WHERE leases.holder = excluded.holder OR leases.expires_at < ?4",
+                    params![name, holder, until, now],
+                )?;
+                Ok(changed == 1)
+            })
+            .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> anyhow::Result<()> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
+                    params![name, holder],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn last_slots(&self) -> anyhow::Result<HashMap<String, DateTime<Utc>>> {
+        self.db
+            .call(|conn| {
+                let mut stmt = conn.prepare("SELECT job, slot FROM job_slots")?;
+                let rows =
+                    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, from_millis(r.get(1)?))))?;
+                Ok(rows.collect::<rusqlite::Result<_>>()?)
+            })
+            .await
+    }
+
+    async fn set_last_slot(&self, job: &str, slot: DateTime<Utc>) -> anyhow::Result<()> {
+        let job = job.to_owned();
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "INSERT INTO job_slots (job, slot) VALUES (?1, ?2)
+                     ON CONFLICT (job) DO UPDATE SET slot = MAX(job_slots.slot, excluded.slot)",
+                    params![job, to_millis(slot)],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn start_run(
+        &self,
+        job: &str,
+        trigger: Trigger,
+        slot: Option<DateTime<Utc>>,
+        host: &str,
+        dry_run: bool,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<i64> {
+        let (job, host) = (job.to_owned(), host.to_owned());
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "INSERT INTO job_runs (job, trigger, slot, started_at, outcome, host, dry_run)
+                     VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6)",
+                    params![
+                        job,
+                        trigger.as_str(),
+                        slot.map(to_millis),
+                        to_millis(now),
+                        host,
+                        dry_run
+                    ],
+                )?;
+                Ok(tx.last_insert_rowid())
+            })
+            .await
+    }
+
+    async fn finish_run(
+        &self,
+        id: i64,
+        outcome: &RunOutcome,
+        counters: &serde_json::Map<String, serde_json::Value>,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<()> {
+        let (outcome, counters) = (
+            outcome.clone(),
+            serde_json::Value::Object(counters.clone()).to_string(),
+        );
+        self.db
+            .write(move |tx| {
+                let error = match &outcome {
+                    RunOutcome::Failed(e) | RunOutcome::Skipped(e) => Some(e.clone()),
+                    _ => None,
+                };
+                tx.execute(
+                    "UPDATE job_runs SET outcome = ?2, error = ?3, counters = ?4, ended_at = ?5 WHERE id = ?1",
+                    params![id, outcome.as_str(), error, counters, to_millis(now)],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn record_skip(
+        &self,
+        job: &str,
+        trigger: Trigger,
+        slot: DateTime<Utc>,
+        host: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<()> {
+        let (job, host, reason) = (job.to_owned(), host.to_owned(), reason.to_owned());
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "INSERT INTO job_runs (job, trigger, slot, started_at, ended_at, outcome, error, host)
+                     VALUES (?1, ?2, ?3, ?4, ?4, 'skipped', ?5, ?6)",
+                    params![job, trigger.as_str(), to_millis(slot), to_millis(now), reason, host],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn runs(&self, job: Option<&str>, limit: usize) -> anyhow::Result<Vec<JobRun>> {
+        let job = job.map(str::to_owned);
+        self.db
+            .call(move |conn| {
+                let mut stmt = conn.prepare(
+                    "SELECT id, job, trigger, slot, started_at, ended_at, outcome, error, counters, host, dry_run
+                     FROM job_runs WHERE (?1 IS NULL OR job = ?1) ORDER BY id DESC LIMIT ?2",
+                )?;
+                let rows = stmt.query_map(params![job, limit as i64], |r| {
+                    let outcome: String = r.get(6)?;
+                    let error: Option<String> = r.get(7)?;
+                    let counters: String = r.get(8)?;
+                    Ok(JobRun {
+                        id: r.get(0)?,
+                        job: r.get(1)?,
+                        trigger: r.get(2)?,
+                        slot: r.get::<_, Option<i64>>(3)?.map(from_millis),
+                        started_at: from_millis(r.get(4)?),
+                        ended_at: r.get::<_, Option<i64>>(5)?.map(from_millis),
+                        outcome: match outcome.as_str() {
+                            "success" => RunOutcome::Success,
+                            "failed" => RunOutcome::Failed(error.unwrap_or_default()),
+                            "skipped" => RunOutcome::Skipped(error.unwrap_or_default()),
+                            _ => RunOutcome::Running,
+                        },
+                        counters: serde_json::from_str(&counters).unwrap_or_default(),
+                        host: r.get(9)?,
+                        dry_run: r.get(10)?,
+                    })
+                })?;
+                Ok(rows.collect::<rusqlite::Result<_>>()?)
+            })
+            .await
+    }
+
+    async fn abandon_runs(
+        &self,
+        host: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> anyhow::Result<u64> {
+        let (host, reason) = (host.to_owned(), reason.to_owned());
+        self.db
+            .write(move |tx| {
+                let changed = tx.execute(
+                    "UPDATE job_runs SET outcome = 'failed', error = ?2, ended_at = ?3
+                     WHERE host = ?1 AND outcome = 'running'",
+                    params![host, reason, to_millis(now)],
+                )?;
+                Ok(changed as u64)
             })
             .await
     }

@@ -1,0 +1,178 @@
+//! `purge_staged_datasets` (spec C.2) and `purge_stale_workflows` (spec C.3).
+//!
+//! Unlike the original, purging a staged dataset also removes its download links (they would
+//! be left dangling, spec C.2), and stale workflows are found page by page instead of with a
+//! list of every workflow id (spec J.25).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use chrono::{TimeDelta, Utc};
+use tracing::{info, warn};
+
+use super::registry_error;
+use crate::app::App;
+use crate::model::DatasetState;
+use crate::registry::{Dataset, DatasetPatch, DatasetQuery};
+use crate::steps::staged_bundle_path;
+
+#[derive(Debug, Clone, Default)]
+pub struct StagedPurgeReport {
+    /// Datasets purged (or that a dry run would purge): id and name.
+    pub purged: Vec<(i64, String)>,
+    /// Datasets over the limit, left for the next run.
+    pub deferred: usize,
+    pub failed: Vec<(i64, String)>,
+}
+
+/// Removes the staged copies of datasets last staged more than `stage.purge.days_to_live` days
+/// ago, at most `stage.purge.max_purges` per run.
+pub async fn purge_staged(app: &App, dry_run: bool) -> anyhow::Result<StagedPurgeReport> {
+    let days = i64::from(app.settings.stage.days_to_live);
+    let cutoff = Utc::now() - TimeDelta::days(days);
+    let query = DatasetQuery {
+        staged_before: Some(cutoff),
+        ..Default::default()
+    };
+    let mut due = app.registry.find(&query).await.map_err(registry_error)?;
+    // Oldest first: the longest-staged go first when there are more than the limit.
+    due.sort_by_key(|d| d.updated_at);
+    let limit = app.settings.stage.max_purges as usize;
+    let mut report = StagedPurgeReport::default();
+    if due.len() > limit {
+        warn!(
+            due = due.len(),
+            limit, "More staged datasets are due for purging than one run purges."
+        );
+        report.deferred = due.len() - limit;
+        due.truncate(limit);
+    }
+    for dataset in due {
+        if dry_run {
+            report.purged.push((dataset.id, dataset.name.to_string()));
+            continue;
+        }
+        match purge_one(app, &dataset).await {
+            Ok(()) => {
+                info!(dataset_id = dataset.id, name = %dataset.name, "Purged the staged copy.");
+                report.purged.push((dataset.id, dataset.name.to_string()));
+            }
+            Err(err) => {
+                warn!(dataset_id = dataset.id, error = %format!("{err:#}"), "Could not purge the staged copy.");
+                report.failed.push((dataset.id, format!("{err:#}")));
+            }
+        }
+    }
+    Ok(report)
+}
+
+async fn purge_one(app: &App, dataset: &Dataset) -> anyhow::Result<()> {
+    let staged = dataset.staged_path.as_deref().map(PathBuf::from);
+    let bundle = staged_bundle_path(app, dataset);
+    let download_dir = app.settings.paths.download_dir.clone();
+    let links: Vec<PathBuf> = [
+        dataset.stage_alias().map(|alias| download_dir.join(alias)),
+        Some(download_dir.join(dataset.name.staged_bundle_file_name(dataset.dataset_type))),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    app.pool
+        .run(move || -> anyhow::Result<()> {
+            // The links first: a download never starts on a tree being removed.
+            for link in &links {
+                remove_link(link)?;
+            }
+            if let Some(staged) = &staged {
+                remove_tree(staged)?;
+            }
+            match std::fs::remove_file(&bundle) {
+                Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                    Err(anyhow::Error::new(err)
+                        .context(format!("cannot remove `{}`", bundle.display())))
+                }
+                _ => Ok(()),
+            }
+        })
+        .await?;
+    app.registry
+        .update(
+            dataset.id,
+            &DatasetPatch {
+                is_staged: Some(false),
+                staged_path: Some(None),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(registry_error)?;
+    app.registry
+        .add_state(dataset.id, DatasetState::Purged)
+        .await
+        .map_err(registry_error)?;
+    Ok(())
+}
+
+/// Removes `link` if it is a symbolic link (a download link); anything else is left alone.
+fn remove_link(link: &Path) -> anyhow::Result<()> {
+    match link.symlink_metadata() {
+        Ok(meta) if meta.file_type().is_symlink() => std::fs::remove_file(link)
+            .with_context(|| format!("cannot remove the link `{}`", link.display())),
+        _ => Ok(()),
+    }
+}
+
+fn remove_tree(path: &Path) -> anyhow::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(anyhow::Error::new(err).context(format!("cannot remove `{}`", path.display())))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct WorkflowPurgeReport {
+    /// Workflows deleted (or that a dry run would delete).
+    pub purged: Vec<String>,
+}
+
+/// Workflows looked at per page.
+const PAGE: usize = 500;
+
+/// Deletes workflows of the configured names that are older than the age threshold and linked
+/// to no dataset (the leftovers of failed registrations), at most `max_purge_count` per run.
+pub async fn purge_stale_workflows(
+    app: &App,
+    dry_run: bool,
+) -> anyhow::Result<WorkflowPurgeReport> {
+    let settings = &app.settings.workflow_purge;
+    let cutoff = Utc::now() - TimeDelta::seconds(settings.age_threshold_seconds as i64);
+    let mut report = WorkflowPurgeReport::default();
+    let mut after: Option<String> = None;
+    while report.purged.len() < settings.max_purge_count {
+        let page = app
+            .store
+            .workflows_created_before(&settings.types, cutoff, after.as_deref(), PAGE)
+            .await?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        let ids: Vec<String> = page.iter().map(|w| w.id.clone()).collect();
+        let linked = app
+            .registry
+            .linked_workflows(&ids)
+            .await
+            .map_err(registry_error)?;
+        for id in ids.into_iter().filter(|id| !linked.contains(id)) {
+            if report.purged.len() >= settings.max_purge_count {
+                break;
+            }
+            if !dry_run {
+                app.store.delete_workflow(&id).await?;
+                info!(workflow_id = %id, "Deleted a stale workflow.");
+            }
+            report.purged.push(id);
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,66 @@
+//! `reconcile`: finds work that nothing will move on and moves it on: datasets registered
+//! without a workflow, and active workflows whose next step is neither queued nor running.
+
+use tracing::warn;
+
+use super::{Registered, registry_error, start_integrated};
+use crate::app::App;
+use crate::model::CreateMethod;
+use crate::registry::DatasetQuery;
+use crate::workflow::engine;
+
+#[derive(Debug, Clone, Default)]
+pub struct ReconcileReport {
+    /// Datasets that had no workflow (and whether one was started for them).
+    pub started: Vec<Registered>,
+    /// Workflows whose stalled step was published again.
+    pub repaired: Vec<String>,
+}
+
+/// Datasets registered by a scan or on demand get their `integrated` workflow here if they
+/// have none. Uploads are left alone: their workflow starts once the upload is verified.
+pub async fn run(app: &App, dry_run: bool) -> anyhow::Result<ReconcileReport> {
+    let started =
+        start_missing_workflows(app, &[CreateMethod::Scan, CreateMethod::OnDemand], dry_run)
+            .await?;
+    let repaired = if dry_run {
+        Vec::new()
+    } else {
+        engine::repair_stalled(app).await?
+    };
+    Ok(ReconcileReport { started, repaired })
+}
+
+/// Starts `integrated` for every live dataset created by one of `methods` that has no
+/// workflow: what a crash or an outage between registration and workflow start leaves
+/// (spec J.1). A dry run only lists them.
+pub async fn start_missing_workflows(
+    app: &App,
+    methods: &[CreateMethod],
+    dry_run: bool,
+) -> anyhow::Result<Vec<Registered>> {
+    let mut started = Vec::new();
+    for method in methods {
+        let query = DatasetQuery {
+            without_workflows: true,
+            create_method: Some(*method),
+            ..Default::default()
+        };
+        for dataset in app.registry.find(&query).await.map_err(registry_error)? {
+            let workflow_id = if dry_run {
+                None
+            } else {
+                start_integrated(app, &dataset).await
+            };
+            if workflow_id.is_some() {
+                warn!(dataset_id = dataset.id, name = %dataset.name, "Dataset had no workflow; started one.");
+            }
+            started.push(Registered {
+                id: dataset.id,
+                name: dataset.name.to_string(),
+                workflow_id,
+            });
+        }
+    }
+    Ok(started)
+}
