@@ -187,7 +187,10 @@ impl JobReport {
         match self {
             JobReport::Watch(r) => r.failed(),
             JobReport::PurgeStaged(r) => r.failed.len(),
-            JobReport::Reconcile(r) => r.started.iter().filter(|s| s.workflow_id.is_none()).count(),
+            JobReport::Reconcile(r) if !r.dry_run => {
+                r.started.iter().filter(|s| s.workflow_id.is_none()).count()
+            }
+            JobReport::Reconcile(_) => 0,
             JobReport::PurgeWorkflows(_) | JobReport::Metrics(_) => 0,
         }
     }

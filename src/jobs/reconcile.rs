@@ -15,6 +15,8 @@ pub struct ReconcileReport {
     pub started: Vec<Registered>,
     /// Workflows whose stalled step was published again.
     pub repaired: Vec<String>,
+    /// Nothing was started or repaired: `started` lists what would be.
+    pub dry_run: bool,
 }
 
 /// Datasets registered by a scan or on demand get their `integrated` workflow here if they
@@ -28,7 +30,11 @@ pub async fn run(app: &App, dry_run: bool) -> anyhow::Result<ReconcileReport> {
     } else {
         engine::repair_stalled(app).await?
     };
-    Ok(ReconcileReport { started, repaired })
+    Ok(ReconcileReport {
+        started,
+        repaired,
+        dry_run,
+    })
 }
 
 /// Starts `integrated` for every live dataset created by one of `methods` that has no

@@ -38,9 +38,7 @@ impl Db {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
-        migrations()
-            .to_latest(&mut conn)
-            .with_context(|| format!("cannot migrate the database `{}`", path.display()))?;
+        migrate(&mut conn, path)?;
         Ok(Db {
             conn: Arc::new(Mutex::new(conn)),
             path: Arc::new(path.to_path_buf()),
@@ -93,6 +91,26 @@ impl Db {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut guard)
     }
+}
+
+/// Brings the schema up to date. Processes starting together must not both migrate (the
+/// second would find the tables it creates), so migration holds an exclusive lock on a file
+/// beside the database; the second process then finds the schema current.
+fn migrate(conn: &mut Connection, path: &Path) -> anyhow::Result<()> {
+    let mut lock_name = path.file_name().unwrap_or_default().to_os_string();
+    lock_name.push(".migrate-lock");
+    let lock_path = path.with_file_name(lock_name);
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("cannot open `{}`", lock_path.display()))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .with_context(|| format!("cannot lock `{}`", lock_path.display()))?;
+    migrations()
+        .to_latest(conn)
+        .with_context(|| format!("cannot migrate the database `{}`", path.display()))
 }
 
 fn migrations() -> Migrations<'static> {
