@@ -271,8 +271,20 @@ def main():
     w("the binary directly. Raw measurements (one JSON line per run) are kept in `BENCH_DIR/results.tsv`.")
     w("")
 
+    # Sections written by other scripts (benches/idle_scheduler.sh) are kept.
+    kept = ""
+    try:
+        with open(sys.argv[2]) as f:
+            previous = f.read()
+        begin, end = "<!-- idle-scheduler:begin -->", "<!-- idle-scheduler:end -->"
+        if begin in previous and end in previous:
+            kept = previous[previous.index(begin):previous.index(end) + len(end)] + "\n"
+    except FileNotFoundError:
+        pass
     with open(sys.argv[2], "w") as f:
         f.write("\n".join(out))
+        if kept:
+            f.write("\n" + kept)
     return 0
 
 

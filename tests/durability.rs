@@ -79,6 +79,7 @@ async fn survives_a_kill_during(step: &str, files: Vec<(String, Vec<u8>)>) {
         .command(&["jobs", "run", "watch", "--wait"])
         .spawn()
         .unwrap();
+    let _reap = Reap(child.id());
     kill_during(&app, &mut child, step).await;
     let d = dataset_named(&app, DatasetType::RawData, "big").await;
     assert_eq!(d.workflows.len(), 1);

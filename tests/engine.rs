@@ -279,6 +279,7 @@ async fn progress_is_recorded_while_a_long_step_runs() {
         .command(&["jobs", "run", "watch", "--wait"])
         .spawn()
         .unwrap();
+    let _reap = Reap(child.id());
     let mut seen = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {

@@ -92,10 +92,12 @@ fn pid_host(child: &Child) -> String {
 fn only_one_of_two_schedulers_fires_and_the_other_takes_over_after_a_sigkill() {
     let project = project();
     let mut a = spawn_scheduler(&project);
+    let _reap_a = Reap(a.id());
     wait_until(Duration::from_secs(20), "a first run", || {
         !runs(&project, "watch").is_empty()
     });
     let mut b = spawn_scheduler(&project);
+    let _reap_b = Reap(b.id());
     std::thread::sleep(Duration::from_secs(6));
     let hosts: Vec<String> = runs(&project, "watch").iter().map(host_of).collect();
     assert!(hosts.len() >= 5, "{hosts:?}");
@@ -132,6 +134,7 @@ fn sigterm_lets_a_running_job_finish_then_exits_0() {
     project.set_env("WORKERS_FAILPOINTS", "watch=sleep(3000)");
     project.set_env("WORKERS__SCHEDULER__GRACE_SECONDS", "20");
     let child = spawn_scheduler(&project);
+    let _reap_child = Reap(child.id());
     wait_until(Duration::from_secs(20), "a running job", || {
         runs(&project, "watch")
             .first()
@@ -154,6 +157,7 @@ fn a_job_that_outlives_the_grace_period_is_stopped_and_recorded() {
     project.set_env("WORKERS_FAILPOINTS", "watch=sleep(60000)");
     project.set_env("WORKERS__SCHEDULER__GRACE_SECONDS", "1");
     let mut child = spawn_scheduler(&project);
+    let _reap_child = Reap(child.id());
     wait_until(Duration::from_secs(20), "a running job", || {
         runs(&project, "watch")
             .first()
@@ -190,6 +194,7 @@ fn sighup_reloads_a_valid_configuration_and_keeps_the_old_one_when_invalid() {
     project.remove_env("WORKERS__SCHEDULES__METRICS__ENABLED");
     set_metrics_timing(&project, "cron = \"0 0 3 1 1 *\"\nevery = \"\"");
     let child = spawn_scheduler(&project);
+    let _reap_child = Reap(child.id());
     wait_until(Duration::from_secs(20), "watch runs", || {
         runs(&project, "watch").len() >= 2
     });
@@ -238,6 +243,7 @@ fn a_panicking_job_is_recorded_as_failed_and_the_scheduler_keeps_running() {
     let mut project = project();
     project.set_env("WORKERS_FAILPOINTS", "watch=panic");
     let mut child = spawn_scheduler(&project);
+    let _reap_child = Reap(child.id());
     wait_until(Duration::from_secs(20), "three failed runs", || {
         runs(&project, "watch").len() >= 3
     });
@@ -269,6 +275,7 @@ fn systemd_hears_ready_and_watchdog_pings() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let _reap = Reap(child.id());
     let mut received = Vec::new();
     let mut buf = [0u8; 256];
     while !(received.iter().any(|m: &String| m.contains("READY=1"))

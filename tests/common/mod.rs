@@ -315,3 +315,14 @@ pub fn without_dac_override(cmd: Command) -> Command {
     }
     wrapped
 }
+
+/// Kills the process when dropped, so a failing test leaves no process behind.
+pub struct Reap(pub u32);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0 as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
