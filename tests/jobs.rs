@@ -307,11 +307,18 @@ fn invalid_schedules_are_configuration_errors() {
     let mut project = Project::new();
     project.set_env("WORKERS__SCHEDULES__WATCH__EVERY", "often");
     project.set_env("WORKERS__SCHEDULES__METRICS__CRON", "0 0 21 * *");
-    project.set_env("WORKERS__SCHEDULES__REGISTRATION__TIMEZONE", "UTC");
     project.set_env(
         "WORKERS__SCHEDULES__RECONCILE__TIMEZONE",
         "Mars/Olympus_Mons",
     );
+    // A schedule for a job that does not exist.
+    std::fs::write(
+        project.path("config/production.toml"),
+        "[schedules.nightly_backup]\ncron = \"0 0 1 * * *\"\nevery = \"\"\ntimezone = \"UTC\"\n\
+         enabled = true\noverlap = \"skip\"\nmisfire = \"skip\"\njitter = \"0s\"\n",
+    )
+    .unwrap();
+    project.set_env("APP_ENV", "production");
     let out = project.run(&["config", "check"]);
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     let err = stderr(&out);
@@ -319,7 +326,7 @@ fn invalid_schedules_are_configuration_errors() {
         "schedules.watch.every: `often` is not a duration",
         "schedules.metrics.cron: `0 0 21 * *` has 5 fields",
         "schedules.reconcile.timezone: `Mars/Olympus_Mons` is not an IANA time zone",
-        "WORKERS__SCHEDULES__REGISTRATION__TIMEZONE",
+        "production.toml:1:12: schedules.nightly_backup: unknown job `nightly_backup`",
     ] {
         assert!(err.contains(expected), "{expected:?} not in:\n{err}");
     }
