@@ -112,6 +112,17 @@ fn load_workflow(conn: &rusqlite::Connection, id: &str) -> anyhow::Result<Option
     }))
 }
 
+/// The workflows of `ids` that exist, in that order.
+fn load_workflows(conn: &rusqlite::Connection, ids: &[String]) -> anyhow::Result<Vec<Workflow>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(workflow) = load_workflow(conn, id)? {
+            out.push(workflow);
+        }
+    }
+    Ok(out)
+}
+
 fn meta_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskMeta> {
     let status: String = r.get(1)?;
     let result: Option<String> = r.get(2)?;
@@ -248,13 +259,7 @@ impl WorkflowStore for SqliteStore {
                     .prepare(sql)?
                     .query_map([limit as i64], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?;
-                let mut out = Vec::with_capacity(ids.len());
-                for id in ids {
-                    if let Some(workflow) = load_workflow(conn, &id)? {
-                        out.push(workflow);
-                    }
-                }
-                Ok(out)
+                load_workflows(conn, &ids)
             })
             .await
     }
@@ -415,13 +420,7 @@ impl WorkflowStore for SqliteStore {
                 let ids: Vec<String> = stmt
                     .query_map(params![names_json, to_millis(cutoff), after, limit as i64], |r| r.get(0))?
                     .collect::<rusqlite::Result<_>>()?;
-                let mut out = Vec::with_capacity(ids.len());
-                for id in ids {
-                    if let Some(workflow) = load_workflow(conn, &id)? {
-                        out.push(workflow);
-                    }
-                }
-                Ok(out)
+                load_workflows(conn, &ids)
             })
             .await
     }
