@@ -253,7 +253,6 @@ fn inspect_step(dir: &Path, threads: usize) -> Result<String> {
         let ctx = StepContext {
             app: Arc::clone(&app),
             dataset_id: dataset.id,
-            workflow_id: "bench".to_owned(),
             task_id: "bench".to_owned(),
             kwargs: Map::new(),
             progress: Progress::new(),

@@ -8,40 +8,16 @@ use anyhow::Context;
 use crate::archive::Archive;
 use crate::archive::local::LocalArchive;
 use crate::broker::Broker;
-use crate::broker::embedded::{ConsumerId, EmbeddedBroker};
+use crate::broker::embedded::EmbeddedBroker;
 use crate::compute::Pool;
 use crate::config::{ArchiveKind, BrokerKind, RegistryKind, Settings, StoreKind};
+pub use crate::identity::Identity;
 use crate::registry::Registry;
 use crate::registry::sqlite::SqliteRegistry;
 use crate::sqlite::Db;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{SchedulerStore, WorkflowStore};
 use crate::workflow::definitions::Definitions;
-
-/// This process, as recorded in task results and queue leases.
-#[derive(Debug, Clone)]
-pub struct Identity {
-    pub hostname: String,
-    pub pid: u32,
-}
-
-impl Identity {
-    /// `hostname:pid`, as job runs and leases record their owner.
-    pub fn holder(&self) -> String {
-        format!("{}:{}", self.hostname, self.pid)
-    }
-
-    pub fn current() -> Identity {
-        let hostname = rustix::system::uname()
-            .nodename()
-            .to_string_lossy()
-            .into_owned();
-        Identity {
-            hostname,
-            pid: std::process::id(),
-        }
-    }
-}
 
 /// Workflow definitions that do not load are a configuration problem (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -94,10 +70,7 @@ impl App {
         let broker: Arc<dyn Broker> = match settings.backends.broker {
             BrokerKind::Embedded => Arc::new(EmbeddedBroker::new(
                 embedded_db()?,
-                ConsumerId {
-                    hostname: identity.hostname.clone(),
-                    pid: identity.pid,
-                },
+                identity.clone(),
                 Duration::from_secs(settings.worker.lease_seconds),
             )),
         };

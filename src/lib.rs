@@ -16,7 +16,8 @@
 //! - `jobs`: `watch` and `register`.
 //! - `compute`: the rayon pool, MD5, tar writing, safe extraction and tree walks; the only
 //!   code that touches rayon.
-//! - `model`, `progress`, `ui`: shared types, progress counters and terminal output.
+//! - `model`, `identity`, `progress`, `ui`: shared types, this process's identity, progress
+//!   counters and terminal output.
 
 pub mod app;
 pub mod archive;
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod commands;
 pub mod compute;
 pub mod config;
+pub mod identity;
 pub mod jobs;
 pub mod model;
 pub mod progress;

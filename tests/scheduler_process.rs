@@ -62,10 +62,7 @@ fn runs(project: &Project, job: &str) -> Vec<Value> {
     let runs = runtime.block_on(store.runs(Some(job), 1000)).unwrap();
     runs.iter()
         .map(|r| {
-            let error = match &r.outcome {
-                workers::store::RunOutcome::Failed(e) | workers::store::RunOutcome::Skipped(e) => Some(e.clone()),
-                _ => None,
-            };
+            let error = r.outcome.reason();
             serde_json::json!({"id": r.id, "host": r.host, "outcome": r.outcome.as_str(), "error": error})
         })
         .collect()

@@ -8,8 +8,8 @@ use anyhow::Context;
 use async_trait::async_trait;
 
 use super::{Archive, ArchiveError};
-use crate::compute::Pool;
 use crate::compute::md5::{Md5Digest, copy_file_with_md5};
+use crate::compute::{Pool, sync_parent};
 use crate::progress::Progress;
 
 pub struct LocalArchive {
@@ -45,23 +45,14 @@ fn copy_atomically(src: &Path, dst: &Path, progress: &Progress) -> anyhow::Resul
                 dst.display()
             )
         })?;
-        sync_parent(dst);
+        // Failure only weakens durability against power loss: not an error.
+        let _ = sync_parent(dst);
         Ok(md5)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&partial);
     }
     result
-}
-
-/// Makes a rename durable. Failure only weakens durability against power loss, so it is
-/// not an error.
-fn sync_parent(path: &Path) {
-    if let Some(parent) = path.parent()
-        && let Ok(dir) = std::fs::File::open(parent)
-    {
-        let _ = dir.sync_all();
-    }
 }
 
 #[async_trait]
@@ -94,7 +85,7 @@ impl Archive for LocalArchive {
                 }
                 match std::fs::rename(&local, &dst) {
                     Ok(()) => {
-                        sync_parent(&dst);
+                        let _ = sync_parent(&dst);
                         progress.set_done(size.unwrap_or(0));
                         return Ok(());
                     }

@@ -12,57 +12,22 @@ use rusqlite::{OptionalExtension, params};
 use tokio::sync::Notify;
 
 use super::{Broker, Delivery, TaskMessage};
+use crate::identity::Identity;
 use crate::sqlite::{Db, from_millis, to_millis};
 
 /// How long an idle consumer waits before looking again; messages published by other
 /// processes are seen at most this late.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
-/// Who holds a lease: `{hostname}:{pid}`.
-#[derive(Debug, Clone)]
-pub struct ConsumerId {
-    pub hostname: String,
-    pub pid: u32,
-}
-
-impl ConsumerId {
-    fn owner(&self) -> String {
-        format!("{}:{}", self.hostname, self.pid)
-    }
-
-    /// A lease owner that is a process of this host which no longer exists.
-    fn is_dead_owner(&self, owner: &str) -> bool {
-        let Some((host, pid)) = owner.rsplit_once(':') else {
-            return false;
-        };
-        if host != self.hostname {
-            return false;
-        }
-        let Ok(pid) = pid.parse::<i32>() else {
-            return false;
-        };
-        if pid as u32 == self.pid {
-            return false;
-        }
-        match rustix::process::Pid::from_raw(pid) {
-            Some(pid) => matches!(
-                rustix::process::test_kill_process(pid),
-                Err(rustix::io::Errno::SRCH)
-            ),
-            None => false,
-        }
-    }
-}
-
 pub struct EmbeddedBroker {
     db: Db,
-    consumer: ConsumerId,
+    consumer: Identity,
     lease: Duration,
     published: Arc<Notify>,
 }
 
 impl EmbeddedBroker {
-    pub fn new(db: Db, consumer: ConsumerId, lease: Duration) -> EmbeddedBroker {
+    pub fn new(db: Db, consumer: Identity, lease: Duration) -> EmbeddedBroker {
         EmbeddedBroker {
             db,
             consumer,
@@ -98,7 +63,7 @@ impl EmbeddedBroker {
                 };
                 tx.execute(
                     "UPDATE queue SET lease_owner = ?2, lease_until = ?3 WHERE task_id = ?1",
-                    params![task_id, consumer.owner(), now + lease_ms],
+                    params![task_id, consumer.holder(), now + lease_ms],
                 )?;
                 let message = tx.query_row(
                     "SELECT task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue
@@ -167,7 +132,7 @@ impl Broker for EmbeddedBroker {
                 Ok(message) => {
                     return Ok(Box::new(EmbeddedDelivery {
                         db: self.db.clone(),
-                        owner: self.consumer.owner(),
+                        owner: self.consumer.holder(),
                         lease: self.lease,
                         message,
                         published: Arc::clone(&self.published),

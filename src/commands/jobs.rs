@@ -121,10 +121,7 @@ pub(super) async fn run(
                             t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
                                 .unwrap_or_default()
                         };
-                        let error = match &run.outcome {
-                            RunOutcome::Failed(e) | RunOutcome::Skipped(e) => e.clone(),
-                            _ => String::new(),
-                        };
+                        let error = run.outcome.reason().unwrap_or_default().to_owned();
                         table.add_row([
                             run.id.to_string(),
                             format!(
@@ -149,10 +146,7 @@ pub(super) async fn run(
 }
 
 fn run_json(run: &JobRun) -> Value {
-    let error = match &run.outcome {
-        RunOutcome::Failed(e) | RunOutcome::Skipped(e) => Some(e.clone()),
-        _ => None,
-    };
+    let error = run.outcome.reason();
     json!({
         "id": run.id,
         "job": run.job,

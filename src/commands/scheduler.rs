@@ -153,22 +153,10 @@ async fn abandon_dead_runs(app: &App) {
     let Ok(runs) = app.scheduler_store.runs(None, 1000).await else {
         return;
     };
-    let prefix = format!("{}:", app.identity.hostname);
     let mut dead: Vec<String> = runs
         .into_iter()
-        .filter(|r| r.outcome == RunOutcome::Running && r.host.starts_with(&prefix))
+        .filter(|r| r.outcome == RunOutcome::Running && app.identity.is_dead_owner(&r.host))
         .map(|r| r.host)
-        .filter(|host| {
-            host.rsplit_once(':')
-                .and_then(|(_, pid)| pid.parse::<i32>().ok())
-                .and_then(rustix::process::Pid::from_raw)
-                .is_some_and(|pid| {
-                    matches!(
-                        rustix::process::test_kill_process(pid),
-                        Err(rustix::io::Errno::SRCH)
-                    )
-                })
-        })
         .collect();
     dead.sort();
     dead.dedup();

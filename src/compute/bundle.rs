@@ -86,7 +86,7 @@ pub fn write_bundle(
     }
     let result = write_partial(source, &partial, on_bytes).and_then(|summary| {
         fs::rename(&partial, bundle).map_err(io_error(bundle))?;
-        sync_parent(bundle)?;
+        super::sync_parent(bundle).map_err(io_error(bundle.parent().unwrap_or(bundle)))?;
         Ok(summary)
     });
     if result.is_err() {
@@ -94,16 +94,6 @@ pub fn write_bundle(
         let _ = fs::remove_file(&partial);
     }
     result
-}
-
-fn sync_parent(path: &Path) -> Result<(), BundleError> {
-    let parent = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    File::open(parent)
-        .and_then(|dir| dir.sync_all())
-        .map_err(io_error(parent))
 }
 
 fn write_partial(

@@ -75,6 +75,15 @@ impl Pool {
     }
 }
 
+/// Makes a rename of `path` durable by syncing the directory that holds it.
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(parent).and_then(|dir| dir.sync_all())
+}
+
 /// Where to build `path` before renaming it into place: a hidden sibling named after a hash
 /// of `path`'s name. The name stays short whatever the length of the final name (a 255-byte
 /// name plus a suffix would not fit in a path component), and it is the same on every

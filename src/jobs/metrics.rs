@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tracing::{info, warn};
 
-use super::registry_error;
 use crate::app::App;
 use crate::model::DatasetType;
 use crate::registry::Metric;
@@ -39,10 +38,7 @@ pub async fn run(app: &App, dry_run: bool) -> anyhow::Result<MetricsReport> {
         })
         .await?;
     if !dry_run && !report.metrics.is_empty() {
-        app.registry
-            .add_metrics(&report.metrics)
-            .await
-            .map_err(registry_error)?;
+        app.registry.add_metrics(&report.metrics).await?;
         info!(metrics = report.metrics.len(), "Recorded metrics.");
     }
     Ok(report)

@@ -62,7 +62,7 @@ use serde_json::{Map, Value, json};
 use tracing::{error, info, warn};
 
 use crate::app::App;
-use crate::registry::{BulkOutcome, Dataset, DatasetId, MAX_BULK, NewDataset, RegistryError};
+use crate::registry::{BulkOutcome, Dataset, DatasetId, MAX_BULK, NewDataset};
 use crate::store::{RunOutcome, Trigger};
 use crate::workflow::engine;
 
@@ -125,10 +125,6 @@ pub async fn start_integrated(app: &App, dataset: &Dataset) -> Option<String> {
             None
         }
     }
-}
-
-pub(crate) fn registry_error(err: RegistryError) -> anyhow::Error {
-    anyhow::Error::new(err)
 }
 
 /// How a job is run.

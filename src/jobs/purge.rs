@@ -10,7 +10,6 @@ use anyhow::Context;
 use chrono::{TimeDelta, Utc};
 use tracing::{info, warn};
 
-use super::registry_error;
 use crate::app::App;
 use crate::model::DatasetState;
 use crate::registry::{Dataset, DatasetPatch, DatasetQuery};
@@ -34,7 +33,7 @@ pub async fn purge_staged(app: &App, dry_run: bool) -> anyhow::Result<StagedPurg
         staged_before: Some(cutoff),
         ..Default::default()
     };
-    let mut due = app.registry.find(&query).await.map_err(registry_error)?;
+    let mut due = app.registry.find(&query).await?;
     // Oldest first: the longest-staged go first when there are more than the limit.
     due.sort_by_key(|d| d.updated_at);
     let limit = app.settings.stage.max_purges as usize;
@@ -104,12 +103,10 @@ async fn purge_one(app: &App, dataset: &Dataset) -> anyhow::Result<()> {
                 ..Default::default()
             },
         )
-        .await
-        .map_err(registry_error)?;
+        .await?;
     app.registry
         .add_state(dataset.id, DatasetState::Purged)
-        .await
-        .map_err(registry_error)?;
+        .await?;
     Ok(())
 }
 
@@ -158,11 +155,7 @@ pub async fn purge_stale_workflows(
         let Some(last) = page.last() else { break };
         after = Some(last.id.clone());
         let ids: Vec<String> = page.iter().map(|w| w.id.clone()).collect();
-        let linked = app
-            .registry
-            .linked_workflows(&ids)
-            .await
-            .map_err(registry_error)?;
+        let linked = app.registry.linked_workflows(&ids).await?;
         for id in ids.into_iter().filter(|id| !linked.contains(id)) {
             if report.purged.len() >= settings.max_purge_count {
                 break;

@@ -3,7 +3,7 @@
 
 use tracing::warn;
 
-use super::{Registered, registry_error, start_integrated};
+use super::{Registered, start_integrated};
 use crate::app::App;
 use crate::model::CreateMethod;
 use crate::registry::DatasetQuery;
@@ -52,7 +52,7 @@ pub async fn start_missing_workflows(
             create_method: Some(*method),
             ..Default::default()
         };
-        for dataset in app.registry.find(&query).await.map_err(registry_error)? {
+        for dataset in app.registry.find(&query).await? {
             let workflow_id = if dry_run {
                 None
             } else {

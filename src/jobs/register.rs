@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use tracing::info;
 
-use super::{Registered, register_and_start, registry_error, start_integrated};
+use super::{Registered, register_and_start, start_integrated};
 use crate::app::App;
 use crate::model::{CreateMethod, DatasetName, DatasetType};
 use crate::registry::{Dataset, DatasetQuery, NewDataset};
@@ -184,13 +184,7 @@ async fn existing(
         name: Some(name.clone()),
         ..Default::default()
     };
-    Ok(app
-        .registry
-        .find(&query)
-        .await
-        .map_err(registry_error)?
-        .into_iter()
-        .next())
+    Ok(app.registry.find(&query).await?.into_iter().next())
 }
 
 /// Whether any of the dataset's workflows is an `integrated` one.

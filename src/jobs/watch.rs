@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tracing::{info, warn};
 
-use super::{Registered, register_and_start, registry_error};
+use super::{Registered, register_and_start};
 use crate::app::App;
 use crate::compute::walk::regular_file_bytes;
 use crate::model::{CreateMethod, DatasetName, DatasetType};
@@ -159,15 +159,21 @@ async fn scan_source(
         report.missing = true;
         return Ok(report);
     }
-    let current = list_candidates(&source_dir, &source.rejects).with_context(|| {
-        format!(
-            "cannot list the source directory `{}`",
-            source_dir.display()
-        )
-    })?;
+    // Listing stats every entry: disk work (network file systems make it slow), on the pool.
+    let (dir, rejects) = (source_dir.clone(), source.rejects.clone());
+    let current = app
+        .pool
+        .run(move || list_candidates(&dir, &rejects))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot list the source directory `{}`",
+                source_dir.display()
+            )
+        })?;
     report.seen = current.len();
     let mut handled: BTreeSet<String> = BTreeSet::new();
-    let mut items = Vec::new();
+    let mut new: Vec<(String, DatasetName, PathBuf)> = Vec::new();
     for (dir_name, path) in &current {
         let Some(dir_name) = dir_name.to_str() else {
             let shown = dir_name.to_string_lossy().into_owned();
@@ -201,19 +207,34 @@ async fn scan_source(
                 continue;
             }
         }
-        let origin = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
-        items.push((
-            dir_name.to_owned(),
-            NewDataset {
+        new.push((dir_name.to_owned(), name, path.clone()));
+    }
+    // The origin path is recorded with links resolved (a link to a directory counts as one).
+    let paths: Vec<PathBuf> = new.iter().map(|(_, _, path)| path.clone()).collect();
+    let origins: Vec<PathBuf> = app
+        .pool
+        .run(move || {
+            paths
+                .into_iter()
+                .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+                .collect()
+        })
+        .await;
+    let items: Vec<(String, NewDataset)> = new
+        .into_iter()
+        .zip(origins)
+        .map(|((dir_name, name, _), origin)| {
+            let item = NewDataset {
                 name,
                 dataset_type,
                 origin_path: origin.to_string_lossy().into_owned(),
                 create_method: CreateMethod::Scan,
                 description: None,
                 metadata: None,
-            },
-        ));
-    }
+            };
+            (dir_name, item)
+        })
+        .collect();
     if opts.dry_run {
         report.would_register = items
             .iter()
@@ -248,12 +269,7 @@ async fn scan_source(
             name: Some(name.clone()),
             ..Default::default()
         };
-        if let Some(existing) = app
-            .registry
-            .find(&query)
-            .await
-            .map_err(registry_error)?
-            .first()
+        if let Some(existing) = app.registry.find(&query).await?.first()
             && existing.origin_path.as_deref() != Some(item.origin_path.as_str())
         {
             warn!(directory = %item.origin_path, name = %name,

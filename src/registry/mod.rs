@@ -184,6 +184,48 @@ pub trait Registry: Send + Sync {
     async fn add_metrics(&self, metrics: &[Metric]) -> Result<(), RegistryError>;
 }
 
+/// A dataset's file rows page by page, in path order: the cursor over `Registry::files_page`.
+pub struct FilePages<'a> {
+    registry: &'a dyn Registry,
+    id: DatasetId,
+    limit: usize,
+    after: Option<String>,
+    done: bool,
+}
+
+impl<'a> FilePages<'a> {
+    pub fn new(registry: &'a dyn Registry, id: DatasetId, limit: usize) -> FilePages<'a> {
+        FilePages {
+            registry,
+            id,
+            limit,
+            after: None,
+            done: false,
+        }
+    }
+
+    /// The next page, or `None` after the last row.
+    pub async fn next(&mut self) -> Result<Option<Vec<FileRecord>>, RegistryError> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = self
+            .registry
+            .files_page(self.id, self.after.as_deref(), self.limit)
+            .await?;
+        match page.last() {
+            Some(last) => {
+                self.after = Some(last.path.clone());
+                Ok(Some(page))
+            }
+            None => {
+                self.done = true;
+                Ok(None)
+            }
+        }
+    }
+}
+
 /// Merges `patch` into `base` like lodash `merge`, which the API uses for metadata: objects
 /// merge key by key and arrays index by index, recursively; any other value replaces.
 pub fn deep_merge(base: &mut serde_json::Value, patch: &serde_json::Value) {

@@ -17,7 +17,7 @@ use super::{StepContext, StepError, StepResult, existing_origin, returns_dataset
 use crate::compute::bundle::{BundleSummary, MemberSummary, write_bundle};
 use crate::compute::walk::fingerprint_add;
 use crate::model::{Bundle, DatasetState};
-use crate::registry::{Dataset, DatasetPatch};
+use crate::registry::{Dataset, DatasetPatch, FilePages};
 
 /// Page size for reading file rows back from the registry.
 const PAGE: usize = 10_000;
@@ -123,15 +123,8 @@ async fn check_against_inspection(
 ) -> Result<(), StepError> {
     let mut rows = 0u64;
     let mut fingerprint = 0u64;
-    let mut after: Option<String> = None;
-    loop {
-        let page = ctx
-            .app
-            .registry
-            .files_page(dataset.id, after.as_deref(), PAGE)
-            .await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.path.clone());
+    let mut pages = FilePages::new(ctx.app.registry.as_ref(), dataset.id, PAGE);
+    while let Some(page) = pages.next().await? {
         for row in &page {
             fingerprint = fingerprint_add(fingerprint, &row.path, row.size);
         }
@@ -165,15 +158,8 @@ async fn check_against_inspection(
 /// and the inspection. Failure path only: it holds both listings in memory.
 async fn describe_differences(ctx: &StepContext, dataset: &Dataset, bundle_path: &Path) -> String {
     let mut recorded: HashMap<String, u64> = HashMap::new();
-    let mut after: Option<String> = None;
-    while let Ok(page) = ctx
-        .app
-        .registry
-        .files_page(dataset.id, after.as_deref(), PAGE)
-        .await
-    {
-        let Some(last) = page.last() else { break };
-        after = Some(last.path.clone());
+    let mut pages = FilePages::new(ctx.app.registry.as_ref(), dataset.id, PAGE);
+    while let Ok(Some(page)) = pages.next().await {
         recorded.extend(page.into_iter().map(|r| (r.path, r.size)));
     }
     let bundle = bundle_path.to_path_buf();

@@ -76,7 +76,6 @@ impl Task {
 pub struct StepContext {
     pub app: Arc<App>,
     pub dataset_id: DatasetId,
-    pub workflow_id: String,
     pub task_id: String,
     /// The message's keyword arguments (`workflow_id`, `step`, `app_id` and step options).
     pub kwargs: Map<String, Value>,

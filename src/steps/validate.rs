@@ -10,7 +10,7 @@ use tracing::info;
 use super::{StepContext, StepError, StepResult};
 use crate::compute::md5::md5_file;
 use crate::model::{DatasetState, FileRecord, FileType};
-use crate::registry::DatasetPatch;
+use crate::registry::{DatasetPatch, FilePages};
 
 /// Rows hashed per round trip to the pool.
 const PAGE: usize = 10_000;
@@ -60,14 +60,8 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     let mut problems: Vec<String> = Vec::new();
     let mut problem_count = 0usize;
     let mut checked = 0u64;
-    let mut after: Option<String> = None;
-    loop {
-        let page = app
-            .registry
-            .files_page(dataset.id, after.as_deref(), PAGE)
-            .await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.path.clone());
+    let mut pages = FilePages::new(app.registry.as_ref(), dataset.id, PAGE);
+    while let Some(page) = pages.next().await? {
         checked += page.len() as u64;
         let (root, progress) = (root.clone(), ctx.progress.clone());
         let found: Vec<String> = app

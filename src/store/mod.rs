@@ -116,14 +116,6 @@ pub struct Workflow {
 }
 
 impl Workflow {
-    /// The task id of the last run of every step that has one.
-    pub fn last_task_ids(&self) -> Vec<String> {
-        self.steps
-            .iter()
-            .filter_map(|s| s.last_run().map(|r| r.task_id.clone()))
-            .collect()
-    }
-
     /// Every task id of every run.
     pub fn all_task_ids(&self) -> BTreeSet<String> {
         self.steps
@@ -316,6 +308,14 @@ pub enum RunOutcome {
 }
 
 impl RunOutcome {
+    /// Why a run failed or was skipped.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            RunOutcome::Failed(reason) | RunOutcome::Skipped(reason) => Some(reason),
+            RunOutcome::Running | RunOutcome::Success => None,
+        }
+    }
+
     pub fn as_str(&self) -> &'static str {
         match self {
             RunOutcome::Running => "running",

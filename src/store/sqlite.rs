@@ -583,13 +583,9 @@ impl SchedulerStore for SqliteStore {
         );
         self.db
             .write(move |tx| {
-                let error = match &outcome {
-                    RunOutcome::Failed(e) | RunOutcome::Skipped(e) => Some(e.clone()),
-                    _ => None,
-                };
                 tx.execute(
                     "UPDATE job_runs SET outcome = ?2, error = ?3, counters = ?4, ended_at = ?5 WHERE id = ?1",
-                    params![id, outcome.as_str(), error, counters, to_millis(now)],
+                    params![id, outcome.as_str(), outcome.reason(), counters, to_millis(now)],
                 )?;
                 Ok(())
             })

@@ -254,7 +254,6 @@ pub async fn handle(
         let ctx = StepContext {
             app: Arc::clone(app),
             dataset_id,
-            workflow_id: workflow.id.clone(),
             task_id: message.id.clone(),
             kwargs: message.kwargs.clone(),
             progress: progress.clone(),

@@ -259,15 +259,8 @@ pub fn state_names(dataset: &Dataset) -> Vec<String> {
 /// Every file row of a dataset.
 pub async fn file_rows(app: &App, id: i64) -> Vec<workers::model::FileRecord> {
     let mut rows = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let page = app
-            .registry
-            .files_page(id, after.as_deref(), 1000)
-            .await
-            .unwrap();
-        let Some(last) = page.last() else { break };
-        after = Some(last.path.clone());
+    let mut pages = workers::registry::FilePages::new(app.registry.as_ref(), id, 1000);
+    while let Some(page) = pages.next().await.unwrap() {
         rows.extend(page);
     }
     rows
