@@ -226,14 +226,13 @@ fn inspect_step(dir: &Path, threads: usize) -> Result<String> {
         problems: vec![],
     })
     .map_err(|e| anyhow::format_err!("benchmark configuration: {e}"))?;
-    let app = App::build(settings)?;
-
     // The same runtime shape as the `workers` binary.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let app = runtime.block_on(App::build(settings))?;
     let (seconds, peak_after_step, dataset) = runtime.block_on(async {
         let created = app
             .registry

@@ -39,7 +39,7 @@ pub struct App {
 }
 
 impl App {
-    pub fn build(settings: Settings) -> anyhow::Result<Arc<App>> {
+    pub async fn build(settings: Settings) -> anyhow::Result<Arc<App>> {
         let definitions = Definitions::load(&settings.workflows_dir).map_err(DefinitionErrors)?;
         let pool = Pool::new(settings.parallelism)?;
         let identity = Identity::current();
@@ -59,6 +59,7 @@ impl App {
         };
         let registry: Arc<dyn Registry> = match settings.backends.registry {
             RegistryKind::Sqlite => Arc::new(SqliteRegistry::new(embedded_db()?)),
+            RegistryKind::Http => anyhow::bail!("registry.kind = \"http\" is not available"),
         };
         let (store, scheduler_store): (Arc<dyn WorkflowStore>, Arc<dyn SchedulerStore>) =
             match settings.backends.store {
@@ -66,6 +67,7 @@ impl App {
                     let store = Arc::new(SqliteStore::new(embedded_db()?));
                     (store.clone(), store)
                 }
+                StoreKind::Mongo => anyhow::bail!("store.kind = \"mongo\" is not available"),
             };
         let broker: Arc<dyn Broker> = match settings.backends.broker {
             BrokerKind::Embedded => Arc::new(EmbeddedBroker::new(
@@ -73,9 +75,11 @@ impl App {
                 identity.clone(),
                 Duration::from_secs(settings.worker.lease_seconds),
             )),
+            BrokerKind::Amqp => anyhow::bail!("broker.kind = \"amqp\" is not available"),
         };
         let archive: Arc<dyn Archive> = match settings.backends.archive {
             ArchiveKind::Local => Arc::new(LocalArchive::new(pool.clone())),
+            ArchiveKind::Hsi => anyhow::bail!("archive.kind = \"hsi\" is not available"),
         };
         Ok(Arc::new(App {
             settings,

@@ -51,7 +51,7 @@ async fn ingested(project: &Project, name: &str) -> Dataset {
         ],
     );
     project.run_ok(&["jobs", "run", "watch", "--wait"]);
-    dataset_named(&project.app(), DatasetType::RawData, name).await
+    dataset_named(&*project.app().await, DatasetType::RawData, name).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -69,7 +69,7 @@ async fn an_unreadable_file_fails_inspect_naming_it_and_stores_nothing() {
     let out = { cmd }.output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
 
-    let app = project.app();
+    let app = project.app().await;
     let d = dataset_named(&app, DatasetType::RawData, "locked").await;
     let (step, message) = failure_of(&app, &d).await;
     assert_eq!(step, "inspect");
@@ -110,7 +110,7 @@ async fn a_symlink_leaving_the_dataset_fails_inspect() {
     std::os::unix::fs::symlink("../../../../etc/passwd", root.join("evil")).unwrap();
     let out = project.run(&["jobs", "run", "watch", "--wait"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
-    let app = project.app();
+    let app = project.app().await;
     let d = dataset_named(&app, DatasetType::RawData, "escaping").await;
     let (step, message) = failure_of(&app, &d).await;
     assert_eq!(step, "inspect");
@@ -125,7 +125,7 @@ async fn a_symlink_leaving_the_dataset_fails_inspect() {
 async fn a_corrupt_archive_fails_stage_with_a_checksum_mismatch() {
     let project = Project::new();
     let d = ingested(&project, "corrupt_archive").await;
-    let app = project.app();
+    let app = project.app().await;
     let staged = PathBuf::from(d.staged_path.clone().unwrap());
     std::fs::remove_dir_all(&staged).unwrap();
     // Flip one byte of the archived bundle: same size, different content.
@@ -172,7 +172,7 @@ async fn a_corrupt_archive_fails_stage_with_a_checksum_mismatch() {
 async fn validate_lists_every_mismatched_and_missing_file() {
     let project = Project::new();
     let d = ingested(&project, "mismatch").await;
-    let app = project.app();
+    let app = project.app().await;
     // Record wrong checksums for two files and a row for a file that does not exist.
     let db =
         workers::sqlite::Db::open(&app.settings.sqlite.path, std::time::Duration::from_secs(5))
@@ -210,7 +210,7 @@ async fn validate_lists_every_mismatched_and_missing_file() {
 /// Replaces the dataset's archived bundle with `tar_bytes` and records its MD5, as if the
 /// archive had been tampered with, then runs the stage workflow, which must fail.
 async fn stage_hostile(project: &Project, d: &Dataset, tar_bytes: Vec<u8>) -> String {
-    let app = project.app();
+    let app = project.app().await;
     let archive = PathBuf::from(d.archive_path.clone().unwrap());
     std::fs::write(&archive, &tar_bytes).unwrap();
     let md5 = md5sum(&archive).parse().unwrap();

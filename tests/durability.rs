@@ -73,7 +73,7 @@ async fn survives_a_kill_during(step: &str, files: Vec<(String, Vec<u8>)>) {
         .map(|(p, c)| (p.as_str(), c.as_slice()))
         .collect();
     let origin = project.dataset(DatasetType::RawData, "big", &refs);
-    let app = project.app();
+    let app = project.app().await;
 
     let mut child = project
         .command(&["jobs", "run", "watch", "--wait"])

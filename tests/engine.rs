@@ -67,7 +67,7 @@ async fn retryable_failures_are_retried_then_fail_and_resume_finishes_the_workfl
         "WORKERS__RETRY__STEPS__ARCHIVE_DATASET",
         "{ max_retries = 2, delay_seconds = 0 }",
     );
-    let app = project.app();
+    let app = project.app().await;
     let id = register(&app, &project, "retry_me").await;
     // A file where the bundle directory should be: creating it fails (an I/O error, retryable).
     let blocker = app
@@ -133,7 +133,7 @@ async fn retryable_failures_are_retried_then_fail_and_resume_finishes_the_workfl
 #[tokio::test(flavor = "multi_thread")]
 async fn a_permanent_failure_stops_the_workflow_at_once() {
     let project = Project::new();
-    let app = project.app();
+    let app = project.app().await;
     let id = register(&app, &project, "vanished").await;
     std::fs::remove_dir_all(project.source(DatasetType::RawData).join("vanished")).unwrap();
     let workflow_id = engine::start(&app, "integrated", id, Default::default())
@@ -163,7 +163,7 @@ async fn a_permanent_failure_stops_the_workflow_at_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redelivered_message_of_a_finished_step_does_not_run_it_again() {
     let project = Project::new();
-    let app = project.app();
+    let app = project.app().await;
     let id = register(&app, &project, "twice").await;
     let workflow_id = engine::start(&app, "integrated", id, Default::default())
         .await
@@ -215,7 +215,7 @@ async fn a_redelivered_message_of_a_finished_step_does_not_run_it_again() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_of_an_unknown_task_fails_its_workflow_instead_of_looping() {
     let project = Project::new();
-    let app = project.app();
+    let app = project.app().await;
     let id = register(&app, &project, "unknown_task").await;
     let workflow_id = engine::start(&app, "integrated", id, Default::default())
         .await
@@ -243,7 +243,7 @@ async fn a_message_of_an_unknown_task_fails_its_workflow_instead_of_looping() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_workflow_whose_first_step_was_never_published_is_repaired() {
     let project = Project::new();
-    let app = project.app();
+    let app = project.app().await;
     let id = register(&app, &project, "stalled").await;
     // What a crash between creating the workflow and publishing its first step leaves.
     let spec = app.definitions.get("integrated").unwrap().clone();
@@ -274,7 +274,7 @@ async fn progress_is_recorded_while_a_long_step_runs() {
         .map(|(p, c)| (p.as_str(), c.as_slice()))
         .collect();
     project.dataset(DatasetType::RawData, "progress", &refs);
-    let app = project.app();
+    let app = project.app().await;
     let mut child = project
         .command(&["jobs", "run", "watch", "--wait"])
         .spawn()

@@ -52,7 +52,7 @@ async fn purge_staged_datasets_removes_old_staged_copies_and_their_links() {
         project.dataset(DatasetType::RawData, name, &[("a.txt", name.as_bytes())]);
     }
     project.run_ok(&["jobs", "run", "watch", "--wait"]);
-    let app = project.app();
+    let app = project.app().await;
     let mut old = Vec::new();
     for name in ["old_1", "old_2", "old_3"] {
         let d = dataset_named(&app, DatasetType::RawData, name).await;
@@ -140,7 +140,7 @@ async fn purge_staged_datasets_removes_old_staged_copies_and_their_links() {
 #[tokio::test(flavor = "multi_thread")]
 async fn purge_stale_workflows_deletes_only_old_unlinked_workflows() {
     let project = Project::new();
-    let app = project.app();
+    let app = project.app().await;
     let spec = app.definitions.get("stage").unwrap().clone();
     let origin = project.dataset(DatasetType::RawData, "linked", &[("a", b"a")]);
     let id = register_without_workflow(&app, "linked", &origin).await;
@@ -193,7 +193,7 @@ async fn purge_stale_workflows_deletes_only_old_unlinked_workflows() {
 #[tokio::test(flavor = "multi_thread")]
 async fn reconcile_starts_missing_workflows_and_repairs_stalled_ones() {
     let project = Project::new();
-    let app = project.app();
+    let app = project.app().await;
     let origin = project.dataset(DatasetType::RawData, "orphan", &[("a", b"a")]);
     register_without_workflow(&app, "orphan", &origin).await;
     let stalled = project.dataset(DatasetType::RawData, "stalled", &[("b", b"b")]);

@@ -188,7 +188,7 @@ async fn watch_takes_every_dataset_to_staged_and_verified() {
     );
     assert!(printed.contains("SUCCESS"), "{printed}");
 
-    let app = project.app();
+    let app = project.app().await;
     for ((t, dir_name, normalized), origin) in names.iter().zip(&origins) {
         let name = if normalized.is_empty() {
             *dir_name
@@ -248,7 +248,7 @@ async fn the_stage_workflow_stages_an_archived_dataset_again() {
     let project = Project::new();
     let origin = populate(&project, DatasetType::RawData, "restage_me", 7);
     project.run_ok(&["jobs", "run", "watch", "--wait"]);
-    let app = project.app();
+    let app = project.app().await;
     let before = dataset_named(&app, DatasetType::RawData, "restage_me").await;
     let staged = PathBuf::from(before.staged_path.clone().unwrap());
     // As if the staged copy had been purged.
@@ -287,7 +287,7 @@ async fn the_delete_workflow_removes_the_archive_and_frees_the_name() {
     let project = Project::new();
     populate(&project, DatasetType::DataProduct, "to_delete", 3);
     project.run_ok(&["jobs", "run", "watch", "--wait"]);
-    let app = project.app();
+    let app = project.app().await;
     let before = dataset_named(&app, DatasetType::DataProduct, "to_delete").await;
     let archive = PathBuf::from(before.archive_path.clone().unwrap());
     assert!(archive.exists());

@@ -26,7 +26,7 @@ fn container(project: &Project, name: &str, subdirs: &[&str]) -> PathBuf {
 }
 
 async fn names(project: &Project, t: DatasetType) -> Vec<String> {
-    let app = project.app();
+    let app = project.app().await;
     let mut names: Vec<String> = app
         .registry
         .find(&DatasetQuery {
@@ -62,7 +62,7 @@ async fn subdirectories_or_the_directory_itself_are_registered() {
     // Case 2: the directory itself, not its subdirectories.
     project.run_ok(&["register", dir, "--type", "RAW_DATA"]);
     assert_eq!(names(&project, DatasetType::RawData).await, ["batch_1"]);
-    let app = project.app();
+    let app = project.app().await;
     let d = dataset_named(&app, DatasetType::RawData, "batch_1").await;
     assert_eq!(d.create_method, Some(CreateMethod::OnDemand));
     assert_eq!(
@@ -107,7 +107,7 @@ async fn prefixes_suffixes_and_descriptions_apply() {
         ["PRE-ds_a", "PRE-ds_a-SUF", "PRE-ds_b", "PRE-ds_b-SUF"]
     );
     assert_eq!(names(&project, DatasetType::RawData).await, ["batch_2-SUF"]);
-    let app = project.app();
+    let app = project.app().await;
     let d = dataset_named(&app, DatasetType::DataProduct, "PRE-ds_a-SUF").await;
     assert_eq!(d.description.as_deref(), Some("This is a test dataset"));
 }
@@ -184,7 +184,7 @@ async fn a_dry_run_registers_and_starts_nothing() {
         "{}",
         stdout(&out)
     );
-    let app = project.app();
+    let app = project.app().await;
     assert!(
         app.registry
             .find(&Default::default())
@@ -214,7 +214,7 @@ async fn more_than_a_hundred_directories_go_in_batches() {
         "RAW_DATA",
         "--ingest-subdirs",
     ]);
-    let app = project.app();
+    let app = project.app().await;
     let all = app.registry.find(&Default::default()).await.unwrap();
     assert_eq!(all.len(), 130);
     assert!(all.iter().all(|d| d.workflows.len() == 1));
@@ -233,7 +233,7 @@ async fn register_with_wait_takes_the_datasets_to_staged() {
         "--wait",
     ]);
     assert!(stdout(&out).contains("SUCCESS"), "{}", describe(&out));
-    let d = dataset_named(&project.app(), DatasetType::RawData, "ds_a").await;
+    let d = dataset_named(&*project.app().await, DatasetType::RawData, "ds_a").await;
     assert_eq!(
         state_names(&d),
         ["REGISTERED", "READY", "ARCHIVED", "FETCHED", "STAGED"]

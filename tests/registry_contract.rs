@@ -258,6 +258,6 @@ async fn registry_story(registry: &dyn Registry) {
 #[tokio::test]
 async fn the_sqlite_registry_keeps_the_contract() {
     let project = Project::new();
-    let app = project.app();
+    let app = project.app().await;
     registry_story(app.registry.as_ref()).await;
 }

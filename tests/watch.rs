@@ -25,7 +25,7 @@ async fn a_dataset_left_without_a_workflow_is_found_and_started() {
     let project = Project::new();
     let origin = project.dataset(DatasetType::RawData, "orphan", &[("a.txt", b"a")]);
     // What a crash between registration and workflow start leaves behind (spec J.1).
-    let app = project.app();
+    let app = project.app().await;
     register_without_workflow(&app, "orphan", &origin).await;
     let out = project.run_ok(&["jobs", "run", "watch", "--wait"]);
     assert!(
@@ -121,7 +121,7 @@ fn a_dry_run_registers_nothing() {
 async fn a_failed_batch_is_tried_again_on_the_next_run() {
     let project = Project::new();
     project.dataset(DatasetType::RawData, "first_try_fails", &[("a.txt", b"a")]);
-    let built = project.app();
+    let built = project.app().await;
     let flaky = Arc::new(FlakyRegistry {
         inner: Arc::clone(&built.registry),
         fail_bulk: AtomicUsize::new(1),
@@ -187,7 +187,7 @@ async fn two_worker_processes_share_the_queue_and_run_each_step_once() {
     for out in &outputs {
         assert!(out.status.success(), "{}", describe(out));
     }
-    let app = project.app();
+    let app = project.app().await;
     for name in &names {
         let d = dataset_named(&app, DatasetType::RawData, name).await;
         assert_eq!(

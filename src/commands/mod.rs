@@ -72,7 +72,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             warn!("{warning}");
         }
     }
-    let app = App::build(settings)?;
+    let app = App::build(settings).await?;
     match cli.command {
         Command::Config(_) => unreachable!("handled above"),
         Command::Jobs(cmd) => jobs::run(&app, cmd, display).await,

@@ -123,7 +123,7 @@ async fn handle_signals(load: LoadOptions, runner: Arc<AppRunner>, control: mpsc
             _ = int.recv() => break,
             _ = hup.recv() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
-                match reload(&load) {
+                match reload(&load).await {
                     Ok(app) => {
                         let schedules = app.settings.schedules.clone();
                         *runner.app.write().unwrap_or_else(|e| e.into_inner()) = app;
@@ -140,11 +140,11 @@ async fn handle_signals(load: LoadOptions, runner: Arc<AppRunner>, control: mpsc
     let _ = control.send(Control::Shutdown).await;
 }
 
-fn reload(load: &LoadOptions) -> anyhow::Result<Arc<App>> {
+async fn reload(load: &LoadOptions) -> anyhow::Result<Arc<App>> {
     // The environment and .env are read again: they may have changed too.
     let fresh = LoadOptions::from_process(Some(load.config_dir.clone()));
     let settings = crate::config::load(&fresh)?;
-    App::build(settings)
+    App::build(settings).await
 }
 
 /// Runs that a scheduler of this host left running when it died are marked failed, so the

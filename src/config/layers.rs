@@ -290,6 +290,19 @@ pub(super) fn env_template(default: &Table) -> Table {
     template
 }
 
+/// The variables of the original workers' environment (spec H.1) that set a key, so that an
+/// existing deployment's `.env` works unchanged. `WORKERS__...` variables override them.
+pub(super) const LEGACY_VARS: &[(&str, &[&str])] = &[
+    ("API_BASE_URL", &["api", "base_url"]),
+    ("MONGO_HOST", &["mongo", "host"]),
+    ("MONGO_PORT", &["mongo", "port"]),
+    ("MONGO_DB", &["mongo", "database"]),
+    ("MONGO_AUTH_SOURCE", &["mongo", "auth_source"]),
+    ("MONGO_USER", &["mongo", "user"]),
+    ("QUEUE_URL", &["amqp", "url"]),
+    ("QUEUE_USER", &["amqp", "user"]),
+];
+
 /// What the `WORKERS__...` variables contribute.
 pub(super) struct EnvLayers {
     /// One layer per variable, in name order.
@@ -308,6 +321,29 @@ pub(super) fn env_layers(
     let mut layers = Vec::new();
     let mut secret_vars = Vec::new();
     let mut claimed: BTreeMap<Vec<String>, String> = BTreeMap::new();
+    for (var, path) in LEGACY_VARS {
+        let Some(raw) = env.get(*var) else { continue };
+        let keys: Vec<String> = path.iter().map(|k| k.to_string()).collect();
+        let Some(template_value) = get(template, &keys) else {
+            continue;
+        };
+        let source = format!("environment variable {var}");
+        let key = display_path(&key_path(&keys));
+        match env_value(raw, template_value) {
+            Ok(value) => {
+                let mut table = Table::new();
+                set(&mut table, &keys, value);
+                layers.push((
+                    table,
+                    Layer {
+                        name: source,
+                        positions: BTreeMap::new(),
+                    },
+                ));
+            }
+            Err(message) => errors.push(ConfigError::new(key, source, message)),
+        }
+    }
     for (var, raw) in env {
         let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
             continue;
@@ -356,28 +392,11 @@ pub(super) fn env_layers(
             ));
             continue;
         }
-        // Strings (and paths) are taken verbatim so a salt `123` or a path stays a string;
-        // every other key takes a TOML value, so `4`, `true` and `[".x"]` mean what they say.
-        let value = if template_value.is_str() {
-            Value::String(raw.clone())
-        } else {
-            match raw.parse::<Value>() {
-                Ok(value) => value,
-                Err(err) => {
-                    // The parser's own words only help for structured values: for `four` it
-                    // complains about an invalid boolean.
-                    let message = if template_value.is_array() || template_value.is_table() {
-                        format!(
-                            "`{raw}` is not {} ({})",
-                            describe_kind(template_value),
-                            err.message().trim()
-                        )
-                    } else {
-                        format!("`{raw}` is not {}", describe_kind(template_value))
-                    };
-                    errors.push(ConfigError::new(key, source, message));
-                    continue;
-                }
+        let value = match env_value(raw, template_value) {
+            Ok(value) => value,
+            Err(message) => {
+                errors.push(ConfigError::new(key, source, message));
+                continue;
             }
         };
         claimed.insert(keys.clone(), var.clone());
@@ -395,6 +414,28 @@ pub(super) fn env_layers(
         layers,
         secret_vars,
     }
+}
+
+/// The value a variable gives a key whose default is `template_value`.
+fn env_value(raw: &str, template_value: &Value) -> Result<Value, String> {
+    // Strings (and paths) are taken verbatim so a salt `123` or a path stays a string;
+    // every other key takes a TOML value, so `4`, `true` and `[".x"]` mean what they say.
+    if template_value.is_str() {
+        return Ok(Value::String(raw.to_string()));
+    }
+    raw.parse::<Value>().map_err(|err| {
+        // The parser's own words only help for structured values: for `four` it complains
+        // about an invalid boolean.
+        if template_value.is_array() || template_value.is_table() {
+            format!(
+                "`{raw}` is not {} ({})",
+                describe_kind(template_value),
+                err.message().trim()
+            )
+        } else {
+            format!("`{raw}` is not {}", describe_kind(template_value))
+        }
+    })
 }
 
 /// The key path (spelled as in `template`) that `segments` name, and the template's value there;

@@ -17,10 +17,27 @@ pub(super) struct SecretSpec {
     pub(super) legacy_var: Option<&'static str>,
 }
 
-pub(super) const SECRETS: &[SecretSpec] = &[SecretSpec {
-    name: "alias_salt",
-    legacy_var: Some("ALIAS_SALT"),
-}];
+pub(super) const SECRETS: &[SecretSpec] = &[
+    SecretSpec {
+        name: "alias_salt",
+        legacy_var: Some("ALIAS_SALT"),
+    },
+    // The bearer token of the Bioloop API (registry.kind = "http").
+    SecretSpec {
+        name: "api_token",
+        legacy_var: Some("APP_API_TOKEN"),
+    },
+    // RabbitMQ's password (broker.kind = "amqp").
+    SecretSpec {
+        name: "queue_password",
+        legacy_var: Some("QUEUE_PASS"),
+    },
+    // MongoDB's password (store.kind = "mongo").
+    SecretSpec {
+        name: "mongo_password",
+        legacy_var: Some("MONGO_PASS"),
+    },
+];
 
 /// Salt of the stage aliases when none is configured outside production.
 pub(super) const DEVELOPMENT_ALIAS_SALT: &str = "development-only-alias-salt";

@@ -35,6 +35,10 @@ pub struct RawSettings {
     pub broker: RawBackend,
     pub archive: RawBackend,
     pub sqlite: RawSqlite,
+    pub api: RawApi,
+    pub mongo: RawMongo,
+    pub amqp: RawAmqp,
+    pub hsi: RawHsi,
     pub secrets: RawSecrets,
     pub log: RawLog,
     pub scheduler: RawScheduler,
@@ -179,8 +183,12 @@ pub struct RetryPolicy {
 pub struct RawWorker {
     /// Steps one process runs at once.
     pub concurrency: usize,
-    /// Embedded queue: a claimed step whose lease is not renewed within this time is redelivered.
+    /// A running step's claim is renewed every third of this; a claim not renewed within this
+    /// time (its worker died) lets another worker take the step.
     pub lease_seconds: u64,
+    /// On SIGTERM, how long running steps may take to finish before they are stopped and
+    /// handed back to the queue.
+    pub shutdown_grace_seconds: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -198,6 +206,57 @@ pub struct RawBackend {
 pub struct RawSqlite {
     pub path: PathBuf,
     pub busy_timeout_seconds: u64,
+}
+
+/// The Bioloop API (`registry.kind = "http"`, spec E.1).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawApi {
+    /// The API root, e.g. "http://api:3030/" (API_BASE_URL).
+    pub base_url: String,
+    pub connect_timeout_seconds: f64,
+    pub read_timeout_seconds: f64,
+    /// Retries of a request on connection errors, timeouts and 429/502/503.
+    pub max_retries: u32,
+    /// The n-th retry waits backoff_seconds * 2^(n-1), at most backoff_max_seconds.
+    pub backoff_seconds: f64,
+    pub backoff_max_seconds: f64,
+}
+
+/// The MongoDB holding sca-rhythm's and Celery's documents (`store.kind = "mongo"`, spec F.1).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawMongo {
+    /// A full connection string; when empty, one is built from the keys below (MONGO_HOST,
+    /// MONGO_PORT, MONGO_USER, MONGO_AUTH_SOURCE and the secret MONGO_PASS).
+    pub uri: String,
+    pub host: String,
+    pub port: u16,
+    /// The database (MONGO_DB).
+    pub database: String,
+    pub auth_source: String,
+    /// Empty for a server without authentication.
+    pub user: String,
+}
+
+/// RabbitMQ (`broker.kind = "amqp"`, spec G.1).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawAmqp {
+    /// `host:port/vhost` as QUEUE_URL (vhost `/` spelled `%2f`), or a full `amqp://` URL.
+    pub url: String,
+    pub user: String,
+    /// Queues consumed by `workers worker`; empty means `{app_id}.q`.
+    pub queues: Vec<String>,
+    pub heartbeat_seconds: u16,
+    /// The longest wait between two reconnection attempts.
+    pub reconnect_max_seconds: u64,
+}
+
+/// HPSS through `hsi` (`archive.kind = "hsi"`, spec D.3).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawHsi {
+    /// The `hsi` program: a name looked up in PATH, or a path.
+    pub command: PathBuf,
+    /// Transfer with checksums (`put -c on`, `get -c on`).
+    pub verify: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -230,6 +289,10 @@ pub struct Settings {
     pub progress_interval: std::time::Duration,
     pub backends: Backends,
     pub sqlite: RawSqlite,
+    pub api: ApiSettings,
+    pub mongo: MongoSettings,
+    pub amqp: AmqpSettings,
+    pub hsi: RawHsi,
     pub log: RawLog,
     pub service_user: String,
     pub scheduler: SchedulerSettings,
@@ -241,6 +304,40 @@ pub struct Settings {
     pub sources: Vec<String>,
     /// Things worth telling the operator at startup (for example a development secret in use).
     pub warnings: Vec<String>,
+}
+
+/// The Bioloop API client's settings.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Ends in `/`, so relative paths join below it.
+    pub base_url: url::Url,
+    pub token: Option<SecretString>,
+    pub connect_timeout: std::time::Duration,
+    pub read_timeout: std::time::Duration,
+    pub max_retries: u32,
+    pub backoff: std::time::Duration,
+    pub backoff_max: std::time::Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct MongoSettings {
+    /// The connection string, with the password when there is one.
+    pub uri: SecretString,
+    /// The connection string without credentials, for messages.
+    pub display: String,
+    pub database: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AmqpSettings {
+    /// `amqp://user:password@host:port/vhost`.
+    pub uri: SecretString,
+    /// The URL without credentials, for messages.
+    pub display: String,
+    /// Never empty.
+    pub queues: Vec<String>,
+    pub heartbeat: u16,
+    pub reconnect_max: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -324,21 +421,25 @@ pub struct Stage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegistryKind {
     Sqlite,
+    Http,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
     Sqlite,
+    Mongo,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerKind {
     Embedded,
+    Amqp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArchiveKind {
     Local,
+    Hsi,
 }
 
 /// Gives a backend enum its configuration names (`kind = "..."`), so the loader's checks and
@@ -366,10 +467,10 @@ macro_rules! backend_kind_names {
     };
 }
 
-backend_kind_names!(RegistryKind { Sqlite => "sqlite" });
-backend_kind_names!(StoreKind { Sqlite => "sqlite" });
-backend_kind_names!(BrokerKind { Embedded => "embedded" });
-backend_kind_names!(ArchiveKind { Local => "local" });
+backend_kind_names!(RegistryKind { Sqlite => "sqlite", Http => "http" });
+backend_kind_names!(StoreKind { Sqlite => "sqlite", Mongo => "mongo" });
+backend_kind_names!(BrokerKind { Embedded => "embedded", Amqp => "amqp" });
+backend_kind_names!(ArchiveKind { Local => "local", Hsi => "hsi" });
 
 #[derive(Debug, Clone, Copy)]
 pub struct Backends {

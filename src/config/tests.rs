@@ -173,11 +173,15 @@ fn the_shipped_default_loads() {
 }
 
 #[test]
-fn the_shipped_production_overlay_loads_with_a_salt() {
+fn the_shipped_production_overlay_loads_with_its_secrets() {
     let opts = LoadOptions {
         config_dir: manifest_dir().join("config"),
         app_env: Some("production".to_string()),
-        env: env_map(&[("ALIAS_SALT", "s3cret")]),
+        env: env_map(&[
+            ("ALIAS_SALT", "s3cret"),
+            ("APP_API_TOKEN", "jwt"),
+            ("QUEUE_PASS", "pw"),
+        ]),
         problems: Vec::new(),
     };
     let settings = ok(load(&opts));
@@ -191,10 +195,12 @@ fn the_shipped_production_overlay_loads_with_a_salt() {
     );
     assert_eq!(settings.registration.minimum_dataset_size, 0);
     assert_eq!(settings.paths.root, PathBuf::from("/opt/sca/data"));
-    assert_eq!(
-        settings.paths.raw_data.archive,
-        "/opt/sca/data/archive/{year}/raw_data"
-    );
+    assert_eq!(settings.backends.registry, RegistryKind::Http);
+    assert_eq!(settings.backends.store, StoreKind::Mongo);
+    assert_eq!(settings.backends.broker, BrokerKind::Amqp);
+    assert_eq!(settings.backends.archive, ArchiveKind::Hsi);
+    // HPSS paths stay relative to the HPSS home.
+    assert_eq!(settings.paths.raw_data.archive, "archive/{year}/raw_data");
     assert_eq!(
         settings.paths.raw_data.stage,
         PathBuf::from("/opt/sca/data/staged/raw_data")
@@ -226,17 +232,23 @@ fn the_shipped_production_overlay_loads_with_a_salt() {
 }
 
 #[test]
-fn the_shipped_production_overlay_requires_the_salt() {
+fn the_shipped_production_overlay_requires_its_secrets() {
     let opts = LoadOptions {
         config_dir: manifest_dir().join("config"),
         app_env: Some("production".to_string()),
         ..LoadOptions::default()
     };
     let errors = expect_errors(load(&opts));
-    let error = error_for(&errors, "secrets.alias_salt");
-    assert!(error.message.contains("ALIAS_SALT"), "{error}");
-    assert!(error.message.contains("production.toml"), "{error}");
-    assert_eq!(errors.len(), 1, "{errors:?}");
+    for (key, variable) in [
+        ("secrets.alias_salt", "ALIAS_SALT"),
+        ("secrets.api_token", "APP_API_TOKEN"),
+        ("secrets.queue_password", "QUEUE_PASS"),
+    ] {
+        let error = error_for(&errors, key);
+        assert!(error.message.contains(variable), "{error}");
+        assert!(error.message.contains("production.toml"), "{error}");
+    }
+    assert_eq!(errors.len(), 3, "{errors:?}");
 }
 
 // --- layering ---
@@ -524,8 +536,8 @@ fn an_unknown_key_in_a_file_names_the_key_and_the_file() {
 #[test]
 fn an_unknown_section_is_reported_once_per_file() {
     let project = Project::new();
-    let errors = expect_errors(project.load_production("[api]\nbase_url = \"http://x\"\n", &[]));
-    let error = error_for(&errors, "api");
+    let errors = expect_errors(project.load_production("[apis]\nbase_url = \"http://x\"\n", &[]));
+    let error = error_for(&errors, "apis");
     assert!(error.source.ends_with("production.toml:1:2"), "{error}");
     assert_eq!(errors.len(), 1, "{errors:?}");
 }
@@ -629,10 +641,10 @@ fn a_missing_required_secret_names_the_variables_and_the_requirement() {
 fn an_unknown_required_secret_is_an_error() {
     let project = Project::new();
     let errors =
-        expect_errors(project.load_production("[secrets]\nrequired = [\"api_token\"]\n", &[]));
+        expect_errors(project.load_production("[secrets]\nrequired = [\"api_key\"]\n", &[]));
     let error = error_for(&errors, "secrets.required[0]");
     assert!(
-        error.message.contains("unknown secret `api_token`"),
+        error.message.contains("unknown secret `api_key`"),
         "{error}"
     );
 }
@@ -681,7 +693,7 @@ fn an_unknown_backend_kind_lists_the_known_ones() {
     let error = error_for(&errors, "registry.kind");
     assert_eq!(
         error.message,
-        "unknown registry backend `postgres` (known: sqlite)"
+        "unknown registry backend `postgres` (known: sqlite, http)"
     );
 }
 
@@ -950,4 +962,100 @@ fn the_env_example_parses_and_its_overrides_load() {
     let settings = ok(load(&opts));
     assert_eq!(settings.parallelism, 4);
     assert!(settings.retry.steps.contains_key("archive_dataset"));
+}
+
+#[test]
+fn the_original_environment_variables_configure_the_production_backends() {
+    let project = Project::new();
+    let settings = ok(project.load_production(
+        "[registry]\nkind = \"http\"\n[store]\nkind = \"mongo\"\n[broker]\nkind = \"amqp\"\n",
+        &[
+            ("API_BASE_URL", "http://api:3030/prefix"),
+            ("APP_API_TOKEN", "token-value"),
+            ("QUEUE_URL", "queue:5672/bioloop"),
+            ("QUEUE_USER", "worker"),
+            ("QUEUE_PASS", "p@ss/word"),
+            ("MONGO_HOST", "mongo"),
+            ("MONGO_PORT", "27018"),
+            ("MONGO_DB", "celery"),
+            ("MONGO_USER", "root"),
+            ("MONGO_PASS", "m:pw"),
+            ("MONGO_AUTH_SOURCE", "admin"),
+        ],
+    ));
+    // The base gets a trailing slash so that relative paths join below it (spec E.1).
+    assert_eq!(settings.api.base_url.as_str(), "http://api:3030/prefix/");
+    assert_eq!(
+        settings.api.token.as_ref().map(SecretString::expose),
+        Some("token-value")
+    );
+    assert_eq!(
+        settings.amqp.uri.expose(),
+        "amqp://worker:p%40ss%2Fword@queue:5672/bioloop"
+    );
+    assert_eq!(settings.amqp.display, "amqp://worker@queue:5672/bioloop");
+    assert_eq!(settings.amqp.queues, [format!("{}.q", settings.app_id)]);
+    assert_eq!(
+        settings.mongo.uri.expose(),
+        "mongodb://root:m%3Apw@mongo:27018/celery?authSource=admin"
+    );
+    assert_eq!(settings.mongo.database, "celery");
+    assert!(!settings.mongo.display.contains("m%3Apw"));
+    // Debug output never shows a secret.
+    let debug = format!("{settings:?}");
+    assert!(
+        !debug.contains("token-value") && !debug.contains("p%40ss"),
+        "{debug}"
+    );
+}
+
+#[test]
+fn workers_variables_override_the_original_ones() {
+    let project = Project::new();
+    let settings = ok(project.load_production(
+        "",
+        &[
+            ("API_BASE_URL", "http://old:3030/"),
+            ("WORKERS__API__BASE_URL", "http://new:3030/"),
+        ],
+    ));
+    assert_eq!(settings.api.base_url.as_str(), "http://new:3030/");
+}
+
+#[test]
+fn the_api_registry_needs_its_token_and_a_valid_url() {
+    let project = Project::new();
+    let errors = expect_errors(project.load_production(
+        "[registry]\nkind = \"http\"\n[api]\nbase_url = \"api:3030\"\n",
+        &[("MONGO_PORT", "huge")],
+    ));
+    assert!(
+        error_for(&errors, "secrets.api_token")
+            .message
+            .contains("APP_API_TOKEN")
+    );
+    assert!(
+        error_for(&errors, "api.base_url")
+            .message
+            .contains("not an http")
+    );
+    let port = error_for(&errors, "mongo.port");
+    assert_eq!(port.source, "environment variable MONGO_PORT");
+}
+
+#[test]
+fn a_full_amqp_url_and_mongo_uri_are_used_as_given() {
+    let project = Project::new();
+    let settings = ok(project.load_production(
+        "[amqp]\nurl = \"amqp://u:p@rabbit:5672/%2f\"\nqueues = [\"a.q\", \"b.q\"]\n\
+         [mongo]\nuri = \"mongodb://127.0.0.1:27017/?directConnection=true\"\ndatabase = \"t1\"\n",
+        &[],
+    ));
+    assert_eq!(settings.amqp.uri.expose(), "amqp://u:p@rabbit:5672/%2f");
+    assert_eq!(settings.amqp.queues, ["a.q", "b.q"]);
+    assert_eq!(
+        settings.mongo.uri.expose(),
+        "mongodb://127.0.0.1:27017/?directConnection=true"
+    );
+    assert_eq!(settings.mongo.database, "t1");
 }

@@ -324,12 +324,14 @@ pub(super) fn build(
         }
     }
 
+    // HPSS paths are relative to the HPSS home (spec D.1); local ones to the project.
+    let archive_is_local = raw.archive.kind != ArchiveKind::Hsi.as_str();
     let paths = Paths {
         root: check.path(&["paths", "root"], &raw.paths.root),
         scratch: check.path(&["paths", "scratch"], &raw.paths.scratch),
         download_dir: check.path(&["paths", "download_dir"], &raw.paths.download_dir),
-        raw_data: check.type_paths("RAW_DATA", &raw.paths.raw_data),
-        data_product: check.type_paths("DATA_PRODUCT", &raw.paths.data_product),
+        raw_data: check.type_paths("RAW_DATA", &raw.paths.raw_data, archive_is_local),
+        data_product: check.type_paths("DATA_PRODUCT", &raw.paths.data_product, archive_is_local),
     };
 
     let registration = Registration {
@@ -409,7 +411,18 @@ pub(super) fn build(
         );
     }
 
-    let (alias_salt, warnings) = check.secrets(&raw.secrets, secrets);
+    let (found, warnings) = check.secrets(&raw.secrets, secrets);
+    let api = check.api(&raw.api, backends.registry, found.api_token.clone());
+    let mongo = check.mongo(&raw.mongo, backends.store, found.mongo_password.as_deref());
+    let amqp = check.amqp(
+        &raw.amqp,
+        &app_id,
+        backends.broker,
+        found.queue_password.as_deref(),
+    );
+    if backends.archive == Some(ArchiveKind::Hsi) && raw.hsi.command.as_os_str().is_empty() {
+        check.fail(&key(&["hsi", "command"]), "must not be empty");
+    }
 
     if raw.service_user.trim().is_empty() {
         check.fail(&key(&["service_user"]), "must not be empty");
@@ -429,7 +442,9 @@ pub(super) fn build(
     let lfs_path = check.path(&["metrics", "lfs_path"], &raw.metrics.lfs_path);
 
     errors.append(&mut check.errors);
-    let (Some(backends), Some(progress_interval)) = (backends.all(), progress_interval) else {
+    let (Some(backends), Some(progress_interval), Some(api), Some(mongo), Some(amqp)) =
+        (backends.all(), progress_interval, api, mongo, amqp)
+    else {
         return None;
     };
     if !errors.is_empty() {
@@ -460,7 +475,7 @@ pub(super) fn build(
         stage: Stage {
             days_to_live: raw.stage.purge.days_to_live,
             max_purges: raw.stage.purge.max_purges,
-            alias_salt: SecretString::new(alias_salt),
+            alias_salt: SecretString::new(found.alias_salt),
         },
         inspect: raw.inspect,
         workflows_dir,
@@ -472,6 +487,10 @@ pub(super) fn build(
             path: sqlite_path,
             busy_timeout_seconds: raw.sqlite.busy_timeout_seconds,
         },
+        api,
+        mongo,
+        amqp,
+        hsi: raw.hsi,
         log: raw.log,
         service_user: raw.service_user,
         scheduler: SchedulerSettings {
@@ -517,6 +536,14 @@ fn at(mut path: Vec<Seg>, index: usize) -> Vec<Seg> {
 }
 
 /// Backends while some may still be unknown.
+/// The secrets found in the environment.
+struct FoundSecrets {
+    alias_salt: String,
+    api_token: Option<String>,
+    queue_password: Option<String>,
+    mongo_password: Option<String>,
+}
+
 struct MaybeBackends {
     registry: Option<RegistryKind>,
     store: Option<StoreKind>,
@@ -566,14 +593,26 @@ impl Checker<'_> {
         }
     }
 
-    fn type_paths(&mut self, dataset_type: &str, raw: &RawTypePaths) -> TypePaths {
+    fn type_paths(
+        &mut self,
+        dataset_type: &str,
+        raw: &RawTypePaths,
+        archive_is_local: bool,
+    ) -> TypePaths {
         let base = ["paths", dataset_type];
         let sub = |name: &str| key(&[base[0], base[1], name]);
         let archive_key = sub("archive");
         if let Err(message) = check_template(&raw.archive) {
             self.fail(&archive_key, message);
         }
-        let archive = self.resolve(&archive_key, Path::new(&raw.archive));
+        let archive = if archive_is_local {
+            self.resolve(&archive_key, Path::new(&raw.archive))
+        } else if raw.archive.trim().is_empty() {
+            self.fail(&archive_key, "must not be empty");
+            PathBuf::new()
+        } else {
+            PathBuf::from(&raw.archive)
+        };
         let archive = match archive.to_str() {
             Some(archive) => archive.to_string(),
             None => {
@@ -702,9 +741,9 @@ impl Checker<'_> {
         kind
     }
 
-    /// Checks `secrets.required` against the environment; returns the alias salt to use and the
+    /// Checks `secrets.required` against the environment; returns the secrets to use and the
     /// warnings for the operator.
-    fn secrets(&mut self, raw: &RawSecrets, found: &[SecretValue]) -> (String, Vec<String>) {
+    fn secrets(&mut self, raw: &RawSecrets, found: &[SecretValue]) -> (FoundSecrets, Vec<String>) {
         let required_source = self.ctx.source_of(&key(&["secrets", "required"]));
         let mut required = BTreeSet::new();
         for (i, name) in raw.required.iter().enumerate() {
@@ -748,7 +787,237 @@ impl Checker<'_> {
             );
             DEVELOPMENT_ALIAS_SALT.to_string()
         });
-        (salt, warnings)
+        let value = |name: &str| {
+            found
+                .iter()
+                .find(|secret| secret.spec.name == name)
+                .and_then(|secret| secret.value.clone())
+        };
+        let secrets = FoundSecrets {
+            alias_salt: salt,
+            api_token: value("api_token"),
+            queue_password: value("queue_password"),
+            mongo_password: value("mongo_password"),
+        };
+        (secrets, warnings)
+    }
+
+    /// The API client's settings; the token is required when the registry is the API.
+    fn api(
+        &mut self,
+        raw: &RawApi,
+        kind: Option<RegistryKind>,
+        token: Option<String>,
+    ) -> Option<ApiSettings> {
+        let mut ok = true;
+        let base_url = match url::Url::parse(raw.base_url.trim()) {
+            Ok(mut url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {
+                // Relative paths join below the base only when it ends in `/` (spec E.1).
+                if !url.path().ends_with('/') {
+                    let path = format!("{}/", url.path());
+                    url.set_path(&path);
+                }
+                Some(url)
+            }
+            Ok(_) => {
+                self.fail(
+                    &key(&["api", "base_url"]),
+                    format!("`{}` is not an http:// or https:// URL", raw.base_url),
+                );
+                None
+            }
+            Err(err) => {
+                self.fail(
+                    &key(&["api", "base_url"]),
+                    format!("`{}` is not a URL: {err}", raw.base_url),
+                );
+                None
+            }
+        };
+        let mut seconds = |name: &str, value: f64| -> Duration {
+            match Duration::try_from_secs_f64(value) {
+                Ok(d) if !d.is_zero() => d,
+                _ => {
+                    ok = false;
+                    self.fail(
+                        &key(&["api", name]),
+                        format!("must be a number of seconds greater than 0, not {value}"),
+                    );
+                    Duration::ZERO
+                }
+            }
+        };
+        let connect_timeout = seconds("connect_timeout_seconds", raw.connect_timeout_seconds);
+        let read_timeout = seconds("read_timeout_seconds", raw.read_timeout_seconds);
+        let backoff = seconds("backoff_seconds", raw.backoff_seconds);
+        let backoff_max = seconds("backoff_max_seconds", raw.backoff_max_seconds);
+        let reported = self.errors.iter().any(|e| e.key == "secrets.api_token");
+        if kind == Some(RegistryKind::Http) && token.is_none() && !reported {
+            ok = false;
+            self.errors.push(ConfigError::new(
+                "secrets.api_token",
+                "environment",
+                "registry.kind = \"http\" needs the API's bearer token: set APP_API_TOKEN or \
+                 WORKERS__SECRETS__API_TOKEN",
+            ));
+        }
+        Some(ApiSettings {
+            base_url: base_url?,
+            token: token.map(SecretString::new),
+            connect_timeout,
+            read_timeout,
+            max_retries: raw.max_retries,
+            backoff,
+            backoff_max,
+        })
+        .filter(|_| ok)
+    }
+
+    /// The MongoDB connection string: `mongo.uri`, or one built as the original builds it
+    /// (`mongodb://USER:PASS@HOST:PORT/DB?authSource=SRC`).
+    fn mongo(
+        &mut self,
+        raw: &RawMongo,
+        kind: Option<StoreKind>,
+        password: Option<&str>,
+    ) -> Option<MongoSettings> {
+        let database = raw.database.trim().to_string();
+        if database.is_empty() || database.contains(['/', '\\', '.', ' ', '"', '$', '\0']) {
+            self.fail(
+                &key(&["mongo", "database"]),
+                format!("`{}` is not a MongoDB database name", raw.database),
+            );
+            return None;
+        }
+        let uri = if raw.uri.trim().is_empty() {
+            let mut url = match url::Url::parse(&format!(
+                "mongodb://{}:{}/{database}",
+                raw.host.trim(),
+                raw.port
+            )) {
+                Ok(url) if url.has_host() => url,
+                _ => {
+                    self.fail(
+                        &key(&["mongo", "host"]),
+                        format!("`{}` is not a host name", raw.host),
+                    );
+                    return None;
+                }
+            };
+            if !raw.user.is_empty() {
+                let _ = url.set_username(&raw.user);
+                let _ = url.set_password(password);
+                url.query_pairs_mut()
+                    .append_pair("authSource", &raw.auth_source);
+                if password.is_none() && kind == Some(StoreKind::Mongo) {
+                    self.errors.push(ConfigError::new(
+                        "secrets.mongo_password",
+                        "environment",
+                        format!(
+                            "mongo.user is `{}` but no password is set: set MONGO_PASS or \
+                             WORKERS__SECRETS__MONGO_PASSWORD",
+                            raw.user
+                        ),
+                    ));
+                    return None;
+                }
+            }
+            url
+        } else {
+            match url::Url::parse(raw.uri.trim()) {
+                Ok(url) if matches!(url.scheme(), "mongodb") => url,
+                _ => {
+                    self.fail(
+                        &key(&["mongo", "uri"]),
+                        "is not a mongodb:// connection string",
+                    );
+                    return None;
+                }
+            }
+        };
+        let mut display = uri.clone();
+        let _ = display.set_password(None);
+        Some(MongoSettings {
+            uri: SecretString::new(uri.to_string()),
+            display: display.to_string(),
+            database,
+        })
+    }
+
+    /// The RabbitMQ URL: `amqp.url` as QUEUE_URL (`host:port/vhost`) with user and password,
+    /// as the original builds it, or a full `amqp://` URL.
+    fn amqp(
+        &mut self,
+        raw: &RawAmqp,
+        app_id: &str,
+        kind: Option<BrokerKind>,
+        password: Option<&str>,
+    ) -> Option<AmqpSettings> {
+        let text = raw.url.trim();
+        let full = text.starts_with("amqp://") || text.starts_with("amqps://");
+        let candidate = if full {
+            text.to_string()
+        } else {
+            format!("amqp://{text}")
+        };
+        let mut url = match url::Url::parse(&candidate) {
+            Ok(url) if url.has_host() => url,
+            _ => {
+                self.fail(
+                    &key(&["amqp", "url"]),
+                    format!("`{text}` is neither host:port/vhost nor an amqp:// URL"),
+                );
+                return None;
+            }
+        };
+        if !full || url.username().is_empty() {
+            let _ = url.set_username(&raw.user);
+            match password {
+                Some(password) => {
+                    let _ = url.set_password(Some(password));
+                }
+                None if kind == Some(BrokerKind::Amqp) && raw.user != "guest" => {
+                    self.errors.push(ConfigError::new(
+                        "secrets.queue_password",
+                        "environment",
+                        format!(
+                            "amqp.user is `{}` but no password is set: set QUEUE_PASS or \
+                             WORKERS__SECRETS__QUEUE_PASSWORD",
+                            raw.user
+                        ),
+                    ));
+                    return None;
+                }
+                // RabbitMQ's default account, on a development broker.
+                None => {
+                    let _ = url.set_password(Some("guest"));
+                }
+            }
+        }
+        let mut queues = Vec::new();
+        for (i, queue) in raw.queues.iter().enumerate() {
+            let queue = queue.trim();
+            if queue.is_empty() || queue.len() > 255 {
+                self.fail(
+                    &at(key(&["amqp", "queues"]), i),
+                    "must be a queue name of 1 to 255 bytes",
+                );
+                return None;
+            }
+            queues.push(queue.to_string());
+        }
+        if queues.is_empty() {
+            queues.push(format!("{app_id}.q"));
+        }
+        let mut display = url.clone();
+        let _ = display.set_password(None);
+        Some(AmqpSettings {
+            uri: SecretString::new(url.to_string()),
+            display: display.to_string(),
+            queues,
+            heartbeat: raw.heartbeat_seconds,
+            reconnect_max: Duration::from_secs(raw.reconnect_max_seconds.max(1)),
+        })
     }
 }
 

@@ -94,8 +94,8 @@ impl Project {
     }
 
     /// The app over the project's database, as the binary builds it.
-    pub fn app(&self) -> Arc<App> {
-        App::build(self.settings()).expect("app")
+    pub async fn app(&self) -> Arc<App> {
+        App::build(self.settings()).await.expect("app")
     }
 
     /// The binary, with the project's configuration and environment (and nothing inherited
