@@ -1,5 +1,6 @@
 //! The archive seam: where bundles are kept for the long term (a directory, or HPSS tape).
 
+pub mod hsi;
 pub mod local;
 
 use std::path::Path;
@@ -16,6 +17,10 @@ pub enum ArchiveError {
     /// The archive or the transfer failed; trying again later may work.
     #[error(transparent)]
     Transient(anyhow::Error),
+    /// The request cannot be carried out by this archive however often it is tried (a path
+    /// the archive's command language cannot express).
+    #[error(transparent)]
+    Invalid(anyhow::Error),
 }
 
 #[async_trait]

@@ -149,6 +149,7 @@ impl From<ArchiveError> for StepError {
     fn from(err: ArchiveError) -> StepError {
         match err {
             ArchiveError::NotFound(_) => StepError::permanent("ValidationFailed", err.into()),
+            ArchiveError::Invalid(err) => StepError::permanent("ValidationFailed", err),
             ArchiveError::Transient(err) => StepError::retryable(err),
         }
     }
