@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::archive::Archive;
+use crate::archive::hsi::{HsiArchive, HsiConfig};
 use crate::archive::local::LocalArchive;
 use crate::broker::Broker;
 use crate::broker::embedded::EmbeddedBroker;
@@ -79,7 +80,14 @@ impl App {
         };
         let archive: Arc<dyn Archive> = match settings.backends.archive {
             ArchiveKind::Local => Arc::new(LocalArchive::new(pool.clone())),
-            ArchiveKind::Hsi => anyhow::bail!("archive.kind = \"hsi\" is not available"),
+            ArchiveKind::Hsi => Arc::new(HsiArchive::new(
+                HsiConfig {
+                    command: settings.hsi.command.clone(),
+                    verify: settings.hsi.verify,
+                    progress_interval: settings.progress_interval,
+                },
+                pool.clone(),
+            )),
         };
         Ok(Arc::new(App {
             settings,

@@ -606,7 +606,7 @@ async fn archive_stage_and_delete_steps_run_end_to_end_over_hsi() {
             ("d/e/c.txt", b"gamma"),
         ],
     );
-    let mut app = Arc::try_unwrap(project.app())
+    let mut app = Arc::try_unwrap(project.app().await)
         .ok()
         .expect("the app is not shared yet");
     // An HPSS path relative to the HPSS home, as the original's SDA defaults are; the blanks,

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Worker overhead through RabbitMQ and MongoDB: no-op steps, Rust worker vs the Python
+Celery + sca-rhythm worker, on the same broker and store, in one run.
+
+For each worker: start it (4 slots), create WORKFLOWS workflows of STEPS_PER_WORKFLOW `noop`
+steps with sca-rhythm and start them all, wait until every workflow is SUCCESS, stop the
+worker with SIGTERM, and read the CPU time of the worker and all its processes from wait4()
+(user + system, children included). Also the peak RSS of an idle `workers worker` with 8
+slots.
+
+Run through benches/worker_overhead.sh (which builds the release binary and provides the
+services). Prints a JSON summary; the shell script appends it to BENCHMARKS.md's table.
+"""
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pymongo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+AMQP_URL = os.environ["WORKERS_TEST_AMQP_URL"]
+MONGO_URI = os.environ["WORKERS_TEST_MONGO_URI"]
+BIN = os.environ.get("WORKERS_BIN", os.path.join(ROOT, "target", "release", "workers"))
+WORKFLOWS = int(os.environ.get("WORKFLOWS", "100"))
+STEPS_PER_WORKFLOW = int(os.environ.get("STEPS_PER_WORKFLOW", "10"))
+SLOTS = int(os.environ.get("SLOTS", "4"))
+
+
+def mongo_uri_with_db(db):
+    base, _, query = MONGO_URI.partition("?")
+    base = base.rstrip("/")
+    return f"{base}/{db}?{query}" if query else f"{base}/{db}"
+
+
+def rust_worker(app_id, db, slots):
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "APP_ENV": "production",
+        "WORKERS_CONFIG_DIR": os.path.join(ROOT, "config"),
+        "ALIAS_SALT": "bench",
+        "APP_API_TOKEN": "unused-by-noop",
+        "API_BASE_URL": "http://127.0.0.1:9/",
+        "QUEUE_PASS": "unused",
+        "WORKERS__AMQP__URL": AMQP_URL,
+        "WORKERS__MONGO__URI": MONGO_URI,
+        "WORKERS__MONGO__DATABASE": db,
+        "WORKERS__APP_ID": app_id,
+        "WORKERS__LOG__LEVEL": "warn",
+        "WORKERS__LOG__FORMAT": "human",
+    }
+    return [BIN, "worker", "--concurrency", str(slots)], env
+
+
+def python_worker(app_id, db, slots, original):
+    env = dict(os.environ)
+    env.update({
+        "PYSIDE_AMQP_URL": AMQP_URL,
+        "PYSIDE_MONGO_URI": mongo_uri_with_db(db),
+        "PYSIDE_APP_ID": app_id,
+    })
+    script = os.path.join(ROOT, "tests", "interop", "pyside.py")
+    return [sys.executable, script, "worker", f"{app_id}.q", str(slots), "1" if original else "0"], env
+
+
+def start_workflows(app_id, db, count, steps):
+    """Creates and starts the workflows with sca-rhythm, as rhythm_api would."""
+    os.environ["PYSIDE_AMQP_URL"] = AMQP_URL
+    os.environ["PYSIDE_MONGO_URI"] = mongo_uri_with_db(db)
+    os.environ["PYSIDE_APP_ID"] = app_id
+    sys.path.insert(0, os.path.join(ROOT, "tests", "interop"))
+    import importlib
+
+    import pyside
+    pyside = importlib.reload(pyside)
+    step_list = [{"name": f"s{i}", "task": "noop", "queue": f"{app_id}.q"} for i in range(steps)]
+    ids = []
+    for n in range(count):
+        wf = pyside.Workflow(pyside.app, steps=[dict(s) for s in step_list], name="noop",
+                             app_id=app_id, description=None)
+        wf.start(n + 1)
+        ids.append(wf.workflow["_id"])
+    return ids
+
+
+def wait_all_succeeded(db, ids, timeout):
+    col = pymongo.MongoClient(MONGO_URI)[db]["workflow_meta"]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = col.count_documents({"_id": {"$in": ids}, "_status": "SUCCESS"})
+        if done == len(ids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def run_side(name, make_command):
+    app_id = f"bench-{name}-{uuid.uuid4().hex[:8]}"
+    db = f"bench_{name.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
+    argv, env = make_command(app_id, db)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        # Let the worker connect and declare its queue before any message is published.
+        time.sleep(5)
+        started = time.monotonic()
+        ids = start_workflows(app_id, db, WORKFLOWS, STEPS_PER_WORKFLOW)
+        ok = wait_all_succeeded(db, ids, timeout=1800)
+        elapsed = time.monotonic() - started
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except ChildProcessError:
+            usage, status = None, -1
+        stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+        subprocess.run(["rabbitmqctl", "delete_queue", f"{app_id}.q"], capture_output=True)
+        pymongo.MongoClient(MONGO_URI).drop_database(db)
+    if not ok:
+        raise SystemExit(f"{name}: not every workflow succeeded in time\n{stderr[-4000:]}")
+    steps = WORKFLOWS * STEPS_PER_WORKFLOW
+    cpu = usage.ru_utime + usage.ru_stime
+    return {
+        "worker": name,
+        "steps": steps,
+        "seconds": round(elapsed, 2),
+        "steps_per_second": round(steps / elapsed, 1),
+        "cpu_seconds": round(cpu, 2),
+        "cpu_seconds_per_1000_steps": round(cpu * 1000 / steps, 3),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    }
+
+
+def idle_rss(slots=8, seconds=10):
+    app_id = f"bench-idle-{uuid.uuid4().hex[:8]}"
+    db = f"bench_idle_{uuid.uuid4().hex[:8]}"
+    argv, env = rust_worker(app_id, db, slots)
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(seconds)
+    with open(f"/proc/{proc.pid}/status") as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait()
+    subprocess.run(["rabbitmqctl", "delete_queue", f"{app_id}.q"], capture_output=True)
+    pymongo.MongoClient(MONGO_URI).drop_database(db)
+    return {"slots": slots, "seconds": seconds,
+            "peak_rss_mb": round(int(status["VmHWM"].split()[0]) / 1024, 1)}
+
+
+def main():
+    results = []
+    results.append(run_side("rust", lambda a, d: rust_worker(a, d, SLOTS)))
+    results.append(run_side("python-original", lambda a, d: python_worker(a, d, SLOTS, True)))
+    results.append(run_side("python-pool", lambda a, d: python_worker(a, d, SLOTS, False)))
+    summary = {"runs": results, "idle": idle_rss()}
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    resource.setrlimit(resource.RLIMIT_NOFILE, (4096, 4096))
+    main()

@@ -1,0 +1,106 @@
+"""The original Python side (Celery 5.2 + sca-rhythm), driven by the interop tests and the
+worker benchmark as a real peer of the Rust workers.
+
+Configured like the Bioloop workers (spec G.3): JSON serializers, MongoDB result backend with
+extended results, track_started, acks_late, prefetch 1, default queue "<app_id>.q" with
+x-max-priority 10 and default priority 1.
+
+Environment: PYSIDE_AMQP_URL, PYSIDE_MONGO_URI (with the database in its path), PYSIDE_APP_ID.
+
+Commands (results are printed as one JSON document):
+  start NAME STEPS_JSON ARG [KWARGS_JSON]  create and start a workflow; prints {"workflow_id"}
+  embellished WORKFLOW_ID                  sca-rhythm's embellished view of a workflow
+  status WORKFLOW_IDS_JSON                 {id: derived status} for many workflows
+  resume WORKFLOW_ID                       sca-rhythm's resume()
+  worker QUEUES CONCURRENCY [ORIGINAL]     a Celery worker serving `noop` and `fail_once`;
+                                           ORIGINAL=1 adds the original's one-task-per-child
+"""
+
+import datetime
+import json
+import os
+import sys
+
+import celery
+from sca_rhythm import Workflow, WorkflowTask
+
+APP_ID = os.environ.get("PYSIDE_APP_ID", "bioloop-dev.sca.iu.edu")
+DEFAULT_QUEUE = f"{APP_ID}.q"
+
+app = celery.Celery("pyside")
+app.conf.update(
+    broker_url=os.environ["PYSIDE_AMQP_URL"],
+    result_backend=os.environ["PYSIDE_MONGO_URI"],
+    result_extended=True,
+    result_expires=0,
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_track_started=True,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_default_queue=DEFAULT_QUEUE,
+    task_queue_max_priority=10,
+    task_default_priority=1,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+
+
+@app.task(base=WorkflowTask, bind=True, name="noop")
+def noop(self, dataset_id, **kwargs):
+    return (dataset_id,)
+
+
+@app.task(base=WorkflowTask, bind=True, name="fail_once", autoretry_for=(Exception,),
+          max_retries=1, default_retry_delay=1)
+def fail_once(self, dataset_id, **kwargs):
+    if self.request.retries == 0:
+        raise RuntimeError(f"dataset {dataset_id}: first attempt fails")
+    return (dataset_id,)
+
+
+def dump(value):
+    def default(obj):
+        if isinstance(obj, (datetime.datetime, datetime.date)):
+            return obj.isoformat()
+        return str(obj)
+
+    print(json.dumps(value, default=default, sort_keys=True))
+
+
+def main(argv):
+    command = argv[1]
+    if command == "start":
+        name, steps, arg = argv[2], json.loads(argv[3]), json.loads(argv[4])
+        kwargs = json.loads(argv[5]) if len(argv) > 5 else {}
+        for step in steps:
+            step.setdefault("queue", DEFAULT_QUEUE)
+        wf = Workflow(app, steps=steps, name=name, app_id=APP_ID, description=None)
+        wf.start(arg, **kwargs)
+        dump({"workflow_id": wf.workflow["_id"]})
+    elif command == "embellished":
+        wf = Workflow(app, workflow_id=argv[2])
+        dump(wf.get_embellished_workflow(last_task_run=True, prev_task_runs=True))
+    elif command == "status":
+        ids = json.loads(argv[2])
+        dump({wid: Workflow(app, workflow_id=wid).get_workflow_status() for wid in ids})
+    elif command == "resume":
+        dump(Workflow(app, workflow_id=argv[2]).resume())
+    elif command == "worker":
+        queues, concurrency = argv[2], argv[3]
+        original = len(argv) > 4 and argv[4] == "1"
+        args = ["worker", "--loglevel=WARNING", f"--queues={queues}",
+                f"--concurrency={concurrency}", "-O", "fair", "--without-gossip",
+                "--without-mingle", "--without-heartbeat", f"--hostname=py-{os.getpid()}@%h"]
+        if original:
+            # The original workers start a fresh process per task (spec G.3).
+            args.append("--max-tasks-per-child=1")
+        app.worker_main(args)
+    else:
+        raise SystemExit(f"unknown command {command}")
+
+
+if __name__ == "__main__":
+    main(sys.argv)
