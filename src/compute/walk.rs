@@ -72,8 +72,12 @@ pub fn symlink_escapes(link_rel: &Path, target: &Path) -> bool {
 }
 
 /// Order-independent fingerprint of (path, size) pairs: acc.wrapping_add(stable 64-bit hash of path bytes,
-/// a 0 byte, size as LE u64). The hash is FNV-1a 64, which is fixed by its definition, so fingerprints
-/// compare across processes, machines and releases.
+/// a 0 byte, size as LE u64). The hash is FNV-1a 64 followed by MurmurHash3's 64-bit finalizer, both
+/// fixed by their definitions, so fingerprints compare across processes, machines and releases.
+///
+/// The finalizer matters because the items are summed: FNV-1a ends with the size's bytes, mostly
+/// zeros, so its last steps are linear, and without mixing the sums of `(a, 4), (b, 5)` and
+/// `(a, 5), (b, 4)` are equal about half the time: two files swapping sizes would go unnoticed.
 pub fn fingerprint_add(acc: u64, rel_path: &str, size: u64) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -88,6 +92,11 @@ pub fn fingerprint_add(acc: u64, rel_path: &str, size: u64) -> u64 {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(PRIME);
     }
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    hash ^= hash >> 33;
     acc.wrapping_add(hash)
 }
 
@@ -550,8 +559,22 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(fingerprint_add(0, "a", 1), fingerprint_add(0, "a", 2));
         assert_ne!(fingerprint_add(0, "a", 1), fingerprint_add(0, "b", 1));
+        // Two files swapping sizes change the sum, whatever the sizes' low bits.
+        for (x, y) in [(4, 5), (0, 1), (6, 7), (1 << 20, (1 << 20) + 1)] {
+            for (p, q) in [
+                ("a.txt", "sub/b.txt"),
+                ("x", "y"),
+                ("r1.fastq.gz", "r2.fastq.gz"),
+            ] {
+                assert_ne!(
+                    fingerprint_add(fingerprint_add(0, p, x), q, y),
+                    fingerprint_add(fingerprint_add(0, p, y), q, x),
+                    "{p}={x}, {q}={y}"
+                );
+            }
+        }
         // Pinned so that a change of hash (which would invalidate stored fingerprints) is noticed.
-        assert_eq!(fingerprint_add(0, "", 0), 0xe604_823a_2490_29bf_u64);
+        assert_eq!(fingerprint_add(0, "", 0), 0xf51e_c3da_bc2c_4015_u64);
     }
 
     fn set_times(path: &Path, secs: i64) {
