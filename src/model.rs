@@ -212,7 +212,10 @@ impl FromStr for FileType {
 pub struct FileRecord {
     pub path: String,
     pub md5: Option<Md5Digest>,
-    pub size: u64,
+    /// Bytes (the link's own length for a symbolic link). `None` when read back from a registry
+    /// that does not return sizes: the Bioloop API lists a dataset's files as path and MD5 only
+    /// (spec E.2), so readers must not treat a missing size as zero.
+    pub size: Option<u64>,
     pub file_type: FileType,
 }
 

@@ -29,7 +29,7 @@ fn row(path: &str, size: u64) -> FileRecord {
     FileRecord {
         path: path.into(),
         md5: Some(workers::compute::md5::md5_bytes(path.as_bytes())),
-        size,
+        size: Some(size),
         file_type: FileType::File,
     }
 }

@@ -34,6 +34,20 @@ pub struct MemberSummary {
     /// `fingerprint_add` over (path without "./", size) of the members counted in `files`; equals
     /// `inspect_tree(..).fingerprint` of an unchanged tree.
     pub fingerprint: u64,
+    /// `fingerprint_add` over (path, 0) of the same members: comparable with file rows whose
+    /// sizes the registry does not return.
+    pub path_fingerprint: u64,
+    /// Sum of the sizes in `fingerprint`; equals `inspect_tree(..).size` of an unchanged tree.
+    pub bytes: u64,
+}
+
+impl MemberSummary {
+    fn add_file(&mut self, rel: &str, size: u64) {
+        self.files += 1;
+        self.fingerprint = fingerprint_add(self.fingerprint, rel, size);
+        self.path_fingerprint = fingerprint_add(self.path_fingerprint, rel, 0);
+        self.bytes += size;
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -178,9 +192,7 @@ fn write_partial(
             if classify(path, &meta) == EntryKind::SymlinkToDirectory {
                 members.directories += 1;
             } else {
-                members.files += 1;
-                members.fingerprint =
-                    fingerprint_add(members.fingerprint, &rel.to_string_lossy(), meta.len());
+                members.add_file(&rel.to_string_lossy(), meta.len());
             }
         } else if file_type.is_file() {
             append_file(builder.get_mut(), &name, path, &meta).map_err(|err| match err {
@@ -196,9 +208,7 @@ fn write_partial(
                     source,
                 },
             })?;
-            members.files += 1;
-            members.fingerprint =
-                fingerprint_add(members.fingerprint, &rel.to_string_lossy(), meta.len());
+            members.add_file(&rel.to_string_lossy(), meta.len());
         } else {
             tracing::warn!(path = %path.display(), "not a file, directory or symbolic link; left out of the bundle");
         }
@@ -666,6 +676,7 @@ pub(crate) mod tests {
             })
             .expect("inspect");
         assert_eq!(a.members.fingerprint, inspected.fingerprint);
+        assert_eq!(a.members.bytes, inspected.size);
         assert_eq!(a.members.files, inspected.num_files);
         assert_eq!(a.members.directories, inspected.num_directories);
     }

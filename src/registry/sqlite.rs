@@ -363,6 +363,14 @@ impl Registry for SqliteRegistry {
     }
 
     async fn add_files(&self, id: DatasetId, files: &[FileRecord]) -> Result<(), RegistryError> {
+        // Sizes are what the archive step checks bundles against; a row without one would
+        // make that check compare against a made-up number.
+        if let Some(row) = files.iter().find(|f| f.size.is_none()) {
+            return Err(RegistryError::Invalid(format!(
+                "file row `{}` of dataset {id} has no size",
+                row.path
+            )));
+        }
         let files = files.to_vec();
         self.db
             .write(move |tx| {
@@ -375,7 +383,7 @@ impl Registry for SqliteRegistry {
                         id,
                         file.path,
                         file.md5.map(|m| m.to_string()),
-                        file.size as i64,
+                        file.size.unwrap_or_default() as i64,
                         file.file_type.as_str()
                     ])?;
                 }
@@ -404,7 +412,7 @@ impl Registry for SqliteRegistry {
                     Ok(FileRecord {
                         path: r.get(0)?,
                         md5: md5.and_then(|m| m.parse().ok()),
-                        size: r.get::<_, i64>(2)? as u64,
+                        size: Some(r.get::<_, i64>(2)? as u64),
                         file_type: filetype.parse().unwrap_or(crate::model::FileType::File),
                     })
                 })?;

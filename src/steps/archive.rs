@@ -3,8 +3,9 @@
 //!
 //! The bundle is written by the `tar` crate and hashed while it is written, so it is never
 //! read back to compute its MD5. Before anything is recorded, its members are compared with
-//! the file rows inspect stored (count, paths and sizes): a dataset that changed after it was
-//! inspected is not archived under the old description.
+//! the file rows inspect stored (count, paths and sizes; the total size where the registry
+//! returns rows without sizes): a dataset that changed after it was inspected is not archived
+//! under the old description.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,7 +15,7 @@ use chrono::Datelike;
 use tracing::info;
 
 use super::{StepContext, StepError, StepResult, existing_origin, returns_dataset};
-use crate::compute::bundle::{BundleSummary, MemberSummary, write_bundle};
+use crate::compute::bundle::{BundleSummary, write_bundle};
 use crate::compute::walk::fingerprint_add;
 use crate::model::{Bundle, DatasetState};
 use crate::registry::{Dataset, DatasetPatch, FilePages};
@@ -114,6 +115,11 @@ pub async fn run(ctx: &StepContext) -> StepResult {
 /// Compares the bundle's members with the inspection: the counts, then an order-independent
 /// fingerprint of every (path, size), so that no listing is held in memory. Only when they
 /// differ are the details worked out, to name what changed.
+///
+/// A registry may return rows without sizes (the Bioloop API lists path and MD5 only). Then
+/// the fingerprint covers the paths alone and the sizes are checked in total, against the
+/// dataset's `size`, which inspect recorded as the sum of the same rows. Rows that carry their
+/// sizes are always checked one by one.
 async fn check_against_inspection(
     ctx: &StepContext,
     dataset: &Dataset,
@@ -123,41 +129,62 @@ async fn check_against_inspection(
 ) -> Result<(), StepError> {
     let mut rows = 0u64;
     let mut fingerprint = 0u64;
+    let mut path_fingerprint = 0u64;
+    let mut sizes_known = true;
     let mut pages = FilePages::new(ctx.app.registry.as_ref(), dataset.id, PAGE);
     while let Some(page) = pages.next().await? {
         for row in &page {
-            fingerprint = fingerprint_add(fingerprint, &row.path, row.size);
+            match row.size {
+                Some(size) => fingerprint = fingerprint_add(fingerprint, &row.path, size),
+                None => sizes_known = false,
+            }
+            path_fingerprint = fingerprint_add(path_fingerprint, &row.path, 0);
         }
         rows += page.len() as u64;
     }
-    let expected = MemberSummary {
-        files: num_files,
-        directories: dataset
-            .num_directories
-            .unwrap_or(summary.members.directories),
-        fingerprint,
+    let members = &summary.members;
+    let directories = dataset.num_directories.unwrap_or(members.directories);
+    let same_contents = if sizes_known {
+        members.fingerprint == fingerprint
+    } else {
+        members.path_fingerprint == path_fingerprint && dataset.size == Some(members.bytes)
     };
-    if rows == num_files && summary.members == expected {
+    if rows == num_files
+        && members.files == num_files
+        && members.directories == directories
+        && same_contents
+    {
         return Ok(());
     }
     let differences = describe_differences(ctx, dataset, bundle_path).await;
+    let bytes = if sizes_known {
+        String::new()
+    } else {
+        format!(
+            ", {} bytes of files against {} recorded",
+            members.bytes,
+            dataset
+                .size
+                .map_or_else(|| "none".to_owned(), |s| s.to_string())
+        )
+    };
     Err(failed(anyhow::format_err!(
         "bundle `{}` does not match the inspection of `{}`: the bundle has {} files and {} directories, \
-         inspect recorded {} files ({} rows) and {} directories{differences}; inspect the dataset again",
+         inspect recorded {} files ({} rows) and {} directories{bytes}{differences}; inspect the dataset again",
         bundle_path.display(),
         dataset.origin_path.as_deref().unwrap_or_default(),
-        summary.members.files,
-        summary.members.directories,
+        members.files,
+        members.directories,
         num_files,
         rows,
-        expected.directories,
+        directories,
     )))
 }
 
 /// Names up to `LISTED_DIFFERENCES` paths whose presence or size differs between the bundle
 /// and the inspection. Failure path only: it holds both listings in memory.
 async fn describe_differences(ctx: &StepContext, dataset: &Dataset, bundle_path: &Path) -> String {
-    let mut recorded: HashMap<String, u64> = HashMap::new();
+    let mut recorded: HashMap<String, Option<u64>> = HashMap::new();
     let mut pages = FilePages::new(ctx.app.registry.as_ref(), dataset.id, PAGE);
     while let Ok(Some(page)) = pages.next().await {
         recorded.extend(page.into_iter().map(|r| (r.path, r.size)));
@@ -175,7 +202,7 @@ async fn describe_differences(ctx: &StepContext, dataset: &Dataset, bundle_path:
     for (path, size) in &members {
         match recorded.remove(path) {
             None => notes.push(format!("`{path}` is new")),
-            Some(recorded_size) if recorded_size != *size => notes.push(format!(
+            Some(Some(recorded_size)) if recorded_size != *size => notes.push(format!(
                 "`{path}` is {size} bytes, inspect recorded {recorded_size}"
             )),
             Some(_) => {}

@@ -48,7 +48,7 @@ impl SpoolRow {
         Ok(FileRecord {
             path: self.path,
             md5,
-            size: self.size,
+            size: Some(self.size),
             file_type: if self.symlink {
                 FileType::SymbolicLink
             } else {
