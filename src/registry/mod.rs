@@ -6,6 +6,7 @@
 //! duplicate records: `add_state` is a no-op when the dataset's latest state is already the
 //! one given, and `add_workflow` is a no-op for a link that exists.
 
+pub mod http;
 pub mod sqlite;
 
 use std::collections::HashSet;

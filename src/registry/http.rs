@@ -1,0 +1,1320 @@
+//! The registry over the Bioloop API (spec E): the transport of the Python workers (bearer
+//! token, connect and read timeouts, urllib3-style retries) and writes that a retry never
+//! duplicates (spec J.16).
+//!
+//! The Python client retries every method, POST included, so a POST whose answer was lost
+//! (a read timeout, a dropped connection, a 502 from a proxy) is sent again and may be
+//! performed twice. Here a request remembers whether any earlier attempt may have been
+//! performed, and each write resolves that doubt its own way:
+//! - a state is re-posted only after reading the dataset back shows it is not the latest;
+//! - file rows are unique per path on the server, so a repeated batch adds nothing;
+//! - a repeated workflow link answers 409, which means "already linked";
+//! - a repeated bulk create reports the datasets of the first attempt as conflicted; those
+//!   whose origin, create method and creation time show they came from this call (and that
+//!   have no workflow yet) are returned as created.
+
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use chrono::{DateTime, TimeDelta, Utc};
+use futures_util::future::BoxFuture;
+use reqwest::header::{CONTENT_TYPE, DATE, HeaderMap, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer};
+use serde_json::{Value, json};
+use tracing::warn;
+use url::Url;
+
+use super::{
+    BulkOutcome, Dataset, DatasetId, DatasetPatch, DatasetQuery, MAX_BULK, Metric, NewDataset,
+    Registry, RegistryError, StateRecord,
+};
+use crate::model::{Bundle, DatasetName, DatasetState, DatasetType, FileRecord, FileType};
+
+/// How to reach the Bioloop API and how hard to try (spec E.1).
+#[derive(Clone)]
+pub struct HttpConfig {
+    /// `API_BASE_URL`; a path is kept (`https://host/api` and `https://host/api/` are the same).
+    pub base_url: Url,
+    /// `APP_API_TOKEN`, sent as `Authorization: Bearer`; never logged.
+    pub token: String,
+    pub connect_timeout: Duration,
+    /// Longest wait for the next bytes of an answer.
+    pub read_timeout: Duration,
+    /// Retries after the first attempt, on connection errors, timeouts and 429/502/503.
+    pub max_retries: u32,
+    /// The n-th retry waits `backoff * 2^(n-1)`, except the first, which does not wait.
+    pub backoff: Duration,
+    /// Cap on any one wait, `Retry-After` included.
+    pub backoff_max: Duration,
+}
+
+impl HttpConfig {
+    /// The Python workers' transport: connect 5 s, read 30 s, 9 retries with a backoff
+    /// factor of 5 s capped at 120 s (about 10.5 minutes of retrying in all).
+    pub fn new(base_url: Url, token: String) -> HttpConfig {
+        HttpConfig {
+            base_url,
+            token,
+            connect_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(30),
+            max_retries: 9,
+            backoff: Duration::from_secs(5),
+            backoff_max: Duration::from_secs(120),
+        }
+    }
+}
+
+impl fmt::Debug for HttpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpConfig")
+            .field("base_url", &redacted(&self.base_url))
+            .field("token", &"<redacted>")
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .field("max_retries", &self.max_retries)
+            .field("backoff", &self.backoff)
+            .field("backoff_max", &self.backoff_max)
+            .finish()
+    }
+}
+
+/// File rows sent per request; inspect batches them already, this bounds a single body.
+const FILE_BATCH: usize = 25_000;
+
+/// Datasets whose file listing is kept between the pages of a walk (see `files_page`).
+const FILE_LISTINGS_KEPT: usize = 4;
+
+/// Characters of an error answer quoted in an error message.
+const QUOTED_ANSWER: usize = 300;
+
+pub struct HttpRegistry {
+    client: reqwest::Client,
+    base: Url,
+    token: String,
+    max_retries: u32,
+    backoff: Duration,
+    backoff_max: Duration,
+    /// The last few datasets' file listings, newest last.
+    listings: Mutex<VecDeque<(DatasetId, Arc<Vec<FileRecord>>)>>,
+}
+
+impl fmt::Debug for HttpRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HttpRegistry")
+            .field("base", &redacted(&self.base))
+            .finish_non_exhaustive()
+    }
+}
+
+impl HttpRegistry {
+    pub fn new(config: HttpConfig) -> anyhow::Result<HttpRegistry> {
+        let base = normalize_base(config.base_url)?;
+        // Several clients share rustls; whichever comes first installs the provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.read_timeout)
+            .user_agent(concat!("workers/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .with_context(|| {
+                format!(
+                    "cannot build the HTTP client for the dataset registry at {}",
+                    redacted(&base)
+                )
+            })?;
+        Ok(HttpRegistry {
+            client,
+            base,
+            token: config.token,
+            max_retries: config.max_retries,
+            backoff: config.backoff,
+            backoff_max: config.backoff_max,
+            listings: Mutex::new(VecDeque::new()),
+        })
+    }
+
+    /// The wait before retry number `retry` (1-based), as urllib3 computes it.
+    fn backoff_delay(&self, retry: u32) -> Duration {
+        if retry <= 1 {
+            return Duration::ZERO;
+        }
+        let factor = 2u32.saturating_pow(retry - 1);
+        self.backoff
+            .checked_mul(factor)
+            .unwrap_or(self.backoff_max)
+            .min(self.backoff_max)
+    }
+
+    fn url(&self, call: &Call) -> Result<Url, RegistryError> {
+        let mut url = self.base.join(&call.path).map_err(|err| {
+            RegistryError::Invalid(format!(
+                "cannot join `{}` onto {}: {err}",
+                call.path,
+                redacted(&self.base)
+            ))
+        })?;
+        if !call.query.is_empty() {
+            url.query_pairs_mut()
+                .extend_pairs(call.query.iter().map(|(k, v)| (*k, v.as_str())));
+        }
+        Ok(url)
+    }
+
+    /// Sends `call`, retrying transport failures and 429/502/503. Any other answer is returned
+    /// for the caller to judge. When an attempt may have been performed although its answer
+    /// was lost, `settled` (if given) is asked before the next attempt whether the write is
+    /// already in place; if it is, nothing more is sent.
+    async fn send(&self, call: &Call, settled: Option<Settled<'_>>) -> Result<Sent, RegistryError> {
+        let url = self.url(call)?;
+        let started = Instant::now();
+        let mut unsure = false;
+        let mut retries = 0u32;
+        loop {
+            if unsure
+                && retries > 0
+                && let Some(settled) = settled
+                && settled().await?
+            {
+                return Ok(Sent::AlreadyDone);
+            }
+            let failure = match self.attempt(call, &url).await {
+                Ok(answer) if is_retryable_status(answer.status) => Failure {
+                    cause: format!("answered {}", answer.status),
+                    // A proxy's 502 may come after the API did the work; 429 and 503 say
+                    // the request was turned away.
+                    unsure: answer.status == StatusCode::BAD_GATEWAY,
+                    retry_after: answer.retry_after,
+                },
+                Ok(answer) => {
+                    return Ok(Sent::Answer(Reply {
+                        answer,
+                        unsure,
+                        started,
+                    }));
+                }
+                Err(err) => Failure {
+                    // A request that never connected was never sent.
+                    unsure: !err.is_connect(),
+                    cause: describe_transport_error(&err),
+                    retry_after: None,
+                },
+            };
+            unsure |= failure.unsure;
+            if retries >= self.max_retries {
+                return Err(RegistryError::Unavailable(anyhow::format_err!(
+                    "{} {}: {} (gave up after {retries} retries)",
+                    call.method,
+                    redacted(&url),
+                    failure.cause
+                )));
+            }
+            retries += 1;
+            let delay = match failure.retry_after {
+                Some(wait) => wait.min(self.backoff_max),
+                None => self.backoff_delay(retries),
+            };
+            warn!(
+                method = %call.method,
+                path = %call.path,
+                retry = retries,
+                max_retries = self.max_retries,
+                delay_ms = delay.as_millis() as u64,
+                cause = %failure.cause,
+                "Retrying a request to the dataset registry."
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One request, its whole answer read.
+    async fn attempt(&self, call: &Call, url: &Url) -> Result<Answer, reqwest::Error> {
+        let mut request = self
+            .client
+            .request(call.method.clone(), url.clone())
+            .bearer_auth(&self.token);
+        if let Some(body) = &call.body {
+            request = request
+                .header(CONTENT_TYPE, "application/json")
+                .body(body.clone());
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let retry_after = parse_retry_after(response.headers());
+        let server_date = response
+            .headers()
+            .get(DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| DateTime::parse_from_rfc2822(v).ok())
+            .map(|d| d.with_timezone(&Utc));
+        let body = response.bytes().await?.into();
+        Ok(Answer {
+            status,
+            retry_after,
+            server_date,
+            body,
+        })
+    }
+
+    /// The error for an answer the caller did not expect: server errors may pass (the step
+    /// is tried again later), client errors will not.
+    fn unexpected(&self, call: &Call, reply: &Reply) -> RegistryError {
+        let url = self
+            .url(call)
+            .map(|u| redacted(&u))
+            .unwrap_or_else(|_| call.path.clone());
+        let message = format!(
+            "{} {url} answered {}{}",
+            call.method,
+            reply.answer.status,
+            self.quote(&reply.answer.body)
+        );
+        if reply.answer.status.is_server_error() {
+            RegistryError::Unavailable(anyhow::Error::msg(message))
+        } else {
+            RegistryError::Invalid(message)
+        }
+    }
+
+    /// The start of an error answer, for the message; the token is blanked should the server
+    /// ever echo it.
+    fn quote(&self, body: &[u8]) -> String {
+        let text = String::from_utf8_lossy(body);
+        let mut text: String = text.trim().chars().take(QUOTED_ANSWER).collect();
+        if !self.token.is_empty() {
+            text = text.replace(&self.token, "<redacted>");
+        }
+        if text.is_empty() {
+            text
+        } else {
+            format!(": {text}")
+        }
+    }
+
+    fn decode<T: for<'de> Deserialize<'de>>(
+        &self,
+        call: &Call,
+        reply: &Reply,
+    ) -> Result<T, RegistryError> {
+        serde_json::from_slice(&reply.answer.body).map_err(|err| {
+            let url = self
+                .url(call)
+                .map(|u| redacted(&u))
+                .unwrap_or_else(|_| call.path.clone());
+            RegistryError::Invalid(format!(
+                "{} {url}: the answer is not what the Bioloop API sends: {err}",
+                call.method
+            ))
+        })
+    }
+
+    /// Sends a call that must succeed; 404 is the dataset `id` missing.
+    async fn expect_ok(
+        &self,
+        call: &Call,
+        id: Option<DatasetId>,
+        settled: Option<Settled<'_>>,
+    ) -> Result<Option<Reply>, RegistryError> {
+        match self.send(call, settled).await? {
+            Sent::AlreadyDone => Ok(None),
+            Sent::Answer(reply) if reply.answer.status.is_success() => Ok(Some(reply)),
+            Sent::Answer(reply) => match (reply.answer.status, id) {
+                (StatusCode::NOT_FOUND, Some(id)) => Err(RegistryError::NotFound(id)),
+                _ => Err(self.unexpected(call, &reply)),
+            },
+        }
+    }
+
+    /// Sends a call without a settled check, which always ends in an answer.
+    async fn answered(&self, call: &Call, id: Option<DatasetId>) -> Result<Reply, RegistryError> {
+        self.expect_ok(call, id, None).await?.ok_or_else(|| {
+            RegistryError::Invalid(format!("{} {}: no answer", call.method, call.path))
+        })
+    }
+
+    /// Whether the dataset's latest state is `state`.
+    fn state_is(
+        &self,
+        id: DatasetId,
+        state: DatasetState,
+    ) -> BoxFuture<'_, Result<bool, RegistryError>> {
+        Box::pin(async move { Ok(self.latest_state(id).await?.as_deref() == Some(state.as_str())) })
+    }
+
+    /// `GET datasets/{id}` with `query`.
+    async fn fetch(
+        &self,
+        id: DatasetId,
+        query: Vec<(&'static str, String)>,
+    ) -> Result<WireDataset, RegistryError> {
+        let call = Call::get(format!("datasets/{id}"), query);
+        let reply = self.answered(&call, Some(id)).await?;
+        self.decode(&call, &reply)
+    }
+
+    async fn latest_state(&self, id: DatasetId) -> Result<Option<String>, RegistryError> {
+        Ok(self
+            .fetch(id, Vec::new())
+            .await?
+            .into_dataset()?
+            .latest_state()
+            .map(str::to_owned))
+    }
+
+    /// `GET datasets` with the API's own filters.
+    async fn list(&self, query: Vec<(&'static str, String)>) -> Result<Vec<Listed>, RegistryError> {
+        let call = Call::get("datasets".to_owned(), query);
+        let reply = self.answered(&call, None).await?;
+        let page: WireDatasetList = self.decode(&call, &reply)?;
+        page.datasets
+            .into_iter()
+            .map(|wire| {
+                let states_known = wire.states.is_some();
+                Ok(Listed {
+                    dataset: wire.into_dataset()?,
+                    states_known,
+                })
+            })
+            .collect()
+    }
+
+    /// `GET workflows/current`: every workflow link.
+    async fn workflow_links(&self) -> Result<Vec<WireWorkflowLink>, RegistryError> {
+        let call = Call::get("workflows/current".to_owned(), Vec::new());
+        let reply = self.answered(&call, None).await?;
+        self.decode(&call, &reply)
+    }
+
+    /// The dataset's file rows sorted by path, from `GET datasets/{id}?files=true`.
+    async fn fetch_listing(&self, id: DatasetId) -> Result<Arc<Vec<FileRecord>>, RegistryError> {
+        let wire = self.fetch(id, vec![("files", "true".to_owned())]).await?;
+        let mut rows = wire
+            .files
+            .unwrap_or_default()
+            .into_iter()
+            .map(|f| f.into_record(id))
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.sort_by(|a, b| a.path.cmp(&b.path));
+        let rows = Arc::new(rows);
+        let mut listings = self.listings.lock().unwrap_or_else(|e| e.into_inner());
+        listings.retain(|(kept, _)| *kept != id);
+        if listings.len() >= FILE_LISTINGS_KEPT {
+            listings.pop_front();
+        }
+        listings.push_back((id, Arc::clone(&rows)));
+        Ok(rows)
+    }
+
+    fn kept_listing(&self, id: DatasetId) -> Option<Arc<Vec<FileRecord>>> {
+        let listings = self.listings.lock().unwrap_or_else(|e| e.into_inner());
+        listings
+            .iter()
+            .find(|(kept, _)| *kept == id)
+            .map(|(_, rows)| Arc::clone(rows))
+    }
+
+    fn forget_listing(&self, id: DatasetId) {
+        let mut listings = self.listings.lock().unwrap_or_else(|e| e.into_inner());
+        listings.retain(|(kept, _)| *kept != id);
+    }
+
+    /// Turns the conflicts of a bulk create whose earlier attempt may have been performed into
+    /// creations, where the dataset found is evidently that attempt's work: same origin and
+    /// create method, created after the call started (by the server's clock when it sent
+    /// one) and no workflow linked yet.
+    async fn claim_conflicts(
+        &self,
+        items: &[NewDataset],
+        reply: &Reply,
+        outcome: &mut BulkOutcome,
+    ) -> Result<(), RegistryError> {
+        // The Date header has whole seconds, hence the extra second.
+        let now = reply.answer.server_date.unwrap_or_else(Utc::now);
+        let since = TimeDelta::from_std(reply.started.elapsed())
+            .ok()
+            .and_then(|elapsed| elapsed.checked_add(&TimeDelta::seconds(1)))
+            .and_then(|margin| now.checked_sub_signed(margin))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let mut still_conflicted = Vec::new();
+        for (name, dataset_type) in std::mem::take(&mut outcome.conflicted) {
+            let item = items
+                .iter()
+                .find(|i| i.name == name && i.dataset_type == dataset_type);
+            let mut claimed = None;
+            if let Some(item) = item {
+                let query = DatasetQuery {
+                    dataset_type: Some(dataset_type),
+                    name: Some(name.clone()),
+                    ..DatasetQuery::default()
+                };
+                claimed = self.find(&query).await?.into_iter().find(|d| {
+                    d.origin_path.as_deref() == Some(item.origin_path.as_str())
+                        && d.create_method == Some(item.create_method)
+                        && d.created_at >= since
+                        && d.workflows.is_empty()
+                });
+            }
+            match claimed {
+                Some(found) => outcome.created.push(self.get(found.id).await?),
+                None => still_conflicted.push((name, dataset_type)),
+            }
+        }
+        outcome.conflicted = still_conflicted;
+        Ok(())
+    }
+
+    /// `find` for one workflow: its link names the dataset, so nothing else is listed.
+    async fn find_by_workflow(
+        &self,
+        workflow_id: &str,
+        query: &DatasetQuery,
+    ) -> Result<Vec<Dataset>, RegistryError> {
+        let links = self.workflow_links().await?;
+        let Some(id) = links
+            .into_iter()
+            .find(|link| link.id == workflow_id)
+            .and_then(|link| link.dataset_id)
+        else {
+            return Ok(Vec::new());
+        };
+        let dataset = match self.get(id).await {
+            Ok(dataset) => dataset,
+            Err(RegistryError::NotFound(_)) => return Ok(Vec::new()),
+            Err(err) => return Err(err),
+        };
+        let listed = Listed {
+            dataset,
+            states_known: true,
+        };
+        Ok(if matches_query(&listed, query) {
+            vec![listed.dataset]
+        } else {
+            Vec::new()
+        })
+    }
+}
+
+#[async_trait]
+impl Registry for HttpRegistry {
+    async fn bulk_create(&self, items: &[NewDataset]) -> Result<BulkOutcome, RegistryError> {
+        if items.len() > MAX_BULK {
+            return Err(RegistryError::Invalid(format!(
+                "a bulk create takes at most {MAX_BULK} datasets, not {}",
+                items.len()
+            )));
+        }
+        if items.is_empty() {
+            return Ok(BulkOutcome::default());
+        }
+        let datasets: Vec<Value> = items
+            .iter()
+            .map(|item| {
+                let mut body = json!({
+                    "name": item.name.as_str(),
+                    "type": item.dataset_type.as_str(),
+                    "origin_path": item.origin_path,
+                    "create_method": item.create_method.as_str(),
+                });
+                if let Some(description) = &item.description {
+                    body["description"] = json!(description);
+                }
+                if let Some(metadata) = &item.metadata {
+                    body["metadata"] = metadata.clone();
+                }
+                body
+            })
+            .collect();
+        let call = Call::post("datasets/bulk".to_owned(), &json!({ "datasets": datasets }));
+        let reply = self.answered(&call, None).await?;
+        let wire: WireBulkOutcome = self.decode(&call, &reply)?;
+        let mut outcome = BulkOutcome {
+            created: wire
+                .created
+                .into_iter()
+                .map(WireDataset::into_dataset)
+                .collect::<Result<_, _>>()?,
+            conflicted: wire
+                .conflicted
+                .into_iter()
+                .map(|c| c.into_key())
+                .collect::<Result<_, _>>()?,
+            errored: wire
+                .errored
+                .into_iter()
+                .map(|e| {
+                    let message = e
+                        .error
+                        .clone()
+                        .unwrap_or_else(|| "the registry could not create it".to_owned());
+                    e.into_key().map(|(name, t)| (name, t, message))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        if reply.unsure && !outcome.conflicted.is_empty() {
+            self.claim_conflicts(items, &reply, &mut outcome).await?;
+        }
+        Ok(outcome)
+    }
+
+    async fn get(&self, id: DatasetId) -> Result<Dataset, RegistryError> {
+        self.fetch(id, vec![("bundle", "true".to_owned())])
+            .await?
+            .into_dataset()
+    }
+
+    async fn find(&self, query: &DatasetQuery) -> Result<Vec<Dataset>, RegistryError> {
+        if let Some(workflow_id) = &query.workflow_id {
+            return self.find_by_workflow(workflow_id, query).await;
+        }
+        let mut params: Vec<(&'static str, String)> = vec![
+            ("bundle", "true".to_owned()),
+            ("include_states", "true".to_owned()),
+        ];
+        if let Some(t) = query.dataset_type {
+            params.push(("type", t.as_str().to_owned()));
+        }
+        if let Some(name) = &query.name {
+            params.push(("name", name.as_str().to_owned()));
+            params.push(("match_name_exact", "true".to_owned()));
+        }
+        if let Some(cutoff) = query.staged_before {
+            // The API counts whole days back from its own now; the exact cutoff is applied
+            // below to the states it returns.
+            let seconds = (Utc::now() - cutoff).num_seconds().max(0);
+            let days = (seconds + 43_200) / 86_400;
+            params.push(("days_since_last_staged", days.to_string()));
+        }
+        if query.without_workflows {
+            params.push(("processed", "false".to_owned()));
+        }
+        // The API filters neither the create method nor (everywhere) the workflow links, so a
+        // limit can only be applied here, after those filters.
+        let filtered_here =
+            query.without_workflows || query.create_method.is_some() || query.name.is_some();
+        if let (Some(limit), false) = (query.limit, filtered_here) {
+            params.push(("limit", limit.to_string()));
+        }
+        let deleted_flags: &[bool] = if query.include_deleted {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        let mut found = Vec::new();
+        for deleted in deleted_flags {
+            let mut params = params.clone();
+            params.push(("deleted", deleted.to_string()));
+            found.extend(
+                self.list(params)
+                    .await?
+                    .into_iter()
+                    .filter(|listed| matches_query(listed, query)),
+            );
+        }
+        let mut datasets: Vec<Dataset> = found.into_iter().map(|l| l.dataset).collect();
+        datasets.sort_by(|a, b| b.updated_at.cmp(&a.updated_at).then(b.id.cmp(&a.id)));
+        if let Some(limit) = query.limit {
+            datasets.truncate(limit);
+        }
+        Ok(datasets)
+    }
+
+    async fn update(&self, id: DatasetId, patch: &DatasetPatch) -> Result<Dataset, RegistryError> {
+        let body = patch_body(patch);
+        let call = Call::patch(format!("datasets/{id}"), &body);
+        self.answered(&call, Some(id)).await?;
+        // The PATCH answer carries neither states nor bundle: read the whole dataset back.
+        self.get(id).await
+    }
+
+    async fn add_state(&self, id: DatasetId, state: DatasetState) -> Result<(), RegistryError> {
+        if self.latest_state(id).await?.as_deref() == Some(state.as_str()) {
+            return Ok(());
+        }
+        let call = Call::post(
+            format!("datasets/{id}/states"),
+            &json!({ "state": state.as_str() }),
+        );
+        let settled = move || self.state_is(id, state);
+        self.expect_ok(&call, Some(id), Some(&settled)).await?;
+        Ok(())
+    }
+
+    async fn add_files(&self, id: DatasetId, files: &[FileRecord]) -> Result<(), RegistryError> {
+        for batch in files.chunks(FILE_BATCH) {
+            let mut rows = Vec::with_capacity(batch.len());
+            for file in batch {
+                let Some(size) = file.size else {
+                    return Err(RegistryError::Invalid(format!(
+                        "file row `{}` of dataset {id} has no size",
+                        file.path
+                    )));
+                };
+                rows.push(json!({
+                    "path": file.path,
+                    "md5": file.md5.map(|m| m.to_string()),
+                    "size": size.to_string(),
+                    "type": file.file_type.as_str(),
+                }));
+            }
+            // Rows are unique per (dataset, path) on the server: a repeated batch adds nothing.
+            let call = Call::post(format!("datasets/{id}/files"), &Value::Array(rows));
+            self.answered(&call, Some(id)).await?;
+        }
+        self.forget_listing(id);
+        Ok(())
+    }
+
+    /// The API returns a dataset's files in one answer, without sizes and without paging. A
+    /// walk starts with `after = None`, which fetches the listing; the following pages are
+    /// cut from that copy, which is dropped when the walk has been read to its end (or when
+    /// more than a few walks run at once).
+    async fn files_page(
+        &self,
+        id: DatasetId,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<FileRecord>, RegistryError> {
+        let rows = match (after, self.kept_listing(id)) {
+            (Some(_), Some(rows)) => rows,
+            _ => self.fetch_listing(id).await?,
+        };
+        let start = after.map_or(0, |after| {
+            rows.partition_point(|r| r.path.as_str() <= after)
+        });
+        let end = start.saturating_add(limit).min(rows.len());
+        if start >= end {
+            self.forget_listing(id);
+            return Ok(Vec::new());
+        }
+        Ok(rows[start..end].to_vec())
+    }
+
+    async fn add_workflow(&self, id: DatasetId, workflow_id: &str) -> Result<(), RegistryError> {
+        let call = Call::post(
+            format!("datasets/{id}/workflows"),
+            &json!({ "workflow_id": workflow_id }),
+        );
+        match self.send(&call, None).await? {
+            Sent::AlreadyDone => Ok(()),
+            Sent::Answer(reply) if reply.answer.status.is_success() => Ok(()),
+            // The link exists (perhaps from an attempt whose answer was lost). The API
+            // answers 409 for a missing dataset too, which the read tells apart.
+            Sent::Answer(reply) if reply.answer.status == StatusCode::CONFLICT => {
+                self.fetch(id, Vec::new()).await.map(|_| ())
+            }
+            Sent::Answer(reply) if reply.answer.status == StatusCode::NOT_FOUND => {
+                Err(RegistryError::NotFound(id))
+            }
+            Sent::Answer(reply) => Err(self.unexpected(&call, &reply)),
+        }
+    }
+
+    async fn linked_workflows(
+        &self,
+        workflow_ids: &[String],
+    ) -> Result<HashSet<String>, RegistryError> {
+        if workflow_ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let wanted: HashSet<&str> = workflow_ids.iter().map(String::as_str).collect();
+        Ok(self
+            .workflow_links()
+            .await?
+            .into_iter()
+            .filter(|link| link.dataset_id.is_some() && wanted.contains(link.id.as_str()))
+            .map(|link| link.id)
+            .collect())
+    }
+
+    async fn add_metrics(&self, metrics: &[Metric]) -> Result<(), RegistryError> {
+        if metrics.is_empty() {
+            return Ok(());
+        }
+        let body: Vec<Value> = metrics
+            .iter()
+            .map(|m| {
+                json!({
+                    "measurement": m.measurement,
+                    "subject": m.subject,
+                    "usage": m.usage,
+                    "limit": m.limit,
+                    "tags": m.tags,
+                })
+            })
+            .collect();
+        let call = Call::post("metrics".to_owned(), &Value::Array(body));
+        self.answered(&call, None).await?;
+        Ok(())
+    }
+}
+
+/// Asked before a retry whether the write is in place already.
+type Settled<'a> = &'a (dyn Fn() -> BoxFuture<'a, Result<bool, RegistryError>> + Send + Sync);
+
+/// One request to the API: a path relative to the base URL, never with a leading `/`.
+struct Call {
+    method: Method,
+    path: String,
+    query: Vec<(&'static str, String)>,
+    body: Option<Vec<u8>>,
+}
+
+impl Call {
+    fn get(path: String, query: Vec<(&'static str, String)>) -> Call {
+        Call {
+            method: Method::GET,
+            path,
+            query,
+            body: None,
+        }
+    }
+
+    fn post(path: String, body: &Value) -> Call {
+        Call {
+            method: Method::POST,
+            path,
+            query: Vec::new(),
+            body: Some(body.to_string().into_bytes()),
+        }
+    }
+
+    fn patch(path: String, body: &Value) -> Call {
+        Call {
+            method: Method::PATCH,
+            ..Call::post(path, body)
+        }
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    retry_after: Option<Duration>,
+    server_date: Option<DateTime<Utc>>,
+    body: Vec<u8>,
+}
+
+struct Reply {
+    answer: Answer,
+    /// An earlier attempt may have been performed although its answer was lost.
+    unsure: bool,
+    /// When the first attempt was sent.
+    started: Instant,
+}
+
+enum Sent {
+    Answer(Reply),
+    /// The settled check found the write in place; nothing was sent again.
+    AlreadyDone,
+}
+
+struct Failure {
+    cause: String,
+    unsure: bool,
+    retry_after: Option<Duration>,
+}
+
+/// A dataset from a list answer, and whether the answer included its states.
+struct Listed {
+    dataset: Dataset,
+    states_known: bool,
+}
+
+fn is_retryable_status(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
+    )
+}
+
+/// `Retry-After` as seconds or as an HTTP date; a date in the past means now.
+fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let when = DateTime::parse_from_rfc2822(value)
+        .ok()?
+        .with_timezone(&Utc);
+    Some((when - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+}
+
+/// The error and its causes on one line, without the URL (which may hold credentials).
+fn describe_transport_error(err: &reqwest::Error) -> String {
+    let kind = if err.is_timeout() {
+        "timed out"
+    } else if err.is_connect() {
+        "cannot connect"
+    } else {
+        "connection failed"
+    };
+    let mut text = kind.to_owned();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// `url` without user name and password.
+fn redacted(url: &Url) -> String {
+    let mut url = url.clone();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.to_string()
+}
+
+/// Paths are joined like Python's `urljoin`, so the base must end in `/` to keep its path.
+fn normalize_base(mut base: Url) -> anyhow::Result<Url> {
+    if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
+        anyhow::bail!(
+            "the dataset registry URL `{}` is not an http or https URL",
+            redacted(&base)
+        );
+    }
+    base.set_query(None);
+    base.set_fragment(None);
+    if !base.path().ends_with('/') {
+        let path = format!("{}/", base.path());
+        base.set_path(&path);
+    }
+    Ok(base)
+}
+
+/// Whether a listed dataset passes the filters the API does not apply (or applies loosely).
+fn matches_query(listed: &Listed, query: &DatasetQuery) -> bool {
+    let d = &listed.dataset;
+    if !query.include_deleted && d.is_deleted {
+        return false;
+    }
+    if query.dataset_type.is_some_and(|t| t != d.dataset_type) {
+        return false;
+    }
+    // The API's name filter is case-insensitive and, in older versions, a substring match.
+    if query.name.as_ref().is_some_and(|name| *name != d.name) {
+        return false;
+    }
+    if query.without_workflows && !d.workflows.is_empty() {
+        return false;
+    }
+    if query
+        .create_method
+        .is_some_and(|m| d.create_method != Some(m))
+    {
+        return false;
+    }
+    if query
+        .workflow_id
+        .as_ref()
+        .is_some_and(|w| !d.workflows.contains(w))
+    {
+        return false;
+    }
+    if let Some(cutoff) = query.staged_before {
+        if !d.is_staged {
+            return false;
+        }
+        if listed.states_known
+            && d.states
+                .iter()
+                .any(|s| s.state == DatasetState::Staged.as_str() && s.timestamp >= cutoff)
+        {
+            return false;
+        }
+    }
+    true
+}
+
+/// The PATCH body: only the fields the patch sets; `null` clears a nullable column.
+fn patch_body(patch: &DatasetPatch) -> Value {
+    let mut body = serde_json::Map::new();
+    if let Some(name) = &patch.name {
+        body.insert("name".into(), json!(name.as_str()));
+    }
+    for (key, value) in [
+        ("du_size", patch.du_size),
+        ("size", patch.size),
+        ("bundle_size", patch.bundle.as_ref().map(|b| b.size)),
+    ] {
+        if let Some(value) = value {
+            body.insert(key.into(), json!(value.to_string()));
+        }
+    }
+    for (key, value) in [
+        ("num_files", patch.num_files),
+        ("num_directories", patch.num_directories),
+    ] {
+        if let Some(value) = value {
+            body.insert(key.into(), json!(value));
+        }
+    }
+    if let Some(metadata) = &patch.metadata {
+        body.insert("metadata".into(), metadata.clone());
+    }
+    for (key, value) in [
+        ("archive_path", &patch.archive_path),
+        ("staged_path", &patch.staged_path),
+    ] {
+        if let Some(value) = value {
+            body.insert(key.into(), json!(value));
+        }
+    }
+    for (key, value) in [
+        ("is_staged", patch.is_staged),
+        ("is_deleted", patch.is_deleted),
+    ] {
+        if let Some(value) = value {
+            body.insert(key.into(), json!(value));
+        }
+    }
+    if let Some(bundle) = &patch.bundle {
+        body.insert(
+            "bundle".into(),
+            json!({
+                "name": bundle.name,
+                "size": bundle.size.to_string(),
+                "md5": bundle.md5.to_string(),
+            }),
+        );
+    }
+    Value::Object(body)
+}
+
+/// A BigInt column: the API sends a string; a number is accepted too.
+fn big_int<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    match Option::<Value>::deserialize(deserializer)? {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => text
+            .trim()
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| D::Error::custom(format!("`{text}` is not a size"))),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) => Ok(Some(v)),
+            None => match n.as_f64() {
+                Some(f) if f >= 0.0 && f.fract() == 0.0 && f <= u64::MAX as f64 => {
+                    Ok(Some(f as u64))
+                }
+                _ => Err(D::Error::custom(format!("{n} is not a size"))),
+            },
+        },
+        Some(other) => Err(D::Error::custom(format!("{other} is not a size"))),
+    }
+}
+
+fn parse_time(id: DatasetId, field: &str, text: &str) -> Result<DateTime<Utc>, RegistryError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|err| {
+            RegistryError::Invalid(format!(
+                "dataset {id}: {field} `{text}` is not a timestamp: {err}"
+            ))
+        })
+}
+
+/// A dataset as the API sends it (Prisma's JSON, BigInts as strings).
+#[derive(Deserialize)]
+struct WireDataset {
+    id: DatasetId,
+    name: String,
+    #[serde(rename = "type")]
+    dataset_type: String,
+    #[serde(default)]
+    origin_path: Option<String>,
+    #[serde(default)]
+    archive_path: Option<String>,
+    #[serde(default)]
+    staged_path: Option<String>,
+    #[serde(default)]
+    description: Option<String>,
+    #[serde(default, deserialize_with = "big_int")]
+    du_size: Option<u64>,
+    #[serde(default, deserialize_with = "big_int")]
+    size: Option<u64>,
+    #[serde(default, deserialize_with = "big_int")]
+    bundle_size: Option<u64>,
+    #[serde(default, deserialize_with = "big_int")]
+    num_files: Option<u64>,
+    #[serde(default, deserialize_with = "big_int")]
+    num_directories: Option<u64>,
+    #[serde(default)]
+    is_deleted: bool,
+    #[serde(default)]
+    is_staged: bool,
+    #[serde(default)]
+    metadata: Option<Value>,
+    #[serde(default)]
+    create_method: Option<String>,
+    created_at: String,
+    updated_at: String,
+    /// Newest first; absent from list answers unless asked for.
+    #[serde(default)]
+    states: Option<Vec<WireState>>,
+    #[serde(default)]
+    bundle: Option<WireBundle>,
+    #[serde(default)]
+    workflows: Vec<WireWorkflowRef>,
+    #[serde(default)]
+    files: Option<Vec<WireFile>>,
+}
+
+#[derive(Deserialize)]
+struct WireState {
+    state: String,
+    timestamp: String,
+}
+
+#[derive(Deserialize)]
+struct WireBundle {
+    name: String,
+    #[serde(deserialize_with = "big_int")]
+    size: Option<u64>,
+    md5: String,
+}
+
+#[derive(Deserialize)]
+struct WireWorkflowRef {
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct WireFile {
+    path: String,
+    #[serde(default)]
+    md5: Option<String>,
+    #[serde(default, deserialize_with = "big_int")]
+    size: Option<u64>,
+    #[serde(default)]
+    filetype: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireDatasetList {
+    datasets: Vec<WireDataset>,
+}
+
+#[derive(Deserialize)]
+struct WireKey {
+    name: String,
+    #[serde(rename = "type")]
+    dataset_type: String,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WireBulkOutcome {
+    #[serde(default)]
+    created: Vec<WireDataset>,
+    #[serde(default)]
+    conflicted: Vec<WireKey>,
+    #[serde(default)]
+    errored: Vec<WireKey>,
+}
+
+#[derive(Deserialize)]
+struct WireWorkflowLink {
+    id: String,
+    #[serde(default)]
+    dataset_id: Option<DatasetId>,
+}
+
+impl WireKey {
+    fn into_key(self) -> Result<(DatasetName, DatasetType), RegistryError> {
+        let dataset_type = self.dataset_type.parse().map_err(|err| {
+            RegistryError::Invalid(format!("bulk create answer for `{}`: {err}", self.name))
+        })?;
+        Ok((DatasetName::from_stored(self.name), dataset_type))
+    }
+}
+
+impl WireFile {
+    fn into_record(self, id: DatasetId) -> Result<FileRecord, RegistryError> {
+        let md5 = match self.md5.as_deref() {
+            None | Some("") => None,
+            Some(text) => Some(text.parse().map_err(|err| {
+                RegistryError::Invalid(format!(
+                    "dataset {id}: file `{}` has an invalid MD5 `{text}`: {err}",
+                    self.path
+                ))
+            })?),
+        };
+        // The API omits the type; inspect records an MD5 for every regular file and none for
+        // a symbolic link.
+        let file_type = match self.filetype.as_deref().map(str::parse::<FileType>) {
+            Some(Ok(t)) => t,
+            _ if md5.is_some() => FileType::File,
+            _ => FileType::SymbolicLink,
+        };
+        Ok(FileRecord {
+            path: self.path,
+            md5,
+            size: self.size,
+            file_type,
+        })
+    }
+}
+
+impl WireDataset {
+    fn into_dataset(self) -> Result<Dataset, RegistryError> {
+        let id = self.id;
+        let dataset_type: DatasetType = self.dataset_type.parse().map_err(|err| {
+            RegistryError::Invalid(format!("dataset {id} (`{}`): {err}", self.name))
+        })?;
+        let mut states = self
+            .states
+            .unwrap_or_default()
+            .into_iter()
+            .rev()
+            .map(|s| {
+                Ok(StateRecord {
+                    timestamp: parse_time(id, "state timestamp", &s.timestamp)?,
+                    state: s.state,
+                })
+            })
+            .collect::<Result<Vec<_>, RegistryError>>()?;
+        // Oldest first; the stable sort keeps the API's order among equal timestamps.
+        states.sort_by_key(|s| s.timestamp);
+        let bundle = match self.bundle {
+            None => None,
+            Some(b) => Some(Bundle {
+                size: b.size.ok_or_else(|| {
+                    RegistryError::Invalid(format!("dataset {id}: the bundle has no size"))
+                })?,
+                md5: b.md5.parse().map_err(|err| {
+                    RegistryError::Invalid(format!(
+                        "dataset {id}: the bundle MD5 `{}` is invalid: {err}",
+                        b.md5
+                    ))
+                })?,
+                name: b.name,
+            }),
+        };
+        let metadata = match self.metadata {
+            Some(Value::Object(map)) => Value::Object(map),
+            _ => json!({}),
+        };
+        Ok(Dataset {
+            id,
+            name: DatasetName::from_stored(self.name),
+            dataset_type,
+            origin_path: self.origin_path,
+            archive_path: self.archive_path,
+            staged_path: self.staged_path,
+            description: self.description,
+            du_size: self.du_size,
+            size: self.size,
+            bundle_size: self.bundle_size,
+            num_files: self.num_files,
+            num_directories: self.num_directories,
+            is_deleted: self.is_deleted,
+            is_staged: self.is_staged,
+            metadata,
+            create_method: self.create_method.and_then(|m| m.parse().ok()),
+            created_at: parse_time(id, "created_at", &self.created_at)?,
+            updated_at: parse_time(id, "updated_at", &self.updated_at)?,
+            states,
+            bundle,
+            workflows: self.workflows.into_iter().map(|w| w.id).collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registry(base: &str) -> HttpRegistry {
+        HttpRegistry::new(HttpConfig::new(
+            Url::parse(base).expect("url"),
+            "secret".into(),
+        ))
+        .expect("registry")
+    }
+
+    #[test]
+    fn backoff_follows_urllib3() {
+        let r = registry("http://localhost:3030");
+        let delays: Vec<u64> = (1..=9).map(|n| r.backoff_delay(n).as_secs()).collect();
+        assert_eq!(delays, [0, 10, 20, 40, 80, 120, 120, 120, 120]);
+        assert_eq!(r.backoff_delay(64), Duration::from_secs(120));
+    }
+
+    #[test]
+    fn paths_join_like_urljoin_onto_a_normalized_base() {
+        for (base, want) in [
+            ("http://h:1", "http://h:1/datasets/7"),
+            ("http://h:1/api", "http://h:1/api/datasets/7"),
+            ("http://h:1/api/", "http://h:1/api/datasets/7"),
+            ("http://h:1/api/?x=1#f", "http://h:1/api/datasets/7"),
+        ] {
+            let r = registry(base);
+            let url = r
+                .url(&Call::get("datasets/7".into(), Vec::new()))
+                .expect("url");
+            assert_eq!(url.as_str(), want, "base {base}");
+        }
+        assert!(
+            HttpRegistry::new(HttpConfig::new(
+                Url::parse("mailto:x@y").expect("url"),
+                String::new()
+            ))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn credentials_stay_out_of_urls_and_debug_output() {
+        let url = Url::parse("https://user:pw@h/api/").expect("url");
+        assert_eq!(redacted(&url), "https://h/api/");
+        let config = HttpConfig::new(url, "the-token".into());
+        let text = format!("{config:?}");
+        assert!(
+            !text.contains("the-token") && !text.contains("pw"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, "7".parse().expect("header"));
+        assert_eq!(parse_retry_after(&headers), Some(Duration::from_secs(7)));
+        let later = (Utc::now() + TimeDelta::seconds(30)).to_rfc2822();
+        headers.insert(RETRY_AFTER, later.parse().expect("header"));
+        let wait = parse_retry_after(&headers).expect("date");
+        assert!(wait > Duration::from_secs(27) && wait <= Duration::from_secs(30));
+        headers.insert(
+            RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().expect("header"),
+        );
+        assert_eq!(parse_retry_after(&headers), Some(Duration::ZERO));
+        headers.insert(RETRY_AFTER, "soon".parse().expect("header"));
+        assert_eq!(parse_retry_after(&headers), None);
+    }
+
+    #[test]
+    fn big_ints_are_read_from_strings_and_numbers() {
+        #[derive(Deserialize)]
+        struct T {
+            #[serde(default, deserialize_with = "big_int")]
+            v: Option<u64>,
+        }
+        let read = |text: &str| serde_json::from_str::<T>(text).map(|t| t.v);
+        assert_eq!(
+            read(r#"{"v": "18446744073709551615"}"#).ok(),
+            Some(Some(u64::MAX))
+        );
+        assert_eq!(read(r#"{"v": 42}"#).ok(), Some(Some(42)));
+        assert_eq!(read(r#"{"v": null}"#).ok(), Some(None));
+        assert_eq!(read(r#"{}"#).ok(), Some(None));
+        assert!(read(r#"{"v": "-1"}"#).is_err());
+        assert!(read(r#"{"v": "12 kB"}"#).is_err());
+    }
+}
