@@ -6,10 +6,12 @@
 mod common;
 
 use common::Project;
+use common::bioloop_api::TestApi;
 use serde_json::json;
 use workers::model::{
     Bundle, CreateMethod, DatasetName, DatasetState, DatasetType, FileRecord, FileType,
 };
+use workers::registry::http::{HttpConfig, HttpRegistry};
 use workers::registry::{
     DatasetPatch, DatasetQuery, MAX_BULK, NewDataset, Registry, RegistryError,
 };
@@ -34,7 +36,15 @@ fn row(path: &str, size: u64) -> FileRecord {
     }
 }
 
-async fn registry_story(registry: &dyn Registry) {
+/// Whether a backend returns file rows with their sizes (the Bioloop API lists path and MD5
+/// only).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FileSizes {
+    Returned,
+    Omitted,
+}
+
+async fn registry_story(registry: &dyn Registry, sizes: FileSizes) {
     use DatasetType::{DataProduct, RawData};
     // Bulk create: names are normalized; the same name and type conflicts; types are separate.
     let outcome = registry
@@ -198,7 +208,15 @@ async fn registry_story(registry: &dyn Registry) {
         rest.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
         ["c/d", "c/e"]
     );
-    assert_eq!(rest[0], row("c/d", 4));
+    let want = row("c/d", 4);
+    assert_eq!(
+        (&rest[0].path, rest[0].md5, rest[0].file_type),
+        (&want.path, want.md5, want.file_type)
+    );
+    match sizes {
+        FileSizes::Returned => assert_eq!(rest[0].size, Some(4)),
+        FileSizes::Omitted => assert_eq!(rest[0].size, None),
+    }
 
     // Workflows: linking is idempotent, and `without_workflows` finds the unlinked.
     let orphans = DatasetQuery {
@@ -259,5 +277,13 @@ async fn registry_story(registry: &dyn Registry) {
 async fn the_sqlite_registry_keeps_the_contract() {
     let project = Project::new();
     let app = project.app().await;
-    registry_story(app.registry.as_ref()).await;
+    registry_story(app.registry.as_ref(), FileSizes::Returned).await;
+}
+
+#[tokio::test]
+async fn the_http_registry_keeps_the_contract() {
+    let api = TestApi::start();
+    let registry = HttpRegistry::new(HttpConfig::new(api.base_url(), api.token().to_owned()))
+        .expect("http registry");
+    registry_story(&registry, FileSizes::Omitted).await;
 }

@@ -14,6 +14,8 @@ use workers::config::{LoadOptions, Settings};
 use workers::model::DatasetType;
 use workers::registry::{Dataset, DatasetQuery};
 
+pub mod bioloop_api;
+
 pub const SALT: &str = "test-salt";
 
 /// A project directory laid out like the repository: `config/`, `jobs/`, `examples/`, `var/`.

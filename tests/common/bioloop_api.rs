@@ -1,0 +1,874 @@
+//! A Bioloop API for tests: the endpoints the workers use (spec E.2, E.3), served by axum on
+//! its own thread and runtime, backed by the embedded registry on its own SQLite file, so its
+//! semantics are the embedded backend's. It records every request and can be told to
+//! misbehave: answer 503 (with `Retry-After`), answer late, or drop the connection before or
+//! after doing the work.
+//!
+//! Where the real API is looser than the embedded registry, this server follows the API:
+//! `POST datasets/{id}/states` always appends (spec J.16 is about the duplicates that causes),
+//! `GET datasets/{id}?files=true` lists path and MD5 only, and linking a workflow to a missing
+//! dataset answers 409 like Prisma's foreign-key error. File rows are stored before the answer
+//! (the API does it after), so tests can read them at once.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{SecondsFormat, TimeDelta, Utc};
+use serde_json::{Value, json};
+use url::Url;
+use workers::model::{Bundle, DatasetName, FileRecord, FileType};
+use workers::registry::sqlite::SqliteRegistry;
+use workers::registry::{
+    Dataset, DatasetId, DatasetPatch, DatasetQuery, FilePages, MAX_BULK, Metric, NewDataset,
+    Registry, RegistryError,
+};
+use workers::sqlite::{Db, to_millis};
+
+/// What the server does to a request a fault applies to.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// Answers `status` without doing the work, with `Retry-After` when given.
+    Status {
+        status: u16,
+        retry_after: Option<String>,
+    },
+    /// Does the work, then waits this long before answering.
+    Delay(Duration),
+    /// Closes the connection without doing the work or answering.
+    DropBefore,
+    /// Does the work, then closes the connection without answering.
+    DropAfter,
+}
+
+impl Fault {
+    pub fn unavailable() -> Fault {
+        Fault::Status {
+            status: 503,
+            retry_after: None,
+        }
+    }
+
+    pub fn unavailable_for(retry_after: &str) -> Fault {
+        Fault::Status {
+            status: 503,
+            retry_after: Some(retry_after.to_owned()),
+        }
+    }
+}
+
+/// One request as the server saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: String,
+    /// Relative to the API root, without a leading `/` (`datasets/7/states`).
+    pub path: String,
+    pub query: String,
+    pub body: Option<Value>,
+    /// `None` while unanswered, and for a dropped connection.
+    pub status: Option<u16>,
+    pub at: Instant,
+}
+
+/// The running server. Dropping it stops the server.
+pub struct TestApi {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+/// The path under which the API is mounted, so that base URLs with a path are exercised.
+const ROOT: &str = "/api";
+
+struct Shared {
+    registry: SqliteRegistry,
+    db: Db,
+    token: String,
+    faults: Mutex<Vec<PendingFault>>,
+    log: Mutex<Vec<Recorded>>,
+}
+
+struct PendingFault {
+    method: Option<String>,
+    prefix: String,
+    fault: Fault,
+    remaining: usize,
+}
+
+impl TestApi {
+    pub fn start() -> TestApi {
+        let dir = tempfile::Builder::new()
+            .prefix("bioloop-api-")
+            .tempdir()
+            .expect("temp dir");
+        let db = Db::open(&dir.path().join("api.db"), Duration::from_secs(10)).expect("api db");
+        let shared = Arc::new(Shared {
+            registry: SqliteRegistry::new(db.clone()),
+            db,
+            token: format!("test-token-{}", uuid::Uuid::new_v4()),
+            faults: Mutex::new(Vec::new()),
+            log: Mutex::new(Vec::new()),
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let addr = listener.local_addr().expect("address");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let app = router(Arc::clone(&shared));
+        let thread = std::thread::Builder::new()
+            .name("bioloop-api".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("api runtime");
+                runtime.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                    let serve = std::future::IntoFuture::into_future(axum::serve(listener, app));
+                    tokio::select! {
+                        _ = serve => {}
+                        _ = stop_rx => {}
+                    }
+                });
+                // Connections still open (a delayed answer) are dropped, not waited for.
+                runtime.shutdown_background();
+            })
+            .expect("api thread");
+        TestApi {
+            addr,
+            shared,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT/api/`.
+    pub fn base_url(&self) -> Url {
+        Url::parse(&format!("http://{}{ROOT}/", self.addr)).expect("base url")
+    }
+
+    pub fn token(&self) -> &str {
+        &self.shared.token
+    }
+
+    /// The server's own registry, for arranging and checking what the API holds.
+    pub fn registry(&self) -> &SqliteRegistry {
+        &self.shared.registry
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.shared.db
+    }
+
+    /// Applies `fault` to the next `times` requests whose method is `method` (`*` for any)
+    /// and whose path starts with `path_prefix`. Faults apply in the order they were added.
+    pub fn inject(&self, method: &str, path_prefix: &str, fault: Fault, times: usize) {
+        self.shared.faults.lock().unwrap().push(PendingFault {
+            method: (method != "*").then(|| method.to_owned()),
+            prefix: path_prefix.to_owned(),
+            fault,
+            remaining: times,
+        });
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.shared.log.lock().unwrap().clone()
+    }
+
+    /// Requests so far with this method whose path starts with `path_prefix`.
+    pub fn requests_to(&self, method: &str, path_prefix: &str) -> Vec<Recorded> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == method && r.path.starts_with(path_prefix))
+            .collect()
+    }
+
+    pub fn count(&self, method: &str, path_prefix: &str) -> usize {
+        self.requests_to(method, path_prefix).len()
+    }
+
+    pub fn clear_requests(&self) {
+        self.shared.log.lock().unwrap().clear();
+    }
+
+    /// The states rows of a dataset as stored, oldest first (duplicates included).
+    pub fn stored_states(&self, id: DatasetId) -> Vec<String> {
+        self.shared
+            .db
+            .with_conn(|conn| {
+                let mut stmt = conn.prepare(
+                    "SELECT state FROM dataset_states WHERE dataset_id = ?1 ORDER BY seq",
+                )?;
+                let rows = stmt.query_map([id], |r| r.get(0))?;
+                Ok(rows.collect::<rusqlite::Result<Vec<String>>>()?)
+            })
+            .unwrap()
+    }
+
+    /// Adds a state with a chosen time, as if it had been recorded then.
+    pub fn backdate_state(&self, id: DatasetId, state: &str, at: chrono::DateTime<Utc>) {
+        self.shared
+            .db
+            .with_conn(|conn| {
+                conn.execute(
+                    "INSERT INTO dataset_states (dataset_id, state, timestamp) VALUES (?1, ?2, ?3)",
+                    rusqlite::params![id, state, to_millis(at)],
+                )?;
+                Ok(())
+            })
+            .unwrap();
+    }
+}
+
+impl Drop for TestApi {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    let api = Router::new()
+        .route("/datasets", get(list_datasets).post(create_dataset))
+        .route("/datasets/bulk", post(bulk_create))
+        .route("/datasets/{id}", get(get_dataset).patch(update_dataset))
+        .route("/datasets/{id}/states", post(add_state))
+        .route("/datasets/{id}/files", post(add_files))
+        .route("/datasets/{id}/workflows", post(add_workflow))
+        .route("/workflows/current", get(current_workflows))
+        .route("/metrics", post(add_metrics));
+    Router::new()
+        .nest(ROOT, api)
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "Not Found") })
+        .layer(middleware::from_fn_with_state(Arc::clone(&shared), gate))
+        .with_state(shared)
+}
+
+impl Shared {
+    fn take_fault(&self, method: &str, path: &str) -> Option<Fault> {
+        let mut faults = self.faults.lock().unwrap();
+        let idx = faults.iter().position(|f| {
+            f.remaining > 0
+                && f.method.as_deref().is_none_or(|m| m == method)
+                && path.starts_with(&f.prefix)
+        })?;
+        faults[idx].remaining -= 1;
+        let fault = faults[idx].fault.clone();
+        if faults[idx].remaining == 0 {
+            faults.remove(idx);
+        }
+        Some(fault)
+    }
+
+    fn set_status(&self, idx: usize, status: Option<u16>) {
+        self.log.lock().unwrap()[idx].status = status;
+    }
+}
+
+/// Records the request, applies faults and checks the bearer token.
+async fn gate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let method = request.method().to_string();
+    let path = request
+        .uri()
+        .path()
+        .strip_prefix(ROOT)
+        .unwrap_or(request.uri().path())
+        .trim_start_matches('/')
+        .to_owned();
+    let query = request.uri().query().unwrap_or_default().to_owned();
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+        return error(StatusCode::BAD_REQUEST, "unreadable body");
+    };
+    let request = Request::from_parts(parts, Body::from(bytes.clone()));
+    let idx = {
+        let mut log = shared.log.lock().unwrap();
+        log.push(Recorded {
+            method: method.clone(),
+            path: path.clone(),
+            query,
+            body: serde_json::from_slice(&bytes).ok(),
+            status: None,
+            at: Instant::now(),
+        });
+        log.len() - 1
+    };
+    let fault = shared.take_fault(&method, &path);
+    match &fault {
+        Some(Fault::Status {
+            status,
+            retry_after,
+        }) => {
+            let status = StatusCode::from_u16(*status).unwrap();
+            let mut response = error(status, status.canonical_reason().unwrap_or("error"));
+            if let Some(value) = retry_after {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_str(value).unwrap());
+            }
+            shared.set_status(idx, Some(status.as_u16()));
+            return response;
+        }
+        Some(Fault::DropBefore) => return dropped_connection(),
+        _ => {}
+    }
+    let authorized = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {}", shared.token));
+    let response = if authorized {
+        next.run(request).await
+    } else {
+        error(StatusCode::UNAUTHORIZED, "Unauthorized")
+    };
+    match fault {
+        Some(Fault::Delay(delay)) => tokio::time::sleep(delay).await,
+        Some(Fault::DropAfter) => return dropped_connection(),
+        _ => {}
+    }
+    shared.set_status(idx, Some(response.status().as_u16()));
+    response
+}
+
+/// A body that fails at once: hyper closes the connection without a complete answer.
+fn dropped_connection() -> Response {
+    let failing = futures_util::stream::once(async {
+        Err::<Bytes, std::io::Error>(std::io::Error::other("connection dropped on purpose"))
+    });
+    Response::new(Body::from_stream(failing))
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+fn registry_error(err: RegistryError) -> Response {
+    match err {
+        RegistryError::NotFound(_) => error(StatusCode::NOT_FOUND, "Not Found"),
+        RegistryError::Invalid(message) => error(StatusCode::BAD_REQUEST, &message),
+        RegistryError::Unavailable(err) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{err:#}"))
+        }
+    }
+}
+
+/// express-validator's `toBoolean`: anything but `0`, `false` (any case) and empty is true.
+fn flag(query: &HashMap<String, String>, key: &str, default: bool) -> bool {
+    match query.get(key) {
+        None => default,
+        Some(v) => !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false")),
+    }
+}
+
+fn iso(t: chrono::DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// BigInt columns travel as strings.
+fn big(v: Option<u64>) -> Value {
+    v.map_or(Value::Null, |v| Value::String(v.to_string()))
+}
+
+fn parse_big(v: &Value) -> Option<u64> {
+    match v {
+        Value::String(s) => s.parse().ok(),
+        Value::Number(n) => n.as_u64(),
+        _ => None,
+    }
+}
+
+/// The dataset columns plus workflow ids and the (empty) hierarchy, as Prisma includes them.
+fn dataset_json(d: &Dataset, states: bool, bundle: bool) -> Value {
+    let mut v = json!({
+        "id": d.id,
+        "name": d.name.as_str(),
+        "type": d.dataset_type.as_str(),
+        "num_directories": d.num_directories,
+        "num_files": d.num_files,
+        "du_size": big(d.du_size),
+        "size": big(d.size),
+        "bundle_size": big(d.bundle_size),
+        "description": d.description,
+        "created_at": iso(d.created_at),
+        "updated_at": iso(d.updated_at),
+        "origin_path": d.origin_path,
+        "archive_path": d.archive_path,
+        "staged_path": d.staged_path,
+        "is_deleted": d.is_deleted,
+        "is_staged": d.is_staged,
+        "metadata": d.metadata,
+        "create_method": d.create_method.map(|m| m.as_str()),
+        "workflows": d.workflows.iter().map(|id| json!({ "id": id })).collect::<Vec<_>>(),
+        "source_datasets": [],
+        "derived_datasets": [],
+    });
+    if states {
+        // Newest first, as the API orders them.
+        v["states"] = d
+            .states
+            .iter()
+            .rev()
+            .map(|s| {
+                json!({
+                    "state": s.state,
+                    "timestamp": iso(s.timestamp),
+                    "metadata": null,
+                    "dataset_id": d.id,
+                })
+            })
+            .collect();
+    }
+    if bundle {
+        v["bundle"] = d.bundle.as_ref().map_or(Value::Null, |b| {
+            json!({
+                "name": b.name,
+                "size": b.size.to_string(),
+                "md5": b.md5.to_string(),
+                "dataset_id": d.id,
+            })
+        });
+    }
+    v
+}
+
+/// An item of a create or bulk create body; `Err` names what is wrong.
+fn new_dataset(item: &Value) -> Result<NewDataset, String> {
+    let raw_name = item["name"].as_str().ok_or("name is required")?;
+    let name = DatasetName::normalize(raw_name).map_err(|e| format!("name: {e}"))?;
+    let dataset_type = item["type"]
+        .as_str()
+        .ok_or("type is required")?
+        .parse()
+        .map_err(|e: String| e)?;
+    let origin_path = item["origin_path"]
+        .as_str()
+        .ok_or("origin_path is required")?
+        .to_owned();
+    let create_method = match item["create_method"].as_str() {
+        Some(m) => m.parse()?,
+        None => workers::model::CreateMethod::Scan,
+    };
+    Ok(NewDataset {
+        name,
+        dataset_type,
+        origin_path,
+        create_method,
+        description: item["description"].as_str().map(str::to_owned),
+        metadata: item.get("metadata").filter(|m| m.is_object()).cloned(),
+    })
+}
+
+async fn list_datasets(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let all = match shared
+        .registry
+        .find(&DatasetQuery {
+            include_deleted: true,
+            ..DatasetQuery::default()
+        })
+        .await
+    {
+        Ok(all) => all,
+        Err(err) => return registry_error(err),
+    };
+    let deleted = flag(&query, "deleted", false);
+    let exact = flag(&query, "match_name_exact", false);
+    let name = query.get("name").map(|n| n.to_lowercase());
+    let staged_cutoff = match query
+        .get("days_since_last_staged")
+        .map(|d| d.parse::<i64>())
+    {
+        None => None,
+        Some(Ok(days)) => Some(Utc::now() - TimeDelta::days(days)),
+        Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "days_since_last_staged"),
+    };
+    let matching: Vec<&Dataset> = all
+        .iter()
+        .filter(|d| d.is_deleted == deleted)
+        .filter(|d| {
+            query
+                .get("type")
+                .is_none_or(|t| t == d.dataset_type.as_str())
+        })
+        .filter(|d| {
+            name.as_ref().is_none_or(|n| {
+                let have = d.name.as_str().to_lowercase();
+                if exact {
+                    have == *n
+                } else {
+                    have.contains(n.as_str())
+                }
+            })
+        })
+        .filter(|d| !flag(&query, "archived", false) || d.archive_path.is_some())
+        .filter(|d| match query.get("processed") {
+            None => true,
+            Some(_) => flag(&query, "processed", false) != d.workflows.is_empty(),
+        })
+        .filter(|d| {
+            staged_cutoff.is_none_or(|cutoff| {
+                d.is_staged
+                    && !d
+                        .states
+                        .iter()
+                        .any(|s| s.state == "STAGED" && s.timestamp >= cutoff)
+            })
+        })
+        .collect();
+    let count = matching.len();
+    let offset: usize = query
+        .get("offset")
+        .and_then(|o| o.parse().ok())
+        .unwrap_or(0);
+    let limit: usize = query
+        .get("limit")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(usize::MAX);
+    let states = flag(&query, "include_states", false);
+    let bundle = flag(&query, "bundle", false);
+    let datasets: Vec<Value> = matching
+        .into_iter()
+        .skip(offset)
+        .take(limit)
+        .map(|d| dataset_json(d, states, bundle))
+        .collect();
+    Json(json!({ "metadata": { "count": count }, "datasets": datasets })).into_response()
+}
+
+async fn get_dataset(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<DatasetId>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let dataset = match shared.registry.get(id).await {
+        Ok(d) => d,
+        Err(err) => return registry_error(err),
+    };
+    let mut body = dataset_json(&dataset, true, flag(&query, "bundle", false));
+    body["audit_logs"] = json!([]);
+    if flag(&query, "files", false) {
+        let mut files = Vec::new();
+        let mut pages = FilePages::new(&shared.registry, id, 10_000);
+        loop {
+            match pages.next().await {
+                Ok(Some(page)) => files.extend(
+                    page.into_iter()
+                        .map(|f| json!({ "path": f.path, "md5": f.md5.map(|m| m.to_string()) })),
+                ),
+                Ok(None) => break,
+                Err(err) => return registry_error(err),
+            }
+        }
+        body["files"] = Value::Array(files);
+    }
+    Json(body).into_response()
+}
+
+async fn create_dataset(State(shared): State<Arc<Shared>>, Json(item): Json<Value>) -> Response {
+    let new = match new_dataset(&item) {
+        Ok(new) => new,
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+    };
+    let outcome = match shared.registry.bulk_create(&[new]).await {
+        Ok(outcome) => outcome,
+        Err(err) => return registry_error(err),
+    };
+    let Some(created) = outcome.created.into_iter().next() else {
+        return error(StatusCode::CONFLICT, "Unique constraint failed");
+    };
+    let patch = DatasetPatch {
+        du_size: item.get("du_size").and_then(parse_big),
+        size: item.get("size").and_then(parse_big),
+        ..DatasetPatch::default()
+    };
+    match shared.registry.update(created.id, &patch).await {
+        Ok(d) => Json(dataset_json(&d, true, false)).into_response(),
+        Err(err) => registry_error(err),
+    }
+}
+
+async fn bulk_create(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
+    let Some(items) = body["datasets"].as_array() else {
+        return error(StatusCode::BAD_REQUEST, "datasets must be an array");
+    };
+    if items.is_empty() || items.len() > MAX_BULK {
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("datasets must hold 1 to {MAX_BULK} items"),
+        );
+    }
+    let mut valid = Vec::new();
+    let mut errored = Vec::new();
+    for item in items {
+        match new_dataset(item) {
+            Ok(new) => valid.push(new),
+            Err(message) => errored.push(json!({
+                "name": item["name"], "type": item["type"], "error": message,
+            })),
+        }
+    }
+    let outcome = match shared.registry.bulk_create(&valid).await {
+        Ok(outcome) => outcome,
+        Err(err) => return registry_error(err),
+    };
+    Json(json!({
+        "created": outcome.created.iter().map(|d| dataset_json(d, true, false)).collect::<Vec<_>>(),
+        "conflicted": outcome.conflicted.iter()
+            .map(|(n, t)| json!({ "name": n.as_str(), "type": t.as_str() }))
+            .collect::<Vec<_>>(),
+        "errored": errored,
+    }))
+    .into_response()
+}
+
+/// The PATCH body as a patch; `Err` names the field that is wrong.
+fn patch_from(body: &Value) -> Result<DatasetPatch, String> {
+    let obj = body.as_object().ok_or("the body must be an object")?;
+    let mut patch = DatasetPatch::default();
+    let size = |key: &str| -> Result<Option<u64>, String> {
+        match obj.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => parse_big(v)
+                .map(Some)
+                .ok_or_else(|| format!("{key}: not a size")),
+        }
+    };
+    patch.du_size = size("du_size")?;
+    patch.size = size("size")?;
+    patch.num_files = size("num_files")?;
+    patch.num_directories = size("num_directories")?;
+    if let Some(name) = obj.get("name").and_then(Value::as_str) {
+        patch.name = Some(DatasetName::from_stored(name.to_owned()));
+    }
+    patch.metadata = obj.get("metadata").cloned();
+    let nullable = |key: &str| -> Result<Option<Option<String>>, String> {
+        match obj.get(key) {
+            None => Ok(None),
+            Some(Value::Null) => Ok(Some(None)),
+            Some(Value::String(s)) => Ok(Some(Some(s.clone()))),
+            Some(_) => Err(format!("{key}: not a string")),
+        }
+    };
+    patch.archive_path = nullable("archive_path")?;
+    patch.staged_path = nullable("staged_path")?;
+    patch.is_staged = obj.get("is_staged").and_then(Value::as_bool);
+    patch.is_deleted = obj.get("is_deleted").and_then(Value::as_bool);
+    if let Some(bundle) = obj.get("bundle").filter(|b| !b.is_null()) {
+        patch.bundle = Some(Bundle {
+            name: bundle["name"].as_str().ok_or("bundle.name")?.to_owned(),
+            size: parse_big(&bundle["size"]).ok_or("bundle.size")?,
+            md5: bundle["md5"]
+                .as_str()
+                .ok_or("bundle.md5")?
+                .parse()
+                .map_err(|_| "bundle.md5".to_owned())?,
+        });
+    }
+    Ok(patch)
+}
+
+async fn update_dataset(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<DatasetId>,
+    Json(body): Json<Value>,
+) -> Response {
+    let patch = match patch_from(&body) {
+        Ok(patch) => patch,
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+    };
+    match shared.registry.update(id, &patch).await {
+        // The updated columns with workflow ids and hierarchy; no states, no bundle.
+        Ok(d) => Json(dataset_json(&d, false, false)).into_response(),
+        Err(err) => registry_error(err),
+    }
+}
+
+async fn dataset_exists(shared: &Shared, id: DatasetId) -> Result<bool, Response> {
+    match shared.registry.get(id).await {
+        Ok(_) => Ok(true),
+        Err(RegistryError::NotFound(_)) => Ok(false),
+        Err(err) => Err(registry_error(err)),
+    }
+}
+
+async fn add_state(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<DatasetId>,
+    Json(body): Json<Value>,
+) -> Response {
+    let Some(state) = body["state"].as_str().map(str::to_owned) else {
+        return error(StatusCode::BAD_REQUEST, "state is required");
+    };
+    match dataset_exists(&shared, id).await {
+        Ok(true) => {}
+        // Prisma's foreign-key error.
+        Ok(false) => return error(StatusCode::CONFLICT, "Foreign key constraint failed"),
+        Err(response) => return response,
+    }
+    let written = shared
+        .db
+        .write(move |tx| {
+            let now = to_millis(Utc::now());
+            tx.execute(
+                "INSERT INTO dataset_states (dataset_id, state, timestamp) VALUES (?1, ?2, ?3)",
+                rusqlite::params![id, state, now],
+            )?;
+            tx.execute(
+                "UPDATE datasets SET updated_at = ?2 WHERE id = ?1",
+                rusqlite::params![id, now],
+            )?;
+            Ok(())
+        })
+        .await;
+    match written {
+        Ok(()) => (StatusCode::OK, "OK").into_response(),
+        Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{err:#}")),
+    }
+}
+
+async fn add_files(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<DatasetId>,
+    Json(body): Json<Value>,
+) -> Response {
+    let Some(items) = body.as_array() else {
+        return error(StatusCode::BAD_REQUEST, "the body must be an array");
+    };
+    let mut rows = Vec::with_capacity(items.len());
+    for item in items {
+        let (Some(path), Some(size), Ok(file_type)) = (
+            item["path"].as_str(),
+            parse_big(&item["size"]),
+            item["type"].as_str().unwrap_or("file").parse::<FileType>(),
+        ) else {
+            return error(StatusCode::BAD_REQUEST, &format!("bad file row {item}"));
+        };
+        let md5 = match item["md5"].as_str() {
+            None => None,
+            Some(text) => match text.parse() {
+                Ok(md5) => Some(md5),
+                Err(_) => return error(StatusCode::BAD_REQUEST, &format!("bad md5 in {item}")),
+            },
+        };
+        rows.push(FileRecord {
+            path: path.to_owned(),
+            md5,
+            size: Some(size),
+            file_type,
+        });
+    }
+    match dataset_exists(&shared, id).await {
+        Ok(true) => {}
+        Ok(false) => return error(StatusCode::NOT_FOUND, "Not Found"),
+        Err(response) => return response,
+    }
+    match shared.registry.add_files(id, &rows).await {
+        Ok(()) => (StatusCode::OK, "OK").into_response(),
+        Err(err) => registry_error(err),
+    }
+}
+
+async fn add_workflow(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<DatasetId>,
+    Json(body): Json<Value>,
+) -> Response {
+    let Some(workflow_id) = body["workflow_id"].as_str().map(str::to_owned) else {
+        return error(StatusCode::BAD_REQUEST, "workflow_id is required");
+    };
+    match shared
+        .registry
+        .linked_workflows(std::slice::from_ref(&workflow_id))
+        .await
+    {
+        Ok(linked) if !linked.is_empty() => {
+            return error(StatusCode::CONFLICT, "Unique constraint failed");
+        }
+        Ok(_) => {}
+        Err(err) => return registry_error(err),
+    }
+    match shared.registry.add_workflow(id, &workflow_id).await {
+        Ok(()) => (StatusCode::OK, "OK").into_response(),
+        Err(RegistryError::NotFound(_)) => {
+            error(StatusCode::CONFLICT, "Foreign key constraint failed")
+        }
+        Err(err) => registry_error(err),
+    }
+}
+
+async fn current_workflows(State(shared): State<Arc<Shared>>) -> Response {
+    let rows = shared
+        .db
+        .call(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT workflow_id, dataset_id FROM dataset_workflows ORDER BY created_at",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(json!({
+                    "id": r.get::<_, String>(0)?,
+                    "dataset_id": r.get::<_, i64>(1)?,
+                    "initiator_id": 1,
+                    "metadata": null,
+                }))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<Value>>>()?)
+        })
+        .await;
+    match rows {
+        Ok(rows) => Json(Value::Array(rows)).into_response(),
+        Err(err) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{err:#}")),
+    }
+}
+
+async fn add_metrics(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
+    let Some(items) = body.as_array() else {
+        return error(StatusCode::BAD_REQUEST, "the body must be an array");
+    };
+    let mut metrics = Vec::new();
+    for item in items {
+        let (Some(measurement), Some(subject), Some(usage), Some(limit)) = (
+            item["measurement"].as_str(),
+            item["subject"].as_str(),
+            parse_big(&item["usage"]),
+            parse_big(&item["limit"]),
+        ) else {
+            return error(StatusCode::BAD_REQUEST, &format!("bad metric {item}"));
+        };
+        metrics.push(Metric {
+            measurement: measurement.to_owned(),
+            subject: subject.to_owned(),
+            usage,
+            limit,
+            tags: item["tags"]
+                .as_array()
+                .map(|t| {
+                    t.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        });
+    }
+    match shared.registry.add_metrics(&metrics).await {
+        Ok(()) => Json(json!({ "count": metrics.len() })).into_response(),
+        Err(err) => registry_error(err),
+    }
+}
