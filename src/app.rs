@@ -14,6 +14,7 @@ use crate::compute::Pool;
 use crate::config::{ArchiveKind, BrokerKind, RegistryKind, Settings, StoreKind};
 pub use crate::identity::Identity;
 use crate::registry::Registry;
+use crate::registry::http::{HttpConfig, HttpRegistry};
 use crate::registry::sqlite::SqliteRegistry;
 use crate::sqlite::Db;
 use crate::store::sqlite::SqliteStore;
@@ -60,7 +61,20 @@ impl App {
         };
         let registry: Arc<dyn Registry> = match settings.backends.registry {
             RegistryKind::Sqlite => Arc::new(SqliteRegistry::new(embedded_db()?)),
-            RegistryKind::Http => anyhow::bail!("registry.kind = \"http\" is not available"),
+            RegistryKind::Http => {
+                let api = &settings.api;
+                let token = api.token.as_ref().map(|t| t.expose().to_owned());
+                Arc::new(HttpRegistry::new(HttpConfig {
+                    base_url: api.base_url.clone(),
+                    // Validation requires the token for this backend.
+                    token: token.unwrap_or_default(),
+                    connect_timeout: api.connect_timeout,
+                    read_timeout: api.read_timeout,
+                    max_retries: api.max_retries,
+                    backoff: api.backoff,
+                    backoff_max: api.backoff_max,
+                })?)
+            }
         };
         let (store, scheduler_store): (Arc<dyn WorkflowStore>, Arc<dyn SchedulerStore>) =
             match settings.backends.store {

@@ -110,7 +110,17 @@ impl Project {
             .args(args);
         for (key, _) in std::env::vars_os() {
             let name = key.to_string_lossy();
-            if name.starts_with("WORKERS") || name == "APP_ENV" || name == "ALIAS_SALT" {
+            let original = [
+                "APP_ENV",
+                "ALIAS_SALT",
+                "APP_API_TOKEN",
+                "API_BASE_URL",
+                "QUEUE_URL",
+                "QUEUE_USER",
+                "QUEUE_PASS",
+            ];
+            if name.starts_with("WORKERS") || name.starts_with("MONGO_") || original.contains(&&*name)
+            {
                 cmd.env_remove(&key);
             }
         }
