@@ -28,7 +28,8 @@ module.exports = {
       ...common,
       name: 'workers_worker',
       args: 'worker',
-      kill_timeout: 60000,
+      // SIGTERM drains: running steps finish first (worker.shutdown_grace_seconds, 24 h).
+      kill_timeout: 86460000,
       out_file: '../logs/workers/workers_worker.log',
       error_file: '../logs/workers/workers_worker.err',
     },

@@ -9,6 +9,7 @@ use crate::archive::Archive;
 use crate::archive::hsi::{HsiArchive, HsiConfig};
 use crate::archive::local::LocalArchive;
 use crate::broker::Broker;
+use crate::broker::amqp::{AmqpBroker, AmqpConfig};
 use crate::broker::embedded::EmbeddedBroker;
 use crate::compute::Pool;
 use crate::config::{ArchiveKind, BrokerKind, RegistryKind, Settings, StoreKind};
@@ -42,6 +43,22 @@ pub struct App {
 
 impl App {
     pub async fn build(settings: Settings) -> anyhow::Result<Arc<App>> {
+        App::build_with(settings, None).await
+    }
+
+    /// Builds the app with `broker` instead of the one `broker.kind` names (a broker set up
+    /// by hand, as tests of a production broker do); the other backends as configured.
+    pub async fn with_broker(
+        settings: Settings,
+        broker: Arc<dyn Broker>,
+    ) -> anyhow::Result<Arc<App>> {
+        App::build_with(settings, Some(broker)).await
+    }
+
+    async fn build_with(
+        settings: Settings,
+        broker: Option<Arc<dyn Broker>>,
+    ) -> anyhow::Result<Arc<App>> {
         let definitions = Definitions::load(&settings.workflows_dir).map_err(DefinitionErrors)?;
         let pool = Pool::new(settings.parallelism)?;
         let identity = Identity::current();
@@ -84,13 +101,23 @@ impl App {
                 }
                 StoreKind::Mongo => anyhow::bail!("store.kind = \"mongo\" is not available"),
             };
-        let broker: Arc<dyn Broker> = match settings.backends.broker {
-            BrokerKind::Embedded => Arc::new(EmbeddedBroker::new(
+        let broker: Arc<dyn Broker> = match (broker, settings.backends.broker) {
+            (Some(broker), _) => broker,
+            (None, BrokerKind::Embedded) => Arc::new(EmbeddedBroker::new(
                 embedded_db()?,
                 identity.clone(),
                 Duration::from_secs(settings.worker.lease_seconds),
             )),
-            BrokerKind::Amqp => anyhow::bail!("broker.kind = \"amqp\" is not available"),
+            (None, BrokerKind::Amqp) => Arc::new(AmqpBroker::new(
+                AmqpConfig {
+                    uri: settings.amqp.uri.expose().to_owned(),
+                    queues: settings.amqp.queues.clone(),
+                    prefetch: u16::try_from(settings.worker.concurrency).unwrap_or(u16::MAX),
+                    heartbeat: settings.amqp.heartbeat,
+                    reconnect_max: settings.amqp.reconnect_max,
+                },
+                &identity,
+            )?),
         };
         let archive: Arc<dyn Archive> = match settings.backends.archive {
             ArchiveKind::Local => Arc::new(LocalArchive::new(pool.clone())),

@@ -218,6 +218,13 @@ pub struct WorkerArgs {
     /// Steps run at once [default: worker.concurrency]
     #[arg(long)]
     pub concurrency: Option<usize>,
+    /// Queues to take steps from, comma-separated [default: {app_id}.q]
+    #[arg(long, value_delimiter = ',', value_name = "Q1,Q2")]
+    pub queues: Option<Vec<String>>,
+    /// Node name recorded as the worker of each task: %h host name, %n short host name, %d
+    /// domain [default: workers@%h]
+    #[arg(long, value_name = "NAME@%h")]
+    pub hostname: Option<String>,
     /// Exit when no workflow is active
     #[arg(long)]
     pub until_idle: bool,

@@ -583,6 +583,9 @@ async fn run_until_idle(app: &Arc<workers::app::App>) {
     let opts = WorkerOptions {
         concurrency: 1,
         until: Until::Idle,
+        queues: None,
+        shutdown_grace: Duration::ZERO,
+        node_name: "workers@test".into(),
     };
     tokio::time::timeout(
         Duration::from_secs(120),

@@ -601,6 +601,9 @@ async fn run_until_idle(app: &Arc<App>) {
     let opts = WorkerOptions {
         concurrency: 2,
         until: Until::Idle,
+        queues: None,
+        shutdown_grace: Duration::ZERO,
+        node_name: "workers@test".into(),
     };
     tokio::time::timeout(
         Duration::from_secs(120),

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 use tokio::sync::Notify;
 
-use super::{Broker, Delivery, TaskMessage};
+use super::{Broker, Consume, Delivery, TaskMessage};
 use crate::identity::Identity;
 use crate::sqlite::{Db, from_millis, to_millis};
 
@@ -24,6 +24,8 @@ pub struct EmbeddedBroker {
     consumer: Identity,
     lease: Duration,
     published: Arc<Notify>,
+    /// The queues `next` takes from, as a JSON list; `None` takes from every queue.
+    queues: std::sync::Mutex<Option<String>>,
 }
 
 impl EmbeddedBroker {
@@ -33,6 +35,7 @@ impl EmbeddedBroker {
             consumer,
             lease,
             published: Arc::new(Notify::new()),
+            queues: std::sync::Mutex::new(None),
         }
     }
 
@@ -40,15 +43,21 @@ impl EmbeddedBroker {
     async fn try_claim(&self) -> anyhow::Result<Result<TaskMessage, Option<DateTime<Utc>>>> {
         let consumer = self.consumer.clone();
         let lease_ms = self.lease.as_millis() as i64;
+        let queues = self
+            .queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         self.db
             .write(move |tx| {
                 let now = to_millis(Utc::now());
                 let mut candidates = tx.prepare_cached(
                     "SELECT task_id, lease_owner, lease_until FROM queue WHERE eta <= ?1
+                     AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))
                      ORDER BY priority DESC, seq LIMIT 64",
                 )?;
                 let rows: Vec<(String, Option<String>, Option<i64>)> = candidates
-                    .query_map([now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .query_map(params![now, queues], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
                     .collect::<rusqlite::Result<_>>()?;
                 let claimable = rows.into_iter().find(|(_, owner, until)| match (owner, until) {
                     (None, _) | (_, None) => true,
@@ -56,7 +65,12 @@ impl EmbeddedBroker {
                 });
                 let Some((task_id, _, _)) = claimable else {
                     let next_eta: Option<i64> = tx
-                        .query_row("SELECT MIN(eta) FROM queue WHERE eta > ?1", [now], |r| r.get(0))
+                        .query_row(
+                            "SELECT MIN(eta) FROM queue WHERE eta > ?1
+                             AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))",
+                            params![now, queues],
+                            |r| r.get(0),
+                        )
                         .optional()?
                         .flatten();
                     return Ok(Err(next_eta.map(from_millis)));
@@ -166,6 +180,15 @@ impl Broker for EmbeddedBroker {
             })
             .await
     }
+
+    async fn start_consuming(&self, consume: &Consume) -> anyhow::Result<()> {
+        let queues = consume
+            .queues
+            .as_ref()
+            .map(|q| serde_json::Value::from(q.clone()).to_string());
+        *self.queues.lock().unwrap_or_else(|e| e.into_inner()) = queues;
+        Ok(())
+    }
 }
 
 struct EmbeddedDelivery {
@@ -204,6 +227,12 @@ impl EmbeddedDelivery {
 impl Delivery for EmbeddedDelivery {
     fn message(&self) -> &TaskMessage {
         &self.message
+    }
+
+    fn exclusive(&self) -> bool {
+        // One row per task id, claimed under a lease renewed by `keep_alive`: the claim the
+        // engine would otherwise take in the store.
+        true
     }
 
     async fn keep_alive(&self) -> anyhow::Result<()> {

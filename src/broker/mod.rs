@@ -5,6 +5,8 @@
 //! again. Acknowledging only after the step's result is stored and the next step published
 //! makes every step run to a recorded end.
 
+pub mod amqp;
+pub mod celery;
 pub mod embedded;
 
 use async_trait::async_trait;
@@ -40,9 +42,20 @@ impl TaskMessage {
     }
 }
 
+/// What a worker consumes: which queues, and how many messages it takes at once (its slots).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consume {
+    /// `None`: the broker's own default (every queue for the embedded broker, the configured
+    /// queues for RabbitMQ).
+    pub queues: Option<Vec<String>>,
+    pub prefetch: u16,
+}
+
 #[async_trait]
 pub trait Broker: Send + Sync {
-    /// Queues `message`. Publishing a message whose id is still queued is a no-op.
+    /// Queues `message`; returns once the broker has it. Publishing a message whose id is
+    /// still queued is a no-op for the embedded broker and a second copy for RabbitMQ: the
+    /// engine's claims make either harmless.
     async fn publish(&self, message: &TaskMessage) -> anyhow::Result<()>;
 
     /// Waits for the next runnable message (highest priority first, `eta` honoured) and
@@ -51,13 +64,33 @@ pub trait Broker: Send + Sync {
 
     /// Whether a message with this id is queued or being worked on, when the broker can tell.
     async fn holds(&self, task_id: &str) -> anyhow::Result<Option<bool>>;
+
+    /// Sets what `next` takes from; called by a worker before its first `next`.
+    async fn start_consuming(&self, consume: &Consume) -> anyhow::Result<()> {
+        let _ = consume;
+        Ok(())
+    }
+
+    /// Stops taking messages (a worker draining before it exits). Deliveries already handed
+    /// out stay valid and must still be ended.
+    async fn stop_consuming(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// A claimed message. Exactly one of `ack`, `retry_later` or `release` ends it; dropping it
-/// without one leaves the message to be delivered again after its lease runs out.
+/// without one leaves the message to be delivered again (after its lease runs out in the
+/// embedded queue, at once with RabbitMQ).
 #[async_trait]
 pub trait Delivery: Send + Sync {
     fn message(&self) -> &TaskMessage;
+
+    /// Whether holding this delivery already keeps every other consumer from the same task id
+    /// until it ends or its claim lapses (the embedded queue keys its claims by task id). The
+    /// engine claims the task in the store only when it does not.
+    fn exclusive(&self) -> bool {
+        false
+    }
 
     /// Renews the claim; an error means the claim was lost and another consumer may run the
     /// step, so the caller must stop and record nothing.

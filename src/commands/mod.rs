@@ -120,8 +120,10 @@ fn init_logging(cli: &Cli, settings: &Settings, display: &Display) {
     }
 }
 
-/// Turns Ctrl-C and SIGTERM into a stop signal for the worker loop.
-fn stop_on_signals() -> watch::Receiver<bool> {
+/// Turns Ctrl-C and SIGTERM into a stop signal for the worker loop; `announce` is logged
+/// when it comes.
+fn stop_on_signals(announce: &str) -> watch::Receiver<bool> {
+    let announce = announce.to_owned();
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
         let terminate = async {
@@ -136,7 +138,7 @@ fn stop_on_signals() -> watch::Receiver<bool> {
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate => {}
         }
-        warn!("Stopping: running steps are interrupted and will run again later.");
+        warn!("{announce}");
         let _ = tx.send(true);
     });
     rx
@@ -160,10 +162,13 @@ pub(crate) async fn wait_for(
             workflow_ids.push(workflow.id);
         }
     }
-    let stop = stop_on_signals();
+    let stop = stop_on_signals("Stopping: running steps are interrupted and will run again later.");
     let opts = WorkerOptions {
         concurrency: app.settings.worker.concurrency,
         until: Until::Idle,
+        queues: None,
+        shutdown_grace: std::time::Duration::ZERO,
+        node_name: engine::default_node_name(&app.identity.hostname),
     };
     crate::workflow::worker::run(Arc::clone(app), opts, stop.clone(), display).await?;
     if *stop.borrow() {

@@ -59,9 +59,14 @@ pub(super) async fn run(app: &Arc<App>, load: LoadOptions) -> anyhow::Result<Exi
     // In-process workers run workflow steps alongside (embedded profile).
     let (stop_workers, workers_stopped) = watch::channel(false);
     let workers = (app.settings.scheduler.workers > 0).then(|| {
+        // Stopped after the scheduler's own grace has run out: running steps are interrupted
+        // at once and their messages go back to the queue.
         let opts = WorkerOptions {
             concurrency: app.settings.scheduler.workers,
             until: Until::Shutdown,
+            queues: None,
+            shutdown_grace: std::time::Duration::ZERO,
+            node_name: crate::workflow::engine::default_node_name(&app.identity.hostname),
         };
         tokio::spawn(worker::run(
             Arc::clone(app),

@@ -10,6 +10,7 @@ pub mod archive;
 pub mod await_stability;
 pub mod delete;
 pub mod inspect;
+pub mod noop;
 pub mod setup_download;
 pub mod stage;
 pub mod validate;
@@ -35,10 +36,12 @@ pub enum Task {
     SetupDownload,
     DeleteDataset,
     DeleteSource,
+    /// Does nothing: for benchmarks and interoperability tests.
+    Noop,
 }
 
 impl Task {
-    pub const ALL: [Task; 8] = [
+    pub const ALL: [Task; 9] = [
         Task::AwaitStability,
         Task::Inspect,
         Task::Archive,
@@ -47,6 +50,7 @@ impl Task {
         Task::SetupDownload,
         Task::DeleteDataset,
         Task::DeleteSource,
+        Task::Noop,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +63,7 @@ impl Task {
             Task::SetupDownload => "setup_dataset_download",
             Task::DeleteDataset => "delete_dataset",
             Task::DeleteSource => "delete_source",
+            Task::Noop => "noop",
         }
     }
 
@@ -175,6 +180,7 @@ pub async fn run(task: Task, ctx: StepContext) -> StepResult {
         Task::SetupDownload => setup_download::run(&ctx).await,
         Task::DeleteDataset => delete::run_delete_dataset(&ctx).await,
         Task::DeleteSource => delete::run_delete_source(&ctx).await,
+        Task::Noop => noop::run(&ctx).await,
     }
 }
 
@@ -247,6 +253,6 @@ mod tests {
         for task in Task::ALL {
             assert_eq!(Task::from_name(task.name()), Some(task));
         }
-        assert_eq!(Task::from_name("noop"), None);
+        assert_eq!(Task::from_name("no_such_task"), None);
     }
 }

@@ -4,8 +4,16 @@
 //! Crash safety comes from ordering and idempotence, not from transactions across seams:
 //! a step's message is acknowledged only after its result is stored and the next step is
 //! published, so a crash at any point redelivers the message. A redelivered message whose
-//! task already succeeded does not run again; it only publishes the next step, whose id is
-//! derived from the finished task's id, so publishing it twice is harmless.
+//! task already succeeded does not run again; it only publishes the next step (whose id is
+//! derived from the finished task's id) if that step has not started yet.
+//!
+//! Exactly one run per task: a broker such as RabbitMQ may hand out two copies of a message
+//! at once (a redelivery after a lost connection or after its acknowledgement timeout, a
+//! re-published next step). Before running a step, the engine claims its task id in the store
+//! (`task/{id}`, a lease renewed while the step runs); a copy that finds the claim held by a
+//! live worker is deferred by a lease period, so it is neither lost (should that worker die)
+//! nor run twice. The embedded queue's own claims are already per task id, so its deliveries
+//! need no second claim (and a dead process's claim is reclaimed at once, as before).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use serde_json::{Map, Value, json};
+use tokio::sync::watch;
 use tracing::{Instrument, error, info, info_span, warn};
 use uuid::Uuid;
 
@@ -127,6 +136,15 @@ fn next_args(result: &Value, args: &[Value]) -> Vec<Value> {
     }
 }
 
+/// Whether `advance` publishes a next step that has already started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Republish {
+    Always,
+    /// A duplicate of a finished step: its successor is published only if it never started,
+    /// so duplicates do not cascade through the rest of the workflow.
+    UnlessStarted,
+}
+
 /// Publishes the step after `position`, or marks the workflow done after the last one.
 async fn advance(
     app: &App,
@@ -134,6 +152,7 @@ async fn advance(
     position: usize,
     finished: &TaskMessage,
     result: &Value,
+    republish: Republish,
 ) -> anyhow::Result<()> {
     let next = position + 1;
     if next >= workflow.steps.len() {
@@ -141,6 +160,9 @@ async fn advance(
             .set_workflow_status(&workflow.id, TaskStatus::Success)
             .await?;
         info!(workflow_id = %workflow.id, "Workflow succeeded.");
+        return Ok(());
+    }
+    if republish == Republish::UnlessStarted && !workflow.steps[next].runs.is_empty() {
         return Ok(());
     }
     let args = next_args(result, &finished.args);
@@ -169,15 +191,63 @@ fn task_error(err: &StepError) -> TaskError {
 enum Outcome {
     Finished(Result<Value, StepError>),
     LeaseLost(anyhow::Error),
+    /// The worker is stopping and the step's grace ran out.
+    Interrupted,
+}
+
+/// How a worker runs steps.
+#[derive(Debug, Clone)]
+pub struct Runner {
+    /// The worker's node name (Celery's `--hostname`), recorded as the task's `worker`.
+    pub node_name: String,
+    /// Turns true when running steps must stop (a shutdown whose grace ran out): the step is
+    /// abandoned, nothing is recorded and its message goes back to the broker. `None`: never.
+    pub interrupt: Option<watch::Receiver<bool>>,
+}
+
+impl Runner {
+    /// A runner with the default node name that is never interrupted.
+    pub fn for_app(app: &App) -> Runner {
+        Runner {
+            node_name: default_node_name(&app.identity.hostname),
+            interrupt: None,
+        }
+    }
+}
+
+/// Returns once `interrupt` turns true; never if there is none or its sender is gone.
+async fn interrupted(interrupt: &mut Option<watch::Receiver<bool>>) {
+    if let Some(interrupt) = interrupt
+        && interrupt.wait_for(|i| *i).await.is_ok()
+    {
+        return;
+    }
+    std::future::pending::<()>().await;
+}
+
+/// `workers@<host>`: the node name of a worker that was given none (Celery's `celery@%h`).
+pub fn default_node_name(hostname: &str) -> String {
+    format!("workers@{hostname}")
+}
+
+/// Runs one delivered message to a recorded end, as a worker with the default node name
+/// that is never interrupted.
+pub async fn handle(
+    app: &Arc<App>,
+    delivery: Box<dyn Delivery>,
+    display: &Display,
+) -> anyhow::Result<()> {
+    handle_with(app, delivery, display, &Runner::for_app(app)).await
 }
 
 /// Runs one delivered message to a recorded end. Errors returned here are errors of the
 /// engine's own bookkeeping (store or broker unreachable); the message is then left
 /// unacknowledged and will be delivered again.
-pub async fn handle(
+pub async fn handle_with(
     app: &Arc<App>,
     delivery: Box<dyn Delivery>,
     display: &Display,
+    runner: &Runner,
 ) -> anyhow::Result<()> {
     let message = delivery.message().clone();
     // Messages that can never run are rejected to the log rather than requeued forever.
@@ -203,7 +273,7 @@ pub async fn handle(
         task_name: message.task.clone(),
         args: message.args.clone(),
         kwargs: message.kwargs.clone(),
-        hostname: app.identity.hostname.clone(),
+        hostname: runner.node_name.clone(),
         pid: app.identity.pid,
         retries: message.retries,
         queue: message.queue.clone(),
@@ -231,133 +301,284 @@ pub async fn handle(
     };
     let span = info_span!("step", dataset_id, workflow_id = %workflow.id, step = %step_name);
     async move {
-        let metas = app.store.task_metas(std::slice::from_ref(&message.id)).await?;
-        match metas.get(&message.id).map(|m| m.status) {
-            Some(TaskStatus::Success) => {
-                // Redelivered after the result was stored: finish the bookkeeping only.
-                info!(task_id = %message.id, "Step already succeeded; publishing what follows it.");
-                let result = metas[&message.id].result.clone();
-                advance(app, &workflow, position, &message, &result).await?;
-                return delivery.ack().await;
+        let claim = if delivery.exclusive() {
+            None
+        } else {
+            let claim = Claim::new(app, &message.id);
+            if !claim.take(app).await? {
+                // Another worker runs this task: try again once its claim would have lapsed,
+                // in case that worker dies.
+                let eta = Utc::now() + chrono::Duration::from_std(claim.ttl)?;
+                info!(task_id = %message.id, "Step is running elsewhere; deferred this copy of its message by {} s.", claim.ttl.as_secs());
+                return delivery.retry_later(eta, message.retries).await;
             }
-            Some(TaskStatus::Failure | TaskStatus::Revoked) => {
-                info!(task_id = %message.id, "Step already finished; dropping the duplicate message.");
-                return delivery.ack().await;
-            }
-            _ => {}
-        }
-        app.store.task_started(&start).await?;
-        let attempt = message.retries + 1;
-        info!(task_id = %message.id, attempt, "Step started.");
-        let started = Instant::now();
-        let progress = Progress::new();
-        let ctx = StepContext {
-            app: Arc::clone(app),
-            dataset_id,
-            task_id: message.id.clone(),
-            kwargs: message.kwargs.clone(),
-            progress: progress.clone(),
+            Some(claim)
         };
-        let label = format!("dataset {dataset_id} {step_name}");
-        let outcome = supervise(app, &*delivery, task, ctx, &progress, display, &label).await?;
-        let outcome = match outcome {
-            Outcome::LeaseLost(err) => {
-                error!(task_id = %message.id, error = %format!("{err:#}"), "Stopped the step: its claim was lost; another worker runs it.");
-                return Ok(());
-            }
-            Outcome::Finished(result) => result,
-        };
-        let elapsed = started.elapsed().as_secs_f64();
-        match outcome {
-            Ok(result) => {
-                app.store.task_succeeded(&message.id, &result).await?;
-                info!(task_id = %message.id, seconds = elapsed, "Step succeeded.");
-                advance(app, &workflow, position, &message, &result).await?;
-                delivery.ack().await
-            }
-            Err(err) => {
-                let policy = app.settings.retry.steps.get(&message.task).copied().unwrap_or(app.settings.retry.default);
-                let error = task_error(&err);
-                if err.is_retryable() && message.retries < policy.max_retries {
-                    let retries = message.retries + 1;
-                    warn!(task_id = %message.id, attempt, error = %error.exc_message,
-                        "Step failed; it will be tried again in {} s.", policy.delay_seconds);
-                    app.store.task_retry(&message.id, &error, message.retries).await?;
-                    let eta = Utc::now() + chrono::Duration::seconds(policy.delay_seconds as i64);
-                    delivery.retry_later(eta, retries).await
-                } else {
-                    error!(task_id = %message.id, attempt, error = %error.exc_message, "Step failed; the workflow stops here.");
-                    app.store.task_failed(&workflow.id, &message.id, &error).await?;
-                    delivery.ack().await
-                }
-            }
+        let handled = run_claimed(
+            app, delivery, display, runner, &workflow, position, &start, task, dataset_id, &step_name, claim.as_ref(),
+        )
+        .await;
+        if let Some(claim) = claim {
+            claim.release(app).await;
         }
+        handled
     }
     .instrument(span)
     .await
 }
 
-/// Runs the step while keeping its claim alive and reporting its progress. A panic in the
-/// step becomes a permanent failure, never a dead worker.
-async fn supervise(
-    app: &Arc<App>,
-    delivery: &dyn Delivery,
-    task: Task,
-    ctx: StepContext,
-    progress: &Progress,
-    display: &Display,
-    label: &str,
-) -> anyhow::Result<Outcome> {
-    let task_id = ctx.task_id.clone();
-    let mut step = AbortOnDrop(tokio::spawn(steps::run(task, ctx).in_current_span()));
-    let keep_alive_every = Duration::from_secs(app.settings.worker.lease_seconds.max(3) / 3);
-    let report_every = app.settings.progress_interval;
-    let mut keep_alive = tokio::time::interval(keep_alive_every);
-    let mut report = tokio::time::interval(report_every);
-    keep_alive.tick().await;
-    report.tick().await;
-    let mut reporter = Reporter {
-        estimator: RateEstimator::default(),
-        last_version: u64::MAX,
-    };
-    let tracker = display.track(label);
-    let outcome = loop {
-        tokio::select! {
-            joined = &mut step.0 => {
-                break match joined {
-                    Ok(result) => Outcome::Finished(result),
-                    Err(join_error) => {
-                        let what = if join_error.is_panic() { "panicked" } else { "was cancelled" };
-                        Outcome::Finished(Err(StepError::permanent("WorkerLostError",
-                            anyhow::format_err!("the step {what}: {join_error}"))))
-                    }
-                };
-            }
-            _ = keep_alive.tick() => {
-                if let Err(err) = delivery.keep_alive().await {
-                    step.0.abort();
-                    break Outcome::LeaseLost(err);
-                }
-            }
-            _ = report.tick() => {
-                if let Some(report) = reporter.report(progress) {
-                    tracker.update(&report);
-                    if let Err(err) = app.store.task_progress(&task_id, &report).await {
-                        warn!(error = %format!("{err:#}"), "Could not store the step's progress.");
-                    }
-                }
-            }
-        }
-    };
-    // The final report is always written (the original's throttle could drop it).
-    if let Some(report) = reporter.report(progress) {
-        tracker.update(&report);
-        if let Outcome::Finished(Ok(_)) = &outcome {
-            app.store.task_progress(&task_id, &report).await?;
+/// A task's claim in the store: `task/{id}`, held by one run of one worker.
+struct Claim {
+    name: String,
+    /// Unique per run, so two slots of one process never share a claim.
+    holder: String,
+    ttl: Duration,
+}
+
+impl Claim {
+    fn new(app: &App, task_id: &str) -> Claim {
+        Claim {
+            name: format!("task/{task_id}"),
+            holder: format!("{}/{}", app.identity.holder(), Uuid::new_v4()),
+            ttl: Duration::from_secs(app.settings.worker.lease_seconds.max(1)),
         }
     }
-    tracker.finish();
-    Ok(outcome)
+
+    /// Takes or renews the claim; false if another run holds it.
+    async fn take(&self, app: &App) -> anyhow::Result<bool> {
+        app.scheduler_store
+            .acquire_lease(&self.name, &self.holder, Utc::now(), self.ttl)
+            .await
+    }
+
+    async fn release(&self, app: &App) {
+        if let Err(err) = app
+            .scheduler_store
+            .release_lease(&self.name, &self.holder)
+            .await
+        {
+            warn!(claim = %self.name, error = %format!("{err:#}"), "Could not release the claim; it lapses on its own.");
+        }
+    }
+}
+
+/// The part of `handle_with` that runs under the task's claim.
+#[allow(clippy::too_many_arguments)]
+async fn run_claimed(
+    app: &Arc<App>,
+    delivery: Box<dyn Delivery>,
+    display: &Display,
+    runner: &Runner,
+    workflow: &Workflow,
+    position: usize,
+    start: &TaskStart,
+    task: Task,
+    dataset_id: DatasetId,
+    step_name: &str,
+    claim: Option<&Claim>,
+) -> anyhow::Result<()> {
+    let message = delivery.message().clone();
+    let metas = app
+        .store
+        .task_metas(std::slice::from_ref(&message.id))
+        .await?;
+    match metas.get(&message.id).map(|m| m.status) {
+        Some(TaskStatus::Success) => {
+            // Redelivered after the result was stored: finish the bookkeeping only.
+            info!(task_id = %message.id, "Step already succeeded; finishing its bookkeeping only.");
+            let result = metas[&message.id].result.clone();
+            advance(
+                app,
+                workflow,
+                position,
+                &message,
+                &result,
+                Republish::UnlessStarted,
+            )
+            .await?;
+            return delivery.ack().await;
+        }
+        Some(TaskStatus::Failure | TaskStatus::Revoked) => {
+            info!(task_id = %message.id, "Step already finished; dropping the duplicate message.");
+            return delivery.ack().await;
+        }
+        _ => {}
+    }
+    app.store.task_started(start).await?;
+    let attempt = message.retries + 1;
+    info!(task_id = %message.id, attempt, worker = %runner.node_name, "Step started.");
+    let started = Instant::now();
+    let progress = Progress::new();
+    let ctx = StepContext {
+        app: Arc::clone(app),
+        dataset_id,
+        task_id: message.id.clone(),
+        kwargs: message.kwargs.clone(),
+        progress: progress.clone(),
+    };
+    let label = format!("dataset {dataset_id} {step_name}");
+    let supervisor = Supervisor {
+        app,
+        delivery: &*delivery,
+        claim,
+        interrupt: runner.interrupt.clone(),
+    };
+    let outcome = supervisor
+        .run(task, ctx, &progress, display, &label)
+        .await?;
+    let outcome = match outcome {
+        Outcome::LeaseLost(err) => {
+            error!(task_id = %message.id, error = %format!("{err:#}"), "Stopped the step: its claim was lost; another worker runs it.");
+            return Ok(());
+        }
+        Outcome::Interrupted => {
+            warn!(task_id = %message.id, "Interrupted the step (the worker is stopping); its message goes back to the queue.");
+            return delivery.release().await;
+        }
+        Outcome::Finished(result) => result,
+    };
+    let elapsed = started.elapsed().as_secs_f64();
+    match outcome {
+        Ok(result) => {
+            app.store.task_succeeded(&message.id, &result).await?;
+            info!(task_id = %message.id, seconds = elapsed, "Step succeeded.");
+            advance(
+                app,
+                workflow,
+                position,
+                &message,
+                &result,
+                Republish::Always,
+            )
+            .await?;
+            delivery.ack().await
+        }
+        Err(err) => {
+            let policy = app
+                .settings
+                .retry
+                .steps
+                .get(&message.task)
+                .copied()
+                .unwrap_or(app.settings.retry.default);
+            let error = task_error(&err);
+            if err.is_retryable() && message.retries < policy.max_retries {
+                let retries = message.retries + 1;
+                warn!(task_id = %message.id, attempt, error = %error.exc_message,
+                    "Step failed; it will be tried again in {} s.", policy.delay_seconds);
+                app.store
+                    .task_retry(&message.id, &error, message.retries)
+                    .await?;
+                let eta = Utc::now() + chrono::Duration::seconds(policy.delay_seconds as i64);
+                delivery.retry_later(eta, retries).await
+            } else {
+                error!(task_id = %message.id, attempt, error = %error.exc_message, "Step failed; the workflow stops here.");
+                app.store
+                    .task_failed(&workflow.id, &message.id, &error)
+                    .await?;
+                delivery.ack().await
+            }
+        }
+    }
+}
+
+/// Watches a running step: keeps its claims alive, reports its progress, stops it when
+/// interrupted.
+struct Supervisor<'a> {
+    app: &'a Arc<App>,
+    delivery: &'a dyn Delivery,
+    claim: Option<&'a Claim>,
+    interrupt: Option<watch::Receiver<bool>>,
+}
+
+impl Supervisor<'_> {
+    /// Runs the step while keeping its claims alive and reporting its progress. A panic in the
+    /// step becomes a permanent failure, never a dead worker.
+    async fn run(
+        mut self,
+        task: Task,
+        ctx: StepContext,
+        progress: &Progress,
+        display: &Display,
+        label: &str,
+    ) -> anyhow::Result<Outcome> {
+        let app = self.app;
+        let task_id = ctx.task_id.clone();
+        let mut step = AbortOnDrop(tokio::spawn(steps::run(task, ctx).in_current_span()));
+        let keep_alive_every = Duration::from_secs(app.settings.worker.lease_seconds.max(3) / 3);
+        let report_every = app.settings.progress_interval;
+        let mut keep_alive = tokio::time::interval(keep_alive_every);
+        let mut report = tokio::time::interval(report_every);
+        keep_alive.tick().await;
+        report.tick().await;
+        let mut reporter = Reporter {
+            estimator: RateEstimator::default(),
+            last_version: u64::MAX,
+        };
+        let mut claim_renewed = Instant::now();
+        let tracker = display.track(label);
+        let outcome = loop {
+            tokio::select! {
+                joined = &mut step.0 => {
+                    break match joined {
+                        Ok(result) => Outcome::Finished(result),
+                        Err(join_error) => {
+                            let what = if join_error.is_panic() { "panicked" } else { "was cancelled" };
+                            Outcome::Finished(Err(StepError::permanent("WorkerLostError",
+                                anyhow::format_err!("the step {what}: {join_error}"))))
+                        }
+                    };
+                }
+                _ = interrupted(&mut self.interrupt) => {
+                    step.0.abort();
+                    break Outcome::Interrupted;
+                }
+                _ = keep_alive.tick() => {
+                    if let Err(err) = self.delivery.keep_alive().await {
+                        step.0.abort();
+                        break Outcome::LeaseLost(err);
+                    }
+                    if let Some(claim) = self.claim {
+                        match claim.take(app).await {
+                            Ok(true) => claim_renewed = Instant::now(),
+                            Ok(false) => {
+                                step.0.abort();
+                                break Outcome::LeaseLost(anyhow::format_err!(
+                                    "the claim {} was taken by another worker", claim.name));
+                            }
+                            // The store being out of reach is not a takeover, until the
+                            // claim has lapsed and another worker may have taken it.
+                            Err(err) if claim_renewed.elapsed() < claim.ttl => {
+                                warn!(claim = %claim.name, error = %format!("{err:#}"), "Could not renew the claim; trying again.");
+                            }
+                            Err(err) => {
+                                step.0.abort();
+                                break Outcome::LeaseLost(err.context(format!(
+                                    "the claim {} lapsed while the store was out of reach", claim.name)));
+                            }
+                        }
+                    }
+                }
+                _ = report.tick() => {
+                    if let Some(report) = reporter.report(progress) {
+                        tracker.update(&report);
+                        if let Err(err) = app.store.task_progress(&task_id, &report).await {
+                            warn!(error = %format!("{err:#}"), "Could not store the step's progress.");
+                        }
+                    }
+                }
+            }
+        };
+        // The final report is always written (the original's throttle could drop it).
+        if let Some(report) = reporter.report(progress) {
+            tracker.update(&report);
+            if let Outcome::Finished(Ok(_)) = &outcome {
+                app.store.task_progress(&task_id, &report).await?;
+            }
+        }
+        tracker.finish();
+        Ok(outcome)
+    }
 }
 
 /// Aborts the step's task when the supervisor is dropped (shutdown), so an interrupted step

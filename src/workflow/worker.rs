@@ -1,15 +1,17 @@
 //! The worker loop: a fixed number of slots, each taking one message from the broker and
-//! running it through the engine.
+//! running it through the engine; and its graceful stop: no new messages, running steps get
+//! a grace period to finish, then are interrupted and their messages given back.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
-use super::engine;
+use super::engine::{self, Runner};
 use crate::app::App;
+use crate::broker::Consume;
 use crate::store::WorkflowFilter;
 use crate::ui::Display;
 
@@ -22,29 +24,87 @@ pub enum Until {
     Idle,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct WorkerOptions {
     pub concurrency: usize,
     pub until: Until,
+    /// The queues to take steps from; `None` takes what the broker serves by default.
+    pub queues: Option<Vec<String>>,
+    /// After a stop, how long running steps may go on before they are interrupted and their
+    /// messages given back to the broker.
+    pub shutdown_grace: Duration,
+    /// The node name recorded as the `worker` of each task result (Celery's `--hostname`).
+    pub node_name: String,
+}
+
+/// Expands a Celery-style node name: `%h` is the host name, `%n` its first label, `%d` the
+/// rest (the domain), `%%` a percent sign. A name without `@` gets `workers@` in front, as
+/// Celery puts `celery@` in front of one.
+pub fn node_name(template: &str, hostname: &str) -> String {
+    let (short, domain) = hostname.split_once('.').unwrap_or((hostname, ""));
+    let mut out = String::new();
+    let mut chars = template.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('h') => out.push_str(hostname),
+            Some('n') => out.push_str(short),
+            Some('d') => out.push_str(domain),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    if out.contains('@') {
+        out
+    } else {
+        engine::default_node_name(&out)
+    }
 }
 
 /// How often a `Until::Idle` loop looks for stalled workflows to repair.
 const REPAIR_EVERY: Duration = Duration::from_secs(30);
 
-/// Runs steps until `opts.until` or until `stop` turns true. A stop interrupts running steps;
-/// their messages go back to the broker and run again later, here or elsewhere.
+/// Runs steps until `opts.until` or until `stop` turns true. A stop ends the taking of new
+/// messages at once; running steps get `opts.shutdown_grace` to finish, then are interrupted
+/// and their messages go back to the broker, to run again here or elsewhere.
 pub async fn run(
     app: Arc<App>,
     opts: WorkerOptions,
     mut stop: watch::Receiver<bool>,
     display: Display,
 ) -> anyhow::Result<()> {
+    let concurrency = opts.concurrency.max(1);
+    app.broker
+        .start_consuming(&Consume {
+            queues: opts.queues.clone(),
+            prefetch: u16::try_from(concurrency).unwrap_or(u16::MAX),
+        })
+        .await?;
     let in_flight = Arc::new(AtomicUsize::new(0));
     let (done_tx, done_rx) = watch::channel(false);
+    let (interrupt_tx, interrupt) = watch::channel(false);
+    let runner = Runner {
+        node_name: opts.node_name.clone(),
+        interrupt: Some(interrupt),
+    };
+    let drain = tokio::spawn(drain_on_stop(
+        Arc::clone(&app),
+        stop.clone(),
+        opts.shutdown_grace,
+        Arc::clone(&in_flight),
+        interrupt_tx,
+    ));
     let mut slots = Vec::new();
-    for slot in 0..opts.concurrency.max(1) {
+    for slot in 0..concurrency {
         let (app, display, in_flight) = (Arc::clone(&app), display.clone(), Arc::clone(&in_flight));
-        let (mut stop, mut done) = (stop.clone(), done_rx.clone());
+        let (mut stop, mut done, runner) = (stop.clone(), done_rx.clone(), runner.clone());
         slots.push(tokio::spawn(async move {
             loop {
                 let delivery = tokio::select! {
@@ -62,12 +122,9 @@ pub async fn run(
                     }
                 };
                 in_flight.fetch_add(1, Ordering::SeqCst);
-                let handled = tokio::select! {
-                    handled = engine::handle(&app, delivery, &display) => handled,
-                    // Dropping the handler drops the delivery unacknowledged: it is delivered
-                    // again once this process is gone.
-                    _ = stop.wait_for(|s| *s) => Ok(()),
-                };
+                // Not cancelled by a stop: the runner's interrupt ends the step once the
+                // grace runs out, and the engine then gives its message back.
+                let handled = engine::handle_with(&app, delivery, &display, &runner).await;
                 in_flight.fetch_sub(1, Ordering::SeqCst);
                 if let Err(err) = handled {
                     error!(slot, error = %format!("{err:#}"), "Could not record a step; it will be delivered again.");
@@ -101,5 +158,54 @@ pub async fn run(
     for slot in slots {
         let _ = slot.await;
     }
+    drain.abort();
     Ok(())
+}
+
+/// On stop: stops consuming, waits up to `grace` for the running steps, then interrupts them.
+async fn drain_on_stop(
+    app: Arc<App>,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+    in_flight: Arc<AtomicUsize>,
+    interrupt: watch::Sender<bool>,
+) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        return;
+    }
+    if let Err(err) = app.broker.stop_consuming().await {
+        warn!(error = %format!("{err:#}"), "Could not stop consuming.");
+    }
+    let running = in_flight.load(Ordering::SeqCst);
+    if running > 0 {
+        info!(
+            running,
+            grace_seconds = grace.as_secs_f64(),
+            "Stopping: no new steps; waiting for the running ones."
+        );
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    while in_flight.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = interrupt.send(true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_names_expand_like_celerys() {
+        let host = "worker1.sca.iu.edu";
+        assert_eq!(
+            node_name("bioloop-w1@%h", host),
+            "bioloop-w1@worker1.sca.iu.edu"
+        );
+        assert_eq!(node_name("w@%n", host), "w@worker1");
+        assert_eq!(node_name("%n@%d", host), "worker1@sca.iu.edu");
+        assert_eq!(node_name("100%%@%n", host), "100%@worker1");
+        assert_eq!(node_name("%h", host), "workers@worker1.sca.iu.edu");
+        assert_eq!(node_name("w@%n", "solo"), "w@solo");
+    }
 }

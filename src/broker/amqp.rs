@@ -1,0 +1,913 @@
+//! The RabbitMQ broker: Celery's queues and task messages (spec G.1, G.2), so that this program
+//! and Python Celery producers and workers share one RabbitMQ.
+//!
+//! What it guarantees, and how:
+//! - A publish returns only once RabbitMQ has the message (publisher confirms), so a step
+//!   acknowledged after publishing its successor never loses it.
+//! - A message is acknowledged only when the engine says so (acks late). One that cannot be
+//!   read is rejected without requeue, so it cannot loop.
+//! - A message whose `eta` lies ahead is held here, unacknowledged, until due; the prefetch is
+//!   raised by one while it is held (as Celery does) so held messages do not take the slots.
+//! - A lost connection, a broker restart or a channel closed by RabbitMQ (its delivery
+//!   acknowledgement timeout, `consumer_timeout`) is followed by a reconnection with
+//!   exponential backoff up to `reconnect_max`, a fresh declaration of the topology and new
+//!   consumers. Steps running at that moment keep running; their acknowledgement on the dead
+//!   channel is skipped and logged, and RabbitMQ delivers their message again.
+//!
+//! RabbitMQ delivers a message more than once in those cases, and a re-published message can
+//! meet its original. The engine makes that harmless: it claims each task id in the store
+//! before running it (see `workflow::engine`), so a duplicate is deferred while the original
+//! runs and dropped once its result is stored. For the same reason, steps may run longer than
+//! RabbitMQ's `consumer_timeout`: when it closes the channel, the consumer recovers on a new
+//! channel, the running step finishes and records its result, and the copy RabbitMQ delivers
+//! again is deferred, then dropped. The original deployment raises `consumer_timeout` to 24 h
+//! (spec G.1) to avoid those redeliveries; with this broker that setting is an optimisation,
+//! not a requirement.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::uri::AMQPUri;
+use lapin::{Acker, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, error, info, warn};
+
+use super::celery::{self, Sender};
+use super::{Broker, Consume, Delivery, TaskMessage};
+use crate::identity::Identity;
+
+/// The priorities a Celery queue of the original supports (`task_queue_max_priority`).
+pub const MAX_PRIORITY: i32 = 10;
+
+/// The first wait before reconnecting; it doubles up to `reconnect_max`.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+/// A consumer that stayed up this long starts its next reconnection at `FIRST_RETRY` again.
+const HEALTHY: Duration = Duration::from_secs(10);
+/// How long opening a connection (TCP and AMQP handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How to reach RabbitMQ and what to consume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AmqpConfig {
+    /// `amqp://user:password@host:port/vhost` (the password never appears in messages).
+    pub uri: String,
+    /// The queues consumed unless a worker names its own (`{app_id}.q`).
+    pub queues: Vec<String>,
+    /// Messages held unacknowledged at once unless a worker says otherwise (its slots).
+    pub prefetch: u16,
+    /// The AMQP heartbeat in seconds (0 disables it).
+    pub heartbeat: u16,
+    /// The longest wait between two reconnection attempts.
+    pub reconnect_max: Duration,
+}
+
+/// The RabbitMQ broker. Connects on first use, not when built.
+pub struct AmqpBroker {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: AmqpConfig,
+    uri: AMQPUri,
+    /// The URI without credentials, for logs and errors.
+    shown: String,
+    connection_name: String,
+    sender: Sender,
+    link: tokio::sync::Mutex<Option<Arc<Link>>>,
+    inbox_tx: mpsc::UnboundedSender<Incoming>,
+    inbox: tokio::sync::Mutex<mpsc::UnboundedReceiver<Incoming>>,
+    consumer: Mutex<Option<ConsumerTask>>,
+    /// The channel the consumers read from (for `close` and tests). Every message received
+    /// also keeps its channel open until it is settled: closing a channel hands its
+    /// unacknowledged messages to other workers, which must not happen to running steps when
+    /// consumption stops or restarts.
+    consume_channel: Mutex<Option<Channel>>,
+    unsettled: Arc<AtomicUsize>,
+}
+
+/// One connection with its publishing channel.
+struct Link {
+    connection: Connection,
+    publisher: tokio::sync::Mutex<Option<Channel>>,
+    /// Queues whose topology was declared on this connection.
+    declared: Mutex<HashSet<String>>,
+}
+
+struct ConsumerTask {
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// A message received and not yet handed to a slot.
+struct Incoming {
+    message: TaskMessage,
+    acker: Acker,
+    delivery_tag: u64,
+    channel: Channel,
+    unsettled: Unsettled,
+}
+
+/// Counts a received message until it is acknowledged, released, rejected or forgotten.
+struct Unsettled(Arc<AtomicUsize>);
+
+impl Unsettled {
+    fn new(count: &Arc<AtomicUsize>) -> Unsettled {
+        count.fetch_add(1, Ordering::SeqCst);
+        Unsettled(Arc::clone(count))
+    }
+}
+
+impl Drop for Unsettled {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl AmqpBroker {
+    /// Checks the configuration; connects on first use.
+    pub fn new(config: AmqpConfig, identity: &Identity) -> anyhow::Result<AmqpBroker> {
+        let mut uri: AMQPUri = config
+            .uri
+            .parse()
+            .map_err(|err| anyhow::format_err!("amqp.uri is not an AMQP URI: {err}"))?;
+        let shown = format!(
+            "{}://{}:{}/{}",
+            if matches!(uri.scheme, lapin::uri::AMQPScheme::AMQPS) {
+                "amqps"
+            } else {
+                "amqp"
+            },
+            uri.authority.host,
+            uri.authority.port,
+            url::form_urlencoded::byte_serialize(uri.vhost.as_bytes()).collect::<String>()
+        );
+        uri.query.heartbeat = Some(config.heartbeat);
+        if uri.query.connection_timeout.is_none() {
+            uri.query.connection_timeout = Some(CONNECT_TIMEOUT.as_millis() as u64);
+        }
+        for queue in &config.queues {
+            name(queue)?;
+        }
+        let (inbox_tx, inbox) = mpsc::unbounded_channel();
+        Ok(AmqpBroker {
+            shared: Arc::new(Shared {
+                config,
+                uri,
+                shown,
+                connection_name: connection_name(identity),
+                sender: Sender::new(&identity.hostname, identity.pid),
+                link: tokio::sync::Mutex::new(None),
+                inbox_tx,
+                inbox: tokio::sync::Mutex::new(inbox),
+                consumer: Mutex::new(None),
+                consume_channel: Mutex::new(None),
+                unsettled: Arc::new(AtomicUsize::new(0)),
+            }),
+        })
+    }
+
+    /// The broker's address without credentials.
+    pub fn shown_uri(&self) -> &str {
+        &self.shared.shown
+    }
+
+    /// Messages received and not yet acknowledged, released or rejected: held for their
+    /// `eta`, waiting for a slot, or running.
+    pub fn unsettled(&self) -> usize {
+        self.shared.unsettled.load(Ordering::SeqCst)
+    }
+
+    /// Stops consuming and closes the connection; what was not acknowledged goes back to the
+    /// queue.
+    pub async fn close(&self) {
+        let _ = self.stop_consuming().await;
+        let channel = self.shared.consume_channel_slot().take();
+        if let Some(channel) = channel
+            && channel.status().connected()
+        {
+            let _ = channel.close(200, "OK".into()).await;
+        }
+        if let Some(link) = self.shared.link.lock().await.take()
+            && let Err(err) = link.connection.close(200, "OK".into()).await
+        {
+            debug!(broker = %self.shared.shown, error = %err, "Closing the connection failed.");
+        }
+    }
+
+    /// Makes RabbitMQ close the consumers' channel with 406 PRECONDITION_FAILED, the way it
+    /// closes a channel whose delivery acknowledgement timed out (`consumer_timeout`), by
+    /// acknowledging a delivery tag the channel never had. For tests of channel recovery:
+    /// RabbitMQ 3.10 has no per-queue timeout that a test could lower.
+    #[doc(hidden)]
+    pub async fn provoke_consumer_channel_error(&self) -> anyhow::Result<()> {
+        let channel = self
+            .shared
+            .consume_channel_slot()
+            .clone()
+            .context("not consuming")?;
+        channel
+            .basic_ack(u64::from(u32::MAX), BasicAckOptions::default())
+            .await?;
+        Ok(())
+    }
+
+    /// Starts consuming as `consume` says, in place of any consumer already running (unless
+    /// `only_if_idle`).
+    fn start(&self, consume: &Consume, only_if_idle: bool) {
+        let mut slot = self.shared.consumer_slot();
+        if only_if_idle && slot.is_some() {
+            return;
+        }
+        let queues = consume
+            .queues
+            .clone()
+            .unwrap_or_else(|| self.shared.config.queues.clone());
+        let (stop, stopped) = watch::channel(false);
+        let handle = tokio::spawn(consume_loop(
+            Arc::clone(&self.shared),
+            queues,
+            consume.prefetch.max(1),
+            stopped,
+        ));
+        if let Some(old) = slot.replace(ConsumerTask { stop, handle }) {
+            let _ = old.stop.send(true);
+        }
+    }
+}
+
+impl Drop for AmqpBroker {
+    fn drop(&mut self) {
+        if let Some(task) = self.shared.consumer_slot().take() {
+            let _ = task.stop.send(true);
+        }
+    }
+}
+
+/// `workers <hostname> <pid>`: how operators find this process among RabbitMQ's connections.
+fn connection_name(identity: &Identity) -> String {
+    format!("workers {} {}", identity.hostname, identity.pid)
+}
+
+/// A queue or exchange name as AMQP carries it (at most 255 bytes).
+fn name(text: &str) -> anyhow::Result<ShortString> {
+    ShortString::try_new(text)
+        .map_err(|err| anyhow::format_err!("queue name `{text}` is not usable: {err}"))
+}
+
+impl Shared {
+    fn consumer_slot(&self) -> std::sync::MutexGuard<'_, Option<ConsumerTask>> {
+        self.consumer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn consume_channel_slot(&self) -> std::sync::MutexGuard<'_, Option<Channel>> {
+        self.consume_channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The live connection, opened anew when there is none or it was lost.
+    async fn link(&self) -> anyhow::Result<Arc<Link>> {
+        let mut current = self.link.lock().await;
+        if let Some(link) = current.as_ref()
+            && link.connection.status().connected()
+        {
+            return Ok(Arc::clone(link));
+        }
+        let properties = ConnectionProperties::default()
+            .with_connection_name(self.connection_name.clone().into());
+        let connection = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Connection::connect_uri(self.uri.clone(), properties),
+        )
+        .await
+        .map_err(|_| {
+            anyhow::format_err!(
+                "cannot connect to RabbitMQ at {}: no answer within {} s",
+                self.shown,
+                CONNECT_TIMEOUT.as_secs()
+            )
+        })?
+        .map_err(|err| {
+            anyhow::format_err!("cannot connect to RabbitMQ at {}: {err}", self.shown)
+        })?;
+        info!(broker = %self.shown, connection = %self.connection_name, "Connected to RabbitMQ.");
+        let link = Arc::new(Link {
+            connection,
+            publisher: tokio::sync::Mutex::new(None),
+            declared: Mutex::new(HashSet::new()),
+        });
+        *current = Some(Arc::clone(&link));
+        Ok(link)
+    }
+
+    /// Publishes and waits for RabbitMQ's confirmation, reconnecting while the connection is
+    /// down (within `reconnect_max`). An error RabbitMQ gives on a live connection (a queue
+    /// declared with other arguments, say) is returned at once.
+    async fn publish(&self, message: &TaskMessage) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let mut delay = FIRST_RETRY;
+        loop {
+            let link = self.link().await;
+            let result = match &link {
+                Ok(link) => self.publish_on(link, message).await,
+                Err(err) => Err(anyhow::format_err!("{err:#}")),
+            };
+            let err = match result {
+                Ok(()) => return Ok(()),
+                Err(err) => err,
+            };
+            let transient = link.map_or(true, |l| !l.connection.status().connected());
+            if !transient || started.elapsed() + delay > self.config.reconnect_max {
+                return Err(err.context(format!(
+                    "cannot publish task {} to queue `{}` on {}",
+                    message.id, message.queue, self.shown
+                )));
+            }
+            warn!(task_id = %message.id, queue = %message.queue, error = %format!("{err:#}"),
+                "Publishing failed; trying again in {:?}.", delay);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(self.config.reconnect_max);
+        }
+    }
+
+    async fn publish_on(&self, link: &Link, message: &TaskMessage) -> anyhow::Result<()> {
+        let queue = name(&message.queue)?;
+        link.declare(&message.queue, &self.shown).await?;
+        let channel = link.publisher().await?;
+        let (properties, body) = celery::encode(message, &self.sender);
+        let confirmation = channel
+            .basic_publish(
+                queue.clone(),
+                queue,
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &body,
+                properties,
+            )
+            .await?
+            .await?;
+        if confirmation.is_nack() {
+            anyhow::bail!("RabbitMQ refused the message (nack)");
+        }
+        if let Some(returned) = confirmation.take_message() {
+            // Deleted behind our back, perhaps: declare it again next time.
+            link.forget(&message.queue);
+            anyhow::bail!(
+                "RabbitMQ returned the message: {} (no queue is bound to exchange `{}` with key `{}`)",
+                returned.reply_text,
+                message.queue,
+                message.queue
+            );
+        }
+        debug!(task_id = %message.id, task = %message.task, queue = %message.queue, "Published.");
+        Ok(())
+    }
+
+    /// Sets the prefetch to the slots plus the held messages. One update at a time, so the
+    /// last value sent is the current one.
+    async fn set_qos(channel: &Channel, prefetch: u16, held: &HeldCount) {
+        let _one_at_a_time = held.lock.lock().await;
+        let count = prefetch.saturating_add(held.count.load(Ordering::SeqCst));
+        if let Err(err) = channel
+            .basic_qos(count, BasicQosOptions { global: true })
+            .await
+        {
+            debug!(error = %err, "Could not change the prefetch (the channel is gone).");
+        }
+    }
+}
+
+impl Link {
+    /// Declares queue `queue` as Celery does (spec G.1): durable, arguments exactly
+    /// `x-max-priority: 10`, bound to the durable direct exchange of the same name with the
+    /// same routing key. On a channel of its own, since a refused declaration closes it.
+    async fn declare(&self, queue: &str, shown: &str) -> anyhow::Result<()> {
+        if self
+            .declared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(queue)
+        {
+            return Ok(());
+        }
+        let amqp_name = name(queue)?;
+        let context = || format!("cannot declare queue `{queue}` on {shown}");
+        let channel = self
+            .connection
+            .create_channel()
+            .await
+            .with_context(context)?;
+        channel
+            .exchange_declare(
+                amqp_name.clone(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .with_context(context)?;
+        channel
+            .queue_declare(
+                amqp_name.clone(),
+                QueueDeclareOptions::durable(),
+                queue_arguments(),
+            )
+            .await
+            .with_context(context)?;
+        channel
+            .queue_bind(
+                amqp_name.clone(),
+                amqp_name.clone(),
+                amqp_name,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(context)?;
+        let _ = channel.close(200, "OK".into()).await;
+        self.declared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(queue.to_owned());
+        Ok(())
+    }
+
+    /// Makes the next `declare` of `queue` go to RabbitMQ again.
+    fn forget(&self, queue: &str) {
+        self.declared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(queue);
+    }
+
+    /// The channel publishes go through, in confirm mode; reopened if RabbitMQ closed it.
+    async fn publisher(&self) -> anyhow::Result<Channel> {
+        let mut slot = self.publisher.lock().await;
+        if let Some(channel) = slot.as_ref()
+            && channel.status().connected()
+        {
+            return Ok(channel.clone());
+        }
+        let channel = self.connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+}
+
+/// `x-max-priority: 10`, typed as py-amqp types a Python int (a signed 32-bit integer):
+/// RabbitMQ compares the type too, and refuses a declaration that differs.
+pub fn queue_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-priority".into(), AMQPValue::LongInt(MAX_PRIORITY));
+    arguments
+}
+
+/// Held messages of one channel, and the lock that orders prefetch updates.
+#[derive(Default)]
+struct HeldCount {
+    count: AtomicU16,
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// Consumes until stopped, reconnecting with backoff whenever the consumers are lost.
+async fn consume_loop(
+    shared: Arc<Shared>,
+    queues: Vec<String>,
+    prefetch: u16,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut delay = FIRST_RETRY;
+    loop {
+        let started = Instant::now();
+        let err = match consume_session(&shared, &queues, prefetch, &mut stop).await {
+            Ok(()) => return,
+            Err(err) => err,
+        };
+        if *stop.borrow() {
+            return;
+        }
+        if started.elapsed() > HEALTHY {
+            delay = FIRST_RETRY;
+        }
+        warn!(broker = %shared.shown, error = %format!("{err:#}"),
+            "Lost the RabbitMQ consumers; reconnecting in {:?}.", delay);
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(shared.config.reconnect_max);
+    }
+}
+
+/// One connection's worth of consuming: declare, consume, dispatch. Returns `Ok` when
+/// stopped, an error when the consumers were lost.
+async fn consume_session(
+    shared: &Arc<Shared>,
+    queues: &[String],
+    prefetch: u16,
+    stop: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let link = shared.link().await?;
+    for queue in queues {
+        // Declared anew for every session: RabbitMQ cancels consumers of a deleted queue.
+        link.forget(queue);
+        link.declare(queue, &shared.shown).await?;
+    }
+    let channel = link
+        .connection
+        .create_channel()
+        .await
+        .with_context(|| format!("cannot open a channel on {}", shared.shown))?;
+    let held = Arc::new(HeldCount::default());
+    channel
+        .basic_qos(prefetch, BasicQosOptions { global: true })
+        .await?;
+    let mut consumers = Vec::new();
+    let mut tags = Vec::new();
+    for queue in queues {
+        let consumer = channel
+            .basic_consume(
+                name(queue)?,
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("cannot consume queue `{queue}` on {}", shared.shown))?;
+        tags.push(consumer.tag());
+        let queue = queue.clone();
+        consumers.push(consumer.map(move |d| (queue.clone(), d)).boxed());
+    }
+    *shared.consume_channel_slot() = Some(channel.clone());
+    info!(broker = %shared.shown, queues = %queues.join(","), prefetch, "Consuming.");
+    let mut deliveries = futures_util::stream::select_all(consumers);
+    // Dropped when this session ends: held messages of this channel are then forgotten
+    // (RabbitMQ delivers them again on the next channel).
+    let (_session, session_ended) = watch::channel(());
+    let holds_stop = stop.clone();
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => None,
+            next = deliveries.next() => Some(next),
+        };
+        let Some(next) = next else {
+            for tag in tags {
+                if let Err(err) = channel
+                    .basic_cancel(tag, BasicCancelOptions::default())
+                    .await
+                {
+                    debug!(error = %err, "Could not cancel a consumer.");
+                }
+            }
+            info!(broker = %shared.shown, "Stopped consuming.");
+            return Ok(());
+        };
+        let (queue, delivery) = match next {
+            Some((queue, Ok(delivery))) => (queue, delivery),
+            Some((queue, Err(err))) => {
+                return Err(anyhow::Error::new(err)
+                    .context(format!("the consumer of queue `{queue}` failed")));
+            }
+            None => anyhow::bail!("RabbitMQ cancelled the consumers"),
+        };
+        let unsettled = Unsettled::new(&shared.unsettled);
+        let message = match celery::decode(&delivery.properties, &delivery.data, &queue) {
+            Ok(message) => message,
+            Err(err) => {
+                error!(queue = %queue, delivery_tag = delivery.delivery_tag,
+                    error = %format!("{err:#}"),
+                    "Rejected a message that is not a Celery task message; it is dropped, not requeued.");
+                if let Err(err) = delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await
+                {
+                    warn!(delivery_tag = delivery.delivery_tag, error = %err, "Could not reject the message.");
+                }
+                continue;
+            }
+        };
+        let incoming = Incoming {
+            message,
+            acker: delivery.acker,
+            delivery_tag: delivery.delivery_tag,
+            channel: channel.clone(),
+            unsettled,
+        };
+        match incoming.message.eta {
+            Some(eta) if eta > Utc::now() => {
+                let hold = Hold {
+                    channel: channel.clone(),
+                    prefetch,
+                    held: Arc::clone(&held),
+                    stop: holds_stop.clone(),
+                    session_ended: session_ended.clone(),
+                };
+                hold.start(shared, incoming, eta).await;
+            }
+            _ => {
+                let _ = shared.inbox_tx.send(incoming);
+            }
+        }
+    }
+}
+
+/// Where a held message waits: its channel and that channel's prefetch and held count.
+struct Hold {
+    channel: Channel,
+    prefetch: u16,
+    held: Arc<HeldCount>,
+    stop: watch::Receiver<bool>,
+    session_ended: watch::Receiver<()>,
+}
+
+enum Woke {
+    Due,
+    SessionEnded,
+    Stopped,
+}
+
+impl Hold {
+    /// Keeps a message until its `eta`, with the prefetch raised by one meanwhile. A stop
+    /// gives it back at once; a lost channel forgets it (RabbitMQ has it again).
+    async fn start(self, shared: &Arc<Shared>, incoming: Incoming, eta: DateTime<Utc>) {
+        let Hold {
+            channel,
+            prefetch,
+            held,
+            mut stop,
+            mut session_ended,
+        } = self;
+        held.count.fetch_add(1, Ordering::SeqCst);
+        Shared::set_qos(&channel, prefetch, &held).await;
+        debug!(task_id = %incoming.message.id, eta = %eta, "Holding a message until its eta.");
+        let shared = Arc::clone(shared);
+        tokio::spawn(async move {
+            let wait = (eta - Utc::now()).to_std().unwrap_or_default();
+            let woke = tokio::select! {
+                _ = tokio::time::sleep(wait) => Woke::Due,
+                _ = session_ended.changed() => Woke::SessionEnded,
+                _ = stop.wait_for(|s| *s) => Woke::Stopped,
+            };
+            match woke {
+                Woke::Due => {}
+                Woke::SessionEnded => return,
+                Woke::Stopped => {
+                    let requeue = BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    };
+                    let _ = incoming.acker.nack(requeue).await;
+                    return;
+                }
+            }
+            held.count.fetch_sub(1, Ordering::SeqCst);
+            Shared::set_qos(&channel, prefetch, &held).await;
+            if incoming.acker.usable() {
+                let _ = shared.inbox_tx.send(incoming);
+            }
+        });
+    }
+}
+
+#[async_trait]
+impl Broker for AmqpBroker {
+    async fn publish(&self, message: &TaskMessage) -> anyhow::Result<()> {
+        self.shared.publish(message).await
+    }
+
+    async fn next(&self) -> anyhow::Result<Box<dyn Delivery>> {
+        let defaults = Consume {
+            queues: None,
+            prefetch: self.shared.config.prefetch,
+        };
+        self.start(&defaults, true);
+        let mut inbox = self.shared.inbox.lock().await;
+        loop {
+            let incoming = inbox
+                .recv()
+                .await
+                .context("the RabbitMQ consumer is gone")?;
+            if !incoming.acker.usable() {
+                debug!(task_id = %incoming.message.id, delivery_tag = incoming.delivery_tag,
+                    "Skipped a message of a lost channel; RabbitMQ delivers it again.");
+                continue;
+            }
+            return Ok(Box::new(AmqpDelivery {
+                message: incoming.message,
+                acker: incoming.acker,
+                delivery_tag: incoming.delivery_tag,
+                shared: Arc::clone(&self.shared),
+                settled: false,
+                _channel: incoming.channel,
+                _unsettled: incoming.unsettled,
+            }));
+        }
+    }
+
+    async fn holds(&self, _task_id: &str) -> anyhow::Result<Option<bool>> {
+        // RabbitMQ cannot be asked whether it holds a message.
+        Ok(None)
+    }
+
+    async fn start_consuming(&self, consume: &Consume) -> anyhow::Result<()> {
+        for queue in consume.queues.iter().flatten() {
+            name(queue)?;
+        }
+        self.start(consume, false);
+        Ok(())
+    }
+
+    async fn stop_consuming(&self) -> anyhow::Result<()> {
+        let Some(task) = self.shared.consumer_slot().take() else {
+            return Ok(());
+        };
+        let _ = task.stop.send(true);
+        let _ = task.handle.await;
+        // Messages received but not taken by a slot go back to the queue now rather than when
+        // the connection closes. A slot still waiting in `next` keeps the inbox; what it holds
+        // goes back when the process ends.
+        if let Ok(mut inbox) = self.shared.inbox.try_lock() {
+            while let Ok(incoming) = inbox.try_recv() {
+                let _ = incoming
+                    .acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct AmqpDelivery {
+    message: TaskMessage,
+    acker: Acker,
+    delivery_tag: u64,
+    shared: Arc<Shared>,
+    /// Acknowledged, released or re-published: nothing left to do on drop.
+    settled: bool,
+    /// Keeps the channel open until this delivery is settled.
+    _channel: Channel,
+    _unsettled: Unsettled,
+}
+
+impl AmqpDelivery {
+    fn lost_channel(&self, what: &str, err: Option<&lapin::Error>) {
+        warn!(task_id = %self.message.id, delivery_tag = self.delivery_tag,
+            error = %err.map(ToString::to_string).unwrap_or_else(|| "channel closed".to_owned()),
+            "Skipped the {what}: the channel the message came on is gone. RabbitMQ delivers it again; the copy finds the task's result stored.");
+    }
+}
+
+#[async_trait]
+impl Delivery for AmqpDelivery {
+    fn message(&self) -> &TaskMessage {
+        &self.message
+    }
+
+    async fn keep_alive(&self) -> anyhow::Result<()> {
+        // RabbitMQ keeps an unacknowledged message for as long as its channel lives; the
+        // engine's claim in the store is what other workers see.
+        Ok(())
+    }
+
+    async fn ack(mut self: Box<Self>) -> anyhow::Result<()> {
+        self.settled = true;
+        match self.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => {}
+            Ok(false) => self.lost_channel("acknowledgement", None),
+            Err(err) => self.lost_channel("acknowledgement", Some(&err)),
+        }
+        Ok(())
+    }
+
+    async fn retry_later(
+        mut self: Box<Self>,
+        eta: DateTime<Utc>,
+        retries: u32,
+    ) -> anyhow::Result<()> {
+        let mut again = self.message.clone();
+        again.eta = Some(eta);
+        again.retries = retries;
+        // Published (and confirmed) before the original is acknowledged: a crash in between
+        // leaves two copies, never none.
+        self.shared.publish(&again).await?;
+        self.settled = true;
+        match self.acker.ack(BasicAckOptions::default()).await {
+            Ok(true) => {}
+            Ok(false) => self.lost_channel("acknowledgement", None),
+            Err(err) => self.lost_channel("acknowledgement", Some(&err)),
+        }
+        Ok(())
+    }
+
+    async fn release(mut self: Box<Self>) -> anyhow::Result<()> {
+        self.settled = true;
+        let requeue = BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        };
+        match self.acker.nack(requeue).await {
+            Ok(true) => {}
+            Ok(false) => self.lost_channel("release", None),
+            Err(err) => self.lost_channel("release", Some(&err)),
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AmqpDelivery {
+    /// A delivery dropped unsettled (its handling failed) goes back to the queue at once, as
+    /// an embedded claim would once its lease ran out.
+    fn drop(&mut self) {
+        if self.settled || !self.acker.usable() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let acker = self.acker.clone();
+        runtime.spawn(async move {
+            let _ = acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(uri: &str) -> AmqpConfig {
+        AmqpConfig {
+            uri: uri.to_owned(),
+            queues: vec!["app.q".into()],
+            prefetch: 2,
+            heartbeat: 30,
+            reconnect_max: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn the_address_shown_has_no_credentials() {
+        let identity = Identity::current();
+        let broker = AmqpBroker::new(
+            config("amqp://user:s3cret@rabbit.example:5673/%2f"),
+            &identity,
+        )
+        .unwrap();
+        assert_eq!(broker.shown_uri(), "amqp://rabbit.example:5673/%2F");
+        assert!(!broker.shown_uri().contains("s3cret"));
+        let err = AmqpBroker::new(config("http://user:s3cret@x/"), &identity)
+            .err()
+            .unwrap();
+        assert!(!format!("{err:#}").contains("s3cret"), "{err:#}");
+    }
+
+    #[test]
+    fn connections_are_named_after_the_process() {
+        let identity = Identity {
+            hostname: "node1".into(),
+            pid: 42,
+        };
+        assert_eq!(connection_name(&identity), "workers node1 42");
+    }
+
+    #[test]
+    fn queues_are_declared_with_celerys_priority_argument() {
+        let arguments = queue_arguments();
+        assert_eq!(arguments.inner().len(), 1);
+        assert_eq!(
+            arguments.inner().get("x-max-priority"),
+            Some(&AMQPValue::LongInt(10))
+        );
+    }
+}
