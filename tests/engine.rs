@@ -329,3 +329,46 @@ async fn progress_is_recorded_while_a_long_step_runs() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_takes_steps_only_from_its_queues() {
+    let project = Project::new();
+    let app = project.app();
+    let message = |id: &str, queue: &str| TaskMessage {
+        id: id.into(),
+        task: "noop".into(),
+        args: vec![json!(1)],
+        kwargs: Default::default(),
+        priority: 9,
+        eta: None,
+        retries: 0,
+        root_id: id.into(),
+        parent_id: None,
+        queue: queue.into(),
+    };
+    app.broker
+        .publish(&message("other", "other.q"))
+        .await
+        .unwrap();
+    app.broker
+        .publish(&message("mine", "mine.q"))
+        .await
+        .unwrap();
+    app.broker
+        .start_consuming(&workers::broker::Consume {
+            queues: Some(vec!["mine.q".into()]),
+            prefetch: 1,
+        })
+        .await
+        .unwrap();
+    let delivery = app.broker.next().await.unwrap();
+    assert_eq!(delivery.message().id, "mine");
+    delivery.ack().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), app.broker.next())
+            .await
+            .is_err(),
+        "a message of another queue was handed out"
+    );
+    assert_eq!(app.broker.holds("other").await.unwrap(), Some(true));
+}
