@@ -333,7 +333,7 @@ async fn progress_is_recorded_while_a_long_step_runs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_takes_steps_only_from_its_queues() {
     let project = Project::new();
-    let app = project.app();
+    let app = project.app().await;
     let message = |id: &str, queue: &str| TaskMessage {
         id: id.into(),
         task: "noop".into(),
