@@ -14,6 +14,7 @@ use crate::app::App;
 use crate::model::DatasetState;
 use crate::registry::{Dataset, DatasetPatch, DatasetQuery};
 use crate::steps::staged_bundle_path;
+use crate::store::PageCursor;
 
 #[derive(Debug, Clone, Default)]
 pub struct StagedPurgeReport {
@@ -146,14 +147,14 @@ pub async fn purge_stale_workflows(
     let settings = &app.settings.workflow_purge;
     let cutoff = Utc::now() - TimeDelta::seconds(settings.age_threshold_seconds as i64);
     let mut report = WorkflowPurgeReport::default();
-    let mut after: Option<String> = None;
+    let mut after: Option<PageCursor> = None;
     while report.purged.len() < settings.max_purge_count {
         let page = app
             .store
-            .workflows_created_before(&settings.types, cutoff, after.as_deref(), PAGE)
+            .workflows_created_before(&settings.types, cutoff, after.as_ref(), PAGE)
             .await?;
         let Some(last) = page.last() else { break };
-        after = Some(last.id.clone());
+        after = Some(PageCursor::after(last));
         let ids: Vec<String> = page.iter().map(|w| w.id.clone()).collect();
         let linked = app.registry.linked_workflows(&ids).await?;
         for id in ids.into_iter().filter(|id| !linked.contains(id)) {

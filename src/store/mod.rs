@@ -5,6 +5,7 @@
 //! status of a workflow is derived from its task results (`workflow::status`); the `status`
 //! kept here is only a cache, as in sca-rhythm.
 
+pub mod mongo;
 pub mod sqlite;
 
 use std::collections::{BTreeSet, HashMap};
@@ -155,6 +156,8 @@ pub struct TaskStart {
     pub pid: u32,
     pub retries: u32,
     pub queue: String,
+    /// The task that published this one (Celery's `parent_id`), when the message says.
+    pub parent_id: Option<String>,
 }
 
 /// A failure as Celery records it: `{exc_type, exc_message: [..], exc_module}`.
@@ -181,6 +184,24 @@ impl TaskError {
 pub struct WatchState {
     pub scan_count: u32,
     pub known: BTreeSet<String>,
+}
+
+/// Where a page of `workflows_created_before` ended: the last workflow's creation time and id.
+/// It carries the time itself so that it stays valid when that workflow is deleted before the
+/// next page is read (a purge deletes as it pages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageCursor {
+    pub created_at: DateTime<Utc>,
+    pub id: String,
+}
+
+impl PageCursor {
+    pub fn after(workflow: &Workflow) -> PageCursor {
+        PageCursor {
+            created_at: workflow.created_at,
+            id: workflow.id.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,13 +276,13 @@ pub trait WorkflowStore: Send + Sync {
     /// Sets the resume lock (a resume in flight), unless one is set; returns whether it was set.
     async fn lock_for_resume(&self, workflow_id: &str, now: DateTime<Utc>) -> anyhow::Result<bool>;
 
-    /// Workflows named one of `names` and created before `cutoff`, oldest first, after the
-    /// workflow `after` (a cursor for paging).
+    /// Workflows named one of `names` and created before `cutoff`, oldest first (ties by id),
+    /// after the cursor `after` (the end of the previous page).
     async fn workflows_created_before(
         &self,
         names: &[String],
         cutoff: DateTime<Utc>,
-        after: Option<&str>,
+        after: Option<&PageCursor>,
         limit: usize,
     ) -> anyhow::Result<Vec<Workflow>>;
 

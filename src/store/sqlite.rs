@@ -7,9 +7,9 @@ use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
 use super::{
-    JobRun, RunOutcome, SchedulerStore, StepSpec, TaskError, TaskMeta, TaskRun, TaskStart,
-    TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec, WorkflowStep,
-    WorkflowStore,
+    JobRun, PageCursor, RunOutcome, SchedulerStore, StepSpec, TaskError, TaskMeta, TaskRun,
+    TaskStart, TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec,
+    WorkflowStep, WorkflowStore,
 };
 use crate::sqlite::{Db, from_millis, to_millis};
 
@@ -404,21 +404,34 @@ impl WorkflowStore for SqliteStore {
         &self,
         names: &[String],
         cutoff: DateTime<Utc>,
-        after: Option<&str>,
+        after: Option<&PageCursor>,
         limit: usize,
     ) -> anyhow::Result<Vec<Workflow>> {
-        let (names, after) = (names.to_vec(), after.map(str::to_owned));
+        let names = names.to_vec();
+        let (after_created, after_id) = match after {
+            Some(cursor) => (Some(to_millis(cursor.created_at)), Some(cursor.id.clone())),
+            None => (None, None),
+        };
         self.db
             .call(move |conn| {
                 let names_json = serde_json::to_string(&names)?;
                 let mut stmt = conn.prepare(
                     "SELECT id FROM workflows
                      WHERE name IN (SELECT value FROM json_each(?1)) AND created_at <= ?2
-                       AND (?3 IS NULL OR (created_at, id) > ((SELECT created_at FROM workflows WHERE id = ?3), ?3))
-                     ORDER BY created_at, id LIMIT ?4",
+                       AND (?3 IS NULL OR (created_at, id) > (?3, ?4))
+                     ORDER BY created_at, id LIMIT ?5",
                 )?;
                 let ids: Vec<String> = stmt
-                    .query_map(params![names_json, to_millis(cutoff), after, limit as i64], |r| r.get(0))?
+                    .query_map(
+                        params![
+                            names_json,
+                            to_millis(cutoff),
+                            after_created,
+                            after_id,
+                            limit as i64
+                        ],
+                        |r| r.get(0),
+                    )?
                     .collect::<rusqlite::Result<_>>()?;
                 load_workflows(conn, &ids)
             })

@@ -277,6 +277,7 @@ pub async fn handle_with(
         pid: app.identity.pid,
         retries: message.retries,
         queue: message.queue.clone(),
+        parent_id: message.parent_id.clone(),
     };
     let Some(task) = Task::from_name(&message.task) else {
         // The workflow fails visibly instead of waiting forever for a step nobody runs.
