@@ -181,6 +181,14 @@ async fn workflow_story(store: &dyn WorkflowStore) {
         (Started, 0, vec![Started, Pending, Pending])
     );
 
+    // A task of a workflow that does not exist is refused (sca-rhythm: WFNotFound).
+    assert!(
+        store
+            .task_started(&start("wf-none", 0, "t0", 0))
+            .await
+            .is_err()
+    );
+
     // Redelivered under the same id: no second run.
     store
         .task_started(&start("wf-1", 0, "t1", 0))

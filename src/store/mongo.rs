@@ -2,9 +2,10 @@
 //! sca-rhythm and Celery write (spec F.1-F.3), so Python workers, rhythm_api and the Bioloop UI
 //! read and write the same workflows as this program.
 //!
-//! Every write is one targeted atomic update (a `$push` guarded on the task id, `$set` of the
-//! status), never sca-rhythm's read-modify-write of the whole workflow, which loses concurrent
-//! writes. What sca-rhythm has no place for lives in collections of this program, all named
+//! Every write to a workflow is one targeted atomic update (a `$push` guarded on the task id,
+//! `$set` of the status), never sca-rhythm's read-modify-write of the whole document, which
+//! loses concurrent writes; task results are replaced whole on each state change, as Celery
+//! replaces them. What sca-rhythm has no place for lives in collections of this program, all named
 //! `workers_*`: the start arguments of workflows, the scheduler's records and the watch state.
 
 use std::collections::HashMap;
@@ -103,9 +104,17 @@ impl MongoStore {
             (JOB_RUNS, doc! {"host": 1, "outcome": 1}),
         ];
         for (collection, keys) in wanted {
+            // Celery asks for its `date_done` index with `background: true` each time it
+            // starts; a server may refuse that request when the same index exists without the
+            // option, so the index is created exactly as Celery asks for it. (Servers ignore the
+            // option since MongoDB 4.2, hence its deprecation in the driver; it is still sent.)
+            let background =
+                (collection == TASKS && keys.contains_key("date_done")).then_some(true);
+            #[allow(deprecated)]
+            let options = IndexOptions::builder().background(background).build();
             let index = IndexModel::builder()
                 .keys(keys.clone())
-                .options(IndexOptions::builder().build())
+                .options(options)
                 .build();
             match self.collection(collection).create_index(index).await {
                 Ok(_) => {}
@@ -584,19 +593,30 @@ impl WorkflowStore for MongoStore {
                     self.at(WORKFLOWS)
                 )
             })?;
-        if pushed.matched_count == 0
-            && !self
-                .update_workflow(
-                    &start.workflow_id,
-                    doc! {"_status": TaskStatus::Started.as_str()},
+        if pushed.matched_count == 0 {
+            // The task id has its run already (a retry or a redelivery), or there is no such
+            // step.
+            let marked = workflows
+                .update_one(
+                    doc! {"_id": &start.workflow_id, format!("{step}.name"): {"$exists": true}},
+                    doc! {"$set": {"_status": TaskStatus::Started.as_str(), "updated_at": now}},
                 )
-                .await?
-        {
-            anyhow::bail!(
-                "workflow {} of task {task_id} does not exist in {}",
-                start.workflow_id,
-                self.at(WORKFLOWS)
-            );
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot update workflow {} in {}",
+                        start.workflow_id,
+                        self.at(WORKFLOWS)
+                    )
+                })?;
+            if marked.matched_count == 0 {
+                anyhow::bail!(
+                    "workflow {} of task {task_id} does not exist or has no step {} in {}",
+                    start.workflow_id,
+                    start.position,
+                    self.at(WORKFLOWS)
+                );
+            }
         }
         // sca-rhythm clears the lock only where one was ever set: the key stays absent until
         // the first resume.
