@@ -121,7 +121,9 @@ impl Project {
                 "QUEUE_USER",
                 "QUEUE_PASS",
             ];
-            if name.starts_with("WORKERS") || name.starts_with("MONGO_") || original.contains(&&*name)
+            if name.starts_with("WORKERS")
+                || name.starts_with("MONGO_")
+                || original.contains(&&*name)
             {
                 cmd.env_remove(&key);
             }
