@@ -18,6 +18,7 @@ use crate::registry::Registry;
 use crate::registry::http::{HttpConfig, HttpRegistry};
 use crate::registry::sqlite::SqliteRegistry;
 use crate::sqlite::Db;
+use crate::store::mongo::MongoStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{SchedulerStore, WorkflowStore};
 use crate::workflow::definitions::Definitions;
@@ -99,7 +100,17 @@ impl App {
                     let store = Arc::new(SqliteStore::new(embedded_db()?));
                     (store.clone(), store)
                 }
-                StoreKind::Mongo => anyhow::bail!("store.kind = \"mongo\" is not available"),
+                StoreKind::Mongo => {
+                    let mongo = &settings.mongo;
+                    let store = Arc::new(
+                        MongoStore::connect(mongo.uri.expose(), &mongo.database)
+                            .await
+                            .with_context(|| {
+                                format!("cannot use the MongoDB store at {}", mongo.display)
+                            })?,
+                    );
+                    (store.clone(), store)
+                }
             };
         let broker: Arc<dyn Broker> = match (broker, settings.backends.broker) {
             (Some(broker), _) => broker,

@@ -785,7 +785,9 @@ async fn a_connection_lost_mid_step_runs_the_step_once_and_the_workflow_goes_on(
     };
     let proxy = Proxy::start(rabbit_address(&url));
     let broker = broker(&proxy.url(&url), &slow.queue);
-    let app = App::with_broker(slow.project.settings(), broker.clone()).await.unwrap();
+    let app = App::with_broker(slow.project.settings(), broker.clone())
+        .await
+        .unwrap();
     let rabbit = Rabbit::connect(&url).await;
     let workflow_id = slow.start(&app).await;
     let (stop_tx, stop) = watch::channel(false);
@@ -830,7 +832,9 @@ async fn a_channel_closed_by_rabbitmq_mid_step_is_reopened_and_the_step_runs_onc
         names: vec![slow.queue.clone()],
     };
     let broker = broker(&url, &slow.queue);
-    let app = App::with_broker(slow.project.settings(), broker.clone()).await.unwrap();
+    let app = App::with_broker(slow.project.settings(), broker.clone())
+        .await
+        .unwrap();
     let rabbit = Rabbit::connect(&url).await;
     let workflow_id = slow.start(&app).await;
     let (stop_tx, stop) = watch::channel(false);
@@ -865,7 +869,9 @@ async fn a_duplicate_of_a_running_task_is_deferred_not_run_twice() {
         names: vec![slow.queue.clone()],
     };
     let broker = broker(&url, &slow.queue);
-    let app = App::with_broker(slow.project.settings(), broker.clone()).await.unwrap();
+    let app = App::with_broker(slow.project.settings(), broker.clone())
+        .await
+        .unwrap();
     let rabbit = Rabbit::connect(&url).await;
     let workflow_id = slow.start(&app).await;
     let (stop_tx, stop) = watch::channel(false);
@@ -937,7 +943,9 @@ async fn a_stop_lets_the_running_step_finish_and_takes_nothing_new() {
         names: vec![slow.queue.clone()],
     };
     let broker = broker(&url, &slow.queue);
-    let app = App::with_broker(slow.project.settings(), broker.clone()).await.unwrap();
+    let app = App::with_broker(slow.project.settings(), broker.clone())
+        .await
+        .unwrap();
     let rabbit = Rabbit::connect(&url).await;
     let workflow_id = slow.start(&app).await;
     let (stop_tx, stop) = watch::channel(false);
@@ -983,7 +991,9 @@ async fn a_step_still_running_when_the_grace_ends_is_given_back() {
         names: vec![slow.queue.clone()],
     };
     let broker = broker(&url, &slow.queue);
-    let app = App::with_broker(slow.project.settings(), broker.clone()).await.unwrap();
+    let app = App::with_broker(slow.project.settings(), broker.clone())
+        .await
+        .unwrap();
     let rabbit = Rabbit::connect(&url).await;
     let workflow_id = slow.start(&app).await;
     let (stop_tx, stop) = watch::channel(false);

@@ -1077,6 +1077,9 @@ async fn a_whole_workflow_runs_on_mongo() {
     let opts = WorkerOptions {
         concurrency: 2,
         until: Until::Idle,
+        queues: None,
+        shutdown_grace: Duration::ZERO,
+        node_name: "workers@test".into(),
     };
     tokio::time::timeout(
         Duration::from_secs(180),

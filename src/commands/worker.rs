@@ -23,7 +23,9 @@ pub(super) async fn run(app: &Arc<App>, args: WorkerArgs) -> anyhow::Result<Exit
     } else {
         Until::Shutdown
     };
-    let queues = args.queues.unwrap_or_else(|| app.settings.amqp.queues.clone());
+    let queues = args
+        .queues
+        .unwrap_or_else(|| app.settings.amqp.queues.clone());
     let node_name = worker::node_name(
         args.hostname.as_deref().unwrap_or("workers@%h"),
         &app.identity.hostname,

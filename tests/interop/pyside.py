@@ -16,6 +16,7 @@ Commands (results are printed as one JSON document):
                                            ORIGINAL=1 adds the original's one-task-per-child
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -82,7 +83,10 @@ def main(argv):
         dump({"workflow_id": wf.workflow["_id"]})
     elif command == "embellished":
         wf = Workflow(app, workflow_id=argv[2])
-        dump(wf.get_embellished_workflow(last_task_run=True, prev_task_runs=True))
+        # sca-rhythm prints a note to stdout for every task without date_done (running ones).
+        with contextlib.redirect_stdout(sys.stderr):
+            view = wf.get_embellished_workflow(last_task_run=True, prev_task_runs=True)
+        dump(view)
     elif command == "status":
         ids = json.loads(argv[2])
         dump({wid: Workflow(app, workflow_id=wid).get_workflow_status() for wid in ids})

@@ -1,0 +1,345 @@
+//! Interop with the original Python side, proven with its real packages (celery 5.2.7,
+//! sca-rhythm, pymongo from `scripts/services.sh`): workflows started from Python run on
+//! `workers worker`; workflows started by `workers jobs run watch` read correctly through
+//! sca-rhythm; a Python Celery worker and the Rust worker share one workflow.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+mod common;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::bioloop_api::TestApi;
+use common::services::{TestDatabase, service_var};
+use common::{Project, Reap, describe};
+use serde_json::{Value, json};
+use workers::model::{CreateMethod, DatasetName, DatasetType};
+use workers::registry::NewDataset;
+
+/// A project in the production profile (the Bioloop API, MongoDB, RabbitMQ), with the Python
+/// peers at hand.
+struct Production {
+    project: Project,
+    api: TestApi,
+    db: TestDatabase,
+    app_id: String,
+    amqp: String,
+    python: String,
+    /// Queues to delete at the end, besides `<app_id>.q`.
+    extra_queues: Vec<String>,
+}
+
+impl Production {
+    /// `None` when the services are not set up (and not under CI, where that fails).
+    fn new() -> Option<Production> {
+        let amqp = service_var("WORKERS_TEST_AMQP_URL")?;
+        let python = service_var("WORKERS_TEST_PYTHON")?;
+        let db = TestDatabase::new()?;
+        let api = TestApi::start();
+        let app_id = format!(
+            "interop-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let mut project = Project::new();
+        for (key, value) in [
+            ("WORKERS__REGISTRY__KIND", "http"),
+            ("WORKERS__STORE__KIND", "mongo"),
+            ("WORKERS__BROKER__KIND", "amqp"),
+            ("WORKERS__API__BASE_URL", api.base_url().as_str()),
+            ("APP_API_TOKEN", api.token()),
+            ("WORKERS__AMQP__URL", &amqp),
+            ("WORKERS__MONGO__URI", &db.uri),
+            ("WORKERS__MONGO__DATABASE", &db.name),
+            ("WORKERS__APP_ID", &app_id),
+            ("WORKERS__LOG__LEVEL", "info"),
+        ] {
+            project.set_env(key, value);
+        }
+        Some(Production {
+            project,
+            api,
+            db,
+            app_id,
+            amqp,
+            python,
+            extra_queues: Vec::new(),
+        })
+    }
+
+    fn queue(&self) -> String {
+        format!("{}.q", self.app_id)
+    }
+
+    /// The MongoDB URI with the database in its path, as Celery's backend takes it.
+    fn python_mongo_uri(&self) -> String {
+        let (base, query) = self.db.uri.split_once('?').unwrap_or((&self.db.uri, ""));
+        let base = base.trim_end_matches('/');
+        if query.is_empty() {
+            format!("{base}/{}", self.db.name)
+        } else {
+            format!("{base}/{}?{query}", self.db.name)
+        }
+    }
+
+    fn python_command(&self, args: &[&str]) -> Command {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/pyside.py");
+        let mut cmd = Command::new(&self.python);
+        cmd.arg(script)
+            .args(args)
+            .env("PYSIDE_AMQP_URL", &self.amqp)
+            .env("PYSIDE_MONGO_URI", self.python_mongo_uri())
+            .env("PYSIDE_APP_ID", &self.app_id);
+        cmd
+    }
+
+    /// Runs a pyside command and returns what it printed.
+    fn python(&self, args: &[&str]) -> Value {
+        let out = self.python_command(args).output().unwrap();
+        assert!(out.status.success(), "pyside {args:?}: {}", describe(&out));
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("pyside {args:?} printed no JSON ({e}): {}", describe(&out)))
+    }
+
+    fn start_from_python(&self, name: &str, steps: Value, dataset_id: i64) -> String {
+        let started = self.python(&["start", name, &steps.to_string(), &dataset_id.to_string()]);
+        started["workflow_id"].as_str().unwrap().to_owned()
+    }
+
+    fn embellished(&self, workflow_id: &str) -> Value {
+        self.python(&["embellished", workflow_id])
+    }
+
+    /// Waits until sca-rhythm derives `status` for the workflow; returns the embellished view.
+    fn wait_for(&self, workflow_id: &str, status: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let view = self.embellished(workflow_id);
+            if view["status"] == status {
+                return view;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "workflow {workflow_id} did not reach {status}: {view:#}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn spawn_rust_worker(&self, args: &[&str]) -> (Child, Reap) {
+        let mut full = vec!["worker"];
+        full.extend_from_slice(args);
+        let child = self
+            .project
+            .command(&full)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let reap = Reap(child.id());
+        (child, reap)
+    }
+
+    fn spawn_python_worker(&mut self, queue: &str) -> (Child, Reap) {
+        if queue != self.queue() {
+            self.extra_queues.push(queue.to_owned());
+        }
+        let child = self
+            .python_command(&["worker", queue, "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let reap = Reap(child.id());
+        (child, reap)
+    }
+
+    /// Registers a dataset through the API, as watch would.
+    async fn register(&self, name: &str, files: &[(&str, &[u8])]) -> i64 {
+        let origin = self.project.dataset(DatasetType::RawData, name, files);
+        let app = self.project.app().await;
+        let outcome = app
+            .registry
+            .bulk_create(&[NewDataset {
+                name: DatasetName::normalize(name).unwrap(),
+                dataset_type: DatasetType::RawData,
+                origin_path: origin.to_string_lossy().into_owned(),
+                create_method: CreateMethod::Scan,
+                description: None,
+                metadata: None,
+            }])
+            .await
+            .unwrap();
+        outcome.created[0].id
+    }
+}
+
+impl Drop for Production {
+    fn drop(&mut self) {
+        let mut queues = self.extra_queues.clone();
+        queues.push(self.queue());
+        for queue in queues {
+            let _ = Command::new("rabbitmqctl")
+                .args(["delete_queue", &queue])
+                .output();
+        }
+    }
+}
+
+/// Stops a worker with SIGTERM and returns its output; it must exit 0.
+fn stop(child: Child) -> Output {
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "worker did not stop cleanly: {}",
+        describe(&out)
+    );
+    out
+}
+
+fn integrated_steps() -> Value {
+    json!([
+        {"name": "await stability", "task": "await_stability"},
+        {"name": "inspect", "task": "inspect_dataset"},
+        {"name": "archive", "task": "archive_dataset"},
+        {"name": "stage", "task": "stage_dataset"},
+        {"name": "validate", "task": "validate_dataset"},
+        {"name": "setup_download", "task": "setup_dataset_download"},
+    ])
+}
+
+/// Every step of a finished workflow as a Python worker would have left it: SUCCESS, one run,
+/// the return value as the result, a naive ISO `date_done`, this worker's name.
+fn assert_steps_succeeded(view: &Value, dataset_id: i64) {
+    for step in view["steps"].as_array().unwrap() {
+        assert_eq!(step["status"], "SUCCESS", "{step:#}");
+        let run = &step["last_task_run"];
+        assert_eq!(run["status"], "SUCCESS", "{step:#}");
+        assert_eq!(run["args"], json!([dataset_id]), "{step:#}");
+        assert_eq!(run["result"][0], json!(dataset_id), "{step:#}");
+        assert_eq!(run["traceback"], Value::Null);
+        assert_eq!(run["children"], json!([]));
+        // sca-rhythm parsed date_done with %Y-%m-%dT%H:%M:%S.%f; a failed parse keeps the
+        // string, which would not have the isoformat of a datetime.
+        let done = run["date_done"].as_str().unwrap();
+        assert!(
+            chrono::NaiveDateTime::parse_from_str(done, "%Y-%m-%dT%H:%M:%S%.f").is_ok(),
+            "{done}"
+        );
+        assert!(run["date_start"].is_string(), "{step:#}");
+        assert_eq!(
+            step["prev_task_runs"],
+            json!([]),
+            "one run per step: {step:#}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_started_from_python_runs_on_the_rust_worker() {
+    let Some(prod) = Production::new() else {
+        return;
+    };
+    let id = prod
+        .register("py_started", &[("a.txt", b"alpha"), ("d/b.txt", b"beta")])
+        .await;
+    let workflow_id = prod.start_from_python("integrated", integrated_steps(), id);
+    let before = prod.embellished(&workflow_id);
+    assert_eq!(before["status"], "PENDING");
+    assert_eq!(before["steps_done"], 0);
+
+    let (worker, _reap) = prod.spawn_rust_worker(&["--concurrency", "2"]);
+    let view = prod.wait_for(&workflow_id, "SUCCESS", Duration::from_secs(120));
+    let out = stop(worker);
+    assert_eq!(view["steps_done"], 6, "{view:#}");
+    assert_eq!(view["total_steps"], 6);
+    assert_steps_succeeded(&view, id);
+    // validate returns (dataset_id, []) like the original.
+    assert_eq!(view["steps"][4]["last_task_run"]["result"], json!([id, []]));
+
+    // The API saw the lifecycle the Python workers would have recorded.
+    assert_eq!(
+        prod.api.stored_states(id),
+        ["REGISTERED", "READY", "ARCHIVED", "FETCHED", "STAGED"]
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("ERROR"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_started_by_watch_reads_correctly_through_sca_rhythm() {
+    let Some(prod) = Production::new() else {
+        return;
+    };
+    prod.project.dataset(
+        DatasetType::RawData,
+        "watched_run",
+        &[("x.bin", b"0123456789")],
+    );
+    prod.project.run_ok(&["jobs", "run", "watch"]);
+
+    // The dataset was registered through the API and linked to its workflow.
+    let app = prod.project.app().await;
+    let dataset = common::dataset_named(&app, DatasetType::RawData, "watched_run").await;
+    assert_eq!(dataset.workflows.len(), 1);
+    let workflow_id = dataset.workflows[0].clone();
+
+    // Before any worker ran: sca-rhythm sees a PENDING integrated workflow of six steps.
+    let view = prod.embellished(&workflow_id);
+    assert_eq!(view["name"], "integrated");
+    assert_eq!(view["app_id"], json!(prod.app_id));
+    assert_eq!(view["status"], "PENDING");
+    assert_eq!(view["steps_done"], 0);
+    assert_eq!(view["total_steps"], 6);
+
+    let (worker, _reap) = prod.spawn_rust_worker(&[]);
+    let view = prod.wait_for(&workflow_id, "SUCCESS", Duration::from_secs(120));
+    stop(worker);
+    assert_eq!(view["steps_done"], 6);
+    assert_steps_succeeded(&view, dataset.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_worker_and_the_rust_worker_share_a_workflow() {
+    let Some(mut prod) = Production::new() else {
+        return;
+    };
+    let python_queue = format!("{}.py", prod.app_id);
+    let rust_queue = format!("{}.rs", prod.app_id);
+    // noop runs on both sides: Python, then Rust, then Python, then Rust again.
+    let steps = json!([
+        {"name": "py1", "task": "noop", "queue": python_queue},
+        {"name": "rs1", "task": "noop", "queue": rust_queue},
+        {"name": "py2", "task": "noop", "queue": python_queue},
+        {"name": "rs2", "task": "noop", "queue": rust_queue},
+    ]);
+    let (python_worker, _reap_py) = prod.spawn_python_worker(&python_queue.clone());
+    prod.extra_queues.push(rust_queue.clone());
+    let (rust_worker, _reap_rs) = prod.spawn_rust_worker(&["--queues", &rust_queue]);
+    let workflow_id = prod.start_from_python("mixed", steps, 42);
+    let view = prod.wait_for(&workflow_id, "SUCCESS", Duration::from_secs(90));
+    stop(rust_worker);
+    let pid = rustix::process::Pid::from_raw(python_worker.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    assert_steps_succeeded(&view, 42);
+    let workers: Vec<&str> = view["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["last_task_run"]["worker"].as_str().unwrap())
+        .collect();
+    assert!(workers[0].starts_with("py-"), "{workers:?}");
+    assert!(!workers[1].starts_with("py-"), "{workers:?}");
+    assert!(workers[2].starts_with("py-"), "{workers:?}");
+    assert!(!workers[3].starts_with("py-"), "{workers:?}");
+    // Each step was published by the one before it, whichever side ran it.
+    for i in 1..4 {
+        assert_eq!(
+            view["steps"][i]["last_task_run"]["parent_id"],
+            view["steps"][i - 1]["last_task_run"]["_id"],
+            "{view:#}"
+        );
+    }
+}
