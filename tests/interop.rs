@@ -16,6 +16,7 @@ use common::{Project, Reap, describe};
 use serde_json::{Value, json};
 use workers::model::{CreateMethod, DatasetName, DatasetType};
 use workers::registry::NewDataset;
+use workers::store::{StepSpec, WorkflowSpec};
 
 /// A project in the production profile (the Bioloop API, MongoDB, RabbitMQ), with the Python
 /// peers at hand.
@@ -342,4 +343,50 @@ async fn a_python_worker_and_the_rust_worker_share_a_workflow() {
             "{view:#}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_queues_again_a_first_step_that_was_never_queued() {
+    let Some(mut prod) = Production::new() else {
+        return;
+    };
+    prod.project
+        .set_env("WORKERS__WORKFLOWS__STALLED_AFTER_SECONDS", "1");
+    let app = prod.project.app().await;
+    // A workflow whose creator died before queueing its first step.
+    let workflow_id = uuid::Uuid::new_v4().to_string();
+    let spec = WorkflowSpec {
+        name: "lost".into(),
+        description: None,
+        steps: vec![StepSpec {
+            name: "only".into(),
+            task: "noop".into(),
+            queue: None,
+            kwargs: None,
+            priority: None,
+        }],
+    };
+    app.store
+        .create_workflow(&workflow_id, &app.settings.app_id, &spec, &[json!(7)])
+        .await
+        .unwrap();
+    // RabbitMQ cannot say whether the step is queued: a fresh workflow is left alone...
+    let fresh = prod.project.run_ok(&["jobs", "run", "reconcile"]);
+    assert!(
+        !String::from_utf8_lossy(&fresh.stderr).contains("published it again"),
+        "{}",
+        describe(&fresh)
+    );
+    // ...one quiet for longer than workflows.stalled_after_seconds gets its step queued again.
+    std::thread::sleep(Duration::from_millis(1500));
+    let repaired = prod.project.run_ok(&["jobs", "run", "reconcile"]);
+    assert!(
+        String::from_utf8_lossy(&repaired.stderr).contains("published it again"),
+        "{}",
+        describe(&repaired)
+    );
+    let (worker, _reap) = prod.spawn_rust_worker(&[]);
+    let view = prod.wait_for(&workflow_id, "SUCCESS", Duration::from_secs(60));
+    stop(worker);
+    assert_steps_succeeded(&view, 7);
 }

@@ -151,6 +151,9 @@ pub struct RawInspect {
 pub struct RawWorkflows {
     /// Folder of the workflow definitions (`<name>.toml`).
     pub dir: PathBuf,
+    /// With a broker that cannot say what it holds (RabbitMQ), `reconcile` publishes a step that
+    /// never started again once its workflow saw no change for this long.
+    pub stalled_after_seconds: u64,
     pub purge: RawWorkflowPurge,
 }
 
@@ -284,6 +287,7 @@ pub struct Settings {
     pub stage: Stage,
     pub inspect: RawInspect,
     pub workflows_dir: PathBuf,
+    pub workflows_stalled_after: std::time::Duration,
     pub retry: RawRetry,
     pub worker: RawWorker,
     pub progress_interval: std::time::Duration,

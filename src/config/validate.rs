@@ -479,6 +479,7 @@ pub(super) fn build(
         },
         inspect: raw.inspect,
         workflows_dir,
+        workflows_stalled_after: Duration::from_secs(raw.workflows.stalled_after_seconds),
         retry: raw.retry,
         worker: raw.worker,
         progress_interval,

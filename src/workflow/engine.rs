@@ -753,7 +753,23 @@ pub async fn repair_stalled(app: &App) -> anyhow::Result<Vec<String>> {
                 message
             }
         };
-        if app.broker.holds(&message.id).await? == Some(false) {
+        let lost = match app.broker.holds(&message.id).await? {
+            Some(held) => !held,
+            // The broker cannot tell (RabbitMQ). A started step is the broker's to redeliver
+            // (its message is unacknowledged until the step ends); a step that never started is
+            // taken as lost once the workflow saw no change for `stalled_after`. A queue
+            // backlog longer than that gets a duplicate message, which the claim check of
+            // `handle` drops.
+            None => {
+                let last_change = workflow.updated_at.unwrap_or(workflow.created_at);
+                let idle = Utc::now().signed_duration_since(last_change);
+                workflow.steps[position].runs.is_empty()
+                    && idle
+                        .to_std()
+                        .is_ok_and(|idle| idle >= app.settings.workflows_stalled_after)
+            }
+        };
+        if lost {
             warn!(workflow_id = %workflow.id, task_id = %message.id, step = %workflow.steps[position].spec.name,
                 "Workflow had no step in flight; published it again.");
             app.broker.publish(&message).await?;
