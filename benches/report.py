@@ -271,20 +271,22 @@ def main():
     w("the binary directly. Raw measurements (one JSON line per run) are kept in `BENCH_DIR/results.tsv`.")
     w("")
 
-    # Sections written by other scripts (benches/idle_scheduler.sh) are kept.
+    # Sections written by other scripts (benches/idle_scheduler.sh, benches/worker_overhead.sh)
+    # are kept.
     kept = ""
     try:
         with open(sys.argv[2]) as f:
             previous = f.read()
-        begin, end = "<!-- idle-scheduler:begin -->", "<!-- idle-scheduler:end -->"
-        if begin in previous and end in previous:
-            kept = previous[previous.index(begin):previous.index(end) + len(end)] + "\n"
+        for name in ("idle-scheduler", "worker-overhead"):
+            begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+            if begin in previous and end in previous:
+                kept += previous[previous.index(begin):previous.index(end) + len(end)] + "\n\n"
     except FileNotFoundError:
         pass
     with open(sys.argv[2], "w") as f:
         f.write("\n".join(out))
         if kept:
-            f.write("\n" + kept)
+            f.write("\n" + kept.rstrip("\n") + "\n")
     return 0
 
 

@@ -172,7 +172,9 @@ def main():
     # Interleaved, so that a noisy moment of the shared machine hits every side alike.
     for _ in range(REPEAT):
         for name, _, make in sides:
-            runs[name].append(run_side(name, make))
+            result = run_side(name, make)
+            print(json.dumps(result), file=sys.stderr, flush=True)
+            runs[name].append(result)
     summary = {"runs": runs, "idle": idle_rss()}
     print(json.dumps(summary, indent=1))
     write_section(sides, runs, summary["idle"])
@@ -204,8 +206,10 @@ commit {commit}, {os.cpu_count()} CPUs. {steps} no-op steps ({WORKFLOWS} workflo
 {STEPS_PER_WORKFLOW} `noop` steps, created and started with sca-rhythm as rhythm_api does) through
 the same RabbitMQ and MongoDB-wire server (SecantusDB), each worker with {SLOTS} slots; CPU is the
 user + system time of the worker and all its processes (`wait4`), from start to SIGTERM, so it
-includes start-up and the store's and broker's client work. Medians of {REPEAT} interleaved runs.
-The MongoDB-wire server is the bottleneck of the wall-clock rate for every worker here.
+includes start-up and the store's and broker's client work. {"One run of each worker, in one sitting" if REPEAT == 1 else f"Medians of {REPEAT} interleaved runs"}.
+The MongoDB-wire server, a single Python process, is the bottleneck of the wall-clock rate for
+every worker here (it runs at about one full core throughout), so steps per second measure how
+many store round trips a worker makes per step rather than the worker's own speed.
 
 | Worker | CPU per 1000 steps | vs original | Steps/s | Peak RSS | Each run (CPU s / 1000 steps) |
 |---|---|---|---|---|---|
