@@ -40,17 +40,7 @@ use workers::workflow::worker::{self, Until, WorkerOptions};
 /// service fails the test instead.
 fn amqp_url() -> Option<String> {
     logs();
-    match std::env::var("WORKERS_TEST_AMQP_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "WORKERS_TEST_AMQP_URL is not set (eval \"$(scripts/services.sh)\")"
-            );
-            eprintln!("note: WORKERS_TEST_AMQP_URL is not set; skipping this RabbitMQ test");
-            None
-        }
-    }
+    common::services::service_var("WORKERS_TEST_AMQP_URL")
 }
 
 /// A name no other test (or run) uses.
@@ -1166,17 +1156,7 @@ fn celery_peer(python: &str, mode: &str, url: &str, queue: &str) -> Value {
 }
 
 fn python() -> Option<String> {
-    match std::env::var("WORKERS_TEST_PYTHON") {
-        Ok(python) if !python.is_empty() => Some(python),
-        _ => {
-            assert!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "WORKERS_TEST_PYTHON is not set (eval \"$(scripts/services.sh)\")"
-            );
-            eprintln!("note: WORKERS_TEST_PYTHON is not set; skipping this Celery test");
-            None
-        }
-    }
+    common::services::service_var("WORKERS_TEST_PYTHON")
 }
 
 #[tokio::test(flavor = "multi_thread")]

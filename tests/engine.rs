@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -17,7 +16,6 @@ use workers::registry::DatasetId;
 use workers::store::TaskStatus;
 use workers::ui::Display;
 use workers::workflow::engine::{self, Resumed, WorkflowView};
-use workers::workflow::worker::{self, Until, WorkerOptions};
 
 /// A small dataset registered directly in the registry (no workflow yet).
 async fn register(app: &App, project: &Project, name: &str) -> DatasetId {
@@ -27,25 +25,6 @@ async fn register(app: &App, project: &Project, name: &str) -> DatasetId {
         &[("a.txt", b"alpha"), ("d/b.txt", b"beta")],
     );
     register_without_workflow(app, name, &origin).await
-}
-
-/// Runs workers in this process until no workflow is active.
-async fn run_until_idle(app: &Arc<App>) {
-    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-    let opts = WorkerOptions {
-        concurrency: 2,
-        until: Until::Idle,
-        queues: None,
-        shutdown_grace: Duration::ZERO,
-        node_name: "workers@test".into(),
-    };
-    tokio::time::timeout(
-        Duration::from_secs(120),
-        worker::run(Arc::clone(app), opts, stop, Display::quiet()),
-    )
-    .await
-    .expect("workflows finish")
-    .unwrap();
 }
 
 async fn view_of(app: &App, workflow_id: &str) -> WorkflowView {
@@ -87,7 +66,7 @@ async fn retryable_failures_are_retried_then_fail_and_resume_finishes_the_workfl
     let workflow_id = engine::start(&app, "integrated", id, Default::default())
         .await
         .unwrap();
-    run_until_idle(&app).await;
+    run_until_idle(&app, 2, Duration::from_secs(120)).await;
     let view = view_of(&app, &workflow_id).await;
     assert_eq!(view.derived.status, TaskStatus::Failure);
     let (idx, archive) = step(&view, "archive");
@@ -109,7 +88,7 @@ async fn retryable_failures_are_retried_then_fail_and_resume_finishes_the_workfl
         engine::resume(&app, &workflow_id).await.unwrap(),
         Resumed::AlreadyResuming
     );
-    run_until_idle(&app).await;
+    run_until_idle(&app, 2, Duration::from_secs(120)).await;
     let view = view_of(&app, &workflow_id).await;
     assert_eq!(view.derived.status, TaskStatus::Success);
     assert_eq!(
@@ -142,7 +121,7 @@ async fn a_permanent_failure_stops_the_workflow_at_once() {
     let workflow_id = engine::start(&app, "integrated", id, Default::default())
         .await
         .unwrap();
-    run_until_idle(&app).await;
+    run_until_idle(&app, 2, Duration::from_secs(120)).await;
     let view = view_of(&app, &workflow_id).await;
     assert_eq!(view.derived.status, TaskStatus::Failure);
     assert_eq!(view.derived.pending, Some(0));
@@ -171,7 +150,7 @@ async fn a_redelivered_message_of_a_finished_step_does_not_run_it_again() {
     let workflow_id = engine::start(&app, "integrated", id, Default::default())
         .await
         .unwrap();
-    run_until_idle(&app).await;
+    run_until_idle(&app, 2, Duration::from_secs(120)).await;
     let before = view_of(&app, &workflow_id).await;
     assert_eq!(before.derived.status, TaskStatus::Success);
 
@@ -258,7 +237,7 @@ async fn a_workflow_whose_first_step_was_never_published_is_repaired() {
     assert_eq!(engine::repair_stalled(&app).await.unwrap(), ["stalled-wf"]);
     // Repairing again publishes nothing new: the message is queued.
     assert!(engine::repair_stalled(&app).await.unwrap().is_empty());
-    run_until_idle(&app).await;
+    run_until_idle(&app, 2, Duration::from_secs(120)).await;
     assert_eq!(
         view_of(&app, "stalled-wf").await.derived.status,
         TaskStatus::Success

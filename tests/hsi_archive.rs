@@ -22,9 +22,7 @@ use workers::compute::md5::{Md5Digest, md5_bytes};
 use workers::model::DatasetType;
 use workers::progress::Progress;
 use workers::store::TaskStatus;
-use workers::ui::Display;
 use workers::workflow::engine;
-use workers::workflow::worker::{self, Until, WorkerOptions};
 
 const STAND_IN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/hsi");
 
@@ -577,25 +575,6 @@ async fn without_verification_transfers_are_plain_and_checked_by_size() {
     assert!(!log.iter().any(|c| c.contains("-c on")), "{log:#?}");
 }
 
-/// Runs workers in this process until no workflow is active.
-async fn run_until_idle(app: &Arc<workers::app::App>) {
-    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-    let opts = WorkerOptions {
-        concurrency: 1,
-        until: Until::Idle,
-        queues: None,
-        shutdown_grace: Duration::ZERO,
-        node_name: "workers@test".into(),
-    };
-    tokio::time::timeout(
-        Duration::from_secs(120),
-        worker::run(Arc::clone(app), opts, stop, Display::quiet()),
-    )
-    .await
-    .expect("workflows finish")
-    .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn archive_stage_and_delete_steps_run_end_to_end_over_hsi() {
     let hpss = Hpss::new();
@@ -622,7 +601,7 @@ async fn archive_stage_and_delete_steps_run_end_to_end_over_hsi() {
     let workflow_id = engine::start(&app, "integrated", id, Default::default())
         .await
         .unwrap();
-    run_until_idle(&app).await;
+    run_until_idle(&app, 1, Duration::from_secs(120)).await;
     let workflow = app.store.workflow(&workflow_id).await.unwrap().unwrap();
     let view = engine::view(&app, workflow).await.unwrap();
     assert_eq!(view.derived.status, TaskStatus::Success, "{:?}", view.metas);
@@ -655,7 +634,7 @@ async fn archive_stage_and_delete_steps_run_end_to_end_over_hsi() {
     let workflow_id = engine::start(&app, "delete", id, Default::default())
         .await
         .unwrap();
-    run_until_idle(&app).await;
+    run_until_idle(&app, 1, Duration::from_secs(120)).await;
     let workflow = app.store.workflow(&workflow_id).await.unwrap().unwrap();
     let view = engine::view(&app, workflow).await.unwrap();
     assert_eq!(view.derived.status, TaskStatus::Success, "{:?}", view.metas);

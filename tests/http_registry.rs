@@ -22,9 +22,7 @@ use workers::registry::{
     Dataset, DatasetPatch, DatasetQuery, FilePages, MAX_BULK, NewDataset, Registry, RegistryError,
 };
 use workers::store::TaskStatus;
-use workers::ui::Display;
 use workers::workflow::engine;
-use workers::workflow::worker::{self, Until, WorkerOptions};
 
 /// Quick retries, so that tests measure the schedule rather than wait for it.
 fn config(api: &TestApi) -> HttpConfig {
@@ -596,24 +594,6 @@ async fn app_over_api(project: &Project, api: &TestApi) -> Arc<App> {
     })
 }
 
-async fn run_until_idle(app: &Arc<App>) {
-    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-    let opts = WorkerOptions {
-        concurrency: 2,
-        until: Until::Idle,
-        queues: None,
-        shutdown_grace: Duration::ZERO,
-        node_name: "workers@test".into(),
-    };
-    tokio::time::timeout(
-        Duration::from_secs(120),
-        worker::run(Arc::clone(app), opts, stop, Display::quiet()),
-    )
-    .await
-    .expect("workflows finish")
-    .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bulk_of_250_is_registered_in_three_requests() {
     let project = Project::new();
@@ -677,7 +657,7 @@ async fn the_integrated_workflow_runs_against_the_api() {
     let workflow_id = engine::start(&app, "integrated", id, Default::default())
         .await
         .unwrap();
-    run_until_idle(&app).await;
+    run_until_idle(&app, 2, Duration::from_secs(120)).await;
 
     let view = engine::view(
         &app,
@@ -721,7 +701,7 @@ async fn run_workflow(app: &Arc<App>, workflow: &str, id: i64) -> engine::Workfl
     let workflow_id = engine::start(app, workflow, id, Default::default())
         .await
         .unwrap();
-    run_until_idle(app).await;
+    run_until_idle(app, 2, Duration::from_secs(120)).await;
     engine::view(
         app,
         app.store.workflow(&workflow_id).await.unwrap().unwrap(),

@@ -28,7 +28,6 @@ use workers::store::{
 use workers::ui::Display;
 use workers::workflow::engine::{self, Resumed};
 use workers::workflow::status::derive;
-use workers::workflow::worker::{self, Until, WorkerOptions};
 
 const APP_ID: &str = "bioloop-dev.sca.iu.edu";
 const QUEUE: &str = "bioloop-dev.sca.iu.edu.q";
@@ -1073,21 +1072,7 @@ async fn a_whole_workflow_runs_on_mongo() {
     let workflow_id = engine::start(&app, "integrated", id, Map::new())
         .await
         .unwrap();
-    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
-    let opts = WorkerOptions {
-        concurrency: 2,
-        until: Until::Idle,
-        queues: None,
-        shutdown_grace: Duration::ZERO,
-        node_name: "workers@test".into(),
-    };
-    tokio::time::timeout(
-        Duration::from_secs(180),
-        worker::run(Arc::clone(&app), opts, stop, Display::quiet()),
-    )
-    .await
-    .expect("the workflow finishes")
-    .unwrap();
+    run_until_idle(&app, 2, Duration::from_secs(180)).await;
 
     let workflow = app.store.workflow(&workflow_id).await.unwrap().unwrap();
     let view = engine::view(&app, workflow).await.unwrap();

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
+use std::time::Duration;
 
 use workers::app::App;
 use workers::config::{LoadOptions, Settings};
@@ -334,4 +335,25 @@ impl Drop for Reap {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         }
     }
+}
+
+/// Runs `concurrency` worker slots in this process until no workflow is active, failing the
+/// test after `limit`.
+pub async fn run_until_idle(app: &Arc<App>, concurrency: usize, limit: Duration) {
+    use workers::workflow::worker::{self, Until, WorkerOptions};
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let opts = WorkerOptions {
+        concurrency,
+        until: Until::Idle,
+        queues: None,
+        shutdown_grace: Duration::ZERO,
+        node_name: "workers@test".into(),
+    };
+    tokio::time::timeout(
+        limit,
+        worker::run(Arc::clone(app), opts, stop, workers::ui::Display::quiet()),
+    )
+    .await
+    .expect("workflows finish")
+    .unwrap();
 }
