@@ -24,6 +24,7 @@ use anyhow::{Context, Result, bail, ensure};
 use serde_json::{Map, Value, json};
 
 use workers::app::App;
+use workers::cancel::CancellationToken;
 use workers::compute::Pool;
 use workers::compute::bundle::write_bundle;
 use workers::compute::md5::md5_file;
@@ -124,8 +125,8 @@ fn peak_rss_kb() -> Result<u64> {
 
 fn md5(file: &Path) -> Result<String> {
     let start = Instant::now();
-    let (digest, bytes) =
-        md5_file(file).with_context(|| format!("cannot hash `{}`", file.display()))?;
+    let (digest, bytes) = md5_file(file, &CancellationToken::new())
+        .with_context(|| format!("cannot hash `{}`", file.display()))?;
     let seconds = start.elapsed().as_secs_f64();
     Ok(report(
         "md5",
@@ -155,6 +156,7 @@ fn inspect_tree_only(dir: &Path, threads: usize) -> Result<String> {
                     records.fetch_add(1, Ordering::Relaxed);
                 },
                 &|_, _| {},
+                &CancellationToken::new(),
             )
         })
         .with_context(|| format!("cannot inspect `{}`", dir.display()))?;
@@ -255,6 +257,7 @@ fn inspect_step(dir: &Path, threads: usize) -> Result<String> {
             task_id: "bench".to_owned(),
             kwargs: Map::new(),
             progress: Progress::new(),
+            cancel: CancellationToken::new(),
         };
         let start = Instant::now();
         let outcome = workers::steps::run(Task::Inspect, ctx).await;
@@ -337,9 +340,18 @@ async fn count_rows(app: &App, dataset_id: i64) -> Result<u64> {
 fn bundle(dir: &Path, out: &Path, threads: usize) -> Result<String> {
     let pool = Pool::new(threads)?;
     let out: PathBuf = out.to_path_buf();
+    // A bundle is always written to a new file.
+    match fs::remove_file(&out) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            return Err(
+                anyhow::Error::new(err).context(format!("cannot remove `{}`", out.display()))
+            );
+        }
+        _ => {}
+    }
     let start = Instant::now();
     let summary = pool
-        .install(|| write_bundle(dir, &out, &|_| {}))
+        .install(|| write_bundle(dir, &out, &|_| {}, &CancellationToken::new()))
         .with_context(|| format!("cannot bundle `{}`", dir.display()))?;
     let seconds = start.elapsed().as_secs_f64();
     Ok(report(

@@ -91,6 +91,7 @@ impl App {
                     max_retries: api.max_retries,
                     backoff: api.backoff,
                     backoff_max: api.backoff_max,
+                    rows_visible_wait: crate::registry::http::ROWS_VISIBLE_WAIT,
                 })?)
             }
         };
@@ -137,6 +138,8 @@ impl App {
                     command: settings.hsi.command.clone(),
                     verify: settings.hsi.verify,
                     progress_interval: settings.progress_interval,
+                    command_timeout: Duration::from_secs(settings.hsi.command_timeout_seconds),
+                    stall_timeout: Duration::from_secs(settings.hsi.stall_timeout_seconds),
                 },
                 pool.clone(),
             )),

@@ -16,12 +16,14 @@
 //! - `jobs`: `watch` and `register`.
 //! - `compute`: the rayon pool, MD5, tar writing, safe extraction and tree walks; the only
 //!   code that touches rayon.
+//! - `cancel`: the cancellation token every long piece of work checks.
 //! - `model`, `identity`, `progress`, `ui`: shared types, this process's identity, progress
 //!   counters and terminal output.
 
 pub mod app;
 pub mod archive;
 pub mod broker;
+pub mod cancel;
 pub mod cli;
 pub mod commands;
 pub mod compute;

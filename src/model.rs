@@ -219,6 +219,47 @@ pub struct FileRecord {
     pub file_type: FileType,
 }
 
+/// What an inspection found, kept with the dataset (`metadata.inspection`): later steps compare
+/// bundles, staged copies and file rows against the inspection itself, never only against file
+/// rows, which a registry may not show yet or may have lost (spec E.4). Fingerprints are the
+/// order-independent sums of `compute::walk` over every row, written as 16 hex digits (JSON
+/// numbers could not carry 64 bits through the API's JavaScript).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InspectionRecord {
+    /// File rows: regular files and links to files.
+    pub files: u64,
+    pub directories: u64,
+    /// Bytes of the rows.
+    pub bytes: u64,
+    /// `fingerprint_add` over (path, size).
+    pub sizes_fingerprint: String,
+    /// `checksum_fingerprint_add` over (path, MD5).
+    pub checksums_fingerprint: String,
+    /// The task that made the inspection.
+    pub task_id: String,
+}
+
+impl InspectionRecord {
+    pub const METADATA_KEY: &'static str = "inspection";
+
+    pub fn fingerprint_text(value: u64) -> String {
+        format!("{value:016x}")
+    }
+
+    /// The record in a dataset's metadata, if a complete inspection left one.
+    pub fn from_metadata(metadata: &serde_json::Value) -> Option<InspectionRecord> {
+        serde_json::from_value(metadata.get(Self::METADATA_KEY)?.clone()).ok()
+    }
+
+    pub fn sizes(&self) -> Option<u64> {
+        u64::from_str_radix(&self.sizes_fingerprint, 16).ok()
+    }
+
+    pub fn checksums(&self) -> Option<u64> {
+        u64::from_str_radix(&self.checksums_fingerprint, 16).ok()
+    }
+}
+
 /// The archived tar bundle of a dataset.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bundle {

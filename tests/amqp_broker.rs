@@ -209,6 +209,7 @@ fn message(queue: &str, priority: u8) -> TaskMessage {
         retries: 0,
         parent_id: None,
         queue: queue.to_owned(),
+        time_limits: Default::default(),
     }
 }
 
@@ -894,6 +895,7 @@ async fn a_duplicate_of_a_running_task_is_deferred_not_run_twice() {
         root_id: first.clone(),
         parent_id: None,
         queue: slow.queue.clone(),
+        time_limits: Default::default(),
     };
     broker.publish(&copy).await.unwrap();
     eventually("the copy is deferred", Duration::from_secs(10), || async {
@@ -1018,12 +1020,7 @@ async fn a_step_still_running_when_the_grace_ends_is_given_back() {
     let first = engine::start_task_id(&workflow_id);
     assert!(
         app.scheduler_store
-            .acquire_lease(
-                &format!("task/{first}"),
-                "another",
-                Utc::now(),
-                Duration::from_secs(5)
-            )
+            .acquire_lease(&format!("task/{first}"), "another", Duration::from_secs(5))
             .await
             .unwrap()
     );

@@ -168,31 +168,52 @@ async fn a_corrupt_archive_fails_stage_with_a_checksum_mismatch() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn validate_lists_every_mismatched_and_missing_file() {
-    let project = Project::new();
-    let d = ingested(&project, "mismatch").await;
-    let app = project.app().await;
-    // Record wrong checksums for two files and a row for a file that does not exist.
+/// Rewrites the dataset's file rows with `sql` and makes its inspection record agree with them,
+/// as if inspect had recorded those checksums: validate then checks the staged copy against them.
+fn record_checksums(app: &workers::app::App, id: i64, sql: &[&str]) {
     let db =
         workers::sqlite::Db::open(&app.settings.sqlite.path, std::time::Duration::from_secs(5))
             .unwrap();
     db.with_conn(|conn| {
+        for statement in sql {
+            conn.execute(statement, [id])?;
+        }
+        let mut stmt =
+            conn.prepare("SELECT path, md5 FROM dataset_files WHERE dataset_id = ?1")?;
+        let rows: Vec<(String, Option<String>)> = stmt
+            .query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        let fingerprint = rows.iter().fold(0u64, |acc, (path, md5)| {
+            let md5 = md5.as_ref().map(|m| m.parse().unwrap());
+            workers::compute::walk::checksum_fingerprint_add(acc, path, md5.as_ref())
+        });
         conn.execute(
-            "UPDATE dataset_files SET md5 = '00000000000000000000000000000000' WHERE dataset_id = ?1 AND path IN ('a.txt', 'dir/c.txt')",
-            [d.id],
-        )?;
-        conn.execute(
-            "INSERT INTO dataset_files (dataset_id, path, md5, size, filetype) VALUES (?1, 'gone.txt', NULL, 1, 'file')",
-            [d.id],
+            "UPDATE datasets SET metadata = json_set(metadata, '$.inspection.checksums_fingerprint', ?2, '$.inspection.files', ?3) WHERE id = ?1",
+            rusqlite::params![id, format!("{fingerprint:016x}"), rows.len() as i64],
         )?;
         Ok(())
     })
     .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn validate_lists_every_mismatched_and_missing_file_and_withdraws_the_copy() {
+    let project = Project::new();
+    let d = ingested(&project, "mismatch").await;
+    let app = project.app().await;
+    // Record other checksums for two files and a row for a file that does not exist.
+    record_checksums(
+        &app,
+        d.id,
+        &[
+            "UPDATE dataset_files SET md5 = '00000000000000000000000000000000' WHERE dataset_id = ?1 AND path IN ('a.txt', 'dir/c.txt')",
+            "INSERT INTO dataset_files (dataset_id, path, md5, size, filetype) VALUES (?1, 'gone.txt', '00000000000000000000000000000001', 1, 'file')",
+        ],
+    );
     let out = project.run(&["workflows", "start", "stage", "mismatch", "--wait"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
-    let d = dataset_named(&app, DatasetType::RawData, "mismatch").await;
-    let (step, message) = failure_of(&app, &d).await;
+    let after = dataset_named(&app, DatasetType::RawData, "mismatch").await;
+    let (step, message) = failure_of(&app, &after).await;
     assert_eq!(step, "validate");
     for expected in [
         "a.txt`: checksum mismatch",
@@ -203,8 +224,56 @@ async fn validate_lists_every_mismatched_and_missing_file() {
     }
     assert!(message.starts_with("3 of 4 files"), "{message}");
     assert!(!message.contains("b.bin"), "{message}");
-    // No STAGED state for the failed validation.
-    assert_eq!(state_names(&d).last().map(String::as_str), Some("FETCHED"));
+    // No STAGED state for the failed validation, and the copy that failed is not left in place.
+    assert_eq!(
+        state_names(&after).last().map(String::as_str),
+        Some("FETCHED")
+    );
+    assert!(
+        message.contains("the staged copy and its download links were removed"),
+        "{message}"
+    );
+    assert!(!after.is_staged);
+    assert_eq!(after.staged_path, None);
+    let staged = PathBuf::from(d.staged_path.clone().unwrap());
+    assert!(!staged.exists(), "{}", staged.display());
+    let alias = app
+        .settings
+        .paths
+        .download_dir
+        .join(d.stage_alias().unwrap());
+    assert!(
+        std::fs::symlink_metadata(&alias).is_err(),
+        "no dangling link"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn validate_restores_lost_file_rows_from_the_staged_bundle() {
+    let project = Project::new();
+    let d = ingested(&project, "lost_rows").await;
+    let app = project.app().await;
+    let db =
+        workers::sqlite::Db::open(&app.settings.sqlite.path, std::time::Duration::from_secs(5))
+            .unwrap();
+    db.with_conn(|conn| {
+        conn.execute(
+            "DELETE FROM dataset_files WHERE dataset_id = ?1 AND path = 'dir/b.bin'",
+            [d.id],
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    project.run_ok(&["workflows", "start", "stage", "lost_rows", "--wait"]);
+    let rows = app.registry.files_page(d.id, None, 100).await.unwrap();
+    let paths: Vec<&str> = rows.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(paths, ["a.txt", "dir/b.bin", "dir/c.txt"]);
+    let after = dataset_named(&app, DatasetType::RawData, "lost_rows").await;
+    assert!(after.is_staged);
+    assert_eq!(
+        state_names(&after).last().map(String::as_str),
+        Some("STAGED")
+    );
 }
 
 /// Replaces the dataset's archived bundle with `tar_bytes` and records its MD5, as if the
@@ -230,26 +299,67 @@ async fn stage_hostile(project: &Project, d: &Dataset, tar_bytes: Vec<u8>) -> St
         .await
         .unwrap();
     let staged = PathBuf::from(d.staged_path.clone().unwrap());
-    std::fs::remove_dir_all(&staged).unwrap();
+    let before = tree_listing(&staged);
 
     let out = project.run(&["workflows", "start", "stage", d.name.as_str(), "--wait"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
-    let d = dataset_named(&app, DatasetType::RawData, d.name.as_str()).await;
-    let (step, message) = failure_of(&app, &d).await;
+    let after = dataset_named(&app, DatasetType::RawData, d.name.as_str()).await;
+    let (step, message) = failure_of(&app, &after).await;
     assert_eq!(step, "stage");
-    // No tree, no partial tree, no bundle left for download.
+    // The previous staged copy, its record and its links are exactly as they were; no partial
+    // tree is left beside it.
+    assert_eq!(
+        tree_listing(&staged),
+        before,
+        "the staged copy is untouched"
+    );
+    assert!(after.is_staged, "still recorded as staged");
+    assert_eq!(after.staged_path, d.staged_path);
+    assert_eq!(
+        state_names(&after).last().map(String::as_str),
+        Some("STAGED")
+    );
+    let alias = app
+        .settings
+        .paths
+        .download_dir
+        .join(d.stage_alias().unwrap());
+    assert_eq!(
+        std::fs::canonicalize(&alias).unwrap(),
+        staged,
+        "the link still works"
+    );
     let alias_dir = staged.parent().unwrap();
-    assert!(!staged.exists(), "{}", staged.display());
-    let leftovers: Vec<_> = std::fs::read_dir(alias_dir)
+    let entries: Vec<_> = std::fs::read_dir(alias_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert!(
-        leftovers.is_empty(),
-        "left in {}: {leftovers:?}",
+    assert_eq!(
+        entries,
+        [staged.file_name().unwrap().to_owned()],
+        "left in {}",
         alias_dir.display()
     );
     message
+}
+
+/// Every entry below `root` with its content, for comparing a tree before and after.
+fn tree_listing(root: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = walkdir::WalkDir::new(root)
+        .into_iter()
+        .map(|e| e.unwrap())
+        .map(|e| {
+            let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+            let data = if e.file_type().is_file() {
+                std::fs::read(e.path()).unwrap()
+            } else {
+                Vec::new()
+            };
+            (rel, data)
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 fn raw_header(path: &[u8], kind: tar::EntryType, size: u64, link: Option<&[u8]>) -> tar::Header {

@@ -168,6 +168,7 @@ async fn a_redelivered_message_of_a_finished_step_does_not_run_it_again() {
         root_id: first.clone(),
         parent_id: None,
         queue: "q".into(),
+        time_limits: Default::default(),
     };
     app.broker.publish(&message).await.unwrap();
     // Handle whatever that sets off until the queue is quiet.
@@ -324,6 +325,7 @@ async fn a_worker_takes_steps_only_from_its_queues() {
         root_id: id.into(),
         parent_id: None,
         queue: queue.into(),
+        time_limits: Default::default(),
     };
     app.broker
         .publish(&message("other", "other.q"))

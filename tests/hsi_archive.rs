@@ -17,6 +17,7 @@ use chrono::Datelike;
 use common::*;
 use workers::archive::hsi::{HsiArchive, HsiConfig, HsiFailure};
 use workers::archive::{Archive, ArchiveError};
+use workers::cancel::CancellationToken;
 use workers::compute::Pool;
 use workers::compute::md5::{Md5Digest, md5_bytes};
 use workers::model::DatasetType;
@@ -80,6 +81,8 @@ impl Hpss {
             command: self.dir.path().join("bin/hsi"),
             verify,
             progress_interval: Duration::from_millis(100),
+            command_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(30),
         }
     }
 
@@ -173,7 +176,13 @@ async fn names_with_blanks_quotes_wildcards_and_separators_round_trip_intact() {
         let md5 = write_local(&local, &bytes);
         let archive_path = format!("{dir}/{name}");
         archive
-            .put(&local, &archive_path, md5, &Progress::new())
+            .put(
+                &local,
+                &archive_path,
+                md5,
+                &Progress::new(),
+                &CancellationToken::new(),
+            )
             .await
             .unwrap_or_else(|e| panic!("put {name}: {e:#}"));
         assert!(
@@ -188,7 +197,12 @@ async fn names_with_blanks_quotes_wildcards_and_separators_round_trip_intact() {
 
         let fetched = local_dir.join(format!("fetched {name}"));
         let got = archive
-            .get(&archive_path, &fetched, &Progress::new())
+            .get(
+                &archive_path,
+                &fetched,
+                &Progress::new(),
+                &CancellationToken::new(),
+            )
             .await
             .unwrap_or_else(|e| panic!("get {name}: {e:#}"));
         assert_eq!(got, md5, "{name}");
@@ -242,7 +256,13 @@ async fn paths_hsi_cannot_take_are_refused_by_name_before_hsi_runs() {
     let md5 = write_local(&local, b"bytes");
     for bad in ["a\nrm -r x/b.tar", "both ' and \".tar", "-r.tar"] {
         let err = archive
-            .put(&local, bad, md5, &Progress::new())
+            .put(
+                &local,
+                bad,
+                md5,
+                &Progress::new(),
+                &CancellationToken::new(),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, ArchiveError::Invalid(_)), "{err:#}");
@@ -250,7 +270,12 @@ async fn paths_hsi_cannot_take_are_refused_by_name_before_hsi_runs() {
         let err = archive.delete(bad).await.unwrap_err();
         assert!(matches!(err, ArchiveError::Invalid(_)), "{err:#}");
         let err = archive
-            .get(bad, &hpss.local().join("out"), &Progress::new())
+            .get(
+                bad,
+                &hpss.local().join("out"),
+                &Progress::new(),
+                &CancellationToken::new(),
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, ArchiveError::Invalid(_)), "{err:#}");
@@ -259,7 +284,13 @@ async fn paths_hsi_cannot_take_are_refused_by_name_before_hsi_runs() {
     let odd_local = hpss.local().join("it's \"quoted\".tar");
     let md5 = write_local(&odd_local, b"bytes");
     let err = archive
-        .put(&odd_local, "fine.tar", md5, &Progress::new())
+        .put(
+            &odd_local,
+            "fine.tar",
+            md5,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, ArchiveError::Invalid(_)), "{err:#}");
@@ -275,7 +306,13 @@ async fn a_corrupted_upload_is_an_error_naming_both_sums_and_leaves_nothing_at_t
     let md5 = write_local(&local, &bytes);
     hpss.inject(&[("HSI_STANDIN_CORRUPT", "1")]);
     let err = archive
-        .put(&local, "2026/raw_data/bundle.tar", md5, &Progress::new())
+        .put(
+            &local,
+            "2026/raw_data/bundle.tar",
+            md5,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
         .await
         .unwrap_err();
     let ArchiveError::Transient(inner) = &err else {
@@ -305,7 +342,13 @@ async fn a_corrupted_upload_is_an_error_naming_both_sums_and_leaves_nothing_at_t
     // Once the transfer is sound again, the next attempt stores the bundle.
     hpss.inject(&[]);
     archive
-        .put(&local, "2026/raw_data/bundle.tar", md5, &Progress::new())
+        .put(
+            &local,
+            "2026/raw_data/bundle.tar",
+            md5,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
         .await
         .unwrap();
     assert!(std::fs::read(hpss.file("2026/raw_data/bundle.tar")).unwrap() == bytes);
@@ -319,13 +362,22 @@ async fn the_same_bytes_are_not_transferred_again_and_other_bytes_replace_the_co
     let target = "arch/bundle.tar";
     let md5 = write_local(&local, b"first version");
     archive
-        .put(&local, target, md5, &Progress::new())
+        .put(
+            &local,
+            target,
+            md5,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
         .await
         .unwrap();
 
     hpss.clear_log();
     let progress = Progress::new();
-    archive.put(&local, target, md5, &progress).await.unwrap();
+    archive
+        .put(&local, target, md5, &progress, &CancellationToken::new())
+        .await
+        .unwrap();
     assert_eq!(
         hpss.log(),
         vec!["mkdir -p 'arch'".to_owned(), format!("hashlist '{target}'")],
@@ -337,7 +389,13 @@ async fn the_same_bytes_are_not_transferred_again_and_other_bytes_replace_the_co
     let md5 = write_local(&local, b"second, longer version");
     hpss.clear_log();
     archive
-        .put(&local, target, md5, &Progress::new())
+        .put(
+            &local,
+            target,
+            md5,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -354,13 +412,25 @@ async fn the_same_bytes_are_not_transferred_again_and_other_bytes_replace_the_co
     // and the new copy carries one.
     let plain = "arch/plain.tar";
     HsiArchive::new(hpss.config(false), Pool::new(1).unwrap())
-        .put(&local, plain, md5, &Progress::new())
+        .put(
+            &local,
+            plain,
+            md5,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
         .await
         .unwrap();
     assert_eq!(hpss.stored_hash(plain), None);
     hpss.clear_log();
     archive
-        .put(&local, plain, md5, &Progress::new())
+        .put(
+            &local,
+            plain,
+            md5,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
         .await
         .unwrap();
     let log = hpss.log();
@@ -376,7 +446,12 @@ async fn getting_a_missing_path_is_not_found() {
     let archive = hpss.archive();
     let local = hpss.local().join("fetched.tar");
     let err = archive
-        .get("nowhere/bundle.tar", &local, &Progress::new())
+        .get(
+            "nowhere/bundle.tar",
+            &local,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
         .await
         .unwrap_err();
     assert!(
@@ -389,12 +464,23 @@ async fn getting_a_missing_path_is_not_found() {
     let source = hpss.local().join("bundle.tar");
     let md5 = write_local(&source, b"bytes");
     archive
-        .put(&source, "here/bundle.tar", md5, &Progress::new())
+        .put(
+            &source,
+            "here/bundle.tar",
+            md5,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
         .await
         .unwrap();
     hpss.inject(&[("HSI_STANDIN_MISSING", "here/bundle.tar")]);
     let err = archive
-        .get("here/bundle.tar", &local, &Progress::new())
+        .get(
+            "here/bundle.tar",
+            &local,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
         .await
         .unwrap_err();
     assert!(matches!(err, ArchiveError::NotFound(_)), "{err:#}");
@@ -407,7 +493,13 @@ async fn a_failing_hsi_is_transient_and_carries_its_exit_code_and_stderr() {
     let source = hpss.local().join("bundle.tar");
     let md5 = write_local(&source, b"bytes");
     archive
-        .put(&source, "a/bundle.tar", md5, &Progress::new())
+        .put(
+            &source,
+            "a/bundle.tar",
+            md5,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
         .await
         .unwrap();
     let message = "*** hpss_Open: Connection timed out [-110: HPSS_ETIMEDOUT]";
@@ -418,7 +510,12 @@ async fn a_failing_hsi_is_transient_and_carries_its_exit_code_and_stderr() {
     ]);
     let local = hpss.local().join("fetched.tar");
     let err = archive
-        .get("a/bundle.tar", &local, &Progress::new())
+        .get(
+            "a/bundle.tar",
+            &local,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
         .await
         .unwrap_err();
     let ArchiveError::Transient(inner) = &err else {
@@ -451,6 +548,8 @@ async fn a_failing_hsi_is_transient_and_carries_its_exit_code_and_stderr() {
             command: hpss.dir.path().join("no-such-hsi"),
             verify: true,
             progress_interval: Duration::from_secs(1),
+            command_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(30),
         },
         Pool::new(1).unwrap(),
     );
@@ -468,7 +567,13 @@ async fn delete_removes_what_is_there_and_says_when_nothing_was() {
     let target = "old data/bundle; rm *.tar";
     write_file(&hpss.file("old data/other.tar"), b"other");
     archive
-        .put(&source, target, md5, &Progress::new())
+        .put(
+            &source,
+            target,
+            md5,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
         .await
         .unwrap();
     hpss.clear_log();
@@ -490,7 +595,13 @@ async fn delete_removes_what_is_there_and_says_when_nothing_was() {
 
     // When HPSS cannot say whether the file is there, that is an error, not "absent".
     archive
-        .put(&source, target, md5, &Progress::new())
+        .put(
+            &source,
+            target,
+            md5,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
         .await
         .unwrap();
     hpss.inject(&[("HSI_STANDIN_FAIL", "ls")]);
@@ -513,7 +624,13 @@ async fn progress_counts_bytes_during_slow_transfers() {
     let progress = Progress::new();
     let (stop, sampler) = sample(&progress);
     archive
-        .put(&local, "slow/bundle.tar", md5, &progress)
+        .put(
+            &local,
+            "slow/bundle.tar",
+            md5,
+            &progress,
+            &CancellationToken::new(),
+        )
         .await
         .unwrap();
     stop.store(true, Ordering::Relaxed);
@@ -532,7 +649,12 @@ async fn progress_counts_bytes_during_slow_transfers() {
     let (stop, sampler) = sample(&progress);
     let fetched = hpss.local().join("fetched.tar");
     let got = archive
-        .get("slow/bundle.tar", &fetched, &progress)
+        .get(
+            "slow/bundle.tar",
+            &fetched,
+            &progress,
+            &CancellationToken::new(),
+        )
         .await
         .unwrap();
     stop.store(true, Ordering::Relaxed);
@@ -558,13 +680,24 @@ async fn without_verification_transfers_are_plain_and_checked_by_size() {
     let local = hpss.local().join("bundle.tar");
     let md5 = write_local(&local, &bytes);
     archive
-        .put(&local, "plain/bundle.tar", md5, &Progress::new())
+        .put(
+            &local,
+            "plain/bundle.tar",
+            md5,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
         .await
         .unwrap();
     assert_eq!(hpss.stored_hash("plain/bundle.tar"), None);
     let fetched = hpss.local().join("fetched.tar");
     let got = archive
-        .get("plain/bundle.tar", &fetched, &Progress::new())
+        .get(
+            "plain/bundle.tar",
+            &fetched,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
         .await
         .unwrap();
     assert_eq!(got, md5);

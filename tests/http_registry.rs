@@ -34,6 +34,7 @@ fn config(api: &TestApi) -> HttpConfig {
         max_retries: 5,
         backoff: Duration::from_millis(10),
         backoff_max: Duration::from_millis(100),
+        rows_visible_wait: Duration::from_secs(20),
     }
 }
 
@@ -743,7 +744,7 @@ async fn archive_refuses_a_changed_dataset_when_the_api_has_no_sizes() {
         "{message}"
     );
     assert!(
-        message.contains("24 bytes of files against 9 recorded"),
+        message.contains("24 bytes of files, 9 recorded"),
         "{message}"
     );
 
@@ -771,6 +772,100 @@ async fn archive_refuses_a_changed_dataset_when_the_api_has_no_sizes() {
         assert_eq!(d.latest_state() == Some("ARCHIVED"), archived, "{}", d.name);
         assert_eq!(d.bundle.is_some(), archived, "{}", d.name);
     }
+}
+
+/// The API answers a file POST before it stores the rows (spec E.4): inspect waits until they
+/// are readable, and archive never reads them back: it compares the bundle with the inspection
+/// record kept with the dataset.
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_the_api_shows_late_hold_up_inspect_only_and_archive_never_reads_them() {
+    let project = Project::new();
+    add_one_step_workflows(&project);
+    let api = TestApi::start();
+    let app = app_over_api(&project, &api).await;
+    let origin = project.dataset(DatasetType::RawData, "late_rows", TWO_FILES);
+    let id = register_without_workflow(&app, "late_rows", &origin).await;
+    api.delay_file_rows(Some(Duration::from_secs(3)));
+    let started = std::time::Instant::now();
+    let view = run_workflow(&app, "inspect_only", id).await;
+    assert_eq!(view.derived.status, TaskStatus::Success);
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "inspect waited for its rows"
+    );
+    assert_eq!(
+        file_rows(&app, id).await.len(),
+        2,
+        "every row readable when inspect ends"
+    );
+
+    // Rows the API holds are not looked at by archive (here: gone entirely).
+    api.db()
+        .with_conn(|conn| {
+            conn.execute("DELETE FROM dataset_files WHERE dataset_id = ?1", [id])?;
+            Ok(())
+        })
+        .unwrap();
+    api.clear_requests();
+    let view = run_workflow(&app, "archive_only", id).await;
+    assert_eq!(view.derived.status, TaskStatus::Success);
+    assert!(
+        api.requests_to("GET", &format!("datasets/{id}"))
+            .iter()
+            .all(|r| !r.query.contains("files=true")),
+        "archive read no file rows"
+    );
+    assert_eq!(
+        app.registry.get(id).await.unwrap().latest_state(),
+        Some("ARCHIVED")
+    );
+}
+
+/// Rows acknowledged and then lost (the API died right after answering) are sent again.
+#[tokio::test(flavor = "multi_thread")]
+async fn inspect_sends_rows_the_api_lost_again() {
+    let project = Project::new();
+    add_one_step_workflows(&project);
+    let api = TestApi::start();
+    let app = app_over_api(&project, &api).await;
+    let origin = project.dataset(DatasetType::RawData, "lost_rows", TWO_FILES);
+    let id = register_without_workflow(&app, "lost_rows", &origin).await;
+    api.lose_file_rows(1);
+    let view = run_workflow(&app, "inspect_only", id).await;
+    assert_eq!(view.derived.status, TaskStatus::Success);
+    assert_eq!(file_rows(&app, id).await.len(), 2);
+    assert_eq!(api.count("POST", &format!("datasets/{id}/files")), 2);
+}
+
+/// The API cannot replace rows: a new inspection that contradicts them fails, naming them, and
+/// stores nothing; the dataset's inspection record stays the earlier one.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_inspection_that_contradicts_stored_rows_fails_naming_them() {
+    let project = Project::new();
+    add_one_step_workflows(&project);
+    let api = TestApi::start();
+    let app = app_over_api(&project, &api).await;
+    let origin = project.dataset(DatasetType::RawData, "changed", TWO_FILES);
+    let id = register_without_workflow(&app, "changed", &origin).await;
+    run_workflow(&app, "inspect_only", id).await;
+    let first = app.registry.get(id).await.unwrap().metadata["inspection"].clone();
+    write_file(&origin.join("a.txt"), b"ALPHA");
+    std::fs::remove_file(origin.join("sub/b.txt")).unwrap();
+    let view = run_workflow(&app, "inspect_only", id).await;
+    assert_eq!(view.derived.status, TaskStatus::Failure);
+    let meta = &view.metas[&view.workflow.steps[0].runs[0].task_id];
+    assert_eq!(meta.result["exc_type"], "InspectionFailed");
+    let message = meta.result["exc_message"][0].as_str().unwrap();
+    assert!(message.contains("`a.txt` is stored with MD5"), "{message}");
+    assert!(
+        message.contains("`sub/b.txt` is stored but no longer in dataset"),
+        "{message}"
+    );
+    assert_eq!(file_rows(&app, id).await.len(), 2, "nothing stored");
+    assert_eq!(
+        app.registry.get(id).await.unwrap().metadata["inspection"],
+        first
+    );
 }
 
 /// With sizes per row (the embedded registry), a change that keeps the total is caught too.

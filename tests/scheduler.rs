@@ -42,30 +42,26 @@ fn schedule(
     .unwrap()
 }
 
-/// The scheduler's records, in memory.
+/// The scheduler's records, in memory; leases are judged by the store's own clock, which here
+/// is tokio's (paused) one.
 #[derive(Default)]
 struct MemoryStore {
-    lease: Mutex<Option<(String, DateTime<Utc>)>>,
+    lease: Mutex<Option<(String, tokio::time::Instant)>>,
     slots: Mutex<HashMap<String, DateTime<Utc>>>,
     skips: Mutex<Vec<(String, DateTime<Utc>, String)>>,
 }
 
 #[async_trait]
 impl SchedulerStore for MemoryStore {
-    async fn acquire_lease(
-        &self,
-        _: &str,
-        holder: &str,
-        now: DateTime<Utc>,
-        ttl: Duration,
-    ) -> anyhow::Result<bool> {
+    async fn acquire_lease(&self, _: &str, holder: &str, ttl: Duration) -> anyhow::Result<bool> {
+        let now = tokio::time::Instant::now();
         let mut lease = self.lease.lock().unwrap();
         let free = match &*lease {
             None => true,
             Some((who, until)) => who == holder || *until < now,
         };
         if free {
-            *lease = Some((holder.to_owned(), now + TimeDelta::from_std(ttl).unwrap()));
+            *lease = Some((holder.to_owned(), now + ttl));
         }
         Ok(free)
     }

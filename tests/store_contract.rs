@@ -488,74 +488,36 @@ async fn watch_state_story(store: &dyn WorkflowStore) {
     );
 }
 
+/// Leases are judged by the store's own clock: the story runs in real time with short leases.
 async fn lease_story(store: &dyn SchedulerStore) {
-    let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
-    let at = |secs: i64| t0 + TimeDelta::seconds(secs);
-    let ttl = Duration::from_secs(10);
+    let ttl = Duration::from_millis(1500);
+    let half = || tokio::time::sleep(Duration::from_millis(800));
+    assert!(store.acquire_lease("scheduler", "a", ttl).await.unwrap());
+    assert!(!store.acquire_lease("scheduler", "b", ttl).await.unwrap());
+    half().await;
+    // Renewed: it now runs 1.5 s from here.
+    assert!(store.acquire_lease("scheduler", "a", ttl).await.unwrap());
+    half().await;
     assert!(
-        store
-            .acquire_lease("scheduler", "a", at(0), ttl)
-            .await
-            .unwrap()
+        !store.acquire_lease("scheduler", "b", ttl).await.unwrap(),
+        "renewed, so still held 1.6 s after it was taken"
     );
-    assert!(
-        !store
-            .acquire_lease("scheduler", "b", at(1), ttl)
-            .await
-            .unwrap()
-    );
-    // Renewed: it now runs to t0 + 15 s.
-    assert!(
-        store
-            .acquire_lease("scheduler", "a", at(5), ttl)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !store
-            .acquire_lease("scheduler", "b", at(12), ttl)
-            .await
-            .unwrap()
-    );
+    half().await;
+    half().await;
     // Expired: taken over.
-    assert!(
-        store
-            .acquire_lease("scheduler", "b", at(16), ttl)
-            .await
-            .unwrap()
-    );
-    assert!(
-        !store
-            .acquire_lease("scheduler", "a", at(17), ttl)
-            .await
-            .unwrap()
-    );
+    assert!(store.acquire_lease("scheduler", "b", ttl).await.unwrap());
+    assert!(!store.acquire_lease("scheduler", "a", ttl).await.unwrap());
     // Only the holder gives it up.
     store.release_lease("scheduler", "a").await.unwrap();
-    assert!(
-        !store
-            .acquire_lease("scheduler", "a", at(18), ttl)
-            .await
-            .unwrap()
-    );
+    assert!(!store.acquire_lease("scheduler", "a", ttl).await.unwrap());
     store.release_lease("scheduler", "b").await.unwrap();
-    assert!(
-        store
-            .acquire_lease("scheduler", "a", at(18), ttl)
-            .await
-            .unwrap()
-    );
+    assert!(store.acquire_lease("scheduler", "a", ttl).await.unwrap());
     // Leases are independent of each other.
-    assert!(
-        store
-            .acquire_lease("other", "b", at(18), ttl)
-            .await
-            .unwrap()
-    );
+    assert!(store.acquire_lease("other", "b", ttl).await.unwrap());
     // Two contenders for a free lease at once: exactly one gets it.
     let (x, y) = tokio::join!(
-        store.acquire_lease("contested", "x", at(0), ttl),
-        store.acquire_lease("contested", "y", at(0), ttl),
+        store.acquire_lease("contested", "x", ttl),
+        store.acquire_lease("contested", "y", ttl),
     );
     assert!(x.unwrap() ^ y.unwrap(), "exactly one holder");
 }

@@ -73,6 +73,13 @@ impl Registry for FlakyRegistry {
     async fn add_files(&self, id: DatasetId, files: &[FileRecord]) -> Result<(), RegistryError> {
         self.inner.add_files(id, files).await
     }
+    async fn replace_files(
+        &self,
+        id: DatasetId,
+        rows: std::sync::Arc<dyn workers::registry::FileRowSource>,
+    ) -> Result<u64, RegistryError> {
+        self.inner.replace_files(id, rows).await
+    }
     async fn files_page(
         &self,
         id: DatasetId,

@@ -19,8 +19,11 @@ use async_trait::async_trait;
 use tracing::{debug, info};
 
 use super::{Archive, ArchiveError};
+use crate::cancel::CancellationToken;
 use crate::compute::md5::{Md5Digest, md5_reader};
-use crate::compute::{Pool, partial_sibling, sync_parent};
+use crate::compute::{
+    Pool, attempt_sibling, blocking, partial_name, remove_leftover_partials, sync_parent,
+};
 use crate::progress::Progress;
 
 /// How the archive runs hsi.
@@ -33,6 +36,11 @@ pub struct HsiConfig {
     pub verify: bool,
     /// How often the size of a file being transferred is looked at for progress.
     pub progress_interval: Duration,
+    /// Longest time a command other than a transfer may take (`ls`, `hashlist`, `mkdir`, `mv`,
+    /// `rm`): a hung HPSS or authentication prompt then fails the step instead of holding it.
+    pub command_timeout: Duration,
+    /// Longest time a transfer may go on without a byte of progress before it is stopped.
+    pub stall_timeout: Duration,
 }
 
 /// Bundles kept in HPSS. Archive paths are HPSS paths (relative ones are relative to the HPSS
@@ -128,6 +136,8 @@ enum Stored {
 enum RunError {
     Failed(HsiFailure),
     Other(anyhow::Error),
+    /// Stopped by the step's cancellation; hsi was killed.
+    Cancelled,
 }
 
 impl RunError {
@@ -139,11 +149,15 @@ impl RunError {
         match self {
             RunError::Failed(failure) => anyhow::Error::new(failure),
             RunError::Other(err) => err,
+            RunError::Cancelled => anyhow::Error::new(crate::cancel::Cancelled),
         }
     }
 
     fn transient(self) -> ArchiveError {
-        ArchiveError::Transient(self.into_anyhow())
+        match self {
+            RunError::Cancelled => ArchiveError::Cancelled,
+            other => ArchiveError::Transient(other.into_anyhow()),
+        }
     }
 
     /// `NotFound` for a missing `archive_path`, `Transient` otherwise.
@@ -194,9 +208,12 @@ fn quote_local(path: &Path) -> Result<String, ArchiveError> {
     quote_path(text).map_err(invalid)
 }
 
-/// The hidden name a put writes to before the checked copy is renamed to `archive_path`.
+/// The hidden name a put writes to before the checked copy is renamed to `archive_path`. It is
+/// the same for every attempt, so the next attempt replaces a crash's leftover on HPSS (where no
+/// process can be asked whether it still runs); two attempts never overlap, because a cancelled
+/// step kills its hsi and a step stops before its claim could pass to another worker.
 fn remote_partial(archive_path: &str) -> String {
-    partial_sibling(Path::new(archive_path))
+    partial_name(Path::new(archive_path))
         .to_string_lossy()
         .into_owned()
 }
@@ -219,23 +236,50 @@ impl HsiArchive {
         HsiArchive { config, pool }
     }
 
-    /// Runs `hsi -P "<command>"` and returns its standard output. The child is killed if the
-    /// returned future is dropped, so a cancelled step leaves no transfer running.
-    async fn run(&self, command: &str) -> Result<String, RunError> {
+    /// Runs `hsi -P "<command>"` within the command timeout and returns its standard output.
+    async fn run(&self, command: &str, cancel: &CancellationToken) -> Result<String, RunError> {
+        self.run_for(command, cancel, Some(self.config.command_timeout))
+            .await
+    }
+
+    /// Runs `hsi -P "<command>"` and returns its standard output. The child is killed when
+    /// `cancel` is cancelled, when `timeout` passes, or if the returned future is dropped, so a
+    /// stopped step leaves no transfer running.
+    async fn run_for(
+        &self,
+        command: &str,
+        cancel: &CancellationToken,
+        timeout: Option<Duration>,
+    ) -> Result<String, RunError> {
         debug!(command, "Running hsi.");
-        let output = tokio::process::Command::new(&self.config.command)
+        let child = tokio::process::Command::new(&self.config.command)
             .arg("-P")
             .arg(command)
             .stdin(Stdio::null())
             .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|err| {
-                RunError::Other(anyhow::Error::new(err).context(format!(
-                    "cannot run `{}` for hsi `{command}`",
-                    self.config.command.display()
-                )))
-            })?;
+            .output();
+        let deadline = async {
+            match timeout {
+                Some(timeout) => tokio::time::sleep(timeout).await,
+                None => std::future::pending().await,
+            }
+        };
+        let output = tokio::select! {
+            output = child => output,
+            () = cancel.cancelled() => return Err(RunError::Cancelled),
+            () = deadline => {
+                return Err(RunError::Other(anyhow::format_err!(
+                    "hsi `{command}` did not finish within {} s (hsi.command_timeout_seconds); it was stopped",
+                    timeout.unwrap_or_default().as_secs()
+                )));
+            }
+        };
+        let output = output.map_err(|err| {
+            RunError::Other(anyhow::Error::new(err).context(format!(
+                "cannot run `{}` for hsi `{command}`",
+                self.config.command.display()
+            )))
+        })?;
         if output.status.success() {
             return Ok(String::from_utf8_lossy(&output.stdout).into_owned());
         }
@@ -251,9 +295,9 @@ impl HsiArchive {
     }
 
     /// The size in bytes of an HPSS file (`ls -s1`).
-    async fn remote_size(&self, quoted: &str) -> Result<u64, RunError> {
+    async fn remote_size(&self, quoted: &str, cancel: &CancellationToken) -> Result<u64, RunError> {
         let command = format!("ls -s1 {quoted}");
-        let stdout = self.run(&command).await?;
+        let stdout = self.run(&command, cancel).await?;
         first_word(&stdout)
             .and_then(|word| word.parse::<u64>().ok())
             .ok_or_else(|| {
@@ -265,9 +309,13 @@ impl HsiArchive {
     }
 
     /// What HPSS holds at `quoted` (`hashlist`; `(none)` means stored without a checksum).
-    async fn stored(&self, quoted: &str) -> Result<Stored, ArchiveError> {
+    async fn stored(
+        &self,
+        quoted: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Stored, ArchiveError> {
         let command = format!("hashlist {quoted}");
-        let stdout = match self.run(&command).await {
+        let stdout = match self.run(&command, cancel).await {
             Ok(stdout) => stdout,
             Err(err) if err.is_missing_file() => return Ok(Stored::Missing),
             Err(err) => return Err(err.transient()),
@@ -285,36 +333,56 @@ impl HsiArchive {
         }
     }
 
-    /// Runs `command` (a transfer) while calling `poll` every progress interval; `poll` runs
-    /// concurrently with the transfer, which is never held up by it.
-    async fn transfer_with_progress<P, F>(&self, command: &str, poll: P) -> Result<(), RunError>
+    /// Runs `command` (a transfer) while calling `poll` every progress interval for the bytes
+    /// transferred so far; `poll` runs concurrently with the transfer, which is never held up by
+    /// it. A transfer whose size has not moved for the stall timeout is stopped.
+    async fn transfer_with_progress<P, F>(
+        &self,
+        command: &str,
+        cancel: &CancellationToken,
+        poll: P,
+    ) -> Result<(), RunError>
     where
         P: Fn() -> F,
-        F: Future<Output = ()>,
+        F: Future<Output = Option<u64>>,
     {
-        let transfer = self.run(command);
+        let transfer = self.run_for(command, cancel, None);
         tokio::pin!(transfer);
         let mut ticker = tokio::time::interval(self.config.progress_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The first tick is immediate; there is nothing to measure yet.
         ticker.tick().await;
+        let (mut last_size, mut last_move) = (None, tokio::time::Instant::now());
         loop {
             tokio::select! {
                 biased;
                 done = &mut transfer => return done.map(drop),
                 _ = ticker.tick() => {}
             }
-            tokio::select! {
+            let size = tokio::select! {
                 biased;
                 done = &mut transfer => return done.map(drop),
-                () = poll() => {}
+                size = poll() => size,
+            };
+            if size.is_some() && size != last_size {
+                (last_size, last_move) = (size, tokio::time::Instant::now());
+            } else if last_move.elapsed() >= self.config.stall_timeout {
+                // Dropping `transfer` kills hsi.
+                return Err(RunError::Other(anyhow::format_err!(
+                    "hsi `{command}` made no progress for {} s (hsi.stall_timeout_seconds); it was stopped",
+                    self.config.stall_timeout.as_secs()
+                )));
             }
         }
     }
 
     /// Removes an HPSS file; a file that is already gone is not an error.
-    async fn remove_remote(&self, quoted: &str) -> Result<(), RunError> {
-        match self.run(&format!("rm {quoted}")).await {
+    async fn remove_remote(
+        &self,
+        quoted: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), RunError> {
+        match self.run(&format!("rm {quoted}"), cancel).await {
             Err(err) if err.is_missing_file() => Ok(()),
             other => other.map(drop),
         }
@@ -329,10 +397,11 @@ impl HsiArchive {
         partial: &str,
         md5: Md5Digest,
         size: u64,
+        cancel: &CancellationToken,
     ) -> Result<(), ArchiveError> {
         if !self.config.verify {
             let stored_size = self
-                .remote_size(partial)
+                .remote_size(partial, cancel)
                 .await
                 .map_err(RunError::transient)?;
             if stored_size != size {
@@ -343,7 +412,7 @@ impl HsiArchive {
             }
             return Ok(());
         }
-        match self.stored(partial).await? {
+        match self.stored(partial, cancel).await? {
             Stored::Hash(stored) if stored == md5 => Ok(()),
             Stored::Hash(stored) => Err(ArchiveError::Transient(anyhow::format_err!(
                 "checksum mismatch: the archive copy of `{}` for `{archive_path}` has MD5 {stored}, but the bundle has MD5 {md5}",
@@ -373,6 +442,7 @@ impl Archive for HsiArchive {
         archive_path: &str,
         md5: Md5Digest,
         progress: &Progress,
+        cancel: &CancellationToken,
     ) -> Result<(), ArchiveError> {
         let target = quote_path(archive_path).map_err(invalid)?;
         let partial = quote_path(&remote_partial(archive_path)).map_err(invalid)?;
@@ -381,19 +451,21 @@ impl Archive for HsiArchive {
             .transpose()
             .map_err(invalid)?;
         let local_quoted = quote_local(local)?;
-        let size = std::fs::metadata(local)
+        let local_path = local.to_path_buf();
+        let size = blocking(move || std::fs::metadata(&local_path))
+            .await
             .with_context(|| format!("cannot read `{}`", local.display()))
             .map_err(ArchiveError::Transient)?
             .len();
         progress.start("sda put", "bytes", Some(size));
 
         if let Some(parent) = &parent {
-            self.run(&format!("mkdir -p {parent}"))
+            self.run(&format!("mkdir -p {parent}"), cancel)
                 .await
                 .map_err(RunError::transient)?;
         }
         // The preflight of the original: the same bytes already archived need no transfer.
-        let existing = self.stored(&target).await?;
+        let existing = self.stored(&target, cancel).await?;
         if existing == Stored::Hash(md5) {
             info!(archive_path, md5 = %md5, "The archive already holds this bundle; not transferring it again.");
             progress.set_done(size);
@@ -406,32 +478,41 @@ impl Archive for HsiArchive {
             "put"
         };
         let transferred = self
-            .transfer_with_progress(&format!("{put} {local_quoted} : {partial}"), || async {
-                if let Ok(done) = self.remote_size(&partial).await {
-                    progress.set_done(done);
-                }
-            })
+            .transfer_with_progress(
+                &format!("{put} {local_quoted} : {partial}"),
+                cancel,
+                || async {
+                    let done = self.remote_size(&partial, cancel).await.ok();
+                    if let Some(done) = done {
+                        progress.set_done(done);
+                    }
+                    done
+                },
+            )
             .await;
         let checked = match transferred {
             Ok(()) => {
-                self.check_copy(local, archive_path, &partial, md5, size)
+                self.check_copy(local, archive_path, &partial, md5, size, cancel)
                     .await
             }
             Err(err) => Err(err.transient()),
         };
         if let Err(err) = checked {
-            // Best effort: a leftover is overwritten by the next attempt anyway.
-            let _ = self.remove_remote(&partial).await;
+            // Best effort (and not cancellable: it cleans up after a cancellation too); a
+            // leftover is overwritten by the next attempt anyway.
+            let _ = self
+                .remove_remote(&partial, &CancellationToken::new())
+                .await;
             return Err(err);
         }
         // The checked copy replaces whatever was there: a copy with another checksum, or one
         // stored without any (which cannot be trusted to be this bundle).
         if existing != Stored::Missing {
-            self.remove_remote(&target)
+            self.remove_remote(&target, cancel)
                 .await
                 .map_err(RunError::transient)?;
         }
-        self.run(&format!("mv {partial} {target}"))
+        self.run(&format!("mv {partial} {target}"), cancel)
             .await
             .map_err(RunError::transient)?;
         progress.set_done(size);
@@ -443,24 +524,21 @@ impl Archive for HsiArchive {
         archive_path: &str,
         local: &Path,
         progress: &Progress,
+        cancel: &CancellationToken,
     ) -> Result<Md5Digest, ArchiveError> {
         let remote = quote_path(archive_path).map_err(invalid)?;
-        let partial = partial_sibling(local);
+        let target = local.to_path_buf();
+        blocking(move || remove_leftover_partials(&target))
+            .await
+            .with_context(|| format!("cannot remove leftovers next to `{}`", local.display()))
+            .map_err(ArchiveError::Transient)?;
+        let partial = attempt_sibling(local);
         let partial_quoted = quote_local(&partial)?;
         let size = self
-            .remote_size(&remote)
+            .remote_size(&remote, cancel)
             .await
             .map_err(|err| err.not_found_or_transient(archive_path))?;
         progress.start("sda get", "bytes", Some(size));
-        match std::fs::remove_file(&partial) {
-            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                return Err(ArchiveError::Transient(
-                    anyhow::Error::new(err)
-                        .context(format!("cannot remove `{}`", partial.display())),
-                ));
-            }
-            _ => {}
-        }
 
         let get = if self.config.verify {
             "get -c on"
@@ -468,14 +546,21 @@ impl Archive for HsiArchive {
             "get"
         };
         let transferred = self
-            .transfer_with_progress(&format!("{get} {partial_quoted} : {remote}"), || async {
-                if let Ok(meta) = tokio::fs::metadata(&partial).await {
-                    progress.set_done(meta.len());
-                }
-            })
+            .transfer_with_progress(
+                &format!("{get} {partial_quoted} : {remote}"),
+                cancel,
+                || async {
+                    let done = tokio::fs::metadata(&partial).await.ok().map(|m| m.len());
+                    if let Some(done) = done {
+                        progress.set_done(done);
+                    }
+                    done
+                },
+            )
             .await;
         if let Err(err) = transferred {
-            let _ = std::fs::remove_file(&partial);
+            let leftover = partial.clone();
+            let _ = blocking(move || std::fs::remove_file(&leftover)).await;
             return Err(err.not_found_or_transient(archive_path));
         }
 
@@ -483,10 +568,10 @@ impl Archive for HsiArchive {
         let (fetched, target, counter) = (partial.clone(), local.to_path_buf(), progress.clone());
         let hashed = self
             .pool
-            .run(move || -> anyhow::Result<Md5Digest> {
+            .run_job(cancel, move |cancel| -> anyhow::Result<Md5Digest> {
                 let mut file = std::fs::File::open(&fetched)
                     .with_context(|| format!("cannot open `{}`", fetched.display()))?;
-                let (md5, _) = md5_reader(&mut file, &mut |n| counter.add(n))
+                let (md5, _) = md5_reader(&mut file, &mut |n| counter.add(n), cancel)
                     .with_context(|| format!("cannot read `{}`", fetched.display()))?;
                 file.sync_all()
                     .with_context(|| format!("cannot sync `{}`", fetched.display()))?;
@@ -497,26 +582,37 @@ impl Archive for HsiArchive {
                         target.display()
                     )
                 })?;
-                // Failure only weakens durability against power loss: not an error.
-                let _ = sync_parent(&target);
+                sync_parent(&target).with_context(|| {
+                    format!("cannot sync the directory of `{}`", target.display())
+                })?;
                 Ok(md5)
             })
             .await;
-        hashed.map_err(|err| {
-            let _ = std::fs::remove_file(&partial);
-            ArchiveError::Transient(err)
-        })
+        match hashed {
+            Ok(Ok(md5)) => Ok(md5),
+            outcome => {
+                let leftover = partial.clone();
+                let _ = blocking(move || std::fs::remove_file(&leftover)).await;
+                match outcome {
+                    Ok(Err(err)) if !crate::cancel::in_chain(&err) => {
+                        Err(ArchiveError::Transient(err))
+                    }
+                    _ => Err(ArchiveError::Cancelled),
+                }
+            }
+        }
     }
 
     async fn delete(&self, archive_path: &str) -> Result<bool, ArchiveError> {
         let quoted = quote_path(archive_path).map_err(invalid)?;
-        match self.run(&format!("ls {quoted}")).await {
+        let cancel = CancellationToken::new();
+        match self.run(&format!("ls {quoted}"), &cancel).await {
             Ok(_) => {}
             Err(err) if err.is_missing_file() => return Ok(false),
             // Not knowing whether the bundle is there is not "nothing to remove".
             Err(err) => return Err(err.transient()),
         }
-        self.run(&format!("rm {quoted}"))
+        self.run(&format!("rm {quoted}"), &cancel)
             .await
             .map_err(RunError::transient)?;
         Ok(true)

@@ -8,8 +8,9 @@ use anyhow::Context;
 use async_trait::async_trait;
 
 use super::{Archive, ArchiveError};
+use crate::cancel::CancellationToken;
 use crate::compute::md5::{Md5Digest, copy_file_with_md5};
-use crate::compute::{Pool, sync_parent};
+use crate::compute::{Pool, attempt_sibling, remove_leftover_partials, sync_parent};
 use crate::progress::Progress;
 
 pub struct LocalArchive {
@@ -22,17 +23,25 @@ impl LocalArchive {
     }
 }
 
-/// Copies `src` to `dst` through a hidden sibling, hashing while copying, then fsyncs and
-/// renames so that `dst` is either absent, the old file, or the complete new one.
-fn copy_atomically(src: &Path, dst: &Path, progress: &Progress) -> anyhow::Result<Md5Digest> {
+/// Copies `src` to `dst` through a hidden sibling unique to this attempt, hashing while
+/// copying, then fsyncs and renames so that `dst` is either absent, the old file, or the
+/// complete new one. Leftovers of dead attempts are removed first.
+fn copy_atomically(
+    src: &Path,
+    dst: &Path,
+    progress: &Progress,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Md5Digest> {
     if let Some(parent) = dst.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create `{}`", parent.display()))?;
     }
-    let partial = crate::compute::partial_sibling(dst);
+    remove_leftover_partials(dst)
+        .with_context(|| format!("cannot remove leftovers next to `{}`", dst.display()))?;
+    let partial = attempt_sibling(dst);
     let result = (|| {
-        let (md5, _) =
-            copy_file_with_md5(src, &partial, &|n| progress.add(n)).with_context(|| {
+        let (md5, _) = copy_file_with_md5(src, &partial, &|n| progress.add(n), cancel)
+            .with_context(|| {
                 format!("cannot copy `{}` to `{}`", src.display(), partial.display())
             })?;
         std::fs::File::open(&partial)
@@ -45,14 +54,23 @@ fn copy_atomically(src: &Path, dst: &Path, progress: &Progress) -> anyhow::Resul
                 dst.display()
             )
         })?;
-        // Failure only weakens durability against power loss: not an error.
-        let _ = sync_parent(dst);
+        sync_parent(dst)
+            .with_context(|| format!("cannot sync the directory of `{}`", dst.display()))?;
         Ok(md5)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&partial);
     }
     result
+}
+
+/// `Cancelled` for a cancelled job, `Transient` for anything else.
+fn transient_or_cancelled(err: anyhow::Error) -> ArchiveError {
+    if crate::cancel::in_chain(&err) {
+        ArchiveError::Cancelled
+    } else {
+        ArchiveError::Transient(err)
+    }
 }
 
 #[async_trait]
@@ -67,16 +85,17 @@ impl Archive for LocalArchive {
         archive_path: &str,
         md5: Md5Digest,
         progress: &Progress,
+        cancel: &CancellationToken,
     ) -> Result<(), ArchiveError> {
         let (local, dst, progress) = (
             local.to_path_buf(),
             PathBuf::from(archive_path),
             progress.clone(),
         );
-        let size = std::fs::metadata(&local).map(|m| m.len()).ok();
-        progress.start("archive copy", "bytes", size);
         self.pool
-            .run(move || {
+            .run_job(cancel, move |cancel| {
+                let size = std::fs::metadata(&local).map(|m| m.len()).ok();
+                progress.start("archive copy", "bytes", size);
                 // On the same file system a rename stores the bundle without reading it again;
                 // it was hashed and synced when it was written.
                 if let Some(parent) = dst.parent() {
@@ -85,7 +104,9 @@ impl Archive for LocalArchive {
                 }
                 match std::fs::rename(&local, &dst) {
                     Ok(()) => {
-                        let _ = sync_parent(&dst);
+                        sync_parent(&dst).with_context(|| {
+                            format!("cannot sync the directory of `{}`", dst.display())
+                        })?;
                         progress.set_done(size.unwrap_or(0));
                         return Ok(());
                     }
@@ -95,7 +116,7 @@ impl Archive for LocalArchive {
                             .context(format!("cannot move `{}` to `{}`", local.display(), dst.display())));
                     }
                 }
-                let copied = copy_atomically(&local, &dst, &progress)?;
+                let copied = copy_atomically(&local, &dst, &progress, cancel)?;
                 // The source is hashed as it is read: a difference means the bundle changed
                 // or was damaged after it was written, and must not be archived.
                 if copied != md5 {
@@ -108,7 +129,8 @@ impl Archive for LocalArchive {
                 Ok(())
             })
             .await
-            .map_err(ArchiveError::Transient)
+            .map_err(|_| ArchiveError::Cancelled)?
+            .map_err(transient_or_cancelled)
     }
 
     async fn get(
@@ -116,32 +138,39 @@ impl Archive for LocalArchive {
         archive_path: &str,
         local: &Path,
         progress: &Progress,
+        cancel: &CancellationToken,
     ) -> Result<Md5Digest, ArchiveError> {
         let (src, dst, progress) = (
             PathBuf::from(archive_path),
             local.to_path_buf(),
             progress.clone(),
         );
-        let size = match std::fs::metadata(&src) {
-            Ok(meta) => meta.len(),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {
-                return Err(ArchiveError::NotFound(archive_path.to_owned()));
-            }
-            Err(err) => {
-                return Err(ArchiveError::Transient(
-                    anyhow::Error::new(err).context(format!("cannot read `{archive_path}`")),
-                ));
-            }
-        };
-        progress.start("archive fetch", "bytes", Some(size));
+        let archive_path = archive_path.to_owned();
         self.pool
-            .run(move || copy_atomically(&src, &dst, &progress))
+            .run_job(cancel, move |cancel| {
+                let size = match std::fs::metadata(&src) {
+                    Ok(meta) => meta.len(),
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                        return Err(ArchiveError::NotFound(archive_path));
+                    }
+                    Err(err) => {
+                        return Err(ArchiveError::Transient(
+                            anyhow::Error::new(err)
+                                .context(format!("cannot read `{archive_path}`")),
+                        ));
+                    }
+                };
+                progress.start("archive fetch", "bytes", Some(size));
+                copy_atomically(&src, &dst, &progress, cancel).map_err(transient_or_cancelled)
+            })
             .await
-            .map_err(ArchiveError::Transient)
+            .map_err(|_| ArchiveError::Cancelled)?
     }
 
     async fn delete(&self, archive_path: &str) -> Result<bool, ArchiveError> {
-        match std::fs::remove_file(archive_path) {
+        let path = PathBuf::from(archive_path);
+        let removed = crate::compute::blocking(move || std::fs::remove_file(&path)).await;
+        match removed {
             Ok(()) => Ok(true),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(err) => Err(ArchiveError::Transient(

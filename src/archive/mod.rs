@@ -7,6 +7,7 @@ use std::path::Path;
 
 use async_trait::async_trait;
 
+use crate::cancel::CancellationToken;
 use crate::compute::md5::Md5Digest;
 use crate::progress::Progress;
 
@@ -21,6 +22,9 @@ pub enum ArchiveError {
     /// the archive's command language cannot express).
     #[error(transparent)]
     Invalid(anyhow::Error),
+    /// The transfer was stopped by its cancellation token; nothing of it is left in place.
+    #[error("the transfer was cancelled")]
+    Cancelled,
 }
 
 #[async_trait]
@@ -31,22 +35,25 @@ pub trait Archive: Send + Sync {
     /// Stores the local file `local`, whose MD5 is `md5`, at `archive_path`, atomically: a
     /// reader never sees a partial file there. The backend may move `local` instead of copying
     /// it; callers remove `local` afterwards if it is still there. Byte progress goes to
-    /// `progress`.
+    /// `progress`. A cancelled put stops within moments and leaves nothing at `archive_path`.
     async fn put(
         &self,
         local: &Path,
         archive_path: &str,
         md5: Md5Digest,
         progress: &Progress,
+        cancel: &CancellationToken,
     ) -> Result<(), ArchiveError>;
 
-    /// Fetches `archive_path` into `local` (replacing it) and returns the MD5 of the fetched
-    /// bytes, computed during the transfer where the backend allows.
+    /// Fetches `archive_path` into `local` (replacing it atomically) and returns the MD5 of the
+    /// fetched bytes, computed during the transfer where the backend allows. A cancelled get
+    /// stops within moments and leaves `local` as it was.
     async fn get(
         &self,
         archive_path: &str,
         local: &Path,
         progress: &Progress,
+        cancel: &CancellationToken,
     ) -> Result<Md5Digest, ArchiveError>;
 
     /// Removes `archive_path`; returns whether there was something to remove.

@@ -12,7 +12,7 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use super::TaskMessage;
+use super::{TaskMessage, TimeLimits};
 
 pub const CONTENT_TYPE: &str = "application/json";
 pub const CONTENT_ENCODING: &str = "utf-8";
@@ -52,7 +52,7 @@ pub fn encode(message: &TaskMessage, sender: &Sender) -> (BasicProperties, Vec<u
         "group": null,
         "group_index": null,
         "retries": message.retries,
-        "timelimit": [null, null],
+        "timelimit": [message.time_limits.hard, message.time_limits.soft],
         "root_id": message.root_id,
         "parent_id": message.parent_id,
         "argsrepr": args_repr(&message.args),
@@ -141,6 +141,17 @@ pub fn decode(
         .get("parent_id")
         .and_then(Value::as_str)
         .map(str::to_owned);
+    // `[hard, soft]`, each a number of seconds or null; anything else means no limit.
+    let limit = |i: usize| {
+        headers
+            .get("timelimit")
+            .and_then(|t| t.get(i))
+            .and_then(Value::as_f64)
+    };
+    let time_limits = TimeLimits {
+        hard: limit(0),
+        soft: limit(1),
+    };
     let body: Value = serde_json::from_slice(body)
         .map_err(|err| anyhow::format_err!("task {id}: the body is not JSON: {err}"))?;
     let (args, kwargs) = match body {
@@ -165,6 +176,7 @@ pub fn decode(
         root_id,
         parent_id,
         queue: queue.to_owned(),
+        time_limits,
     })
 }
 

@@ -98,6 +98,8 @@ impl EmbeddedBroker {
                             root_id: r.get(7)?,
                             parent_id: r.get(8)?,
                             queue: r.get(9)?,
+                            // Steps of the embedded profile are limited by the configuration.
+                            time_limits: Default::default(),
                         })
                     },
                 )?;

@@ -30,6 +30,28 @@ pub struct TaskMessage {
     pub root_id: String,
     pub parent_id: Option<String>,
     pub queue: String,
+    /// Celery's `timelimit` header.
+    pub time_limits: TimeLimits,
+}
+
+/// Celery's `timelimit` header `[hard, soft]`, in seconds: a step still running past either
+/// is stopped and fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TimeLimits {
+    pub hard: Option<f64>,
+    pub soft: Option<f64>,
+}
+
+impl TimeLimits {
+    /// The earlier of the two limits, if any is a positive number of seconds.
+    pub fn earliest(&self) -> Option<std::time::Duration> {
+        [self.hard, self.soft]
+            .into_iter()
+            .flatten()
+            .filter(|secs| secs.is_finite() && *secs > 0.0)
+            .map(std::time::Duration::from_secs_f64)
+            .min()
+    }
 }
 
 impl TaskMessage {

@@ -12,8 +12,13 @@ use std::path::{Path, PathBuf};
 use tar::{EntryType, Header};
 use walkdir::WalkDir;
 
-use crate::compute::md5::{CHUNK_SIZE, CopyError, HashingWriter, Md5Digest, advise_sequential};
-use crate::compute::walk::{EntryKind, classify, fingerprint_add, symlink_escapes};
+use crate::cancel::{CancellationToken, check, is_cancelled};
+use crate::compute::md5::{
+    CHUNK_SIZE, CopyError, HashingWriter, Md5, Md5Digest, advise_sequential,
+};
+use crate::compute::walk::{
+    EntryKind, checksum_fingerprint_add, classify, fingerprint_add, symlink_escapes,
+};
 
 /// What [`write_bundle`] wrote.
 #[derive(Debug, Clone)]
@@ -37,15 +42,20 @@ pub struct MemberSummary {
     /// `fingerprint_add` over (path, 0) of the same members: comparable with file rows whose
     /// sizes the registry does not return.
     pub path_fingerprint: u64,
+    /// `checksum_fingerprint_add` over (path, MD5 of the content as written, none for links) of
+    /// the same members; equals `inspect_tree(..).checksum_fingerprint` when every file still
+    /// holds the bytes inspect hashed.
+    pub checksum_fingerprint: u64,
     /// Sum of the sizes in `fingerprint`; equals `inspect_tree(..).size` of an unchanged tree.
     pub bytes: u64,
 }
 
 impl MemberSummary {
-    fn add_file(&mut self, rel: &str, size: u64) {
+    fn add_file(&mut self, rel: &str, size: u64, md5: Option<&Md5Digest>) {
         self.files += 1;
         self.fingerprint = fingerprint_add(self.fingerprint, rel, size);
         self.path_fingerprint = fingerprint_add(self.path_fingerprint, rel, 0);
+        self.checksum_fingerprint = checksum_fingerprint_add(self.checksum_fingerprint, rel, md5);
         self.bytes += size;
     }
 }
@@ -62,6 +72,8 @@ pub enum BundleError {
     Changed { path: PathBuf },
     #[error("`{path}` is a symbolic link pointing outside the dataset (`{target}`)")]
     EscapingSymlink { path: PathBuf, target: PathBuf },
+    #[error("writing the bundle was cancelled")]
+    Cancelled,
 }
 
 impl BundleError {
@@ -72,48 +84,43 @@ impl BundleError {
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> BundleError + '_ {
-    move |source| BundleError::Io {
-        path: path.to_owned(),
-        source,
+    move |source| {
+        if is_cancelled(&source) {
+            BundleError::Cancelled
+        } else {
+            BundleError::Io {
+                path: path.to_owned(),
+                source,
+            }
+        }
     }
 }
 
-/// A sibling of the bundle, so the final rename is atomic.
-fn partial_path(bundle: &Path) -> PathBuf {
-    super::partial_sibling(bundle)
-}
-
-/// Writes the tar bundle of `source` to `bundle`, hashing it while it is written (never re-read).
+/// Writes the tar bundle of `source` to the new file `bundle`, hashing it while it is written
+/// (never re-read), and syncs it.
 ///
-/// The bundle is built in a hidden sibling file (`super::partial_sibling`), synced, renamed into place and its directory synced; on any
-/// error the partial file is removed and `bundle` is left as it was.
+/// `bundle` must not exist: callers give each attempt its own path (`super::attempt_sibling`),
+/// so that a cancelled attempt still stopping and the next one never share a file. On any error,
+/// cancellation included, `bundle` is removed. `cancel` is checked per member and per chunk.
 pub fn write_bundle(
     source: &Path,
     bundle: &Path,
     on_bytes: &(dyn Fn(u64) + Sync),
+    cancel: &CancellationToken,
 ) -> Result<BundleSummary, BundleError> {
-    let partial = partial_path(bundle);
-    match fs::remove_file(&partial) {
-        Ok(()) => {}
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-        Err(err) => return Err(io_error(&partial)(err)),
-    }
-    let result = write_partial(source, &partial, on_bytes).and_then(|summary| {
-        fs::rename(&partial, bundle).map_err(io_error(bundle))?;
-        super::sync_parent(bundle).map_err(io_error(bundle.parent().unwrap_or(bundle)))?;
-        Ok(summary)
-    });
+    let result = write_new(source, bundle, on_bytes, cancel);
     if result.is_err() {
         // Best effort: the error being returned matters more than a failed cleanup.
-        let _ = fs::remove_file(&partial);
+        let _ = fs::remove_file(bundle);
     }
     result
 }
 
-fn write_partial(
+fn write_new(
     source: &Path,
     partial: &Path,
     on_bytes: &(dyn Fn(u64) + Sync),
+    cancel: &CancellationToken,
 ) -> Result<BundleSummary, BundleError> {
     let root_meta = fs::metadata(source).map_err(io_error(source))?;
     if !root_meta.is_dir() {
@@ -122,7 +129,11 @@ fn write_partial(
             "the dataset to archive is not a directory",
         )));
     }
-    let file = File::create(partial).map_err(io_error(partial))?;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(partial)
+        .map_err(io_error(partial))?;
     let out = ProgressWriter {
         inner: HashingWriter::new(BufWriter::with_capacity(CHUNK_SIZE, file)),
         on_bytes,
@@ -145,6 +156,7 @@ fn write_partial(
         .follow_links(false)
         .sort_by_file_name();
     for entry in walk {
+        check(cancel).map_err(io_error(partial))?;
         let entry = entry.map_err(|err| walk_error(source, err))?;
         let path = entry.path();
         let rel = path.strip_prefix(source).unwrap_or(path);
@@ -192,23 +204,19 @@ fn write_partial(
             if classify(path, &meta) == EntryKind::SymlinkToDirectory {
                 members.directories += 1;
             } else {
-                members.add_file(&rel.to_string_lossy(), meta.len());
+                members.add_file(&rel.to_string_lossy(), meta.len(), None);
             }
         } else if file_type.is_file() {
-            append_file(builder.get_mut(), &name, path, &meta).map_err(|err| match err {
-                MemberError::Changed => BundleError::Changed {
-                    path: path.to_owned(),
+            let md5 = append_file(builder.get_mut(), &name, path, &meta, cancel).map_err(
+                |err| match err {
+                    MemberError::Changed => BundleError::Changed {
+                        path: path.to_owned(),
+                    },
+                    MemberError::Read(source) => io_error(path)(source),
+                    MemberError::Write(source) => io_error(partial)(source),
                 },
-                MemberError::Read(source) => BundleError::Io {
-                    path: path.to_owned(),
-                    source,
-                },
-                MemberError::Write(source) => BundleError::Io {
-                    path: partial.to_owned(),
-                    source,
-                },
-            })?;
-            members.add_file(&rel.to_string_lossy(), meta.len());
+            )?;
+            members.add_file(&rel.to_string_lossy(), meta.len(), Some(&md5));
         } else {
             tracing::warn!(path = %path.display(), "not a file, directory or symbolic link; left out of the bundle");
         }
@@ -243,9 +251,13 @@ struct ProgressWriter<'a, W: Write> {
 }
 
 impl<W: Write> ProgressWriter<'_, W> {
-    /// Reads member content straight into the hashing writer's buffer.
-    fn read_from(&mut self, reader: &mut dyn Read) -> Result<usize, CopyError> {
-        let n = self.inner.read_from(reader)?;
+    /// Reads member content straight into the hashing writer's buffer, showing it to `on_data`.
+    fn read_from(
+        &mut self,
+        reader: &mut dyn Read,
+        on_data: &mut dyn FnMut(&[u8]),
+    ) -> Result<usize, CopyError> {
+        let n = self.inner.read_from(reader, on_data)?;
         self.count(n);
         Ok(n)
     }
@@ -351,12 +363,16 @@ enum MemberError {
     Write(io::Error),
 }
 
+/// Appends a regular file and returns the MD5 of the content it wrote: the member's own
+/// checksum, compared with the inspection's so that a file changed since (even with its size
+/// kept) is never archived under the old description.
 fn append_file<W: Write>(
     out: &mut ProgressWriter<'_, W>,
     name: &[u8],
     path: &Path,
     meta: &Metadata,
-) -> Result<(), MemberError> {
+    cancel: &CancellationToken,
+) -> Result<Md5Digest, MemberError> {
     let mut file = match fs::OpenOptions::new()
         .read(true)
         // The entry was a regular file when listed; never follow a link swapped in since.
@@ -379,7 +395,7 @@ fn append_file<W: Write>(
     advise_sequential(&file);
     let len = meta.len();
     append_entry(out, name, EntryType::Regular, meta, None, len).map_err(MemberError::Write)?;
-    copy_member(&mut file, len, out)?;
+    let md5 = copy_member(&mut file, len, out, cancel)?;
     let after = file.metadata().map_err(MemberError::Read)?;
     if after.len() != len
         || after.mtime() != meta.mtime()
@@ -387,40 +403,62 @@ fn append_file<W: Write>(
     {
         return Err(MemberError::Changed);
     }
-    Ok(())
+    Ok(md5)
 }
 
 /// Copies exactly `len` bytes of member content and the block padding, reading straight into the
-/// hashing writer's buffer (no intermediate copy). A reader that runs dry early means the file shrank
-/// after its header was written: the archive would be corrupt, so that is `Changed`.
+/// hashing writer's buffer (no intermediate copy), and returns the MD5 of the content. A reader that
+/// runs dry early means the file shrank after its header was written: the archive would be corrupt,
+/// so that is `Changed`.
 fn copy_member<W: Write>(
     reader: &mut dyn Read,
     len: u64,
     out: &mut ProgressWriter<'_, W>,
-) -> Result<(), MemberError> {
+    cancel: &CancellationToken,
+) -> Result<Md5Digest, MemberError> {
     let mut limited = reader.take(len);
     let mut remaining = len;
+    let mut md5 = Md5::new();
     while remaining > 0 {
-        let n = out.read_from(&mut limited).map_err(|err| match err {
-            CopyError::Read(err) => MemberError::Read(err),
-            CopyError::Write(err) => MemberError::Write(err),
-        })?;
+        check(cancel).map_err(MemberError::Read)?;
+        let n = out
+            .read_from(&mut limited, &mut |data| md5.update(data))
+            .map_err(|err| match err {
+                CopyError::Read(err) => MemberError::Read(err),
+                CopyError::Write(err) => MemberError::Write(err),
+            })?;
         if n == 0 {
             return Err(MemberError::Changed);
         }
         remaining -= n as u64;
     }
-    pad(out, len).map_err(MemberError::Write)
+    pad(out, len).map_err(MemberError::Write)?;
+    Ok(md5.finish())
 }
 
-/// The non-directory members of a bundle as (path without `./`, size), where a symbolic
-/// link's size is the length of its target (what `lstat` reports, and what inspect records).
-/// Reads only the headers: data is skipped with seeks.
-pub fn list_members(bundle: &Path) -> io::Result<Vec<(String, u64)>> {
-    let mut archive = tar::Archive::new(File::open(bundle)?);
+/// A non-directory member of a bundle, as [`list_members`] reads it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedMember {
+    /// Without the leading `./`.
+    pub path: String,
+    /// A symbolic link's size is the length of its target (what `lstat` reports, and what
+    /// inspect records).
+    pub size: u64,
+    /// MD5 of a file's content; `None` for links.
+    pub md5: Option<Md5Digest>,
+}
+
+/// The non-directory members of a bundle with the checksums of their contents: what the bundle
+/// really holds, read back to name the files that differ from an inspection (a failure path,
+/// so reading the bundle again is fine).
+pub fn list_members(bundle: &Path, cancel: &CancellationToken) -> io::Result<Vec<ListedMember>> {
+    let mut archive = tar::Archive::new(io::BufReader::with_capacity(
+        CHUNK_SIZE,
+        File::open(bundle)?,
+    ));
     let mut out = Vec::new();
-    for entry in archive.entries_with_seek()? {
-        let entry = entry?;
+    for entry in archive.entries()? {
+        let mut entry = entry?;
         let kind = entry.header().entry_type();
         if kind.is_dir() {
             continue;
@@ -430,14 +468,16 @@ pub fn list_members(bundle: &Path) -> io::Result<Vec<(String, u64)>> {
             .to_string_lossy()
             .trim_start_matches("./")
             .to_owned();
-        let size = if kind.is_symlink() {
-            entry
+        let (size, md5) = if kind.is_symlink() {
+            let len = entry
                 .link_name_bytes()
-                .map_or(0, |target| target.len() as u64)
+                .map_or(0, |target| target.len() as u64);
+            (len, None)
         } else {
-            entry.size()
+            let (md5, _) = crate::compute::md5::md5_reader(&mut entry, &mut |_| {}, cancel)?;
+            (entry.size(), Some(md5))
         };
-        out.push((path, size));
+        out.push(ListedMember { path, size, md5 });
     }
     Ok(out)
 }
@@ -446,7 +486,7 @@ pub fn list_members(bundle: &Path) -> io::Result<Vec<(String, u64)>> {
 pub(crate) mod tests {
     use super::*;
     use crate::compute::Pool;
-    use crate::compute::extract::extract_bundle;
+    use crate::compute::extract::{ExtractOptions, extract_bundle};
     use crate::compute::md5::md5_file;
     use crate::compute::walk::{InspectOptions, inspect_tree};
     use std::os::unix::fs::{PermissionsExt, symlink};
@@ -531,8 +571,16 @@ pub(crate) mod tests {
             .collect()
     }
 
-    /// Every entry below `root` (relative path, description) for comparing trees.
-    pub(crate) fn describe_tree(root: &Path) -> Vec<(String, String)> {
+    /// Every entry below `root` (relative path, description) for comparing trees; with
+    /// `modes`, permission bits are part of the description.
+    pub(crate) fn describe_tree(root: &Path, modes: bool) -> Vec<(String, String)> {
+        let mode = |meta: &Metadata| {
+            if modes {
+                format!("{:o}", meta.mode() & 0o7777)
+            } else {
+                String::new()
+            }
+        };
         let mut out = Vec::new();
         for entry in WalkDir::new(root).min_depth(1).sort_by_file_name() {
             let entry = entry.expect("walk");
@@ -549,12 +597,12 @@ pub(crate) mod tests {
                     fs::read_link(entry.path()).expect("readlink").display()
                 )
             } else if meta.is_dir() {
-                format!("dir {:o}", meta.mode() & 0o7777)
+                format!("dir {}", mode(&meta))
             } else {
                 let data = fs::read(entry.path()).expect("read");
                 format!(
-                    "file {:o} {} {}",
-                    meta.mode() & 0o7777,
+                    "file {} {} {}",
+                    mode(&meta),
                     data.len(),
                     crate::compute::md5::md5_bytes(&data)
                 )
@@ -574,16 +622,23 @@ pub(crate) mod tests {
         let reported = AtomicU64::new(0);
         let summary = pool
             .install(|| {
-                write_bundle(&source, &bundle, &|n| {
-                    reported.fetch_add(n, Ordering::Relaxed);
-                })
+                write_bundle(
+                    &source,
+                    &bundle,
+                    &|n| {
+                        reported.fetch_add(n, Ordering::Relaxed);
+                    },
+                    &CancellationToken::new(),
+                )
             })
             .expect("bundle");
-        assert!(!partial_path(&bundle).exists());
         let bundle_len = fs::metadata(&bundle).expect("stat").len();
         assert_eq!(summary.size, bundle_len);
         assert_eq!(reported.load(Ordering::Relaxed), bundle_len);
-        assert_eq!(md5_file(&bundle).expect("hash"), (summary.md5, bundle_len));
+        assert_eq!(
+            md5_file(&bundle, &CancellationToken::new()).expect("hash"),
+            (summary.md5, bundle_len)
+        );
         assert_eq!(summary.md5.to_string(), md5sum(&bundle));
         // files: top.txt, empty, big.bin, run script.sh, échantillon, deep file, long name file,
         // link_to_file, broken, long_link. directories: data, empty_dir, the three deep ones, link_to_dir.
@@ -628,13 +683,26 @@ pub(crate) mod tests {
             .status()
             .expect("tar xf");
         assert!(status.success());
-        assert_eq!(describe_tree(&by_gnu), describe_tree(&source));
+        assert_eq!(describe_tree(&by_gnu, true), describe_tree(&source, true));
 
         let restored = dir.path().join("restored");
         let extracted = pool
-            .install(|| extract_bundle(&bundle, &restored, &|_| {}))
-            .expect("extract");
-        assert_eq!(describe_tree(&restored), describe_tree(&source));
+            .install(|| {
+                extract_bundle(
+                    &bundle,
+                    &restored,
+                    &ExtractOptions::default(),
+                    &|_| {},
+                    &CancellationToken::new(),
+                )
+            })
+            .expect("extract")
+            .summary;
+        // Contents, links and times come back; modes are the staging policy's.
+        assert_eq!(
+            describe_tree(&restored, false),
+            describe_tree(&source, false)
+        );
         assert_eq!(extracted.files, 7);
         assert_eq!(extracted.symlinks, 4);
         assert_eq!(extracted.directories, 5);
@@ -649,18 +717,18 @@ pub(crate) mod tests {
         let first = dir.path().join("first.tar");
         let second = dir.path().join("second.tar");
         let a = pool
-            .install(|| write_bundle(&source, &first, &|_| {}))
+            .install(|| write_bundle(&source, &first, &|_| {}, &CancellationToken::new()))
             .expect("bundle");
         let b = pool
-            .install(|| write_bundle(&source, &second, &|_| {}))
+            .install(|| write_bundle(&source, &second, &|_| {}, &CancellationToken::new()))
             .expect("bundle");
         assert_eq!(a.md5, b.md5);
         assert!(fs::read(&first).expect("read") == fs::read(&second).expect("read"));
-        // Writing over an existing bundle replaces it.
-        let again = pool
-            .install(|| write_bundle(&source, &first, &|_| {}))
-            .expect("bundle");
-        assert_eq!(again.md5, a.md5);
+        // A path that exists is never written over: each attempt has its own.
+        let taken =
+            pool.install(|| write_bundle(&source, &first, &|_| {}, &CancellationToken::new()));
+        assert!(matches!(taken, Err(BundleError::Io { .. })), "{taken:?}");
+        assert!(!first.exists(), "a failed write removes its file");
 
         let types = Vec::new();
         let inspected = pool
@@ -672,10 +740,15 @@ pub(crate) mod tests {
                     },
                     &|_| {},
                     &|_, _| {},
+                    &CancellationToken::new(),
                 )
             })
             .expect("inspect");
         assert_eq!(a.members.fingerprint, inspected.fingerprint);
+        assert_eq!(
+            a.members.checksum_fingerprint,
+            inspected.checksum_fingerprint
+        );
         assert_eq!(a.members.bytes, inspected.size);
         assert_eq!(a.members.files, inspected.num_files);
         assert_eq!(a.members.directories, inspected.num_directories);
@@ -688,7 +761,8 @@ pub(crate) mod tests {
         write(&source.join("a.txt"), b"a", 0o644);
         symlink("../../outside", source.join("sub_link")).expect("symlink");
         let bundle = dir.path().join("dataset.tar");
-        let err = write_bundle(&source, &bundle, &|_| {}).expect_err("escaping link");
+        let err = write_bundle(&source, &bundle, &|_| {}, &CancellationToken::new())
+            .expect_err("escaping link");
         match &err {
             BundleError::EscapingSymlink { path, target } => {
                 assert_eq!(path, &source.join("sub_link"));
@@ -698,31 +772,97 @@ pub(crate) mod tests {
         }
         assert!(!err.is_retryable());
         assert!(!bundle.exists());
-        assert!(!partial_path(&bundle).exists());
     }
 
     #[test]
-    fn failure_keeps_an_existing_bundle() {
+    fn a_file_changed_with_its_size_kept_changes_the_checksum_fingerprint() {
+        let pool = Pool::new(2).expect("pool");
         let dir = tempfile::tempdir().expect("tempdir");
         let source = dir.path().join("dataset");
-        write(&source.join("a.txt"), b"a", 0o644);
-        symlink("/etc/passwd", source.join("abs")).expect("symlink");
+        sample_tree(&source);
+        let bundle = |name: &str| {
+            pool.install(|| {
+                write_bundle(
+                    &source,
+                    &dir.path().join(name),
+                    &|_| {},
+                    &CancellationToken::new(),
+                )
+            })
+            .expect("bundle")
+        };
+        let before = bundle("before.tar");
+        write(&source.join("top.txt"), b"TOP LEVEL\n", 0o644);
+        let after = bundle("after.tar");
+        assert_eq!(
+            before.members.fingerprint, after.members.fingerprint,
+            "same sizes"
+        );
+        assert_ne!(
+            before.members.checksum_fingerprint,
+            after.members.checksum_fingerprint
+        );
+        let listed =
+            list_members(&dir.path().join("after.tar"), &CancellationToken::new()).expect("list");
+        let top = listed
+            .iter()
+            .find(|m| m.path == "top.txt")
+            .expect("top.txt");
+        assert_eq!(
+            top.md5,
+            Some(crate::compute::md5::md5_bytes(b"TOP LEVEL\n"))
+        );
+        let link = listed
+            .iter()
+            .find(|m| m.path == "link_to_file")
+            .expect("link");
+        assert_eq!((link.size, link.md5), (7, None));
+    }
+
+    #[test]
+    fn a_cancelled_bundle_stops_and_leaves_nothing() {
+        let pool = Pool::new(2).expect("pool");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = dir.path().join("dataset");
+        write(
+            &source.join("big.bin"),
+            &crate::compute::md5::tests::pseudo_random(8 * CHUNK_SIZE, 3),
+            0o644,
+        );
         let bundle = dir.path().join("dataset.tar");
-        fs::write(&bundle, b"previous bundle").expect("write");
-        fs::write(partial_path(&bundle), b"left by a crash").expect("write");
-        write_bundle(&source, &bundle, &|_| {}).expect_err("absolute link");
-        assert_eq!(fs::read(&bundle).expect("read"), b"previous bundle");
-        assert!(!partial_path(&bundle).exists());
+        let cancel = CancellationToken::new();
+        let err = pool
+            .install(|| {
+                write_bundle(
+                    &source,
+                    &bundle,
+                    &|written| {
+                        if written > 0 {
+                            cancel.cancel();
+                        }
+                    },
+                    &cancel,
+                )
+            })
+            .expect_err("cancelled");
+        assert!(matches!(err, BundleError::Cancelled), "{err:?}");
+        assert!(!bundle.exists());
     }
 
     #[test]
     fn missing_source_is_an_io_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let bundle = dir.path().join("x.tar");
-        let err = write_bundle(&dir.path().join("missing"), &bundle, &|_| {}).expect_err("missing");
+        let err = write_bundle(
+            &dir.path().join("missing"),
+            &bundle,
+            &|_| {},
+            &CancellationToken::new(),
+        )
+        .expect_err("missing");
         assert!(matches!(err, BundleError::Io { .. }));
         assert!(err.is_retryable());
-        assert!(!bundle.exists() && !partial_path(&bundle).exists());
+        assert!(!bundle.exists());
     }
 
     #[test]
@@ -733,10 +873,13 @@ pub(crate) mod tests {
             pending: 0,
         };
         let mut out = writer(&|_| {});
-        let err = copy_member(&mut &b"only ten b"[..], 20, &mut out).expect_err("short");
+        let cancel = CancellationToken::new();
+        let err = copy_member(&mut &b"only ten b"[..], 20, &mut out, &cancel).expect_err("short");
         assert!(matches!(err, MemberError::Changed));
         let mut out = writer(&|_| {});
-        copy_member(&mut &b"exactly ten and more"[..], 10, &mut out).expect("exact");
+        let md5 =
+            copy_member(&mut &b"exactly ten and more"[..], 10, &mut out, &cancel).expect("exact");
+        assert_eq!(md5, crate::compute::md5::md5_bytes(b"exactly te"));
         let (out, digest, size) = out.finish().expect("finish");
         assert_eq!(out.len(), BLOCK);
         assert_eq!(size, BLOCK as u64);

@@ -17,7 +17,68 @@ use filetime::FileTime;
 use tar::EntryType;
 use walkdir::WalkDir;
 
+use rayon::iter::{ParallelBridge, ParallelIterator};
+
+use crate::cancel::{CancellationToken, check, is_cancelled};
 use crate::compute::md5::{CHUNK_SIZE, advise_sequential, read_retrying, with_read_buffer};
+use crate::compute::{attempt_sibling, remove_leftover_partials, remove_tree, swap_into_place};
+
+/// The permission bits of an extracted tree: the site's policy (`stage.file_mode`,
+/// `stage.directory_mode`), never the bundle's own bits, which could make a staged tree
+/// world-writable, setgid or unreadable by the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Modes {
+    pub file: u32,
+    pub directory: u32,
+}
+
+impl Default for Modes {
+    fn default() -> Modes {
+        Modes {
+            file: 0o644,
+            directory: 0o755,
+        }
+    }
+}
+
+impl Modes {
+    /// A file that was executable in the bundle stays executable where it is readable.
+    fn for_file(self, bundle_mode: u32) -> u32 {
+        let file = self.file & 0o777;
+        if bundle_mode & 0o111 != 0 {
+            file | ((file & 0o444) >> 2)
+        } else {
+            file
+        }
+    }
+}
+
+/// How [`extract_bundle`] extracts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtractOptions {
+    pub modes: Modes,
+    /// Fsync every extracted file and directory before the tree is put into place, so that a
+    /// power cut after the caller records the staging cannot leave empty or partial files.
+    pub sync: bool,
+}
+
+impl Default for ExtractOptions {
+    fn default() -> ExtractOptions {
+        ExtractOptions {
+            modes: Modes::default(),
+            sync: true,
+        }
+    }
+}
+
+/// What [`extract_bundle`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Extracted {
+    pub summary: ExtractSummary,
+    /// Where the tree that was at the destination before now is (a hidden sibling), for the
+    /// caller to remove once it has recorded the new one; `None` if there was none.
+    pub replaced: Option<PathBuf>,
+}
 
 /// What [`extract_bundle`] created.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -47,6 +108,8 @@ pub enum ExtractError {
         #[source]
         source: io::Error,
     },
+    #[error("the extraction was cancelled")]
+    Cancelled,
 }
 
 impl ExtractError {
@@ -57,9 +120,15 @@ impl ExtractError {
 }
 
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> ExtractError + '_ {
-    move |source| ExtractError::Io {
-        path: path.to_owned(),
-        source,
+    move |source| {
+        if is_cancelled(&source) {
+            ExtractError::Cancelled
+        } else {
+            ExtractError::Io {
+                path: path.to_owned(),
+                source,
+            }
+        }
     }
 }
 
@@ -70,97 +139,70 @@ fn unsafe_member(member: &str, reason: impl Into<String>) -> ExtractError {
     }
 }
 
-/// Where `extract_bundle` builds the tree before renaming it to `dest`: a hidden sibling.
-pub fn partial_dir_for(dest: &Path) -> PathBuf {
-    super::partial_sibling(dest)
-}
-
-/// Extracts `bundle` into `dest` (which must not exist; its parent must) with a safety filter, all or nothing.
+/// Extracts `bundle` to `dest` with a safety filter, all or nothing: `dest` is always a complete
+/// tree, the one that was there (if any) until the new one is complete, then the new one.
 ///
-/// An existing `dest` is an `Io` error of kind `AlreadyExists`: staging never merges into or replaces a
-/// tree. The tree is built in [`partial_dir_for`]`(dest)` and renamed to `dest` at the end; on any error
-/// that directory is removed, so neither a partial tree nor a leftover is ever visible.
+/// The tree is built in a hidden sibling unique to this attempt (`attempt_sibling`), synced when
+/// `opts.sync` says so, and swapped into place (`swap_into_place`); the replaced tree is returned
+/// for the caller to remove once it has recorded the new one. On any error, cancellation
+/// included, the partial tree is removed and `dest` is left as it was. Leftovers of earlier,
+/// dead attempts are removed first.
 ///
 /// Member paths lose their leading `./`; absolute paths, `..` components, drive prefixes and NUL bytes are
 /// `Unsafe`, and so are devices and fifos. Symbolic links are created only after every other member, and
 /// each must resolve (following the links it passes through) inside the tree. Ownership is not restored;
-/// permission bits (without setuid/setgid on files) and modification times are.
+/// modification times are, and permission bits come from `opts.modes`. `cancel` is checked per member
+/// and per chunk.
 pub fn extract_bundle(
     bundle: &Path,
     dest: &Path,
+    opts: &ExtractOptions,
     on_bytes: &(dyn Fn(u64) + Sync),
-) -> Result<ExtractSummary, ExtractError> {
-    match fs::symlink_metadata(dest) {
-        Ok(_) => {
-            return Err(io_error(dest)(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "the extraction destination already exists",
-            )));
-        }
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-        Err(err) => return Err(io_error(dest)(err)),
-    }
-    let partial = partial_dir_for(dest);
-    remove_tree(&partial).map_err(io_error(&partial))?;
+    cancel: &CancellationToken,
+) -> Result<Extracted, ExtractError> {
+    remove_leftover_partials(dest).map_err(io_error(dest))?;
+    let partial = attempt_sibling(dest);
     fs::create_dir(&partial).map_err(io_error(&partial))?;
-    let result = extract_into(bundle, &partial, on_bytes).and_then(|summary| {
-        rename_no_replace(&partial, dest).map_err(io_error(dest))?;
-        Ok(summary)
+    let result = extract_into(bundle, &partial, opts, on_bytes, cancel).and_then(|summary| {
+        if opts.sync {
+            sync_tree(&partial, cancel).map_err(io_error(&partial))?;
+        }
+        let replaced = swap_into_place(&partial, dest).map_err(io_error(dest))?;
+        if opts.sync {
+            crate::compute::sync_parent(dest).map_err(io_error(dest))?;
+        }
+        Ok(Extracted { summary, replaced })
     });
     if result.is_err()
-        && let Err(err) = remove_tree(&partial)
+        && let Err(err) = remove_tree(&partial, &CancellationToken::new())
     {
         tracing::warn!(path = %partial.display(), error = %err, "cannot remove a partial extraction");
     }
     result
 }
 
-fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
-    // A plain rename would silently replace an empty directory created at `to` in the meantime.
-    match rustix::fs::renameat_with(
-        rustix::fs::CWD,
-        from,
-        rustix::fs::CWD,
-        to,
-        rustix::fs::RenameFlags::NOREPLACE,
-    ) {
-        Ok(()) => Ok(()),
-        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
-            // File systems without RENAME_NOREPLACE: check, then rename.
-            if fs::symlink_metadata(to).is_ok() {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    "the extraction destination already exists",
-                ));
+/// Fsyncs every file and directory of `root`, in parallel on the current pool (a file system
+/// merges concurrent syncs into fewer journal commits).
+fn sync_tree(root: &Path, cancel: &CancellationToken) -> io::Result<()> {
+    WalkDir::new(root)
+        .follow_links(false)
+        .into_iter()
+        .par_bridge()
+        .try_for_each(|entry| {
+            check(cancel)?;
+            let entry = entry.map_err(io::Error::from)?;
+            if entry.file_type().is_symlink() {
+                return Ok(());
             }
-            fs::rename(from, to)
-        }
-        Err(err) => Err(err.into()),
-    }
-}
-
-/// Removes a tree that may contain read-only directories (left by an interrupted extraction).
-fn remove_tree(path: &Path) -> io::Result<()> {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(err) => return Err(err),
-    };
-    if !meta.is_dir() {
-        return fs::remove_file(path);
-    }
-    if fs::remove_dir_all(path).is_ok() {
-        return Ok(());
-    }
-    for entry in WalkDir::new(path).follow_links(false).into_iter().flatten() {
-        if entry.file_type().is_dir() {
-            let _ = fs::set_permissions(entry.path(), fs::Permissions::from_mode(0o700));
-        }
-    }
-    match fs::remove_dir_all(path) {
-        Err(err) if err.kind() != io::ErrorKind::NotFound => Err(err),
-        _ => Ok(()),
-    }
+            File::open(entry.path())
+                .and_then(|f| f.sync_all())
+                .map_err(|err| {
+                    io::Error::new(
+                        err.kind(),
+                        format!("cannot sync `{}`: {err}", entry.path().display()),
+                    )
+                })
+        })
 }
 
 /// What the bundle reader observed, to tell a failing disk (retryable) from a malformed archive.
@@ -218,18 +260,22 @@ struct PendingLink {
 struct Extraction<'a> {
     bundle: &'a Path,
     root: &'a Path,
+    modes: Modes,
+    cancel: &'a CancellationToken,
     state: &'a ReadState,
     /// Symbolic links, created only after every other member so nothing is written through one.
     links: BTreeMap<PathBuf, PendingLink>,
-    /// Directory (relative path) → (mode, mtime), applied at the end, deepest first.
-    directories: BTreeMap<PathBuf, (u32, u64)>,
+    /// Directory (relative path) → mtime, applied at the end with the policy's mode, deepest first.
+    directories: BTreeMap<PathBuf, u64>,
     summary: ExtractSummary,
 }
 
 fn extract_into(
     bundle: &Path,
     root: &Path,
+    opts: &ExtractOptions,
     on_bytes: &(dyn Fn(u64) + Sync),
+    cancel: &CancellationToken,
 ) -> Result<ExtractSummary, ExtractError> {
     let file = File::open(bundle).map_err(|source| ExtractError::Io {
         path: bundle.to_owned(),
@@ -240,6 +286,8 @@ fn extract_into(
     let mut extraction = Extraction {
         bundle,
         root,
+        modes: opts.modes,
+        cancel,
         state: &state,
         links: BTreeMap::new(),
         directories: BTreeMap::new(),
@@ -255,6 +303,7 @@ fn extract_into(
         let mut archive = tar::Archive::new(reader);
         let entries = archive.entries().map_err(|e| extraction.read_error(e))?;
         for entry in entries {
+            check(cancel).map_err(io_error(root))?;
             let mut entry = entry.map_err(|e| extraction.read_error(e))?;
             extraction.member(&mut entry)?;
         }
@@ -310,7 +359,9 @@ fn is_conflict(err: &io::Error) -> bool {
 
 impl Extraction<'_> {
     fn read_error(&self, source: io::Error) -> ExtractError {
-        if self.state.io_failed.get() {
+        if is_cancelled(&source) {
+            ExtractError::Cancelled
+        } else if self.state.io_failed.get() {
             ExtractError::Io {
                 path: self.bundle.to_owned(),
                 source,
@@ -368,7 +419,7 @@ impl Extraction<'_> {
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 self.file(entry, &member, &rel, mode, mtime)
             }
-            EntryType::Directory => self.directory(&member, &rel, mode, mtime),
+            EntryType::Directory => self.directory(&member, &rel, mtime),
             EntryType::Symlink => self.symlink(entry, &member, &rel, mtime),
             EntryType::Link => self.hard_link(entry, &member, &rel),
             EntryType::Char | EntryType::Block | EntryType::Fifo => Err(unsafe_member(
@@ -455,6 +506,7 @@ impl Extraction<'_> {
         let written = with_read_buffer(|buf| -> Result<u64, ExtractError> {
             let mut written = 0u64;
             loop {
+                check(self.cancel).map_err(io_error(&path))?;
                 let n = read_retrying(entry, buf).map_err(|e| self.read_error(e))?;
                 if n == 0 {
                     return Ok(written);
@@ -468,7 +520,7 @@ impl Extraction<'_> {
                 "member `{member}` holds {written} of its {expected} bytes (truncated archive)"
             )));
         }
-        file.set_permissions(fs::Permissions::from_mode(mode & 0o777))
+        file.set_permissions(fs::Permissions::from_mode(self.modes.for_file(mode)))
             .map_err(io_error(&path))?;
         filetime::set_file_handle_times(&file, None, Some(unix_time(mtime)))
             .map_err(io_error(&path))?;
@@ -477,13 +529,7 @@ impl Extraction<'_> {
         Ok(())
     }
 
-    fn directory(
-        &mut self,
-        member: &str,
-        rel: &Path,
-        mode: u32,
-        mtime: u64,
-    ) -> Result<(), ExtractError> {
+    fn directory(&mut self, member: &str, rel: &Path, mtime: u64) -> Result<(), ExtractError> {
         if !rel.as_os_str().is_empty() {
             let path = self.root.join(rel);
             match fs::symlink_metadata(&path) {
@@ -497,15 +543,11 @@ impl Extraction<'_> {
                 }
                 Err(err) => return Err(io_error(&path)(err)),
             }
-            if self
-                .directories
-                .insert(rel.to_owned(), (mode, mtime))
-                .is_none()
-            {
+            if self.directories.insert(rel.to_owned(), mtime).is_none() {
                 self.summary.directories += 1;
             }
         } else {
-            self.directories.insert(PathBuf::new(), (mode, mtime));
+            self.directories.insert(PathBuf::new(), mtime);
         }
         Ok(())
     }
@@ -631,10 +673,11 @@ impl Extraction<'_> {
     }
 
     fn apply_directory_metadata(&self) -> Result<(), ExtractError> {
-        let mut dirs: Vec<(&PathBuf, &(u32, u64))> = self.directories.iter().collect();
+        let mut dirs: Vec<(&PathBuf, &u64)> = self.directories.iter().collect();
         // Deepest first, so a read-only directory is closed only after everything inside it is done.
         dirs.sort_by_key(|(rel, _)| std::cmp::Reverse(rel.components().count()));
-        for (rel, &(mode, mtime)) in dirs {
+        let mode = self.modes.directory & 0o777;
+        for (rel, &mtime) in dirs {
             let path = self.root.join(rel);
             let dir = OpenOptions::new()
                 .read(true)
@@ -643,7 +686,7 @@ impl Extraction<'_> {
                 )
                 .open(&path)
                 .map_err(io_error(&path))?;
-            dir.set_permissions(fs::Permissions::from_mode(mode & 0o3777))
+            dir.set_permissions(fs::Permissions::from_mode(mode))
                 .map_err(io_error(&path))?;
             filetime::set_file_handle_times(&dir, None, Some(unix_time(mtime)))
                 .map_err(io_error(&path))?;
@@ -831,14 +874,22 @@ mod tests {
         fn extract(&self) -> Result<ExtractSummary, ExtractError> {
             Pool::new(2)
                 .expect("pool")
-                .install(|| extract_bundle(&self.bundle, &self.dest, &|_| {}))
+                .install(|| {
+                    extract_bundle(
+                        &self.bundle,
+                        &self.dest,
+                        &ExtractOptions::default(),
+                        &|_| {},
+                        &CancellationToken::new(),
+                    )
+                })
+                .map(|extracted| extracted.summary)
         }
 
         /// The extraction failed cleanly: no tree at dest, no partial directory, nothing outside.
         fn assert_nothing_left(&self) {
             assert!(!self.dest.exists(), "dest must not exist");
             assert!(fs::symlink_metadata(&self.dest).is_err());
-            assert!(fs::symlink_metadata(partial_dir_for(&self.dest)).is_err());
             let left: Vec<_> = fs::read_dir(&self.base).expect("read_dir").collect();
             assert!(left.is_empty(), "stage dir is empty: {left:?}");
             let outside: Vec<_> = fs::read_dir(self.base.parent().expect("parent"))
@@ -964,7 +1015,15 @@ mod tests {
             .expect("tar");
         assert!(status.success());
         let dest = dir.path().join("restored");
-        let summary = extract_bundle(&bundle, &dest, &|_| {}).expect("extract");
+        let summary = extract_bundle(
+            &bundle,
+            &dest,
+            &ExtractOptions::default(),
+            &|_| {},
+            &CancellationToken::new(),
+        )
+        .expect("extract")
+        .summary;
         assert_eq!(summary.bytes, 8 << 20);
         assert!(
             fs::read(dest.join("sparse.img")).expect("read") == fs::read(&sparse).expect("read")
@@ -1131,46 +1190,141 @@ mod tests {
     }
 
     #[test]
-    fn existing_destination_is_already_exists() {
-        let case = Case::new(&Hostile::new().file("a", b"x").finish());
+    fn an_existing_tree_stays_whole_until_the_new_one_replaces_it() {
+        let case = Case::new(&Hostile::new().dir("./").file("./a", b"new").finish());
         fs::create_dir(&case.dest).expect("mkdir");
-        match case.extract() {
-            Err(ExtractError::Io { path, source }) => {
-                assert_eq!(path, case.dest);
-                assert_eq!(source.kind(), io::ErrorKind::AlreadyExists);
-            }
-            other => panic!("expected AlreadyExists, got {other:?}"),
-        }
-        // The existing directory is untouched.
-        assert!(case.dest.is_dir());
+        fs::write(case.dest.join("a"), b"old").expect("write");
+        let extracted = Pool::new(2)
+            .expect("pool")
+            .install(|| {
+                extract_bundle(
+                    &case.bundle,
+                    &case.dest,
+                    &ExtractOptions::default(),
+                    &|_| {},
+                    &CancellationToken::new(),
+                )
+            })
+            .expect("extract");
+        assert_eq!(fs::read(case.dest.join("a")).expect("read"), b"new");
+        let old = extracted.replaced.expect("the old tree is handed back");
+        assert_eq!(fs::read(old.join("a")).expect("read"), b"old");
+        assert_eq!(old.parent(), Some(case.base.as_path()));
+
+        // A refused bundle leaves the current tree exactly as it was.
+        fs::write(
+            &case.bundle,
+            Hostile::new()
+                .file("ok", b"x")
+                .file("../evil", b"x")
+                .finish(),
+        )
+        .expect("write");
+        case.extract().expect_err("hostile");
+        assert_eq!(fs::read(case.dest.join("a")).expect("read"), b"new");
+        let names: Vec<_> = fs::read_dir(&case.base)
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "the tree and the old one only: {names:?}");
     }
 
     #[test]
-    fn leftover_partial_directory_is_replaced() {
+    fn leftovers_of_dead_attempts_are_removed() {
         let case = Case::new(&Hostile::new().dir("./").file("./a", b"fresh").finish());
-        let partial = partial_dir_for(&case.dest);
-        fs::create_dir_all(partial.join("stale/ro")).expect("mkdir");
-        fs::write(partial.join("stale/ro/old"), b"old").expect("write");
-        fs::set_permissions(partial.join("stale/ro"), fs::Permissions::from_mode(0o555))
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let gone = child.id();
+        child.wait().expect("wait");
+        let mine = crate::compute::attempt_sibling(&case.dest);
+        let name = mine
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        let (prefix, owner) = name.split_at(name.find('-').expect("owner"));
+        let _ = owner;
+        let leftover = case.base.join(format!("{prefix}-{gone}-0badf00d.partial"));
+        fs::create_dir_all(leftover.join("stale/ro")).expect("mkdir");
+        fs::write(leftover.join("stale/ro/old"), b"old").expect("write");
+        fs::set_permissions(leftover.join("stale/ro"), fs::Permissions::from_mode(0o555))
             .expect("chmod");
         let summary = case.extract().expect("extract");
         assert_eq!(summary.files, 1);
         assert_eq!(fs::read(case.dest.join("a")).expect("read"), b"fresh");
-        assert!(!case.dest.join("stale").exists());
-        assert!(fs::symlink_metadata(&partial).is_err());
+        assert!(fs::symlink_metadata(&leftover).is_err());
     }
 
     #[test]
-    fn partial_dir_is_a_hidden_sibling() {
-        let partial = partial_dir_for(Path::new("/stage/ds1"));
-        assert_eq!(partial.parent(), Some(Path::new("/stage")));
-        assert!(
-            partial
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with('.')
-        );
+    fn a_cancelled_extraction_stops_and_leaves_nothing() {
+        let data = crate::compute::md5::tests::pseudo_random(6 * CHUNK_SIZE, 5);
+        let case = Case::new(&Hostile::new().dir("./").file("./big", &data).finish());
+        let cancel = CancellationToken::new();
+        let err = Pool::new(1)
+            .expect("pool")
+            .install(|| {
+                extract_bundle(
+                    &case.bundle,
+                    &case.dest,
+                    &ExtractOptions::default(),
+                    &|_| cancel.cancel(),
+                    &cancel,
+                )
+            })
+            .expect_err("cancelled");
+        assert!(matches!(err, ExtractError::Cancelled), "{err:?}");
+        case.assert_nothing_left();
+    }
+
+    #[test]
+    fn modes_come_from_the_policy_not_the_bundle() {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, kind, mode, data) in [
+            ("./", EntryType::Directory, 0o777, &b""[..]),
+            ("sub/", EntryType::Directory, 0o3777, &b""[..]),
+            (
+                "sub/run.sh",
+                EntryType::Regular,
+                0o4755,
+                &b"#!/bin/sh\n"[..],
+            ),
+            ("sub/data", EntryType::Regular, 0o666, &b"d"[..]),
+        ] {
+            let mut header = Hostile::header(name, kind, data.len() as u64, None);
+            header.set_mode(mode);
+            header.set_cksum();
+            builder.append(&header, data).expect("append");
+        }
+        let case = Case::new(&builder.into_inner().expect("finish"));
+        let opts = ExtractOptions {
+            modes: Modes {
+                file: 0o640,
+                directory: 0o750,
+            },
+            sync: true,
+        };
+        Pool::new(1)
+            .expect("pool")
+            .install(|| {
+                extract_bundle(
+                    &case.bundle,
+                    &case.dest,
+                    &opts,
+                    &|_| {},
+                    &CancellationToken::new(),
+                )
+            })
+            .expect("extract");
+        let mode = |rel: &str| {
+            fs::metadata(case.dest.join(rel))
+                .expect("stat")
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!(mode(""), 0o750);
+        assert_eq!(mode("sub"), 0o750);
+        assert_eq!(mode("sub/run.sh"), 0o750);
+        assert_eq!(mode("sub/data"), 0o640);
     }
 
     #[test]
@@ -1211,7 +1365,7 @@ mod tests {
     }
 
     #[test]
-    fn read_only_directories_do_not_block_extraction() {
+    fn read_only_directories_in_a_bundle_do_not_block_extraction() {
         let mut builder = tar::Builder::new(Vec::new());
         let mut header = Hostile::header("ro/", EntryType::Directory, 0, None);
         header.set_mode(0o555);
@@ -1222,7 +1376,11 @@ mod tests {
         let case = Case::new(&builder.into_inner().expect("finish"));
         case.extract().expect("extract");
         let meta = fs::metadata(case.dest.join("ro")).expect("stat");
-        assert_eq!(meta.permissions().mode() & 0o777, 0o555);
+        assert_eq!(
+            meta.permissions().mode() & 0o777,
+            0o755,
+            "the policy's mode"
+        );
         assert_eq!(fs::read(case.dest.join("ro/f")).expect("read"), b"hi");
     }
 
@@ -1246,12 +1404,19 @@ mod tests {
         let summary = Pool::new(1)
             .expect("pool")
             .install(|| {
-                extract_bundle(&bundle, &dest, &|n| {
-                    reported.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                })
+                extract_bundle(
+                    &bundle,
+                    &dest,
+                    &ExtractOptions::default(),
+                    &|n| {
+                        reported.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    },
+                    &CancellationToken::new(),
+                )
             })
-            .expect("extract");
-        assert_eq!(describe_tree(&dest), describe_tree(&source));
+            .expect("extract")
+            .summary;
+        assert_eq!(describe_tree(&dest, false), describe_tree(&source, false));
         assert_eq!(summary.files, 7);
         assert_eq!(summary.symlinks, 4);
         let consumed = reported.load(std::sync::atomic::Ordering::Relaxed);
@@ -1260,7 +1425,6 @@ mod tests {
             consumed > 1_300_000 && consumed <= len,
             "{consumed} of {len}"
         );
-        assert!(fs::symlink_metadata(partial_dir_for(&dest)).is_err());
     }
 
     #[test]

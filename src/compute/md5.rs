@@ -16,6 +16,8 @@ use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use openssl::md::{Md, MdRef};
+
+use crate::cancel::{CancellationToken, check};
 use openssl::md_ctx::MdCtx;
 
 /// Size of every read and of every pipelined chunk: large enough that syscalls and lock traffic vanish
@@ -175,21 +177,25 @@ pub(crate) fn read_retrying(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result
 }
 
 /// Hashes a file with large reads (1 MiB buffer reused per thread); returns digest and byte count.
-pub fn md5_file(path: &Path) -> io::Result<(Md5Digest, u64)> {
+/// Stops with a cancellation error once `cancel` is cancelled.
+pub fn md5_file(path: &Path, cancel: &CancellationToken) -> io::Result<(Md5Digest, u64)> {
     let mut file = File::open(path)?;
     advise_sequential(&file);
-    md5_reader(&mut file, &mut |_| {})
+    md5_reader(&mut file, &mut |_| {}, cancel)
 }
 
-/// Same over any reader; `on_bytes(n)` is called with each chunk length (progress).
+/// Same over any reader; `on_bytes(n)` is called with each chunk length (progress), and
+/// `cancel` is checked before each chunk.
 pub fn md5_reader(
     reader: &mut dyn Read,
     on_bytes: &mut dyn FnMut(u64),
+    cancel: &CancellationToken,
 ) -> io::Result<(Md5Digest, u64)> {
     with_read_buffer(|buf| {
         let mut md5 = Md5::new();
         let mut total = 0u64;
         loop {
+            check(cancel)?;
             let n = read_retrying(reader, buf)?;
             if n == 0 {
                 break;
@@ -204,18 +210,21 @@ pub fn md5_reader(
 
 /// Copies src to dst (created/truncated) hashing the bytes on the way: one read of the source.
 ///
-/// The copy is not fsynced: callers that need it durable sync `dst` themselves.
+/// The copy is not fsynced: callers that need it durable sync `dst` themselves. `cancel` is
+/// checked before each chunk.
 pub fn copy_file_with_md5(
     src: &Path,
     dst: &Path,
     on_bytes: &(dyn Fn(u64) + Sync),
+    cancel: &CancellationToken,
 ) -> io::Result<(Md5Digest, u64)> {
     let mut source = File::open(src)?;
     advise_sequential(&source);
     let target = File::create(dst)?;
     let mut writer = HashingWriter::new(target);
     loop {
-        let n = writer.read_from(&mut source)?;
+        check(cancel)?;
+        let n = writer.read_from(&mut source, &mut |_| {})?;
         if n == 0 {
             break;
         }
@@ -490,13 +499,19 @@ impl<W: Write> HashingWriter<W> {
         Ok((inner, digest, total))
     }
 
-    /// Reads from `reader` straight into the current chunk (no intermediate copy); returns 0 at EOF.
-    pub(crate) fn read_from(&mut self, reader: &mut dyn Read) -> Result<usize, CopyError> {
+    /// Reads from `reader` straight into the current chunk (no intermediate copy) and shows the
+    /// bytes read to `on_data` before they are written; returns 0 at EOF.
+    pub(crate) fn read_from(
+        &mut self,
+        reader: &mut dyn Read,
+        on_data: &mut dyn FnMut(&[u8]),
+    ) -> Result<usize, CopyError> {
         if self.current.len == CHUNK_SIZE {
             self.submit().map_err(CopyError::Write)?;
         }
         let start = self.current.len;
         let n = read_retrying(reader, &mut self.current.data[start..]).map_err(CopyError::Read)?;
+        on_data(&self.current.data[start..start + n]);
         self.current.len += n;
         if self.current.len == CHUNK_SIZE {
             self.submit().map_err(CopyError::Write)?;
@@ -640,7 +655,7 @@ pub(crate) mod tests {
         let path = dir.path().join("random.bin");
         let data = pseudo_random(3 * 1024 * 1024 + 12_345, 7);
         std::fs::write(&path, &data).expect("write");
-        let (digest, size) = md5_file(&path).expect("hash");
+        let (digest, size) = md5_file(&path, &CancellationToken::new()).expect("hash");
         assert_eq!(size, data.len() as u64);
         assert_eq!(digest, md5_bytes(&data));
         let out = Command::new("openssl")
@@ -658,7 +673,12 @@ pub(crate) mod tests {
     fn md5_reader_reports_progress() {
         let data = pseudo_random(CHUNK_SIZE * 2 + 3, 1);
         let mut seen = 0u64;
-        let (digest, size) = md5_reader(&mut data.as_slice(), &mut |n| seen += n).expect("hash");
+        let (digest, size) = md5_reader(
+            &mut data.as_slice(),
+            &mut |n| seen += n,
+            &CancellationToken::new(),
+        )
+        .expect("hash");
         assert_eq!(size, data.len() as u64);
         assert_eq!(seen, size);
         assert_eq!(digest, md5_bytes(&data));
@@ -828,9 +848,14 @@ pub(crate) mod tests {
             let seen = std::sync::atomic::AtomicU64::new(0);
             let (digest, size) = pool
                 .install(|| {
-                    copy_file_with_md5(&src, &dst, &|n| {
-                        seen.fetch_add(n, Ordering::Relaxed);
-                    })
+                    copy_file_with_md5(
+                        &src,
+                        &dst,
+                        &|n| {
+                            seen.fetch_add(n, Ordering::Relaxed);
+                        },
+                        &CancellationToken::new(),
+                    )
                 })
                 .expect("copy");
             assert_eq!(size, len as u64);

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::fs::{self, File, Metadata};
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rayon::iter::{ParallelBridge, ParallelIterator};
 use walkdir::WalkDir;
 
+use crate::cancel::{CancellationToken, Cancelled};
 use crate::compute::md5::{Md5Digest, advise_sequential, md5_reader};
 
 /// What a directory entry is, with symbolic links told apart by what they point at.
@@ -79,15 +80,40 @@ pub fn symlink_escapes(link_rel: &Path, target: &Path) -> bool {
 /// zeros, so its last steps are linear, and without mixing the sums of `(a, 4), (b, 5)` and
 /// `(a, 5), (b, 4)` are equal about half the time: two files swapping sizes would go unnoticed.
 pub fn fingerprint_add(acc: u64, rel_path: &str, size: u64) -> u64 {
+    acc.wrapping_add(mixed_hash(
+        rel_path
+            .as_bytes()
+            .iter()
+            .copied()
+            .chain(std::iter::once(0u8))
+            .chain(size.to_le_bytes()),
+    ))
+}
+
+/// Order-independent fingerprint of (path, checksum) pairs, made like [`fingerprint_add`]: the
+/// path bytes, a 0 byte, then the 16 bytes of the MD5, or one 0xff byte for an entry without
+/// one (a symbolic link). Equal sums mean every file holds the content that was hashed before,
+/// whatever happened to sizes and times.
+pub fn checksum_fingerprint_add(acc: u64, rel_path: &str, md5: Option<&Md5Digest>) -> u64 {
+    let digest: &[u8] = match md5 {
+        Some(md5) => md5.as_bytes(),
+        None => &[0xff],
+    };
+    acc.wrapping_add(mixed_hash(
+        rel_path
+            .as_bytes()
+            .iter()
+            .copied()
+            .chain(std::iter::once(0u8))
+            .chain(digest.iter().copied()),
+    ))
+}
+
+/// FNV-1a 64 of `bytes` followed by MurmurHash3's 64-bit finalizer.
+fn mixed_hash(bytes: impl Iterator<Item = u8>) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
     let mut hash = OFFSET;
-    let bytes = rel_path
-        .as_bytes()
-        .iter()
-        .copied()
-        .chain(std::iter::once(0u8))
-        .chain(size.to_le_bytes());
     for byte in bytes {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(PRIME);
@@ -97,23 +123,53 @@ pub fn fingerprint_add(acc: u64, rel_path: &str, size: u64) -> u64 {
     hash ^= hash >> 33;
     hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     hash ^= hash >> 33;
-    acc.wrapping_add(hash)
+    hash
 }
 
 /// Result of [`newest_change`].
 #[derive(Debug, Clone, Default)]
 pub struct ChangeSummary {
+    /// The newest change time not after the walk's `future_after`, and the entry it is of.
     pub newest: Option<SystemTime>,
+    pub newest_path: Option<PathBuf>,
+    /// Entries whose change time lies after `future_after` (clocks of instruments are wrong
+    /// at times): how many, and the newest of them.
+    pub future_entries: u64,
+    pub future_newest: Option<(SystemTime, PathBuf)>,
     pub entries: u64,
     pub unreadable: u64,
 }
 
 impl ChangeSummary {
     fn merge(mut self, other: ChangeSummary) -> ChangeSummary {
-        self.newest = self.newest.max(other.newest);
+        if other.newest > self.newest {
+            self.newest = other.newest;
+            self.newest_path = other.newest_path;
+        }
+        if other.future_newest.as_ref().map(|(t, _)| *t)
+            > self.future_newest.as_ref().map(|(t, _)| *t)
+        {
+            self.future_newest = other.future_newest;
+        }
+        self.future_entries += other.future_entries;
         self.entries += other.entries;
         self.unreadable += other.unreadable;
         self
+    }
+
+    fn of(path: &Path, changed: SystemTime, future_after: SystemTime) -> ChangeSummary {
+        let mut summary = ChangeSummary {
+            entries: 1,
+            ..ChangeSummary::default()
+        };
+        if changed > future_after {
+            summary.future_entries = 1;
+            summary.future_newest = Some((changed, path.to_path_buf()));
+        } else {
+            summary.newest = Some(changed);
+            summary.newest_path = Some(path.to_path_buf());
+        }
+        summary
     }
 }
 
@@ -141,17 +197,23 @@ fn timestamp(secs: i64, nanos: i64) -> SystemTime {
 ///
 /// Entries that vanish between listing and stat are ignored: their parent directory's times record the
 /// removal anyway.
-pub fn newest_change(root: &Path) -> io::Result<ChangeSummary> {
+///
+/// Change times after `future_after` are reported apart (`future_entries`, `future_newest`):
+/// a file dated in the future would otherwise look like a change that never ends.
+///
+/// Checks `cancel` per entry; a cancelled walk returns a cancellation error.
+pub fn newest_change(
+    root: &Path,
+    future_after: SystemTime,
+    cancel: &CancellationToken,
+) -> io::Result<ChangeSummary> {
     let root_meta = fs::symlink_metadata(root)?;
-    let start = ChangeSummary {
-        newest: Some(changed_at(&root_meta)),
-        entries: 1,
-        unreadable: 0,
-    };
+    let start = ChangeSummary::of(root, changed_at(&root_meta), future_after);
     let rest = WalkDir::new(root)
         .min_depth(1)
         .follow_links(false)
         .into_iter()
+        .take_while(|_| !cancel.is_cancelled())
         .par_bridge()
         .map(|entry| {
             let mut summary = ChangeSummary::default();
@@ -185,11 +247,12 @@ pub fn newest_change(root: &Path) -> io::Result<ChangeSummary> {
             if metadata.file_type().is_symlink() && fs::metadata(entry.path()).is_err() {
                 return summary;
             }
-            summary.newest = Some(changed_at(&metadata));
-            summary.entries = 1;
-            summary
+            ChangeSummary::of(entry.path(), changed_at(&metadata), future_after)
         })
         .reduce(ChangeSummary::default, ChangeSummary::merge);
+    if cancel.is_cancelled() {
+        return Err(Cancelled.into());
+    }
     Ok(start.merge(rest))
 }
 
@@ -234,7 +297,10 @@ pub struct InspectSummary {
     pub num_files: u64,
     pub num_directories: u64,
     pub num_genome_files: u64,
+    /// `fingerprint_add` over every row's (path, size).
     pub fingerprint: u64,
+    /// `checksum_fingerprint_add` over every row's (path, MD5).
+    pub checksum_fingerprint: u64,
     /// The first error messages (at most 100).
     pub errors: Vec<String>,
     pub error_count: u64,
@@ -255,6 +321,9 @@ impl InspectSummary {
         self.num_directories += other.num_directories;
         self.num_genome_files += other.num_genome_files;
         self.fingerprint = self.fingerprint.wrapping_add(other.fingerprint);
+        self.checksum_fingerprint = self
+            .checksum_fingerprint
+            .wrapping_add(other.checksum_fingerprint);
         self.error_count += other.error_count;
         let room = MAX_ERRORS.saturating_sub(self.errors.len());
         self.errors.extend(other.errors.into_iter().take(room));
@@ -265,6 +334,8 @@ impl InspectSummary {
         self.num_files += 1;
         self.size += record.size;
         self.fingerprint = fingerprint_add(self.fingerprint, &record.path, record.size);
+        self.checksum_fingerprint =
+            checksum_fingerprint_add(self.checksum_fingerprint, &record.path, record.md5.as_ref());
     }
 }
 
@@ -274,6 +345,7 @@ struct Inspection<'a> {
     opts: &'a InspectOptions<'a>,
     on_record: &'a (dyn Fn(InspectRecord) + Sync),
     on_progress: &'a (dyn Fn(u64, u64) + Sync),
+    cancel: &'a CancellationToken,
     /// (dev, ino) of files with more than one link, so `du_size` counts each once.
     hard_links: Mutex<HashSet<(u64, u64)>>,
     files_done: AtomicU64,
@@ -379,10 +451,14 @@ impl Inspection<'_> {
     fn hash(&self, path: &Path) -> io::Result<(Md5Digest, u64)> {
         let mut file = File::open(path)?;
         advise_sequential(&file);
-        md5_reader(&mut file, &mut |n| {
-            let bytes = self.bytes_done.fetch_add(n, Ordering::Relaxed) + n;
-            (self.on_progress)(self.files_done.load(Ordering::Relaxed), bytes);
-        })
+        md5_reader(
+            &mut file,
+            &mut |n| {
+                let bytes = self.bytes_done.fetch_add(n, Ordering::Relaxed) + n;
+                (self.on_progress)(self.files_done.load(Ordering::Relaxed), bytes);
+            },
+            self.cancel,
+        )
     }
 
     fn emit(&self, summary: &mut InspectSummary, record: InspectRecord) {
@@ -420,12 +496,14 @@ impl Inspection<'_> {
 /// and no checksum; directories and symlinks to directories are counted, never followed; other kinds
 /// (fifo, socket, device) are skipped with a warning. Unreadable entries, names that are not UTF-8 and
 /// symlinks escaping the root are reported in `errors` while the walk goes on. A record's size is the
-/// number of bytes hashed, so size and checksum always describe the same content.
+/// number of bytes hashed, so size and checksum always describe the same content. `cancel` is
+/// checked per entry and per chunk hashed; a cancelled inspection returns a cancellation error.
 pub fn inspect_tree(
     root: &Path,
     opts: &InspectOptions,
     on_record: &(dyn Fn(InspectRecord) + Sync),
     on_progress: &(dyn Fn(u64, u64) + Sync),
+    cancel: &CancellationToken,
 ) -> io::Result<InspectSummary> {
     let root_meta = fs::metadata(root)?;
     if !root_meta.is_dir() {
@@ -439,6 +517,7 @@ pub fn inspect_tree(
         opts,
         on_record,
         on_progress,
+        cancel,
         hard_links: Mutex::new(HashSet::new()),
         files_done: AtomicU64::new(0),
         bytes_done: AtomicU64::new(0),
@@ -451,27 +530,35 @@ pub fn inspect_tree(
         .min_depth(1)
         .follow_links(false)
         .into_iter()
+        .take_while(|_| !cancel.is_cancelled())
         .par_bridge()
         .map(|entry| inspection.entry(entry))
         .reduce(InspectSummary::default, InspectSummary::merge);
+    if cancel.is_cancelled() {
+        return Err(Cancelled.into());
+    }
     Ok(start.merge(rest))
 }
 
 /// How many entries below `root` are not directories: the number of file rows an inspection
 /// will produce, known cheaply (directory listings only, no `stat` where the file system
-/// reports entry types). Unreadable parts are skipped; this only sizes a progress bar.
-pub fn count_non_directories(root: &Path) -> u64 {
+/// reports entry types). Unreadable parts are skipped; this only sizes a progress bar. A
+/// cancelled count stops early (its result is then meaningless).
+pub fn count_non_directories(root: &Path, cancel: &CancellationToken) -> u64 {
     WalkDir::new(root)
         .into_iter()
+        .take_while(|_| !cancel.is_cancelled())
         .filter_map(Result::ok)
         .filter(|e| !e.file_type().is_dir())
         .count() as u64
 }
 
-/// The apparent size of the regular files below `root`. Unreadable parts are skipped.
-pub fn regular_file_bytes(root: &Path) -> u64 {
+/// The apparent size of the regular files below `root`. Unreadable parts are skipped. A
+/// cancelled walk stops early (its result is then meaningless).
+pub fn regular_file_bytes(root: &Path, cancel: &CancellationToken) -> u64 {
     WalkDir::new(root)
         .into_iter()
+        .take_while(|_| !cancel.is_cancelled())
         .filter_map(Result::ok)
         .filter(|e| e.file_type().is_file())
         .filter_map(|e| e.metadata().ok())
@@ -591,7 +678,9 @@ mod tests {
             write(&root.join(format!("d{}/e{}/f{i}", i % 5, i % 3)), b"data");
         }
         symlink("nowhere", root.join("d1/broken")).expect("symlink");
-        let before = pool.install(|| newest_change(&root)).expect("walk");
+        let before = pool
+            .install(|| newest_change(&root, far_future(), &CancellationToken::new()))
+            .expect("walk");
         // 50 files + 5 + 15 directories + root; the broken link is not counted.
         assert_eq!(before.entries, 71);
         assert_eq!(before.unreadable, 0);
@@ -600,7 +689,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         let deep = root.join("d3/e0/f3");
         set_times(&deep, 1_000_000);
-        let after = pool.install(|| newest_change(&root)).expect("walk");
+        let after = pool
+            .install(|| newest_change(&root, far_future(), &CancellationToken::new()))
+            .expect("walk");
         let changed = after.newest.expect("newest");
         assert!(changed > newest, "{changed:?} > {newest:?}");
         assert_eq!(
@@ -612,7 +703,12 @@ mod tests {
     #[test]
     fn newest_change_missing_root_is_not_found() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = newest_change(&dir.path().join("missing")).expect_err("missing root");
+        let err = newest_change(
+            &dir.path().join("missing"),
+            far_future(),
+            &CancellationToken::new(),
+        )
+        .expect_err("missing root");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
     }
 
@@ -646,6 +742,7 @@ mod tests {
                         last.0 = last.0.max(files);
                         last.1 = last.1.max(bytes);
                     },
+                    &CancellationToken::new(),
                 )
             })
             .expect("inspect");
@@ -794,8 +891,66 @@ mod tests {
         let opts = InspectOptions {
             genome_file_types: &types,
         };
-        let err = inspect_tree(&dir.path().join("missing"), &opts, &|_| {}, &|_, _| {})
-            .expect_err("missing root");
+        let err = inspect_tree(
+            &dir.path().join("missing"),
+            &opts,
+            &|_| {},
+            &|_, _| {},
+            &CancellationToken::new(),
+        )
+        .expect_err("missing root");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn cancelled_walks_return_a_cancellation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for i in 0..50 {
+            std::fs::write(dir.path().join(format!("f{i}")), b"x").expect("write");
+        }
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let types = genome_types();
+        let opts = InspectOptions {
+            genome_file_types: &types,
+        };
+        let err = inspect_tree(
+            dir.path(),
+            &opts,
+            &|_| panic!("no rows"),
+            &|_, _| {},
+            &cancel,
+        )
+        .expect_err("cancelled");
+        assert!(crate::cancel::is_cancelled(&err));
+        let err = newest_change(dir.path(), far_future(), &cancel).expect_err("cancelled");
+        assert!(crate::cancel::is_cancelled(&err));
+    }
+
+    fn far_future() -> SystemTime {
+        SystemTime::now() + Duration::from_secs(3600)
+    }
+
+    #[test]
+    fn future_times_are_reported_apart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let now = SystemTime::now();
+        std::fs::write(dir.path().join("now"), b"x").expect("write");
+        let ahead = dir.path().join("ahead");
+        std::fs::write(&ahead, b"x").expect("write");
+        let in_a_day = now + Duration::from_secs(86_400);
+        filetime::set_file_mtime(&ahead, filetime::FileTime::from_system_time(in_a_day))
+            .expect("mtime");
+        let summary = newest_change(
+            dir.path(),
+            now + Duration::from_secs(60),
+            &CancellationToken::new(),
+        )
+        .expect("walk");
+        assert_eq!(summary.future_entries, 1);
+        let (time, path) = summary.future_newest.expect("future");
+        assert_eq!(path, ahead);
+        assert!(time > now + Duration::from_secs(80_000));
+        assert!(summary.newest.expect("newest") <= now + Duration::from_secs(60));
     }
 }

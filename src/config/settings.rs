@@ -123,6 +123,9 @@ pub struct RawRegistration {
     pub poll_interval_seconds: u64,
     pub full_scan_every_n_scans: u32,
     pub minimum_dataset_size: u64,
+    /// `await_stability` fails after waiting this long for a dataset to stop changing (0: no
+    /// limit).
+    pub max_stability_wait_seconds: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -133,6 +136,11 @@ pub struct RawSource {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RawStage {
+    /// Permission bits of staged files, in octal (`"0644"`); files that were executable get
+    /// `x` where they have `r`.
+    pub file_mode: String,
+    /// Permission bits of staged directories, in octal (`"0755"`).
+    pub directory_mode: String,
     pub purge: RawPurge,
 }
 
@@ -192,6 +200,10 @@ pub struct RawWorker {
     /// On SIGTERM, how long running steps may take to finish before they are stopped and
     /// handed back to the queue.
     pub shutdown_grace_seconds: u64,
+    /// Longest run of one step attempt (0: no limit); a step past it is stopped and fails.
+    pub time_limit_seconds: u64,
+    /// Per task name: overrides of `time_limit_seconds`.
+    pub time_limits: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -260,6 +272,10 @@ pub struct RawHsi {
     pub command: PathBuf,
     /// Transfer with checksums (`put -c on`, `get -c on`).
     pub verify: bool,
+    /// Longest time an hsi command other than a transfer may take.
+    pub command_timeout_seconds: u64,
+    /// A transfer that makes no progress for this long is stopped.
+    pub stall_timeout_seconds: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -397,6 +413,8 @@ pub struct Registration {
     pub poll_interval: std::time::Duration,
     pub full_scan_every_n_scans: u32,
     pub minimum_dataset_size: u64,
+    /// `None`: no limit.
+    pub max_stability_wait: Option<std::time::Duration>,
 }
 
 impl Registration {
@@ -420,6 +438,8 @@ pub struct Stage {
     pub days_to_live: u32,
     pub max_purges: u32,
     pub alias_salt: SecretString,
+    /// Permission bits of staged trees.
+    pub modes: crate::compute::extract::Modes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

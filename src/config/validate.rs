@@ -344,6 +344,18 @@ pub(super) fn build(
         poll_interval: Duration::from_secs(raw.registration.poll_interval_seconds),
         full_scan_every_n_scans: raw.registration.full_scan_every_n_scans,
         minimum_dataset_size: raw.registration.minimum_dataset_size,
+        max_stability_wait: match raw.registration.max_stability_wait_seconds {
+            0 => None,
+            secs => Some(Duration::from_secs(secs)),
+        },
+    };
+    let modes = crate::compute::extract::Modes {
+        file: check.mode(&["stage", "file_mode"], &raw.stage.file_mode, 0o600),
+        directory: check.mode(
+            &["stage", "directory_mode"],
+            &raw.stage.directory_mode,
+            0o700,
+        ),
     };
 
     let batch = raw.inspect.file_metadata_batch_size;
@@ -359,6 +371,14 @@ pub(super) fn build(
         if !TASK_NAMES.contains(&task.as_str()) {
             check.fail(
                 &key(&["retry", "steps", task]),
+                format!("unknown task `{task}` (known: {})", TASK_NAMES.join(", ")),
+            );
+        }
+    }
+    for task in raw.worker.time_limits.keys() {
+        if !TASK_NAMES.contains(&task.as_str()) {
+            check.fail(
+                &key(&["worker", "time_limits", task]),
                 format!("unknown task `{task}` (known: {})", TASK_NAMES.join(", ")),
             );
         }
@@ -423,6 +443,15 @@ pub(super) fn build(
     if backends.archive == Some(ArchiveKind::Hsi) && raw.hsi.command.as_os_str().is_empty() {
         check.fail(&key(&["hsi", "command"]), "must not be empty");
     }
+    for name in ["command_timeout_seconds", "stall_timeout_seconds"] {
+        let value = match name {
+            "command_timeout_seconds" => raw.hsi.command_timeout_seconds,
+            _ => raw.hsi.stall_timeout_seconds,
+        };
+        if value == 0 {
+            check.fail(&key(&["hsi", name]), "must be at least 1");
+        }
+    }
 
     if raw.service_user.trim().is_empty() {
         check.fail(&key(&["service_user"]), "must not be empty");
@@ -476,6 +505,7 @@ pub(super) fn build(
             days_to_live: raw.stage.purge.days_to_live,
             max_purges: raw.stage.purge.max_purges,
             alias_salt: SecretString::new(found.alias_salt),
+            modes,
         },
         inspect: raw.inspect,
         workflows_dir,
@@ -573,6 +603,37 @@ struct Checker<'a> {
 impl Checker<'_> {
     fn fail(&mut self, path: &[Seg], message: impl Into<String>) {
         self.errors.push(self.ctx.error(path, message));
+    }
+
+    /// Parses permission bits written in octal (`"0644"`, `"755"`), which must include
+    /// `owner_needs` (the service must still read, and for directories list and clean up, what
+    /// it staged).
+    fn mode(&mut self, parts: &[&str], text: &str, owner_needs: u32) -> u32 {
+        let digits = text.trim().trim_start_matches("0o");
+        match u32::from_str_radix(digits, 8) {
+            Ok(mode) if mode <= 0o777 && mode & owner_needs == owner_needs => mode,
+            Ok(mode) if mode > 0o777 => {
+                self.fail(
+                    &key(parts),
+                    format!("`{text}` has bits above 0777 (setuid, setgid, sticky): not allowed"),
+                );
+                0
+            }
+            Ok(_) => {
+                self.fail(
+                    &key(parts),
+                    format!("`{text}` must give the owner at least {owner_needs:04o}"),
+                );
+                0
+            }
+            Err(_) => {
+                self.fail(
+                    &key(parts),
+                    format!("`{text}` is not an octal mode such as \"0644\""),
+                );
+                0
+            }
+        }
     }
 
     /// Makes a configured path absolute against the project root, refusing what would

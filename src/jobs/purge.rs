@@ -1,19 +1,17 @@
 //! `purge_staged_datasets` (spec C.2) and `purge_stale_workflows` (spec C.3).
 //!
 //! Unlike the original, purging a staged dataset also removes its download links (they would
-//! be left dangling, spec C.2), and stale workflows are found page by page instead of with a
+//! be left dangling, spec C.2) and read-only trees, and records the purge before it removes
+//! anything; stale workflows are found page by page instead of with a
 //! list of every workflow id (spec J.25).
 
-use std::path::{Path, PathBuf};
-
-use anyhow::Context;
 use chrono::{TimeDelta, Utc};
 use tracing::{info, warn};
 
 use crate::app::App;
 use crate::model::DatasetState;
-use crate::registry::{Dataset, DatasetPatch, DatasetQuery};
-use crate::steps::staged_bundle_path;
+use crate::registry::{Dataset, DatasetQuery};
+use crate::steps::withdraw_staged_copy;
 use crate::store::PageCursor;
 
 #[derive(Debug, Clone, Default)]
@@ -66,67 +64,14 @@ pub async fn purge_staged(app: &App, dry_run: bool) -> anyhow::Result<StagedPurg
     Ok(report)
 }
 
+/// The record first (not staged, PURGED), then the links, the tree and the bundle: a purge that
+/// fails half-way leaves files behind, never a staged record without its copy.
 async fn purge_one(app: &App, dataset: &Dataset) -> anyhow::Result<()> {
-    let staged = dataset.staged_path.as_deref().map(PathBuf::from);
-    let bundle = staged_bundle_path(app, dataset);
-    let download_dir = app.settings.paths.download_dir.clone();
-    let links: Vec<PathBuf> = [
-        dataset.stage_alias().map(|alias| download_dir.join(alias)),
-        Some(download_dir.join(dataset.name.staged_bundle_file_name(dataset.dataset_type))),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    app.pool
-        .run(move || -> anyhow::Result<()> {
-            // The links first: a download never starts on a tree being removed.
-            for link in &links {
-                remove_link(link)?;
-            }
-            if let Some(staged) = &staged {
-                remove_tree(staged)?;
-            }
-            match std::fs::remove_file(&bundle) {
-                Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-                    Err(anyhow::Error::new(err)
-                        .context(format!("cannot remove `{}`", bundle.display())))
-                }
-                _ => Ok(()),
-            }
-        })
-        .await?;
-    app.registry
-        .update(
-            dataset.id,
-            &DatasetPatch {
-                is_staged: Some(false),
-                staged_path: Some(None),
-                ..Default::default()
-            },
-        )
-        .await?;
+    withdraw_staged_copy(app, dataset).await?;
     app.registry
         .add_state(dataset.id, DatasetState::Purged)
         .await?;
     Ok(())
-}
-
-/// Removes `link` if it is a symbolic link (a download link); anything else is left alone.
-fn remove_link(link: &Path) -> anyhow::Result<()> {
-    match link.symlink_metadata() {
-        Ok(meta) if meta.file_type().is_symlink() => std::fs::remove_file(link)
-            .with_context(|| format!("cannot remove the link `{}`", link.display())),
-        _ => Ok(()),
-    }
-}
-
-fn remove_tree(path: &Path) -> anyhow::Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            Err(anyhow::Error::new(err).context(format!("cannot remove `{}`", path.display())))
-        }
-        _ => Ok(()),
-    }
 }
 
 #[derive(Debug, Clone, Default)]

@@ -199,7 +199,10 @@ async fn scan_source(
         let min_size = app.settings.registration.minimum_dataset_size;
         if min_size > 0 {
             let root = path.clone();
-            let size = app.pool.run(move || regular_file_bytes(&root)).await;
+            let size = app
+                .pool
+                .run(move || regular_file_bytes(&root, &crate::cancel::CancellationToken::new()))
+                .await;
             if size < min_size {
                 info!(directory = %path.display(), bytes = size, minimum = min_size,
                     "Directory held back: smaller than registration.minimum_dataset_size.");

@@ -31,9 +31,10 @@ use tracing::warn;
 use url::Url;
 
 use super::{
-    BulkOutcome, Dataset, DatasetId, DatasetPatch, DatasetQuery, MAX_BULK, Metric, NewDataset,
-    Registry, RegistryError, StateRecord,
+    BulkOutcome, Dataset, DatasetId, DatasetPatch, DatasetQuery, FileRowSource, MAX_BULK, Metric,
+    NewDataset, Registry, RegistryError, StateRecord,
 };
+use crate::compute::md5::Md5Digest;
 use crate::model::{Bundle, DatasetName, DatasetState, DatasetType, FileRecord, FileType};
 
 /// How to reach the Bioloop API and how hard to try (spec E.1).
@@ -52,6 +53,8 @@ pub struct HttpConfig {
     pub backoff: Duration,
     /// Cap on any one wait, `Retry-After` included.
     pub backoff_max: Duration,
+    /// How long stored file rows may take to become readable (spec E.4).
+    pub rows_visible_wait: Duration,
 }
 
 impl HttpConfig {
@@ -66,6 +69,7 @@ impl HttpConfig {
             max_retries: 9,
             backoff: Duration::from_secs(5),
             backoff_max: Duration::from_secs(120),
+            rows_visible_wait: ROWS_VISIBLE_WAIT,
         }
     }
 }
@@ -80,12 +84,25 @@ impl fmt::Debug for HttpConfig {
             .field("max_retries", &self.max_retries)
             .field("backoff", &self.backoff)
             .field("backoff_max", &self.backoff_max)
+            .field("rows_visible_wait", &self.rows_visible_wait)
             .finish()
     }
 }
 
 /// File rows sent per request; inspect batches them already, this bounds a single body.
 const FILE_BATCH: usize = 25_000;
+
+/// How long `replace_files` waits by default for acknowledged rows to become readable (spec
+/// E.4: the API answers before it stores them; 20,000 rows took seconds), resending those
+/// still missing.
+pub const ROWS_VISIBLE_WAIT: Duration = Duration::from_secs(300);
+
+/// Rows still missing this long after they were sent, with none becoming readable meanwhile,
+/// are taken as lost and sent again.
+const ROWS_RESEND_AFTER: Duration = Duration::from_secs(5);
+
+/// Paths named in an error about stored rows that differ from an inspection.
+const LISTED_ROW_DIFFERENCES: usize = 20;
 
 /// Datasets whose file listing is kept between the pages of a walk (see `files_page`).
 const FILE_LISTINGS_KEPT: usize = 4;
@@ -100,6 +117,7 @@ pub struct HttpRegistry {
     max_retries: u32,
     backoff: Duration,
     backoff_max: Duration,
+    rows_visible_wait: Duration,
     /// The last few datasets' file listings, newest last.
     listings: Mutex<VecDeque<(DatasetId, Arc<Vec<FileRecord>>)>>,
 }
@@ -135,6 +153,7 @@ impl HttpRegistry {
             max_retries: config.max_retries,
             backoff: config.backoff,
             backoff_max: config.backoff_max,
+            rows_visible_wait: config.rows_visible_wait,
             listings: Mutex::new(VecDeque::new()),
         })
     }
@@ -388,6 +407,85 @@ impl HttpRegistry {
         let call = Call::get("workflows/current".to_owned(), Vec::new());
         let reply = self.answered(&call, None).await?;
         self.decode(&call, &reply)
+    }
+
+    /// The rows the API shows now, by path.
+    async fn visible_rows(&self, id: DatasetId) -> Result<RowChecksums, RegistryError> {
+        self.forget_listing(id);
+        let listing = self.fetch_listing(id).await?;
+        self.forget_listing(id);
+        Ok(listing.iter().map(|r| (r.path.clone(), r.md5)).collect())
+    }
+
+    /// Counts the rows of `rows` that `visible` lacks (or shows with another checksum) and, with
+    /// `post`, sends them in batches as they are read (never all in memory).
+    async fn send_missing(
+        &self,
+        id: DatasetId,
+        rows: Arc<dyn FileRowSource>,
+        visible: Arc<RowChecksums>,
+        post: bool,
+    ) -> Result<u64, RegistryError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Vec<FileRecord>>>(2);
+        let reader = tokio::task::spawn_blocking(move || {
+            let read = || -> anyhow::Result<()> {
+                let mut batch = Vec::new();
+                for row in rows.rows()? {
+                    let row = row?;
+                    if visible.get(&row.path) == Some(&row.md5) {
+                        continue;
+                    }
+                    batch.push(row);
+                    if batch.len() == FILE_BATCH
+                        && tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err()
+                    {
+                        return Ok(());
+                    }
+                }
+                if !batch.is_empty() {
+                    let _ = tx.blocking_send(Ok(batch));
+                }
+                Ok(())
+            };
+            if let Err(err) = read() {
+                let _ = tx.blocking_send(Err(err));
+            }
+        });
+        let mut missing = 0u64;
+        while let Some(batch) = rx.recv().await {
+            let batch = batch.map_err(RegistryError::Unavailable)?;
+            missing += batch.len() as u64;
+            if post {
+                self.post_rows(id, &batch).await?;
+            }
+        }
+        reader
+            .await
+            .map_err(|err| RegistryError::Unavailable(err.into()))?;
+        Ok(missing)
+    }
+
+    /// `POST datasets/{id}/files` with one batch of rows.
+    async fn post_rows(&self, id: DatasetId, batch: &[FileRecord]) -> Result<(), RegistryError> {
+        let mut rows = Vec::with_capacity(batch.len());
+        for file in batch {
+            let Some(size) = file.size else {
+                return Err(RegistryError::Invalid(format!(
+                    "file row `{}` of dataset {id} has no size",
+                    file.path
+                )));
+            };
+            rows.push(json!({
+                "path": file.path,
+                "md5": file.md5.map(|m| m.to_string()),
+                "size": size.to_string(),
+                "type": file.file_type.as_str(),
+            }));
+        }
+        // Rows are unique per (dataset, path) on the server: a repeated batch adds nothing.
+        let call = Call::post(format!("datasets/{id}/files"), &Value::Array(rows));
+        self.answered(&call, Some(id)).await?;
+        Ok(())
     }
 
     /// The dataset's file rows sorted by path, from `GET datasets/{id}?files=true`.
@@ -646,27 +744,69 @@ impl Registry for HttpRegistry {
 
     async fn add_files(&self, id: DatasetId, files: &[FileRecord]) -> Result<(), RegistryError> {
         for batch in files.chunks(FILE_BATCH) {
-            let mut rows = Vec::with_capacity(batch.len());
-            for file in batch {
-                let Some(size) = file.size else {
-                    return Err(RegistryError::Invalid(format!(
-                        "file row `{}` of dataset {id} has no size",
-                        file.path
-                    )));
-                };
-                rows.push(json!({
-                    "path": file.path,
-                    "md5": file.md5.map(|m| m.to_string()),
-                    "size": size.to_string(),
-                    "type": file.file_type.as_str(),
-                }));
-            }
-            // Rows are unique per (dataset, path) on the server: a repeated batch adds nothing.
-            let call = Call::post(format!("datasets/{id}/files"), &Value::Array(rows));
-            self.answered(&call, Some(id)).await?;
+            self.post_rows(id, batch).await?;
         }
         self.forget_listing(id);
         Ok(())
+    }
+
+    /// The API keeps file rows for good and answers a POST before it stores them, sometimes
+    /// never storing them (spec E.4). So: compare the new rows with those stored (any that
+    /// differ fail the call, naming them: they cannot be replaced); post the missing ones; then
+    /// read back until every row is readable, resending what is still missing, for at most
+    /// `ROWS_VISIBLE_WAIT`.
+    async fn replace_files(
+        &self,
+        id: DatasetId,
+        rows: Arc<dyn FileRowSource>,
+    ) -> Result<u64, RegistryError> {
+        let stored = Arc::new(self.visible_rows(id).await?);
+        let (source, held) = (Arc::clone(&rows), Arc::clone(&stored));
+        let compared = crate::compute::blocking(move || compare_rows(id, &*source, &held))
+            .await
+            .map_err(RegistryError::Unavailable)?;
+        if !compared.differences.is_empty() {
+            return Err(RegistryError::Invalid(describe_row_differences(
+                id,
+                &compared.differences,
+            )));
+        }
+        let started = Instant::now();
+        let mut visible = stored;
+        // When rows were last sent, or last seen to become readable.
+        let mut last_move: Option<(Instant, usize)> = None;
+        let mut wait = Duration::from_millis(500);
+        loop {
+            // Send what is missing at first, and again whenever nothing became readable for a
+            // while (rows the API lost); rows are unique per path on the server, so a resent
+            // row adds nothing.
+            let stalled = last_move.is_none_or(|(at, count)| {
+                count == visible.len() && at.elapsed() >= ROWS_RESEND_AFTER
+            });
+            let missing = self
+                .send_missing(id, Arc::clone(&rows), Arc::clone(&visible), stalled)
+                .await?;
+            if missing == 0 {
+                return Ok(compared.total);
+            }
+            if stalled || last_move.is_some_and(|(_, count)| count != visible.len()) {
+                last_move = Some((Instant::now(), visible.len()));
+            }
+            if started.elapsed() >= self.rows_visible_wait {
+                return Err(RegistryError::Unavailable(anyhow::format_err!(
+                    "the Bioloop API accepted the {} file rows of dataset {id}, but {missing} of them were still not readable after {} s",
+                    compared.total,
+                    self.rows_visible_wait.as_secs()
+                )));
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(15));
+            visible = Arc::new(self.visible_rows(id).await?);
+        }
+    }
+
+    fn file_rows_lag(&self) -> Duration {
+        self.rows_visible_wait
     }
 
     /// The API returns a dataset's files in one answer, without sizes and without paging. A
@@ -822,6 +962,70 @@ struct Failure {
 struct Listed {
     dataset: Dataset,
     states_known: bool,
+}
+
+/// File rows by path, with their checksums.
+type RowChecksums = std::collections::HashMap<String, Option<Md5Digest>>;
+
+/// How a new inspection's rows compare with the rows the API holds.
+struct ComparedRows {
+    total: u64,
+    /// Stored rows that the inspection contradicts: another checksum, or a path it no longer
+    /// has.
+    differences: Vec<String>,
+}
+
+fn compare_rows(
+    id: DatasetId,
+    rows: &dyn FileRowSource,
+    stored: &RowChecksums,
+) -> anyhow::Result<ComparedRows> {
+    let mut unmatched: HashSet<&str> = stored.keys().map(String::as_str).collect();
+    let mut differences = Vec::new();
+    let mut total = 0u64;
+    for row in rows.rows()? {
+        let row = row?;
+        total += 1;
+        if let Some(md5) = stored.get(&row.path) {
+            unmatched.remove(row.path.as_str());
+            if *md5 != row.md5 {
+                differences.push(format!(
+                    "`{}` is stored with MD5 {}, inspected with {}",
+                    row.path,
+                    md5.map_or_else(|| "none".to_owned(), |m| m.to_string()),
+                    row.md5.map_or_else(|| "none".to_owned(), |m| m.to_string()),
+                ));
+            }
+        }
+    }
+    let mut gone: Vec<&str> = unmatched.into_iter().collect();
+    gone.sort_unstable();
+    differences.extend(
+        gone.into_iter()
+            .map(|path| format!("`{path}` is stored but no longer in dataset {id}")),
+    );
+    differences.sort();
+    Ok(ComparedRows { total, differences })
+}
+
+fn describe_row_differences(id: DatasetId, differences: &[String]) -> String {
+    let mut listed = differences
+        .iter()
+        .take(LISTED_ROW_DIFFERENCES)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("; ");
+    if differences.len() > LISTED_ROW_DIFFERENCES {
+        listed.push_str(&format!(
+            "; and {} more",
+            differences.len() - LISTED_ROW_DIFFERENCES
+        ));
+    }
+    format!(
+        "dataset {id} changed since its file rows were stored, and the Bioloop API cannot replace \
+         stored rows: {listed}. Register the current data as a new dataset, or remove the stale \
+         rows in the API's database, then run the workflow again"
+    )
 }
 
 fn is_retryable_status(status: StatusCode) -> bool {

@@ -163,6 +163,23 @@ pub trait Registry: Send + Sync {
     /// Stores file rows; a row whose path the dataset already has is skipped.
     async fn add_files(&self, id: DatasetId, files: &[FileRecord]) -> Result<(), RegistryError>;
 
+    /// Makes the dataset's file rows those of a new inspection, read from `rows`, and returns
+    /// how many there are. Rows of an earlier inspection never survive as if they were current:
+    /// a registry that can replace rows does so atomically; one that cannot (the Bioloop API
+    /// keeps rows for good) fails with `Invalid`, naming the paths whose stored rows differ,
+    /// and stores nothing. The call returns once every row is stored and readable.
+    async fn replace_files(
+        &self,
+        id: DatasetId,
+        rows: std::sync::Arc<dyn FileRowSource>,
+    ) -> Result<u64, RegistryError>;
+
+    /// How long stored file rows may take to become readable: a registry that answers before it
+    /// stores (the Bioloop API, spec E.4) shows rows late; the embedded one never does.
+    fn file_rows_lag(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// File rows in path order, starting after `after`: a stream in pages, so that datasets of
     /// millions of files are never held in memory at once.
     async fn files_page(
@@ -183,6 +200,21 @@ pub trait Registry: Send + Sync {
 
     /// Records usage measurements, all with the same timestamp.
     async fn add_metrics(&self, metrics: &[Metric]) -> Result<(), RegistryError>;
+}
+
+/// The rows of an inspection, read as often as a registry needs (once to compare, once to
+/// store), on a blocking thread: they come from a spool file, never all held in memory.
+pub trait FileRowSource: Send + Sync {
+    fn rows(&self) -> anyhow::Result<FileRowIter>;
+}
+
+pub type FileRowIter = Box<dyn Iterator<Item = anyhow::Result<FileRecord>> + Send>;
+
+/// Rows held in memory (tests, small inspections).
+impl FileRowSource for Vec<FileRecord> {
+    fn rows(&self) -> anyhow::Result<FileRowIter> {
+        Ok(Box::new(self.clone().into_iter().map(Ok)))
+    }
 }
 
 /// A dataset's file rows page by page, in path order: the cursor over `Registry::files_page`.

@@ -7,8 +7,8 @@ use chrono::Utc;
 use rusqlite::{OptionalExtension, Row, Transaction, params};
 
 use super::{
-    BulkOutcome, Dataset, DatasetId, DatasetPatch, DatasetQuery, MAX_BULK, Metric, NewDataset,
-    Registry, RegistryError, StateRecord, deep_merge,
+    BulkOutcome, Dataset, DatasetId, DatasetPatch, DatasetQuery, FileRowSource, MAX_BULK, Metric,
+    NewDataset, Registry, RegistryError, StateRecord, deep_merge,
 };
 use crate::model::{Bundle, DatasetName, DatasetState, DatasetType, FileRecord};
 use crate::sqlite::{Db, from_millis, to_millis};
@@ -29,29 +29,24 @@ fn unavailable(err: anyhow::Error) -> RegistryError {
 
 impl SqliteRegistry {
     /// Runs `f` in a write transaction if dataset `id` exists; `NotFound` otherwise.
-    async fn write_existing<F>(&self, id: DatasetId, f: F) -> Result<(), RegistryError>
+    async fn write_existing<T, F>(&self, id: DatasetId, f: F) -> Result<T, RegistryError>
     where
-        F: FnOnce(&Transaction<'_>) -> anyhow::Result<()> + Send + 'static,
+        F: FnOnce(&Transaction<'_>) -> anyhow::Result<T> + Send + 'static,
+        T: Send + 'static,
     {
-        let found = self
-            .db
+        self.db
             .write(move |tx| {
                 let exists: Option<i64> = tx
                     .query_row("SELECT id FROM datasets WHERE id = ?1", [id], |r| r.get(0))
                     .optional()?;
                 if exists.is_none() {
-                    return Ok(false);
+                    return Ok(None);
                 }
-                f(tx)?;
-                Ok(true)
+                f(tx).map(Some)
             })
             .await
-            .map_err(unavailable)?;
-        if found {
-            Ok(())
-        } else {
-            Err(RegistryError::NotFound(id))
-        }
+            .map_err(unavailable)?
+            .ok_or(RegistryError::NotFound(id))
     }
 }
 
@@ -391,6 +386,37 @@ impl Registry for SqliteRegistry {
             })
             .await
             .map_err(unavailable)
+    }
+
+    async fn replace_files(
+        &self,
+        id: DatasetId,
+        rows: std::sync::Arc<dyn FileRowSource>,
+    ) -> Result<u64, RegistryError> {
+        // One transaction: readers see the old rows or the new ones, never a mixture.
+        self.write_existing(id, move |tx| {
+            tx.execute("DELETE FROM dataset_files WHERE dataset_id = ?1", [id])?;
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO dataset_files (dataset_id, path, md5, size, filetype) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            let mut stored = 0u64;
+            for row in rows.rows()? {
+                let file = row?;
+                let Some(size) = file.size else {
+                    anyhow::bail!("file row `{}` of dataset {id} has no size", file.path);
+                };
+                stmt.execute(params![
+                    id,
+                    file.path,
+                    file.md5.map(|m| m.to_string()),
+                    size as i64,
+                    file.file_type.as_str()
+                ])?;
+                stored += 1;
+            }
+            Ok(stored)
+        })
+        .await
     }
 
     async fn files_page(

@@ -133,7 +133,7 @@ pub async fn run(
         if now >= next_lease_check {
             let was_leader = lease_until.is_some_and(|until| now < until);
             match store
-                .acquire_lease(LEASE_NAME, &opts.holder, now, opts.lease)
+                .acquire_lease(LEASE_NAME, &opts.holder, opts.lease)
                 .await
             {
                 Ok(true) => {

@@ -2,26 +2,34 @@
 //! stores it in the archive and records it.
 //!
 //! The bundle is written by the `tar` crate and hashed while it is written, so it is never
-//! read back to compute its MD5. Before anything is recorded, its members are compared with
-//! the file rows inspect stored (count, paths and sizes; the total size where the registry
-//! returns rows without sizes): a dataset that changed after it was inspected is not archived
-//! under the old description.
+//! read back to compute its MD5; each member's content is hashed on the way too. Before
+//! anything is stored, the members are compared with the inspection record that inspect kept
+//! with the dataset (counts, bytes, and fingerprints of every path's size and MD5), never with
+//! file rows read back from the registry (the Bioloop API may not show them yet, spec E.4): a
+//! file that changed after it was inspected, even keeping its size, is never archived under the
+//! old checksums. A dataset inspected before records were kept is compared with its file rows.
+//!
+//! The bundle is built under a name unique to this attempt and handed to the archive from
+//! there, so a cancelled attempt still stopping and the next attempt never share a file.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use chrono::Datelike;
-use tracing::info;
+use tracing::{info, warn};
 
-use super::{StepContext, StepError, StepResult, existing_origin, returns_dataset};
-use crate::compute::bundle::{BundleSummary, write_bundle};
-use crate::compute::walk::fingerprint_add;
-use crate::model::{Bundle, DatasetState};
+use super::{
+    RowsSummary, StepContext, StepError, StepResult, existing_origin, inspection_of,
+    returns_dataset, wait_for_rows,
+};
+use crate::cancel::CancellationToken;
+use crate::compute::bundle::{
+    BundleError, ListedMember, MemberSummary, list_members, write_bundle,
+};
+use crate::compute::{attempt_sibling, blocking, remove_leftover_partials};
+use crate::model::{Bundle, DatasetState, InspectionRecord};
 use crate::registry::{Dataset, DatasetPatch, FilePages};
-
-/// Page size for reading file rows back from the registry.
-const PAGE: usize = 10_000;
 
 /// Differences listed when a bundle does not match the inspection.
 const LISTED_DIFFERENCES: usize = 20;
@@ -30,45 +38,72 @@ fn failed(err: anyhow::Error) -> StepError {
     StepError::permanent("ValidationFailed", err)
 }
 
+/// The generated bundle of one attempt: removed when dropped (after the archive took it, or
+/// on any failure).
+struct Generated(PathBuf);
+
+impl Drop for Generated {
+    fn drop(&mut self) {
+        let path = self.0.clone();
+        let remove = move || {
+            if let Err(err) = std::fs::remove_file(&path)
+                && err.kind() != std::io::ErrorKind::NotFound
+            {
+                warn!(path = %path.display(), error = %err, "Could not remove the generated bundle.");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn_blocking(remove)),
+            Err(_) => remove(),
+        }
+    }
+}
+
 pub async fn run(ctx: &StepContext) -> StepResult {
     let app = &ctx.app;
     let dataset = ctx.dataset().await?;
-    let origin = existing_origin(&dataset, "ValidationFailed")?;
-    let Some(num_files) = dataset.num_files else {
-        return Err(failed(anyhow::format_err!(
-            "dataset {} (`{}`) has not been inspected",
-            dataset.id,
-            dataset.name
-        )));
-    };
+    let origin = existing_origin(&dataset, "ValidationFailed").await?;
+    let expected = Expected::of(ctx, &dataset).await?;
     let paths = app.settings.paths.for_type(dataset.dataset_type);
     let generate_dir = paths.bundle_generate.clone();
-    std::fs::create_dir_all(&generate_dir)
-        .with_context(|| format!("cannot create `{}`", generate_dir.display()))?;
-    let bundle_path = generate_dir.join(dataset.name.bundle_file_name());
+    let final_name = generate_dir.join(dataset.name.bundle_file_name());
+    let bundle_path = blocking(move || -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(&generate_dir)
+            .with_context(|| format!("cannot create `{}`", generate_dir.display()))?;
+        remove_leftover_partials(&final_name).with_context(|| {
+            format!("cannot remove leftovers next to `{}`", final_name.display())
+        })?;
+        Ok(attempt_sibling(&final_name))
+    })
+    .await?;
 
     ctx.progress.start("tar", "bytes", dataset.du_size);
     let (source, target, progress) = (origin.clone(), bundle_path.clone(), ctx.progress.clone());
-    let summary = app
-        .pool
-        .run(move || write_bundle(&source, &target, &|n| progress.add(n)))
-        .await
-        .map_err(|err| {
-            let retryable = err.is_retryable();
-            let err =
-                anyhow::Error::new(err).context(format!("cannot bundle `{}`", origin.display()));
-            if retryable {
-                StepError::retryable(err)
-            } else {
-                failed(err)
-            }
-        })?;
+    let written = ctx
+        .compute(move |cancel| write_bundle(&source, &target, &|n| progress.add(n), cancel))
+        .await?;
+    let generated = Generated(bundle_path.clone());
+    let summary = written.map_err(|err| match err {
+        BundleError::Cancelled => StepError::cancelled(),
+        err if err.is_retryable() => StepError::retryable(
+            anyhow::Error::new(err).context(format!("cannot bundle `{}`", origin.display())),
+        ),
+        err => {
+            failed(anyhow::Error::new(err).context(format!("cannot bundle `{}`", origin.display())))
+        }
+    })?;
 
-    if let Err(err) =
-        check_against_inspection(ctx, &dataset, num_files, &summary, &bundle_path).await
-    {
-        let _ = std::fs::remove_file(&bundle_path);
-        return Err(err);
+    if let Some(mismatch) = expected.mismatch(&summary.members) {
+        let differences = describe_differences(ctx, &dataset, &bundle_path).await;
+        return Err(failed(anyhow::format_err!(
+            "dataset {} (`{}`) changed after it was inspected: the bundle of `{}` does not match \
+             the {} ({mismatch}){differences}; it was not archived. Inspect the dataset again: \
+             `workers workflows resume WORKFLOW --from inspect`",
+            dataset.id,
+            dataset.name,
+            origin.display(),
+            expected.source,
+        )));
     }
 
     // The year is taken when the bundle is archived, not when the process started (J.10).
@@ -81,14 +116,16 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         dataset.name.bundle_file_name()
     );
     app.archive
-        .put(&bundle_path, &archive_path, summary.md5, &ctx.progress)
+        .put(
+            &bundle_path,
+            &archive_path,
+            summary.md5,
+            &ctx.progress,
+            &ctx.cancel,
+        )
         .await?;
     // The archive holds the bundle now; keeping the generated copy only fills the disk (J.10).
-    if let Err(err) = std::fs::remove_file(&bundle_path)
-        && err.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(path = %bundle_path.display(), error = %err, "Could not remove the generated bundle.");
-    }
+    drop(generated);
 
     let bundle = Bundle {
         name: dataset.name.bundle_file_name(),
@@ -112,98 +149,145 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     Ok(returns_dataset(dataset.id))
 }
 
-/// Compares the bundle's members with the inspection: the counts, then an order-independent
-/// fingerprint of every (path, size), so that no listing is held in memory. Only when they
-/// differ are the details worked out, to name what changed.
-///
-/// A registry may return rows without sizes (the Bioloop API lists path and MD5 only). Then
-/// the fingerprint covers the paths alone and the sizes are checked in total, against the
-/// dataset's `size`, which inspect recorded as the sum of the same rows. Rows that carry their
-/// sizes are always checked one by one.
-async fn check_against_inspection(
-    ctx: &StepContext,
-    dataset: &Dataset,
-    num_files: u64,
-    summary: &BundleSummary,
-    bundle_path: &Path,
-) -> Result<(), StepError> {
-    let mut rows = 0u64;
-    let mut fingerprint = 0u64;
-    let mut path_fingerprint = 0u64;
-    let mut sizes_known = true;
-    let mut pages = FilePages::new(ctx.app.registry.as_ref(), dataset.id, PAGE);
-    while let Some(page) = pages.next().await? {
-        for row in &page {
-            match row.size {
-                Some(size) => fingerprint = fingerprint_add(fingerprint, &row.path, size),
-                None => sizes_known = false,
-            }
-            path_fingerprint = fingerprint_add(path_fingerprint, &row.path, 0);
-        }
-        rows += page.len() as u64;
-    }
-    let members = &summary.members;
-    let directories = dataset.num_directories.unwrap_or(members.directories);
-    let same_contents = if sizes_known {
-        members.fingerprint == fingerprint
-    } else {
-        members.path_fingerprint == path_fingerprint && dataset.size == Some(members.bytes)
-    };
-    if rows == num_files
-        && members.files == num_files
-        && members.directories == directories
-        && same_contents
-    {
-        return Ok(());
-    }
-    let differences = describe_differences(ctx, dataset, bundle_path).await;
-    let bytes = if sizes_known {
-        String::new()
-    } else {
-        format!(
-            ", {} bytes of files against {} recorded",
-            members.bytes,
-            dataset
-                .size
-                .map_or_else(|| "none".to_owned(), |s| s.to_string())
-        )
-    };
-    Err(failed(anyhow::format_err!(
-        "bundle `{}` does not match the inspection of `{}`: the bundle has {} files and {} directories, \
-         inspect recorded {} files ({} rows) and {} directories{bytes}{differences}; inspect the dataset again",
-        bundle_path.display(),
-        dataset.origin_path.as_deref().unwrap_or_default(),
-        members.files,
-        members.directories,
-        num_files,
-        rows,
-        directories,
-    )))
+/// What the bundle must hold.
+struct Expected {
+    /// What it was taken from, for messages.
+    source: &'static str,
+    files: u64,
+    directories: Option<u64>,
+    bytes: Option<u64>,
+    sizes: Option<u64>,
+    paths: Option<u64>,
+    checksums: u64,
 }
 
-/// Names up to `LISTED_DIFFERENCES` paths whose presence or size differs between the bundle
-/// and the inspection. Failure path only: it holds both listings in memory.
+impl Expected {
+    /// The inspection record; for a dataset inspected before records were kept, its file rows
+    /// (waiting a while for rows the registry has not shown yet).
+    async fn of(ctx: &StepContext, dataset: &Dataset) -> Result<Expected, StepError> {
+        if let Some(record) = inspection_of(dataset) {
+            return Expected::from_record(&record).ok_or_else(|| {
+                failed(anyhow::format_err!(
+                    "the inspection record of dataset {} (`{}`) is damaged; inspect the dataset again",
+                    dataset.id,
+                    dataset.name
+                ))
+            });
+        }
+        let Some(num_files) = dataset.num_files else {
+            return Err(failed(anyhow::format_err!(
+                "dataset {} (`{}`) has not been inspected",
+                dataset.id,
+                dataset.name
+            )));
+        };
+        let rows: RowsSummary =
+            wait_for_rows(ctx, dataset.id, |rows| rows.rows >= num_files).await?;
+        if rows.rows != num_files {
+            return Err(StepError::retryable(anyhow::format_err!(
+                "the registry shows {} file rows of dataset {} (`{}`), its inspection recorded {num_files}",
+                rows.rows,
+                dataset.id,
+                dataset.name
+            )));
+        }
+        Ok(Expected {
+            source: "file rows of its inspection",
+            files: num_files,
+            directories: dataset.num_directories,
+            bytes: dataset.size,
+            sizes: rows.sizes,
+            paths: Some(rows.paths),
+            checksums: rows.checksums,
+        })
+    }
+
+    fn from_record(record: &InspectionRecord) -> Option<Expected> {
+        Some(Expected {
+            source: "inspection",
+            files: record.files,
+            directories: Some(record.directories),
+            bytes: Some(record.bytes),
+            sizes: Some(record.sizes()?),
+            paths: None,
+            checksums: record.checksums()?,
+        })
+    }
+
+    /// What differs between the bundle and the expectation, in words; `None` when it matches.
+    fn mismatch(&self, members: &MemberSummary) -> Option<String> {
+        let mut found = Vec::new();
+        if members.files != self.files {
+            found.push(format!("{} files, {} recorded", members.files, self.files));
+        }
+        if let Some(directories) = self.directories
+            && members.directories != directories
+        {
+            found.push(format!(
+                "{} directories, {directories} recorded",
+                members.directories
+            ));
+        }
+        if let Some(bytes) = self.bytes
+            && members.bytes != bytes
+        {
+            found.push(format!(
+                "{} bytes of files, {bytes} recorded",
+                members.bytes
+            ));
+        }
+        if self.sizes.is_some_and(|sizes| sizes != members.fingerprint)
+            || self
+                .paths
+                .is_some_and(|paths| paths != members.path_fingerprint)
+        {
+            found.push("other paths or sizes".to_owned());
+        }
+        if self.checksums != members.checksum_fingerprint {
+            found.push("other contents".to_owned());
+        }
+        if found.is_empty() {
+            None
+        } else {
+            Some(found.join(", "))
+        }
+    }
+}
+
+/// Names up to `LISTED_DIFFERENCES` paths whose presence, size or content differs between the
+/// bundle and the file rows of the inspection. Failure path only: it reads the bundle again
+/// and holds both listings in memory; rows a registry does not show are simply not named.
 async fn describe_differences(ctx: &StepContext, dataset: &Dataset, bundle_path: &Path) -> String {
-    let mut recorded: HashMap<String, Option<u64>> = HashMap::new();
-    let mut pages = FilePages::new(ctx.app.registry.as_ref(), dataset.id, PAGE);
+    let mut recorded: HashMap<String, crate::model::FileRecord> = HashMap::new();
+    let mut pages = FilePages::new(ctx.app.registry.as_ref(), dataset.id, 10_000);
     while let Ok(Some(page)) = pages.next().await {
-        recorded.extend(page.into_iter().map(|r| (r.path, r.size)));
+        recorded.extend(page.into_iter().map(|r| (r.path.clone(), r)));
     }
     let bundle = bundle_path.to_path_buf();
-    let members = ctx
-        .app
-        .pool
-        .run(move || crate::compute::bundle::list_members(&bundle))
-        .await;
-    let Ok(members) = members else {
-        return String::new();
+    let members: Vec<ListedMember> = match ctx
+        .compute(move |cancel: &CancellationToken| list_members(&bundle, cancel))
+        .await
+    {
+        Ok(Ok(members)) => members,
+        _ => return String::new(),
     };
     let mut notes = Vec::new();
-    for (path, size) in &members {
-        match recorded.remove(path) {
-            None => notes.push(format!("`{path}` is new")),
-            Some(Some(recorded_size)) if recorded_size != *size => notes.push(format!(
-                "`{path}` is {size} bytes, inspect recorded {recorded_size}"
+    for member in &members {
+        match recorded.remove(&member.path) {
+            None => notes.push(format!("`{}` is new", member.path)),
+            Some(row) if row.size.is_some_and(|size| size != member.size) => notes.push(format!(
+                "`{}` is {} bytes, inspect recorded {}",
+                member.path,
+                member.size,
+                row.size.unwrap_or_default()
+            )),
+            Some(row) if row.md5 != member.md5 => notes.push(format!(
+                "`{}` has MD5 {}, inspect recorded {}",
+                member.path,
+                member
+                    .md5
+                    .map_or_else(|| "none".to_owned(), |m| m.to_string()),
+                row.md5.map_or_else(|| "none".to_owned(), |m| m.to_string())
             )),
             Some(_) => {}
         }
@@ -215,7 +299,7 @@ async fn describe_differences(ctx: &StepContext, dataset: &Dataset, bundle_path:
     }
     let more = notes.len().saturating_sub(LISTED_DIFFERENCES);
     let mut text = format!(
-        " ({}",
+        ": {}",
         notes
             .into_iter()
             .take(LISTED_DIFFERENCES)
@@ -225,6 +309,5 @@ async fn describe_differences(ctx: &StepContext, dataset: &Dataset, bundle_path:
     if more > 0 {
         text.push_str(&format!(", and {more} more"));
     }
-    text.push(')');
     text
 }

@@ -34,21 +34,22 @@ pub async fn run_delete_dataset(ctx: &StepContext) -> StepResult {
     Ok(returns_dataset(dataset.id))
 }
 
-/// Removes the dataset's origin directory (symbolic links resolved), if it still exists.
+/// Removes the dataset's origin directory (symbolic links resolved, read-only directories
+/// included), if it still exists.
 pub async fn run_delete_source(ctx: &StepContext) -> StepResult {
     let dataset = ctx.dataset().await?;
-    if let Some(origin) = &dataset.origin_path
-        && let Ok(resolved) = std::fs::canonicalize(origin)
-    {
-        let path = resolved.clone();
-        ctx.app
-            .pool
-            .run(move || std::fs::remove_dir_all(&path))
-            .await
-            .map_err(|err| {
-                anyhow::Error::new(err).context(format!("cannot remove `{}`", resolved.display()))
-            })?;
-        info!(origin = %resolved.display(), "Removed the dataset's source directory.");
+    if let Some(origin) = dataset.origin_path.clone() {
+        let resolved = crate::compute::blocking(move || std::fs::canonicalize(origin)).await;
+        if let Ok(resolved) = resolved {
+            let path = resolved.clone();
+            ctx.compute(move |cancel| crate::compute::remove_tree(&path, cancel))
+                .await?
+                .map_err(|err| {
+                    anyhow::Error::new(err)
+                        .context(format!("cannot remove `{}`", resolved.display()))
+                })?;
+            info!(origin = %resolved.display(), "Removed the dataset's source directory.");
+        }
     }
     Ok(returns_dataset(dataset.id))
 }

@@ -2,14 +2,16 @@
 //!
 //! The tree is walked once and streamed: files are hashed in parallel on the CPU pool as the
 //! walk finds them, and rows go to a spool file in the scratch directory rather than to
-//! memory. Only when the whole tree was read without error are the rows stored (in batches)
-//! and the dataset's sizes recorded, so a failed inspection leaves no rows behind and a
-//! recorded `num_files` always describes a complete inspection.
+//! memory. Only when the whole tree was read without error are the rows stored and the
+//! dataset's sizes and inspection record (`metadata.inspection`: counts and fingerprints of the
+//! rows) written, so a failed inspection leaves nothing behind and a recorded inspection always
+//! describes complete, current rows: the rows of an earlier inspection are replaced, never kept
+//! beside the new ones.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -21,8 +23,9 @@ use crate::compute::md5::Md5Digest;
 use crate::compute::walk::{
     InspectOptions, InspectRecord, RecordKind, count_non_directories, inspect_tree,
 };
-use crate::model::{FileRecord, FileType};
-use crate::registry::DatasetPatch;
+use crate::compute::{attempt_sibling, blocking, remove_leftover_partials};
+use crate::model::{FileRecord, FileType, InspectionRecord};
+use crate::registry::{DatasetPatch, FileRowIter, FileRowSource, RegistryError};
 
 /// Inspection errors listed in the failure message; the rest are counted.
 const LISTED_ERRORS: usize = 100;
@@ -62,6 +65,38 @@ fn failed(err: anyhow::Error) -> StepError {
     StepError::permanent("InspectionFailed", err)
 }
 
+/// The spool file of one inspection, read back as the rows the registry stores. It is removed
+/// when dropped, whatever the outcome.
+struct Spool(PathBuf);
+
+impl FileRowSource for Spool {
+    fn rows(&self) -> anyhow::Result<FileRowIter> {
+        let file =
+            File::open(&self.0).with_context(|| format!("cannot read `{}`", self.0.display()))?;
+        let path = self.0.clone();
+        Ok(Box::new(
+            BufReader::with_capacity(1 << 20, file)
+                .lines()
+                .map(move |line| {
+                    let line = line.with_context(|| format!("cannot read `{}`", path.display()))?;
+                    serde_json::from_str::<SpoolRow>(&line)?.into_record()
+                }),
+        ))
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let path = self.0.clone();
+        // Off the runtime threads: removing a file is a file-system call like any other.
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn_blocking(move || std::fs::remove_file(path));
+        } else {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 pub async fn run(ctx: &StepContext) -> StepResult {
     let dataset = ctx.dataset().await?;
     if dataset.is_deleted {
@@ -71,115 +106,151 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             dataset.name
         )));
     }
-    let origin = existing_origin(&dataset, "InspectionFailed")?;
-    check_readable(&origin).map_err(failed)?;
+    let origin = existing_origin(&dataset, "InspectionFailed").await?;
+    let checked = origin.clone();
+    blocking(move || check_readable(&checked))
+        .await
+        .map_err(failed)?;
 
     let app = &ctx.app;
     let progress = ctx.progress.clone();
     progress.start("counting files", "files", None);
     let root = origin.clone();
-    let total = app.pool.run(move || count_non_directories(&root)).await;
+    let total = ctx
+        .compute(move |cancel| count_non_directories(&root, cancel))
+        .await?;
     progress.start("inspect", "files", Some(total));
 
     let scratch = app.settings.paths.scratch.clone();
-    std::fs::create_dir_all(&scratch)
-        .with_context(|| format!("cannot create `{}`", scratch.display()))?;
-    let spool_path = scratch.join(format!("inspect-{}-{}.jsonl", dataset.id, ctx.task_id));
+    let name = format!("inspect-{}.jsonl", dataset.id);
+    let spool_path = blocking(move || -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(&scratch)
+            .with_context(|| format!("cannot create `{}`", scratch.display()))?;
+        let target = scratch.join(name);
+        remove_leftover_partials(&target)
+            .with_context(|| format!("cannot remove leftovers next to `{}`", target.display()))?;
+        Ok(attempt_sibling(&target))
+    })
+    .await?;
+    let spool = Spool(spool_path.clone());
     let genome_file_types = app.settings.genome_file_types.clone();
-    let (root, spool) = (origin.clone(), spool_path.clone());
-    let walked =
-        app.pool
-            .run(move || -> anyhow::Result<_> {
-                let writer = Mutex::new(BufWriter::with_capacity(1 << 20, File::create(&spool)?));
-                let write_error = Mutex::new(None::<std::io::Error>);
-                let on_record = |record: InspectRecord| {
-                    let row = SpoolRow {
-                        path: record.path,
-                        md5: record.md5.map(|m| m.to_string()),
-                        size: record.size,
-                        symlink: record.kind == RecordKind::Symlink,
-                    };
-                    let mut line = serde_json::to_vec(&row).unwrap_or_default();
-                    line.push(b'\n');
-                    let mut writer = writer.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Err(err) = writer.write_all(&line) {
-                        write_error
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .get_or_insert(err);
-                    }
+    let root = origin.clone();
+    let walked = ctx
+        .compute(move |cancel| -> anyhow::Result<_> {
+            let writer = Mutex::new(BufWriter::with_capacity(
+                1 << 20,
+                File::create_new(&spool_path)?,
+            ));
+            let write_error = Mutex::new(None::<std::io::Error>);
+            let on_record = |record: InspectRecord| {
+                let row = SpoolRow {
+                    path: record.path,
+                    md5: record.md5.map(|m| m.to_string()),
+                    size: record.size,
+                    symlink: record.kind == RecordKind::Symlink,
                 };
-                let opts = InspectOptions {
-                    genome_file_types: &genome_file_types,
-                };
-                let summary = inspect_tree(&root, &opts, &on_record, &|files, _bytes| {
-                    progress.set_done(files)
-                })
-                .with_context(|| format!("cannot inspect `{}`", root.display()))?;
-                if let Some(err) = write_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
-                    return Err(anyhow::Error::new(err)
-                        .context(format!("cannot write `{}`", spool.display())));
+                let mut line = serde_json::to_vec(&row).unwrap_or_default();
+                line.push(b'\n');
+                let mut writer = writer.lock().unwrap_or_else(|e| e.into_inner());
+                if let Err(err) = writer.write_all(&line) {
+                    write_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(err);
                 }
-                writer
-                    .into_inner()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .flush()?;
-                Ok(summary)
-            })
-            .await;
-    let summary = match walked {
-        Ok(summary) => summary,
-        Err(err) => {
-            let _ = std::fs::remove_file(&spool_path);
-            return Err(StepError::retryable(err));
-        }
-    };
-    if summary.error_count > 0 {
-        let _ = std::fs::remove_file(&spool_path);
-        let mut listed = summary
+            };
+            let opts = InspectOptions {
+                genome_file_types: &genome_file_types,
+            };
+            let summary = inspect_tree(
+                &root,
+                &opts,
+                &on_record,
+                &|files, _bytes| progress.set_done(files),
+                cancel,
+            )
+            .with_context(|| format!("cannot inspect `{}`", root.display()))?;
+            if let Some(err) = write_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                return Err(anyhow::Error::new(err)
+                    .context(format!("cannot write `{}`", spool_path.display())));
+            }
+            writer
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .flush()?;
+            Ok(summary)
+        })
+        .await?
+        .map_err(StepError::retryable_unless_cancelled)?;
+    if summary_has_errors(&walked) {
+        let mut listed = walked
             .errors
             .iter()
             .take(LISTED_ERRORS)
             .cloned()
             .collect::<Vec<_>>()
             .join("; ");
-        if summary.error_count as usize > LISTED_ERRORS.min(summary.errors.len()) {
+        let shown = LISTED_ERRORS.min(walked.errors.len());
+        if walked.error_count as usize > shown {
             listed.push_str(&format!(
                 "; and {} more",
-                summary.error_count as usize - LISTED_ERRORS.min(summary.errors.len())
+                walked.error_count as usize - shown
             ));
         }
         return Err(failed(anyhow::format_err!(
             "{} problem(s) inspecting `{}`: {listed}",
-            summary.error_count,
+            walked.error_count,
             origin.display()
         )));
     }
 
-    let stored = store_rows(ctx, &spool_path).await;
-    let _ = std::fs::remove_file(&spool_path);
-    let stored = stored?;
+    // The rows first, the record after: a dataset whose record describes this inspection always
+    // has exactly its rows.
+    let stored = app
+        .registry
+        .replace_files(dataset.id, Arc::new(spool))
+        .await
+        .map_err(|err| match err {
+            // Rows the registry cannot replace are a fact about the dataset, not a hiccup.
+            RegistryError::Invalid(message) => failed(anyhow::format_err!("{message}")),
+            other => other.into(),
+        })?;
+    let record = InspectionRecord {
+        files: walked.num_files,
+        directories: walked.num_directories,
+        bytes: walked.size,
+        sizes_fingerprint: InspectionRecord::fingerprint_text(walked.fingerprint),
+        checksums_fingerprint: InspectionRecord::fingerprint_text(walked.checksum_fingerprint),
+        task_id: ctx.task_id.clone(),
+    };
     app.registry
         .update(
             dataset.id,
             &DatasetPatch {
-                du_size: Some(summary.du_size),
-                size: Some(summary.size),
-                num_files: Some(summary.num_files),
-                num_directories: Some(summary.num_directories),
-                metadata: Some(json!({"num_genome_files": summary.num_genome_files})),
+                du_size: Some(walked.du_size),
+                size: Some(walked.size),
+                num_files: Some(walked.num_files),
+                num_directories: Some(walked.num_directories),
+                metadata: Some(json!({
+                    "num_genome_files": walked.num_genome_files,
+                    InspectionRecord::METADATA_KEY: record,
+                })),
                 ..DatasetPatch::default()
             },
         )
         .await?;
     info!(
-        files = summary.num_files,
-        directories = summary.num_directories,
-        bytes = summary.size,
+        files = walked.num_files,
+        directories = walked.num_directories,
+        bytes = walked.size,
         rows = stored,
         "Inspected the dataset."
     );
     Ok(returns_dataset(dataset.id))
+}
+
+fn summary_has_errors(summary: &crate::compute::walk::InspectSummary) -> bool {
+    summary.error_count > 0
 }
 
 /// The original's readability test: a directory needs read and search permission.
@@ -192,43 +263,4 @@ fn check_readable(origin: &Path) -> anyhow::Result<()> {
     };
     rustix::fs::access(origin, access)
         .with_context(|| format!("`{}` is not readable", origin.display()))
-}
-
-/// Streams the spool into the registry in batches of `inspect.file_metadata_batch_size`.
-async fn store_rows(ctx: &StepContext, spool: &Path) -> Result<u64, StepError> {
-    let batch_size = ctx.app.settings.inspect.file_metadata_batch_size;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Vec<FileRecord>>>(2);
-    let spool: PathBuf = spool.to_path_buf();
-    let reader = tokio::task::spawn_blocking(move || {
-        let read = || -> anyhow::Result<()> {
-            let file =
-                File::open(&spool).with_context(|| format!("cannot read `{}`", spool.display()))?;
-            let mut batch = Vec::with_capacity(batch_size);
-            for line in BufReader::with_capacity(1 << 20, file).lines() {
-                let row: SpoolRow = serde_json::from_str(&line?)?;
-                batch.push(row.into_record()?);
-                if batch.len() == batch_size {
-                    let full = std::mem::replace(&mut batch, Vec::with_capacity(batch_size));
-                    if tx.blocking_send(Ok(full)).is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-            if !batch.is_empty() {
-                let _ = tx.blocking_send(Ok(batch));
-            }
-            Ok(())
-        };
-        if let Err(err) = read() {
-            let _ = tx.blocking_send(Err(err));
-        }
-    });
-    let mut stored = 0;
-    while let Some(batch) = rx.recv().await {
-        let batch = batch?;
-        ctx.app.registry.add_files(ctx.dataset_id, &batch).await?;
-        stored += batch.len() as u64;
-    }
-    reader.await.map_err(|e| StepError::retryable(e.into()))?;
-    Ok(stored)
 }

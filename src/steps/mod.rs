@@ -15,13 +15,15 @@ pub mod setup_download;
 pub mod stage;
 pub mod validate;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 
 use crate::app::App;
 use crate::archive::ArchiveError;
-use crate::model::DatasetName;
+use crate::cancel::CancellationToken;
+use crate::model::{DatasetName, InspectionRecord};
 use crate::progress::Progress;
 use crate::registry::{Dataset, DatasetId, RegistryError};
 
@@ -85,11 +87,28 @@ pub struct StepContext {
     /// The message's keyword arguments (`workflow_id`, `step`, `app_id` and step options).
     pub kwargs: Map<String, Value>,
     pub progress: Progress,
+    /// Cancelled when the step must stop: its claim was lost, its time limit passed, its worker
+    /// is stopping. Every pool job of the step runs under it.
+    pub cancel: CancellationToken,
 }
 
 impl StepContext {
     pub async fn dataset(&self) -> Result<Dataset, StepError> {
         Ok(self.app.registry.get(self.dataset_id).await?)
+    }
+
+    /// Runs a long job (hashing, bundling, extraction, walks, copies) on the CPU pool under the
+    /// step's cancellation; the job polls the token it is given.
+    pub async fn compute<T, F>(&self, f: F) -> Result<T, StepError>
+    where
+        F: FnOnce(&CancellationToken) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        self.app
+            .pool
+            .run_job(&self.cancel, f)
+            .await
+            .map_err(|_| StepError::cancelled())
     }
 
     /// A numeric keyword argument, if given.
@@ -126,6 +145,25 @@ impl StepError {
         }
     }
 
+    /// The step stopped because it was cancelled; whoever cancelled it decides what is
+    /// recorded (nothing, for a lost claim or a shutdown).
+    pub fn cancelled() -> StepError {
+        StepError::permanent("Cancelled", anyhow::Error::new(crate::cancel::Cancelled))
+    }
+
+    /// A retryable error, or `cancelled` when the error is a cancellation.
+    pub fn retryable_unless_cancelled(error: anyhow::Error) -> StepError {
+        if crate::cancel::in_chain(&error) {
+            StepError::cancelled()
+        } else {
+            StepError::retryable(error)
+        }
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.kind == "Cancelled"
+    }
+
     pub fn is_retryable(&self) -> bool {
         self.retryable
     }
@@ -156,6 +194,7 @@ impl From<ArchiveError> for StepError {
             ArchiveError::NotFound(_) => StepError::permanent("ValidationFailed", err.into()),
             ArchiveError::Invalid(err) => StepError::permanent("ValidationFailed", err),
             ArchiveError::Transient(err) => StepError::retryable(err),
+            ArchiveError::Cancelled => StepError::cancelled(),
         }
     }
 }
@@ -163,7 +202,7 @@ impl From<ArchiveError> for StepError {
 /// I/O trouble is worth another try unless the caller says otherwise.
 impl From<anyhow::Error> for StepError {
     fn from(err: anyhow::Error) -> StepError {
-        StepError::retryable(err)
+        StepError::retryable_unless_cancelled(err)
     }
 }
 
@@ -206,13 +245,10 @@ pub fn staged_bundle_path(app: &App, dataset: &Dataset) -> std::path::PathBuf {
         .join(dataset.name.staged_bundle_file_name(dataset.dataset_type))
 }
 
-/// Fails with a permanent error unless the dataset has `origin_path` and it is a directory;
-/// returns it with symbolic links resolved.
-pub fn existing_origin(
-    dataset: &Dataset,
-    kind: &'static str,
-) -> Result<std::path::PathBuf, StepError> {
-    let Some(origin) = &dataset.origin_path else {
+/// Fails with a permanent error unless the dataset has `origin_path` and it exists; returns it
+/// with symbolic links resolved.
+pub async fn existing_origin(dataset: &Dataset, kind: &'static str) -> Result<PathBuf, StepError> {
+    let Some(origin) = dataset.origin_path.clone() else {
         return Err(StepError::permanent(
             kind,
             anyhow::format_err!(
@@ -222,16 +258,135 @@ pub fn existing_origin(
             ),
         ));
     };
-    std::fs::canonicalize(origin).map_err(|err| {
-        StepError::permanent(
-            kind,
-            anyhow::format_err!(
-                "origin path `{origin}` of dataset {} (`{}`): {err}",
-                dataset.id,
-                dataset.name
-            ),
+    let path = origin.clone();
+    crate::compute::blocking(move || std::fs::canonicalize(&path))
+        .await
+        .map_err(|err| {
+            StepError::permanent(
+                kind,
+                anyhow::format_err!(
+                    "origin path `{origin}` of dataset {} (`{}`): {err}",
+                    dataset.id,
+                    dataset.name
+                ),
+            )
+        })
+}
+
+/// What a dataset's file rows add up to: comparable with an inspection record and a bundle.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RowsSummary {
+    pub rows: u64,
+    /// `fingerprint_add` over (path, 0).
+    pub paths: u64,
+    /// `fingerprint_add` over (path, size); `None` when the registry returns rows without sizes.
+    pub sizes: Option<u64>,
+    /// `checksum_fingerprint_add` over (path, MD5).
+    pub checksums: u64,
+}
+
+/// Reads the dataset's rows page by page into a summary.
+pub async fn summarize_rows(ctx: &StepContext, id: DatasetId) -> Result<RowsSummary, StepError> {
+    use crate::compute::walk::{checksum_fingerprint_add, fingerprint_add};
+    let mut summary = RowsSummary {
+        sizes: Some(0),
+        ..RowsSummary::default()
+    };
+    let mut pages = crate::registry::FilePages::new(ctx.app.registry.as_ref(), id, 10_000);
+    while let Some(page) = pages.next().await? {
+        for row in &page {
+            summary.rows += 1;
+            summary.paths = fingerprint_add(summary.paths, &row.path, 0);
+            summary.sizes = match (summary.sizes, row.size) {
+                (Some(acc), Some(size)) => Some(fingerprint_add(acc, &row.path, size)),
+                _ => None,
+            };
+            summary.checksums =
+                checksum_fingerprint_add(summary.checksums, &row.path, row.md5.as_ref());
+        }
+    }
+    Ok(summary)
+}
+
+/// Reads the dataset's rows until `complete` says they are, waiting with a growing pause for at
+/// most the registry's `file_rows_lag` (rows a registry acknowledged may show up late, spec
+/// E.4); returns the last reading, complete or not.
+pub async fn wait_for_rows(
+    ctx: &StepContext,
+    id: DatasetId,
+    complete: impl Fn(&RowsSummary) -> bool,
+) -> Result<RowsSummary, StepError> {
+    let started = std::time::Instant::now();
+    let lag = ctx.app.registry.file_rows_lag();
+    let mut pause = std::time::Duration::from_millis(500);
+    loop {
+        let summary = summarize_rows(ctx, id).await?;
+        if complete(&summary) || started.elapsed() >= lag {
+            return Ok(summary);
+        }
+        tracing::info!(
+            rows = summary.rows,
+            "File rows are not all readable yet; waiting for them."
+        );
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = ctx.cancel.cancelled() => return Err(StepError::cancelled()),
+        }
+        pause = (pause * 2).min(std::time::Duration::from_secs(15));
+    }
+}
+
+/// Takes a dataset's staged copy out of service: first the record (not staged, no staged path)
+/// so that nothing ever claims a copy being removed, then the download links, the tree
+/// (read-only directories included) and the staged bundle. An error after the record was
+/// written leaves files behind, never a record that lies; it names what was left.
+pub async fn withdraw_staged_copy(app: &App, dataset: &Dataset) -> anyhow::Result<()> {
+    use anyhow::Context;
+    app.registry
+        .update(
+            dataset.id,
+            &crate::registry::DatasetPatch {
+                is_staged: Some(false),
+                staged_path: Some(None),
+                ..Default::default()
+            },
         )
+        .await
+        .context("cannot record that the staged copy is withdrawn; it was left in place")?;
+    let download_dir = app.settings.paths.download_dir.clone();
+    let links: Vec<PathBuf> = [
+        dataset.stage_alias().map(|alias| download_dir.join(alias)),
+        Some(download_dir.join(dataset.name.staged_bundle_file_name(dataset.dataset_type))),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let tree = dataset.staged_path.as_deref().map(PathBuf::from);
+    let bundle = staged_bundle_path(app, dataset);
+    crate::compute::blocking(move || -> anyhow::Result<()> {
+        let never = CancellationToken::new();
+        // The links first: a download never starts on a tree being removed. Anything but a
+        // link at a link's place is not ours and is left alone.
+        for link in &links {
+            if std::fs::symlink_metadata(link).is_ok_and(|meta| meta.file_type().is_symlink()) {
+                std::fs::remove_file(link)
+                    .with_context(|| format!("cannot remove the link `{}`", link.display()))?;
+            }
+        }
+        for path in tree.iter().chain(std::iter::once(&bundle)) {
+            crate::compute::remove_tree(path, &never)
+                .with_context(|| format!("cannot remove `{}`", path.display()))?;
+        }
+        Ok(())
     })
+    .await
+    .context("the dataset is recorded as not staged, but its files could not all be removed")
+}
+
+/// The dataset's inspection record; a dataset inspected by an older release (or by the Python
+/// workers) has none, and callers then fall back to its file rows.
+pub fn inspection_of(dataset: &Dataset) -> Option<InspectionRecord> {
+    InspectionRecord::from_metadata(&dataset.metadata)
 }
 
 #[cfg(test)]

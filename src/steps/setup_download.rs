@@ -11,6 +11,8 @@ use anyhow::Context;
 use tracing::info;
 
 use super::{StepContext, StepError, StepResult, returns_dataset, staged_bundle_path};
+use crate::cancel::{CancellationToken, check};
+use crate::compute::{attempt_sibling, blocking, remove_tree};
 
 fn failed(err: anyhow::Error) -> StepError {
     StepError::permanent("ValidationFailed", err)
@@ -19,18 +21,6 @@ fn failed(err: anyhow::Error) -> StepError {
 pub async fn run(ctx: &StepContext) -> StepResult {
     let app = &ctx.app;
     let dataset = ctx.dataset().await?;
-    let staged = dataset
-        .staged_path
-        .as_deref()
-        .map(PathBuf::from)
-        .filter(|p| p.is_dir())
-        .ok_or_else(|| {
-            failed(anyhow::format_err!(
-                "dataset {} (`{}`) has no staged copy",
-                dataset.id,
-                dataset.name
-            ))
-        })?;
     let Some(alias) = dataset.stage_alias().map(str::to_owned) else {
         return Err(failed(anyhow::format_err!(
             "dataset {} (`{}`) has no stage alias",
@@ -38,11 +28,38 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             dataset.name
         )));
     };
-    let root_setting = &app.settings.paths.root;
-    let root = std::fs::canonicalize(root_setting)
-        .with_context(|| format!("cannot resolve paths.root `{}`", root_setting.display()))?;
-    let staged = std::fs::canonicalize(&staged)
-        .with_context(|| format!("cannot resolve `{}`", staged.display()))?;
+    let staged = dataset.staged_path.as_deref().map(PathBuf::from);
+    let root_setting = app.settings.paths.root.clone();
+    let download_setting = app.settings.paths.download_dir.clone();
+    // Resolving paths touches the file system: off the runtime threads.
+    let resolved = blocking(move || -> Result<(PathBuf, PathBuf, PathBuf), StepError> {
+        let staged = staged
+            .filter(|p| p.is_dir())
+            .ok_or_else(|| failed(anyhow::format_err!("the dataset has no staged copy")))?;
+        let root = std::fs::canonicalize(&root_setting)
+            .with_context(|| format!("cannot resolve paths.root `{}`", root_setting.display()))?;
+        let staged = std::fs::canonicalize(&staged)
+            .with_context(|| format!("cannot resolve `{}`", staged.display()))?;
+        std::fs::create_dir_all(&download_setting)
+            .with_context(|| format!("cannot create `{}`", download_setting.display()))?;
+        let download_dir = std::fs::canonicalize(&download_setting)
+            .with_context(|| format!("cannot resolve `{}`", download_setting.display()))?;
+        Ok((root, staged, download_dir))
+    })
+    .await
+    .map_err(|err| {
+        if err.is_retryable() {
+            err
+        } else {
+            failed(anyhow::format_err!(
+                "dataset {} (`{}`): {:#}",
+                dataset.id,
+                dataset.name,
+                err.error()
+            ))
+        }
+    })?;
+    let (root, staged, download_dir) = resolved;
     if !staged.starts_with(&root) {
         return Err(failed(anyhow::format_err!(
             "staged path `{}` is outside paths.root `{}`; downloads can only be published below it",
@@ -50,11 +67,6 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             root.display()
         )));
     }
-    let download_setting = &app.settings.paths.download_dir;
-    std::fs::create_dir_all(download_setting)
-        .with_context(|| format!("cannot create `{}`", download_setting.display()))?;
-    let download_dir = std::fs::canonicalize(download_setting)
-        .with_context(|| format!("cannot resolve `{}`", download_setting.display()))?;
     let bundle = staged_bundle_path(app, &dataset);
 
     let alias_link = download_dir.join(&alias);
@@ -62,42 +74,51 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     let (tree, bundle_path, root_dir) = (staged.clone(), bundle.clone(), root.clone());
     // Replacing a link may mean removing a whole tree, and opening permissions walks the staged
     // copy: disk work, on the pool.
-    app.pool
-        .run(move || -> anyhow::Result<()> {
-            replace_with_symlink(&alias_link, &tree)?;
-            replace_with_symlink(&bundle_link, &bundle_path)?;
-            open_tree_for_reading(&tree)?;
-            if bundle_path.exists() {
-                add_mode(&bundle_path, 0o004)?;
+    ctx.compute(move |cancel| -> anyhow::Result<()> {
+        replace_with_symlink(&alias_link, &tree, cancel)?;
+        replace_with_symlink(&bundle_link, &bundle_path, cancel)?;
+        open_tree_for_reading(&tree, cancel)?;
+        if bundle_path.exists() {
+            add_mode(&bundle_path, 0o004)?;
+        }
+        // Every directory between the root and the staged tree must be searchable.
+        for ancestor in tree.ancestors().skip(1) {
+            if ancestor == root_dir || !ancestor.starts_with(&root_dir) {
+                break;
             }
-            // Every directory between the root and the staged tree must be searchable.
-            for ancestor in tree.ancestors().skip(1) {
-                if ancestor == root_dir || !ancestor.starts_with(&root_dir) {
-                    break;
-                }
-                add_mode(ancestor, 0o001)?;
-            }
-            Ok(())
-        })
-        .await?;
+            add_mode(ancestor, 0o001)?;
+        }
+        Ok(())
+    })
+    .await??;
     info!(alias = %alias, download_dir = %download_dir.display(), "Published the download links.");
     Ok(returns_dataset(dataset.id))
 }
 
-/// Points `link` at `target`, whatever `link` was before (link, file or directory tree).
-fn replace_with_symlink(link: &Path, target: &Path) -> anyhow::Result<()> {
-    let temp = crate::compute::partial_sibling(link);
-    let _ = std::fs::remove_file(&temp);
+/// Points `link` at `target`, whatever `link` was before (link, file or directory tree): a new
+/// link made under a name unique to this attempt is renamed over it.
+fn replace_with_symlink(
+    link: &Path,
+    target: &Path,
+    cancel: &CancellationToken,
+) -> anyhow::Result<()> {
+    let temp = attempt_sibling(link);
     std::os::unix::fs::symlink(target, &temp)
         .with_context(|| format!("cannot create `{}`", temp.display()))?;
-    if let Ok(meta) = link.symlink_metadata()
-        && meta.is_dir()
-    {
-        // rename(2) cannot replace a directory with a link.
-        std::fs::remove_dir_all(link)
-            .with_context(|| format!("cannot remove `{}`", link.display()))?;
+    let replaced = (|| -> anyhow::Result<()> {
+        if let Ok(meta) = link.symlink_metadata()
+            && meta.is_dir()
+        {
+            // rename(2) cannot replace a directory with a link.
+            remove_tree(link, cancel)
+                .with_context(|| format!("cannot remove `{}`", link.display()))?;
+        }
+        std::fs::rename(&temp, link).with_context(|| format!("cannot replace `{}`", link.display()))
+    })();
+    if replaced.is_err() {
+        let _ = std::fs::remove_file(&temp);
     }
-    std::fs::rename(&temp, link).with_context(|| format!("cannot replace `{}`", link.display()))
+    replaced
 }
 
 fn add_mode(path: &Path, bits: u32) -> anyhow::Result<()> {
@@ -112,8 +133,9 @@ fn add_mode(path: &Path, bits: u32) -> anyhow::Result<()> {
 }
 
 /// `o+r` on files and `o+rx` on directories, without following links.
-fn open_tree_for_reading(root: &Path) -> anyhow::Result<()> {
+fn open_tree_for_reading(root: &Path, cancel: &CancellationToken) -> anyhow::Result<()> {
     for entry in walkdir::WalkDir::new(root) {
+        check(cancel)?;
         let entry = entry.with_context(|| format!("cannot walk `{}`", root.display()))?;
         let file_type = entry.file_type();
         if file_type.is_dir() {

@@ -2,16 +2,23 @@
 //! extracts it under the stage alias.
 //!
 //! The bundle's MD5 is computed while it is fetched. Extraction goes through a safety filter
-//! (no absolute paths, no `..`, no links leaving the tree) into a temporary directory that is
-//! renamed into place only when everything was extracted, so no partial tree is ever left.
-//! A checksum mismatch or a hostile bundle fails at once: fetching the same bytes again would
-//! not change the outcome (the original retried mismatches, spec J.11).
+//! (no absolute paths, no `..`, no links leaving the tree) into a directory beside the staged
+//! tree, unique to this attempt, which is synced and then swapped into place: until that swap
+//! the previous staged copy and its download links stay exactly as they were, so a failed or
+//! refused extraction leaves the dataset as it was recorded. The swap, the record (staged path,
+//! FETCHED, and `is_staged` false until validate has checked the new copy) and the removal of
+//! the replaced tree follow in that order. A checksum mismatch or a hostile bundle fails at
+//! once: fetching the same bytes again would not change the outcome (the original retried
+//! mismatches, spec J.11).
+
+use std::path::PathBuf;
 
 use anyhow::Context;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{StepContext, StepError, StepResult, returns_dataset, stage_alias, staged_bundle_path};
-use crate::compute::extract::extract_bundle;
+use crate::compute::extract::{ExtractError, ExtractOptions, extract_bundle};
+use crate::compute::{blocking, remove_tree};
 use crate::model::DatasetState;
 use crate::registry::DatasetPatch;
 
@@ -40,58 +47,58 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         ),
     };
     let paths = app.settings.paths.for_type(dataset.dataset_type);
-    std::fs::create_dir_all(&paths.stage)
-        .with_context(|| format!("cannot create `{}`", paths.stage.display()))?;
-    let stage_root = std::fs::canonicalize(&paths.stage)
-        .with_context(|| format!("cannot resolve `{}`", paths.stage.display()))?;
-    let alias_dir = stage_root.join(&alias);
-    let staging_dir = alias_dir.join(dataset.name.as_str());
     let local_bundle = staged_bundle_path(app, &dataset);
-    if let Some(parent) = local_bundle.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create `{}`", parent.display()))?;
-    }
+    let (stage_dir, alias_name, bundle_dir) = (
+        paths.stage.clone(),
+        alias.clone(),
+        local_bundle.parent().map(PathBuf::from),
+    );
+    let alias_dir = blocking(move || -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(&stage_dir)
+            .with_context(|| format!("cannot create `{}`", stage_dir.display()))?;
+        let stage_root = std::fs::canonicalize(&stage_dir)
+            .with_context(|| format!("cannot resolve `{}`", stage_dir.display()))?;
+        if let Some(dir) = bundle_dir {
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create `{}`", dir.display()))?;
+        }
+        let alias_dir = stage_root.join(alias_name);
+        std::fs::create_dir_all(&alias_dir)
+            .with_context(|| format!("cannot create `{}`", alias_dir.display()))?;
+        Ok(alias_dir)
+    })
+    .await?;
+    let staging_dir = alias_dir.join(dataset.name.as_str());
 
     let fetched_md5 = app
         .archive
-        .get(&archive_path, &local_bundle, &ctx.progress)
+        .get(&archive_path, &local_bundle, &ctx.progress, &ctx.cancel)
         .await?;
     if fetched_md5 != bundle.md5 {
-        let _ = std::fs::remove_file(&local_bundle);
+        let fetched = local_bundle.clone();
+        let _ = blocking(move || std::fs::remove_file(fetched)).await;
         return Err(failed(anyhow::format_err!(
             "checksum mismatch: `{archive_path}` has MD5 {fetched_md5}, but the bundle was archived with MD5 {}",
             bundle.md5
         )));
     }
 
-    std::fs::create_dir_all(&alias_dir)
-        .with_context(|| format!("cannot create `{}`", alias_dir.display()))?;
-    if staging_dir.symlink_metadata().is_ok() {
-        // A previous staging (or an interrupted one that got as far as the rename): removing a
-        // large tree is disk work, so it runs on the pool.
-        let previous = staging_dir.clone();
-        app.pool
-            .run(move || std::fs::remove_dir_all(&previous))
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot remove the previous staging `{}`",
-                    staging_dir.display()
-                )
-            })?;
-    }
     ctx.progress.start("extract", "bytes", Some(bundle.size));
+    let opts = ExtractOptions {
+        modes: app.settings.stage.modes,
+        sync: true,
+    };
     let (source, dest, progress) = (
         local_bundle.clone(),
         staging_dir.clone(),
         ctx.progress.clone(),
     );
-    let extracted = app
-        .pool
-        .run(move || extract_bundle(&source, &dest, &|n| progress.add(n)))
-        .await;
-    let summary = match extracted {
-        Ok(summary) => summary,
+    let extracted = ctx
+        .compute(move |cancel| extract_bundle(&source, &dest, &opts, &|n| progress.add(n), cancel))
+        .await?;
+    let extracted = match extracted {
+        Ok(extracted) => extracted,
+        Err(ExtractError::Cancelled) => return Err(StepError::cancelled()),
         Err(err) => {
             let retryable = err.is_retryable();
             let err = anyhow::Error::new(err)
@@ -99,8 +106,12 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             if retryable {
                 return Err(StepError::retryable(err));
             }
-            // A bundle that cannot be extracted safely must not stay up for download.
-            let _ = std::fs::remove_file(&local_bundle);
+            // A bundle that cannot be extracted safely must not stay up for download, unless a
+            // previous staging still serves it (its tree is unchanged and its link points here).
+            if !dataset.is_staged {
+                let refused = local_bundle.clone();
+                let _ = blocking(move || std::fs::remove_file(refused)).await;
+            }
             return Err(failed(err));
         }
     };
@@ -112,6 +123,8 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             dataset.id,
             &DatasetPatch {
                 staged_path: Some(Some(staged_path.clone())),
+                // The new copy is complete but not yet validated.
+                is_staged: dataset.is_staged.then_some(false),
                 metadata: Some(serde_json::json!({"stage_alias": alias})),
                 ..DatasetPatch::default()
             },
@@ -120,6 +133,16 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     app.registry
         .add_state(dataset.id, DatasetState::Fetched)
         .await?;
-    info!(staged_path = %staged_path, files = summary.files, bytes = summary.bytes, "Staged the dataset.");
+    if let Some(replaced) = extracted.replaced {
+        let shown = replaced.display().to_string();
+        let removed =
+            blocking(move || remove_tree(&replaced, &crate::cancel::CancellationToken::new()))
+                .await;
+        if let Err(err) = removed {
+            // A leftover of a dead attempt: the next staging of this dataset removes it.
+            warn!(path = %shown, error = %err, "Could not remove the previous staged copy.");
+        }
+    }
+    info!(staged_path = %staged_path, files = extracted.summary.files, bytes = extracted.summary.bytes, "Staged the dataset.");
     Ok(returns_dataset(dataset.id))
 }

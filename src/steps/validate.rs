@@ -1,16 +1,32 @@
 //! `validate_dataset` (spec B.5): re-hashes the staged copy against the recorded MD5s, in
 //! parallel on the CPU pool, and marks the dataset STAGED.
+//!
+//! The file rows it checks against must be those of the dataset's inspection: they are first
+//! compared with the inspection record (count and checksum fingerprint), waiting a while for
+//! rows a registry has not shown yet. Rows still missing are restored from the staged bundle,
+//! whose members archive checked against the same inspection (spec E.4: the Bioloop API can
+//! lose rows it acknowledged). A staged copy that fails validation is not left in place: its
+//! tree and download links are removed and the record says it is not staged.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use anyhow::Context;
 use rayon::prelude::*;
 use serde_json::json;
-use tracing::info;
+use tracing::{info, warn};
 
-use super::{StepContext, StepError, StepResult};
+use super::{
+    RowsSummary, StepContext, StepError, StepResult, inspection_of, staged_bundle_path,
+    summarize_rows, wait_for_rows, withdraw_staged_copy,
+};
+use crate::cancel::CancellationToken;
+use crate::compute::blocking;
+use crate::compute::bundle::list_members;
 use crate::compute::md5::md5_file;
-use crate::model::{DatasetState, FileRecord, FileType};
-use crate::registry::{DatasetPatch, FilePages};
+use crate::compute::walk::checksum_fingerprint_add;
+use crate::model::{DatasetState, FileRecord, FileType, InspectionRecord};
+use crate::registry::{Dataset, DatasetPatch, FilePages};
 
 /// Rows hashed per round trip to the pool.
 const PAGE: usize = 10_000;
@@ -23,7 +39,7 @@ fn failed(err: anyhow::Error) -> StepError {
 }
 
 /// Checks one row against the staged tree; `None` when it matches.
-fn check(root: &Path, row: &FileRecord) -> Option<String> {
+fn check(root: &Path, row: &FileRecord, cancel: &CancellationToken) -> Option<String> {
     let path = root.join(&row.path);
     // lstat: a recorded symbolic link (even a dangling one) only has to exist.
     let Ok(meta) = path.symlink_metadata() else {
@@ -32,10 +48,11 @@ fn check(root: &Path, row: &FileRecord) -> Option<String> {
     if row.file_type == FileType::SymbolicLink || meta.file_type().is_symlink() {
         return None;
     }
-    match (row.md5, md5_file(&path)) {
+    match (row.md5, md5_file(&path, cancel)) {
         (Some(expected), Ok((actual, _))) if expected == actual => None,
         (Some(_), Ok(_)) => Some(format!("`{}`: checksum mismatch", path.display())),
         (None, Ok(_)) => None,
+        (_, Err(err)) if crate::cancel::is_cancelled(&err) => None,
         (_, Err(err)) => Some(format!("`{}`: cannot read: {err}", path.display())),
     }
 }
@@ -51,10 +68,14 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         )));
     };
     let root = PathBuf::from(&staged);
-    if !root.is_dir() {
+    let probe = root.clone();
+    if !blocking(move || probe.is_dir()).await {
         return Err(failed(anyhow::format_err!(
             "staged path `{staged}` does not exist"
         )));
+    }
+    if let Some(record) = inspection_of(&dataset) {
+        ensure_rows_match(ctx, &dataset, &record).await?;
     }
     ctx.progress.start("validate", "files", dataset.num_files);
     let mut problems: Vec<String> = Vec::new();
@@ -64,18 +85,20 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     while let Some(page) = pages.next().await? {
         checked += page.len() as u64;
         let (root, progress) = (root.clone(), ctx.progress.clone());
-        let found: Vec<String> = app
-            .pool
-            .run(move || {
+        let found: Vec<String> = ctx
+            .compute(move |cancel| {
                 page.par_iter()
                     .filter_map(|row| {
-                        let problem = check(&root, row);
+                        let problem = check(&root, row, cancel);
                         progress.add(1);
                         problem
                     })
                     .collect()
             })
-            .await;
+            .await?;
+        if ctx.cancel.is_cancelled() {
+            return Err(StepError::cancelled());
+        }
         problem_count += found.len();
         let room = LISTED_PROBLEMS.saturating_sub(problems.len());
         problems.extend(found.into_iter().take(room));
@@ -86,8 +109,13 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         if problem_count > problems.len() {
             listed.push_str(&format!("; and {} more", problem_count - problems.len()));
         }
+        // A copy that failed validation is not left up for download.
+        let withdrawn = match withdraw_staged_copy(app, &dataset).await {
+            Ok(()) => "the staged copy and its download links were removed".to_owned(),
+            Err(err) => format!("{err:#}"),
+        };
         return Err(failed(anyhow::format_err!(
-            "{problem_count} of {checked} files in `{staged}` failed validation: {listed}"
+            "{problem_count} of {checked} files in `{staged}` failed validation: {listed}; {withdrawn}"
         )));
     }
     app.registry
@@ -104,4 +132,81 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         .await?;
     info!(files = checked, "Validated the staged copy.");
     Ok(json!([dataset.id, []]))
+}
+
+/// Makes sure the registry's rows are those of the inspection: waits for rows not shown yet,
+/// then restores missing rows from the staged bundle (checked against the same inspection when
+/// it was archived, and by its MD5 when it was fetched). Rows that contradict the inspection
+/// fail the step: nothing would be validated against stale checksums.
+async fn ensure_rows_match(
+    ctx: &StepContext,
+    dataset: &Dataset,
+    record: &InspectionRecord,
+) -> Result<(), StepError> {
+    let want = record.checksums();
+    let matches = |rows: &RowsSummary| rows.rows == record.files && Some(rows.checksums) == want;
+    // Only missing rows can still show up; rows that contradict the inspection will not change.
+    let rows = wait_for_rows(ctx, dataset.id, |rows| rows.rows >= record.files).await?;
+    if matches(&rows) {
+        return Ok(());
+    }
+    let bundle = staged_bundle_path(&ctx.app, dataset);
+    let listed = ctx
+        .compute(move |cancel| list_members(&bundle, cancel))
+        .await?
+        .with_context(|| "cannot read the staged bundle to restore file rows".to_owned())
+        .map_err(StepError::retryable_unless_cancelled)?;
+    let restored: Vec<FileRecord> = listed
+        .into_iter()
+        .map(|member| FileRecord {
+            file_type: if member.md5.is_some() {
+                FileType::File
+            } else {
+                FileType::SymbolicLink
+            },
+            path: member.path,
+            md5: member.md5,
+            size: Some(member.size),
+        })
+        .collect();
+    let fingerprint = restored.iter().fold(0u64, |acc, row| {
+        checksum_fingerprint_add(acc, &row.path, row.md5.as_ref())
+    });
+    if restored.len() as u64 != record.files || Some(fingerprint) != want {
+        return Err(failed(anyhow::format_err!(
+            "the registry holds {} file rows of dataset {} (`{}`) that do not match its inspection ({} files), \
+             and the staged bundle cannot restore them; inspect the dataset again",
+            rows.rows,
+            dataset.id,
+            dataset.name,
+            record.files
+        )));
+    }
+    warn!(
+        rows = rows.rows,
+        expected = record.files,
+        "File rows were missing; restoring them from the staged bundle."
+    );
+    ctx.app
+        .registry
+        .replace_files(dataset.id, Arc::new(restored))
+        .await
+        .map_err(|err| match err {
+            crate::registry::RegistryError::Invalid(message) => {
+                failed(anyhow::format_err!("{message}"))
+            }
+            other => other.into(),
+        })?;
+    let rows = summarize_rows(ctx, dataset.id).await?;
+    if matches(&rows) {
+        Ok(())
+    } else {
+        Err(StepError::retryable(anyhow::format_err!(
+            "the file rows of dataset {} (`{}`) are still incomplete after restoring them ({} of {})",
+            dataset.id,
+            dataset.name,
+            rows.rows,
+            record.files
+        )))
+    }
 }

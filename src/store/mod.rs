@@ -368,13 +368,14 @@ pub struct JobRun {
 /// The scheduler's records: job runs, the last slot handled per job, and leases.
 #[async_trait]
 pub trait SchedulerStore: Send + Sync {
-    /// Takes or renews the lease `name` for `holder` until `now + ttl`, unless another holder
-    /// has it and it has not expired. Returns whether `holder` holds it now.
+    /// Takes or renews the lease `name` for `holder` for `ttl`, unless another holder has it
+    /// and it has not expired. Returns whether `holder` holds it now. Expiry is judged by the
+    /// store's own clock (the database server's), never by the caller's, so hosts whose clocks
+    /// disagree still agree on who holds a lease or a claim.
     async fn acquire_lease(
         &self,
         name: &str,
         holder: &str,
-        now: DateTime<Utc>,
         ttl: std::time::Duration,
     ) -> anyhow::Result<bool>;
 

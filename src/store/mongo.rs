@@ -85,6 +85,24 @@ impl MongoStore {
         self.db.collection(name)
     }
 
+    /// The server's clock: `hello`'s `localTime`, moved on by half the round trip. Leases and
+    /// claims are judged by it, so that hosts whose clocks disagree still agree on who holds
+    /// what. (`$$NOW` would save the round trip, but not every MongoDB-wire server compares it
+    /// correctly.)
+    async fn server_now(&self) -> anyhow::Result<DateTime<Utc>> {
+        let sent = std::time::Instant::now();
+        let answer = self
+            .db
+            .run_command(doc! {"hello": 1})
+            .await
+            .context("cannot read the MongoDB server's clock (`hello`)")?;
+        let local_time = answer
+            .get_datetime("localTime")
+            .context("the MongoDB server's `hello` answer has no `localTime`")?;
+        let half_trip = chrono::Duration::from_std(sent.elapsed() / 2).unwrap_or_default();
+        Ok(chrono_date(*local_time) + half_trip)
+    }
+
     /// Names a collection in messages: `database.collection`.
     fn at(&self, collection: &str) -> String {
         format!("{}.{collection}", self.db.name())
@@ -843,12 +861,13 @@ impl SchedulerStore for MongoStore {
         &self,
         name: &str,
         holder: &str,
-        now: DateTime<Utc>,
         ttl: std::time::Duration,
     ) -> anyhow::Result<bool> {
+        let now = self.server_now().await?;
         let until = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
-        // Matches when the lease is ours or has expired; when it is someone else's and live,
-        // the upsert tries to insert a second document with its `_id` and fails on the key.
+        // Matches when the lease is ours or has expired by the server's clock; when it is
+        // someone else's and live, the upsert tries to insert a second document with its
+        // `_id` and fails on the key.
         let result = self
             .collection(LEASES)
             .update_one(

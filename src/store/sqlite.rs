@@ -498,18 +498,20 @@ impl SchedulerStore for SqliteStore {
         &self,
         name: &str,
         holder: &str,
-        now: DateTime<Utc>,
         ttl: std::time::Duration,
     ) -> anyhow::Result<bool> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
-        let (now, until) = (to_millis(now), to_millis(now) + ttl.as_millis() as i64);
+        let ttl = ttl.as_millis() as i64;
         self.db
             .write(move |tx| {
+                // The database's own clock (every process sharing the file is on this host).
                 let changed = tx.execute(
-                    "INSERT INTO leases (name, holder, expires_at) VALUES (?1, ?2, ?3)
+                    "INSERT INTO leases (name, holder, expires_at)
+                     VALUES (?1, ?2, CAST(unixepoch('subsec') * 1000 AS INTEGER) + ?3)
                      ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
-                     WHERE leases.holder = excluded.holder OR leases.expires_at < ?4",
-                    params![name, holder, until, now],
+                     WHERE leases.holder = excluded.holder
+                        OR leases.expires_at < CAST(unixepoch('subsec') * 1000 AS INTEGER)",
+                    params![name, holder, ttl],
                 )?;
                 Ok(changed == 1)
             })

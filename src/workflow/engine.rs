@@ -28,6 +28,7 @@ use uuid::Uuid;
 use super::status::{DerivedStatus, derive};
 use crate::app::App;
 use crate::broker::{Delivery, TaskMessage};
+use crate::cancel::CancellationToken;
 use crate::progress::{Progress, RateEstimator};
 use crate::registry::DatasetId;
 use crate::steps::{self, StepContext, StepError, Task};
@@ -90,6 +91,7 @@ fn step_message(
         retries: 0,
         parent_id: None,
         queue: queue_of(app, workflow, position),
+        time_limits: Default::default(),
     }
 }
 
@@ -193,7 +195,13 @@ enum Outcome {
     LeaseLost(anyhow::Error),
     /// The worker is stopping and the step's grace ran out.
     Interrupted,
+    /// The step ran past its time limit and was stopped.
+    TimedOut(Duration),
 }
+
+/// How long a cancelled step has to stop (its pool jobs check their token per chunk or member,
+/// so this is only reached by a step stuck in a file-system call) before it is abandoned.
+const STOP_WAIT: Duration = Duration::from_secs(30);
 
 /// How a worker runs steps.
 #[derive(Debug, Clone)]
@@ -348,7 +356,7 @@ impl Claim {
     /// Takes or renews the claim; false if another run holds it.
     async fn take(&self, app: &App) -> anyhow::Result<bool> {
         app.scheduler_store
-            .acquire_lease(&self.name, &self.holder, Utc::now(), self.ttl)
+            .acquire_lease(&self.name, &self.holder, self.ttl)
             .await
     }
 
@@ -416,6 +424,7 @@ async fn run_claimed(
         task_id: message.id.clone(),
         kwargs: message.kwargs.clone(),
         progress: progress.clone(),
+        cancel: CancellationToken::new(),
     };
     let label = format!("dataset {dataset_id} {step_name}");
     let supervisor = Supervisor {
@@ -424,8 +433,9 @@ async fn run_claimed(
         claim,
         interrupt: runner.interrupt.clone(),
     };
+    let time_limit = time_limit(app, &message);
     let outcome = supervisor
-        .run(task, ctx, &progress, display, &label)
+        .run(task, ctx, &progress, display, &label, time_limit)
         .await?;
     let outcome = match outcome {
         Outcome::LeaseLost(err) => {
@@ -436,8 +446,21 @@ async fn run_claimed(
             warn!(task_id = %message.id, "Interrupted the step (the worker is stopping); its message goes back to the queue.");
             return delivery.release().await;
         }
+        Outcome::TimedOut(limit) => Err(StepError::permanent(
+            "TimeLimitExceeded",
+            anyhow::format_err!(
+                "the step ran longer than its time limit of {} s and was stopped; its partial work was removed",
+                limit.as_secs_f64()
+            ),
+        )),
         Outcome::Finished(result) => result,
     };
+    // A result is recorded only by the run that still holds the task: a run whose claim lapsed
+    // (a long pause, a partitioned store) may be running a second time elsewhere by now.
+    if !still_holds(app, &*delivery, claim).await? {
+        error!(task_id = %message.id, "The step ended after its claim was lost; its result is not recorded (another worker runs it).");
+        return Ok(());
+    }
     let elapsed = started.elapsed().as_secs_f64();
     match outcome {
         Ok(result) => {
@@ -483,6 +506,39 @@ async fn run_claimed(
     }
 }
 
+/// The step's time limit: the configured one for its task (or the default), or the message's
+/// own `timelimit`, whichever is shorter.
+fn time_limit(app: &App, message: &TaskMessage) -> Option<Duration> {
+    let worker = &app.settings.worker;
+    let configured = match worker
+        .time_limits
+        .get(&message.task)
+        .copied()
+        .unwrap_or(worker.time_limit_seconds)
+    {
+        0 => None,
+        secs => Some(Duration::from_secs(secs)),
+    };
+    [configured, message.time_limits.earliest()]
+        .into_iter()
+        .flatten()
+        .min()
+}
+
+/// Renews the task's claim (the store's, or the delivery's own) right before its result is
+/// recorded: whether this run may still record it. The claim then runs for a whole lease,
+/// longer than recording takes.
+async fn still_holds(
+    app: &App,
+    delivery: &dyn Delivery,
+    claim: Option<&Claim>,
+) -> anyhow::Result<bool> {
+    match claim {
+        Some(claim) => claim.take(app).await,
+        None => Ok(delivery.keep_alive().await.is_ok()),
+    }
+}
+
 /// Watches a running step: keeps its claims alive, reports its progress, stops it when
 /// interrupted.
 struct Supervisor<'a> {
@@ -494,7 +550,9 @@ struct Supervisor<'a> {
 
 impl Supervisor<'_> {
     /// Runs the step while keeping its claims alive and reporting its progress. A panic in the
-    /// step becomes a permanent failure, never a dead worker.
+    /// step becomes a permanent failure, never a dead worker. A step that must stop (claim
+    /// lost, shutdown, time limit) is cancelled and waited for: its pool jobs stop within
+    /// moments and remove their partial work, so nothing of it runs on beside the next attempt.
     async fn run(
         mut self,
         task: Task,
@@ -502,10 +560,20 @@ impl Supervisor<'_> {
         progress: &Progress,
         display: &Display,
         label: &str,
+        time_limit: Option<Duration>,
     ) -> anyhow::Result<Outcome> {
         let app = self.app;
         let task_id = ctx.task_id.clone();
+        let cancel = ctx.cancel.clone();
         let mut step = AbortOnDrop(tokio::spawn(steps::run(task, ctx).in_current_span()));
+        let deadline = time_limit.map(|limit| tokio::time::Instant::now() + limit);
+        let time_is_up = async {
+            match deadline {
+                Some(deadline) => tokio::time::sleep_until(deadline).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(time_is_up);
         let keep_alive_every = Duration::from_secs(app.settings.worker.lease_seconds.max(3) / 3);
         let report_every = app.settings.progress_interval;
         let mut keep_alive = tokio::time::interval(keep_alive_every);
@@ -531,31 +599,36 @@ impl Supervisor<'_> {
                     };
                 }
                 _ = interrupted(&mut self.interrupt) => {
-                    step.0.abort();
+                    stop_step(&cancel, &mut step, &task_id).await;
                     break Outcome::Interrupted;
+                }
+                () = &mut time_is_up => {
+                    stop_step(&cancel, &mut step, &task_id).await;
+                    break Outcome::TimedOut(time_limit.unwrap_or_default());
                 }
                 _ = keep_alive.tick() => {
                     if let Err(err) = self.delivery.keep_alive().await {
-                        step.0.abort();
+                        stop_step(&cancel, &mut step, &task_id).await;
                         break Outcome::LeaseLost(err);
                     }
                     if let Some(claim) = self.claim {
                         match claim.take(app).await {
                             Ok(true) => claim_renewed = Instant::now(),
                             Ok(false) => {
-                                step.0.abort();
+                                stop_step(&cancel, &mut step, &task_id).await;
                                 break Outcome::LeaseLost(anyhow::format_err!(
                                     "the claim {} was taken by another worker", claim.name));
                             }
-                            // The store being out of reach is not a takeover, until the
-                            // claim has lapsed and another worker may have taken it.
-                            Err(err) if claim_renewed.elapsed() < claim.ttl => {
+                            // The store being out of reach is not a takeover, until the claim
+                            // could lapse before the next renewal: the step stops first, so it
+                            // has stopped before any other worker can take the task.
+                            Err(err) if claim_renewed.elapsed() + keep_alive_every < claim.ttl => {
                                 warn!(claim = %claim.name, error = %format!("{err:#}"), "Could not renew the claim; trying again.");
                             }
                             Err(err) => {
-                                step.0.abort();
+                                stop_step(&cancel, &mut step, &task_id).await;
                                 break Outcome::LeaseLost(err.context(format!(
-                                    "the claim {} lapsed while the store was out of reach", claim.name)));
+                                    "the claim {} could lapse while the store is out of reach", claim.name)));
                             }
                         }
                     }
@@ -582,11 +655,26 @@ impl Supervisor<'_> {
     }
 }
 
+/// Cancels a running step and waits (at most `STOP_WAIT`) for it to end.
+async fn stop_step<T>(cancel: &CancellationToken, step: &mut AbortOnDrop<T>, task_id: &str) {
+    cancel.cancel();
+    if tokio::time::timeout(STOP_WAIT, &mut step.0).await.is_err() {
+        warn!(
+            task_id,
+            "The step did not stop within {} s of its cancellation; abandoning it.",
+            STOP_WAIT.as_secs()
+        );
+        step.0.abort();
+    }
+}
+
 /// Aborts the step's task when the supervisor is dropped (shutdown), so an interrupted step
 /// does not keep running unsupervised.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
+    // The step's own cancellation is dropped with it, which cancels its pool jobs too
+    // (`Pool::run_job`).
     fn drop(&mut self) {
         self.0.abort();
     }

@@ -8,7 +8,8 @@
 //! `POST datasets/{id}/states` always appends (spec J.16 is about the duplicates that causes),
 //! `GET datasets/{id}?files=true` lists path and MD5 only, and linking a workflow to a missing
 //! dataset answers 409 like Prisma's foreign-key error. File rows are stored before the answer
-//! (the API does it after), so tests can read them at once.
+//! (the API does it after), so tests can read them at once, unless a test asks for the real
+//! API's behaviour (spec E.4): rows stored only a while after the answer, or never.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -96,6 +97,16 @@ struct Shared {
     token: String,
     faults: Mutex<Vec<PendingFault>>,
     log: Mutex<Vec<Recorded>>,
+    rows: Mutex<RowsBehaviour>,
+}
+
+/// What `POST datasets/{id}/files` does with its rows after answering 200.
+#[derive(Default)]
+struct RowsBehaviour {
+    /// Stores them only this long after the answer.
+    delay: Option<Duration>,
+    /// Batches that are acknowledged and never stored (the API died in the moment).
+    lose: usize,
 }
 
 struct PendingFault {
@@ -118,6 +129,7 @@ impl TestApi {
             token: format!("test-token-{}", uuid::Uuid::new_v4()),
             faults: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
+            rows: Mutex::new(RowsBehaviour::default()),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
@@ -180,6 +192,18 @@ impl TestApi {
             fault,
             remaining: times,
         });
+    }
+
+    /// From now on, file rows become readable only `delay` after their POST was answered, as
+    /// the real API stores them after answering (spec E.4); `None` stores them at once again.
+    pub fn delay_file_rows(&self, delay: Option<Duration>) {
+        self.shared.rows.lock().unwrap().delay = delay;
+    }
+
+    /// The next `batches` file POSTs are answered 200 and their rows never stored, as when the
+    /// real API dies right after answering (spec E.4).
+    pub fn lose_file_rows(&self, batches: usize) {
+        self.shared.rows.lock().unwrap().lose = batches;
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -779,6 +803,22 @@ async fn add_files(
         Ok(true) => {}
         Ok(false) => return error(StatusCode::NOT_FOUND, "Not Found"),
         Err(response) => return response,
+    }
+    let delay = {
+        let mut behaviour = shared.rows.lock().unwrap();
+        if behaviour.lose > 0 {
+            behaviour.lose -= 1;
+            return (StatusCode::OK, "OK").into_response();
+        }
+        behaviour.delay
+    };
+    if let Some(delay) = delay {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = shared.registry.add_files(id, &rows).await;
+        });
+        return (StatusCode::OK, "OK").into_response();
     }
     match shared.registry.add_files(id, &rows).await {
         Ok(()) => (StatusCode::OK, "OK").into_response(),
