@@ -51,19 +51,22 @@ impl EmbeddedBroker {
         self.db
             .write(move |tx| {
                 let now = to_millis(Utc::now());
+                let dead = dead_owners(tx, &consumer, now, queues.as_deref())?;
+                // Claimability is decided in the query, so that no number of leased messages
+                // ahead of a runnable one can hide it.
                 let mut candidates = tx.prepare_cached(
-                    "SELECT task_id, lease_owner, lease_until FROM queue WHERE eta <= ?1
+                    "SELECT task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue
+                     FROM queue WHERE eta <= ?1
                      AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))
-                     ORDER BY priority DESC, seq LIMIT 64",
+                     AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < ?1
+                          OR lease_owner IN (SELECT value FROM json_each(?3)))
+                     ORDER BY priority DESC, seq LIMIT 1",
                 )?;
-                let rows: Vec<(String, Option<String>, Option<i64>)> = candidates
-                    .query_map(params![now, queues], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                    .collect::<rusqlite::Result<_>>()?;
-                let claimable = rows.into_iter().find(|(_, owner, until)| match (owner, until) {
-                    (None, _) | (_, None) => true,
-                    (Some(owner), Some(until)) => *until < now || consumer.is_dead_owner(owner),
-                });
-                let Some((task_id, _, _)) = claimable else {
+                let dead = serde_json::Value::from(dead).to_string();
+                let row = candidates
+                    .query_row(params![now, queues, dead], Row::read)
+                    .optional()?;
+                let Some(row) = row else {
                     let next_eta: Option<i64> = tx
                         .query_row(
                             "SELECT MIN(eta) FROM queue WHERE eta > ?1
@@ -75,35 +78,85 @@ impl EmbeddedBroker {
                         .flatten();
                     return Ok(Err(next_eta.map(from_millis)));
                 };
+                let message = row.message();
                 tx.execute(
                     "UPDATE queue SET lease_owner = ?2, lease_until = ?3 WHERE task_id = ?1",
-                    params![task_id, consumer.holder(), now + lease_ms],
-                )?;
-                let message = tx.query_row(
-                    "SELECT task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue
-                     FROM queue WHERE task_id = ?1",
-                    [&task_id],
-                    |r| {
-                        let args: String = r.get(2)?;
-                        let kwargs: String = r.get(3)?;
-                        let eta: i64 = r.get(5)?;
-                        Ok(TaskMessage {
-                            id: r.get(0)?,
-                            task: r.get(1)?,
-                            args: serde_json::from_str(&args).unwrap_or_default(),
-                            kwargs: serde_json::from_str(&kwargs).unwrap_or_default(),
-                            priority: r.get::<_, i64>(4)?.clamp(0, 9) as u8,
-                            eta: (eta > 0).then(|| from_millis(eta)),
-                            retries: r.get::<_, i64>(6)? as u32,
-                            root_id: r.get(7)?,
-                            parent_id: r.get(8)?,
-                            queue: r.get(9)?,
-                        })
-                    },
+                    params![message.id, consumer.holder(), now + lease_ms],
                 )?;
                 Ok(Ok(message))
             })
             .await
+    }
+}
+
+/// The owners of leased, due messages that are processes of this host which died: their
+/// claims are void at once rather than when their leases run out. Few processes hold
+/// leases, and whether one is alive is known only here, so they are looked at one by one.
+fn dead_owners(
+    tx: &rusqlite::Transaction<'_>,
+    consumer: &Identity,
+    now: i64,
+    queues: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
+    let mut owners = tx.prepare_cached(
+        "SELECT DISTINCT lease_owner FROM queue WHERE lease_owner IS NOT NULL
+         AND lease_until >= ?1 AND eta <= ?1
+         AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))
+         AND substr(lease_owner, 1, length(?3)) = ?3",
+    )?;
+    let host = format!("{}:", consumer.hostname);
+    let found = owners
+        .query_map(params![now, queues, host], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(found
+        .into_iter()
+        .filter(|owner| consumer.is_dead_owner(owner))
+        .collect())
+}
+
+/// A queue row as stored.
+struct Row {
+    task_id: String,
+    task: String,
+    args: String,
+    kwargs: String,
+    priority: i64,
+    eta: i64,
+    retries: i64,
+    root_id: String,
+    parent_id: Option<String>,
+    queue: String,
+}
+
+impl Row {
+    fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+        Ok(Row {
+            task_id: r.get(0)?,
+            task: r.get(1)?,
+            args: r.get(2)?,
+            kwargs: r.get(3)?,
+            priority: r.get(4)?,
+            eta: r.get(5)?,
+            retries: r.get(6)?,
+            root_id: r.get(7)?,
+            parent_id: r.get(8)?,
+            queue: r.get(9)?,
+        })
+    }
+
+    fn message(&self) -> TaskMessage {
+        TaskMessage {
+            id: self.task_id.clone(),
+            task: self.task.clone(),
+            args: serde_json::from_str(&self.args).unwrap_or_default(),
+            kwargs: serde_json::from_str(&self.kwargs).unwrap_or_default(),
+            priority: self.priority.clamp(0, 9) as u8,
+            eta: (self.eta > 0).then(|| from_millis(self.eta)),
+            retries: u32::try_from(self.retries).unwrap_or(0),
+            root_id: self.root_id.clone(),
+            parent_id: self.parent_id.clone(),
+            queue: self.queue.clone(),
+        }
     }
 }
 
@@ -271,5 +324,106 @@ impl Delivery for EmbeddedDelivery {
         .await?;
         self.published.notify_waiters();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn broker(dir: &tempfile::TempDir) -> EmbeddedBroker {
+        let db = Db::open(&dir.path().join("q.db"), Duration::from_secs(5)).unwrap();
+        EmbeddedBroker::new(db, Identity::current(), Duration::from_secs(30))
+    }
+
+    fn message(id: &str, priority: u8) -> TaskMessage {
+        let mut kwargs = serde_json::Map::new();
+        kwargs.insert("workflow_id".into(), json!("wf"));
+        kwargs.insert("step".into(), json!("s"));
+        TaskMessage {
+            id: id.to_owned(),
+            task: "noop".into(),
+            args: vec![json!(1)],
+            kwargs,
+            priority,
+            eta: None,
+            retries: 0,
+            root_id: id.to_owned(),
+            parent_id: None,
+            queue: "q".into(),
+        }
+    }
+
+    /// Leases every queued message whose id starts with `prefix` to `owner` for an hour.
+    fn lease(broker: &EmbeddedBroker, prefix: &str, owner: &str) {
+        let until = to_millis(Utc::now()) + 3_600_000;
+        broker
+            .db
+            .with_conn(|conn| {
+                conn.execute(
+                    "UPDATE queue SET lease_owner = ?2, lease_until = ?3
+                     WHERE substr(task_id, 1, length(?1)) = ?1",
+                    params![prefix, owner, until],
+                )?;
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    async fn next(broker: &EmbeddedBroker) -> Box<dyn Delivery> {
+        tokio::time::timeout(Duration::from_secs(5), broker.next())
+            .await
+            .expect("a runnable message is found")
+            .unwrap()
+    }
+
+    fn dead_pid_owner() -> String {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        format!("{}:{gone}", Identity::current().hostname)
+    }
+
+    #[tokio::test]
+    async fn a_runnable_message_is_found_behind_a_hundred_leased_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = broker(&dir);
+        for i in 0..100 {
+            broker
+                .publish(&message(&format!("leased-{i:03}"), 9))
+                .await
+                .unwrap();
+        }
+        // A live process of another host holds them all, ahead of the runnable one.
+        lease(&broker, "leased-", "elsewhere.example:1");
+        broker.publish(&message("runnable", 1)).await.unwrap();
+        let delivery = next(&broker).await;
+        assert_eq!(delivery.message().id, "runnable");
+    }
+
+    #[tokio::test]
+    async fn a_claim_of_a_dead_process_of_this_host_is_taken_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = broker(&dir);
+        for i in 0..100 {
+            broker
+                .publish(&message(&format!("leased-{i:03}"), 9))
+                .await
+                .unwrap();
+        }
+        lease(
+            &broker,
+            "leased-",
+            &format!("{}:1", Identity::current().hostname),
+        );
+        broker.publish(&message("orphan", 9)).await.unwrap();
+        lease(&broker, "orphan", &dead_pid_owner());
+        broker.publish(&message("runnable", 1)).await.unwrap();
+        // The orphan's lease has an hour to go, but its owner is gone; it outranks the
+        // runnable one by priority.
+        assert_eq!(next(&broker).await.message().id, "orphan");
+        assert_eq!(next(&broker).await.message().id, "runnable");
     }
 }
