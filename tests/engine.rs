@@ -223,6 +223,63 @@ async fn a_message_of_an_unknown_task_fails_its_workflow_instead_of_looping() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_cannot_run_is_kept_as_a_dead_letter() {
+    let project = Project::new();
+    let app = project.app().await;
+    let id = register(&app, &project, "dead_letters").await;
+    engine::start(&app, "integrated", id, Default::default())
+        .await
+        .unwrap();
+    let first = app.broker.next().await.unwrap();
+    let queued = first.message().clone();
+    first.release().await.unwrap();
+    // One without workflow_id and step, one of a real step without a dataset id; both ahead
+    // of the workflow's own message.
+    let mut no_step = queued.clone();
+    no_step.id = "no-step".into();
+    no_step.kwargs.remove("workflow_id");
+    no_step.kwargs.remove("step");
+    no_step.priority = 9;
+    let mut no_dataset = queued.clone();
+    no_dataset.id = "no-dataset".into();
+    no_dataset.args = vec![json!("not an id")];
+    no_dataset.priority = 9;
+    for message in [&no_step, &no_dataset] {
+        app.broker.publish(message).await.unwrap();
+    }
+    for _ in 0..2 {
+        let delivery = app.broker.next().await.unwrap();
+        assert_ne!(delivery.message().id, queued.id);
+        engine::handle(&app, delivery, &Display::quiet())
+            .await
+            .unwrap();
+    }
+
+    let letters = app.broker.dead_letters().await.unwrap().unwrap();
+    let kept: Vec<_> = letters.iter().map(|l| l.task_id.as_str()).collect();
+    assert_eq!(kept, ["no-step", "no-dataset"]);
+    assert!(
+        letters[0].reason.contains("workflow_id and step"),
+        "{}",
+        letters[0].reason
+    );
+    assert!(
+        letters[1].reason.contains("dataset id"),
+        "{}",
+        letters[1].reason
+    );
+    assert_eq!(letters[1].args, r#"["not an id"]"#, "the row as it was");
+    for id in ["no-step", "no-dataset"] {
+        assert_eq!(app.broker.holds(id).await.unwrap(), Some(false), "{id}");
+    }
+    assert_eq!(
+        app.broker.holds(&queued.id).await.unwrap(),
+        Some(true),
+        "the workflow's own step is untouched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_workflow_whose_first_step_was_never_published_is_repaired() {
     let project = Project::new();
     let app = project.app().await;

@@ -250,13 +250,15 @@ pub async fn handle_with(
     runner: &Runner,
 ) -> anyhow::Result<()> {
     let message = delivery.message().clone();
-    // Messages that can never run are rejected to the log rather than requeued forever.
+    // Messages that can never run are kept aside (or, where the broker has no place for
+    // them, logged and removed) rather than requeued forever.
     let (Some(workflow_id), Some(step_name)) = (
         message.workflow_id().map(str::to_owned),
         message.step_name().map(str::to_owned),
     ) else {
-        error!(task_id = %message.id, task = %message.task, "Dropped a message without workflow_id and step.");
-        return delivery.ack().await;
+        return delivery
+            .dead_letter("the message has no workflow_id and step")
+            .await;
     };
     let Some(workflow) = app.store.workflow(&workflow_id).await? else {
         error!(task_id = %message.id, workflow_id, "Dropped a message of a workflow that does not exist.");
@@ -297,8 +299,11 @@ pub async fn handle_with(
         return delivery.ack().await;
     };
     let Some(dataset_id) = message.args.first().and_then(Value::as_i64) else {
-        error!(task_id = %message.id, workflow_id, "Dropped a message without a dataset id.");
-        return delivery.ack().await;
+        return delivery
+            .dead_letter(&format!(
+                "the message of workflow {workflow_id} has no dataset id as its first argument"
+            ))
+            .await;
     };
     let span = info_span!("step", dataset_id, workflow_id = %workflow.id, step = %step_name);
     async move {
