@@ -185,6 +185,8 @@ fn config(uri: &str, queue: &str) -> AmqpConfig {
         prefetch: 1,
         heartbeat: 10,
         reconnect_max: Duration::from_secs(2),
+        max_held: 100,
+        dead_letter_exchange: None,
     }
 }
 
@@ -432,7 +434,7 @@ async fn declares_celerys_topology_and_writes_protocol_v2_messages() {
     // that differs with 406 PRECONDITION_FAILED).
     let durable = QueueDeclareOptions::durable();
     assert_eq!(
-        rabbit.declare(&queue, durable, queue_arguments()).await,
+        rabbit.declare(&queue, durable, queue_arguments(None)).await,
         Ok(())
     );
     let mut five = FieldTable::default();
@@ -444,7 +446,9 @@ async fn declares_celerys_topology_and_writes_protocol_v2_messages() {
     );
     let transient = QueueDeclareOptions::default();
     assert_eq!(
-        rabbit.declare(&queue, transient, queue_arguments()).await,
+        rabbit
+            .declare(&queue, transient, queue_arguments(None))
+            .await,
         Err(406)
     );
     // The exchange: durable and direct, named as the queue.
@@ -631,6 +635,72 @@ async fn holds_a_message_until_its_eta_without_taking_the_slot() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_eta_messages_raises_the_prefetch_only_up_to_its_cap() {
+    let Some(url) = amqp_url() else { return };
+    let queue = unique("eta-flood");
+    let _cleanup = Cleanup {
+        url: url.clone(),
+        names: vec![queue.clone()],
+    };
+    let broker = Arc::new(
+        AmqpBroker::new(
+            AmqpConfig {
+                max_held: 4,
+                ..config(&url, &queue)
+            },
+            &Identity::current(),
+        )
+        .unwrap(),
+    );
+    let rabbit = Rabbit::connect(&url).await;
+    let eta = Utc::now() + chrono::Duration::seconds(4);
+    let mut sent = Vec::new();
+    for _ in 0..30 {
+        let mut later = message(&queue, 5);
+        later.eta = Some(eta);
+        broker.publish(&later).await.unwrap();
+        sent.push(later.id);
+    }
+    broker
+        .start_consuming(&Consume {
+            queues: None,
+            prefetch: 1,
+        })
+        .await
+        .unwrap();
+    // One slot and four held messages raise the prefetch to five; the fifth message held
+    // takes the slot's place, and nothing more is taken until they come due.
+    eventually("the worker holds five", Duration::from_secs(10), || async {
+        broker.unsettled() == 5
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        Utc::now() < eta,
+        "the test was too slow to look before the eta"
+    );
+    assert_eq!(broker.unsettled(), 5, "held beyond the cap");
+    assert_eq!(rabbit.ready(&queue).await, 25, "left to other workers");
+
+    // Once due they run, and the rest follows; none before its eta.
+    let mut got = Vec::new();
+    for _ in 0..30 {
+        let delivery = tokio::time::timeout(Duration::from_secs(20), broker.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(Utc::now() >= eta, "handed out before its eta");
+        got.push(delivery.message().id.clone());
+        delivery.ack().await.unwrap();
+    }
+    got.sort();
+    sent.sort();
+    assert_eq!(got, sent);
+    broker.close().await;
+    assert_eq!(rabbit.ready(&queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_retry_republishes_the_same_id_with_one_more_retry() {
     let Some(url) = amqp_url() else { return };
     let queue = unique("retry");
@@ -724,6 +794,115 @@ async fn an_undecodable_message_is_rejected_once_not_requeued() {
         2,
         "each rejected once"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_cannot_run_goes_to_the_dead_letter_exchange_when_the_queue_has_one() {
+    let Some(url) = amqp_url() else { return };
+    let (queue, dead) = (unique("dlx-work"), unique("dlx-dead"));
+    let _cleanup = Cleanup {
+        url: url.clone(),
+        names: vec![queue.clone(), dead.clone()],
+    };
+    let rabbit = Rabbit::connect(&url).await;
+    // The site's dead-letter exchange and a queue that collects what reaches it.
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    rabbit
+        .declare_exchange(&dead, ExchangeKind::Fanout, durable)
+        .await
+        .unwrap();
+    rabbit
+        .declare(&dead, QueueDeclareOptions::durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let channel = rabbit.conn.create_channel().await.unwrap();
+    channel
+        .queue_bind(
+            dead.as_str().into(),
+            dead.as_str().into(),
+            "".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let with_dlx = AmqpConfig {
+        dead_letter_exchange: Some(dead.clone()),
+        ..config(&url, &queue)
+    };
+    let broker = Arc::new(AmqpBroker::new(with_dlx, &Identity::current()).unwrap());
+    let mut orphan = message(&queue, 3);
+    orphan.kwargs.clear();
+    broker.publish(&orphan).await.unwrap();
+    // The queue was declared with the exchange, as every peer must then declare it.
+    assert_eq!(
+        rabbit
+            .declare(
+                &queue,
+                QueueDeclareOptions::durable(),
+                queue_arguments(Some(&dead))
+            )
+            .await,
+        Ok(())
+    );
+    let delivery = tokio::time::timeout(Duration::from_secs(10), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
+    delivery
+        .dead_letter("no workflow_id and step")
+        .await
+        .unwrap();
+    eventually(
+        "the message reaches the dead letters",
+        Duration::from_secs(10),
+        || async { rabbit.ready(&dead).await == 1 },
+    )
+    .await;
+    broker.close().await;
+    assert_eq!(rabbit.ready(&queue).await, 0, "rejected, not requeued");
+    let got = channel
+        .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
+    let properties = Value::Object(celery::properties_json(&got.delivery.properties));
+    assert_eq!(
+        properties["correlation_id"],
+        json!(orphan.id),
+        "the message itself"
+    );
+    assert!(!log_lines("dead-letter exchange", &orphan.id).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_cannot_run_is_acknowledged_when_the_queue_has_no_dead_letter_exchange() {
+    let Some(url) = amqp_url() else { return };
+    let queue = unique("no-dlx");
+    let _cleanup = Cleanup {
+        url: url.clone(),
+        names: vec![queue.clone()],
+    };
+    let rabbit = Rabbit::connect(&url).await;
+    let broker = broker(&url, &queue);
+    let mut orphan = message(&queue, 3);
+    orphan.kwargs.clear();
+    broker.publish(&orphan).await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
+    delivery
+        .dead_letter("no workflow_id and step")
+        .await
+        .unwrap();
+    broker.close().await;
+    assert_eq!(rabbit.ready(&queue).await, 0, "acknowledged, not requeued");
+    assert!(!log_lines("acknowledged and removed", &orphan.id).is_empty());
 }
 
 // ---------------------------------------------------------------------------------------
