@@ -28,7 +28,7 @@ use workers::broker::celery::{self, Sender};
 use workers::broker::{Broker, Consume, TaskMessage};
 use workers::identity::Identity;
 use workers::model::DatasetType;
-use workers::store::{TaskStatus, WorkflowFilter};
+use workers::store::{TaskError, TaskStart, TaskStatus, WorkflowFilter};
 use workers::ui::Display;
 use workers::workflow::engine::{self, WorkflowView};
 use workers::workflow::worker::{self, Until, WorkerOptions};
@@ -981,6 +981,96 @@ async fn a_connection_lost_mid_step_runs_the_step_once_and_the_workflow_goes_on(
     assert!(
         !log_lines("deferred", &first).is_empty(),
         "RabbitMQ's second delivery should have been deferred while the step ran"
+    );
+    let _ = stop_tx.send(true);
+    running.await.unwrap().unwrap();
+    broker.close().await;
+    assert_eq!(rabbit.ready(&slow.queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_whose_acknowledgement_was_lost_waits_for_its_delay_and_runs_once() {
+    let Some(url) = amqp_url() else { return };
+    let mut slow = Slow::new(0);
+    slow.project
+        .set_env("WORKERS__RETRY__DEFAULT__DELAY_SECONDS", "4");
+    let _cleanup = Cleanup {
+        url: url.clone(),
+        names: vec![slow.queue.clone()],
+    };
+    let proxy = Proxy::start(rabbit_address(&url));
+    let broker = broker(&proxy.url(&url), &slow.queue);
+    let app = App::with_broker(slow.project.settings(), broker.clone())
+        .await
+        .unwrap();
+    let rabbit = Rabbit::connect(&url).await;
+    let workflow_id = slow.start(&app).await;
+
+    // The first attempt failed and was retried as the engine retries: RETRY stored, the same
+    // task id published again with one more retry and an eta...
+    let delivery = tokio::time::timeout(Duration::from_secs(10), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let original = delivery.message().clone();
+    assert_eq!(original.id, engine::start_task_id(&workflow_id));
+    app.store
+        .task_started(&TaskStart {
+            workflow_id: workflow_id.clone(),
+            position: 0,
+            task_id: original.id.clone(),
+            task_name: original.task.clone(),
+            args: original.args.clone(),
+            kwargs: original.kwargs.clone(),
+            hostname: "workers@test".into(),
+            pid: std::process::id(),
+            retries: 0,
+            queue: original.queue.clone(),
+            parent_id: None,
+        })
+        .await
+        .unwrap();
+    let error = TaskError {
+        exc_type: "RetryableException".into(),
+        exc_message: "the disk was away".into(),
+        exc_module: "workers.exceptions".into(),
+    };
+    app.store.task_retry(&original.id, &error, 0).await.unwrap();
+    let eta = Utc::now() + chrono::Duration::seconds(4);
+    let mut retry = original.clone();
+    retry.eta = Some(eta);
+    retry.retries = 1;
+    broker.publish(&retry).await.unwrap();
+    // ...but the connection dropped before the original's acknowledgement reached RabbitMQ,
+    // which delivers the original again, as it was.
+    proxy.cut();
+    drop(delivery);
+
+    let (stop_tx, stop) = watch::channel(false);
+    let running = tokio::spawn(worker::run(
+        Arc::clone(&app),
+        opts(2, &slow.queue, Duration::from_secs(30)),
+        stop,
+        Display::quiet(),
+    ));
+    while Utc::now() < eta - chrono::Duration::milliseconds(300) {
+        assert_eq!(
+            step_status(&app, &workflow_id, 0).await,
+            TaskStatus::Retry,
+            "the step ran before its retry delay"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !log_lines("already ran and failed", &original.id).is_empty(),
+        "the original came again and was deferred"
+    );
+
+    assert_ran_once_and_settled(&app, &broker, &rabbit, &slow.queue, &workflow_id).await;
+    let view = view_of(&app, &workflow_id).await;
+    assert_eq!(
+        view.metas[&original.id].retries, 1,
+        "ran as the second attempt"
     );
     let _ = stop_tx.send(true);
     running.await.unwrap().unwrap();

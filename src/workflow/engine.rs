@@ -368,6 +368,41 @@ impl Claim {
     }
 }
 
+/// What a delivered message is to its task, by the retry count it carries and the one stored
+/// with the task's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// The attempt to run now.
+    Due,
+    /// A copy of an attempt older than the one stored: a later attempt started, so its
+    /// message exists (held by its worker, or back in the queue should that worker die).
+    Superseded,
+    /// A copy of the attempt that the stored RETRY recorded as failed.
+    Retried,
+}
+
+/// A retry stores RETRY with the attempt's retry count, then publishes the same task id with
+/// one more retry and an `eta`, then acknowledges the attempt's message. When that
+/// acknowledgement is lost (the connection drops in between), the broker delivers the old
+/// message again, without the `eta`, and running it would both run early and run attempt
+/// `retries + 1` twice (it and the published copy). Such a copy is recognised by its retry
+/// count equalling the stored one under RETRY, and is turned into the next attempt, deferred
+/// by the retry delay, rather than dropped: after a crash between storing RETRY and
+/// publishing, it is the only message left. When the published copy exists too, the two
+/// copies of the next attempt are one task id under one claim: the first to arrive runs, the
+/// other is deferred while it runs and then finds the attempt finished (SUCCESS or FAILURE,
+/// dropped; RETRY, judged as here again). Each attempt therefore runs once, never before its
+/// delay, at the cost of a spare message until the task ends.
+fn attempt(status: TaskStatus, stored_retries: u32, retries: u32) -> Attempt {
+    if retries < stored_retries {
+        Attempt::Superseded
+    } else if status == TaskStatus::Retry && retries == stored_retries {
+        Attempt::Retried
+    } else {
+        Attempt::Due
+    }
+}
+
 /// The part of `handle_with` that runs under the task's claim.
 #[allow(clippy::too_many_arguments)]
 async fn run_claimed(
@@ -409,6 +444,29 @@ async fn run_claimed(
             return delivery.ack().await;
         }
         _ => {}
+    }
+    if let Some(meta) = metas.get(&message.id) {
+        match attempt(meta.status, meta.retries, message.retries) {
+            Attempt::Due => {}
+            Attempt::Superseded => {
+                info!(task_id = %message.id, retries = message.retries, stored_retries = meta.retries,
+                    "A later attempt of this step has started; dropping this copy of an earlier one.");
+                return delivery.ack().await;
+            }
+            Attempt::Retried => {
+                let delay = app
+                    .settings
+                    .retry
+                    .steps
+                    .get(&message.task)
+                    .unwrap_or(&app.settings.retry.default)
+                    .delay_seconds;
+                let eta = Utc::now() + chrono::Duration::seconds(delay as i64);
+                info!(task_id = %message.id, retries = message.retries,
+                    "This attempt already ran and failed; deferred this copy of its message as the next attempt, by {delay} s.");
+                return delivery.retry_later(eta, message.retries + 1).await;
+            }
+        }
     }
     app.store.task_started(start).await?;
     let attempt = message.retries + 1;
