@@ -1371,6 +1371,39 @@ async fn sigterm_lets_a_worker_process_finish_its_step_and_exit_0() {
     );
 }
 
+/// A worker that is to end once idle cannot wait for an unreachable RabbitMQ: it fails,
+/// naming the broker without its password, instead of finding nothing to do and exiting 0.
+#[test]
+fn a_worker_until_idle_fails_when_rabbitmq_cannot_be_reached() {
+    logs();
+    let mut project = Project::new();
+    let port = {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    project.set_env("WORKERS__BROKER__KIND", "amqp");
+    project.set_env("WORKERS__AMQP__URL", &format!("127.0.0.1:{port}/%2f"));
+    project.set_env("WORKERS__AMQP__USER", "operator");
+    project.set_env("QUEUE_PASS", "s3cret-pass");
+    project.set_env("WORKERS__AMQP__RECONNECT_MAX_SECONDS", "1");
+    let started = Instant::now();
+    let out = project.run(&["worker", "--until-idle"]);
+    let stderr = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stderr.contains(&format!(
+            "cannot connect to RabbitMQ at amqp://127.0.0.1:{port}/"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret-pass"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Python Celery as the peer
 

@@ -790,6 +790,26 @@ impl Broker for AmqpBroker {
         Ok(())
     }
 
+    async fn check_reachable(&self) -> anyhow::Result<()> {
+        // As a publish would: through short outages (within `reconnect_max`), not longer.
+        let started = Instant::now();
+        let mut delay = FIRST_RETRY;
+        loop {
+            let err = match self.shared.link().await {
+                Ok(_) => return Ok(()),
+                Err(err) => err,
+            };
+            // The error names the broker by its address without credentials.
+            if started.elapsed() + delay > self.shared.config.reconnect_max {
+                return Err(err);
+            }
+            debug!(broker = %self.shared.shown, error = %format!("{err:#}"),
+                "RabbitMQ cannot be reached; trying again in {:?}.", delay);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(self.shared.config.reconnect_max);
+        }
+    }
+
     async fn stop_consuming(&self) -> anyhow::Result<()> {
         let Some(task) = self.shared.consumer_slot().take() else {
             return Ok(());
