@@ -1,7 +1,8 @@
 //! The embedded broker: the `queue` table of the SQLite database, shared safely by every
 //! process on the host. A claim is a lease that the consumer renews while it works; a lease
 //! that runs out, or whose owner process on this host is gone, makes the message claimable
-//! again.
+//! again. A message that can never run (a row that is not a message, or one the engine
+//! cannot place) moves to the `dead_letters` table, kept for an operator to look at.
 
 use std::sync::Arc;
 use std::time::Duration;

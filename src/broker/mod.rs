@@ -111,9 +111,9 @@ pub trait Broker: Send + Sync {
     }
 }
 
-/// A claimed message. Exactly one of `ack`, `retry_later`, `release` or `dead_letter` ends it; dropping it
-/// without one leaves the message to be delivered again (after its lease runs out in the
-/// embedded queue, at once with RabbitMQ).
+/// A claimed message. Exactly one of `ack`, `retry_later`, `release` or `dead_letter` ends
+/// it; dropping it without one leaves the message to be delivered again (after its lease runs
+/// out in the embedded queue, at once with RabbitMQ).
 #[async_trait]
 pub trait Delivery: Send + Sync {
     fn message(&self) -> &TaskMessage;

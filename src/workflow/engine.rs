@@ -393,7 +393,7 @@ enum Attempt {
 /// other is deferred while it runs and then finds the attempt finished (SUCCESS or FAILURE,
 /// dropped; RETRY, judged as here again). Each attempt therefore runs once, never before its
 /// delay, at the cost of a spare message until the task ends.
-fn attempt(status: TaskStatus, stored_retries: u32, retries: u32) -> Attempt {
+fn attempt_of(status: TaskStatus, stored_retries: u32, retries: u32) -> Attempt {
     if retries < stored_retries {
         Attempt::Superseded
     } else if status == TaskStatus::Retry && retries == stored_retries {
@@ -446,7 +446,7 @@ async fn run_claimed(
         _ => {}
     }
     if let Some(meta) = metas.get(&message.id) {
-        match attempt(meta.status, meta.retries, message.retries) {
+        match attempt_of(meta.status, meta.retries, message.retries) {
             Attempt::Due => {}
             Attempt::Superseded => {
                 info!(task_id = %message.id, retries = message.retries, stored_retries = meta.retries,
