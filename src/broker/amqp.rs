@@ -412,8 +412,9 @@ impl Shared {
 
 impl Link {
     /// Declares queue `queue` as Celery does (spec G.1): durable, arguments exactly
-    /// `x-max-priority: 10` (and the dead-letter exchange when there is one), bound to the durable direct exchange of the same name with the
-    /// same routing key. On a channel of its own, since a refused declaration closes it.
+    /// `x-max-priority: 10` (and the dead-letter exchange when there is one), bound to the
+    /// durable direct exchange of the same name with the same routing key. On a channel of its
+    /// own, since a refused declaration closes it.
     async fn declare(&self, queue: &str, shown: &str) -> anyhow::Result<()> {
         if self
             .declared
