@@ -127,6 +127,8 @@ impl App {
                     prefetch: u16::try_from(settings.worker.concurrency).unwrap_or(u16::MAX),
                     heartbeat: settings.amqp.heartbeat,
                     reconnect_max: settings.amqp.reconnect_max,
+                    max_held: settings.amqp.max_held,
+                    dead_letter_exchange: settings.amqp.dead_letter_exchange.clone(),
                 },
                 &identity,
             )?),

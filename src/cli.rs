@@ -64,6 +64,9 @@ pub enum Command {
     /// List and show datasets
     #[command(subcommand)]
     Datasets(DatasetsCommand),
+    /// Look into the queue of steps
+    #[command(subcommand)]
+    Queue(QueueCommand),
     /// Run workflow steps from the queue until stopped
     Worker(WorkerArgs),
     /// Run every job on its schedule until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration)
@@ -208,6 +211,15 @@ pub enum DatasetsCommand {
         dataset: String,
         #[arg(long = "type", value_parser = parse_type)]
         dataset_type: Option<DatasetType>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum QueueCommand {
+    /// Messages kept aside because they can never run (embedded queue), oldest first
+    DeadLetters {
         #[arg(long, value_enum, default_value = "table")]
         format: OutputFormat,
     },

@@ -28,7 +28,7 @@ use workers::broker::celery::{self, Sender};
 use workers::broker::{Broker, Consume, TaskMessage};
 use workers::identity::Identity;
 use workers::model::DatasetType;
-use workers::store::{TaskStatus, WorkflowFilter};
+use workers::store::{TaskError, TaskStart, TaskStatus, WorkflowFilter};
 use workers::ui::Display;
 use workers::workflow::engine::{self, WorkflowView};
 use workers::workflow::worker::{self, Until, WorkerOptions};
@@ -185,6 +185,8 @@ fn config(uri: &str, queue: &str) -> AmqpConfig {
         prefetch: 1,
         heartbeat: 10,
         reconnect_max: Duration::from_secs(2),
+        max_held: 100,
+        dead_letter_exchange: None,
     }
 }
 
@@ -433,7 +435,7 @@ async fn declares_celerys_topology_and_writes_protocol_v2_messages() {
     // that differs with 406 PRECONDITION_FAILED).
     let durable = QueueDeclareOptions::durable();
     assert_eq!(
-        rabbit.declare(&queue, durable, queue_arguments()).await,
+        rabbit.declare(&queue, durable, queue_arguments(None)).await,
         Ok(())
     );
     let mut five = FieldTable::default();
@@ -445,7 +447,9 @@ async fn declares_celerys_topology_and_writes_protocol_v2_messages() {
     );
     let transient = QueueDeclareOptions::default();
     assert_eq!(
-        rabbit.declare(&queue, transient, queue_arguments()).await,
+        rabbit
+            .declare(&queue, transient, queue_arguments(None))
+            .await,
         Err(406)
     );
     // The exchange: durable and direct, named as the queue.
@@ -632,6 +636,72 @@ async fn holds_a_message_until_its_eta_without_taking_the_slot() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_eta_messages_raises_the_prefetch_only_up_to_its_cap() {
+    let Some(url) = amqp_url() else { return };
+    let queue = unique("eta-flood");
+    let _cleanup = Cleanup {
+        url: url.clone(),
+        names: vec![queue.clone()],
+    };
+    let broker = Arc::new(
+        AmqpBroker::new(
+            AmqpConfig {
+                max_held: 4,
+                ..config(&url, &queue)
+            },
+            &Identity::current(),
+        )
+        .unwrap(),
+    );
+    let rabbit = Rabbit::connect(&url).await;
+    let eta = Utc::now() + chrono::Duration::seconds(4);
+    let mut sent = Vec::new();
+    for _ in 0..30 {
+        let mut later = message(&queue, 5);
+        later.eta = Some(eta);
+        broker.publish(&later).await.unwrap();
+        sent.push(later.id);
+    }
+    broker
+        .start_consuming(&Consume {
+            queues: None,
+            prefetch: 1,
+        })
+        .await
+        .unwrap();
+    // One slot and four held messages raise the prefetch to five; the fifth message held
+    // takes the slot's place, and nothing more is taken until they come due.
+    eventually("the worker holds five", Duration::from_secs(10), || async {
+        broker.unsettled() == 5
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        Utc::now() < eta,
+        "the test was too slow to look before the eta"
+    );
+    assert_eq!(broker.unsettled(), 5, "held beyond the cap");
+    assert_eq!(rabbit.ready(&queue).await, 25, "left to other workers");
+
+    // Once due they run, and the rest follows; none before its eta.
+    let mut got = Vec::new();
+    for _ in 0..30 {
+        let delivery = tokio::time::timeout(Duration::from_secs(20), broker.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(Utc::now() >= eta, "handed out before its eta");
+        got.push(delivery.message().id.clone());
+        delivery.ack().await.unwrap();
+    }
+    got.sort();
+    sent.sort();
+    assert_eq!(got, sent);
+    broker.close().await;
+    assert_eq!(rabbit.ready(&queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_retry_republishes_the_same_id_with_one_more_retry() {
     let Some(url) = amqp_url() else { return };
     let queue = unique("retry");
@@ -727,6 +797,115 @@ async fn an_undecodable_message_is_rejected_once_not_requeued() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_cannot_run_goes_to_the_dead_letter_exchange_when_the_queue_has_one() {
+    let Some(url) = amqp_url() else { return };
+    let (queue, dead) = (unique("dlx-work"), unique("dlx-dead"));
+    let _cleanup = Cleanup {
+        url: url.clone(),
+        names: vec![queue.clone(), dead.clone()],
+    };
+    let rabbit = Rabbit::connect(&url).await;
+    // The site's dead-letter exchange and a queue that collects what reaches it.
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    rabbit
+        .declare_exchange(&dead, ExchangeKind::Fanout, durable)
+        .await
+        .unwrap();
+    rabbit
+        .declare(&dead, QueueDeclareOptions::durable(), FieldTable::default())
+        .await
+        .unwrap();
+    let channel = rabbit.conn.create_channel().await.unwrap();
+    channel
+        .queue_bind(
+            dead.as_str().into(),
+            dead.as_str().into(),
+            "".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let with_dlx = AmqpConfig {
+        dead_letter_exchange: Some(dead.clone()),
+        ..config(&url, &queue)
+    };
+    let broker = Arc::new(AmqpBroker::new(with_dlx, &Identity::current()).unwrap());
+    let mut orphan = message(&queue, 3);
+    orphan.kwargs.clear();
+    broker.publish(&orphan).await.unwrap();
+    // The queue was declared with the exchange, as every peer must then declare it.
+    assert_eq!(
+        rabbit
+            .declare(
+                &queue,
+                QueueDeclareOptions::durable(),
+                queue_arguments(Some(&dead))
+            )
+            .await,
+        Ok(())
+    );
+    let delivery = tokio::time::timeout(Duration::from_secs(10), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
+    delivery
+        .dead_letter("no workflow_id and step")
+        .await
+        .unwrap();
+    eventually(
+        "the message reaches the dead letters",
+        Duration::from_secs(10),
+        || async { rabbit.ready(&dead).await == 1 },
+    )
+    .await;
+    broker.close().await;
+    assert_eq!(rabbit.ready(&queue).await, 0, "rejected, not requeued");
+    let got = channel
+        .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .unwrap();
+    let properties = Value::Object(celery::properties_json(&got.delivery.properties));
+    assert_eq!(
+        properties["correlation_id"],
+        json!(orphan.id),
+        "the message itself"
+    );
+    assert!(!log_lines("dead-letter exchange", &orphan.id).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_cannot_run_is_acknowledged_when_the_queue_has_no_dead_letter_exchange() {
+    let Some(url) = amqp_url() else { return };
+    let queue = unique("no-dlx");
+    let _cleanup = Cleanup {
+        url: url.clone(),
+        names: vec![queue.clone()],
+    };
+    let rabbit = Rabbit::connect(&url).await;
+    let broker = broker(&url, &queue);
+    let mut orphan = message(&queue, 3);
+    orphan.kwargs.clear();
+    broker.publish(&orphan).await.unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
+    delivery
+        .dead_letter("no workflow_id and step")
+        .await
+        .unwrap();
+    broker.close().await;
+    assert_eq!(rabbit.ready(&queue).await, 0, "acknowledged, not requeued");
+    assert!(!log_lines("acknowledged and removed", &orphan.id).is_empty());
+}
+
 // ---------------------------------------------------------------------------------------
 // Failures in the middle of a step
 
@@ -803,6 +982,96 @@ async fn a_connection_lost_mid_step_runs_the_step_once_and_the_workflow_goes_on(
     assert!(
         !log_lines("deferred", &first).is_empty(),
         "RabbitMQ's second delivery should have been deferred while the step ran"
+    );
+    let _ = stop_tx.send(true);
+    running.await.unwrap().unwrap();
+    broker.close().await;
+    assert_eq!(rabbit.ready(&slow.queue).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_whose_acknowledgement_was_lost_waits_for_its_delay_and_runs_once() {
+    let Some(url) = amqp_url() else { return };
+    let mut slow = Slow::new(0);
+    slow.project
+        .set_env("WORKERS__RETRY__DEFAULT__DELAY_SECONDS", "4");
+    let _cleanup = Cleanup {
+        url: url.clone(),
+        names: vec![slow.queue.clone()],
+    };
+    let proxy = Proxy::start(rabbit_address(&url));
+    let broker = broker(&proxy.url(&url), &slow.queue);
+    let app = App::with_broker(slow.project.settings(), broker.clone())
+        .await
+        .unwrap();
+    let rabbit = Rabbit::connect(&url).await;
+    let workflow_id = slow.start(&app).await;
+
+    // The first attempt failed and was retried as the engine retries: RETRY stored, the same
+    // task id published again with one more retry and an eta...
+    let delivery = tokio::time::timeout(Duration::from_secs(10), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let original = delivery.message().clone();
+    assert_eq!(original.id, engine::start_task_id(&workflow_id));
+    app.store
+        .task_started(&TaskStart {
+            workflow_id: workflow_id.clone(),
+            position: 0,
+            task_id: original.id.clone(),
+            task_name: original.task.clone(),
+            args: original.args.clone(),
+            kwargs: original.kwargs.clone(),
+            hostname: "workers@test".into(),
+            pid: std::process::id(),
+            retries: 0,
+            queue: original.queue.clone(),
+            parent_id: None,
+        })
+        .await
+        .unwrap();
+    let error = TaskError {
+        exc_type: "RetryableException".into(),
+        exc_message: "the disk was away".into(),
+        exc_module: "workers.exceptions".into(),
+    };
+    app.store.task_retry(&original.id, &error, 0).await.unwrap();
+    let eta = Utc::now() + chrono::Duration::seconds(4);
+    let mut retry = original.clone();
+    retry.eta = Some(eta);
+    retry.retries = 1;
+    broker.publish(&retry).await.unwrap();
+    // ...but the connection dropped before the original's acknowledgement reached RabbitMQ,
+    // which delivers the original again, as it was.
+    proxy.cut();
+    drop(delivery);
+
+    let (stop_tx, stop) = watch::channel(false);
+    let running = tokio::spawn(worker::run(
+        Arc::clone(&app),
+        opts(2, &slow.queue, Duration::from_secs(30)),
+        stop,
+        Display::quiet(),
+    ));
+    while Utc::now() < eta - chrono::Duration::milliseconds(300) {
+        assert_eq!(
+            step_status(&app, &workflow_id, 0).await,
+            TaskStatus::Retry,
+            "the step ran before its retry delay"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !log_lines("already ran and failed", &original.id).is_empty(),
+        "the original came again and was deferred"
+    );
+
+    assert_ran_once_and_settled(&app, &broker, &rabbit, &slow.queue, &workflow_id).await;
+    let view = view_of(&app, &workflow_id).await;
+    assert_eq!(
+        view.metas[&original.id].retries, 1,
+        "ran as the second attempt"
     );
     let _ = stop_tx.send(true);
     running.await.unwrap().unwrap();
@@ -1096,6 +1365,39 @@ async fn sigterm_lets_a_worker_process_finish_its_step_and_exit_0() {
             .unwrap()
             .iter()
             .any(|w| w.id == workflow_id)
+    );
+}
+
+/// A worker that is to end once idle cannot wait for an unreachable RabbitMQ: it fails,
+/// naming the broker without its password, instead of finding nothing to do and exiting 0.
+#[test]
+fn a_worker_until_idle_fails_when_rabbitmq_cannot_be_reached() {
+    logs();
+    let mut project = Project::new();
+    let port = {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    project.set_env("WORKERS__BROKER__KIND", "amqp");
+    project.set_env("WORKERS__AMQP__URL", &format!("127.0.0.1:{port}/%2f"));
+    project.set_env("WORKERS__AMQP__USER", "operator");
+    project.set_env("QUEUE_PASS", "s3cret-pass");
+    project.set_env("WORKERS__AMQP__RECONNECT_MAX_SECONDS", "1");
+    let started = Instant::now();
+    let out = project.run(&["worker", "--until-idle"]);
+    let stderr = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stderr.contains(&format!(
+            "cannot connect to RabbitMQ at amqp://127.0.0.1:{port}/"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret-pass"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
     );
 }
 

@@ -128,3 +128,57 @@ fn a_staged_path_outside_the_root_is_an_error_not_a_hang() {
     let error = w["steps"][5]["error"]["exc_message"][0].as_str().unwrap();
     assert!(error.contains("outside paths.root"), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_dead_letters_shows_the_messages_kept_aside() {
+    let project = Project::new();
+    let out = project.run_ok(&["queue", "dead-letters", "--format", "json"]);
+    assert_eq!(stdout(&out).trim(), "[]");
+    let app = project.app().await;
+    // A row whose arguments are not JSON, ahead of a good message: taking the good one puts
+    // the bad one aside.
+    let db =
+        workers::sqlite::Db::open(&app.settings.sqlite.path, std::time::Duration::from_secs(5))
+            .unwrap();
+    db.with_conn(|conn| {
+        conn.execute(
+            "INSERT INTO queue (task_id, task, args, kwargs, priority, eta, retries, root_id, queue)
+             VALUES ('garbled', 'inspect_dataset', '[1,', '{}', 9, 0, 0, 'garbled', 'q')",
+            [],
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    let good = workers::broker::TaskMessage {
+        id: "good".into(),
+        task: "noop".into(),
+        args: vec![serde_json::json!(1)],
+        kwargs: serde_json::Map::new(),
+        priority: 1,
+        eta: None,
+        retries: 0,
+        root_id: "good".into(),
+        parent_id: None,
+        queue: "q".into(),
+        time_limits: Default::default(),
+    };
+    app.broker.publish(&good).await.unwrap();
+    let delivery = app.broker.next().await.unwrap();
+    assert_eq!(delivery.message().id, "good");
+
+    let out = project.run_ok(&["queue", "dead-letters", "--format", "json"]);
+    let letters: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(letters.as_array().unwrap().len(), 1, "{letters}");
+    assert_eq!(letters[0]["task_id"], "garbled");
+    assert_eq!(letters[0]["task"], "inspect_dataset");
+    assert_eq!(letters[0]["args"], "[1,", "the row as it was stored");
+    assert!(
+        letters[0]["reason"].as_str().unwrap().contains("args"),
+        "{letters}"
+    );
+    let table = stdout(&project.run_ok(&["queue", "dead-letters"]));
+    assert!(
+        table.contains("garbled") && table.contains("JSON list"),
+        "{table}"
+    );
+}

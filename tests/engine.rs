@@ -13,7 +13,7 @@ use workers::app::App;
 use workers::broker::TaskMessage;
 use workers::model::DatasetType;
 use workers::registry::DatasetId;
-use workers::store::TaskStatus;
+use workers::store::{TaskError, TaskStart, TaskStatus};
 use workers::ui::Display;
 use workers::workflow::engine::{self, Resumed, WorkflowView};
 
@@ -221,6 +221,123 @@ async fn a_message_of_an_unknown_task_fails_its_workflow_instead_of_looping() {
     let view = view_of(&app, &workflow_id).await;
     assert_eq!(view.derived.status, TaskStatus::Failure);
     assert_eq!(view.metas[&message.id].result["exc_type"], "NotRegistered");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_that_cannot_run_is_kept_as_a_dead_letter() {
+    let project = Project::new();
+    let app = project.app().await;
+    let id = register(&app, &project, "dead_letters").await;
+    engine::start(&app, "integrated", id, Default::default())
+        .await
+        .unwrap();
+    let first = app.broker.next().await.unwrap();
+    let queued = first.message().clone();
+    first.release().await.unwrap();
+    // One without workflow_id and step, one of a real step without a dataset id; both ahead
+    // of the workflow's own message.
+    let mut no_step = queued.clone();
+    no_step.id = "no-step".into();
+    no_step.kwargs.remove("workflow_id");
+    no_step.kwargs.remove("step");
+    no_step.priority = 9;
+    let mut no_dataset = queued.clone();
+    no_dataset.id = "no-dataset".into();
+    no_dataset.args = vec![json!("not an id")];
+    no_dataset.priority = 9;
+    for message in [&no_step, &no_dataset] {
+        app.broker.publish(message).await.unwrap();
+    }
+    for _ in 0..2 {
+        let delivery = app.broker.next().await.unwrap();
+        assert_ne!(delivery.message().id, queued.id);
+        engine::handle(&app, delivery, &Display::quiet())
+            .await
+            .unwrap();
+    }
+
+    let letters = app.broker.dead_letters().await.unwrap().unwrap();
+    let kept: Vec<_> = letters.iter().map(|l| l.task_id.as_str()).collect();
+    assert_eq!(kept, ["no-step", "no-dataset"]);
+    assert!(
+        letters[0].reason.contains("workflow_id and step"),
+        "{}",
+        letters[0].reason
+    );
+    assert!(
+        letters[1].reason.contains("dataset id"),
+        "{}",
+        letters[1].reason
+    );
+    assert_eq!(letters[1].args, r#"["not an id"]"#, "the row as it was");
+    for id in ["no-step", "no-dataset"] {
+        assert_eq!(app.broker.holds(id).await.unwrap(), Some(false), "{id}");
+    }
+    assert_eq!(
+        app.broker.holds(&queued.id).await.unwrap(),
+        Some(true),
+        "the workflow's own step is untouched"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attempt_recorded_as_retried_but_never_requeued_runs_again_after_its_delay() {
+    let mut project = Project::new();
+    project.set_env("WORKERS__RETRY__DEFAULT__DELAY_SECONDS", "3");
+    let app = project.app().await;
+    let id = register(&app, &project, "retried_then_crashed").await;
+    let workflow_id = engine::start(&app, "integrated", id, Default::default())
+        .await
+        .unwrap();
+    // A worker ran the first attempt, stored RETRY, and died before the message was put
+    // back with its eta: the message comes again as it was.
+    let delivery = app.broker.next().await.unwrap();
+    let message = delivery.message().clone();
+    let start = TaskStart {
+        workflow_id: workflow_id.clone(),
+        position: 0,
+        task_id: message.id.clone(),
+        task_name: message.task.clone(),
+        args: message.args.clone(),
+        kwargs: message.kwargs.clone(),
+        hostname: "workers@gone".into(),
+        pid: 1,
+        retries: 0,
+        queue: message.queue.clone(),
+        parent_id: None,
+    };
+    app.store.task_started(&start).await.unwrap();
+    let error = TaskError {
+        exc_type: "RetryableException".into(),
+        exc_message: "the disk was away".into(),
+        exc_module: "workers.exceptions".into(),
+    };
+    app.store.task_retry(&message.id, &error, 0).await.unwrap();
+    delivery.release().await.unwrap();
+
+    let again = app.broker.next().await.unwrap();
+    assert_eq!(again.message().retries, 0);
+    let deferred_at = std::time::Instant::now();
+    engine::handle(&app, again, &Display::quiet())
+        .await
+        .unwrap();
+    let view = view_of(&app, &workflow_id).await;
+    assert_eq!(view.derived.steps[0], TaskStatus::Retry, "not run at once");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(2500), app.broker.next())
+            .await
+            .is_err(),
+        "handed out before the retry delay"
+    );
+    let next = app.broker.next().await.unwrap();
+    assert!(deferred_at.elapsed() >= Duration::from_millis(2900));
+    assert_eq!(next.message().id, message.id);
+    assert_eq!(next.message().retries, 1, "as the next attempt");
+    next.release().await.unwrap();
+    run_until_idle(&app, 2, Duration::from_secs(120)).await;
+    let view = view_of(&app, &workflow_id).await;
+    assert_eq!(view.derived.status, TaskStatus::Success);
+    assert_eq!(view.metas[&message.id].retries, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -586,6 +586,158 @@ async fn find_applies_the_filters_the_api_lacks() {
     assert_eq!(one.iter().map(|d| d.id).collect::<Vec<_>>(), [on_demand.id]);
 }
 
+/// Captures what this test's thread logs, for as long as the guard lives.
+fn capture_logs() -> (
+    tracing::subscriber::DefaultGuard,
+    Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    #[derive(Clone)]
+    struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer(Arc::default());
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("warn,workers=info")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (tracing::subscriber::set_default(subscriber), buffer.0)
+}
+
+#[tokio::test]
+async fn a_dataset_the_client_cannot_read_is_skipped_not_fatal_to_the_listing() {
+    let (_guard, logs) = capture_logs();
+    let api = TestApi::start();
+    let registry = registry(config(&api));
+    let good = create(&registry, "readable").await;
+    let now = Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    // Legacy rows as the real database may hold them.
+    api.list_raw(json!({
+        "id": 9001, "name": null, "type": "RAW_DATA",
+        "created_at": now, "updated_at": now, "workflows": [],
+    }));
+    api.list_raw(json!({
+        "id": 9002, "name": "odd_type", "type": "SPREADSHEET",
+        "created_at": now, "updated_at": now, "workflows": [],
+    }));
+    api.list_raw(json!({
+        "id": 9003, "name": "odd_date", "type": "RAW_DATA",
+        "created_at": "last tuesday", "updated_at": now, "workflows": [],
+    }));
+    api.list_raw(json!({ "name": "no_id", "type": "RAW_DATA" }));
+
+    let found = registry.find(&DatasetQuery::default()).await.unwrap();
+    assert_eq!(found.iter().map(|d| d.id).collect::<Vec<_>>(), [good.id]);
+    // What `watch` asks for.
+    let unlinked = registry
+        .find(&DatasetQuery {
+            without_workflows: true,
+            dataset_type: Some(DatasetType::RawData),
+            ..DatasetQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(unlinked.iter().map(|d| d.id).collect::<Vec<_>>(), [good.id]);
+    assert_eq!(registry.skipped_listing_items(), 8, "four per listing");
+
+    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
+    let skipped = |needle: &str, why: &str| {
+        logs.lines()
+            .any(|l| l.contains("Skipped") && l.contains(needle) && l.contains(why))
+    };
+    assert!(
+        skipped("dataset_id=9001", "name: invalid type: null"),
+        "{logs}"
+    );
+    assert!(skipped("dataset_id=9002", "SPREADSHEET"), "{logs}");
+    assert!(skipped("dataset_id=9003", "created_at"), "{logs}");
+    assert!(skipped("position=3", "id"), "{logs}");
+    assert!(skipped("skipped=4", "Skipped 4 datasets"), "{logs}");
+}
+
+#[tokio::test]
+async fn listings_are_paged_and_what_the_api_ignores_is_filtered_here() {
+    let api = TestApi::start();
+    let registry = registry(config(&api));
+    // 2,100 datasets, created in the API's own registry (quicker than through HTTP).
+    for batch in 0..21 {
+        let items: Vec<NewDataset> = (0..100)
+            .map(|i| new_dataset(&format!("paged_{batch:02}_{i:03}"), "/data/paged"))
+            .collect();
+        api.registry().bulk_create(&items).await.unwrap();
+    }
+    let linked = stored_named(&api, "paged_07_042").await[0].id;
+    api.registry()
+        .add_workflow(linked, "wf-paged")
+        .await
+        .unwrap();
+
+    api.clear_requests();
+    let all = registry.find(&DatasetQuery::default()).await.unwrap();
+    assert_eq!(all.len(), 2_100);
+    let ids: std::collections::HashSet<_> = all.iter().map(|d| d.id).collect();
+    assert_eq!(ids.len(), 2_100, "each once");
+    let queries: Vec<String> = api
+        .requests_to("GET", "datasets")
+        .into_iter()
+        .map(|r| r.query)
+        .collect();
+    assert_eq!(queries.len(), 3, "{queries:?}");
+    for (query, offset) in queries.iter().zip([0, 1_000, 2_000]) {
+        assert!(
+            query.contains("limit=1000") && query.contains(&format!("offset={offset}")),
+            "{query}"
+        );
+    }
+
+    // "Without workflows" is not a filter the API knows: nothing is sent for it, and the
+    // linked dataset is left out here.
+    api.clear_requests();
+    let unlinked = registry
+        .find(&DatasetQuery {
+            without_workflows: true,
+            ..DatasetQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(unlinked.len(), 2_099);
+    assert!(unlinked.iter().all(|d| d.id != linked));
+    let sent = api.requests_to("GET", "datasets");
+    assert!(
+        sent.iter().all(|r| !r.query.contains("processed")),
+        "{sent:?}"
+    );
+
+    // A limit asks for no more than it needs: the newest, in one short page.
+    api.clear_requests();
+    let newest = registry
+        .find(&DatasetQuery {
+            limit: Some(5),
+            ..DatasetQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        newest.iter().map(|d| d.id).collect::<Vec<_>>(),
+        all[..5].iter().map(|d| d.id).collect::<Vec<_>>()
+    );
+    let sent = api.requests_to("GET", "datasets");
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert!(
+        sent[0].query.contains("limit=5") && sent[0].query.contains("offset=0"),
+        "{:?}",
+        sent[0]
+    );
+}
+
 /// The project's app with the HTTP registry in place of the embedded one.
 async fn app_over_api(project: &Project, api: &TestApi) -> Arc<App> {
     let app = Arc::try_unwrap(project.app().await).ok().unwrap();

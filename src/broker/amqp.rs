@@ -7,7 +7,12 @@
 //! - A message is acknowledged only when the engine says so (acks late). One that cannot be
 //!   read is rejected without requeue, so it cannot loop.
 //! - A message whose `eta` lies ahead is held here, unacknowledged, until due; the prefetch is
-//!   raised by one while it is held (as Celery does) so held messages do not take the slots.
+//!   raised by one while it is held (as Celery does) so held messages do not take the slots,
+//!   up to `max_held` held messages (see `prefetch_for`), so that a flood of `eta` messages
+//!   cannot draw the whole queue into one worker.
+//! - A message that can never run is acknowledged and logged (a Celery fleet has no
+//!   dead-letter convention), or, when the queue is declared with a dead-letter exchange
+//!   (`dead_letter_exchange`), rejected without requeue so that RabbitMQ moves it there.
 //! - A lost connection, a broker restart or a channel closed by RabbitMQ (its delivery
 //!   acknowledgement timeout, `consumer_timeout`) is followed by a reconnection with
 //!   exponential backoff up to `reconnect_max`, a fresh declaration of the topology and new
@@ -25,7 +30,7 @@
 //! not a requirement.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,6 +76,11 @@ pub struct AmqpConfig {
     pub heartbeat: u16,
     /// The longest wait between two reconnection attempts.
     pub reconnect_max: Duration,
+    /// At most this many messages held for their `eta` raise the prefetch.
+    pub max_held: u16,
+    /// The dead-letter exchange the queues are declared with (`x-dead-letter-exchange`);
+    /// messages that can never run are rejected to it. `None`: no such exchange.
+    pub dead_letter_exchange: Option<String>,
 }
 
 /// The RabbitMQ broker. Connects on first use, not when built.
@@ -100,6 +110,8 @@ struct Shared {
 /// One connection with its publishing channel.
 struct Link {
     connection: Connection,
+    /// The arguments every queue is declared with.
+    arguments: FieldTable,
     publisher: tokio::sync::Mutex<Option<Channel>>,
     /// Queues whose topology was declared on this connection.
     declared: Mutex<HashSet<String>>,
@@ -305,6 +317,7 @@ impl Shared {
         info!(broker = %self.shown, connection = %self.connection_name, "Connected to RabbitMQ.");
         let link = Arc::new(Link {
             connection,
+            arguments: queue_arguments(self.config.dead_letter_exchange.as_deref()),
             publisher: tokio::sync::Mutex::new(None),
             declared: Mutex::new(HashSet::new()),
         });
@@ -377,24 +390,31 @@ impl Shared {
         Ok(())
     }
 
-    /// Sets the prefetch to the slots plus the held messages. One update at a time, so the
-    /// last value sent is the current one.
-    async fn set_qos(channel: &Channel, prefetch: u16, held: &HeldCount) {
-        let _one_at_a_time = held.lock.lock().await;
-        let count = prefetch.saturating_add(held.count.load(Ordering::SeqCst));
-        if let Err(err) = channel
+    /// Sets the prefetch for the slots and the held messages (`prefetch_for`). One update at
+    /// a time, so the last value sent is the current one; an unchanged value is not sent.
+    async fn set_qos(channel: &Channel, slots: u16, max_held: u16, held: &HeldCount) {
+        let mut sent = held.sent.lock().await;
+        let count = prefetch_for(slots, held.count.load(Ordering::SeqCst), max_held);
+        if *sent == Some(count) {
+            return;
+        }
+        match channel
             .basic_qos(count, BasicQosOptions { global: true })
             .await
         {
-            debug!(error = %err, "Could not change the prefetch (the channel is gone).");
+            Ok(()) => *sent = Some(count),
+            Err(err) => {
+                debug!(error = %err, "Could not change the prefetch (the channel is gone).")
+            }
         }
     }
 }
 
 impl Link {
     /// Declares queue `queue` as Celery does (spec G.1): durable, arguments exactly
-    /// `x-max-priority: 10`, bound to the durable direct exchange of the same name with the
-    /// same routing key. On a channel of its own, since a refused declaration closes it.
+    /// `x-max-priority: 10` (and the dead-letter exchange when there is one), bound to the
+    /// durable direct exchange of the same name with the same routing key. On a channel of its
+    /// own, since a refused declaration closes it.
     async fn declare(&self, queue: &str, shown: &str) -> anyhow::Result<()> {
         if self
             .declared
@@ -427,7 +447,7 @@ impl Link {
             .queue_declare(
                 amqp_name.clone(),
                 QueueDeclareOptions::durable(),
-                queue_arguments(),
+                self.arguments.clone(),
             )
             .await
             .with_context(context)?;
@@ -475,18 +495,45 @@ impl Link {
 }
 
 /// `x-max-priority: 10`, typed as py-amqp types a Python int (a signed 32-bit integer):
-/// RabbitMQ compares the type too, and refuses a declaration that differs.
-pub fn queue_arguments() -> FieldTable {
+/// RabbitMQ compares the type too, and refuses a declaration that differs. With a dead-letter
+/// exchange, also `x-dead-letter-exchange` as a string (as py-amqp types a Python str): every
+/// producer and consumer of the queue must then declare it with the same arguments.
+pub fn queue_arguments(dead_letter_exchange: Option<&str>) -> FieldTable {
     let mut arguments = FieldTable::default();
     arguments.insert("x-max-priority".into(), AMQPValue::LongInt(MAX_PRIORITY));
+    if let Some(exchange) = dead_letter_exchange {
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(exchange.into()),
+        );
+    }
     arguments
 }
 
-/// Held messages of one channel, and the lock that orders prefetch updates.
+/// The prefetch of a channel with `slots` slots while `held` of its messages wait for their
+/// `eta`: one more per held message, as Celery does, so that held messages do not take the
+/// slots, but never more than `max_held` more, and never above what AMQP can carry.
+///
+/// Messages held beyond `max_held` stay held, unacknowledged, until their eta: RabbitMQ has
+/// delivered them already, and giving them back (a nack with requeue) would only have it
+/// deliver them again at once, a busy loop. They take the place of slots in the prefetch
+/// window instead, so this worker takes fewer new messages until they come due. That is
+/// safe: nothing runs before its eta, nothing is lost (an unacknowledged message goes back
+/// to the queue when its channel closes) and the other workers go on taking messages from
+/// the queue, while without the cap one worker would draw every `eta` message of the queue
+/// into its memory.
+fn prefetch_for(slots: u16, held: usize, max_held: u16) -> u16 {
+    let extra = u16::try_from(held.min(usize::from(max_held))).unwrap_or(u16::MAX);
+    slots.saturating_add(extra)
+}
+
+/// Held messages of one channel, and the prefetch last sent for it (its lock orders the
+/// updates).
 #[derive(Default)]
 struct HeldCount {
-    count: AtomicU16,
-    lock: tokio::sync::Mutex<()>,
+    /// A `usize`, like the unacknowledged messages it counts, so it cannot wrap.
+    count: AtomicUsize,
+    sent: tokio::sync::Mutex<Option<u16>>,
 }
 
 /// Consumes until stopped, reconnecting with backoff whenever the consumers are lost.
@@ -542,6 +589,7 @@ async fn consume_session(
     channel
         .basic_qos(prefetch, BasicQosOptions { global: true })
         .await?;
+    *held.sent.lock().await = Some(prefetch);
     let mut consumers = Vec::new();
     let mut tags = Vec::new();
     for queue in queues {
@@ -620,6 +668,7 @@ async fn consume_session(
                 let hold = Hold {
                     channel: channel.clone(),
                     prefetch,
+                    max_held: shared.config.max_held,
                     held: Arc::clone(&held),
                     stop: holds_stop.clone(),
                     session_ended: session_ended.clone(),
@@ -637,6 +686,7 @@ async fn consume_session(
 struct Hold {
     channel: Channel,
     prefetch: u16,
+    max_held: u16,
     held: Arc<HeldCount>,
     stop: watch::Receiver<bool>,
     session_ended: watch::Receiver<()>,
@@ -649,18 +699,20 @@ enum Woke {
 }
 
 impl Hold {
-    /// Keeps a message until its `eta`, with the prefetch raised by one meanwhile. A stop
-    /// gives it back at once; a lost channel forgets it (RabbitMQ has it again).
+    /// Keeps a message until its `eta`, with the prefetch raised by one meanwhile (up to
+    /// `max_held`). A stop gives it back at once; a lost channel forgets it (RabbitMQ has it
+    /// again).
     async fn start(self, shared: &Arc<Shared>, incoming: Incoming, eta: DateTime<Utc>) {
         let Hold {
             channel,
             prefetch,
+            max_held,
             held,
             mut stop,
             mut session_ended,
         } = self;
         held.count.fetch_add(1, Ordering::SeqCst);
-        Shared::set_qos(&channel, prefetch, &held).await;
+        Shared::set_qos(&channel, prefetch, max_held, &held).await;
         debug!(task_id = %incoming.message.id, eta = %eta, "Holding a message until its eta.");
         let shared = Arc::clone(shared);
         tokio::spawn(async move {
@@ -683,7 +735,7 @@ impl Hold {
                 }
             }
             held.count.fetch_sub(1, Ordering::SeqCst);
-            Shared::set_qos(&channel, prefetch, &held).await;
+            Shared::set_qos(&channel, prefetch, max_held, &held).await;
             if incoming.acker.usable() {
                 let _ = shared.inbox_tx.send(incoming);
             }
@@ -737,6 +789,26 @@ impl Broker for AmqpBroker {
         }
         self.start(consume, false);
         Ok(())
+    }
+
+    async fn check_reachable(&self) -> anyhow::Result<()> {
+        // As a publish would: through short outages (within `reconnect_max`), not longer.
+        let started = Instant::now();
+        let mut delay = FIRST_RETRY;
+        loop {
+            let err = match self.shared.link().await {
+                Ok(_) => return Ok(()),
+                Err(err) => err,
+            };
+            // The error names the broker by its address without credentials.
+            if started.elapsed() + delay > self.shared.config.reconnect_max {
+                return Err(err);
+            }
+            debug!(broker = %self.shared.shown, error = %format!("{err:#}"),
+                "RabbitMQ cannot be reached; trying again in {:?}.", delay);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(self.shared.config.reconnect_max);
+        }
     }
 
     async fn stop_consuming(&self) -> anyhow::Result<()> {
@@ -838,6 +910,33 @@ impl Delivery for AmqpDelivery {
         }
         Ok(())
     }
+
+    async fn dead_letter(mut self: Box<Self>, reason: &str) -> anyhow::Result<()> {
+        self.settled = true;
+        let Some(exchange) = self.shared.config.dead_letter_exchange.clone() else {
+            error!(task_id = %self.message.id, task = %self.message.task, reason,
+                "Dropped a message that cannot run: acknowledged and removed (its queue has no dead-letter exchange, amqp.dead_letter_exchange).");
+            match self.acker.ack(BasicAckOptions::default()).await {
+                Ok(true) => {}
+                Ok(false) => self.lost_channel("acknowledgement", None),
+                Err(err) => self.lost_channel("acknowledgement", Some(&err)),
+            }
+            return Ok(());
+        };
+        match self
+            .acker
+            .reject(BasicRejectOptions { requeue: false })
+            .await
+        {
+            Ok(true) => {
+                error!(task_id = %self.message.id, task = %self.message.task, reason, exchange = %exchange,
+                    "Rejected a message that cannot run; RabbitMQ moves it to the dead-letter exchange.");
+            }
+            Ok(false) => self.lost_channel("rejection", None),
+            Err(err) => self.lost_channel("rejection", Some(&err)),
+        }
+        Ok(())
+    }
 }
 
 impl Drop for AmqpDelivery {
@@ -873,6 +972,8 @@ mod tests {
             prefetch: 2,
             heartbeat: 30,
             reconnect_max: Duration::from_secs(5),
+            max_held: 100,
+            dead_letter_exchange: None,
         }
     }
 
@@ -903,11 +1004,29 @@ mod tests {
 
     #[test]
     fn queues_are_declared_with_celerys_priority_argument() {
-        let arguments = queue_arguments();
+        let arguments = queue_arguments(None);
         assert_eq!(arguments.inner().len(), 1);
         assert_eq!(
             arguments.inner().get("x-max-priority"),
             Some(&AMQPValue::LongInt(10))
         );
+        let arguments = queue_arguments(Some("app.dead"));
+        assert_eq!(arguments.inner().len(), 2);
+        assert_eq!(
+            arguments.inner().get("x-dead-letter-exchange"),
+            Some(&AMQPValue::LongString("app.dead".into()))
+        );
+    }
+
+    #[test]
+    fn held_messages_raise_the_prefetch_up_to_a_cap_without_wrapping() {
+        assert_eq!(prefetch_for(2, 0, 100), 2);
+        assert_eq!(prefetch_for(2, 3, 100), 5);
+        assert_eq!(prefetch_for(2, 100, 100), 102);
+        assert_eq!(prefetch_for(2, 5_000, 100), 102, "capped");
+        assert_eq!(prefetch_for(2, usize::MAX, 100), 102);
+        // A count that would wrap a u16 neither wraps nor lowers the prefetch.
+        assert_eq!(prefetch_for(2, 65_535, u16::MAX), u16::MAX);
+        assert_eq!(prefetch_for(u16::MAX, 1, 100), u16::MAX);
     }
 }

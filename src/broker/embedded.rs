@@ -1,7 +1,8 @@
 //! The embedded broker: the `queue` table of the SQLite database, shared safely by every
 //! process on the host. A claim is a lease that the consumer renews while it works; a lease
 //! that runs out, or whose owner process on this host is gone, makes the message claimable
-//! again.
+//! again. A message that can never run (a row that is not a message, or one the engine
+//! cannot place) moves to the `dead_letters` table, kept for an operator to look at.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,8 +11,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 use tokio::sync::Notify;
+use tracing::error;
 
-use super::{Broker, Consume, Delivery, TaskMessage};
+use super::{Broker, Consume, DeadLetter, Delivery, TaskMessage};
 use crate::identity::Identity;
 use crate::sqlite::{Db, from_millis, to_millis};
 
@@ -40,6 +42,7 @@ impl EmbeddedBroker {
     }
 
     /// Claims the best runnable message, if any; otherwise returns the earliest future eta.
+    /// A row that cannot be read as a message is moved to the dead letters on the way.
     async fn try_claim(&self) -> anyhow::Result<Result<TaskMessage, Option<DateTime<Utc>>>> {
         let consumer = self.consumer.clone();
         let lease_ms = self.lease.as_millis() as i64;
@@ -51,61 +54,152 @@ impl EmbeddedBroker {
         self.db
             .write(move |tx| {
                 let now = to_millis(Utc::now());
+                let dead = dead_owners(tx, &consumer, now, queues.as_deref())?;
+                // Claimability is decided in the query, so that no number of leased messages
+                // ahead of a runnable one can hide it.
                 let mut candidates = tx.prepare_cached(
-                    "SELECT task_id, lease_owner, lease_until FROM queue WHERE eta <= ?1
-                     AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))
-                     ORDER BY priority DESC, seq LIMIT 64",
-                )?;
-                let rows: Vec<(String, Option<String>, Option<i64>)> = candidates
-                    .query_map(params![now, queues], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                    .collect::<rusqlite::Result<_>>()?;
-                let claimable = rows.into_iter().find(|(_, owner, until)| match (owner, until) {
-                    (None, _) | (_, None) => true,
-                    (Some(owner), Some(until)) => *until < now || consumer.is_dead_owner(owner),
-                });
-                let Some((task_id, _, _)) = claimable else {
-                    let next_eta: Option<i64> = tx
-                        .query_row(
-                            "SELECT MIN(eta) FROM queue WHERE eta > ?1
-                             AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))",
-                            params![now, queues],
-                            |r| r.get(0),
-                        )
-                        .optional()?
-                        .flatten();
-                    return Ok(Err(next_eta.map(from_millis)));
-                };
-                tx.execute(
-                    "UPDATE queue SET lease_owner = ?2, lease_until = ?3 WHERE task_id = ?1",
-                    params![task_id, consumer.holder(), now + lease_ms],
-                )?;
-                let message = tx.query_row(
                     "SELECT task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue
-                     FROM queue WHERE task_id = ?1",
-                    [&task_id],
-                    |r| {
-                        let args: String = r.get(2)?;
-                        let kwargs: String = r.get(3)?;
-                        let eta: i64 = r.get(5)?;
-                        Ok(TaskMessage {
-                            id: r.get(0)?,
-                            task: r.get(1)?,
-                            args: serde_json::from_str(&args).unwrap_or_default(),
-                            kwargs: serde_json::from_str(&kwargs).unwrap_or_default(),
-                            priority: r.get::<_, i64>(4)?.clamp(0, 9) as u8,
-                            eta: (eta > 0).then(|| from_millis(eta)),
-                            retries: r.get::<_, i64>(6)? as u32,
-                            root_id: r.get(7)?,
-                            parent_id: r.get(8)?,
-                            queue: r.get(9)?,
-                            // Steps of the embedded profile are limited by the configuration.
-                            time_limits: Default::default(),
-                        })
-                    },
+                     FROM queue WHERE eta <= ?1
+                     AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))
+                     AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < ?1
+                          OR lease_owner IN (SELECT value FROM json_each(?3)))
+                     ORDER BY priority DESC, seq LIMIT 1",
                 )?;
-                Ok(Ok(message))
+                let dead = serde_json::Value::from(dead).to_string();
+                loop {
+                    let row = candidates
+                        .query_row(params![now, queues, dead], Row::read)
+                        .optional()?;
+                    let Some(row) = row else {
+                        let next_eta: Option<i64> = tx
+                            .query_row(
+                                "SELECT MIN(eta) FROM queue WHERE eta > ?1
+                                 AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))",
+                                params![now, queues],
+                                |r| r.get(0),
+                            )
+                            .optional()?
+                            .flatten();
+                        return Ok(Err(next_eta.map(from_millis)));
+                    };
+                    match row.message() {
+                        Ok(message) => {
+                            tx.execute(
+                                "UPDATE queue SET lease_owner = ?2, lease_until = ?3 WHERE task_id = ?1",
+                                params![message.id, consumer.holder(), now + lease_ms],
+                            )?;
+                            return Ok(Ok(message));
+                        }
+                        Err(reason) => {
+                            move_to_dead_letters(tx, &row.task_id, None, &reason, now)?;
+                            error!(task_id = %row.task_id, task = %row.task, reason = %reason,
+                                "Moved a queued message that cannot be read to the dead letters (`workers queue dead-letters`).");
+                        }
+                    }
+                }
             })
             .await
+    }
+}
+
+/// The owners of leased, due messages that are processes of this host which died: their
+/// claims are void at once rather than when their leases run out. Few processes hold
+/// leases, and whether one is alive is known only here, so they are looked at one by one.
+fn dead_owners(
+    tx: &rusqlite::Transaction<'_>,
+    consumer: &Identity,
+    now: i64,
+    queues: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
+    let mut owners = tx.prepare_cached(
+        "SELECT DISTINCT lease_owner FROM queue WHERE lease_owner IS NOT NULL
+         AND lease_until >= ?1 AND eta <= ?1
+         AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))
+         AND substr(lease_owner, 1, length(?3)) = ?3",
+    )?;
+    let host = format!("{}:", consumer.hostname);
+    let found = owners
+        .query_map(params![now, queues, host], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(found
+        .into_iter()
+        .filter(|owner| consumer.is_dead_owner(owner))
+        .collect())
+}
+
+/// Moves the queue row of `task_id` (only while `owner` holds it, when given) to the dead
+/// letters; false if there was no such row.
+fn move_to_dead_letters(
+    tx: &rusqlite::Transaction<'_>,
+    task_id: &str,
+    owner: Option<&str>,
+    reason: &str,
+    now: i64,
+) -> anyhow::Result<bool> {
+    let copied = tx.execute(
+        "INSERT INTO dead_letters
+            (task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue, reason, dead_at)
+         SELECT task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue, ?3, ?4
+         FROM queue WHERE task_id = ?1 AND (?2 IS NULL OR lease_owner = ?2)",
+        params![task_id, owner, reason, now],
+    )?;
+    tx.execute(
+        "DELETE FROM queue WHERE task_id = ?1 AND (?2 IS NULL OR lease_owner = ?2)",
+        params![task_id, owner],
+    )?;
+    Ok(copied > 0)
+}
+
+/// A queue row as stored.
+struct Row {
+    task_id: String,
+    task: String,
+    args: String,
+    kwargs: String,
+    priority: i64,
+    eta: i64,
+    retries: i64,
+    root_id: String,
+    parent_id: Option<String>,
+    queue: String,
+}
+
+impl Row {
+    fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
+        Ok(Row {
+            task_id: r.get(0)?,
+            task: r.get(1)?,
+            args: r.get(2)?,
+            kwargs: r.get(3)?,
+            priority: r.get(4)?,
+            eta: r.get(5)?,
+            retries: r.get(6)?,
+            root_id: r.get(7)?,
+            parent_id: r.get(8)?,
+            queue: r.get(9)?,
+        })
+    }
+
+    /// The message, or why the row cannot be one.
+    fn message(&self) -> Result<TaskMessage, String> {
+        let args: Vec<serde_json::Value> = serde_json::from_str(&self.args)
+            .map_err(|err| format!("its args are not a JSON list: {err}"))?;
+        let kwargs: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&self.kwargs)
+            .map_err(|err| format!("its kwargs are not a JSON object: {err}"))?;
+        Ok(TaskMessage {
+            id: self.task_id.clone(),
+            task: self.task.clone(),
+            args,
+            kwargs,
+            priority: self.priority.clamp(0, 9) as u8,
+            eta: (self.eta > 0).then(|| from_millis(self.eta)),
+            retries: u32::try_from(self.retries).unwrap_or(0),
+            root_id: self.root_id.clone(),
+            parent_id: self.parent_id.clone(),
+            queue: self.queue.clone(),
+            // Steps of the embedded profile are limited by the configuration.
+            time_limits: Default::default(),
+        })
     }
 }
 
@@ -191,6 +285,38 @@ impl Broker for EmbeddedBroker {
         *self.queues.lock().unwrap_or_else(|e| e.into_inner()) = queues;
         Ok(())
     }
+
+    async fn dead_letters(&self) -> anyhow::Result<Option<Vec<DeadLetter>>> {
+        self.db
+            .call(|conn| {
+                let mut rows = conn.prepare(
+                    "SELECT task_id, task, queue, args, kwargs, priority, eta, retries, root_id,
+                            parent_id, reason, dead_at
+                     FROM dead_letters ORDER BY id",
+                )?;
+                let letters = rows
+                    .query_map([], |r| {
+                        let eta: i64 = r.get(6)?;
+                        Ok(DeadLetter {
+                            task_id: r.get(0)?,
+                            task: r.get(1)?,
+                            queue: r.get(2)?,
+                            args: r.get(3)?,
+                            kwargs: r.get(4)?,
+                            priority: r.get(5)?,
+                            eta: (eta > 0).then(|| from_millis(eta)),
+                            retries: r.get(7)?,
+                            root_id: r.get(8)?,
+                            parent_id: r.get(9)?,
+                            reason: r.get(10)?,
+                            dead_at: from_millis(r.get(11)?),
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(Some(letters))
+            })
+            .await
+    }
 }
 
 struct EmbeddedDelivery {
@@ -273,5 +399,211 @@ impl Delivery for EmbeddedDelivery {
         .await?;
         self.published.notify_waiters();
         Ok(())
+    }
+
+    async fn dead_letter(self: Box<Self>, reason: &str) -> anyhow::Result<()> {
+        let (task_id, owner, why) = (
+            self.message.id.clone(),
+            self.owner.clone(),
+            reason.to_owned(),
+        );
+        let moved = self
+            .db
+            .write(move |tx| {
+                move_to_dead_letters(tx, &task_id, Some(&owner), &why, to_millis(Utc::now()))
+            })
+            .await?;
+        if !moved {
+            anyhow::bail!(
+                "the claim on task {} was lost to another consumer",
+                self.message.id
+            );
+        }
+        error!(task_id = %self.message.id, task = %self.message.task, reason,
+            "Moved a message that cannot run to the dead letters (`workers queue dead-letters`).");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn broker(dir: &tempfile::TempDir) -> EmbeddedBroker {
+        let db = Db::open(&dir.path().join("q.db"), Duration::from_secs(5)).unwrap();
+        EmbeddedBroker::new(db, Identity::current(), Duration::from_secs(30))
+    }
+
+    fn message(id: &str, priority: u8) -> TaskMessage {
+        let mut kwargs = serde_json::Map::new();
+        kwargs.insert("workflow_id".into(), json!("wf"));
+        kwargs.insert("step".into(), json!("s"));
+        TaskMessage {
+            id: id.to_owned(),
+            task: "noop".into(),
+            args: vec![json!(1)],
+            kwargs,
+            priority,
+            eta: None,
+            retries: 0,
+            root_id: id.to_owned(),
+            parent_id: None,
+            queue: "q".into(),
+            time_limits: Default::default(),
+        }
+    }
+
+    /// Leases every queued message whose id starts with `prefix` to `owner` for an hour.
+    fn lease(broker: &EmbeddedBroker, prefix: &str, owner: &str) {
+        let until = to_millis(Utc::now()) + 3_600_000;
+        broker
+            .db
+            .with_conn(|conn| {
+                conn.execute(
+                    "UPDATE queue SET lease_owner = ?2, lease_until = ?3
+                     WHERE substr(task_id, 1, length(?1)) = ?1",
+                    params![prefix, owner, until],
+                )?;
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    async fn next(broker: &EmbeddedBroker) -> Box<dyn Delivery> {
+        tokio::time::timeout(Duration::from_secs(5), broker.next())
+            .await
+            .expect("a runnable message is found")
+            .unwrap()
+    }
+
+    fn dead_pid_owner() -> String {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let gone = child.id();
+        child.wait().unwrap();
+        format!("{}:{gone}", Identity::current().hostname)
+    }
+
+    #[tokio::test]
+    async fn a_runnable_message_is_found_behind_a_hundred_leased_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = broker(&dir);
+        for i in 0..100 {
+            broker
+                .publish(&message(&format!("leased-{i:03}"), 9))
+                .await
+                .unwrap();
+        }
+        // A live process of another host holds them all, ahead of the runnable one.
+        lease(&broker, "leased-", "elsewhere.example:1");
+        broker.publish(&message("runnable", 1)).await.unwrap();
+        let delivery = next(&broker).await;
+        assert_eq!(delivery.message().id, "runnable");
+    }
+
+    #[tokio::test]
+    async fn a_claim_of_a_dead_process_of_this_host_is_taken_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = broker(&dir);
+        for i in 0..100 {
+            broker
+                .publish(&message(&format!("leased-{i:03}"), 9))
+                .await
+                .unwrap();
+        }
+        lease(
+            &broker,
+            "leased-",
+            &format!("{}:1", Identity::current().hostname),
+        );
+        broker.publish(&message("orphan", 9)).await.unwrap();
+        lease(&broker, "orphan", &dead_pid_owner());
+        broker.publish(&message("runnable", 1)).await.unwrap();
+        // The orphan's lease has an hour to go, but its owner is gone; it outranks the
+        // runnable one by priority.
+        assert_eq!(next(&broker).await.message().id, "orphan");
+        assert_eq!(next(&broker).await.message().id, "runnable");
+    }
+
+    #[tokio::test]
+    async fn a_row_that_is_not_a_message_goes_to_the_dead_letters() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = broker(&dir);
+        broker.publish(&message("good", 1)).await.unwrap();
+        for (id, args, kwargs) in [
+            ("bad-args", "not json", "{}"),
+            ("bad-kwargs", "[1]", "[\"a list\"]"),
+        ] {
+            broker
+                .db
+                .with_conn(|conn| {
+                    conn.execute(
+                        "INSERT INTO queue (task_id, task, args, kwargs, priority, eta, retries, root_id, queue)
+                         VALUES (?1, 'noop', ?2, ?3, 9, 0, 2, ?1, 'q')",
+                        params![id, args, kwargs],
+                    )?;
+                    Ok(())
+                })
+                .unwrap();
+        }
+        let delivery = next(&broker).await;
+        assert_eq!(delivery.message().id, "good", "the bad rows were passed by");
+        delivery.ack().await.unwrap();
+        let letters = broker.dead_letters().await.unwrap().unwrap();
+        let summary: Vec<_> = letters
+            .iter()
+            .map(|l| {
+                (
+                    l.task_id.as_str(),
+                    l.args.as_str(),
+                    l.kwargs.as_str(),
+                    l.retries,
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("bad-args", "not json", "{}", 2),
+                ("bad-kwargs", "[1]", "[\"a list\"]", 2)
+            ]
+        );
+        assert!(letters[0].reason.contains("args"), "{}", letters[0].reason);
+        assert!(
+            letters[1].reason.contains("kwargs"),
+            "{}",
+            letters[1].reason
+        );
+        for id in ["bad-args", "bad-kwargs", "good"] {
+            assert_eq!(broker.holds(id).await.unwrap(), Some(false), "{id}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delivery_that_cannot_run_is_kept_as_a_dead_letter() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = broker(&dir);
+        let mut sent = message("orphan-step", 4);
+        sent.retries = 1;
+        sent.parent_id = Some("parent".into());
+        broker.publish(&sent).await.unwrap();
+        let delivery = next(&broker).await;
+        let before = Utc::now();
+        delivery.dead_letter("no dataset id").await.unwrap();
+        assert_eq!(broker.holds("orphan-step").await.unwrap(), Some(false));
+        let letters = broker.dead_letters().await.unwrap().unwrap();
+        assert_eq!(letters.len(), 1);
+        let letter = &letters[0];
+        assert_eq!(letter.reason, "no dataset id");
+        assert_eq!(letter.task, "noop");
+        assert_eq!(letter.priority, 4);
+        assert_eq!(letter.retries, 1);
+        assert_eq!(letter.parent_id.as_deref(), Some("parent"));
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&letter.kwargs).unwrap(),
+            serde_json::Value::Object(sent.kwargs.clone())
+        );
+        assert!(letter.dead_at >= before - chrono::Duration::seconds(1));
     }
 }

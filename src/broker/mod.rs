@@ -11,6 +11,7 @@ pub mod embedded;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use tracing::error;
 
 /// One step to run: the fields of a Celery protocol v2 message that the workers use.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +65,26 @@ impl TaskMessage {
     }
 }
 
+/// A message that can never run, kept aside by a broker that has a place for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub task_id: String,
+    pub task: String,
+    pub queue: String,
+    /// The arguments and keyword arguments as they were stored; they may not be JSON.
+    pub args: String,
+    pub kwargs: String,
+    pub priority: i64,
+    pub eta: Option<DateTime<Utc>>,
+    pub retries: i64,
+    pub root_id: String,
+    pub parent_id: Option<String>,
+    /// Why it cannot run.
+    pub reason: String,
+    /// When it was put aside.
+    pub dead_at: DateTime<Utc>,
+}
+
 /// What a worker consumes: which queues, and how many messages it takes at once (its slots).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Consume {
@@ -98,11 +119,23 @@ pub trait Broker: Send + Sync {
     async fn stop_consuming(&self) -> anyhow::Result<()> {
         Ok(())
     }
+
+    /// Makes sure the broker can be reached now, for callers that cannot wait for it to come
+    /// back (a worker that must end once idle).
+    async fn check_reachable(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// The messages kept aside because they can never run, oldest first; `None` when this
+    /// broker keeps none itself.
+    async fn dead_letters(&self) -> anyhow::Result<Option<Vec<DeadLetter>>> {
+        Ok(None)
+    }
 }
 
-/// A claimed message. Exactly one of `ack`, `retry_later` or `release` ends it; dropping it
-/// without one leaves the message to be delivered again (after its lease runs out in the
-/// embedded queue, at once with RabbitMQ).
+/// A claimed message. Exactly one of `ack`, `retry_later`, `release` or `dead_letter` ends
+/// it; dropping it without one leaves the message to be delivered again (after its lease runs
+/// out in the embedded queue, at once with RabbitMQ).
 #[async_trait]
 pub trait Delivery: Send + Sync {
     fn message(&self) -> &TaskMessage;
@@ -126,4 +159,14 @@ pub trait Delivery: Send + Sync {
 
     /// Give the message back untouched (shutdown).
     async fn release(self: Box<Self>) -> anyhow::Result<()>;
+
+    /// The message can never run (`reason` says why): keep it aside where the broker has a
+    /// place for that, so that an operator can see it. A broker without one can only log it
+    /// and remove it, which is what this default does.
+    async fn dead_letter(self: Box<Self>, reason: &str) -> anyhow::Result<()> {
+        let message = self.message();
+        error!(task_id = %message.id, task = %message.task, reason,
+            "Dropped a message that cannot run; this broker has no place to keep it.");
+        self.ack().await
+    }
 }

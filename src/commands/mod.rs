@@ -4,6 +4,7 @@
 mod config;
 mod datasets;
 mod jobs;
+mod queue;
 mod register;
 mod scheduler;
 mod worker;
@@ -60,6 +61,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let looks_up = matches!(
         cli.command,
         Command::Datasets(_)
+            | Command::Queue(_)
             | Command::Workflows(
                 crate::cli::WorkflowsCommand::List { .. }
                     | crate::cli::WorkflowsCommand::Show { .. }
@@ -79,6 +81,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Register(args) => register::run(&app, args, display).await,
         Command::Workflows(cmd) => workflows::run(&app, cmd, display).await,
         Command::Datasets(cmd) => datasets::run(&app, cmd).await,
+        Command::Queue(cmd) => queue::run(&app, cmd).await,
         Command::Worker(args) => worker::run(&app, args).await,
         Command::Scheduler => scheduler::run(&app, load).await,
     }

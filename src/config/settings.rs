@@ -263,6 +263,10 @@ pub struct RawAmqp {
     pub heartbeat_seconds: u16,
     /// The longest wait between two reconnection attempts.
     pub reconnect_max_seconds: u64,
+    /// At most this many messages waiting for their `eta` raise the prefetch.
+    pub max_held_messages: u16,
+    /// The dead-letter exchange the queues are declared with; empty for none.
+    pub dead_letter_exchange: String,
 }
 
 /// HPSS through `hsi` (`archive.kind = "hsi"`, spec D.3).
@@ -358,6 +362,9 @@ pub struct AmqpSettings {
     pub queues: Vec<String>,
     pub heartbeat: u16,
     pub reconnect_max: std::time::Duration,
+    pub max_held: u16,
+    /// `None` when the queues have no dead-letter exchange.
+    pub dead_letter_exchange: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -1079,6 +1079,10 @@ impl Checker<'_> {
             queues,
             heartbeat: raw.heartbeat_seconds,
             reconnect_max: Duration::from_secs(raw.reconnect_max_seconds.max(1)),
+            max_held: raw.max_held_messages,
+            dead_letter_exchange: Some(raw.dead_letter_exchange.trim())
+                .filter(|e| !e.is_empty())
+                .map(str::to_owned),
         })
     }
 }

@@ -15,6 +15,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -110,6 +111,10 @@ const FILE_LISTINGS_KEPT: usize = 4;
 /// Characters of an error answer quoted in an error message.
 const QUOTED_ANSWER: usize = 300;
 
+/// Datasets asked for per page of a `GET datasets` listing. The API applies no limit of its
+/// own (spec E.4): without one, a large registry would come back as one giant answer.
+const LIST_PAGE: usize = 1_000;
+
 pub struct HttpRegistry {
     client: reqwest::Client,
     base: Url,
@@ -120,6 +125,8 @@ pub struct HttpRegistry {
     rows_visible_wait: Duration,
     /// The last few datasets' file listings, newest last.
     listings: Mutex<VecDeque<(DatasetId, Arc<Vec<FileRecord>>)>>,
+    /// Items of dataset listings skipped because they could not be read, since start.
+    skipped: AtomicU64,
 }
 
 impl fmt::Debug for HttpRegistry {
@@ -155,7 +162,14 @@ impl HttpRegistry {
             backoff_max: config.backoff_max,
             rows_visible_wait: config.rows_visible_wait,
             listings: Mutex::new(VecDeque::new()),
+            skipped: AtomicU64::new(0),
         })
+    }
+
+    /// How many items of dataset listings were skipped since start because they could not be
+    /// read (each was logged with its id and the reason).
+    pub fn skipped_listing_items(&self) -> u64 {
+        self.skipped.load(Ordering::Relaxed)
     }
 
     /// The wait before retry number `retry` (1-based), as urllib3 computes it.
@@ -385,21 +399,66 @@ impl HttpRegistry {
             .map(str::to_owned))
     }
 
-    /// `GET datasets` with the API's own filters.
-    async fn list(&self, query: Vec<(&'static str, String)>) -> Result<Vec<Listed>, RegistryError> {
-        let call = Call::get("datasets".to_owned(), query);
-        let reply = self.answered(&call, None).await?;
-        let page: WireDatasetList = self.decode(&call, &reply)?;
-        page.datasets
-            .into_iter()
-            .map(|wire| {
-                let states_known = wire.states.is_some();
-                Ok(Listed {
-                    dataset: wire.into_dataset()?,
-                    states_known,
-                })
-            })
-            .collect()
+    /// `GET datasets` with the API's own filters, page by page (`limit`, `offset`) until a
+    /// page comes back short or `enough` datasets passed `keep`.
+    ///
+    /// An item that cannot be read (a legacy row with a null name, an unknown type, an odd
+    /// date) is skipped with a warning naming it, instead of failing the whole listing: one
+    /// such row would otherwise stop every `watch` run. The API sorts by `updated_at`, so a
+    /// dataset updated while the pages are read moves to the front: it may be seen twice
+    /// (kept once) or missed by this listing (found by the next).
+    async fn list(
+        &self,
+        query: Vec<(&'static str, String)>,
+        page_size: usize,
+        enough: Option<usize>,
+        keep: impl Fn(&Listed) -> bool,
+    ) -> Result<Vec<Listed>, RegistryError> {
+        let mut kept: Vec<Listed> = Vec::new();
+        let mut seen = HashSet::new();
+        let mut skipped = 0_u64;
+        let mut offset = 0;
+        while enough.is_none_or(|n| kept.len() < n) {
+            let mut params = query.clone();
+            params.push(("limit", page_size.to_string()));
+            params.push(("offset", offset.to_string()));
+            let call = Call::get("datasets".to_owned(), params);
+            let reply = self.answered(&call, None).await?;
+            let page: WireDatasetList = self.decode(&call, &reply)?;
+            let received = page.datasets.len();
+            for (idx, item) in page.datasets.into_iter().enumerate() {
+                match read_listed(item) {
+                    Ok(listed) if seen.insert(listed.dataset.id) && keep(&listed) => {
+                        kept.push(listed)
+                    }
+                    Ok(_) => {}
+                    Err((id, reason)) => {
+                        skipped += 1;
+                        match id {
+                            Some(id) => warn!(dataset_id = id, reason = %reason,
+                                "Skipped a dataset of the listing that cannot be read."),
+                            None => warn!(position = offset + idx, reason = %reason,
+                                "Skipped an item without an id in the listing of datasets."),
+                        }
+                    }
+                }
+            }
+            if received < page_size {
+                break;
+            }
+            offset += received;
+        }
+        if skipped > 0 {
+            self.skipped.fetch_add(skipped, Ordering::Relaxed);
+            warn!(
+                skipped,
+                "Skipped {skipped} datasets of a listing that cannot be read; they are left out until they are corrected in the registry."
+            );
+        }
+        if let Some(n) = enough {
+            kept.truncate(n);
+        }
+        Ok(kept)
     }
 
     /// `GET workflows/current`: every workflow link.
@@ -687,16 +746,17 @@ impl Registry for HttpRegistry {
             let days = (seconds + 43_200) / 86_400;
             params.push(("days_since_last_staged", days.to_string()));
         }
-        if query.without_workflows {
-            params.push(("processed", "false".to_owned()));
-        }
-        // The API filters neither the create method nor (everywhere) the workflow links, so a
-        // limit can only be applied here, after those filters.
-        let filtered_here =
-            query.without_workflows || query.create_method.is_some() || query.name.is_some();
-        if let (Some(limit), false) = (query.limit, filtered_here) {
-            params.push(("limit", limit.to_string()));
-        }
+        // The API ignores parameters it does not know (spec E.4): "without workflows", the
+        // create method and the exact staged cutoff are filtered here, so the limit counts the
+        // datasets that pass them; pages are as small as the limit only when nothing is.
+        let filtered_here = query.without_workflows
+            || query.create_method.is_some()
+            || query.name.is_some()
+            || query.staged_before.is_some();
+        let page_size = match (query.limit, filtered_here) {
+            (Some(limit), false) => limit.clamp(1, LIST_PAGE),
+            _ => LIST_PAGE,
+        };
         let deleted_flags: &[bool] = if query.include_deleted {
             &[false, true]
         } else {
@@ -707,10 +767,10 @@ impl Registry for HttpRegistry {
             let mut params = params.clone();
             params.push(("deleted", deleted.to_string()));
             found.extend(
-                self.list(params)
-                    .await?
-                    .into_iter()
-                    .filter(|listed| matches_query(listed, query)),
+                self.list(params, page_size, query.limit, |listed| {
+                    matches_query(listed, query)
+                })
+                .await?,
             );
         }
         let mut datasets: Vec<Dataset> = found.into_iter().map(|l| l.dataset).collect();
@@ -1091,6 +1151,29 @@ fn normalize_base(mut base: Url) -> anyhow::Result<Url> {
     Ok(base)
 }
 
+/// A dataset of a list answer, or its id (when it has one) and why it cannot be read.
+fn read_listed(item: Value) -> Result<Listed, (Option<DatasetId>, String)> {
+    let id = item.get("id").and_then(Value::as_i64);
+    let wire: WireDataset = serde_path_to_error::deserialize(item).map_err(|err| {
+        let field = err.path().to_string();
+        let err = err.into_inner();
+        // The path of the whole item is `.`: its error names the field already.
+        (
+            id,
+            match field.as_str() {
+                "." => err.to_string(),
+                _ => format!("{field}: {err}"),
+            },
+        )
+    })?;
+    let states_known = wire.states.is_some();
+    let dataset = wire.into_dataset().map_err(|err| (id, format!("{err}")))?;
+    Ok(Listed {
+        dataset,
+        states_known,
+    })
+}
+
 /// Whether a listed dataset passes the filters the API does not apply (or applies loosely).
 fn matches_query(listed: &Listed, query: &DatasetQuery) -> bool {
     let d = &listed.dataset;
@@ -1298,9 +1381,11 @@ struct WireFile {
     filetype: Option<String>,
 }
 
+/// A page of `GET datasets`; each item is read on its own, so that one odd item does not
+/// spoil the page.
 #[derive(Deserialize)]
 struct WireDatasetList {
-    datasets: Vec<WireDataset>,
+    datasets: Vec<Value>,
 }
 
 #[derive(Deserialize)]

@@ -117,6 +117,7 @@ fn migrations() -> Migrations<'static> {
     Migrations::new(vec![
         M::up(include_str!("migrations/0001_initial.sql")),
         M::up(include_str!("migrations/0002_scheduler.sql")),
+        M::up(include_str!("migrations/0003_dead_letters.sql")),
     ])
 }
 

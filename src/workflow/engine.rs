@@ -258,13 +258,15 @@ pub async fn handle_with(
     runner: &Runner,
 ) -> anyhow::Result<()> {
     let message = delivery.message().clone();
-    // Messages that can never run are rejected to the log rather than requeued forever.
+    // Messages that can never run are kept aside (or, where the broker has no place for
+    // them, logged and removed) rather than requeued forever.
     let (Some(workflow_id), Some(step_name)) = (
         message.workflow_id().map(str::to_owned),
         message.step_name().map(str::to_owned),
     ) else {
-        error!(task_id = %message.id, task = %message.task, "Dropped a message without workflow_id and step.");
-        return delivery.ack().await;
+        return delivery
+            .dead_letter("the message has no workflow_id and step")
+            .await;
     };
     let Some(workflow) = app.store.workflow(&workflow_id).await? else {
         error!(task_id = %message.id, workflow_id, "Dropped a message of a workflow that does not exist.");
@@ -305,8 +307,11 @@ pub async fn handle_with(
         return delivery.ack().await;
     };
     let Some(dataset_id) = message.args.first().and_then(Value::as_i64) else {
-        error!(task_id = %message.id, workflow_id, "Dropped a message without a dataset id.");
-        return delivery.ack().await;
+        return delivery
+            .dead_letter(&format!(
+                "the message of workflow {workflow_id} has no dataset id as its first argument"
+            ))
+            .await;
     };
     let span = info_span!("step", dataset_id, workflow_id = %workflow.id, step = %step_name);
     async move {
@@ -371,6 +376,41 @@ impl Claim {
     }
 }
 
+/// What a delivered message is to its task, by the retry count it carries and the one stored
+/// with the task's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// The attempt to run now.
+    Due,
+    /// A copy of an attempt older than the one stored: a later attempt started, so its
+    /// message exists (held by its worker, or back in the queue should that worker die).
+    Superseded,
+    /// A copy of the attempt that the stored RETRY recorded as failed.
+    Retried,
+}
+
+/// A retry stores RETRY with the attempt's retry count, then publishes the same task id with
+/// one more retry and an `eta`, then acknowledges the attempt's message. When that
+/// acknowledgement is lost (the connection drops in between), the broker delivers the old
+/// message again, without the `eta`, and running it would both run early and run attempt
+/// `retries + 1` twice (it and the published copy). Such a copy is recognised by its retry
+/// count equalling the stored one under RETRY, and is turned into the next attempt, deferred
+/// by the retry delay, rather than dropped: after a crash between storing RETRY and
+/// publishing, it is the only message left. When the published copy exists too, the two
+/// copies of the next attempt are one task id under one claim: the first to arrive runs, the
+/// other is deferred while it runs and then finds the attempt finished (SUCCESS or FAILURE,
+/// dropped; RETRY, judged as here again). Each attempt therefore runs once, never before its
+/// delay, at the cost of a spare message until the task ends.
+fn attempt_of(status: TaskStatus, stored_retries: u32, retries: u32) -> Attempt {
+    if retries < stored_retries {
+        Attempt::Superseded
+    } else if status == TaskStatus::Retry && retries == stored_retries {
+        Attempt::Retried
+    } else {
+        Attempt::Due
+    }
+}
+
 /// The part of `handle_with` that runs under the task's claim.
 #[allow(clippy::too_many_arguments)]
 async fn run_claimed(
@@ -412,6 +452,29 @@ async fn run_claimed(
             return delivery.ack().await;
         }
         _ => {}
+    }
+    if let Some(meta) = metas.get(&message.id) {
+        match attempt_of(meta.status, meta.retries, message.retries) {
+            Attempt::Due => {}
+            Attempt::Superseded => {
+                info!(task_id = %message.id, retries = message.retries, stored_retries = meta.retries,
+                    "A later attempt of this step has started; dropping this copy of an earlier one.");
+                return delivery.ack().await;
+            }
+            Attempt::Retried => {
+                let delay = app
+                    .settings
+                    .retry
+                    .steps
+                    .get(&message.task)
+                    .unwrap_or(&app.settings.retry.default)
+                    .delay_seconds;
+                let eta = Utc::now() + chrono::Duration::seconds(delay as i64);
+                info!(task_id = %message.id, retries = message.retries,
+                    "This attempt already ran and failed; deferred this copy of its message as the next attempt, by {delay} s.");
+                return delivery.retry_later(eta, message.retries + 1).await;
+            }
+        }
     }
     app.store.task_started(start).await?;
     let attempt = message.retries + 1;

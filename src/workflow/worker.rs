@@ -81,6 +81,11 @@ pub async fn run(
     display: Display,
 ) -> anyhow::Result<()> {
     let concurrency = opts.concurrency.max(1);
+    if opts.until == Until::Idle {
+        // A loop that ends once idle would otherwise find nothing to do and succeed while
+        // the queue is out of reach; a long-running worker waits for the broker instead.
+        app.broker.check_reachable().await?;
+    }
     app.broker
         .start_consuming(&Consume {
             queues: opts.queues.clone(),

@@ -4,6 +4,11 @@
 //! misbehave: answer 503 (with `Retry-After`), answer late, or drop the connection before or
 //! after doing the work.
 //!
+//! `GET datasets` answers as the real API does (spec E.2, E.4): sorted by `updated_at`, newest
+//! first, paged by `limit` and `offset` (no limit means all), and deaf to parameters it does
+//! not know (such as `processed`). A test can add items that the client cannot read, as a
+//! legacy row of the real database would be.
+//!
 //! Where the real API is looser than the embedded registry, this server follows the API:
 //! `POST datasets/{id}/states` always appends (spec J.16 is about the duplicates that causes),
 //! `GET datasets/{id}?files=true` lists path and MD5 only, and linking a workflow to a missing
@@ -98,6 +103,8 @@ struct Shared {
     faults: Mutex<Vec<PendingFault>>,
     log: Mutex<Vec<Recorded>>,
     rows: Mutex<RowsBehaviour>,
+    /// Items listed ahead of the live datasets by `GET datasets`, as sent.
+    raw_listed: Mutex<Vec<Value>>,
 }
 
 /// What `POST datasets/{id}/files` does with its rows after answering 200.
@@ -130,6 +137,7 @@ impl TestApi {
             faults: Mutex::new(Vec::new()),
             log: Mutex::new(Vec::new()),
             rows: Mutex::new(RowsBehaviour::default()),
+            raw_listed: Mutex::new(Vec::new()),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
@@ -204,6 +212,13 @@ impl TestApi {
     /// real API dies right after answering (spec E.4).
     pub fn lose_file_rows(&self, batches: usize) {
         self.shared.rows.lock().unwrap().lose = batches;
+    }
+
+    /// Lists `item` exactly as given in every `GET datasets` of live datasets, ahead of the
+    /// stored ones (as if most recently updated) and counted in its paging: a row such as a
+    /// legacy one with a null name, an unknown type or an odd date.
+    pub fn list_raw(&self, item: Value) {
+        self.shared.raw_listed.lock().unwrap().push(item);
     }
 
     pub fn requests(&self) -> Vec<Recorded> {
@@ -543,10 +558,6 @@ async fn list_datasets(
             })
         })
         .filter(|d| !flag(&query, "archived", false) || d.archive_path.is_some())
-        .filter(|d| match query.get("processed") {
-            None => true,
-            Some(_) => flag(&query, "processed", false) != d.workflows.is_empty(),
-        })
         .filter(|d| {
             staged_cutoff.is_none_or(|cutoff| {
                 d.is_staged
@@ -557,7 +568,22 @@ async fn list_datasets(
             })
         })
         .collect();
-    let count = matching.len();
+    let states = flag(&query, "include_states", false);
+    let bundle = flag(&query, "bundle", false);
+    let raw = if deleted {
+        Vec::new()
+    } else {
+        shared.raw_listed.lock().unwrap().clone()
+    };
+    let listed: Vec<Value> = raw
+        .into_iter()
+        .chain(
+            matching
+                .into_iter()
+                .map(|d| dataset_json(d, states, bundle)),
+        )
+        .collect();
+    let count = listed.len();
     let offset: usize = query
         .get("offset")
         .and_then(|o| o.parse().ok())
@@ -566,14 +592,7 @@ async fn list_datasets(
         .get("limit")
         .and_then(|l| l.parse().ok())
         .unwrap_or(usize::MAX);
-    let states = flag(&query, "include_states", false);
-    let bundle = flag(&query, "bundle", false);
-    let datasets: Vec<Value> = matching
-        .into_iter()
-        .skip(offset)
-        .take(limit)
-        .map(|d| dataset_json(d, states, bundle))
-        .collect();
+    let datasets: Vec<Value> = listed.into_iter().skip(offset).take(limit).collect();
     Json(json!({ "metadata": { "count": count }, "datasets": datasets })).into_response()
 }
 
