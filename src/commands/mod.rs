@@ -18,7 +18,7 @@ use tracing::{info, warn};
 
 use crate::app::App;
 use crate::cli::{Cli, Command, LogFormat};
-use crate::config::{ConfigErrors, LoadOptions, Settings};
+use crate::config::{ConfigErrors, FlagValue, LoadOptions, Settings};
 use crate::registry::DatasetQuery;
 use crate::store::TaskStatus;
 use crate::ui::Display;
@@ -48,14 +48,14 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let load = LoadOptions::from_process(cli.config_dir.clone());
+    let load = LoadOptions::from_process(cli.config_dir.clone(), flags(&cli));
     if let Command::Config(cmd) = &cli.command {
         return config::run(&load, cmd);
     }
     let settings = crate::config::load(&load)?;
     let interactive = !matches!(cli.command, Command::Worker(_) | Command::Scheduler);
     let display = Display::new(interactive);
-    init_logging(&cli, &settings, &display);
+    init_logging(&settings, &display);
     // Warnings about the configuration matter to commands that do work, not to look-ups.
     let looks_up = matches!(
         cli.command,
@@ -84,24 +84,37 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn init_logging(cli: &Cli, settings: &Settings, display: &Display) {
+/// The configuration keys the global options set: a layer above the environment, so a bad
+/// value is reported like any other.
+fn flags(cli: &Cli) -> Vec<FlagValue> {
+    let mut flags = Vec::new();
+    if let Some(level) = &cli.log_level {
+        flags.push(FlagValue {
+            flag: "--log-level".to_owned(),
+            key: "log.level".to_owned(),
+            value: level.clone(),
+        });
+    }
+    if let Some(format) = cli.log_format {
+        let value = match format {
+            LogFormat::Human => "human",
+            LogFormat::Json => "json",
+        };
+        flags.push(FlagValue {
+            flag: "--log-format".to_owned(),
+            key: "log.format".to_owned(),
+            value: value.to_owned(),
+        });
+    }
+    flags
+}
+
+fn init_logging(settings: &Settings, display: &Display) {
     use tracing_subscriber::EnvFilter;
-    let level = cli
-        .log_level
-        .clone()
-        .unwrap_or_else(|| settings.log.level.clone());
-    // A bare level applies to this program; libraries only speak up about problems.
-    let directive = if level.contains('=') {
-        level
-    } else {
-        format!("warn,workers={level}")
-    };
-    let filter =
-        EnvFilter::try_new(&directive).unwrap_or_else(|_| EnvFilter::new("warn,workers=info"));
-    let json = match cli.log_format {
-        Some(format) => format == LogFormat::Json,
-        None => settings.log.format == "json",
-    };
+    // Loading validated the filter with this same parser.
+    let filter = EnvFilter::try_new(settings.log.filter())
+        .unwrap_or_else(|_| EnvFilter::new("warn,workers=info"));
+    let json = settings.log.format == "json";
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(display.log_writer());

@@ -8,8 +8,8 @@ use std::path::Path;
 use toml::de::{DeTable, DeValue};
 use toml::{Table, Value};
 
-use super::ConfigError;
 use super::secrets::SECRETS;
+use super::{ConfigError, FlagValue};
 
 /// Prefix of the environment variables that override configuration keys.
 pub(super) const ENV_PREFIX: &str = "WORKERS__";
@@ -414,6 +414,42 @@ pub(super) fn env_layers(
         layers,
         secret_vars,
     }
+}
+
+/// One layer per command-line option that sets a key, above the environment.
+pub(super) fn flag_layers(
+    flags: &[FlagValue],
+    template: &Table,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<(Table, Layer)> {
+    let mut layers = Vec::new();
+    for flag in flags {
+        let source = format!("command-line option {}", flag.flag);
+        let keys: Vec<String> = flag.key.split('.').map(str::to_string).collect();
+        let Some(template_value) = get(template, &keys) else {
+            errors.push(ConfigError::new(
+                &flag.key,
+                source,
+                "sets a key config/default.toml does not define",
+            ));
+            continue;
+        };
+        match env_value(&flag.value, template_value) {
+            Ok(value) => {
+                let mut table = Table::new();
+                set(&mut table, &keys, value);
+                layers.push((
+                    table,
+                    Layer {
+                        name: source,
+                        positions: BTreeMap::new(),
+                    },
+                ));
+            }
+            Err(message) => errors.push(ConfigError::new(&flag.key, source, message)),
+        }
+    }
+    layers
 }
 
 /// The value a variable gives a key whose default is `template_value`.

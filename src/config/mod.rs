@@ -35,13 +35,26 @@ pub struct LoadOptions {
     /// Problems met while gathering the options themselves (a malformed `.env`), reported by
     /// [`load`] together with the configuration's own.
     pub problems: Vec<ConfigError>,
+    /// Keys set by command-line options (`--log-level`): the highest layer, checked like the
+    /// others.
+    pub flags: Vec<FlagValue>,
+}
+
+/// A key set by a command-line option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlagValue {
+    /// The option as typed, e.g. `--log-level`; errors name it.
+    pub flag: String,
+    /// The dotted key it sets, e.g. `log.level`.
+    pub key: String,
+    pub value: String,
 }
 
 impl LoadOptions {
     /// Reads `.env` from the current directory if there is one (the real environment wins over
     /// it), `APP_ENV` and the environment. The configuration folder is `config_dir`, else
-    /// `$WORKERS_CONFIG_DIR`, else `./config`.
-    pub fn from_process(config_dir: Option<PathBuf>) -> LoadOptions {
+    /// `$WORKERS_CONFIG_DIR`, else `./config`; `flags` are the command line's keys.
+    pub fn from_process(config_dir: Option<PathBuf>, flags: Vec<FlagValue>) -> LoadOptions {
         let mut env = BTreeMap::new();
         let mut problems = Vec::new();
         read_dotenv(Path::new(".env"), &mut env, &mut problems);
@@ -65,6 +78,7 @@ impl LoadOptions {
             app_env,
             env,
             problems,
+            flags,
         }
     }
 }
@@ -261,11 +275,13 @@ fn load_all(opts: &LoadOptions) -> Result<Loaded, ConfigErrors> {
     let default_table = file_layers[0].0.clone();
     let template = layers::env_template(&default_table);
     let env = layers::env_layers(&opts.env, &template, &mut errors);
+    let flags = layers::flag_layers(&opts.flags, &template, &mut errors);
 
     let mut merged = toml::Table::new();
     let mut origins = Origins::default();
     let mut all_layers = Vec::new();
-    for (index, (table, layer)) in file_layers.into_iter().chain(env.layers).enumerate() {
+    let every_layer = file_layers.into_iter().chain(env.layers).chain(flags);
+    for (index, (table, layer)) in every_layer.enumerate() {
         layers::merge(&mut merged, table, index, &mut origins);
         all_layers.push(layer);
     }

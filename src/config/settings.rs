@@ -276,6 +276,19 @@ pub struct RawLog {
     pub level: String,
 }
 
+impl RawLog {
+    /// The `tracing` filter `level` stands for: a bare level (`debug`) applies to this program
+    /// only, because libraries should speak up about problems alone; anything with a `=` is a
+    /// filter of its own and taken as written.
+    pub fn filter(&self) -> String {
+        if self.level.contains('=') {
+            self.level.clone()
+        } else {
+            format!("warn,workers={}", self.level)
+        }
+    }
+}
+
 /// Validated configuration handed to the rest of the program.
 #[derive(Debug, Clone)]
 pub struct Settings {

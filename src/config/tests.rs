@@ -47,6 +47,7 @@ impl Project {
             app_env: app_env.map(str::to_string),
             env: env_map(env),
             problems: Vec::new(),
+            flags: Vec::new(),
         }
     }
 
@@ -183,6 +184,7 @@ fn the_shipped_production_overlay_loads_with_its_secrets() {
             ("QUEUE_PASS", "pw"),
         ]),
         problems: Vec::new(),
+        flags: Vec::new(),
     };
     let settings = ok(load(&opts));
     assert_eq!(
@@ -413,12 +415,12 @@ fn string_keys_take_environment_values_verbatim() {
         None,
         &[
             ("WORKERS__APP_ID", "123"),
-            ("WORKERS__LOG__LEVEL", "true"),
+            ("WORKERS__SERVICE_USER", "true"),
             ("WORKERS__SECRETS__ALIAS_SALT", "123"),
         ],
     )));
     assert_eq!(settings.app_id, "123");
-    assert_eq!(settings.log.level, "true");
+    assert_eq!(settings.service_user, "true");
     assert_eq!(settings.stage.alias_salt.expose(), "123");
     assert!(settings.warnings.is_empty(), "{:?}", settings.warnings);
 }
@@ -531,6 +533,60 @@ fn an_unknown_key_in_a_file_names_the_key_and_the_file() {
         "{error}"
     );
     assert_eq!(errors.len(), 1, "{errors:?}");
+}
+
+#[test]
+fn an_invalid_log_level_is_an_error_wherever_it_is_set() {
+    let project = Project::new();
+    let errors = expect_errors(project.load_production("[log]\nlevel = \"loud\"\n", &[]));
+    let error = error_for(&errors, "log.level");
+    assert!(error.source.ends_with("production.toml:2:1"), "{error}");
+    assert!(error.message.contains("`loud`"), "{error}");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+
+    let errors = errors_of_env(&project, &[("WORKERS__LOG__LEVEL", "info,workers=shout")]);
+    assert_eq!(
+        error_for(&errors, "log.level").source,
+        "environment variable WORKERS__LOG__LEVEL"
+    );
+
+    // The command line's level is checked with the rest, and every problem is reported.
+    let mut opts = project.opts(None, &[("WORKERS__WORKER__CONCURRENCY", "two")]);
+    opts.flags.push(FlagValue {
+        flag: "--log-level".to_string(),
+        key: "log.level".to_string(),
+        value: "verbose".to_string(),
+    });
+    let errors = expect_errors(load(&opts));
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    let error = error_for(&errors, "log.level");
+    assert_eq!(error.source, "command-line option --log-level");
+    assert!(error.message.contains("`verbose`"), "{error}");
+    error_for(&errors, "worker.concurrency");
+}
+
+#[test]
+fn log_filters_and_the_command_line_level_load() {
+    let project = Project::new();
+    for level in [
+        "debug",
+        "warn,workers=trace",
+        "workers::jobs=debug,info",
+        "off",
+    ] {
+        let settings = ok(load(&project.opts(None, &[("WORKERS__LOG__LEVEL", level)])));
+        assert_eq!(settings.log.level, level);
+    }
+    // The option wins over the environment.
+    let mut opts = project.opts(None, &[("WORKERS__LOG__LEVEL", "debug")]);
+    opts.flags.push(FlagValue {
+        flag: "--log-level".to_string(),
+        key: "log.level".to_string(),
+        value: "trace".to_string(),
+    });
+    let settings = ok(load(&opts));
+    assert_eq!(settings.log.level, "trace");
+    assert_eq!(settings.log.filter(), "warn,workers=trace");
 }
 
 #[test]

@@ -411,6 +411,20 @@ pub(super) fn build(
         );
     }
 
+    // The filter is parsed by the same code that will use it, so what passes here is what
+    // the logs get; a typo must not silently fall back to some other level.
+    if raw.log.level.trim().is_empty() {
+        check.fail(&key(&["log", "level"]), "must not be empty");
+    } else if let Err(err) = tracing_subscriber::EnvFilter::try_new(raw.log.filter()) {
+        check.fail(
+            &key(&["log", "level"]),
+            format!(
+                "`{}` is not a tracing filter such as `info` or `warn,workers=debug`: {err}",
+                raw.log.level
+            ),
+        );
+    }
+
     let (found, warnings) = check.secrets(&raw.secrets, secrets);
     let api = check.api(&raw.api, backends.registry, found.api_token.clone());
     let mongo = check.mongo(&raw.mongo, backends.store, found.mongo_password.as_deref());
