@@ -8,6 +8,7 @@ use std::path::Path;
 use toml::de::{DeTable, DeValue};
 use toml::{Table, Value};
 
+use super::schema::{ANY_KEY, KNOWN_KEYS};
 use super::secrets::SECRETS;
 use super::{ConfigError, FlagValue};
 
@@ -369,7 +370,7 @@ pub(super) fn env_layers(
             Ok(found) => found,
             Err(keys) => {
                 let mut message = "unknown key".to_string();
-                if let Some(suggestion) = suggest(template, &keys) {
+                if let Some(suggestion) = suggest(&keys) {
                     message.push_str(&format!(" (did you mean `{suggestion}`?)"));
                 }
                 message.push_str(
@@ -512,17 +513,20 @@ fn lookup<'a>(
     }
 }
 
-/// A known sibling key close to the unknown `keys`' last one, for "did you mean".
-pub(super) fn suggest(known: &Table, keys: &[String]) -> Option<String> {
+/// The valid key of the same table closest to the unknown `keys`' last one, for "did you
+/// mean". The candidates come from the program's own definition of the configuration, not
+/// from `default.toml`, which may hold the very typo being reported.
+pub(super) fn suggest(keys: &[String]) -> Option<String> {
     let (last, parents) = keys.split_last()?;
-    let siblings = if parents.is_empty() {
-        known
-    } else {
-        get(known, parents)?.as_table()?
-    };
+    let mut siblings: &Table = &KNOWN_KEYS;
+    for parent in parents {
+        let below = siblings.get(parent).or_else(|| siblings.get(ANY_KEY));
+        siblings = below?.as_table()?;
+    }
     let typed = last.to_ascii_lowercase();
     siblings
         .keys()
+        .filter(|key| *key != ANY_KEY)
         .map(|key| {
             let candidate = key.to_ascii_lowercase();
             let mut distance = edit_distance(&typed, &candidate);

@@ -8,6 +8,7 @@
 pub mod settings;
 
 mod layers;
+mod schema;
 mod secrets;
 mod validate;
 
@@ -302,7 +303,6 @@ fn load_all(opts: &LoadOptions) -> Result<Loaded, ConfigErrors> {
         layers: &all_layers,
         origins,
         default: &default_table,
-        known: &template,
     };
     let raw = validate::deserialize(&merged, &mut ctx, &mut errors);
     let Some(raw) = raw else {

@@ -590,6 +590,92 @@ fn log_filters_and_the_command_line_level_load() {
 }
 
 #[test]
+fn did_you_mean_suggests_a_valid_key_even_for_a_typo_in_default_toml() {
+    let default = DEFAULT.replace("poll_interval_seconds = 10", "poll_intervall = 10");
+    assert_ne!(default, DEFAULT, "the base file changed: update this test");
+    let project = Project::with_default(&default);
+    let errors = expect_errors(load(&project.opts(None, &[])));
+    let error = error_for(&errors, "registration.poll_intervall");
+    assert!(error.source.contains("default.toml"), "{error}");
+    assert!(
+        error
+            .message
+            .ends_with("unknown key (did you mean `poll_interval_seconds`?)"),
+        "{error}"
+    );
+    error_for(&errors, "registration.poll_interval_seconds");
+
+    // The same typo set through the environment gets the same answer.
+    let errors = errors_of_env(&project, &[("WORKERS__REGISTRATION__POLL_INTERVALL", "5")]);
+    for error in errors
+        .iter()
+        .filter(|e| e.key == "registration.poll_intervall")
+    {
+        assert!(
+            error
+                .message
+                .contains("did you mean `poll_interval_seconds`?"),
+            "{error}"
+        );
+    }
+}
+
+#[test]
+fn did_you_mean_looks_inside_free_form_tables_and_stays_quiet_when_nothing_is_close() {
+    let project = Project::new();
+    let errors = expect_errors(project.load_production(
+        "[schedules.watch]\ncronn = \"\"\n\
+         [retry.steps.inspect_dataset]\nmax_retries = 1\ndelay_second = 2\n\
+         [registration]\nzzz = 1\n",
+        &[],
+    ));
+    assert!(
+        error_for(&errors, "schedules.watch.cronn")
+            .message
+            .contains("did you mean `cron`?")
+    );
+    assert!(
+        error_for(&errors, "retry.steps.inspect_dataset.delay_second")
+            .message
+            .contains("did you mean `delay_seconds`?")
+    );
+    assert_eq!(
+        error_for(&errors, "registration.zzz").message,
+        "unknown key"
+    );
+}
+
+#[test]
+fn the_known_keys_are_those_of_the_settings_types() {
+    let known = &*schema::KNOWN_KEYS;
+    let keys = |path: &[&str]| {
+        let path: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+        layers::get(known, &path).cloned()
+    };
+    assert!(keys(&["registration", "poll_interval_seconds"]).is_some());
+    assert!(keys(&["registration", "RAW_DATA", "rejects"]).is_some());
+    assert!(keys(&["paths", "RAW_DATA", "qc"]).is_some());
+    assert!(keys(&["schedules", schema::ANY_KEY, "misfire"]).is_some());
+    assert!(keys(&["retry", "steps", schema::ANY_KEY, "max_retries"]).is_some());
+    assert!(keys(&["metrics", "lfs_path"]).is_some());
+    assert!(keys(&["registration", "poll_intervall"]).is_none());
+    // Every key of the shipped base file is a known key.
+    let default: toml::Table = toml::from_str(DEFAULT).expect("default.toml");
+    fn check(table: &toml::Table, known: &toml::Table, at: &str) {
+        for (key, value) in table {
+            let below = known
+                .get(key)
+                .or_else(|| known.get(schema::ANY_KEY))
+                .unwrap_or_else(|| panic!("{at}.{key} is not a known key"));
+            if let (toml::Value::Table(table), toml::Value::Table(known)) = (value, below) {
+                check(table, known, &format!("{at}.{key}"));
+            }
+        }
+    }
+    check(&default, known, "");
+}
+
+#[test]
 fn an_unknown_section_is_reported_once_per_file() {
     let project = Project::new();
     let errors = expect_errors(project.load_production("[apis]\nbase_url = \"http://x\"\n", &[]));

@@ -42,8 +42,6 @@ pub(super) struct Context<'a> {
     pub(super) origins: Origins,
     /// `default.toml`: the fallback for wrong values.
     pub(super) default: &'a Table,
-    /// Every key the program knows, for suggestions.
-    pub(super) known: &'a Table,
 }
 
 impl Context<'_> {
@@ -196,7 +194,7 @@ fn missing_error(ctx: &Context<'_>, parent: &[String], full: &[String]) -> Confi
 fn unknown_errors(ctx: &Context<'_>, path: &[Seg]) -> Vec<ConfigError> {
     let keys = key_prefix(path);
     let mut message = "unknown key".to_string();
-    if let Some(suggestion) = suggest(ctx.known, &keys) {
+    if let Some(suggestion) = suggest(&keys) {
         message.push_str(&format!(" (did you mean `{suggestion}`?)"));
     }
     let mut layers: Vec<usize> = ctx.origins.of(&keys).to_vec();
