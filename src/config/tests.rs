@@ -1053,7 +1053,12 @@ fn dotenv_files_are_read_and_their_problems_reported() {
         Some("[\".a\", \".b\"]")
     );
     assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(problems[0].source.ends_with(".env"));
+    assert!(problems[0].source.ends_with(".env:4"), "{:?}", problems[0]);
+    assert!(
+        !problems[0].message.contains("NOT VALID"),
+        "{:?}",
+        problems[0]
+    );
 
     // A missing .env is not a problem.
     read_dotenv(&dir.path().join("absent"), &mut env, &mut problems);
@@ -1065,6 +1070,48 @@ fn dotenv_files_are_read_and_their_problems_reported() {
     opts.problems = problems;
     let errors = expect_errors(load(&opts));
     assert_eq!(errors.len(), 1, "{errors:?}");
+}
+
+#[test]
+fn a_malformed_dotenv_line_names_its_line_and_variable_but_never_its_value() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join(".env");
+    std::fs::write(
+        &path,
+        "# comment\n\
+         GOOD=1\n\
+         QUEUE_PASS=hunter2 x\n\
+         \n\
+         export APP_API_TOKEN='tok' en\n\
+         NOT VALID\n\
+         MULTI=\"first\nsecond\"\n\
+         ALIAS_SALT=\"pepper\n\
+         and salt\n",
+    )
+    .expect("write .env");
+    let mut env = BTreeMap::new();
+    let mut problems = Vec::new();
+    read_dotenv(&path, &mut env, &mut problems);
+    assert_eq!(env.get("GOOD").map(String::as_str), Some("1"));
+    assert_eq!(env.get("MULTI").map(String::as_str), Some("first\nsecond"));
+    let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    let source = path.display().to_string();
+    let expected = [
+        (3, "the value of QUEUE_PASS"),
+        (5, "the value of APP_API_TOKEN"),
+        (6, "a line without a variable name"),
+        (9, "the value of ALIAS_SALT"),
+    ];
+    assert_eq!(shown.len(), expected.len(), "{shown:#?}");
+    for (problem, (line, what)) in shown.iter().zip(expected) {
+        assert!(
+            problem.starts_with(&format!("{source}:{line}: cannot parse {what} ")),
+            "{problem}"
+        );
+        for secret in ["hunter2", "tok", "NOT VALID", "pepper", "and salt"] {
+            assert!(!problem.contains(secret), "{problem}");
+        }
+    }
 }
 
 #[test]
