@@ -21,6 +21,7 @@ use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
 
+pub use secrets::redact_uri;
 pub use settings::*;
 
 use layers::{Layer, Origins};
@@ -282,7 +283,10 @@ pub fn load(opts: &LoadOptions) -> Result<Settings, ConfigErrors> {
 /// Paths appear resolved, `parallelism` as the thread count in effect, and `[secrets]` lists
 /// each known secret as `"<redacted>"` when set or `"<unset>"`.
 pub fn effective(opts: &LoadOptions) -> Result<(Settings, toml::Table), ConfigErrors> {
-    let loaded = load_all(opts)?;
+    let mut loaded = load_all(opts)?;
+    // The connection strings may carry a password; `config show` output ends up in tickets.
+    loaded.resolved.mongo.uri = redact_uri(&loaded.resolved.mongo.uri);
+    loaded.resolved.amqp.url = redact_uri(&loaded.resolved.amqp.url);
     let mut tree = toml::Table::try_from(&loaded.resolved).map_err(|err| {
         ConfigErrors(vec![ConfigError::new(
             "",

@@ -340,7 +340,7 @@ pub struct ApiSettings {
 pub struct MongoSettings {
     /// The connection string, with the password when there is one.
     pub uri: SecretString,
-    /// The connection string without credentials, for messages.
+    /// The connection string with its password redacted, for messages.
     pub display: String,
     pub database: String,
 }
@@ -349,7 +349,7 @@ pub struct MongoSettings {
 pub struct AmqpSettings {
     /// `amqp://user:password@host:port/vhost`.
     pub uri: SecretString,
-    /// The URL without credentials, for messages.
+    /// The URL with its password redacted, for messages.
     pub display: String,
     /// Never empty.
     pub queues: Vec<String>,

@@ -1182,14 +1182,20 @@ fn the_original_environment_variables_configure_the_production_backends() {
         settings.amqp.uri.expose(),
         "amqp://worker:p%40ss%2Fword@queue:5672/bioloop"
     );
-    assert_eq!(settings.amqp.display, "amqp://worker@queue:5672/bioloop");
+    assert_eq!(
+        settings.amqp.display,
+        "amqp://worker:<redacted>@queue:5672/bioloop"
+    );
     assert_eq!(settings.amqp.queues, [format!("{}.q", settings.app_id)]);
     assert_eq!(
         settings.mongo.uri.expose(),
         "mongodb://root:m%3Apw@mongo:27018/celery?authSource=admin"
     );
     assert_eq!(settings.mongo.database, "celery");
-    assert!(!settings.mongo.display.contains("m%3Apw"));
+    assert_eq!(
+        settings.mongo.display,
+        "mongodb://root:<redacted>@mongo:27018/celery?authSource=admin"
+    );
     // Debug output never shows a secret.
     let debug = format!("{settings:?}");
     assert!(
@@ -1247,4 +1253,125 @@ fn a_full_amqp_url_and_mongo_uri_are_used_as_given() {
         "mongodb://127.0.0.1:27017/?directConnection=true"
     );
     assert_eq!(settings.mongo.database, "t1");
+}
+
+#[test]
+fn a_replica_set_uri_is_accepted_as_the_driver_reads_it() {
+    let project = Project::new();
+    let uri = "mongodb://user:pa%3Ass@h1:27017,h2:27017,h3/?replicaSet=rs0&authSource=admin";
+    let settings = ok(project.load_production(
+        &format!("[store]\nkind = \"mongo\"\n[mongo]\nuri = \"{uri}\"\n"),
+        &[("APP_API_TOKEN", "t"), ("QUEUE_PASS", "q")],
+    ));
+    assert_eq!(settings.mongo.uri.expose(), uri);
+    assert_eq!(
+        settings.mongo.display,
+        "mongodb://user:<redacted>@h1:27017,h2:27017,h3/?replicaSet=rs0&authSource=admin"
+    );
+}
+
+#[test]
+fn a_password_built_into_the_mongo_uri_is_encoded_as_the_driver_decodes_it() {
+    let project = Project::new();
+    let settings = ok(load(&project.opts(
+        None,
+        &[("MONGO_USER", "root"), ("MONGO_PASS", "50%41 off/@:?")],
+    )));
+    let parsed =
+        mongodb::options::ConnectionString::parse(settings.mongo.uri.expose()).expect("parses");
+    let credential = parsed.credential.expect("credential");
+    assert_eq!(credential.username.as_deref(), Some("root"));
+    assert_eq!(credential.password.as_deref(), Some("50%41 off/@:?"));
+    assert_eq!(credential.source.as_deref(), Some("admin"));
+}
+
+#[test]
+fn a_bad_mongo_uri_is_reported_without_its_password() {
+    let project = Project::new();
+    let cases = [
+        // A password with characters the connection string reserves.
+        (
+            "mongodb://user:hunter2/x@h1:27017/",
+            "the password cannot be read",
+        ),
+        (
+            "mongodb://user:hunter2@h1:notaport/",
+            "not a MongoDB connection string",
+        ),
+        (
+            "mongodb://user:hunter2@h1/?connectTimeoutMS=soon",
+            "not a MongoDB connection string",
+        ),
+        ("http://user:hunter2@h1/", "not a MongoDB connection string"),
+    ];
+    for (uri, expected) in cases {
+        let errors = expect_errors(load(&project.opts(None, &[("WORKERS__MONGO__URI", uri)])));
+        let error = error_for(&errors, "mongo.uri");
+        assert_eq!(error.source, "environment variable WORKERS__MONGO__URI");
+        assert!(error.message.contains(expected), "{uri}: {error}");
+        assert!(error.message.contains("user:<redacted>@"), "{uri}: {error}");
+        assert!(!error.to_string().contains("hunter2"), "{uri}: {error}");
+    }
+}
+
+#[test]
+fn config_show_redacts_the_passwords_of_connection_strings() {
+    let project = Project::new();
+    let opts = project.opts(
+        None,
+        &[
+            (
+                "WORKERS__MONGO__URI",
+                "mongodb://u:m0ngo-pw@h1,h2/?replicaSet=rs0",
+            ),
+            ("WORKERS__AMQP__URL", "amqp://u:rabb1t-pw@rabbit:5672/%2f"),
+        ],
+    );
+    let (_, tree) = match effective(&opts) {
+        Ok(shown) => shown,
+        Err(errors) => panic!("{errors}"),
+    };
+    assert_eq!(
+        tree["mongo"]["uri"].as_str(),
+        Some("mongodb://u:<redacted>@h1,h2/?replicaSet=rs0")
+    );
+    assert_eq!(
+        tree["amqp"]["url"].as_str(),
+        Some("amqp://u:<redacted>@rabbit:5672/%2f")
+    );
+    for text in [
+        toml::to_string(&tree).expect("TOML"),
+        serde_json::to_string(&tree).expect("JSON"),
+    ] {
+        assert!(
+            !text.contains("m0ngo-pw") && !text.contains("rabb1t-pw"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_amqp_url_is_reported_without_its_password() {
+    let project = Project::new();
+    let errors = errors_of_env(&project, &[("WORKERS__AMQP__URL", "amqp://u:s3cret@:5672")]);
+    let error = error_for(&errors, "amqp.url");
+    assert!(!error.to_string().contains("s3cret"), "{error}");
+    assert!(error.message.contains("u:<redacted>@"), "{error}");
+}
+
+#[test]
+fn redaction_hides_the_whole_password_even_in_text_that_does_not_parse() {
+    for (uri, shown) in [
+        ("mongodb://u:p@h/db", "mongodb://u:<redacted>@h/db"),
+        (
+            "mongodb://u:p@ss/w?rd@h1,h2/",
+            "mongodb://u:<redacted>@h1,h2/",
+        ),
+        ("amqp://guest@rabbit/", "amqp://guest@rabbit/"),
+        ("u:pw@host:5672/vhost", "u:<redacted>@host:5672/vhost"),
+        ("mongodb://h1:27017/?w=1", "mongodb://h1:27017/?w=1"),
+        ("", ""),
+    ] {
+        assert_eq!(redact_uri(uri), shown, "{uri}");
+    }
 }

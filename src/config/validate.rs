@@ -12,7 +12,7 @@ use super::ConfigError;
 use super::layers::{
     Layer, Origins, Seg, display_path, get, key_path, key_prefix, remove, set, suggest,
 };
-use super::secrets::{DEVELOPMENT_ALIAS_SALT, SECRETS, SecretValue};
+use super::secrets::{DEVELOPMENT_ALIAS_SALT, SECRETS, SecretValue, redact_uri};
 use super::settings::*;
 use crate::jobs::JobName;
 use crate::scheduler::schedule::{Schedule, ScheduleFields};
@@ -887,7 +887,9 @@ impl Checker<'_> {
     }
 
     /// The MongoDB connection string: `mongo.uri`, or one built as the original builds it
-    /// (`mongodb://USER:PASS@HOST:PORT/DB?authSource=SRC`).
+    /// (`mongodb://USER:PASS@HOST:PORT/DB?authSource=SRC`). Either is checked by the MongoDB
+    /// driver's own parser, so what passes here is what the store can connect with (replica
+    /// sets, several hosts and every option included).
     fn mongo(
         &mut self,
         raw: &RawMongo,
@@ -902,57 +904,30 @@ impl Checker<'_> {
             );
             return None;
         }
-        let uri = if raw.uri.trim().is_empty() {
-            let mut url = match url::Url::parse(&format!(
-                "mongodb://{}:{}/{database}",
-                raw.host.trim(),
-                raw.port
-            )) {
-                Ok(url) if url.has_host() => url,
-                _ => {
-                    self.fail(
-                        &key(&["mongo", "host"]),
-                        format!("`{}` is not a host name", raw.host),
-                    );
-                    return None;
-                }
-            };
-            if !raw.user.is_empty() {
-                let _ = url.set_username(&raw.user);
-                let _ = url.set_password(password);
-                url.query_pairs_mut()
-                    .append_pair("authSource", &raw.auth_source);
-                if password.is_none() && kind == Some(StoreKind::Mongo) {
-                    self.errors.push(ConfigError::new(
-                        "secrets.mongo_password",
-                        "environment",
-                        format!(
-                            "mongo.user is `{}` but no password is set: set MONGO_PASS or \
-                             WORKERS__SECRETS__MONGO_PASSWORD",
-                            raw.user
-                        ),
-                    ));
-                    return None;
-                }
+        let (uri, uri_key) = if raw.uri.trim().is_empty() {
+            if !raw.user.is_empty() && password.is_none() && kind == Some(StoreKind::Mongo) {
+                self.errors.push(ConfigError::new(
+                    "secrets.mongo_password",
+                    "environment",
+                    format!(
+                        "mongo.user is `{}` but no password is set: set MONGO_PASS or \
+                         WORKERS__SECRETS__MONGO_PASSWORD",
+                        raw.user
+                    ),
+                ));
+                return None;
             }
-            url
+            (built_mongo_uri(raw, &database, password), "host")
         } else {
-            match url::Url::parse(raw.uri.trim()) {
-                Ok(url) if matches!(url.scheme(), "mongodb") => url,
-                _ => {
-                    self.fail(
-                        &key(&["mongo", "uri"]),
-                        "is not a mongodb:// connection string",
-                    );
-                    return None;
-                }
-            }
+            (raw.uri.trim().to_string(), "uri")
         };
-        let mut display = uri.clone();
-        let _ = display.set_password(None);
+        if let Err(problem) = check_mongo_uri(&uri) {
+            self.fail(&key(&["mongo", uri_key]), problem);
+            return None;
+        }
         Some(MongoSettings {
-            uri: SecretString::new(uri.to_string()),
-            display: display.to_string(),
+            display: redact_uri(&uri),
+            uri: SecretString::new(uri),
             database,
         })
     }
@@ -978,7 +953,10 @@ impl Checker<'_> {
             _ => {
                 self.fail(
                     &key(&["amqp", "url"]),
-                    format!("`{text}` is neither host:port/vhost nor an amqp:// URL"),
+                    format!(
+                        "`{}` is neither host:port/vhost nor an amqp:// URL",
+                        redact_uri(text)
+                    ),
                 );
                 return None;
             }
@@ -1022,15 +1000,55 @@ impl Checker<'_> {
         if queues.is_empty() {
             queues.push(format!("{app_id}.q"));
         }
-        let mut display = url.clone();
-        let _ = display.set_password(None);
         Some(AmqpSettings {
             uri: SecretString::new(url.to_string()),
-            display: display.to_string(),
+            display: redact_uri(url.as_str()),
             queues,
             heartbeat: raw.heartbeat_seconds,
             reconnect_max: Duration::from_secs(raw.reconnect_max_seconds.max(1)),
         })
+    }
+}
+
+/// The connection string the original workers build from MONGO_HOST, MONGO_PORT,
+/// MONGO_USER, MONGO_PASS and MONGO_AUTH_SOURCE.
+fn built_mongo_uri(raw: &RawMongo, database: &str, password: Option<&str>) -> String {
+    // Encoded as the driver encodes user information: everything but letters and digits, so
+    // that a `%` in a password stays a `%`.
+    let encode = |text: &str| {
+        percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    let host = raw.host.trim();
+    let port = raw.port;
+    if raw.user.is_empty() {
+        return format!("mongodb://{host}:{port}/{database}");
+    }
+    let user = encode(&raw.user);
+    let password = password
+        .map(|p| format!(":{}", encode(p)))
+        .unwrap_or_default();
+    let auth_source = encode(&raw.auth_source);
+    format!("mongodb://{user}{password}@{host}:{port}/{database}?authSource={auth_source}")
+}
+
+/// Checks a MongoDB connection string with the driver's parser. Its messages may quote the
+/// password, so when the string does not parse, the parser only gets to speak about the
+/// string with the password redacted.
+fn check_mongo_uri(uri: &str) -> Result<(), String> {
+    use mongodb::options::ConnectionString;
+    if ConnectionString::parse(uri).is_ok() {
+        return Ok(());
+    }
+    let redacted = redact_uri(uri);
+    match ConnectionString::parse(&redacted) {
+        Ok(_) => Err(format!(
+            "`{redacted}`: the password cannot be read from the connection string; \
+             percent-encode `:`, `/`, `?`, `#`, `[`, `]`, `@` and `%` in it"
+        )),
+        Err(err) => Err(format!(
+            "`{redacted}` is not a MongoDB connection string: {}",
+            err.kind
+        )),
     }
 }
 
