@@ -8,6 +8,7 @@
 pub mod settings;
 
 mod layers;
+mod overlap;
 mod schema;
 mod secrets;
 mod validate;

@@ -1375,3 +1375,112 @@ fn redaction_hides_the_whole_password_even_in_text_that_does_not_parse() {
         assert_eq!(redact_uri(uri), shown, "{uri}");
     }
 }
+
+// --- source directories ---
+
+#[test]
+fn a_source_directory_inside_a_written_directory_is_an_error_naming_both() {
+    let project = Project::new();
+    let errors = expect_errors(project.load_production(
+        "[registration.RAW_DATA]\nsource_dir = \"var/stage/raw_data/incoming\"\n",
+        &[],
+    ));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let error = error_for(&errors, "registration.RAW_DATA.source_dir");
+    assert!(error.source.ends_with("production.toml:2:1"), "{error}");
+    let source = project.root().join("var/stage/raw_data/incoming");
+    let stage = project.root().join("var/stage/raw_data");
+    let expected = format!(
+        "`{}` is inside paths.RAW_DATA.stage (`{}`, set in {}:",
+        source.display(),
+        stage.display(),
+        project.config_dir().join("default.toml").display()
+    );
+    assert!(error.message.starts_with(&expected), "{error}");
+}
+
+#[test]
+fn a_source_directory_holding_written_directories_is_an_error_for_each() {
+    let project = Project::new();
+    let errors = errors_of_env(
+        &project,
+        &[
+            ("WORKERS__REGISTRATION__DATA_PRODUCT__SOURCE_DIR", "var"),
+            // The same directory as the downloads, spelled another way.
+            (
+                "WORKERS__REGISTRATION__RAW_DATA__SOURCE_DIR",
+                "examples/../var/./downloads/",
+            ),
+        ],
+    );
+    let raw: Vec<&ConfigError> = errors
+        .iter()
+        .filter(|e| e.key == "registration.RAW_DATA.source_dir")
+        .collect();
+    assert_eq!(raw.len(), 1, "{errors:?}");
+    assert!(
+        raw[0].message.contains(" is paths.download_dir ("),
+        "{}",
+        raw[0]
+    );
+    assert_eq!(
+        raw[0].source,
+        "environment variable WORKERS__REGISTRATION__RAW_DATA__SOURCE_DIR"
+    );
+    let product: Vec<&ConfigError> = errors
+        .iter()
+        .filter(|e| e.key == "registration.DATA_PRODUCT.source_dir")
+        .collect();
+    // scratch, download_dir, and per type stage, bundle.generate, bundle.stage and archive.
+    assert_eq!(product.len(), 10, "{product:#?}");
+    assert!(
+        product
+            .iter()
+            .all(|e| e.message.contains(" contains paths."))
+    );
+    assert!(
+        product
+            .iter()
+            .any(|e| e.message.contains("contains paths.DATA_PRODUCT.archive"))
+    );
+}
+
+#[test]
+fn a_source_directory_reaching_a_written_directory_through_a_link_is_an_error() {
+    let project = Project::new();
+    let generate = project.root().join("var/bundle/raw_data/generation");
+    std::fs::create_dir_all(&generate).expect("bundle directory");
+    std::os::unix::fs::symlink(&generate, project.root().join("drop")).expect("link");
+    let errors = errors_of_env(
+        &project,
+        &[("WORKERS__REGISTRATION__RAW_DATA__SOURCE_DIR", "drop")],
+    );
+    let error = error_for(&errors, "registration.RAW_DATA.source_dir");
+    assert!(
+        error
+            .message
+            .contains("is paths.RAW_DATA.bundle.generate (`")
+            && error.message.contains("once symbolic links are resolved"),
+        "{error}"
+    );
+}
+
+#[test]
+fn an_hsi_archive_path_is_not_a_local_directory_to_keep_apart() {
+    let project = Project::new();
+    // With HPSS, paths.<TYPE>.archive are relative to the HPSS home, not to the project.
+    ok(project.load_production(
+        "[archive]\nkind = \"hsi\"\n[paths.RAW_DATA]\narchive = \"examples/raw_data\"\n",
+        &[],
+    ));
+    let errors = expect_errors(project.load_production(
+        "[paths.RAW_DATA]\narchive = \"examples/raw_data/{year}\"\n",
+        &[],
+    ));
+    assert!(
+        error_for(&errors, "registration.RAW_DATA.source_dir")
+            .message
+            .contains(" is paths.RAW_DATA.archive ("),
+        "{errors:?}"
+    );
+}

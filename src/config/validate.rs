@@ -12,6 +12,7 @@ use super::ConfigError;
 use super::layers::{
     Layer, Origins, Seg, display_path, get, key_path, key_prefix, remove, set, suggest,
 };
+use super::overlap::{Overlap, overlap};
 use super::secrets::{DEVELOPMENT_ALIAS_SALT, SECRETS, SecretValue, redact_uri};
 use super::settings::*;
 use crate::jobs::JobName;
@@ -344,6 +345,8 @@ pub(super) fn build(
         minimum_dataset_size: raw.registration.minimum_dataset_size,
     };
 
+    check.sources_apart(&registration, &paths, archive_is_local);
+
     let batch = raw.inspect.file_metadata_batch_size;
     if !(1..=MAX_BATCH_SIZE).contains(&batch) {
         check.fail(
@@ -646,6 +649,82 @@ impl Checker<'_> {
                 &key(&[base[0], base[1], "bundle", "stage"]),
                 &raw.bundle.stage,
             ),
+        }
+    }
+
+    /// A source directory must stay apart from every directory the workers write into:
+    /// watch registers what appears in a source directory, so each run would register the
+    /// previous run's output (staged copies, bundles, links) as new datasets.
+    fn sources_apart(
+        &mut self,
+        registration: &Registration,
+        paths: &Paths,
+        archive_is_local: bool,
+    ) {
+        let mut written = vec![
+            (key(&["paths", "scratch"]), paths.scratch.clone()),
+            (key(&["paths", "download_dir"]), paths.download_dir.clone()),
+        ];
+        for (name, typed) in [
+            ("RAW_DATA", &paths.raw_data),
+            ("DATA_PRODUCT", &paths.data_product),
+        ] {
+            written.push((key(&["paths", name, "stage"]), typed.stage.clone()));
+            written.push((
+                key(&["paths", name, "bundle", "generate"]),
+                typed.bundle_generate.clone(),
+            ));
+            written.push((
+                key(&["paths", name, "bundle", "stage"]),
+                typed.bundle_stage.clone(),
+            ));
+            // Bundles land below the part of the template before `{year}`.
+            if archive_is_local {
+                let fixed: PathBuf = Path::new(&typed.archive)
+                    .components()
+                    .take_while(|c| !c.as_os_str().to_string_lossy().contains('{'))
+                    .collect();
+                written.push((key(&["paths", name, "archive"]), fixed));
+            }
+        }
+        let sources = [
+            ("RAW_DATA", &registration.raw_data.source_dir),
+            ("DATA_PRODUCT", &registration.data_product.source_dir),
+        ];
+        // A path already reported (empty, `~`) was resolved to something arbitrary.
+        let reported: BTreeSet<String> = self.errors.iter().map(|e| e.key.clone()).collect();
+        for (name, source_dir) in sources {
+            let source_key = key(&["registration", name, "source_dir"]);
+            for (other_key, other) in &written {
+                if reported.contains(&display_path(&source_key))
+                    || reported.contains(&display_path(other_key))
+                {
+                    continue;
+                }
+                let Some((relation, through_links)) = overlap(source_dir, other) else {
+                    continue;
+                };
+                let relation = match relation {
+                    Overlap::Same => "is",
+                    Overlap::Inside => "is inside",
+                    Overlap::Contains => "contains",
+                };
+                let links = if through_links {
+                    " once symbolic links are resolved"
+                } else {
+                    ""
+                };
+                let message = format!(
+                    "`{}` {relation} {} (`{}`, set in {}){links}: watch would register what the \
+                     workers write there as new datasets; keep source directories apart from \
+                     the stage, archive, bundle, scratch and download directories",
+                    source_dir.display(),
+                    display_path(other_key),
+                    other.display(),
+                    self.ctx.source_of(other_key),
+                );
+                self.fail(&source_key, message);
+            }
         }
     }
 
