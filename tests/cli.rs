@@ -128,3 +128,67 @@ fn a_staged_path_outside_the_root_is_an_error_not_a_hang() {
     let error = w["steps"][5]["error"]["exc_message"][0].as_str().unwrap();
     assert!(error.contains("outside paths.root"), "{error}");
 }
+
+/// The bytes that would forge a line or drive a terminal: C0 controls other than the line
+/// ends of the output itself, DEL, and C1 controls (UTF-8 encoded).
+fn raw_controls(output: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(output);
+    text.chars()
+        .filter(|c| c.is_control() && *c != '\n')
+        .map(|c| format!("{c:?}"))
+        .collect()
+}
+
+#[test]
+fn names_with_control_characters_are_escaped_in_logs_tables_and_summaries() {
+    let mut project = Project::new();
+    project.dataset(
+        DatasetType::RawData,
+        "evil\nINFO forged line \u{1b}[31mred",
+        &[("a.txt", b"a")],
+    );
+    // Too long to name a bundle: rejected, and named in the summary and in a warning.
+    let long = format!("{}\n\u{1b}[2J\u{9b}", "x".repeat(240));
+    std::fs::create_dir(project.source(DatasetType::RawData).join(&long)).unwrap();
+    project.set_env("WORKERS__LOG__FORMAT", "human");
+
+    let watch = project.run_ok(&["jobs", "run", "watch", "--wait"]);
+    let long_shown = format!("{}\\n\\u{{1b}}[2J\\u{{9b}}", "x".repeat(240));
+    assert!(
+        stdout(&watch).contains(&format!("rejected `{long_shown}`")),
+        "{}",
+        describe(&watch)
+    );
+    assert!(
+        stderr(&watch).contains(&format!("/{long_shown} error=")),
+        "{}",
+        describe(&watch)
+    );
+
+    let list = project.run_ok(&["datasets", "list"]);
+    assert!(stdout(&list).contains("evil-INFO-forged-line-31mred"));
+    let show = project.run_ok(&["datasets", "show", "1"]);
+    assert!(
+        stdout(&show).contains("evil\\nINFO forged line \\u{1b}[31mred"),
+        "{}",
+        describe(&show)
+    );
+    let workflows = project.run_ok(&["workflows", "list"]);
+    let history = project.run_ok(&["jobs", "history", "watch"]);
+    for (what, out) in [
+        ("watch", &watch),
+        ("datasets list", &list),
+        ("datasets show", &show),
+        ("workflows list", &workflows),
+        ("jobs history", &history),
+    ] {
+        for stream in [&out.stdout, &out.stderr] {
+            assert_eq!(raw_controls(stream), Vec::<String>::new(), "{what}");
+            let text = String::from_utf8_lossy(stream);
+            assert!(
+                !text.lines().any(|l| l.starts_with("INFO forged")),
+                "{what}: {text}"
+            );
+        }
+    }
+}

@@ -1,6 +1,14 @@
 //! One function per subcommand: load the configuration, build the app, call the core, print.
 //! No business rules live here.
 
+/// `println!` for a line that shows names from outside (directories, datasets, errors): its
+/// control characters are escaped, so it stays one line and cannot drive the terminal.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        println!("{}", $crate::ui::Escaped(format_args!($($arg)*)))
+    };
+}
+
 mod config;
 mod datasets;
 mod jobs;
@@ -21,7 +29,7 @@ use crate::cli::{Cli, Command, LogFormat};
 use crate::config::{ConfigErrors, FlagValue, LoadOptions, Settings};
 use crate::registry::DatasetQuery;
 use crate::store::TaskStatus;
-use crate::ui::Display;
+use crate::ui::{Display, EscapedFields, escape_controls};
 use crate::workflow::engine;
 use crate::workflow::worker::{Until, WorkerOptions};
 
@@ -127,6 +135,7 @@ fn init_logging(settings: &Settings, display: &Display) {
             .init();
     } else {
         builder
+            .fmt_fields(EscapedFields)
             .with_target(false)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
@@ -260,11 +269,31 @@ pub(crate) async fn wait_for(
 }
 
 /// A table in the style every command prints.
-pub(crate) fn table<const N: usize>(header: [&str; N]) -> Table {
+pub(crate) fn table<const N: usize>(header: [&str; N]) -> Listing {
     let mut table = Table::new();
     table.load_style(presets::UTF8_FULL_CONDENSED);
     table.set_header(header);
-    table
+    Listing(table)
+}
+
+/// A table whose cells have their control characters escaped: a cell holding a newline would
+/// otherwise become two rows.
+pub(crate) struct Listing(Table);
+
+impl Listing {
+    pub(crate) fn add_row<S: AsRef<str>>(&mut self, cells: impl IntoIterator<Item = S>) {
+        self.0.add_row(
+            cells
+                .into_iter()
+                .map(|cell| escape_controls(cell.as_ref()).into_owned()),
+        );
+    }
+}
+
+impl std::fmt::Display for Listing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 /// Finds a dataset by id or exact name (normalized).
