@@ -192,3 +192,66 @@ fn names_with_control_characters_are_escaped_in_logs_tables_and_summaries() {
         }
     }
 }
+
+#[test]
+fn look_ups_on_a_fresh_project_create_nothing() {
+    let project = Project::new();
+    let cases: [(&[&str], i32); 9] = [
+        (&["datasets", "show", "NOPE"], 2),
+        (&["workflows", "show", "NOPE"], 2),
+        (&["datasets", "list"], 0),
+        (&["datasets", "list", "--format", "json"], 0),
+        (&["workflows", "list"], 0),
+        (&["jobs", "list"], 0),
+        (&["jobs", "history", "watch"], 0),
+        (&["config", "show"], 0),
+        (&["config", "check"], 0),
+    ];
+    for (args, code) in cases {
+        let out = project.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            describe(&out)
+        );
+        for created in ["var/workers.db", "var/workers.db.migrate-lock", "var"] {
+            assert!(
+                !project.path(created).exists(),
+                "{args:?} created {created}: {}",
+                describe(&out)
+            );
+        }
+    }
+    let listed = project.run_ok(&["datasets", "list", "--format", "json"]);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&listed.stdout).unwrap(),
+        serde_json::json!([])
+    );
+    assert!(
+        stderr(&project.run_ok(&["datasets", "list"])).contains("does not exist yet"),
+        "the operator is told why the list is empty"
+    );
+}
+
+#[test]
+fn look_ups_read_an_existing_database_without_changing_it() {
+    let project = Project::new();
+    project.dataset(DatasetType::RawData, "kept", &[("a.txt", b"a")]);
+    project.run_ok(&["jobs", "run", "watch", "--wait"]);
+    let db = project.path("var/workers.db");
+    let before = (
+        md5sum(&db),
+        std::fs::metadata(&db).unwrap().modified().unwrap(),
+    );
+    assert!(stdout(&project.run_ok(&["datasets", "list"])).contains("kept"));
+    assert!(stdout(&project.run_ok(&["workflows", "list"])).contains("SUCCESS"));
+    assert!(stdout(&project.run_ok(&["jobs", "history", "watch"])).contains("success"));
+    let out = project.run(&["datasets", "show", "NOPE"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let after = (
+        md5sum(&db),
+        std::fs::metadata(&db).unwrap().modified().unwrap(),
+    );
+    assert_eq!(before, after);
+}

@@ -64,13 +64,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let interactive = !matches!(cli.command, Command::Worker(_) | Command::Scheduler);
     let display = Display::new(interactive);
     init_logging(&settings, &display);
-    // Warnings about the configuration matter to commands that do work, not to look-ups.
+    // Look-ups change nothing and create nothing (not even the database), and warnings about
+    // the configuration matter to commands that do work, not to them.
     let looks_up = matches!(
         cli.command,
         Command::Datasets(_)
             | Command::Workflows(
                 crate::cli::WorkflowsCommand::List { .. }
                     | crate::cli::WorkflowsCommand::Show { .. }
+            )
+            | Command::Jobs(
+                crate::cli::JobsCommand::List { .. } | crate::cli::JobsCommand::History { .. }
             )
     );
     for warning in &settings.warnings {
@@ -80,7 +84,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             warn!("{warning}");
         }
     }
-    let app = App::build(settings).await?;
+    let app = if looks_up {
+        App::build_read_only(settings).await?
+    } else {
+        App::build(settings).await?
+    };
     match cli.command {
         Command::Config(_) => unreachable!("handled above"),
         Command::Jobs(cmd) => jobs::run(&app, cmd, display).await,
