@@ -226,6 +226,7 @@ fn inspect_step(dir: &Path, threads: usize) -> Result<String> {
         app_env: None,
         env,
         problems: vec![],
+        flags: vec![],
     })
     .map_err(|e| anyhow::format_err!("benchmark configuration: {e}"))?;
     // The same runtime shape as the `workers` binary.

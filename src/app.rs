@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tracing::info;
 
 use crate::archive::Archive;
 use crate::archive::hsi::{HsiArchive, HsiConfig};
@@ -42,9 +43,24 @@ pub struct App {
     pub identity: Identity,
 }
 
+/// Whether the app may change anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    ReadWrite,
+    /// For commands that only look things up: the embedded database is opened read-only and
+    /// never created; where it does not exist yet, an empty one in memory stands in for it.
+    ReadOnly,
+}
+
 impl App {
     pub async fn build(settings: Settings) -> anyhow::Result<Arc<App>> {
-        App::build_with(settings, None).await
+        App::build_with(settings, None, Access::ReadWrite).await
+    }
+
+    /// Builds the app for a command that only reads: it creates no file and changes nothing
+    /// in the embedded database.
+    pub async fn build_read_only(settings: Settings) -> anyhow::Result<Arc<App>> {
+        App::build_with(settings, None, Access::ReadOnly).await
     }
 
     /// Builds the app with `broker` instead of the one `broker.kind` names (a broker set up
@@ -53,12 +69,13 @@ impl App {
         settings: Settings,
         broker: Arc<dyn Broker>,
     ) -> anyhow::Result<Arc<App>> {
-        App::build_with(settings, Some(broker)).await
+        App::build_with(settings, Some(broker), Access::ReadWrite).await
     }
 
     async fn build_with(
         settings: Settings,
         broker: Option<Arc<dyn Broker>>,
+        access: Access,
     ) -> anyhow::Result<Arc<App>> {
         let definitions = Definitions::load(&settings.workflows_dir).map_err(DefinitionErrors)?;
         let pool = Pool::new(settings.parallelism)?;
@@ -69,10 +86,22 @@ impl App {
             if let Some(db) = &db {
                 return Ok(db.clone());
             }
-            let opened = Db::open(
-                &settings.sqlite.path,
-                Duration::from_secs(settings.sqlite.busy_timeout_seconds),
-            )
+            let path = &settings.sqlite.path;
+            let busy_timeout = Duration::from_secs(settings.sqlite.busy_timeout_seconds);
+            let opened = match access {
+                Access::ReadWrite => Db::open(path, busy_timeout),
+                Access::ReadOnly => match Db::open_read_only(path, busy_timeout) {
+                    Ok(Some(db)) => Ok(db),
+                    Ok(None) => {
+                        info!(
+                            database = %path.display(),
+                            "The database does not exist yet: nothing has been recorded."
+                        );
+                        Db::empty(path)
+                    }
+                    Err(err) => Err(err),
+                },
+            }
             .context("cannot open the embedded database (sqlite.path)")?;
             db = Some(opened.clone());
             Ok(opened)

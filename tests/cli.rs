@@ -182,3 +182,130 @@ async fn queue_dead_letters_shows_the_messages_kept_aside() {
         "{table}"
     );
 }
+
+/// The bytes that would forge a line or drive a terminal: C0 controls other than the line
+/// ends of the output itself, DEL, and C1 controls (UTF-8 encoded).
+fn raw_controls(output: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(output);
+    text.chars()
+        .filter(|c| c.is_control() && *c != '\n')
+        .map(|c| format!("{c:?}"))
+        .collect()
+}
+
+#[test]
+fn names_with_control_characters_are_escaped_in_logs_tables_and_summaries() {
+    let mut project = Project::new();
+    project.dataset(
+        DatasetType::RawData,
+        "evil\nINFO forged line \u{1b}[31mred",
+        &[("a.txt", b"a")],
+    );
+    // Too long to name a bundle: rejected, and named in the summary and in a warning.
+    let long = format!("{}\n\u{1b}[2J\u{9b}", "x".repeat(240));
+    std::fs::create_dir(project.source(DatasetType::RawData).join(&long)).unwrap();
+    project.set_env("WORKERS__LOG__FORMAT", "human");
+
+    let watch = project.run_ok(&["jobs", "run", "watch", "--wait"]);
+    let long_shown = format!("{}\\n\\u{{1b}}[2J\\u{{9b}}", "x".repeat(240));
+    assert!(
+        stdout(&watch).contains(&format!("rejected `{long_shown}`")),
+        "{}",
+        describe(&watch)
+    );
+    assert!(
+        stderr(&watch).contains(&format!("/{long_shown} error=")),
+        "{}",
+        describe(&watch)
+    );
+
+    let list = project.run_ok(&["datasets", "list"]);
+    assert!(stdout(&list).contains("evil-INFO-forged-line-31mred"));
+    let show = project.run_ok(&["datasets", "show", "1"]);
+    assert!(
+        stdout(&show).contains("evil\\nINFO forged line \\u{1b}[31mred"),
+        "{}",
+        describe(&show)
+    );
+    let workflows = project.run_ok(&["workflows", "list"]);
+    let history = project.run_ok(&["jobs", "history", "watch"]);
+    for (what, out) in [
+        ("watch", &watch),
+        ("datasets list", &list),
+        ("datasets show", &show),
+        ("workflows list", &workflows),
+        ("jobs history", &history),
+    ] {
+        for stream in [&out.stdout, &out.stderr] {
+            assert_eq!(raw_controls(stream), Vec::<String>::new(), "{what}");
+            let text = String::from_utf8_lossy(stream);
+            assert!(
+                !text.lines().any(|l| l.starts_with("INFO forged")),
+                "{what}: {text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn look_ups_on_a_fresh_project_create_nothing() {
+    let project = Project::new();
+    let cases: [(&[&str], i32); 9] = [
+        (&["datasets", "show", "NOPE"], 2),
+        (&["workflows", "show", "NOPE"], 2),
+        (&["datasets", "list"], 0),
+        (&["datasets", "list", "--format", "json"], 0),
+        (&["workflows", "list"], 0),
+        (&["jobs", "list"], 0),
+        (&["jobs", "history", "watch"], 0),
+        (&["config", "show"], 0),
+        (&["config", "check"], 0),
+    ];
+    for (args, code) in cases {
+        let out = project.run(args);
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "{args:?}: {}",
+            describe(&out)
+        );
+        for created in ["var/workers.db", "var/workers.db.migrate-lock", "var"] {
+            assert!(
+                !project.path(created).exists(),
+                "{args:?} created {created}: {}",
+                describe(&out)
+            );
+        }
+    }
+    let listed = project.run_ok(&["datasets", "list", "--format", "json"]);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&listed.stdout).unwrap(),
+        serde_json::json!([])
+    );
+    assert!(
+        stderr(&project.run_ok(&["datasets", "list"])).contains("does not exist yet"),
+        "the operator is told why the list is empty"
+    );
+}
+
+#[test]
+fn look_ups_read_an_existing_database_without_changing_it() {
+    let project = Project::new();
+    project.dataset(DatasetType::RawData, "kept", &[("a.txt", b"a")]);
+    project.run_ok(&["jobs", "run", "watch", "--wait"]);
+    let db = project.path("var/workers.db");
+    let before = (
+        md5sum(&db),
+        std::fs::metadata(&db).unwrap().modified().unwrap(),
+    );
+    assert!(stdout(&project.run_ok(&["datasets", "list"])).contains("kept"));
+    assert!(stdout(&project.run_ok(&["workflows", "list"])).contains("SUCCESS"));
+    assert!(stdout(&project.run_ok(&["jobs", "history", "watch"])).contains("success"));
+    let out = project.run(&["datasets", "show", "NOPE"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let after = (
+        md5sum(&db),
+        std::fs::metadata(&db).unwrap().modified().unwrap(),
+    );
+    assert_eq!(before, after);
+}

@@ -150,10 +150,11 @@ impl Drop for Unsettled {
 impl AmqpBroker {
     /// Checks the configuration; connects on first use.
     pub fn new(config: AmqpConfig, identity: &Identity) -> anyhow::Result<AmqpBroker> {
-        let mut uri: AMQPUri = config
-            .uri
-            .parse()
-            .map_err(|err| anyhow::format_err!("amqp.uri is not an AMQP URI: {err}"))?;
+        let mut uri: AMQPUri = config.uri.parse().map_err(|err: String| {
+            // The parser quotes a URL it cannot use, password included.
+            let err = err.replace(&config.uri, &crate::config::redact_uri(&config.uri));
+            anyhow::format_err!("amqp.uri is not an AMQP URI: {err}")
+        })?;
         let shown = format!(
             "{}://{}:{}/{}",
             if matches!(uri.scheme, lapin::uri::AMQPScheme::AMQPS) {

@@ -27,7 +27,7 @@ pub(super) fn run(load: &LoadOptions, cmd: &ConfigCommand) -> anyhow::Result<Exi
             for warning in &settings.warnings {
                 eprintln!("warning: {warning}");
             }
-            println!("configuration is valid ({})", settings.sources.join(", "));
+            say!("configuration is valid ({})", settings.sources.join(", "));
             Ok(ExitCode::SUCCESS)
         }
         ConfigCommand::Show { format } => {

@@ -75,34 +75,36 @@ pub(super) async fn run(app: &App, cmd: DatasetsCommand) -> anyhow::Result<ExitC
 fn print_dataset(d: &Dataset) {
     let opt = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_owned());
     let num = |v: Option<u64>| v.map(|n| n.to_string()).unwrap_or_else(|| "-".to_owned());
-    println!("dataset {} `{}` ({})", d.id, d.name, d.dataset_type);
-    println!("  origin path:   {}", opt(&d.origin_path));
-    println!("  archive path:  {}", opt(&d.archive_path));
-    println!("  staged path:   {}", opt(&d.staged_path));
-    println!("  staged:        {}", d.is_staged);
-    println!("  deleted:       {}", d.is_deleted);
-    println!(
+    say!("dataset {} `{}` ({})", d.id, d.name, d.dataset_type);
+    say!("  origin path:   {}", opt(&d.origin_path));
+    say!("  archive path:  {}", opt(&d.archive_path));
+    say!("  staged path:   {}", opt(&d.staged_path));
+    say!("  staged:        {}", d.is_staged);
+    say!("  deleted:       {}", d.is_deleted);
+    say!(
         "  created by:    {}",
         d.create_method.map(|m| m.as_str()).unwrap_or("-")
     );
-    println!(
+    say!(
         "  files:         {}   directories: {}",
         num(d.num_files),
         num(d.num_directories)
     );
-    println!(
+    say!(
         "  size:          {} bytes (du {} bytes)",
         num(d.size),
         num(d.du_size)
     );
     if let Some(bundle) = &d.bundle {
-        println!(
+        say!(
             "  bundle:        {} ({} bytes, md5 {})",
-            bundle.name, bundle.size, bundle.md5
+            bundle.name,
+            bundle.size,
+            bundle.md5
         );
     }
-    println!("  metadata:      {}", d.metadata);
-    println!(
+    say!("  metadata:      {}", d.metadata);
+    say!(
         "  workflows:     {}",
         if d.workflows.is_empty() {
             "-".to_owned()
@@ -110,9 +112,9 @@ fn print_dataset(d: &Dataset) {
             d.workflows.join(", ")
         }
     );
-    println!("  states:");
+    say!("  states:");
     for state in &d.states {
-        println!("    {}  {}", state.timestamp.to_rfc3339(), state.state);
+        say!("    {}  {}", state.timestamp.to_rfc3339(), state.state);
     }
 }
 

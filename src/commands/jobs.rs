@@ -168,27 +168,27 @@ fn print_report(report: &JobReport, dry_run: bool) {
         JobReport::Watch(r) => print_watch_report(r, dry_run),
         JobReport::PurgeStaged(r) => {
             for (id, name) in &r.purged {
-                println!("{verb} the staged copy of dataset {id} (`{name}`)");
+                say!("{verb} the staged copy of dataset {id} (`{name}`)");
             }
             for (id, reason) in &r.failed {
-                println!("could not purge dataset {id}: {reason}");
+                say!("could not purge dataset {id}: {reason}");
             }
             if r.deferred > 0 {
-                println!(
+                say!(
                     "{} more are due and left for the next run (stage.purge.max_purges)",
                     r.deferred
                 );
             }
-            println!("{} staged dataset(s) {verb}", r.purged.len());
+            say!("{} staged dataset(s) {verb}", r.purged.len());
         }
         JobReport::PurgeWorkflows(r) => {
             for id in &r.purged {
-                println!(
+                say!(
                     "{} workflow {id}",
                     if dry_run { "would delete" } else { "deleted" }
                 );
             }
-            println!(
+            say!(
                 "{} stale workflow(s) {}",
                 r.purged.len(),
                 if dry_run {
@@ -201,21 +201,23 @@ fn print_report(report: &JobReport, dry_run: bool) {
         JobReport::Reconcile(r) => {
             for d in &r.started {
                 match &d.workflow_id {
-                    Some(w) => println!(
+                    Some(w) => say!(
                         "dataset {} (`{}`) had no workflow: started {w}",
-                        d.id, d.name
+                        d.id,
+                        d.name
                     ),
-                    None if dry_run => println!("dataset {} (`{}`) has no workflow", d.id, d.name),
-                    None => println!(
+                    None if dry_run => say!("dataset {} (`{}`) has no workflow", d.id, d.name),
+                    None => say!(
                         "dataset {} (`{}`) has no workflow and none could be started",
-                        d.id, d.name
+                        d.id,
+                        d.name
                     ),
                 }
             }
             for id in &r.repaired {
-                println!("workflow {id} had no step in flight: published it again");
+                say!("workflow {id} had no step in flight: published it again");
             }
-            println!(
+            say!(
                 "{} dataset(s) without a workflow, {} stalled workflow(s) repaired",
                 r.started.len(),
                 r.repaired.len()
@@ -234,7 +236,7 @@ fn print_report(report: &JobReport, dry_run: bool) {
             }
             println!("{table}");
             for missing in &r.missing {
-                println!("not measured (does not exist): {missing}");
+                say!("not measured (does not exist): {missing}");
             }
         }
     }
@@ -285,22 +287,23 @@ fn print_watch_report(report: &WatchReport, dry_run: bool) {
     println!("{table}");
     for source in &report.sources {
         for name in &source.would_register {
-            println!("would register {} `{name}`", source.dataset_type);
+            say!("would register {} `{name}`", source.dataset_type);
         }
         for name in &source.held_back {
-            println!("held back `{name}`: smaller than registration.minimum_dataset_size");
+            say!("held back `{name}`: smaller than registration.minimum_dataset_size");
         }
         for (dir, reason) in &source.rejected {
-            println!("rejected `{dir}`: {reason}");
+            say!("rejected `{dir}`: {reason}");
         }
         for (name, reason) in &source.failed {
-            println!("failed `{name}`: {reason}");
+            say!("failed `{name}`: {reason}");
         }
     }
     for repaired in &report.repaired {
-        println!(
+        say!(
             "started the missing workflow of dataset {} (`{}`)",
-            repaired.id, repaired.name
+            repaired.id,
+            repaired.name
         );
     }
 }

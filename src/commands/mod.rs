@@ -1,6 +1,14 @@
 //! One function per subcommand: load the configuration, build the app, call the core, print.
 //! No business rules live here.
 
+/// `println!` for a line that shows names from outside (directories, datasets, errors): its
+/// control characters are escaped, so it stays one line and cannot drive the terminal.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        println!("{}", $crate::ui::Escaped(format_args!($($arg)*)))
+    };
+}
+
 mod config;
 mod datasets;
 mod jobs;
@@ -19,10 +27,10 @@ use tracing::{info, warn};
 
 use crate::app::App;
 use crate::cli::{Cli, Command, LogFormat};
-use crate::config::{ConfigErrors, LoadOptions, Settings};
+use crate::config::{ConfigErrors, FlagValue, LoadOptions, Settings};
 use crate::registry::DatasetQuery;
 use crate::store::TaskStatus;
-use crate::ui::Display;
+use crate::ui::{Display, EscapedFields, escape_controls};
 use crate::workflow::engine;
 use crate::workflow::worker::{Until, WorkerOptions};
 
@@ -49,15 +57,16 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let load = LoadOptions::from_process(cli.config_dir.clone());
+    let load = LoadOptions::from_process(cli.config_dir.clone(), flags(&cli));
     if let Command::Config(cmd) = &cli.command {
         return config::run(&load, cmd);
     }
     let settings = crate::config::load(&load)?;
     let interactive = !matches!(cli.command, Command::Worker(_) | Command::Scheduler);
     let display = Display::new(interactive);
-    init_logging(&cli, &settings, &display);
-    // Warnings about the configuration matter to commands that do work, not to look-ups.
+    init_logging(&settings, &display);
+    // Look-ups change nothing and create nothing (not even the database), and warnings about
+    // the configuration matter to commands that do work, not to them.
     let looks_up = matches!(
         cli.command,
         Command::Datasets(_)
@@ -65,6 +74,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             | Command::Workflows(
                 crate::cli::WorkflowsCommand::List { .. }
                     | crate::cli::WorkflowsCommand::Show { .. }
+            )
+            | Command::Jobs(
+                crate::cli::JobsCommand::List { .. } | crate::cli::JobsCommand::History { .. }
             )
     );
     for warning in &settings.warnings {
@@ -74,7 +86,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             warn!("{warning}");
         }
     }
-    let app = App::build(settings).await?;
+    let app = if looks_up {
+        App::build_read_only(settings).await?
+    } else {
+        App::build(settings).await?
+    };
     match cli.command {
         Command::Config(_) => unreachable!("handled above"),
         Command::Jobs(cmd) => jobs::run(&app, cmd, display).await,
@@ -87,24 +103,37 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn init_logging(cli: &Cli, settings: &Settings, display: &Display) {
+/// The configuration keys the global options set: a layer above the environment, so a bad
+/// value is reported like any other.
+fn flags(cli: &Cli) -> Vec<FlagValue> {
+    let mut flags = Vec::new();
+    if let Some(level) = &cli.log_level {
+        flags.push(FlagValue {
+            flag: "--log-level".to_owned(),
+            key: "log.level".to_owned(),
+            value: level.clone(),
+        });
+    }
+    if let Some(format) = cli.log_format {
+        let value = match format {
+            LogFormat::Human => "human",
+            LogFormat::Json => "json",
+        };
+        flags.push(FlagValue {
+            flag: "--log-format".to_owned(),
+            key: "log.format".to_owned(),
+            value: value.to_owned(),
+        });
+    }
+    flags
+}
+
+fn init_logging(settings: &Settings, display: &Display) {
     use tracing_subscriber::EnvFilter;
-    let level = cli
-        .log_level
-        .clone()
-        .unwrap_or_else(|| settings.log.level.clone());
-    // A bare level applies to this program; libraries only speak up about problems.
-    let directive = if level.contains('=') {
-        level
-    } else {
-        format!("warn,workers={level}")
-    };
-    let filter =
-        EnvFilter::try_new(&directive).unwrap_or_else(|_| EnvFilter::new("warn,workers=info"));
-    let json = match cli.log_format {
-        Some(format) => format == LogFormat::Json,
-        None => settings.log.format == "json",
-    };
+    // Loading validated the filter with this same parser.
+    let filter = EnvFilter::try_new(settings.log.filter())
+        .unwrap_or_else(|_| EnvFilter::new("warn,workers=info"));
+    let json = settings.log.format == "json";
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(display.log_writer());
@@ -117,6 +146,7 @@ fn init_logging(cli: &Cli, settings: &Settings, display: &Display) {
             .init();
     } else {
         builder
+            .fmt_fields(EscapedFields)
             .with_target(false)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
@@ -250,11 +280,31 @@ pub(crate) async fn wait_for(
 }
 
 /// A table in the style every command prints.
-pub(crate) fn table<const N: usize>(header: [&str; N]) -> Table {
+pub(crate) fn table<const N: usize>(header: [&str; N]) -> Listing {
     let mut table = Table::new();
     table.load_style(presets::UTF8_FULL_CONDENSED);
     table.set_header(header);
-    table
+    Listing(table)
+}
+
+/// A table whose cells have their control characters escaped: a cell holding a newline would
+/// otherwise become two rows.
+pub(crate) struct Listing(Table);
+
+impl Listing {
+    pub(crate) fn add_row<S: AsRef<str>>(&mut self, cells: impl IntoIterator<Item = S>) {
+        self.0.add_row(
+            cells
+                .into_iter()
+                .map(|cell| escape_controls(cell.as_ref()).into_owned()),
+        );
+    }
+}
+
+impl std::fmt::Display for Listing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 /// Finds a dataset by id or exact name (normalized).

@@ -147,7 +147,7 @@ async fn handle_signals(load: LoadOptions, runner: Arc<AppRunner>, control: mpsc
 
 async fn reload(load: &LoadOptions) -> anyhow::Result<Arc<App>> {
     // The environment and .env are read again: they may have changed too.
-    let fresh = LoadOptions::from_process(Some(load.config_dir.clone()));
+    let fresh = LoadOptions::from_process(Some(load.config_dir.clone()), load.flags.clone());
     let settings = crate::config::load(&fresh)?;
     App::build(settings).await
 }

@@ -84,7 +84,7 @@ pub(super) async fn run(
             load(app, &id).await?;
             match engine::resume(app, &id).await? {
                 Resumed::Restarted { step, task_id } => {
-                    println!("resumed workflow {id} at step `{step}` (task {task_id})");
+                    say!("resumed workflow {id} at step `{step}` (task {task_id})");
                     if wait {
                         return wait_for(app, &[id], display).await;
                     }
@@ -113,9 +113,10 @@ pub(super) async fn run(
             }
             let dataset = find_dataset(app, &dataset, dataset_type).await?;
             let id = engine::start(app, &name, dataset.id, serde_json::Map::new()).await?;
-            println!(
+            say!(
                 "started workflow {id} ({name}) for dataset {} (`{}`)",
-                dataset.id, dataset.name
+                dataset.id,
+                dataset.name
             );
             if wait {
                 return wait_for(app, &[id], display).await;
@@ -214,17 +215,17 @@ fn describe_error(error: &Value) -> String {
 
 async fn print_view(app: &App, view: &WorkflowView) -> anyhow::Result<()> {
     let workflow = &view.workflow;
-    println!("workflow {} ({})", workflow.id, workflow.name);
-    println!(
+    say!("workflow {} ({})", workflow.id, workflow.name);
+    say!(
         "  status:  {} ({}/{} steps done)",
         view.derived.status,
         view.derived.steps_done,
         workflow.steps.len()
     );
-    println!("  dataset: {}", dataset_label(app, &workflow.id).await?);
-    println!("  created: {}", workflow.created_at.to_rfc3339());
+    say!("  dataset: {}", dataset_label(app, &workflow.id).await?);
+    say!("  created: {}", workflow.created_at.to_rfc3339());
     if let Some(updated) = workflow.updated_at {
-        println!("  updated: {}", updated.to_rfc3339());
+        say!("  updated: {}", updated.to_rfc3339());
     }
     let mut table = super::table([
         "#",

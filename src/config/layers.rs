@@ -8,8 +8,9 @@ use std::path::Path;
 use toml::de::{DeTable, DeValue};
 use toml::{Table, Value};
 
-use super::ConfigError;
+use super::schema::{ANY_KEY, KNOWN_KEYS};
 use super::secrets::SECRETS;
+use super::{ConfigError, FlagValue};
 
 /// Prefix of the environment variables that override configuration keys.
 pub(super) const ENV_PREFIX: &str = "WORKERS__";
@@ -369,7 +370,7 @@ pub(super) fn env_layers(
             Ok(found) => found,
             Err(keys) => {
                 let mut message = "unknown key".to_string();
-                if let Some(suggestion) = suggest(template, &keys) {
+                if let Some(suggestion) = suggest(&keys) {
                     message.push_str(&format!(" (did you mean `{suggestion}`?)"));
                 }
                 message.push_str(
@@ -414,6 +415,42 @@ pub(super) fn env_layers(
         layers,
         secret_vars,
     }
+}
+
+/// One layer per command-line option that sets a key, above the environment.
+pub(super) fn flag_layers(
+    flags: &[FlagValue],
+    template: &Table,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<(Table, Layer)> {
+    let mut layers = Vec::new();
+    for flag in flags {
+        let source = format!("command-line option {}", flag.flag);
+        let keys: Vec<String> = flag.key.split('.').map(str::to_string).collect();
+        let Some(template_value) = get(template, &keys) else {
+            errors.push(ConfigError::new(
+                &flag.key,
+                source,
+                "sets a key config/default.toml does not define",
+            ));
+            continue;
+        };
+        match env_value(&flag.value, template_value) {
+            Ok(value) => {
+                let mut table = Table::new();
+                set(&mut table, &keys, value);
+                layers.push((
+                    table,
+                    Layer {
+                        name: source,
+                        positions: BTreeMap::new(),
+                    },
+                ));
+            }
+            Err(message) => errors.push(ConfigError::new(&flag.key, source, message)),
+        }
+    }
+    layers
 }
 
 /// The value a variable gives a key whose default is `template_value`.
@@ -476,17 +513,20 @@ fn lookup<'a>(
     }
 }
 
-/// A known sibling key close to the unknown `keys`' last one, for "did you mean".
-pub(super) fn suggest(known: &Table, keys: &[String]) -> Option<String> {
+/// The valid key of the same table closest to the unknown `keys`' last one, for "did you
+/// mean". The candidates come from the program's own definition of the configuration, not
+/// from `default.toml`, which may hold the very typo being reported.
+pub(super) fn suggest(keys: &[String]) -> Option<String> {
     let (last, parents) = keys.split_last()?;
-    let siblings = if parents.is_empty() {
-        known
-    } else {
-        get(known, parents)?.as_table()?
-    };
+    let mut siblings: &Table = &KNOWN_KEYS;
+    for parent in parents {
+        let below = siblings.get(parent).or_else(|| siblings.get(ANY_KEY));
+        siblings = below?.as_table()?;
+    }
     let typed = last.to_ascii_lowercase();
     siblings
         .keys()
+        .filter(|key| *key != ANY_KEY)
         .map(|key| {
             let candidate = key.to_ascii_lowercase();
             let mut distance = edit_distance(&typed, &candidate);

@@ -8,16 +8,21 @@
 pub mod settings;
 
 mod layers;
+mod overlap;
+mod schema;
 mod secrets;
 mod validate;
 
 #[cfg(test)]
 mod tests;
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
 
+pub use secrets::redact_uri;
 pub use settings::*;
 
 use layers::{Layer, Origins};
@@ -35,13 +40,26 @@ pub struct LoadOptions {
     /// Problems met while gathering the options themselves (a malformed `.env`), reported by
     /// [`load`] together with the configuration's own.
     pub problems: Vec<ConfigError>,
+    /// Keys set by command-line options (`--log-level`): the highest layer, checked like the
+    /// others.
+    pub flags: Vec<FlagValue>,
+}
+
+/// A key set by a command-line option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlagValue {
+    /// The option as typed, e.g. `--log-level`; errors name it.
+    pub flag: String,
+    /// The dotted key it sets, e.g. `log.level`.
+    pub key: String,
+    pub value: String,
 }
 
 impl LoadOptions {
     /// Reads `.env` from the current directory if there is one (the real environment wins over
     /// it), `APP_ENV` and the environment. The configuration folder is `config_dir`, else
-    /// `$WORKERS_CONFIG_DIR`, else `./config`.
-    pub fn from_process(config_dir: Option<PathBuf>) -> LoadOptions {
+    /// `$WORKERS_CONFIG_DIR`, else `./config`; `flags` are the command line's keys.
+    pub fn from_process(config_dir: Option<PathBuf>, flags: Vec<FlagValue>) -> LoadOptions {
         let mut env = BTreeMap::new();
         let mut problems = Vec::new();
         read_dotenv(Path::new(".env"), &mut env, &mut problems);
@@ -65,31 +83,51 @@ impl LoadOptions {
             app_env,
             env,
             problems,
+            flags,
         }
     }
 }
 
 /// Adds the variables of the `.env` file at `path`, if it exists, to `env`.
+///
+/// A line that does not parse is reported by file, line number and variable name only: the
+/// file holds secrets, and the parser's own message quotes the line.
 fn read_dotenv(path: &Path, env: &mut BTreeMap<String, String>, problems: &mut Vec<ConfigError>) {
     let source = path.display().to_string();
-    let iter = match dotenvy::from_path_iter(path) {
-        Ok(iter) => iter,
-        Err(err) if err.not_found() => return,
+    let text = match std::fs::read(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return,
         Err(err) => {
             problems.push(ConfigError::new("", source, format!("cannot read: {err}")));
             return;
         }
     };
-    for item in iter {
+    let lines = Rc::new(RefCell::new(LinesRead::default()));
+    let reader = OneLineAtATime {
+        text: &text,
+        lines: Rc::clone(&lines),
+    };
+    for item in dotenvy::from_read_iter(reader) {
         match item {
             Ok((name, value)) => {
                 env.insert(name, value);
             }
-            Err(dotenvy::Error::LineParse(line, index)) => problems.push(ConfigError::new(
-                "",
-                source.clone(),
-                format!("cannot parse `{line}` (error at character {index})"),
-            )),
+            Err(dotenvy::Error::LineParse(rest, _)) => {
+                // The parser read the whole entry, up to the line it ends on; it started as
+                // many lines before as the unparsed rest spans.
+                let lines = lines.borrow();
+                let spanned = rest.trim_end_matches(['\n', '\r']).matches('\n').count();
+                let number = lines.count.saturating_sub(spanned).max(1);
+                let what = match lines.name_on(number) {
+                    Some(name) => format!("the value of {name}"),
+                    None => "a line without a variable name".to_string(),
+                };
+                problems.push(ConfigError::new(
+                    "",
+                    format!("{source}:{number}"),
+                    format!("cannot parse {what} (check its quoting; values are not shown)"),
+                ));
+            }
             Err(err) => {
                 // An I/O error mid-file would repeat on every further read.
                 problems.push(ConfigError::new(
@@ -101,6 +139,73 @@ fn read_dotenv(path: &Path, env: &mut BTreeMap<String, String>, problems: &mut V
             }
         }
     }
+}
+
+/// The lines of a `.env` file handed to the parser so far.
+#[derive(Default)]
+struct LinesRead {
+    count: usize,
+    /// The variable each line assigns, where it starts with one.
+    names: Vec<Option<String>>,
+}
+
+impl LinesRead {
+    fn name_on(&self, number: usize) -> Option<&str> {
+        self.names.get(number.checked_sub(1)?)?.as_deref()
+    }
+}
+
+/// Hands the parser one line per read, so that the lines read tell where it is: it asks for
+/// more only once it has used up what it got.
+struct OneLineAtATime<'a> {
+    text: &'a [u8],
+    lines: Rc<RefCell<LinesRead>>,
+}
+
+impl std::io::Read for OneLineAtATime<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let line_end = self
+            .text
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(self.text.len(), |i| i + 1);
+        let n = line_end.min(buf.len());
+        if n == 0 {
+            return Ok(0);
+        }
+        let (chunk, rest) = self.text.split_at(n);
+        buf[..n].copy_from_slice(chunk);
+        // A line longer than the parser's buffer arrives in pieces; it is counted once.
+        let starts_line = self.lines.borrow().names.len() == self.lines.borrow().count;
+        let mut lines = self.lines.borrow_mut();
+        if starts_line {
+            lines
+                .names
+                .push(assigned_name(&String::from_utf8_lossy(chunk)));
+        }
+        if chunk.ends_with(b"\n") || rest.is_empty() {
+            lines.count += 1;
+        }
+        self.text = rest;
+        Ok(n)
+    }
+}
+
+/// The variable a `.env` line assigns (`NAME=...` or `export NAME=...`), if it starts with a
+/// valid name followed by `=`.
+fn assigned_name(line: &str) -> Option<String> {
+    let line = line.trim_start();
+    let line = line
+        .strip_prefix("export")
+        .filter(|rest| rest.starts_with([' ', '\t']))
+        .map_or(line, str::trim_start);
+    let end = line
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+        .unwrap_or(line.len());
+    let name = &line[..end];
+    let valid = name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_');
+    let assigns = line[end..].trim_start().starts_with('=');
+    (valid && assigns).then(|| name.to_string())
 }
 
 /// Every problem found in the configuration.
@@ -179,7 +284,10 @@ pub fn load(opts: &LoadOptions) -> Result<Settings, ConfigErrors> {
 /// Paths appear resolved, `parallelism` as the thread count in effect, and `[secrets]` lists
 /// each known secret as `"<redacted>"` when set or `"<unset>"`.
 pub fn effective(opts: &LoadOptions) -> Result<(Settings, toml::Table), ConfigErrors> {
-    let loaded = load_all(opts)?;
+    let mut loaded = load_all(opts)?;
+    // The connection strings may carry a password; `config show` output ends up in tickets.
+    loaded.resolved.mongo.uri = redact_uri(&loaded.resolved.mongo.uri);
+    loaded.resolved.amqp.url = redact_uri(&loaded.resolved.amqp.url);
     let mut tree = toml::Table::try_from(&loaded.resolved).map_err(|err| {
         ConfigErrors(vec![ConfigError::new(
             "",
@@ -261,11 +369,13 @@ fn load_all(opts: &LoadOptions) -> Result<Loaded, ConfigErrors> {
     let default_table = file_layers[0].0.clone();
     let template = layers::env_template(&default_table);
     let env = layers::env_layers(&opts.env, &template, &mut errors);
+    let flags = layers::flag_layers(&opts.flags, &template, &mut errors);
 
     let mut merged = toml::Table::new();
     let mut origins = Origins::default();
     let mut all_layers = Vec::new();
-    for (index, (table, layer)) in file_layers.into_iter().chain(env.layers).enumerate() {
+    let every_layer = file_layers.into_iter().chain(env.layers).chain(flags);
+    for (index, (table, layer)) in every_layer.enumerate() {
         layers::merge(&mut merged, table, index, &mut origins);
         all_layers.push(layer);
     }
@@ -286,7 +396,6 @@ fn load_all(opts: &LoadOptions) -> Result<Loaded, ConfigErrors> {
         layers: &all_layers,
         origins,
         default: &default_table,
-        known: &template,
     };
     let raw = validate::deserialize(&merged, &mut ctx, &mut errors);
     let Some(raw) = raw else {

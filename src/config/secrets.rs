@@ -135,3 +135,24 @@ pub(super) fn resolve(
         })
         .collect()
 }
+
+/// `uri` with the password of its user information replaced by `<redacted>`, for messages and
+/// `config show`: `mongodb://user:<redacted>@h1:27017,h2:27017/?replicaSet=rs0`.
+///
+/// It works on text that does not parse as well (an error message about a malformed URI
+/// must not show the password either), so the user information is taken generously: from the
+/// scheme, or the start, to the last `@`. A password with a stray `@`, `/` or `?` is hidden
+/// whole; at worst a little more than the password is hidden.
+pub fn redact_uri(uri: &str) -> String {
+    let (scheme, rest) = match uri.split_once("://") {
+        Some((scheme, rest)) => (&uri[..scheme.len() + 3], rest),
+        None => ("", uri),
+    };
+    let Some((userinfo, hosts)) = rest.rsplit_once('@') else {
+        return uri.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}{user}:<redacted>@{hosts}"),
+        None => uri.to_string(),
+    }
+}

@@ -296,6 +296,19 @@ pub struct RawLog {
     pub level: String,
 }
 
+impl RawLog {
+    /// The `tracing` filter `level` stands for: a bare level (`debug`) applies to this program
+    /// only, because libraries should speak up about problems alone; anything with a `=` is a
+    /// filter of its own and taken as written.
+    pub fn filter(&self) -> String {
+        if self.level.contains('=') {
+            self.level.clone()
+        } else {
+            format!("warn,workers={}", self.level)
+        }
+    }
+}
+
 /// Validated configuration handed to the rest of the program.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -347,7 +360,7 @@ pub struct ApiSettings {
 pub struct MongoSettings {
     /// The connection string, with the password when there is one.
     pub uri: SecretString,
-    /// The connection string without credentials, for messages.
+    /// The connection string with its password redacted, for messages.
     pub display: String,
     pub database: String,
 }
@@ -356,7 +369,7 @@ pub struct MongoSettings {
 pub struct AmqpSettings {
     /// `amqp://user:password@host:port/vhost`.
     pub uri: SecretString,
-    /// The URL without credentials, for messages.
+    /// The URL with its password redacted, for messages.
     pub display: String,
     /// Never empty.
     pub queues: Vec<String>,

@@ -47,6 +47,7 @@ impl Project {
             app_env: app_env.map(str::to_string),
             env: env_map(env),
             problems: Vec::new(),
+            flags: Vec::new(),
         }
     }
 
@@ -183,6 +184,7 @@ fn the_shipped_production_overlay_loads_with_its_secrets() {
             ("QUEUE_PASS", "pw"),
         ]),
         problems: Vec::new(),
+        flags: Vec::new(),
     };
     let settings = ok(load(&opts));
     assert_eq!(
@@ -413,12 +415,12 @@ fn string_keys_take_environment_values_verbatim() {
         None,
         &[
             ("WORKERS__APP_ID", "123"),
-            ("WORKERS__LOG__LEVEL", "true"),
+            ("WORKERS__SERVICE_USER", "true"),
             ("WORKERS__SECRETS__ALIAS_SALT", "123"),
         ],
     )));
     assert_eq!(settings.app_id, "123");
-    assert_eq!(settings.log.level, "true");
+    assert_eq!(settings.service_user, "true");
     assert_eq!(settings.stage.alias_salt.expose(), "123");
     assert!(settings.warnings.is_empty(), "{:?}", settings.warnings);
 }
@@ -531,6 +533,146 @@ fn an_unknown_key_in_a_file_names_the_key_and_the_file() {
         "{error}"
     );
     assert_eq!(errors.len(), 1, "{errors:?}");
+}
+
+#[test]
+fn an_invalid_log_level_is_an_error_wherever_it_is_set() {
+    let project = Project::new();
+    let errors = expect_errors(project.load_production("[log]\nlevel = \"loud\"\n", &[]));
+    let error = error_for(&errors, "log.level");
+    assert!(error.source.ends_with("production.toml:2:1"), "{error}");
+    assert!(error.message.contains("`loud`"), "{error}");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+
+    let errors = errors_of_env(&project, &[("WORKERS__LOG__LEVEL", "info,workers=shout")]);
+    assert_eq!(
+        error_for(&errors, "log.level").source,
+        "environment variable WORKERS__LOG__LEVEL"
+    );
+
+    // The command line's level is checked with the rest, and every problem is reported.
+    let mut opts = project.opts(None, &[("WORKERS__WORKER__CONCURRENCY", "two")]);
+    opts.flags.push(FlagValue {
+        flag: "--log-level".to_string(),
+        key: "log.level".to_string(),
+        value: "verbose".to_string(),
+    });
+    let errors = expect_errors(load(&opts));
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    let error = error_for(&errors, "log.level");
+    assert_eq!(error.source, "command-line option --log-level");
+    assert!(error.message.contains("`verbose`"), "{error}");
+    error_for(&errors, "worker.concurrency");
+}
+
+#[test]
+fn log_filters_and_the_command_line_level_load() {
+    let project = Project::new();
+    for level in [
+        "debug",
+        "warn,workers=trace",
+        "workers::jobs=debug,info",
+        "off",
+    ] {
+        let settings = ok(load(&project.opts(None, &[("WORKERS__LOG__LEVEL", level)])));
+        assert_eq!(settings.log.level, level);
+    }
+    // The option wins over the environment.
+    let mut opts = project.opts(None, &[("WORKERS__LOG__LEVEL", "debug")]);
+    opts.flags.push(FlagValue {
+        flag: "--log-level".to_string(),
+        key: "log.level".to_string(),
+        value: "trace".to_string(),
+    });
+    let settings = ok(load(&opts));
+    assert_eq!(settings.log.level, "trace");
+    assert_eq!(settings.log.filter(), "warn,workers=trace");
+}
+
+#[test]
+fn did_you_mean_suggests_a_valid_key_even_for_a_typo_in_default_toml() {
+    let default = DEFAULT.replace("poll_interval_seconds = 10", "poll_intervall = 10");
+    assert_ne!(default, DEFAULT, "the base file changed: update this test");
+    let project = Project::with_default(&default);
+    let errors = expect_errors(load(&project.opts(None, &[])));
+    let error = error_for(&errors, "registration.poll_intervall");
+    assert!(error.source.contains("default.toml"), "{error}");
+    assert!(
+        error
+            .message
+            .ends_with("unknown key (did you mean `poll_interval_seconds`?)"),
+        "{error}"
+    );
+    error_for(&errors, "registration.poll_interval_seconds");
+
+    // The same typo set through the environment gets the same answer.
+    let errors = errors_of_env(&project, &[("WORKERS__REGISTRATION__POLL_INTERVALL", "5")]);
+    for error in errors
+        .iter()
+        .filter(|e| e.key == "registration.poll_intervall")
+    {
+        assert!(
+            error
+                .message
+                .contains("did you mean `poll_interval_seconds`?"),
+            "{error}"
+        );
+    }
+}
+
+#[test]
+fn did_you_mean_looks_inside_free_form_tables_and_stays_quiet_when_nothing_is_close() {
+    let project = Project::new();
+    let errors = expect_errors(project.load_production(
+        "[schedules.watch]\ncronn = \"\"\n\
+         [retry.steps.inspect_dataset]\nmax_retries = 1\ndelay_second = 2\n\
+         [registration]\nzzz = 1\n",
+        &[],
+    ));
+    assert!(
+        error_for(&errors, "schedules.watch.cronn")
+            .message
+            .contains("did you mean `cron`?")
+    );
+    assert!(
+        error_for(&errors, "retry.steps.inspect_dataset.delay_second")
+            .message
+            .contains("did you mean `delay_seconds`?")
+    );
+    assert_eq!(
+        error_for(&errors, "registration.zzz").message,
+        "unknown key"
+    );
+}
+
+#[test]
+fn the_known_keys_are_those_of_the_settings_types() {
+    let known = &*schema::KNOWN_KEYS;
+    let keys = |path: &[&str]| {
+        let path: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+        layers::get(known, &path).cloned()
+    };
+    assert!(keys(&["registration", "poll_interval_seconds"]).is_some());
+    assert!(keys(&["registration", "RAW_DATA", "rejects"]).is_some());
+    assert!(keys(&["paths", "RAW_DATA", "qc"]).is_some());
+    assert!(keys(&["schedules", schema::ANY_KEY, "misfire"]).is_some());
+    assert!(keys(&["retry", "steps", schema::ANY_KEY, "max_retries"]).is_some());
+    assert!(keys(&["metrics", "lfs_path"]).is_some());
+    assert!(keys(&["registration", "poll_intervall"]).is_none());
+    // Every key of the shipped base file is a known key.
+    let default: toml::Table = toml::from_str(DEFAULT).expect("default.toml");
+    fn check(table: &toml::Table, known: &toml::Table, at: &str) {
+        for (key, value) in table {
+            let below = known
+                .get(key)
+                .or_else(|| known.get(schema::ANY_KEY))
+                .unwrap_or_else(|| panic!("{at}.{key} is not a known key"));
+            if let (toml::Value::Table(table), toml::Value::Table(known)) = (value, below) {
+                check(table, known, &format!("{at}.{key}"));
+            }
+        }
+    }
+    check(&default, known, "");
 }
 
 #[test]
@@ -911,7 +1053,12 @@ fn dotenv_files_are_read_and_their_problems_reported() {
         Some("[\".a\", \".b\"]")
     );
     assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(problems[0].source.ends_with(".env"));
+    assert!(problems[0].source.ends_with(".env:4"), "{:?}", problems[0]);
+    assert!(
+        !problems[0].message.contains("NOT VALID"),
+        "{:?}",
+        problems[0]
+    );
 
     // A missing .env is not a problem.
     read_dotenv(&dir.path().join("absent"), &mut env, &mut problems);
@@ -923,6 +1070,48 @@ fn dotenv_files_are_read_and_their_problems_reported() {
     opts.problems = problems;
     let errors = expect_errors(load(&opts));
     assert_eq!(errors.len(), 1, "{errors:?}");
+}
+
+#[test]
+fn a_malformed_dotenv_line_names_its_line_and_variable_but_never_its_value() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let path = dir.path().join(".env");
+    std::fs::write(
+        &path,
+        "# comment\n\
+         GOOD=1\n\
+         QUEUE_PASS=hunter2 x\n\
+         \n\
+         export APP_API_TOKEN='tok' en\n\
+         NOT VALID\n\
+         MULTI=\"first\nsecond\"\n\
+         ALIAS_SALT=\"pepper\n\
+         and salt\n",
+    )
+    .expect("write .env");
+    let mut env = BTreeMap::new();
+    let mut problems = Vec::new();
+    read_dotenv(&path, &mut env, &mut problems);
+    assert_eq!(env.get("GOOD").map(String::as_str), Some("1"));
+    assert_eq!(env.get("MULTI").map(String::as_str), Some("first\nsecond"));
+    let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    let source = path.display().to_string();
+    let expected = [
+        (3, "the value of QUEUE_PASS"),
+        (5, "the value of APP_API_TOKEN"),
+        (6, "a line without a variable name"),
+        (9, "the value of ALIAS_SALT"),
+    ];
+    assert_eq!(shown.len(), expected.len(), "{shown:#?}");
+    for (problem, (line, what)) in shown.iter().zip(expected) {
+        assert!(
+            problem.starts_with(&format!("{source}:{line}: cannot parse {what} ")),
+            "{problem}"
+        );
+        for secret in ["hunter2", "tok", "NOT VALID", "pepper", "and salt"] {
+            assert!(!problem.contains(secret), "{problem}");
+        }
+    }
 }
 
 #[test]
@@ -993,14 +1182,20 @@ fn the_original_environment_variables_configure_the_production_backends() {
         settings.amqp.uri.expose(),
         "amqp://worker:p%40ss%2Fword@queue:5672/bioloop"
     );
-    assert_eq!(settings.amqp.display, "amqp://worker@queue:5672/bioloop");
+    assert_eq!(
+        settings.amqp.display,
+        "amqp://worker:<redacted>@queue:5672/bioloop"
+    );
     assert_eq!(settings.amqp.queues, [format!("{}.q", settings.app_id)]);
     assert_eq!(
         settings.mongo.uri.expose(),
         "mongodb://root:m%3Apw@mongo:27018/celery?authSource=admin"
     );
     assert_eq!(settings.mongo.database, "celery");
-    assert!(!settings.mongo.display.contains("m%3Apw"));
+    assert_eq!(
+        settings.mongo.display,
+        "mongodb://root:<redacted>@mongo:27018/celery?authSource=admin"
+    );
     // Debug output never shows a secret.
     let debug = format!("{settings:?}");
     assert!(
@@ -1058,4 +1253,234 @@ fn a_full_amqp_url_and_mongo_uri_are_used_as_given() {
         "mongodb://127.0.0.1:27017/?directConnection=true"
     );
     assert_eq!(settings.mongo.database, "t1");
+}
+
+#[test]
+fn a_replica_set_uri_is_accepted_as_the_driver_reads_it() {
+    let project = Project::new();
+    let uri = "mongodb://user:pa%3Ass@h1:27017,h2:27017,h3/?replicaSet=rs0&authSource=admin";
+    let settings = ok(project.load_production(
+        &format!("[store]\nkind = \"mongo\"\n[mongo]\nuri = \"{uri}\"\n"),
+        &[("APP_API_TOKEN", "t"), ("QUEUE_PASS", "q")],
+    ));
+    assert_eq!(settings.mongo.uri.expose(), uri);
+    assert_eq!(
+        settings.mongo.display,
+        "mongodb://user:<redacted>@h1:27017,h2:27017,h3/?replicaSet=rs0&authSource=admin"
+    );
+}
+
+#[test]
+fn a_password_built_into_the_mongo_uri_is_encoded_as_the_driver_decodes_it() {
+    let project = Project::new();
+    let settings = ok(load(&project.opts(
+        None,
+        &[("MONGO_USER", "root"), ("MONGO_PASS", "50%41 off/@:?")],
+    )));
+    let parsed =
+        mongodb::options::ConnectionString::parse(settings.mongo.uri.expose()).expect("parses");
+    let credential = parsed.credential.expect("credential");
+    assert_eq!(credential.username.as_deref(), Some("root"));
+    assert_eq!(credential.password.as_deref(), Some("50%41 off/@:?"));
+    assert_eq!(credential.source.as_deref(), Some("admin"));
+}
+
+#[test]
+fn a_bad_mongo_uri_is_reported_without_its_password() {
+    let project = Project::new();
+    let cases = [
+        // A password with characters the connection string reserves.
+        (
+            "mongodb://user:hunter2/x@h1:27017/",
+            "the password cannot be read",
+        ),
+        (
+            "mongodb://user:hunter2@h1:notaport/",
+            "not a MongoDB connection string",
+        ),
+        (
+            "mongodb://user:hunter2@h1/?connectTimeoutMS=soon",
+            "not a MongoDB connection string",
+        ),
+        ("http://user:hunter2@h1/", "not a MongoDB connection string"),
+    ];
+    for (uri, expected) in cases {
+        let errors = expect_errors(load(&project.opts(None, &[("WORKERS__MONGO__URI", uri)])));
+        let error = error_for(&errors, "mongo.uri");
+        assert_eq!(error.source, "environment variable WORKERS__MONGO__URI");
+        assert!(error.message.contains(expected), "{uri}: {error}");
+        assert!(error.message.contains("user:<redacted>@"), "{uri}: {error}");
+        assert!(!error.to_string().contains("hunter2"), "{uri}: {error}");
+    }
+}
+
+#[test]
+fn config_show_redacts_the_passwords_of_connection_strings() {
+    let project = Project::new();
+    let opts = project.opts(
+        None,
+        &[
+            (
+                "WORKERS__MONGO__URI",
+                "mongodb://u:m0ngo-pw@h1,h2/?replicaSet=rs0",
+            ),
+            ("WORKERS__AMQP__URL", "amqp://u:rabb1t-pw@rabbit:5672/%2f"),
+        ],
+    );
+    let (_, tree) = match effective(&opts) {
+        Ok(shown) => shown,
+        Err(errors) => panic!("{errors}"),
+    };
+    assert_eq!(
+        tree["mongo"]["uri"].as_str(),
+        Some("mongodb://u:<redacted>@h1,h2/?replicaSet=rs0")
+    );
+    assert_eq!(
+        tree["amqp"]["url"].as_str(),
+        Some("amqp://u:<redacted>@rabbit:5672/%2f")
+    );
+    for text in [
+        toml::to_string(&tree).expect("TOML"),
+        serde_json::to_string(&tree).expect("JSON"),
+    ] {
+        assert!(
+            !text.contains("m0ngo-pw") && !text.contains("rabb1t-pw"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_amqp_url_is_reported_without_its_password() {
+    let project = Project::new();
+    let errors = errors_of_env(&project, &[("WORKERS__AMQP__URL", "amqp://u:s3cret@:5672")]);
+    let error = error_for(&errors, "amqp.url");
+    assert!(!error.to_string().contains("s3cret"), "{error}");
+    assert!(error.message.contains("u:<redacted>@"), "{error}");
+}
+
+#[test]
+fn redaction_hides_the_whole_password_even_in_text_that_does_not_parse() {
+    for (uri, shown) in [
+        ("mongodb://u:p@h/db", "mongodb://u:<redacted>@h/db"),
+        (
+            "mongodb://u:p@ss/w?rd@h1,h2/",
+            "mongodb://u:<redacted>@h1,h2/",
+        ),
+        ("amqp://guest@rabbit/", "amqp://guest@rabbit/"),
+        ("u:pw@host:5672/vhost", "u:<redacted>@host:5672/vhost"),
+        ("mongodb://h1:27017/?w=1", "mongodb://h1:27017/?w=1"),
+        ("", ""),
+    ] {
+        assert_eq!(redact_uri(uri), shown, "{uri}");
+    }
+}
+
+// --- source directories ---
+
+#[test]
+fn a_source_directory_inside_a_written_directory_is_an_error_naming_both() {
+    let project = Project::new();
+    let errors = expect_errors(project.load_production(
+        "[registration.RAW_DATA]\nsource_dir = \"var/stage/raw_data/incoming\"\n",
+        &[],
+    ));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let error = error_for(&errors, "registration.RAW_DATA.source_dir");
+    assert!(error.source.ends_with("production.toml:2:1"), "{error}");
+    let source = project.root().join("var/stage/raw_data/incoming");
+    let stage = project.root().join("var/stage/raw_data");
+    let expected = format!(
+        "`{}` is inside paths.RAW_DATA.stage (`{}`, set in {}:",
+        source.display(),
+        stage.display(),
+        project.config_dir().join("default.toml").display()
+    );
+    assert!(error.message.starts_with(&expected), "{error}");
+}
+
+#[test]
+fn a_source_directory_holding_written_directories_is_an_error_for_each() {
+    let project = Project::new();
+    let errors = errors_of_env(
+        &project,
+        &[
+            ("WORKERS__REGISTRATION__DATA_PRODUCT__SOURCE_DIR", "var"),
+            // The same directory as the downloads, spelled another way.
+            (
+                "WORKERS__REGISTRATION__RAW_DATA__SOURCE_DIR",
+                "examples/../var/./downloads/",
+            ),
+        ],
+    );
+    let raw: Vec<&ConfigError> = errors
+        .iter()
+        .filter(|e| e.key == "registration.RAW_DATA.source_dir")
+        .collect();
+    assert_eq!(raw.len(), 1, "{errors:?}");
+    assert!(
+        raw[0].message.contains(" is paths.download_dir ("),
+        "{}",
+        raw[0]
+    );
+    assert_eq!(
+        raw[0].source,
+        "environment variable WORKERS__REGISTRATION__RAW_DATA__SOURCE_DIR"
+    );
+    let product: Vec<&ConfigError> = errors
+        .iter()
+        .filter(|e| e.key == "registration.DATA_PRODUCT.source_dir")
+        .collect();
+    // scratch, download_dir, and per type stage, bundle.generate, bundle.stage and archive.
+    assert_eq!(product.len(), 10, "{product:#?}");
+    assert!(
+        product
+            .iter()
+            .all(|e| e.message.contains(" contains paths."))
+    );
+    assert!(
+        product
+            .iter()
+            .any(|e| e.message.contains("contains paths.DATA_PRODUCT.archive"))
+    );
+}
+
+#[test]
+fn a_source_directory_reaching_a_written_directory_through_a_link_is_an_error() {
+    let project = Project::new();
+    let generate = project.root().join("var/bundle/raw_data/generation");
+    std::fs::create_dir_all(&generate).expect("bundle directory");
+    std::os::unix::fs::symlink(&generate, project.root().join("drop")).expect("link");
+    let errors = errors_of_env(
+        &project,
+        &[("WORKERS__REGISTRATION__RAW_DATA__SOURCE_DIR", "drop")],
+    );
+    let error = error_for(&errors, "registration.RAW_DATA.source_dir");
+    assert!(
+        error
+            .message
+            .contains("is paths.RAW_DATA.bundle.generate (`")
+            && error.message.contains("once symbolic links are resolved"),
+        "{error}"
+    );
+}
+
+#[test]
+fn an_hsi_archive_path_is_not_a_local_directory_to_keep_apart() {
+    let project = Project::new();
+    // With HPSS, paths.<TYPE>.archive are relative to the HPSS home, not to the project.
+    ok(project.load_production(
+        "[archive]\nkind = \"hsi\"\n[paths.RAW_DATA]\narchive = \"examples/raw_data\"\n",
+        &[],
+    ));
+    let errors = expect_errors(project.load_production(
+        "[paths.RAW_DATA]\narchive = \"examples/raw_data/{year}\"\n",
+        &[],
+    ));
+    assert!(
+        error_for(&errors, "registration.RAW_DATA.source_dir")
+            .message
+            .contains(" is paths.RAW_DATA.archive ("),
+        "{errors:?}"
+    );
 }

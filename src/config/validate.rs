@@ -12,7 +12,8 @@ use super::ConfigError;
 use super::layers::{
     Layer, Origins, Seg, display_path, get, key_path, key_prefix, remove, set, suggest,
 };
-use super::secrets::{DEVELOPMENT_ALIAS_SALT, SECRETS, SecretValue};
+use super::overlap::{Overlap, overlap};
+use super::secrets::{DEVELOPMENT_ALIAS_SALT, SECRETS, SecretValue, redact_uri};
 use super::settings::*;
 use crate::jobs::JobName;
 use crate::scheduler::schedule::{Schedule, ScheduleFields};
@@ -42,8 +43,6 @@ pub(super) struct Context<'a> {
     pub(super) origins: Origins,
     /// `default.toml`: the fallback for wrong values.
     pub(super) default: &'a Table,
-    /// Every key the program knows, for suggestions.
-    pub(super) known: &'a Table,
 }
 
 impl Context<'_> {
@@ -196,7 +195,7 @@ fn missing_error(ctx: &Context<'_>, parent: &[String], full: &[String]) -> Confi
 fn unknown_errors(ctx: &Context<'_>, path: &[Seg]) -> Vec<ConfigError> {
     let keys = key_prefix(path);
     let mut message = "unknown key".to_string();
-    if let Some(suggestion) = suggest(ctx.known, &keys) {
+    if let Some(suggestion) = suggest(&keys) {
         message.push_str(&format!(" (did you mean `{suggestion}`?)"));
     }
     let mut layers: Vec<usize> = ctx.origins.of(&keys).to_vec();
@@ -358,6 +357,8 @@ pub(super) fn build(
         ),
     };
 
+    check.sources_apart(&registration, &paths, archive_is_local);
+
     let batch = raw.inspect.file_metadata_batch_size;
     if !(1..=MAX_BATCH_SIZE).contains(&batch) {
         check.fail(
@@ -427,6 +428,20 @@ pub(super) fn build(
                 "unknown format `{}` (expected one of: {})",
                 raw.log.format,
                 LOG_FORMATS.join(", ")
+            ),
+        );
+    }
+
+    // The filter is parsed by the same code that will use it, so what passes here is what
+    // the logs get; a typo must not silently fall back to some other level.
+    if raw.log.level.trim().is_empty() {
+        check.fail(&key(&["log", "level"]), "must not be empty");
+    } else if let Err(err) = tracing_subscriber::EnvFilter::try_new(raw.log.filter()) {
+        check.fail(
+            &key(&["log", "level"]),
+            format!(
+                "`{}` is not a tracing filter such as `info` or `warn,workers=debug`: {err}",
+                raw.log.level
             ),
         );
     }
@@ -698,6 +713,82 @@ impl Checker<'_> {
         }
     }
 
+    /// A source directory must stay apart from every directory the workers write into:
+    /// watch registers what appears in a source directory, so each run would register the
+    /// previous run's output (staged copies, bundles, links) as new datasets.
+    fn sources_apart(
+        &mut self,
+        registration: &Registration,
+        paths: &Paths,
+        archive_is_local: bool,
+    ) {
+        let mut written = vec![
+            (key(&["paths", "scratch"]), paths.scratch.clone()),
+            (key(&["paths", "download_dir"]), paths.download_dir.clone()),
+        ];
+        for (name, typed) in [
+            ("RAW_DATA", &paths.raw_data),
+            ("DATA_PRODUCT", &paths.data_product),
+        ] {
+            written.push((key(&["paths", name, "stage"]), typed.stage.clone()));
+            written.push((
+                key(&["paths", name, "bundle", "generate"]),
+                typed.bundle_generate.clone(),
+            ));
+            written.push((
+                key(&["paths", name, "bundle", "stage"]),
+                typed.bundle_stage.clone(),
+            ));
+            // Bundles land below the part of the template before `{year}`.
+            if archive_is_local {
+                let fixed: PathBuf = Path::new(&typed.archive)
+                    .components()
+                    .take_while(|c| !c.as_os_str().to_string_lossy().contains('{'))
+                    .collect();
+                written.push((key(&["paths", name, "archive"]), fixed));
+            }
+        }
+        let sources = [
+            ("RAW_DATA", &registration.raw_data.source_dir),
+            ("DATA_PRODUCT", &registration.data_product.source_dir),
+        ];
+        // A path already reported (empty, `~`) was resolved to something arbitrary.
+        let reported: BTreeSet<String> = self.errors.iter().map(|e| e.key.clone()).collect();
+        for (name, source_dir) in sources {
+            let source_key = key(&["registration", name, "source_dir"]);
+            for (other_key, other) in &written {
+                if reported.contains(&display_path(&source_key))
+                    || reported.contains(&display_path(other_key))
+                {
+                    continue;
+                }
+                let Some((relation, through_links)) = overlap(source_dir, other) else {
+                    continue;
+                };
+                let relation = match relation {
+                    Overlap::Same => "is",
+                    Overlap::Inside => "is inside",
+                    Overlap::Contains => "contains",
+                };
+                let links = if through_links {
+                    " once symbolic links are resolved"
+                } else {
+                    ""
+                };
+                let message = format!(
+                    "`{}` {relation} {} (`{}`, set in {}){links}: watch would register what the \
+                     workers write there as new datasets; keep source directories apart from \
+                     the stage, archive, bundle, scratch and download directories",
+                    source_dir.display(),
+                    display_path(other_key),
+                    other.display(),
+                    self.ctx.source_of(other_key),
+                );
+                self.fail(&source_key, message);
+            }
+        }
+    }
+
     fn source(&mut self, dataset_type: &str, raw: &RawSource) -> Source {
         let source_dir = self.resolve(
             &key(&["registration", dataset_type, "source_dir"]),
@@ -936,7 +1027,9 @@ impl Checker<'_> {
     }
 
     /// The MongoDB connection string: `mongo.uri`, or one built as the original builds it
-    /// (`mongodb://USER:PASS@HOST:PORT/DB?authSource=SRC`).
+    /// (`mongodb://USER:PASS@HOST:PORT/DB?authSource=SRC`). Either is checked by the MongoDB
+    /// driver's own parser, so what passes here is what the store can connect with (replica
+    /// sets, several hosts and every option included).
     fn mongo(
         &mut self,
         raw: &RawMongo,
@@ -951,57 +1044,30 @@ impl Checker<'_> {
             );
             return None;
         }
-        let uri = if raw.uri.trim().is_empty() {
-            let mut url = match url::Url::parse(&format!(
-                "mongodb://{}:{}/{database}",
-                raw.host.trim(),
-                raw.port
-            )) {
-                Ok(url) if url.has_host() => url,
-                _ => {
-                    self.fail(
-                        &key(&["mongo", "host"]),
-                        format!("`{}` is not a host name", raw.host),
-                    );
-                    return None;
-                }
-            };
-            if !raw.user.is_empty() {
-                let _ = url.set_username(&raw.user);
-                let _ = url.set_password(password);
-                url.query_pairs_mut()
-                    .append_pair("authSource", &raw.auth_source);
-                if password.is_none() && kind == Some(StoreKind::Mongo) {
-                    self.errors.push(ConfigError::new(
-                        "secrets.mongo_password",
-                        "environment",
-                        format!(
-                            "mongo.user is `{}` but no password is set: set MONGO_PASS or \
-                             WORKERS__SECRETS__MONGO_PASSWORD",
-                            raw.user
-                        ),
-                    ));
-                    return None;
-                }
+        let (uri, uri_key) = if raw.uri.trim().is_empty() {
+            if !raw.user.is_empty() && password.is_none() && kind == Some(StoreKind::Mongo) {
+                self.errors.push(ConfigError::new(
+                    "secrets.mongo_password",
+                    "environment",
+                    format!(
+                        "mongo.user is `{}` but no password is set: set MONGO_PASS or \
+                         WORKERS__SECRETS__MONGO_PASSWORD",
+                        raw.user
+                    ),
+                ));
+                return None;
             }
-            url
+            (built_mongo_uri(raw, &database, password), "host")
         } else {
-            match url::Url::parse(raw.uri.trim()) {
-                Ok(url) if matches!(url.scheme(), "mongodb") => url,
-                _ => {
-                    self.fail(
-                        &key(&["mongo", "uri"]),
-                        "is not a mongodb:// connection string",
-                    );
-                    return None;
-                }
-            }
+            (raw.uri.trim().to_string(), "uri")
         };
-        let mut display = uri.clone();
-        let _ = display.set_password(None);
+        if let Err(problem) = check_mongo_uri(&uri) {
+            self.fail(&key(&["mongo", uri_key]), problem);
+            return None;
+        }
         Some(MongoSettings {
-            uri: SecretString::new(uri.to_string()),
-            display: display.to_string(),
+            display: redact_uri(&uri),
+            uri: SecretString::new(uri),
             database,
         })
     }
@@ -1027,7 +1093,10 @@ impl Checker<'_> {
             _ => {
                 self.fail(
                     &key(&["amqp", "url"]),
-                    format!("`{text}` is neither host:port/vhost nor an amqp:// URL"),
+                    format!(
+                        "`{}` is neither host:port/vhost nor an amqp:// URL",
+                        redact_uri(text)
+                    ),
                 );
                 return None;
             }
@@ -1071,11 +1140,9 @@ impl Checker<'_> {
         if queues.is_empty() {
             queues.push(format!("{app_id}.q"));
         }
-        let mut display = url.clone();
-        let _ = display.set_password(None);
         Some(AmqpSettings {
             uri: SecretString::new(url.to_string()),
-            display: display.to_string(),
+            display: redact_uri(url.as_str()),
             queues,
             heartbeat: raw.heartbeat_seconds,
             reconnect_max: Duration::from_secs(raw.reconnect_max_seconds.max(1)),
@@ -1084,6 +1151,48 @@ impl Checker<'_> {
                 .filter(|e| !e.is_empty())
                 .map(str::to_owned),
         })
+    }
+}
+
+/// The connection string the original workers build from MONGO_HOST, MONGO_PORT,
+/// MONGO_USER, MONGO_PASS and MONGO_AUTH_SOURCE.
+fn built_mongo_uri(raw: &RawMongo, database: &str, password: Option<&str>) -> String {
+    // Encoded as the driver encodes user information: everything but letters and digits, so
+    // that a `%` in a password stays a `%`.
+    let encode = |text: &str| {
+        percent_encoding::utf8_percent_encode(text, percent_encoding::NON_ALPHANUMERIC).to_string()
+    };
+    let host = raw.host.trim();
+    let port = raw.port;
+    if raw.user.is_empty() {
+        return format!("mongodb://{host}:{port}/{database}");
+    }
+    let user = encode(&raw.user);
+    let password = password
+        .map(|p| format!(":{}", encode(p)))
+        .unwrap_or_default();
+    let auth_source = encode(&raw.auth_source);
+    format!("mongodb://{user}{password}@{host}:{port}/{database}?authSource={auth_source}")
+}
+
+/// Checks a MongoDB connection string with the driver's parser. Its messages may quote the
+/// password, so when the string does not parse, the parser only gets to speak about the
+/// string with the password redacted.
+fn check_mongo_uri(uri: &str) -> Result<(), String> {
+    use mongodb::options::ConnectionString;
+    if ConnectionString::parse(uri).is_ok() {
+        return Ok(());
+    }
+    let redacted = redact_uri(uri);
+    match ConnectionString::parse(&redacted) {
+        Ok(_) => Err(format!(
+            "`{redacted}`: the password cannot be read from the connection string; \
+             percent-encode `:`, `/`, `?`, `#`, `[`, `]`, `@` and `%` in it"
+        )),
+        Err(err) => Err(format!(
+            "`{redacted}` is not a MongoDB connection string: {}",
+            err.kind
+        )),
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use rusqlite::{Connection, TransactionBehavior};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use rusqlite_migration::{M, Migrations};
 
 /// A shared handle on the database file. Cloning is cheap; all clones use one connection,
@@ -39,6 +39,63 @@ impl Db {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn, path)?;
+        Ok(Db {
+            conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path.to_path_buf()),
+        })
+    }
+
+    /// Opens the existing database at `path` for reading only, for commands that only look
+    /// things up: nothing is created (not the file, its directory or the migration lock) and
+    /// nothing is migrated. `None` when there is no database yet. SQLite itself may add the
+    /// `-wal` and `-shm` files beside the database, as for any reader of a WAL database; the
+    /// next writer uses and removes them.
+    pub fn open_read_only(path: &Path, busy_timeout: Duration) -> anyhow::Result<Option<Db>> {
+        match std::fs::metadata(path) {
+            Ok(_) => (),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(err) => {
+                return Err(anyhow::Error::new(err)
+                    .context(format!("cannot open the database `{}`", path.display())));
+            }
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("cannot open the database `{}`", path.display()))?;
+        conn.busy_timeout(busy_timeout)?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        let pending = migrations()
+            .pending_migrations(&conn)
+            .with_context(|| format!("cannot read the schema of `{}`", path.display()))?;
+        if pending > 0 {
+            anyhow::bail!(
+                "the database `{}` has an older schema; a command that writes (such as \
+                 `workers jobs run watch`) brings it up to date",
+                path.display()
+            );
+        }
+        if pending < 0 {
+            anyhow::bail!(
+                "the database `{}` was written by a newer version of workers",
+                path.display()
+            );
+        }
+        Ok(Some(Db {
+            conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path.to_path_buf()),
+        }))
+    }
+
+    /// An empty database in memory with the current schema: what a look-up finds where no
+    /// database exists yet. `path` is where the real one would be.
+    pub fn empty(path: &Path) -> anyhow::Result<Db> {
+        let mut conn = Connection::open_in_memory()?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        migrations()
+            .to_latest(&mut conn)
+            .context("cannot create the schema of an empty database")?;
         Ok(Db {
             conn: Arc::new(Mutex::new(conn)),
             path: Arc::new(path.to_path_buf()),
@@ -137,6 +194,49 @@ mod tests {
     #[test]
     fn migrations_are_valid() {
         migrations().validate().unwrap();
+    }
+
+    #[test]
+    fn read_only_opening_creates_nothing_and_reads_what_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/w.db");
+        assert!(
+            Db::open_read_only(&path, Duration::from_secs(1))
+                .unwrap()
+                .is_none()
+        );
+        assert!(!dir.path().join("sub").exists(), "nothing may be created");
+
+        let db = Db::open(&path, Duration::from_secs(1)).unwrap();
+        db.with_conn(|c| {
+            c.execute_batch("CREATE TABLE probe (x INTEGER); INSERT INTO probe VALUES (7);")?;
+            Ok(())
+        })
+        .unwrap();
+        drop(db);
+        let db = Db::open_read_only(&path, Duration::from_secs(1))
+            .unwrap()
+            .unwrap();
+        let x: i64 = db
+            .with_conn(|c| Ok(c.query_row("SELECT x FROM probe", [], |r| r.get(0))?))
+            .unwrap();
+        assert_eq!(x, 7);
+        let write = db.with_conn(|c| Ok(c.execute("INSERT INTO probe VALUES (8)", [])?));
+        assert!(write.is_err(), "a read-only database refuses writes");
+    }
+
+    #[test]
+    fn a_database_with_an_older_schema_is_not_read_only_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x INTEGER);")
+            .unwrap();
+        let err = Db::open_read_only(&path, Duration::from_secs(1))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("older schema"), "{err:#}");
     }
 
     #[test]

@@ -66,7 +66,7 @@ impl MongoStore {
     pub async fn connect(uri: &str, database: &str) -> anyhow::Result<MongoStore> {
         // TLS connections need a process-wide crypto provider; an error only means one is set.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let shown = redact_uri(uri);
+        let shown = crate::config::redact_uri(uri);
         let client = Client::with_uri_str(uri)
             .await
             .with_context(|| format!("invalid MongoDB URI `{shown}`"))?;
@@ -1385,19 +1385,6 @@ fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
     error_code(err) == Some(DUPLICATE_KEY)
 }
 
-/// The URI without credentials or options, for messages: `mongodb://***@host:port/db`.
-fn redact_uri(uri: &str) -> String {
-    let without_options = uri.split('?').next().unwrap_or_default();
-    match without_options.split_once("://") {
-        Some((scheme, rest)) => match rest.rfind('@') {
-            Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
-            None => format!("{scheme}://{rest}"),
-        },
-        // Not a URI: it may hold anything, so none of it is shown.
-        None => "(unparsable)".to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -1464,18 +1451,5 @@ mod tests {
             bson_to_json(&json_to_bson(&json!([1, "a", {"b": null}]))),
             json!([1, "a", {"b": null}])
         );
-    }
-
-    #[test]
-    fn uris_lose_their_credentials_in_messages() {
-        assert_eq!(
-            redact_uri("mongodb://user:s3cret@db1:27017,db2:27017/celery?authSource=admin"),
-            "mongodb://***@db1:27017,db2:27017/celery"
-        );
-        assert_eq!(
-            redact_uri("mongodb://127.0.0.1:27017/?directConnection=true"),
-            "mongodb://127.0.0.1:27017/"
-        );
-        assert_eq!(redact_uri("user:pw@host"), "(unparsable)");
     }
 }

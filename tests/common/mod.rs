@@ -90,6 +90,7 @@ impl Project {
             app_env: self.env.get("APP_ENV").cloned(),
             env: self.env.clone(),
             problems: vec![],
+            flags: vec![],
         }
     }
 
