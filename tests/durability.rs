@@ -113,6 +113,17 @@ async fn survives_a_kill_during(step: &str, files: Vec<(String, Vec<u8>)>) {
         "{:?}",
         view.workflow.steps
     );
+    // The interrupted step counts both of its starts as attempts; the others one each.
+    let shown: serde_json::Value = serde_json::from_slice(
+        &project
+            .run_ok(&["workflows", "show", &d.workflows[0], "--format", "json"])
+            .stdout,
+    )
+    .unwrap();
+    for shown_step in shown["steps"].as_array().unwrap() {
+        let expected = if shown_step["name"] == step { 2 } else { 1 };
+        assert_eq!(shown_step["attempts"], expected, "{shown_step}");
+    }
     // Steps that had succeeded before the kill did not run again.
     let after = finish_times(&app, &d.workflows[0]).await;
     for (name, done) in &before {

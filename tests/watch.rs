@@ -262,3 +262,86 @@ fn directories_below_the_minimum_size_are_held_back_until_they_grow() {
     let listed = stdout(&project.run_ok(&["datasets", "list", "--format", "json"]));
     assert!(listed.contains("\"small\""), "{listed}");
 }
+
+/// `with space` and `with-space` normalize to one name: the second directory is never archived
+/// under it, and every scan says so (a warning naming both, a counter in the history).
+#[tokio::test(flavor = "multi_thread")]
+async fn directories_whose_names_collide_are_reported_on_every_scan() {
+    let project = Project::new();
+    let first = project.dataset(DatasetType::RawData, "with space", &[("a.txt", b"a")]);
+    let second = project.dataset(DatasetType::RawData, "with-space", &[("b.txt", b"b")]);
+    for run in 0..3 {
+        let out = project.run_ok(&["jobs", "run", "watch"]);
+        let err = stderr(&out);
+        assert!(
+            err.contains("its name normalizes to that of a dataset from another directory"),
+            "run {run}: {err}"
+        );
+        let said = stdout(&out);
+        assert!(said.contains("not registered `"), "run {run}: {said}");
+        // Both directories are named, whichever of them was registered.
+        for dir in [&first, &second] {
+            let dir = std::fs::canonicalize(dir).unwrap();
+            assert!(said.contains(&dir.display().to_string()), "run {run}: {said}");
+        }
+    }
+    let history: serde_json::Value = serde_json::from_slice(
+        &project
+            .run_ok(&["jobs", "history", "watch", "--format", "json"])
+            .stdout,
+    )
+    .unwrap();
+    let conflicts: Vec<i64> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| run["counters"]["conflicts"].as_i64().unwrap())
+        .collect();
+    assert_eq!(conflicts, [1, 1, 1]);
+    let app = project.app().await;
+    let all = app.registry.find(&DatasetQuery::default()).await.unwrap();
+    assert_eq!(all.len(), 1, "one dataset for the two directories");
+}
+
+/// Watches run at once (the scheduler's and an operator's by hand) give each dataset one
+/// `integrated` workflow: starting is exclusive, and so is the repair of datasets without one.
+#[tokio::test(flavor = "multi_thread")]
+async fn overlapping_watches_start_one_workflow_per_dataset() {
+    let project = Project::new();
+    let names: Vec<String> = (0..12).map(|i| format!("overlap_{i}")).collect();
+    for name in &names {
+        project.dataset(DatasetType::RawData, name, &[("a.txt", name.as_bytes())]);
+    }
+    let app = project.app().await;
+    // Half of them were registered by a run that died before starting their workflows, so
+    // every watch also runs the repair pass on them.
+    for name in &names[..6] {
+        let origin = project.path(&format!("examples/raw_data/{name}"));
+        register_without_workflow(&app, name, &origin).await;
+    }
+    let watches: Vec<_> = (0..3)
+        .map(|_| {
+            project
+                .command(&["jobs", "run", "watch"])
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for watch in watches {
+        let out = watch.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+    }
+    // Whatever a busy start left for later, the next run finishes.
+    project.run_ok(&["jobs", "run", "watch"]);
+    for name in &names {
+        let d = dataset_named(&app, DatasetType::RawData, name).await;
+        assert_eq!(d.workflows.len(), 1, "{name}: {:?}", d.workflows);
+    }
+    let active = app
+        .store
+        .workflows(WorkflowFilter::All, 100)
+        .await
+        .unwrap();
+    assert_eq!(active.len(), names.len(), "no workflow created and left unlinked");
+}

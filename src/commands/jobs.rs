@@ -255,6 +255,7 @@ fn print_watch_report(report: &WatchReport, dry_run: bool) {
         "directories",
         action,
         "already registered",
+        "conflicts",
         "rejected",
         "failed",
     ]);
@@ -280,6 +281,7 @@ fn print_watch_report(report: &WatchReport, dry_run: bool) {
             seen,
             new.to_string(),
             source.already_registered.to_string(),
+            source.conflicts.len().to_string(),
             source.rejected.len().to_string(),
             source.failed.len().to_string(),
         ]);
@@ -294,6 +296,11 @@ fn print_watch_report(report: &WatchReport, dry_run: bool) {
         }
         for (dir, reason) in &source.rejected {
             say!("rejected `{dir}`: {reason}");
+        }
+        for (dir, other) in &source.conflicts {
+            say!(
+                "not registered `{dir}`: its name normalizes to that of the dataset registered from `{other}`; rename one of them"
+            );
         }
         for (name, reason) in &source.failed {
             say!("failed `{name}`: {reason}");

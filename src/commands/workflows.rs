@@ -150,13 +150,15 @@ async fn dataset_label(app: &App, workflow_id: &str) -> anyhow::Result<String> {
         .unwrap_or_default())
 }
 
-/// Attempts of a task so far: its retry count plus one, when it has a result.
+/// Attempts of a step so far: every start of each of its tasks (a retry, a run again after a
+/// worker died); for a task whose starts were not counted (run by a Python worker), its retry
+/// count plus one.
 fn attempts(view: &WorkflowView, idx: usize) -> u32 {
     view.workflow.steps[idx]
         .runs
         .iter()
         .filter_map(|run| view.metas.get(&run.task_id))
-        .map(|meta| meta.retries + 1)
+        .map(|meta| meta.starts.max(meta.retries + 1))
         .sum()
 }
 

@@ -115,15 +115,23 @@ pub async fn register_and_start(
 }
 
 /// Starts `integrated` for a dataset; on failure logs it and returns `None` (the dataset is
-/// left without a workflow, which the repair pass of the next `watch` run finds).
+/// left without a workflow, which the repair pass of the next `watch` run finds). A dataset
+/// whose `integrated` workflow another process has just started keeps that one.
 pub async fn start_integrated(app: &App, dataset: &Dataset) -> Option<String> {
     match engine::start(app, "integrated", dataset.id, Map::new()).await {
         Ok(workflow_id) => Some(workflow_id),
-        Err(err) => {
-            warn!(dataset_id = dataset.id, name = %dataset.name, error = %format!("{err:#}"),
-                "Could not start the workflow; the next watch run will.");
-            None
-        }
+        Err(err) => match err.downcast_ref::<engine::NotStarted>() {
+            Some(engine::NotStarted::Active { workflow_id, .. }) => Some(workflow_id.clone()),
+            Some(busy @ engine::NotStarted::Busy { .. }) => {
+                info!(dataset_id = dataset.id, name = %dataset.name, "{busy}");
+                None
+            }
+            None => {
+                warn!(dataset_id = dataset.id, name = %dataset.name, error = %format!("{err:#}"),
+                    "Could not start the workflow; the next watch run will.");
+                None
+            }
+        },
     }
 }
 
@@ -153,6 +161,7 @@ impl JobReport {
             JobReport::Watch(r) => json!({
                 "registered": r.sources.iter().map(|s| s.registered.len()).sum::<usize>(),
                 "already_registered": r.sources.iter().map(|s| s.already_registered).sum::<usize>(),
+                "conflicts": r.sources.iter().map(|s| s.conflicts.len()).sum::<usize>(),
                 "rejected": r.sources.iter().map(|s| s.rejected.len()).sum::<usize>(),
                 "held_back": r.sources.iter().map(|s| s.held_back.len()).sum::<usize>(),
                 "failed": r.failed(),

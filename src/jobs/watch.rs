@@ -54,6 +54,10 @@ pub struct SourceReport {
     pub held_back: Vec<String>,
     /// Directories whose registration failed this time; tried again next run.
     pub failed: Vec<(String, String)>,
+    /// Directories whose name normalizes to the name of a dataset registered from another
+    /// directory (`with space` and `with-space`): (this directory, the other one). They are
+    /// never archived under that name, and reported on every scan that sees them.
+    pub conflicts: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -153,6 +157,7 @@ async fn scan_source(
         rejected: Vec::new(),
         held_back: Vec::new(),
         failed: Vec::new(),
+        conflicts: Vec::new(),
     };
     if !source_dir.is_dir() {
         warn!(source_dir = %source_dir.display(), dataset_type = %dataset_type, "Source directory does not exist; nothing to scan.");
@@ -258,26 +263,34 @@ async fn scan_source(
             handled.insert(dir_name.clone());
         }
     }
-    report.already_registered = outcome.conflicted.len();
-    for (name, _) in &outcome.conflicted {
-        let Some((dir_name, item)) = items.iter().find(|(_, item)| &item.name == name) else {
-            continue;
-        };
-        if state.known.contains(dir_name) {
-            continue;
-        }
-        // Normalization can map two directories onto one name (spec J.5): say so.
+    // A conflict is a name already taken. Where the dataset holding it came from another
+    // directory (normalization maps `a b` and `a-b` onto one name, spec J.5), this directory is
+    // not that dataset: it is reported, and not remembered, so that every scan reports it again.
+    let conflicted: BTreeSet<&str> = outcome
+        .conflicted
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    for name in &conflicted {
         let query = DatasetQuery {
             dataset_type: Some(dataset_type),
-            name: Some(name.clone()),
+            name: Some(DatasetName::from_stored((*name).to_owned())),
             ..Default::default()
         };
-        if let Some(existing) = app.registry.find(&query).await?.first()
-            && existing.origin_path.as_deref() != Some(item.origin_path.as_str())
-        {
-            warn!(directory = %item.origin_path, name = %name,
-                existing_origin = existing.origin_path.as_deref().unwrap_or_default(),
-                "Directory not registered: its name is taken by a dataset from another directory.");
+        let holder = app.registry.find(&query).await?;
+        let holder_origin = holder
+            .first()
+            .and_then(|d| d.origin_path.clone())
+            .unwrap_or_default();
+        for (dir_name, item) in items.iter().filter(|(_, item)| item.name.as_str() == *name) {
+            if holder_origin == item.origin_path {
+                report.already_registered += 1;
+                continue;
+            }
+            warn!(directory = %item.origin_path, name = %name, existing_origin = %holder_origin,
+                "Directory not registered: its name normalizes to that of a dataset from another directory; rename one of them.");
+            handled.remove(dir_name);
+            report.conflicts.push((item.origin_path.clone(), holder_origin.clone()));
         }
     }
     for (name, _, reason) in &outcome.errored {

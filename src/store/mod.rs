@@ -141,6 +141,9 @@ pub struct TaskMeta {
     pub worker: Option<String>,
     pub retries: u32,
     pub queue: Option<String>,
+    /// How many times the task was started: retries, and runs again after a worker died or
+    /// lost its claim (0 when the store does not know, as for tasks a Python worker ran).
+    pub starts: u32,
 }
 
 /// Everything recorded when a task starts running.

@@ -38,6 +38,9 @@ const START_ARGS: &str = "workers_workflow_args";
 const WATCH_STATE: &str = "workers_watch_state";
 /// `{_id: lease name, holder, expires_at}`.
 const LEASES: &str = "workers_leases";
+/// How many times each task was started (`{_id: task id, starts}`): kept apart from
+/// `celery_taskmeta`, whose documents stay exactly as Celery writes them.
+const TASK_STARTS: &str = "workers_task_starts";
 /// `{_id: job, slot}`: the last slot handled per job.
 const JOB_SLOTS: &str = "workers_job_slots";
 /// `{_id: run id, job, trigger, slot, started_at, ended_at, outcome, error, counters, host,
@@ -558,6 +561,13 @@ impl WorkflowStore for MongoStore {
                 .with_context(|| format!("unreadable task result in {}", self.at(TASKS)))?;
             out.insert(meta.task_id.clone(), meta);
         }
+        for doc in self.find_by_ids(TASK_STARTS, task_ids, None).await? {
+            if let (Ok(id), Some(starts)) = (doc.get_str("_id"), doc.get("starts").and_then(bson_i64))
+                && let Some(meta) = out.get_mut(id)
+            {
+                meta.starts = u32::try_from(starts).unwrap_or(u32::MAX);
+            }
+        }
         Ok(out)
     }
 
@@ -583,6 +593,17 @@ impl WorkflowStore for MongoStore {
                 format!(
                     "cannot store STARTED of task {task_id} in {}",
                     self.at(TASKS)
+                )
+            })?;
+
+        self.collection(TASK_STARTS)
+            .update_one(doc! {"_id": task_id}, doc! {"$inc": {"starts": 1}})
+            .upsert(true)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot count the start of task {task_id} in {}",
+                    self.at(TASK_STARTS)
                 )
             })?;
 
@@ -778,15 +799,17 @@ impl WorkflowStore for MongoStore {
         // Results first: a crash midway leaves the workflow, and deleting it again finishes.
         let task_ids: Vec<String> = workflow.all_task_ids().into_iter().collect();
         for batch in task_ids.chunks(IN_BATCH) {
-            self.collection(TASKS)
-                .delete_many(doc! {"_id": {"$in": batch}})
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot delete the task results of workflow {id} in {}",
-                        self.at(TASKS)
-                    )
-                })?;
+            for collection in [TASKS, TASK_STARTS] {
+                self.collection(collection)
+                    .delete_many(doc! {"_id": {"$in": batch}})
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot delete the task results of workflow {id} in {}",
+                            self.at(collection)
+                        )
+                    })?;
+            }
         }
         self.collection(WORKFLOWS)
             .delete_one(doc! {"_id": id})
@@ -1206,6 +1229,8 @@ fn parse_task_meta(doc: &Document) -> anyhow::Result<TaskMeta> {
             .and_then(|n| u32::try_from(n).ok())
             .unwrap_or(0),
         queue: text("queue"),
+        // Filled from `workers_task_starts` by `task_metas`.
+        starts: 0,
         task_id,
     })
 }

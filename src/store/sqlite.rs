@@ -146,6 +146,7 @@ fn meta_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskMeta> {
         worker: r.get(8)?,
         retries: r.get::<_, i64>(9)? as u32,
         queue: r.get(10)?,
+        starts: r.get::<_, i64>(11)? as u32,
     })
 }
 
@@ -269,7 +270,7 @@ impl WorkflowStore for SqliteStore {
         self.db
             .call(move |conn| {
                 let mut stmt = conn.prepare_cached(
-                    "SELECT task_id, status, result, traceback, date_done, name, args, kwargs, worker, retries, queue
+                    "SELECT task_id, status, result, traceback, date_done, name, args, kwargs, worker, retries, queue, starts
                      FROM task_meta WHERE task_id = ?1",
                 )?;
                 let mut out = HashMap::new();
@@ -295,11 +296,11 @@ impl WorkflowStore for SqliteStore {
                 )?;
                 let result = serde_json::json!({"pid": start.pid, "hostname": start.hostname});
                 tx.execute(
-                    "INSERT INTO task_meta (task_id, status, result, name, args, kwargs, worker, retries, queue)
-                     VALUES (?1, 'STARTED', ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                    "INSERT INTO task_meta (task_id, status, result, name, args, kwargs, worker, retries, queue, starts)
+                     VALUES (?1, 'STARTED', ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1)
                      ON CONFLICT (task_id) DO UPDATE SET status = 'STARTED', result = excluded.result,
                         date_done = NULL, worker = excluded.worker, retries = excluded.retries,
-                        args = excluded.args, kwargs = excluded.kwargs",
+                        args = excluded.args, kwargs = excluded.kwargs, starts = task_meta.starts + 1",
                     params![
                         start.task_id,
                         json_text(&result),

@@ -95,8 +95,34 @@ fn step_message(
     }
 }
 
+/// Why `start` started nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum NotStarted {
+    /// The dataset has a workflow of that name that is not done: a second one would run the
+    /// same steps on the same files at the same time.
+    #[error("dataset {dataset_id} already has an active `{name}` workflow ({workflow_id})")]
+    Active {
+        dataset_id: DatasetId,
+        name: String,
+        workflow_id: String,
+    },
+    /// Another process is starting that workflow for the dataset right now.
+    #[error("another process is starting a `{name}` workflow for dataset {dataset_id}; try again shortly")]
+    Busy { dataset_id: DatasetId, name: String },
+}
+
+/// How long a start may hold its claim (`start/{dataset}/{name}`): a starter that dies holding
+/// it blocks other starts of that workflow for the dataset this long at most.
+const START_CLAIM: Duration = Duration::from_secs(60);
+
 /// Creates workflow `name` for a dataset, links it to the dataset and publishes its first
 /// step. Returns the workflow id.
+///
+/// Starting is exclusive in every backend: under a claim in the store (`start/{dataset}/
+/// {name}`, judged by the store's clock), the dataset's linked workflows are checked and a new
+/// one is created only when none of that name is active. Two watch runs, a watch run and the
+/// repair of datasets without a workflow, or an operator's `workflows start` therefore never
+/// give a dataset two active workflows of one name (`NotStarted` says why nothing started).
 pub async fn start(
     app: &App,
     name: &str,
@@ -107,26 +133,68 @@ pub async fn start(
         .definitions
         .get(name)
         .ok_or_else(|| anyhow::format_err!("no workflow is named `{name}`"))?;
-    let workflow_id = Uuid::new_v4().to_string();
-    let args = vec![json!(dataset_id)];
-    app.store
-        .create_workflow(&workflow_id, &app.settings.app_id, spec, &args)
-        .await?;
-    app.registry.add_workflow(dataset_id, &workflow_id).await?;
-    let workflow = app.store.workflow(&workflow_id).await?.ok_or_else(|| {
-        anyhow::format_err!("workflow {workflow_id} vanished after it was created")
-    })?;
-    let message = step_message(
-        app,
-        &workflow,
-        0,
-        start_task_id(&workflow_id),
-        args,
-        &start_kwargs,
-    );
-    app.broker.publish(&message).await?;
-    info!(dataset_id, workflow_id = %workflow_id, workflow = name, "Started workflow.");
-    Ok(workflow_id)
+    let claim = Claim::named(app, format!("start/{dataset_id}/{name}"), START_CLAIM);
+    if !claim.take(app).await? {
+        return Err(NotStarted::Busy {
+            dataset_id,
+            name: name.to_owned(),
+        }
+        .into());
+    }
+    let started = async {
+        if let Some(workflow_id) = active_workflow(app, dataset_id, name).await? {
+            return Err(NotStarted::Active {
+                dataset_id,
+                name: name.to_owned(),
+                workflow_id,
+            }
+            .into());
+        }
+        let workflow_id = Uuid::new_v4().to_string();
+        let args = vec![json!(dataset_id)];
+        app.store
+            .create_workflow(&workflow_id, &app.settings.app_id, spec, &args)
+            .await?;
+        app.registry.add_workflow(dataset_id, &workflow_id).await?;
+        let workflow = app.store.workflow(&workflow_id).await?.ok_or_else(|| {
+            anyhow::format_err!("workflow {workflow_id} vanished after it was created")
+        })?;
+        let message = step_message(
+            app,
+            &workflow,
+            0,
+            start_task_id(&workflow_id),
+            args,
+            &start_kwargs,
+        );
+        app.broker.publish(&message).await?;
+        info!(dataset_id, workflow_id = %workflow_id, workflow = name, "Started workflow.");
+        anyhow::Ok(workflow_id)
+    }
+    .await;
+    claim.release(app).await;
+    started
+}
+
+/// The newest workflow named `name` linked to the dataset whose derived status is not done.
+async fn active_workflow(
+    app: &App,
+    dataset_id: DatasetId,
+    name: &str,
+) -> anyhow::Result<Option<String>> {
+    let dataset = app.registry.get(dataset_id).await?;
+    for workflow_id in dataset.workflows.iter().rev() {
+        let Some(workflow) = app.store.workflow(workflow_id).await? else {
+            continue;
+        };
+        if workflow.name != name {
+            continue;
+        }
+        if !view(app, workflow).await?.derived.status.is_done() {
+            return Ok(Some(workflow_id.clone()));
+        }
+    }
+    Ok(None)
 }
 
 /// The arguments of the step after one that returned `result`: sca-rhythm passes the first
@@ -351,10 +419,18 @@ struct Claim {
 
 impl Claim {
     fn new(app: &App, task_id: &str) -> Claim {
+        Claim::named(
+            app,
+            format!("task/{task_id}"),
+            Duration::from_secs(app.settings.worker.lease_seconds.max(1)),
+        )
+    }
+
+    fn named(app: &App, name: String, ttl: Duration) -> Claim {
         Claim {
-            name: format!("task/{task_id}"),
+            name,
             holder: format!("{}/{}", app.identity.holder(), Uuid::new_v4()),
-            ttl: Duration::from_secs(app.settings.worker.lease_seconds.max(1)),
+            ttl,
         }
     }
 

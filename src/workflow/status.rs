@@ -102,6 +102,7 @@ mod tests {
                         worker: None,
                         retries: 0,
                         queue: None,
+                        starts: 0,
                     },
                 )
             })
