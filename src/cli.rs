@@ -170,9 +170,13 @@ pub enum WorkflowsCommand {
         #[arg(long, value_enum, default_value = "table")]
         format: OutputFormat,
     },
-    /// Restart a failed workflow from its failed step
+    /// Restart a failed workflow from its failed step (or an earlier one)
     Resume {
         id: String,
+        /// Restart from this earlier step instead (for example `inspect`, when archive found
+        /// the data changed since it was inspected)
+        #[arg(long, value_name = "STEP")]
+        from: Option<String>,
         /// Run it in this process until it finishes
         #[arg(long)]
         wait: bool,

@@ -282,7 +282,10 @@ async fn directories_whose_names_collide_are_reported_on_every_scan() {
         // Both directories are named, whichever of them was registered.
         for dir in [&first, &second] {
             let dir = std::fs::canonicalize(dir).unwrap();
-            assert!(said.contains(&dir.display().to_string()), "run {run}: {said}");
+            assert!(
+                said.contains(&dir.display().to_string()),
+                "run {run}: {said}"
+            );
         }
     }
     let history: serde_json::Value = serde_json::from_slice(
@@ -338,10 +341,10 @@ async fn overlapping_watches_start_one_workflow_per_dataset() {
         let d = dataset_named(&app, DatasetType::RawData, name).await;
         assert_eq!(d.workflows.len(), 1, "{name}: {:?}", d.workflows);
     }
-    let active = app
-        .store
-        .workflows(WorkflowFilter::All, 100)
-        .await
-        .unwrap();
-    assert_eq!(active.len(), names.len(), "no workflow created and left unlinked");
+    let active = app.store.workflows(WorkflowFilter::All, 100).await.unwrap();
+    assert_eq!(
+        active.len(),
+        names.len(),
+        "no workflow created and left unlinked"
+    );
 }

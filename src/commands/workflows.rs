@@ -80,9 +80,9 @@ pub(super) async fn run(
             }
             Ok(ExitCode::SUCCESS)
         }
-        WorkflowsCommand::Resume { id, wait } => {
+        WorkflowsCommand::Resume { id, from, wait } => {
             load(app, &id).await?;
-            match engine::resume(app, &id).await? {
+            match engine::resume_from(app, &id, from.as_deref()).await? {
                 Resumed::Restarted { step, task_id } => {
                     say!("resumed workflow {id} at step `{step}` (task {task_id})");
                     if wait {
@@ -97,6 +97,10 @@ pub(super) async fn run(
                 Resumed::AlreadyResuming => {
                     Err(Usage(format!("workflow {id} is being resumed already")).into())
                 }
+                Resumed::NoSuchStep(step) => Err(Usage(format!(
+                    "workflow {id} has no step `{step}` before or at its failed step"
+                ))
+                .into()),
             }
         }
         WorkflowsCommand::Start {

@@ -17,7 +17,13 @@ pub(super) const ENV_PREFIX: &str = "WORKERS__";
 
 /// Tables whose keys are free-form names (task names), with the key whose value shows what one
 /// entry looks like; environment variables may create entries there.
-const OPEN_MAPS: &[(&[&str], &[&str])] = &[(&["retry", "steps"], &["retry", "default"])];
+const OPEN_MAPS: &[(&[&str], &[&str])] = &[
+    (&["retry", "steps"], &["retry", "default"]),
+    (
+        &["worker", "time_limits"],
+        &["worker", "time_limit_seconds"],
+    ),
+];
 
 /// Optional keys that `default.toml` cannot spell out (TOML has no null); all take strings.
 const OPTIONAL_KEYS: &[&[&str]] = &[

@@ -290,7 +290,9 @@ async fn scan_source(
             warn!(directory = %item.origin_path, name = %name, existing_origin = %holder_origin,
                 "Directory not registered: its name normalizes to that of a dataset from another directory; rename one of them.");
             handled.remove(dir_name);
-            report.conflicts.push((item.origin_path.clone(), holder_origin.clone()));
+            report
+                .conflicts
+                .push((item.origin_path.clone(), holder_origin.clone()));
         }
     }
     for (name, _, reason) in &outcome.errored {

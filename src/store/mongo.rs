@@ -562,7 +562,8 @@ impl WorkflowStore for MongoStore {
             out.insert(meta.task_id.clone(), meta);
         }
         for doc in self.find_by_ids(TASK_STARTS, task_ids, None).await? {
-            if let (Ok(id), Some(starts)) = (doc.get_str("_id"), doc.get("starts").and_then(bson_i64))
+            if let (Ok(id), Some(starts)) =
+                (doc.get_str("_id"), doc.get("starts").and_then(bson_i64))
                 && let Some(meta) = out.get_mut(id)
             {
                 meta.starts = u32::try_from(starts).unwrap_or(u32::MAX);

@@ -107,7 +107,9 @@ pub enum NotStarted {
         workflow_id: String,
     },
     /// Another process is starting that workflow for the dataset right now.
-    #[error("another process is starting a `{name}` workflow for dataset {dataset_id}; try again shortly")]
+    #[error(
+        "another process is starting a `{name}` workflow for dataset {dataset_id}; try again shortly"
+    )]
     Busy { dataset_id: DatasetId, name: String },
 }
 
@@ -864,11 +866,23 @@ pub enum Resumed {
     },
     NotFailed(TaskStatus),
     AlreadyResuming,
+    /// `from` names no step at or before the failed one.
+    NoSuchStep(String),
 }
 
 /// Restarts a failed workflow from its failed step, with the same arguments and keyword
 /// arguments as its last run (the original dropped the start kwargs, spec J.14).
 pub async fn resume(app: &App, workflow_id: &str) -> anyhow::Result<Resumed> {
+    resume_from(app, workflow_id, None).await
+}
+
+/// `resume`, from the step named `from` when given: a step at or before the failed one (the
+/// steps after it run again as it succeeds, each under a new task id).
+pub async fn resume_from(
+    app: &App,
+    workflow_id: &str,
+    from: Option<&str>,
+) -> anyhow::Result<Resumed> {
     let workflow = app
         .store
         .workflow(workflow_id)
@@ -882,6 +896,16 @@ pub async fn resume(app: &App, workflow_id: &str) -> anyhow::Result<Resumed> {
     if !matches!(step_status, TaskStatus::Failure | TaskStatus::Revoked) {
         return Ok(Resumed::NotFailed(view.derived.status));
     }
+    let position = match from {
+        None => position,
+        Some(name) => match view.workflow.steps[..=position]
+            .iter()
+            .position(|s| s.spec.name == name)
+        {
+            Some(earlier) => earlier,
+            None => return Ok(Resumed::NoSuchStep(name.to_owned())),
+        },
+    };
     if !app.store.lock_for_resume(workflow_id, Utc::now()).await? {
         return Ok(Resumed::AlreadyResuming);
     }
