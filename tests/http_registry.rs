@@ -755,7 +755,8 @@ async fn a_bulk_of_250_is_registered_in_three_requests() {
     let items: Vec<_> = (0..250)
         .map(|i| new_dataset(&format!("batch_{i:03}"), &format!("/data/batch_{i:03}")))
         .collect();
-    let (registered, outcome, failed) = workers::jobs::register_and_start(&app, &items).await;
+    let (registered, outcome, failed) =
+        workers::jobs::register_and_start(&app, &items, &Default::default()).await;
     assert!(failed.is_empty(), "{failed:?}");
     assert_eq!(outcome.created.len(), 250);
     assert_eq!(registered.len(), 250);

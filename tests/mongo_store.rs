@@ -889,7 +889,7 @@ async fn purge_stale_workflows_deletes_unlinked_workflows_and_their_results() {
             None,
             JobOptions {
                 dry_run,
-                full: false,
+                ..JobOptions::default()
             },
         )
     };

@@ -12,6 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 use tokio::sync::mpsc;
+use workers::cancel::CancellationToken;
 use workers::jobs::JobName;
 use workers::scheduler::runtime::{self, Clock, Control, Event, JobRunner, Options};
 use workers::scheduler::schedule::{Schedule, ScheduleFields};
@@ -125,7 +126,11 @@ impl SchedulerStore for MemoryStore {
 /// Run starts: which scheduler, which job, why, when.
 type Starts = Arc<Mutex<Vec<(&'static str, JobName, Trigger, DateTime<Utc>)>>>;
 
-/// A job that takes `duration` (tokio time) and records when it started.
+/// When runs were stopped by their cancellation: which scheduler, which job, when.
+type Stops = Arc<Mutex<Vec<(&'static str, JobName, DateTime<Utc>)>>>;
+
+/// A job that takes `duration` (tokio time), or less when it is cancelled, and records when
+/// it started and when it was stopped.
 struct FakeRunner {
     clock: Clock,
     duration: Duration,
@@ -133,6 +138,7 @@ struct FakeRunner {
     /// Which scheduler ran it (to tell two apart).
     name: &'static str,
     starts: Starts,
+    stops: Stops,
 }
 
 impl JobRunner for FakeRunner {
@@ -141,14 +147,22 @@ impl JobRunner for FakeRunner {
         job: JobName,
         trigger: Trigger,
         _: Option<DateTime<Utc>>,
+        cancel: CancellationToken,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         self.starts
             .lock()
             .unwrap()
             .push((self.name, job, trigger, self.clock.now()));
-        let (duration, panics) = (self.duration, self.panics);
+        let (duration, panics, clock, name) = (self.duration, self.panics, self.clock, self.name);
+        let stops = Arc::clone(&self.stops);
         Box::pin(async move {
-            tokio::time::sleep(duration).await;
+            tokio::select! {
+                () = tokio::time::sleep(duration) => {}
+                () = cancel.cancelled() => {
+                    stops.lock().unwrap().push((name, job, clock.now()));
+                    return;
+                }
+            }
             assert!(!panics, "the job panics");
         })
     }
@@ -156,6 +170,7 @@ impl JobRunner for FakeRunner {
 
 struct Harness {
     starts: Starts,
+    stops: Stops,
     control: mpsc::Sender<Control>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     events: Arc<Mutex<Vec<Event>>>,
@@ -170,12 +185,14 @@ fn spawn(
     panics: bool,
     starts: Starts,
 ) -> Harness {
+    let stops = Stops::default();
     let runner = Arc::new(FakeRunner {
         clock,
         duration,
         panics,
         name,
         starts: Arc::clone(&starts),
+        stops: Arc::clone(&stops),
     });
     let (control, rx) = mpsc::channel(4);
     let opts = Options {
@@ -192,6 +209,7 @@ fn spawn(
     }));
     Harness {
         starts,
+        stops,
         control,
         task,
         events,
@@ -500,4 +518,61 @@ async fn only_the_lease_holder_fires_and_another_takes_over_when_it_dies() {
         "took over after {takeover} s (lease 15 s)"
     );
     stop(b).await;
+}
+
+/// A scheduler that loses its lease stops the job it runs at its next renewal, so that the
+/// scheduler taking over never runs the same job at the same time.
+#[tokio::test(start_paused = true)]
+async fn losing_the_lease_stops_the_running_job() {
+    let store = Arc::new(MemoryStore::default());
+    let clock = Clock::tokio_at(start_time());
+    let h = spawn(
+        "a",
+        clock,
+        Arc::clone(&store),
+        vec![(
+            JobName::Watch,
+            schedule(Some("10s"), None, "skip", "skip", "0s"),
+        )],
+        Duration::from_secs(3600),
+        false,
+        Arc::default(),
+    );
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(offsets(&h), [9.5], "the job runs");
+    // Another scheduler holds the lease now (this one was paused past its expiry).
+    let taken = clock.now();
+    *store.lease.lock().unwrap() = Some((
+        "b".to_owned(),
+        tokio::time::Instant::now() + Duration::from_secs(15),
+    ));
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let stops = h.stops.lock().unwrap().clone();
+    assert_eq!(stops.len(), 1, "{stops:?}");
+    let after = (stops[0].2 - taken).num_milliseconds() as f64 / 1000.0;
+    assert!(
+        after <= 5.0,
+        "stopped {after} s after losing the lease (renewal every 5 s)"
+    );
+    stop(h).await;
+}
+
+/// At shutdown a job that outlives the grace period is cancelled, and the scheduler waits for
+/// it to stop before it ends.
+#[tokio::test(start_paused = true)]
+async fn a_job_past_the_grace_period_is_cancelled_and_waited_for() {
+    let h = one(
+        JobName::Watch,
+        schedule(Some("10s"), None, "skip", "skip", "0s"),
+        Duration::from_secs(3600),
+        Arc::default(),
+    );
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let stops = Arc::clone(&h.stops);
+    stop(h).await;
+    assert_eq!(
+        stops.lock().unwrap().len(),
+        1,
+        "stopped through its cancellation"
+    );
 }

@@ -144,7 +144,9 @@ async fn a_failed_batch_is_tried_again_on_the_next_run() {
         definitions: built.definitions.clone(),
         identity: built.identity.clone(),
     };
-    let report = watch::run(&app, WatchOptions::default()).await.unwrap();
+    let report = watch::run(&app, WatchOptions::default(), &Default::default())
+        .await
+        .unwrap();
     assert_eq!(report.failed(), 1);
     assert!(
         report.sources[0].failed[0].1.contains("unavailable"),
@@ -159,7 +161,9 @@ async fn a_failed_batch_is_tried_again_on_the_next_run() {
             .is_empty()
     );
     // The very next run (incremental, not a full scan) registers it.
-    let report = watch::run(&app, WatchOptions::default()).await.unwrap();
+    let report = watch::run(&app, WatchOptions::default(), &Default::default())
+        .await
+        .unwrap();
     assert_eq!(report.failed(), 0);
     assert_eq!(report.sources[0].scan, watch::ScanKind::Incremental);
     assert_eq!(report.sources[0].registered.len(), 1);

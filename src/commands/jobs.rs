@@ -31,7 +31,11 @@ pub(super) async fn run(
                 job,
                 Trigger::Manual,
                 None,
-                JobOptions { dry_run, full },
+                JobOptions {
+                    dry_run,
+                    full,
+                    ..JobOptions::default()
+                },
             )
             .await?;
             if let Some(report) = &execution.report {

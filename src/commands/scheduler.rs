@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::app::App;
+use crate::cancel::CancellationToken;
 use crate::config::LoadOptions;
 use crate::jobs::{self, JobName, JobOptions};
 use crate::scheduler::runtime::{self, Clock, Control, Event, JobRunner, Options};
@@ -36,10 +37,15 @@ impl JobRunner for AppRunner {
         job: JobName,
         trigger: Trigger,
         slot: Option<DateTime<Utc>>,
+        cancel: CancellationToken,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let app = self.current();
+        let opts = JobOptions {
+            cancel,
+            ..JobOptions::default()
+        };
         Box::pin(async move {
-            if let Err(err) = jobs::execute(app, job, trigger, slot, JobOptions::default()).await {
+            if let Err(err) = jobs::execute(app, job, trigger, slot, opts).await {
                 error!(job = %job, error = %format!("{err:#}"), "Could not record the job run.");
             }
         })

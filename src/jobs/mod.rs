@@ -62,6 +62,7 @@ use serde_json::{Map, Value, json};
 use tracing::{error, info, warn};
 
 use crate::app::App;
+use crate::cancel::CancellationToken;
 use crate::registry::{BulkOutcome, Dataset, DatasetId, MAX_BULK, NewDataset};
 use crate::store::{RunOutcome, Trigger};
 use crate::workflow::engine;
@@ -81,11 +82,21 @@ pub struct Registered {
 pub async fn register_and_start(
     app: &App,
     items: &[NewDataset],
+    cancel: &CancellationToken,
 ) -> (Vec<Registered>, BulkOutcome, Vec<(String, String)>) {
     let mut registered = Vec::new();
     let mut outcome = BulkOutcome::default();
     let mut failed = Vec::new();
     for batch in items.chunks(MAX_BULK) {
+        if cancel.is_cancelled() {
+            // Not attempted: tried again by the next run, like a batch that failed.
+            failed.extend(
+                batch
+                    .iter()
+                    .map(|item| (item.name.to_string(), Interrupted.to_string())),
+            );
+            continue;
+        }
         let result = match app.registry.bulk_create(batch).await {
             Ok(result) => result,
             Err(err) => {
@@ -136,12 +147,30 @@ pub async fn start_integrated(app: &App, dataset: &Dataset) -> Option<String> {
 }
 
 /// How a job is run.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct JobOptions {
     /// Report what would be done; change nothing.
     pub dry_run: bool,
     /// `watch` only: look at every directory, not only new ones.
     pub full: bool,
+    /// Stops the run between two items (a batch of registrations, a dataset, a workflow): the
+    /// scheduler cancels it at shutdown once the grace has run out, and when it loses its
+    /// lease, so that two schedulers never run a job at once.
+    pub cancel: CancellationToken,
+}
+
+/// The error a job run that was cancelled ends with.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted: the run was stopped before it finished (scheduler stopping or lease lost)")]
+pub struct Interrupted;
+
+/// `Err(Interrupted)` once the run is cancelled; jobs call it between items.
+pub fn check_interrupted(cancel: &CancellationToken) -> Result<(), Interrupted> {
+    if cancel.is_cancelled() {
+        Err(Interrupted)
+    } else {
+        Ok(())
+    }
 }
 
 /// What a job run did.
@@ -215,7 +244,8 @@ impl JobReport {
 }
 
 /// Runs one job.
-pub async fn run_job(app: &App, job: JobName, opts: JobOptions) -> anyhow::Result<JobReport> {
+pub async fn run_job(app: &App, job: JobName, opts: &JobOptions) -> anyhow::Result<JobReport> {
+    let cancel = &opts.cancel;
     Ok(match job {
         JobName::Watch => JobReport::Watch(
             watch::run(
@@ -224,16 +254,19 @@ pub async fn run_job(app: &App, job: JobName, opts: JobOptions) -> anyhow::Resul
                     full: opts.full,
                     dry_run: opts.dry_run,
                 },
+                cancel,
             )
             .await?,
         ),
         JobName::PurgeStagedDatasets => {
-            JobReport::PurgeStaged(purge::purge_staged(app, opts.dry_run).await?)
+            JobReport::PurgeStaged(purge::purge_staged(app, opts.dry_run, cancel).await?)
         }
-        JobName::PurgeStaleWorkflows => {
-            JobReport::PurgeWorkflows(purge::purge_stale_workflows(app, opts.dry_run).await?)
+        JobName::PurgeStaleWorkflows => JobReport::PurgeWorkflows(
+            purge::purge_stale_workflows(app, opts.dry_run, cancel).await?,
+        ),
+        JobName::Reconcile => {
+            JobReport::Reconcile(reconcile::run(app, opts.dry_run, cancel).await?)
         }
-        JobName::Reconcile => JobReport::Reconcile(reconcile::run(app, opts.dry_run).await?),
         JobName::Metrics => JobReport::Metrics(metrics::run(app, opts.dry_run).await?),
     })
 }
@@ -262,9 +295,11 @@ pub async fn execute(
         .start_run(job.name(), trigger, slot, &host, opts.dry_run, Utc::now())
         .await?;
     info!(job = %job, trigger = trigger.as_str(), run_id, "Job started.");
+    // Awaited to its end, cancelled or not: when `execute` returns, nothing of the run is
+    // still going on (a job stops between items once cancelled).
     let joined = tokio::spawn(async move {
-        failpoint(job).await?;
-        run_job(&app, job, opts).await
+        failpoint(job, &opts.cancel).await?;
+        run_job(&app, job, &opts).await
     })
     .await;
     let (outcome, report) = match joined {
@@ -309,7 +344,7 @@ pub async fn execute(
 
 /// Failure injection for testing how failures are handled, from `WORKERS_FAILPOINTS`, e.g.
 /// `metrics=panic,watch=sleep(2000),reconcile=error`. Unset in normal operation.
-async fn failpoint(job: JobName) -> anyhow::Result<()> {
+async fn failpoint(job: JobName, cancel: &CancellationToken) -> anyhow::Result<()> {
     let Ok(spec) = std::env::var("WORKERS_FAILPOINTS") else {
         return Ok(());
     };
@@ -328,7 +363,10 @@ async fn failpoint(job: JobName) -> anyhow::Result<()> {
             .strip_prefix("sleep(")
             .and_then(|a| a.strip_suffix(')'))
         {
-            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))) => {}
+                () = cancel.cancelled() => return Err(Interrupted.into()),
+            }
         }
     }
     Ok(())

@@ -8,7 +8,9 @@
 use chrono::{TimeDelta, Utc};
 use tracing::{info, warn};
 
+use super::check_interrupted;
 use crate::app::App;
+use crate::cancel::CancellationToken;
 use crate::model::DatasetState;
 use crate::registry::{Dataset, DatasetQuery};
 use crate::steps::withdraw_staged_copy;
@@ -25,7 +27,11 @@ pub struct StagedPurgeReport {
 
 /// Removes the staged copies of datasets last staged more than `stage.purge.days_to_live` days
 /// ago, at most `stage.purge.max_purges` per run.
-pub async fn purge_staged(app: &App, dry_run: bool) -> anyhow::Result<StagedPurgeReport> {
+pub async fn purge_staged(
+    app: &App,
+    dry_run: bool,
+    cancel: &CancellationToken,
+) -> anyhow::Result<StagedPurgeReport> {
     let days = i64::from(app.settings.stage.days_to_live);
     let cutoff = Utc::now() - TimeDelta::days(days);
     let query = DatasetQuery {
@@ -46,6 +52,7 @@ pub async fn purge_staged(app: &App, dry_run: bool) -> anyhow::Result<StagedPurg
         due.truncate(limit);
     }
     for dataset in due {
+        check_interrupted(cancel)?;
         if dry_run {
             report.purged.push((dataset.id, dataset.name.to_string()));
             continue;
@@ -88,6 +95,7 @@ const PAGE: usize = 500;
 pub async fn purge_stale_workflows(
     app: &App,
     dry_run: bool,
+    cancel: &CancellationToken,
 ) -> anyhow::Result<WorkflowPurgeReport> {
     let settings = &app.settings.workflow_purge;
     let cutoff = Utc::now() - TimeDelta::seconds(settings.age_threshold_seconds as i64);
@@ -106,6 +114,7 @@ pub async fn purge_stale_workflows(
             if report.purged.len() >= settings.max_purge_count {
                 break;
             }
+            check_interrupted(cancel)?;
             if !dry_run {
                 app.store.delete_workflow(&id).await?;
                 info!(workflow_id = %id, "Deleted a stale workflow.");

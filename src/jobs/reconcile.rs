@@ -3,8 +3,9 @@
 
 use tracing::warn;
 
-use super::{Registered, start_integrated};
+use super::{Registered, check_interrupted, start_integrated};
 use crate::app::App;
+use crate::cancel::CancellationToken;
 use crate::model::CreateMethod;
 use crate::registry::DatasetQuery;
 use crate::workflow::engine;
@@ -21,10 +22,19 @@ pub struct ReconcileReport {
 
 /// Datasets registered by a scan or on demand get their `integrated` workflow here if they
 /// have none. Uploads are left alone: their workflow starts once the upload is verified.
-pub async fn run(app: &App, dry_run: bool) -> anyhow::Result<ReconcileReport> {
-    let started =
-        start_missing_workflows(app, &[CreateMethod::Scan, CreateMethod::OnDemand], dry_run)
-            .await?;
+pub async fn run(
+    app: &App,
+    dry_run: bool,
+    cancel: &CancellationToken,
+) -> anyhow::Result<ReconcileReport> {
+    let started = start_missing_workflows(
+        app,
+        &[CreateMethod::Scan, CreateMethod::OnDemand],
+        dry_run,
+        cancel,
+    )
+    .await?;
+    check_interrupted(cancel)?;
     let repaired = if dry_run {
         Vec::new()
     } else {
@@ -44,6 +54,7 @@ pub async fn start_missing_workflows(
     app: &App,
     methods: &[CreateMethod],
     dry_run: bool,
+    cancel: &CancellationToken,
 ) -> anyhow::Result<Vec<Registered>> {
     let mut started = Vec::new();
     for method in methods {
@@ -53,6 +64,7 @@ pub async fn start_missing_workflows(
             ..Default::default()
         };
         for dataset in app.registry.find(&query).await? {
+            check_interrupted(cancel)?;
             let workflow_id = if dry_run {
                 None
             } else {

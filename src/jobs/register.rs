@@ -240,7 +240,8 @@ pub async fn run(app: &App, opts: &RegisterOptions) -> anyhow::Result<RegisterRe
                 metadata: None,
             })
             .collect();
-        let (registered, outcome, failed) = register_and_start(app, &items).await;
+        let (registered, outcome, failed) =
+            register_and_start(app, &items, &crate::cancel::CancellationToken::new()).await;
         for candidate in to_create {
             let result = if let Some(Registered {
                 id, workflow_id, ..

@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use tracing::{info, warn};
 
-use super::{Registered, register_and_start};
+use super::{Interrupted, Registered, check_interrupted, register_and_start};
 use crate::app::App;
+use crate::cancel::CancellationToken;
 use crate::compute::walk::regular_file_bytes;
 use crate::model::{CreateMethod, DatasetName, DatasetType};
 use crate::registry::{DatasetQuery, NewDataset};
@@ -117,16 +118,23 @@ pub fn list_candidates(
     Ok(out)
 }
 
-pub async fn run(app: &App, opts: WatchOptions) -> anyhow::Result<WatchReport> {
+pub async fn run(
+    app: &App,
+    opts: WatchOptions,
+    cancel: &CancellationToken,
+) -> anyhow::Result<WatchReport> {
     let mut report = WatchReport::default();
     for dataset_type in DatasetType::ALL {
+        check_interrupted(cancel)?;
         report
             .sources
-            .push(scan_source(app, dataset_type, opts).await?);
+            .push(scan_source(app, dataset_type, opts, cancel).await?);
     }
+    check_interrupted(cancel)?;
     if !opts.dry_run {
         report.repaired =
-            super::reconcile::start_missing_workflows(app, &[CreateMethod::Scan], false).await?;
+            super::reconcile::start_missing_workflows(app, &[CreateMethod::Scan], false, cancel)
+                .await?;
     }
     Ok(report)
 }
@@ -135,6 +143,7 @@ async fn scan_source(
     app: &App,
     dataset_type: DatasetType,
     opts: WatchOptions,
+    cancel: &CancellationToken,
 ) -> anyhow::Result<SourceReport> {
     let source = app.settings.registration.for_type(dataset_type);
     let source_dir = source.source_dir.clone();
@@ -204,10 +213,13 @@ async fn scan_source(
         let min_size = app.settings.registration.minimum_dataset_size;
         if min_size > 0 {
             let root = path.clone();
-            let size = app
+            let Ok(size) = app
                 .pool
-                .run(move || regular_file_bytes(&root, &crate::cancel::CancellationToken::new()))
-                .await;
+                .run_job(cancel, move |cancel| regular_file_bytes(&root, cancel))
+                .await
+            else {
+                return Err(Interrupted.into());
+            };
             if size < min_size {
                 info!(directory = %path.display(), bytes = size, minimum = min_size,
                     "Directory held back: smaller than registration.minimum_dataset_size.");
@@ -251,7 +263,7 @@ async fn scan_source(
         return Ok(report);
     }
     let new_items: Vec<NewDataset> = items.iter().map(|(_, item)| item.clone()).collect();
-    let (registered, outcome, failed) = register_and_start(app, &new_items).await;
+    let (registered, outcome, failed) = register_and_start(app, &new_items, cancel).await;
     // Names whose registration failed are not remembered, so the next run tries them again.
     let retry_names: BTreeSet<&str> = failed
         .iter()

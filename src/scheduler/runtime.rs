@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use super::schedule::{Misfire, Overlap, Schedule};
+use crate::cancel::CancellationToken;
 use crate::jobs::JobName;
 use crate::store::{SchedulerStore, Trigger};
 
@@ -61,11 +62,14 @@ impl Clock {
 
 /// Runs one job to its end (and records it).
 pub trait JobRunner: Send + Sync + 'static {
+    /// The run must stop soon after `cancel` is cancelled, and its future end only once
+    /// nothing of it goes on.
     fn run(
         &self,
         job: JobName,
         trigger: Trigger,
         slot: Option<DateTime<Utc>>,
+        cancel: CancellationToken,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 }
 
@@ -102,7 +106,7 @@ struct JobState {
     schedule: Schedule,
     /// The next slot to fire, while this scheduler holds the lease.
     next_slot: Option<DateTime<Utc>>,
-    running: Option<JoinHandle<()>>,
+    running: Option<Running>,
     /// A slot that came due while running, with overlap = "queue".
     queued: Option<DateTime<Utc>>,
 }
@@ -151,12 +155,15 @@ pub async fn run(
                     }
                     lease_until = None;
                     jobs.iter_mut().for_each(|j| j.next_slot = None);
+                    cancel_running(&jobs);
                 }
                 Err(err) => {
-                    // Without the store nobody can prove who holds the lease: stop firing.
+                    // Without the store nobody can prove who holds the lease: stop firing, and
+                    // stop what runs before the lease could pass to another scheduler.
                     error!(error = %format!("{err:#}"), "Cannot renew the scheduler lease.");
                     lease_until = None;
                     jobs.iter_mut().for_each(|j| j.next_slot = None);
+                    cancel_running(&jobs);
                 }
             }
             let every = if lease_until.is_some() {
@@ -219,6 +226,25 @@ pub async fn run(
 
     shut_down(jobs, &mut done_rx, store.as_ref(), &opts).await;
     Ok(())
+}
+
+/// A run in flight and the token that stops it.
+struct Running {
+    handle: JoinHandle<()>,
+    cancel: CancellationToken,
+}
+
+/// Stops every running job: without the lease (or the store that proves it), another
+/// scheduler may start the same jobs once the lease expires, and the two must never overlap.
+fn cancel_running(jobs: &[JobState]) {
+    for state in jobs {
+        if let Some(running) = &state.running
+            && !running.cancel.is_cancelled()
+        {
+            warn!(job = %state.job, "Stopping the running job: this scheduler no longer holds the lease.");
+            running.cancel.cancel();
+        }
+    }
 }
 
 impl JobState {
@@ -354,12 +380,13 @@ fn start(
     runner: &Arc<dyn JobRunner>,
     done: &mpsc::UnboundedSender<JobName>,
 ) {
+    let cancel = CancellationToken::new();
     let (job, run, done) = (
         state.job,
-        runner.run(state.job, trigger, slot),
+        runner.run(state.job, trigger, slot, cancel.clone()),
         done.clone(),
     );
-    state.running = Some(tokio::spawn(async move {
+    let handle = tokio::spawn(async move {
         // A panic in the runner ends only its own task; the loop hears that the job ended
         // either way and keeps scheduling.
         if let Err(err) = tokio::spawn(run).await
@@ -368,7 +395,8 @@ fn start(
             error!(job = %job, "The job panicked.");
         }
         let _ = done.send(job);
-    }));
+    });
+    state.running = Some(Running { handle, cancel });
 }
 
 fn reload(
@@ -398,8 +426,13 @@ fn reload(
     }
 }
 
-/// Stops firing; running jobs get the grace period, then are stopped and recorded as
-/// interrupted; the lease goes last, so no other scheduler starts a job this one still runs.
+/// How long a cancelled job has to stop (it checks between items) before it is abandoned.
+const STOP_WAIT: Duration = Duration::from_secs(30);
+
+/// Stops firing; running jobs get the grace period, then are cancelled and waited for (they
+/// record themselves as interrupted), and only what still runs after that is aborted and
+/// recorded as interrupted here; the lease goes last, so no other scheduler starts a job this
+/// one still runs.
 async fn shut_down(
     mut jobs: Vec<JobState>,
     done: &mut mpsc::UnboundedReceiver<JobName>,
@@ -415,21 +448,19 @@ async fn shut_down(
         );
     }
     let deadline = tokio::time::Instant::now() + opts.grace;
-    while jobs.iter().any(|j| j.running.is_some()) {
-        match tokio::time::timeout_at(deadline, done.recv()).await {
-            Ok(Some(job)) => {
-                if let Some(state) = jobs.iter_mut().find(|s| s.job == job) {
-                    state.running = None;
-                }
-            }
-            Ok(None) | Err(_) => break,
+    wait_for_jobs(&mut jobs, done, deadline).await;
+    for state in &jobs {
+        if let Some(running) = &state.running {
+            warn!(job = %state.job, "The job did not finish within the grace period; stopping it.");
+            running.cancel.cancel();
         }
     }
+    wait_for_jobs(&mut jobs, done, tokio::time::Instant::now() + STOP_WAIT).await;
     let mut interrupted = 0;
     for state in &mut jobs {
-        if let Some(handle) = state.running.take() {
-            warn!(job = %state.job, "The job did not finish within the grace period; stopping it.");
-            handle.abort();
+        if let Some(running) = state.running.take() {
+            warn!(job = %state.job, "The job did not stop within {} s of its cancellation; abandoning it.", STOP_WAIT.as_secs());
+            running.handle.abort();
             interrupted += 1;
         }
     }
@@ -443,4 +474,22 @@ async fn shut_down(
         warn!(error = %format!("{err:#}"), "Cannot release the scheduler lease; it expires on its own.");
     }
     info!("Scheduler stopped.");
+}
+
+/// Marks jobs as ended as they report it, until none runs or `deadline` passes.
+async fn wait_for_jobs(
+    jobs: &mut [JobState],
+    done: &mut mpsc::UnboundedReceiver<JobName>,
+    deadline: tokio::time::Instant,
+) {
+    while jobs.iter().any(|j| j.running.is_some()) {
+        match tokio::time::timeout_at(deadline, done.recv()).await {
+            Ok(Some(job)) => {
+                if let Some(state) = jobs.iter_mut().find(|s| s.job == job) {
+                    state.running = None;
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
 }
