@@ -8,6 +8,7 @@
 //! data_path inspect-tree DIR THREADS
 //! data_path inspect-step DIR THREADS
 //! data_path bundle DIR OUT THREADS
+//! data_path extract BUNDLE DEST THREADS SYNC
 //! ```
 //!
 //! Output: `{"op", "seconds", "bytes", "files", "peak_rss_kb", ...}` plus per-operation fields
@@ -27,6 +28,7 @@ use workers::app::App;
 use workers::cancel::CancellationToken;
 use workers::compute::Pool;
 use workers::compute::bundle::write_bundle;
+use workers::compute::extract::{ExtractOptions, extract_bundle};
 use workers::compute::md5::md5_file;
 use workers::compute::walk::{InspectOptions, inspect_tree};
 use workers::config::LoadOptions;
@@ -39,7 +41,8 @@ const USAGE: &str = "usage:
   data_path md5 FILE
   data_path inspect-tree DIR THREADS
   data_path inspect-step DIR THREADS
-  data_path bundle DIR OUT THREADS";
+  data_path bundle DIR OUT THREADS
+  data_path extract BUNDLE DEST THREADS SYNC (SYNC: 1 fsyncs every file and directory, 0 not)";
 
 /// Rows read back per registry page when checking what inspect stored.
 const PAGE: usize = 10_000;
@@ -70,6 +73,16 @@ fn run(args: &[String]) -> Result<String> {
         ["bundle", dir, out, threads] => {
             bundle(Path::new(dir), Path::new(out), threads_arg(threads)?)
         }
+        ["extract", bundle, dest, threads, sync] => extract(
+            Path::new(bundle),
+            Path::new(dest),
+            threads_arg(threads)?,
+            match *sync {
+                "1" => true,
+                "0" => false,
+                other => bail!("SYNC must be 0 or 1, not `{other}`"),
+            },
+        ),
         _ => bail!("unexpected arguments {args:?}\n{USAGE}"),
     }
 }
@@ -362,5 +375,33 @@ fn bundle(dir: &Path, out: &Path, threads: usize) -> Result<String> {
         summary.members.files,
         peak_rss_kb()?,
         json!({"threads": threads, "md5": summary.md5.to_string()}),
+    ))
+}
+
+/// Safe extraction as the stage step does it (`compute::extract::extract_bundle`): built beside
+/// the destination, with or without the fsync of every file and directory, then swapped in.
+fn extract(bundle: &Path, dest: &Path, threads: usize, sync: bool) -> Result<String> {
+    let pool = Pool::new(threads)?;
+    let opts = ExtractOptions {
+        sync,
+        ..ExtractOptions::default()
+    };
+    let start = Instant::now();
+    let extracted = pool
+        .install(|| extract_bundle(bundle, dest, &opts, &|_| {}, &CancellationToken::new()))
+        .with_context(|| format!("cannot extract `{}`", bundle.display()))?;
+    let seconds = start.elapsed().as_secs_f64();
+    ensure!(
+        extracted.replaced.is_none(),
+        "`{}` existed before the run",
+        dest.display()
+    );
+    Ok(report(
+        "extract",
+        seconds,
+        extracted.summary.bytes,
+        extracted.summary.files,
+        peak_rss_kb()?,
+        json!({"threads": threads, "sync": sync}),
     ))
 }

@@ -11,6 +11,8 @@
 #   ARCHIVE_SIZE_MB=2048          tar + MD5 of this many MiB of mixed files
 #   RSS_FILES=1000000             peak memory of inspect over this many tiny files
 #   ARCHIVE_BASELINE_SYNC=0       1: the tar baseline also fsyncs its output, as ours does
+#   STAGE_DIR=BENCH_DIR/out       where the stage benchmark extracts: put it on a real disk to
+#                                 measure what the fsyncs cost (on tmpfs they cost nothing)
 set -euo pipefail
 # EPOCHREALTIME and awk must agree on the decimal point.
 export LC_ALL=C
@@ -217,6 +219,51 @@ for run in $(seq "$RUNS"); do
     echo "archive: run $run/$RUNS done"
 done
 remove_in_bench "$OUT"
+
+# --- stage: extraction of the bundle, with and without the fsyncs -------------------------
+STAGE_DIR=${STAGE_DIR:-$OUT_DIR}
+mkdir -p "$STAGE_DIR"
+STAGE_DIR=$(cd "$STAGE_DIR" && pwd -P)
+export STAGE_DIR
+STAGE_BUNDLE=$STAGE_DIR/stage.tar
+STAGE_DEST=$STAGE_DIR/staged
+remove_stage() {
+    local target
+    for target in "$@"; do
+        case "$target" in
+        "$STAGE_DIR"/stage.tar | "$STAGE_DIR"/staged) rm -rf -- "$target" ;;
+        *) die "refusing to delete '$target'" ;;
+        esac
+    done
+}
+remove_stage "$STAGE_BUNDLE" "$STAGE_DEST"
+"$BIN" bundle "$ARCHIVE_DIR" "$STAGE_BUNDLE" "$THREADS" >/dev/null
+echo "stage: warming up"
+warm "$STAGE_BUNDLE"
+mkdir -p "$STAGE_DEST"
+tar xf "$STAGE_BUNDLE" -C "$STAGE_DEST"
+remove_stage "$STAGE_DEST"
+"$BIN" extract "$STAGE_BUNDLE" "$STAGE_DEST" "$THREADS" 1 >/dev/null
+expected=$(find "$ARCHIVE_DIR" -type f | wc -l)
+[[ $(find "$STAGE_DEST" -type f | wc -l) == "$expected" ]] || die "stage: ours extracted the wrong number of files"
+for run in $(seq "$RUNS"); do
+    remove_stage "$STAGE_DEST"
+    mkdir -p "$STAGE_DEST"
+    sync
+    record_run stage baseline "$run" time_shell tar-x "tar xf '$STAGE_BUNDLE' -C '$STAGE_DEST'"
+    remove_stage "$STAGE_DEST"
+    mkdir -p "$STAGE_DEST"
+    sync
+    record_run stage baseline-sync "$run" time_shell tar-x-sync "tar xf '$STAGE_BUNDLE' -C '$STAGE_DEST' && sync -f '$STAGE_DEST'"
+    remove_stage "$STAGE_DEST"
+    sync
+    record_run stage ours-nosync "$run" "$BIN" extract "$STAGE_BUNDLE" "$STAGE_DEST" "$THREADS" 0
+    remove_stage "$STAGE_DEST"
+    sync
+    record_run stage ours "$run" "$BIN" extract "$STAGE_BUNDLE" "$STAGE_DEST" "$THREADS" 1
+    echo "stage: run $run/$RUNS done"
+done
+remove_stage "$STAGE_BUNDLE" "$STAGE_DEST"
 
 # --- memory of the inspect step over a huge tree ------------------------------------------
 RSS_DIR=$BENCH_DIR/tiny-${RSS_FILES}

@@ -200,7 +200,9 @@ async fn has_integrated(app: &App, dataset: &Dataset) -> anyhow::Result<bool> {
 }
 
 pub async fn run(app: &App, opts: &RegisterOptions) -> anyhow::Result<RegisterReport> {
-    let candidates = candidates(opts)?;
+    // Listing and resolving directories is file-system work: off the runtime threads.
+    let listed = opts.clone();
+    let candidates = crate::compute::blocking(move || candidates(&listed)).await?;
     let mut results = Vec::new();
     let mut to_create = Vec::new();
     for candidate in candidates {

@@ -168,7 +168,8 @@ async fn scan_source(
         failed: Vec::new(),
         conflicts: Vec::new(),
     };
-    if !source_dir.is_dir() {
+    let probe = source_dir.clone();
+    if !crate::compute::blocking(move || probe.is_dir()).await {
         warn!(source_dir = %source_dir.display(), dataset_type = %dataset_type, "Source directory does not exist; nothing to scan.");
         report.missing = true;
         return Ok(report);

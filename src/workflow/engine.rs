@@ -814,8 +814,8 @@ async fn stop_step<T>(cancel: &CancellationToken, step: &mut AbortOnDrop<T>, tas
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
 impl<T> Drop for AbortOnDrop<T> {
-    // The step's own cancellation is dropped with it, which cancels its pool jobs too
-    // (`Pool::run_job`).
+    // Aborting drops the step's future, and with it the futures of its pool jobs, which
+    // cancels those jobs (`Pool::run_job`): nothing of the step goes on unsupervised.
     fn drop(&mut self) {
         self.0.abort();
     }
