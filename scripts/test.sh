@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything CI checks: formatting, lints and the whole test suite (unit and integration
-# tests, on the real file system, real tar files, the embedded SQLite database, and the real
-# RabbitMQ and MongoDB-wire servers that scripts/services.sh installs and starts when missing).
+# Everything CI checks: formatting, lints, the whole test suite (unit and integration tests, on
+# the real file system, real tar files, the embedded SQLite database, and the real RabbitMQ and
+# MongoDB-wire servers that scripts/services.sh installs and starts when missing) and a short
+# chaos run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,3 +10,6 @@ cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
 eval "$(scripts/services.sh)"
 cargo test --locked
+# A short chaos run: processes killed at random while datasets go through their workflows,
+# then every record checked against the disk (scripts/chaos.sh; CHAOS_N=200 for a long run).
+CHAOS_N=${CHAOS_N:-3} scripts/chaos.sh
