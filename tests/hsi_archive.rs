@@ -779,3 +779,99 @@ async fn archive_stage_and_delete_steps_run_end_to_end_over_hsi() {
     assert!(log.contains(&format!("ls \"{archive_path}\"")), "{log:#?}");
     assert!(log.contains(&format!("rm \"{archive_path}\"")), "{log:#?}");
 }
+
+/// A command that hangs (an HPSS that does not answer) fails after the command timeout, and a
+/// transfer that stops moving fails after the stall timeout: neither holds a step for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn hung_commands_and_stalled_transfers_time_out() {
+    let hpss = Hpss::new();
+    let local = hpss.local().join("bundle.tar");
+    let md5 = write_local(&local, &pseudo_random(3_000_000, 4));
+    let archive = HsiArchive::new(
+        HsiConfig {
+            command_timeout: Duration::from_secs(1),
+            stall_timeout: Duration::from_secs(2),
+            ..hpss.config(true)
+        },
+        Pool::new(1).unwrap(),
+    );
+    hpss.inject(&[("HSI_STANDIN_HANG", "hashlist")]);
+    let started = std::time::Instant::now();
+    let err = archive
+        .put(
+            &local,
+            "hung/bundle.tar",
+            md5,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    let message = format!("{err:#}");
+    assert!(message.contains("hsi.command_timeout_seconds"), "{message}");
+    assert!(matches!(err, ArchiveError::Transient(_)), "{err:?}");
+
+    // One chunk, then nothing for a very long time.
+    hpss.inject(&[("HSI_STANDIN_HANG", ""), ("HSI_STANDIN_RATE", "1")]);
+    let started = std::time::Instant::now();
+    let err = archive
+        .put(
+            &local,
+            "stalled/bundle.tar",
+            md5,
+            &Progress::new(),
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    let message = format!("{err:#}");
+    assert!(message.contains("hsi.stall_timeout_seconds"), "{message}");
+    assert!(!hpss.file("stalled/bundle.tar").exists());
+}
+
+/// A cancelled transfer stops at once: hsi is killed and no copy is left in place.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_transfer_kills_hsi_and_leaves_nothing() {
+    let hpss = Hpss::new();
+    let local = hpss.local().join("bundle.tar");
+    let md5 = write_local(&local, &pseudo_random(3_000_000, 5));
+    hpss.inject(&[("HSI_STANDIN_RATE", "100000")]);
+    let archive = hpss.archive();
+    let cancel = CancellationToken::new();
+    let stopper = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            cancel.cancel();
+        })
+    };
+    let started = std::time::Instant::now();
+    let err = archive
+        .put(
+            &local,
+            "cancelled/bundle.tar",
+            md5,
+            &Progress::new(),
+            &cancel,
+        )
+        .await
+        .unwrap_err();
+    stopper.await.unwrap();
+    assert!(matches!(err, ArchiveError::Cancelled), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!hpss.file("cancelled/bundle.tar").exists());
+}
