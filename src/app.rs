@@ -121,6 +121,7 @@ impl App {
                     backoff: api.backoff,
                     backoff_max: api.backoff_max,
                     rows_visible_wait: crate::registry::http::ROWS_VISIBLE_WAIT,
+                    file_batch: settings.inspect.file_metadata_batch_size,
                 })?)
             }
         };

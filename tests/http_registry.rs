@@ -35,6 +35,7 @@ fn config(api: &TestApi) -> HttpConfig {
         backoff: Duration::from_millis(10),
         backoff_max: Duration::from_millis(100),
         rows_visible_wait: Duration::from_secs(20),
+        file_batch: workers::registry::http::FILE_BATCH,
     }
 }
 

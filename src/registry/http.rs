@@ -56,6 +56,8 @@ pub struct HttpConfig {
     pub backoff_max: Duration,
     /// How long stored file rows may take to become readable (spec E.4).
     pub rows_visible_wait: Duration,
+    /// File rows sent per `POST datasets/{id}/files`.
+    pub file_batch: usize,
 }
 
 impl HttpConfig {
@@ -71,6 +73,7 @@ impl HttpConfig {
             backoff: Duration::from_secs(5),
             backoff_max: Duration::from_secs(120),
             rows_visible_wait: ROWS_VISIBLE_WAIT,
+            file_batch: FILE_BATCH,
         }
     }
 }
@@ -86,12 +89,13 @@ impl fmt::Debug for HttpConfig {
             .field("backoff", &self.backoff)
             .field("backoff_max", &self.backoff_max)
             .field("rows_visible_wait", &self.rows_visible_wait)
+            .field("file_batch", &self.file_batch)
             .finish()
     }
 }
 
-/// File rows sent per request; inspect batches them already, this bounds a single body.
-const FILE_BATCH: usize = 25_000;
+/// File rows sent per request by default (`inspect.file_metadata_batch_size`, spec B.2).
+pub const FILE_BATCH: usize = 25_000;
 
 /// How long `replace_files` waits by default for acknowledged rows to become readable (spec
 /// E.4: the API answers before it stores them; 20,000 rows took seconds), resending those
@@ -123,6 +127,7 @@ pub struct HttpRegistry {
     backoff: Duration,
     backoff_max: Duration,
     rows_visible_wait: Duration,
+    file_batch: usize,
     /// The last few datasets' file listings, newest last.
     listings: Mutex<VecDeque<(DatasetId, Arc<Vec<FileRecord>>)>>,
     /// Items of dataset listings skipped because they could not be read, since start.
@@ -161,6 +166,7 @@ impl HttpRegistry {
             backoff: config.backoff,
             backoff_max: config.backoff_max,
             rows_visible_wait: config.rows_visible_wait,
+            file_batch: config.file_batch.max(1),
             listings: Mutex::new(VecDeque::new()),
             skipped: AtomicU64::new(0),
         })
@@ -486,6 +492,7 @@ impl HttpRegistry {
         post: bool,
     ) -> Result<u64, RegistryError> {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<anyhow::Result<Vec<FileRecord>>>(2);
+        let file_batch = self.file_batch;
         let reader = tokio::task::spawn_blocking(move || {
             let read = || -> anyhow::Result<()> {
                 let mut batch = Vec::new();
@@ -495,7 +502,7 @@ impl HttpRegistry {
                         continue;
                     }
                     batch.push(row);
-                    if batch.len() == FILE_BATCH
+                    if batch.len() == file_batch
                         && tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err()
                     {
                         return Ok(());
@@ -803,7 +810,7 @@ impl Registry for HttpRegistry {
     }
 
     async fn add_files(&self, id: DatasetId, files: &[FileRecord]) -> Result<(), RegistryError> {
-        for batch in files.chunks(FILE_BATCH) {
+        for batch in files.chunks(self.file_batch) {
             self.post_rows(id, batch).await?;
         }
         self.forget_listing(id);
