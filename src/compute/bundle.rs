@@ -820,6 +820,48 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_bundle_cancelled_from_elsewhere_stops_within_a_second() {
+        let pool = Pool::new(2).expect("pool");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let source = dir.path().join("dataset");
+        for i in 0..48 {
+            write(
+                &source.join(format!("f{i:02}.bin")),
+                &crate::compute::md5::tests::pseudo_random(4 * CHUNK_SIZE, i),
+                0o644,
+            );
+        }
+        let bundle = dir.path().join("dataset.tar");
+        let cancel = CancellationToken::new();
+        let written = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            let watcher = scope.spawn(|| {
+                while written.load(Ordering::Relaxed) < 8 * CHUNK_SIZE as u64 {
+                    std::thread::yield_now();
+                }
+                cancel.cancel();
+                std::time::Instant::now()
+            });
+            let err = pool
+                .install(|| {
+                    write_bundle(
+                        &source,
+                        &bundle,
+                        &|n| {
+                            written.fetch_add(n, Ordering::Relaxed);
+                        },
+                        &cancel,
+                    )
+                })
+                .expect_err("cancelled");
+            assert!(matches!(err, BundleError::Cancelled), "{err:?}");
+            let cancelled_at = watcher.join().expect("watcher");
+            assert!(cancelled_at.elapsed() < std::time::Duration::from_secs(1));
+        });
+        assert!(!bundle.exists(), "nothing left");
+    }
+
+    #[test]
     fn a_cancelled_bundle_stops_and_leaves_nothing() {
         let pool = Pool::new(2).expect("pool");
         let dir = tempfile::tempdir().expect("tempdir");

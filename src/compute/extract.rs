@@ -1255,6 +1255,45 @@ mod tests {
     }
 
     #[test]
+    fn an_extraction_cancelled_from_elsewhere_stops_within_a_second() {
+        let mut bundle = Hostile::new().dir("./");
+        for i in 0..24 {
+            let data = crate::compute::md5::tests::pseudo_random(2 * CHUNK_SIZE, i);
+            bundle = bundle.file(&format!("./f{i:02}.bin"), &data);
+        }
+        let case = Case::new(&bundle.finish());
+        let cancel = CancellationToken::new();
+        let read = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            let watcher = scope.spawn(|| {
+                while read.load(std::sync::atomic::Ordering::Relaxed) < 4 * CHUNK_SIZE as u64 {
+                    std::thread::yield_now();
+                }
+                cancel.cancel();
+                std::time::Instant::now()
+            });
+            let err = Pool::new(2)
+                .expect("pool")
+                .install(|| {
+                    extract_bundle(
+                        &case.bundle,
+                        &case.dest,
+                        &ExtractOptions::default(),
+                        &|n| {
+                            read.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        },
+                        &cancel,
+                    )
+                })
+                .expect_err("cancelled");
+            assert!(matches!(err, ExtractError::Cancelled), "{err:?}");
+            let cancelled_at = watcher.join().expect("watcher");
+            assert!(cancelled_at.elapsed() < std::time::Duration::from_secs(1));
+        });
+        case.assert_nothing_left();
+    }
+
+    #[test]
     fn a_cancelled_extraction_stops_and_leaves_nothing() {
         let data = crate::compute::md5::tests::pseudo_random(6 * CHUNK_SIZE, 5);
         let case = Case::new(&Hostile::new().dir("./").file("./big", &data).finish());
