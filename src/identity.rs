@@ -25,9 +25,11 @@ impl Identity {
         format!("{}:{}", self.hostname, self.pid)
     }
 
-    /// Whether `owner` (a `hostname:pid`) is a process of this host, other than this one, that
-    /// no longer exists. An owner on another host, or a live process, is not known to be dead.
+    /// Whether `owner` (a `hostname:pid`, possibly followed by `/` and what tells apart the
+    /// claims of one process) is a process of this host, other than this one, that no longer
+    /// exists. An owner on another host, or a live process, is not known to be dead.
     pub fn is_dead_owner(&self, owner: &str) -> bool {
+        let owner = owner.split_once('/').map_or(owner, |(process, _)| process);
         let Some((host, pid)) = owner.rsplit_once(':') else {
             return false;
         };
@@ -60,6 +62,8 @@ mod tests {
         let gone = child.id();
         child.wait().unwrap();
         assert!(me.is_dead_owner(&format!("{}:{gone}", me.hostname)));
+        assert!(me.is_dead_owner(&format!("{}:{gone}/slot-claim", me.hostname)));
+        assert!(!me.is_dead_owner(&format!("{}/slot-claim", me.holder())));
         assert!(!me.is_dead_owner(&me.holder()), "this process");
         assert!(
             !me.is_dead_owner(&format!("{}:1", me.hostname)),

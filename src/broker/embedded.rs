@@ -43,7 +43,11 @@ impl EmbeddedBroker {
 
     /// Claims the best runnable message, if any; otherwise returns the earliest future eta.
     /// A row that cannot be read as a message is moved to the dead letters on the way.
-    async fn try_claim(&self) -> anyhow::Result<Result<TaskMessage, Option<DateTime<Utc>>>> {
+    /// A claim's owner is this process plus a unique part: two slots of one process never
+    /// share a claim, so a slot whose lease lapsed and was taken by another slot finds out.
+    async fn try_claim(
+        &self,
+    ) -> anyhow::Result<Result<(TaskMessage, String), Option<DateTime<Utc>>>> {
         let consumer = self.consumer.clone();
         let lease_ms = self.lease.as_millis() as i64;
         let queues = self
@@ -84,11 +88,16 @@ impl EmbeddedBroker {
                     };
                     match row.message() {
                         Ok(message) => {
+                            let owner = format!(
+                                "{}/{}",
+                                consumer.holder(),
+                                uuid::Uuid::new_v4().simple()
+                            );
                             tx.execute(
                                 "UPDATE queue SET lease_owner = ?2, lease_until = ?3 WHERE task_id = ?1",
-                                params![message.id, consumer.holder(), now + lease_ms],
+                                params![message.id, owner, now + lease_ms],
                             )?;
-                            return Ok(Ok(message));
+                            return Ok(Ok((message, owner)));
                         }
                         Err(reason) => {
                             move_to_dead_letters(tx, &row.task_id, None, &reason, now)?;
@@ -239,10 +248,10 @@ impl Broker for EmbeddedBroker {
             // is not missed.
             let notified = self.published.notified();
             match self.try_claim().await? {
-                Ok(message) => {
+                Ok((message, owner)) => {
                     return Ok(Box::new(EmbeddedDelivery {
                         db: self.db.clone(),
-                        owner: self.consumer.holder(),
+                        owner,
                         lease: self.lease,
                         message,
                         published: Arc::clone(&self.published),
