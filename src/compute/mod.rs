@@ -126,6 +126,47 @@ where
     }
 }
 
+/// A file one attempt made for itself (a spool, a generated bundle): removed by `remove`, which
+/// waits for it, or else when the guard is dropped, on whatever path leaves the step (an error,
+/// a cancellation), off the runtime threads.
+#[derive(Debug)]
+pub struct TempFile(Option<PathBuf>);
+
+impl TempFile {
+    pub fn new(path: PathBuf) -> TempFile {
+        TempFile(Some(path))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.as_deref().unwrap_or(Path::new(""))
+    }
+
+    /// Removes the file now (a file already gone is fine).
+    pub async fn remove(mut self) -> io::Result<()> {
+        match self.0.take() {
+            Some(path) => blocking(move || ignore_missing(fs::remove_file(path))).await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let Some(path) = self.0.take() else {
+            return;
+        };
+        let remove = move || {
+            if let Err(err) = ignore_missing(fs::remove_file(&path)) {
+                tracing::warn!(path = %path.display(), error = %err, "Could not remove a temporary file.");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn_blocking(remove)),
+            Err(_) => remove(),
+        }
+    }
+}
+
 /// Makes a rename of `path` durable by syncing the directory that holds it.
 pub fn sync_parent(path: &Path) -> io::Result<()> {
     let parent = match path.parent() {

@@ -27,7 +27,7 @@ use crate::cancel::CancellationToken;
 use crate::compute::bundle::{
     BundleError, ListedMember, MemberSummary, list_members, write_bundle,
 };
-use crate::compute::{attempt_sibling, blocking, remove_leftover_partials};
+use crate::compute::{TempFile, attempt_sibling, blocking, remove_leftover_partials};
 use crate::model::{Bundle, DatasetState, InspectionRecord};
 use crate::registry::{Dataset, DatasetPatch, FilePages};
 
@@ -36,27 +36,6 @@ const LISTED_DIFFERENCES: usize = 20;
 
 fn failed(err: anyhow::Error) -> StepError {
     StepError::permanent("ValidationFailed", err)
-}
-
-/// The generated bundle of one attempt: removed when dropped (after the archive took it, or
-/// on any failure).
-struct Generated(PathBuf);
-
-impl Drop for Generated {
-    fn drop(&mut self) {
-        let path = self.0.clone();
-        let remove = move || {
-            if let Err(err) = std::fs::remove_file(&path)
-                && err.kind() != std::io::ErrorKind::NotFound
-            {
-                warn!(path = %path.display(), error = %err, "Could not remove the generated bundle.");
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => drop(handle.spawn_blocking(remove)),
-            Err(_) => remove(),
-        }
-    }
 }
 
 pub async fn run(ctx: &StepContext) -> StepResult {
@@ -82,7 +61,8 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     let written = ctx
         .compute(move |cancel| write_bundle(&source, &target, &|n| progress.add(n), cancel))
         .await?;
-    let generated = Generated(bundle_path.clone());
+    // Removed on every way out: after the archive took it, or on any failure.
+    let generated = TempFile::new(bundle_path.clone());
     let summary = written.map_err(|err| match err {
         BundleError::Cancelled => StepError::cancelled(),
         err if err.is_retryable() => StepError::retryable(
@@ -125,7 +105,9 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         )
         .await?;
     // The archive holds the bundle now; keeping the generated copy only fills the disk (J.10).
-    drop(generated);
+    if let Err(err) = generated.remove().await {
+        warn!(path = %bundle_path.display(), error = %err, "Could not remove the generated bundle.");
+    }
 
     let bundle = Bundle {
         name: dataset.name.bundle_file_name(),

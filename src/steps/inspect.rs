@@ -23,7 +23,7 @@ use crate::compute::md5::Md5Digest;
 use crate::compute::walk::{
     InspectOptions, InspectRecord, RecordKind, count_non_directories, inspect_tree,
 };
-use crate::compute::{attempt_sibling, blocking, remove_leftover_partials};
+use crate::compute::{TempFile, attempt_sibling, blocking, remove_leftover_partials};
 use crate::model::{FileRecord, FileType, InspectionRecord};
 use crate::registry::{DatasetPatch, FileRowIter, FileRowSource, RegistryError};
 
@@ -65,15 +65,15 @@ fn failed(err: anyhow::Error) -> StepError {
     StepError::permanent("InspectionFailed", err)
 }
 
-/// The spool file of one inspection, read back as the rows the registry stores. It is removed
-/// when dropped, whatever the outcome.
-struct Spool(PathBuf);
+/// The spool file of one inspection, read back as the rows the registry stores; removed
+/// whatever the outcome.
+struct Spool(TempFile);
 
 impl FileRowSource for Spool {
     fn rows(&self) -> anyhow::Result<FileRowIter> {
+        let path = self.0.path().to_path_buf();
         let file =
-            File::open(&self.0).with_context(|| format!("cannot read `{}`", self.0.display()))?;
-        let path = self.0.clone();
+            File::open(&path).with_context(|| format!("cannot read `{}`", path.display()))?;
         Ok(Box::new(
             BufReader::with_capacity(1 << 20, file)
                 .lines()
@@ -82,18 +82,6 @@ impl FileRowSource for Spool {
                     serde_json::from_str::<SpoolRow>(&line)?.into_record()
                 }),
         ))
-    }
-}
-
-impl Drop for Spool {
-    fn drop(&mut self) {
-        let path = self.0.clone();
-        // Off the runtime threads: removing a file is a file-system call like any other.
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn_blocking(move || std::fs::remove_file(path));
-        } else {
-            let _ = std::fs::remove_file(path);
-        }
     }
 }
 
@@ -132,7 +120,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         Ok(attempt_sibling(&target))
     })
     .await?;
-    let spool = Spool(spool_path.clone());
+    let spool = Arc::new(Spool(TempFile::new(spool_path.clone())));
     let genome_file_types = app.settings.genome_file_types.clone();
     let root = origin.clone();
     let walked = ctx
@@ -208,13 +196,19 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     // has exactly its rows.
     let stored = app
         .registry
-        .replace_files(dataset.id, Arc::new(spool))
+        .replace_files(dataset.id, Arc::clone(&spool) as Arc<dyn FileRowSource>)
         .await
         .map_err(|err| match err {
             // Rows the registry cannot replace are a fact about the dataset, not a hiccup.
             RegistryError::Invalid(message) => failed(anyhow::format_err!("{message}")),
             other => other.into(),
         })?;
+    if let Ok(Spool(spool)) = Arc::try_unwrap(spool) {
+        spool
+            .remove()
+            .await
+            .context("cannot remove the inspection's spool file")?;
+    }
     let record = InspectionRecord {
         files: walked.num_files,
         directories: walked.num_directories,
