@@ -201,9 +201,6 @@ fn inspect_tree_only(dir: &Path, threads: usize) -> Result<String> {
 /// rows in the embedded registry and record the dataset's sizes.
 fn inspect_step(dir: &Path, threads: usize) -> Result<String> {
     let dir = fs::canonicalize(dir).with_context(|| format!("no directory `{}`", dir.display()))?;
-    let parent = dir
-        .parent()
-        .with_context(|| format!("`{}` has no parent directory", dir.display()))?;
     let name = dir
         .file_name()
         .and_then(|n| n.to_str())
@@ -230,10 +227,6 @@ fn inspect_step(dir: &Path, threads: usize) -> Result<String> {
     let mut env = BTreeMap::new();
     env.insert("WORKERS__PARALLELISM".to_owned(), threads.to_string());
     env.insert("ALIAS_SALT".to_owned(), "bench".to_owned());
-    env.insert(
-        "WORKERS__REGISTRATION__RAW_DATA__SOURCE_DIR".to_owned(),
-        parent.to_string_lossy().into_owned(),
-    );
     let settings = workers::config::load(&LoadOptions {
         config_dir: project.path().join("config"),
         app_env: None,
