@@ -12,27 +12,10 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{Map, Value, json};
-use workers::app::App;
 use workers::model::DatasetType;
-use workers::registry::DatasetId;
 use workers::store::TaskStatus;
 use workers::ui::Display;
 use workers::workflow::engine::{self, WorkflowView};
-
-async fn register(app: &App, project: &Project, name: &str) -> DatasetId {
-    let origin = project.dataset(
-        DatasetType::RawData,
-        name,
-        &[("a.txt", b"alpha"), ("d/b.txt", b"beta")],
-    );
-    register_without_workflow(app, name, &origin).await
-}
-
-async fn view_of(app: &App, workflow_id: &str) -> WorkflowView {
-    engine::view(app, app.store.workflow(workflow_id).await.unwrap().unwrap())
-        .await
-        .unwrap()
-}
 
 fn kwargs(pairs: &[(&str, Value)]) -> Map<String, Value> {
     pairs
@@ -52,7 +35,7 @@ async fn a_step_past_its_time_limit_is_stopped_and_fails() {
     let mut project = Project::new();
     project.set_env("WORKERS__WORKER__TIME_LIMITS__AWAIT_STABILITY", "1");
     let app = project.app().await;
-    let id = register(&app, &project, "slow_to_settle").await;
+    let id = register_small(&app, &project, "slow_to_settle").await;
     // Waits for an hour of quiet: only the time limit ends it.
     let workflow_id = engine::start(
         &app,
@@ -91,7 +74,7 @@ async fn a_step_past_its_time_limit_is_stopped_and_fails() {
 async fn a_result_is_not_recorded_once_the_claim_is_lost() {
     let project = Project::new();
     let app = project.app().await;
-    let id = register(&app, &project, "claim_lost").await;
+    let id = register_small(&app, &project, "claim_lost").await;
     let workflow_id = engine::start(
         &app,
         "integrated",

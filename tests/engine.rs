@@ -9,29 +9,11 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
-use workers::app::App;
 use workers::broker::TaskMessage;
 use workers::model::DatasetType;
-use workers::registry::DatasetId;
 use workers::store::{TaskError, TaskStart, TaskStatus};
 use workers::ui::Display;
 use workers::workflow::engine::{self, Resumed, WorkflowView};
-
-/// A small dataset registered directly in the registry (no workflow yet).
-async fn register(app: &App, project: &Project, name: &str) -> DatasetId {
-    let origin = project.dataset(
-        DatasetType::RawData,
-        name,
-        &[("a.txt", b"alpha"), ("d/b.txt", b"beta")],
-    );
-    register_without_workflow(app, name, &origin).await
-}
-
-async fn view_of(app: &App, workflow_id: &str) -> WorkflowView {
-    engine::view(app, app.store.workflow(workflow_id).await.unwrap().unwrap())
-        .await
-        .unwrap()
-}
 
 fn step<'a>(view: &'a WorkflowView, name: &str) -> (usize, &'a workers::store::WorkflowStep) {
     view.workflow
@@ -50,7 +32,7 @@ async fn retryable_failures_are_retried_then_fail_and_resume_finishes_the_workfl
         "{ max_retries = 2, delay_seconds = 0 }",
     );
     let app = project.app().await;
-    let id = register(&app, &project, "retry_me").await;
+    let id = register_small(&app, &project, "retry_me").await;
     // A file where the bundle directory should be: creating it fails (an I/O error, retryable).
     let blocker = app
         .settings
@@ -116,7 +98,7 @@ async fn retryable_failures_are_retried_then_fail_and_resume_finishes_the_workfl
 async fn a_permanent_failure_stops_the_workflow_at_once() {
     let project = Project::new();
     let app = project.app().await;
-    let id = register(&app, &project, "vanished").await;
+    let id = register_small(&app, &project, "vanished").await;
     std::fs::remove_dir_all(project.source(DatasetType::RawData).join("vanished")).unwrap();
     let workflow_id = engine::start(&app, "integrated", id, Default::default())
         .await
@@ -146,7 +128,7 @@ async fn a_permanent_failure_stops_the_workflow_at_once() {
 async fn a_redelivered_message_of_a_finished_step_does_not_run_it_again() {
     let project = Project::new();
     let app = project.app().await;
-    let id = register(&app, &project, "twice").await;
+    let id = register_small(&app, &project, "twice").await;
     let workflow_id = engine::start(&app, "integrated", id, Default::default())
         .await
         .unwrap();
@@ -199,7 +181,7 @@ async fn a_redelivered_message_of_a_finished_step_does_not_run_it_again() {
 async fn a_message_of_an_unknown_task_fails_its_workflow_instead_of_looping() {
     let project = Project::new();
     let app = project.app().await;
-    let id = register(&app, &project, "unknown_task").await;
+    let id = register_small(&app, &project, "unknown_task").await;
     let workflow_id = engine::start(&app, "integrated", id, Default::default())
         .await
         .unwrap();
@@ -227,7 +209,7 @@ async fn a_message_of_an_unknown_task_fails_its_workflow_instead_of_looping() {
 async fn a_message_that_cannot_run_is_kept_as_a_dead_letter() {
     let project = Project::new();
     let app = project.app().await;
-    let id = register(&app, &project, "dead_letters").await;
+    let id = register_small(&app, &project, "dead_letters").await;
     engine::start(&app, "integrated", id, Default::default())
         .await
         .unwrap();
@@ -285,7 +267,7 @@ async fn an_attempt_recorded_as_retried_but_never_requeued_runs_again_after_its_
     let mut project = Project::new();
     project.set_env("WORKERS__RETRY__DEFAULT__DELAY_SECONDS", "3");
     let app = project.app().await;
-    let id = register(&app, &project, "retried_then_crashed").await;
+    let id = register_small(&app, &project, "retried_then_crashed").await;
     let workflow_id = engine::start(&app, "integrated", id, Default::default())
         .await
         .unwrap();
@@ -344,7 +326,7 @@ async fn an_attempt_recorded_as_retried_but_never_requeued_runs_again_after_its_
 async fn a_workflow_whose_first_step_was_never_published_is_repaired() {
     let project = Project::new();
     let app = project.app().await;
-    let id = register(&app, &project, "stalled").await;
+    let id = register_small(&app, &project, "stalled").await;
     // What a crash between creating the workflow and publishing its first step leaves.
     let spec = app.definitions.get("integrated").unwrap().clone();
     app.store

@@ -358,3 +358,20 @@ pub async fn run_until_idle(app: &Arc<App>, concurrency: usize, limit: Duration)
     .expect("workflows finish")
     .unwrap();
 }
+
+/// A small dataset (two files) registered directly in the registry, without a workflow.
+pub async fn register_small(app: &App, project: &Project, name: &str) -> i64 {
+    let origin = project.dataset(
+        DatasetType::RawData,
+        name,
+        &[("a.txt", b"alpha"), ("d/b.txt", b"beta")],
+    );
+    register_without_workflow(app, name, &origin).await
+}
+
+/// A workflow with its derived status.
+pub async fn view_of(app: &App, workflow_id: &str) -> workers::workflow::engine::WorkflowView {
+    workers::workflow::engine::view(app, app.store.workflow(workflow_id).await.unwrap().unwrap())
+        .await
+        .unwrap()
+}
