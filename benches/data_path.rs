@@ -27,7 +27,7 @@ use serde_json::{Map, Value, json};
 use workers::app::App;
 use workers::cancel::CancellationToken;
 use workers::compute::Pool;
-use workers::compute::bundle::write_bundle;
+use workers::compute::bundle::{MemberDigest, write_bundle};
 use workers::compute::extract::{ExtractOptions, extract_bundle};
 use workers::compute::md5::md5_file;
 use workers::compute::walk::{InspectOptions, inspect_tree};
@@ -358,7 +358,15 @@ fn bundle(dir: &Path, out: &Path, threads: usize) -> Result<String> {
     }
     let start = Instant::now();
     let summary = pool
-        .install(|| write_bundle(dir, &out, &|_| {}, &CancellationToken::new()))
+        .install(|| {
+            write_bundle(
+                dir,
+                &out,
+                MemberDigest::default(),
+                &|_| {},
+                &CancellationToken::new(),
+            )
+        })
         .with_context(|| format!("cannot bundle `{}`", dir.display()))?;
     let seconds = start.elapsed().as_secs_f64();
     Ok(report(

@@ -235,6 +235,9 @@ pub struct InspectionRecord {
     pub sizes_fingerprint: String,
     /// `checksum_fingerprint_add` over (path, MD5).
     pub checksums_fingerprint: String,
+    /// `digest_fingerprint_add` over (path, BLAKE3 of the content): what archive compares a
+    /// bundle's members with (a second MD5 of every byte would cost too much there).
+    pub contents_fingerprint: String,
     /// The task that made the inspection.
     pub task_id: String,
 }
@@ -257,6 +260,10 @@ impl InspectionRecord {
 
     pub fn checksums(&self) -> Option<u64> {
         u64::from_str_radix(&self.checksums_fingerprint, 16).ok()
+    }
+
+    pub fn contents(&self) -> Option<u64> {
+        u64::from_str_radix(&self.contents_fingerprint, 16).ok()
     }
 }
 

@@ -17,7 +17,7 @@ use crate::compute::md5::{
     CHUNK_SIZE, CopyError, HashingWriter, Md5, Md5Digest, advise_sequential,
 };
 use crate::compute::walk::{
-    EntryKind, checksum_fingerprint_add, classify, fingerprint_add, symlink_escapes,
+    EntryKind, classify, digest_fingerprint_add, fingerprint_add, symlink_escapes,
 };
 
 /// What [`write_bundle`] wrote.
@@ -42,20 +42,21 @@ pub struct MemberSummary {
     /// `fingerprint_add` over (path, 0) of the same members: comparable with file rows whose
     /// sizes the registry does not return.
     pub path_fingerprint: u64,
-    /// `checksum_fingerprint_add` over (path, MD5 of the content as written, none for links) of
-    /// the same members; equals `inspect_tree(..).checksum_fingerprint` when every file still
-    /// holds the bytes inspect hashed.
-    pub checksum_fingerprint: u64,
+    /// `digest_fingerprint_add` over (path, digest of the content as written, none for links) of
+    /// the same members, the digest being the writer's `MemberDigest`; equals
+    /// `inspect_tree(..).content_fingerprint` (BLAKE3) or `.checksum_fingerprint` (MD5) when every
+    /// file still holds the bytes inspect hashed.
+    pub digest_fingerprint: u64,
     /// Sum of the sizes in `fingerprint`; equals `inspect_tree(..).size` of an unchanged tree.
     pub bytes: u64,
 }
 
 impl MemberSummary {
-    fn add_file(&mut self, rel: &str, size: u64, md5: Option<&Md5Digest>) {
+    fn add_file(&mut self, rel: &str, size: u64, digest: Option<&[u8]>) {
         self.files += 1;
         self.fingerprint = fingerprint_add(self.fingerprint, rel, size);
         self.path_fingerprint = fingerprint_add(self.path_fingerprint, rel, 0);
-        self.checksum_fingerprint = checksum_fingerprint_add(self.checksum_fingerprint, rel, md5);
+        self.digest_fingerprint = digest_fingerprint_add(self.digest_fingerprint, rel, digest);
         self.bytes += size;
     }
 }
@@ -96,8 +97,50 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> BundleError + '_ {
     }
 }
 
+/// Which digest of each member's content the writer computes, to compare the bundle with an
+/// inspection: BLAKE3, which inspect records alongside each MD5 and which costs a fraction of a
+/// second MD5 pass; or MD5, for inspections that recorded nothing else (older releases, the
+/// Python workers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemberDigest {
+    #[default]
+    Blake3,
+    Md5,
+}
+
+/// A member's content digest as it is computed.
+enum MemberHasher {
+    Blake3(Box<blake3::Hasher>),
+    Md5(Md5),
+}
+
+impl MemberHasher {
+    fn new(kind: MemberDigest) -> MemberHasher {
+        match kind {
+            MemberDigest::Blake3 => MemberHasher::Blake3(Box::default()),
+            MemberDigest::Md5 => MemberHasher::Md5(Md5::new()),
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        match self {
+            MemberHasher::Blake3(hasher) => {
+                hasher.update(data);
+            }
+            MemberHasher::Md5(md5) => md5.update(data),
+        }
+    }
+
+    fn finish(self) -> Vec<u8> {
+        match self {
+            MemberHasher::Blake3(hasher) => hasher.finalize().as_bytes().to_vec(),
+            MemberHasher::Md5(md5) => md5.finish().as_bytes().to_vec(),
+        }
+    }
+}
+
 /// Writes the tar bundle of `source` to the new file `bundle`, hashing it while it is written
-/// (never re-read), and syncs it.
+/// (never re-read), and each member's content with `members` on the way, and syncs it.
 ///
 /// `bundle` must not exist: callers give each attempt its own path (`super::attempt_sibling`),
 /// so that a cancelled attempt still stopping and the next one never share a file. On any error,
@@ -105,10 +148,11 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> BundleError + '_ {
 pub fn write_bundle(
     source: &Path,
     bundle: &Path,
+    members: MemberDigest,
     on_bytes: &(dyn Fn(u64) + Sync),
     cancel: &CancellationToken,
 ) -> Result<BundleSummary, BundleError> {
-    let result = write_new(source, bundle, on_bytes, cancel);
+    let result = write_new(source, bundle, members, on_bytes, cancel);
     if result.is_err() {
         // Best effort: the error being returned matters more than a failed cleanup.
         let _ = fs::remove_file(bundle);
@@ -119,6 +163,7 @@ pub fn write_bundle(
 fn write_new(
     source: &Path,
     partial: &Path,
+    digest: MemberDigest,
     on_bytes: &(dyn Fn(u64) + Sync),
     cancel: &CancellationToken,
 ) -> Result<BundleSummary, BundleError> {
@@ -207,16 +252,15 @@ fn write_new(
                 members.add_file(&rel.to_string_lossy(), meta.len(), None);
             }
         } else if file_type.is_file() {
-            let md5 = append_file(builder.get_mut(), &name, path, &meta, cancel).map_err(
-                |err| match err {
+            let content = append_file(builder.get_mut(), &name, path, &meta, digest, cancel)
+                .map_err(|err| match err {
                     MemberError::Changed => BundleError::Changed {
                         path: path.to_owned(),
                     },
                     MemberError::Read(source) => io_error(path)(source),
                     MemberError::Write(source) => io_error(partial)(source),
-                },
-            )?;
-            members.add_file(&rel.to_string_lossy(), meta.len(), Some(&md5));
+                })?;
+            members.add_file(&rel.to_string_lossy(), meta.len(), Some(&content));
         } else {
             tracing::warn!(path = %path.display(), "not a file, directory or symbolic link; left out of the bundle");
         }
@@ -363,16 +407,17 @@ enum MemberError {
     Write(io::Error),
 }
 
-/// Appends a regular file and returns the MD5 of the content it wrote: the member's own
-/// checksum, compared with the inspection's so that a file changed since (even with its size
-/// kept) is never archived under the old description.
+/// Appends a regular file and returns the digest of the content it wrote: compared with the
+/// inspection's, so that a file changed since (even with its size kept) is never archived under
+/// the old description.
 fn append_file<W: Write>(
     out: &mut ProgressWriter<'_, W>,
     name: &[u8],
     path: &Path,
     meta: &Metadata,
+    digest: MemberDigest,
     cancel: &CancellationToken,
-) -> Result<Md5Digest, MemberError> {
+) -> Result<Vec<u8>, MemberError> {
     let mut file = match fs::OpenOptions::new()
         .read(true)
         // The entry was a regular file when listed; never follow a link swapped in since.
@@ -395,7 +440,7 @@ fn append_file<W: Write>(
     advise_sequential(&file);
     let len = meta.len();
     append_entry(out, name, EntryType::Regular, meta, None, len).map_err(MemberError::Write)?;
-    let md5 = copy_member(&mut file, len, out, cancel)?;
+    let content = copy_member(&mut file, len, out, digest, cancel)?;
     let after = file.metadata().map_err(MemberError::Read)?;
     if after.len() != len
         || after.mtime() != meta.mtime()
@@ -403,26 +448,27 @@ fn append_file<W: Write>(
     {
         return Err(MemberError::Changed);
     }
-    Ok(md5)
+    Ok(content)
 }
 
 /// Copies exactly `len` bytes of member content and the block padding, reading straight into the
-/// hashing writer's buffer (no intermediate copy), and returns the MD5 of the content. A reader that
-/// runs dry early means the file shrank after its header was written: the archive would be corrupt,
-/// so that is `Changed`.
+/// hashing writer's buffer (no intermediate copy), and returns the `digest` of the content. A
+/// reader that runs dry early means the file shrank after its header was written: the archive
+/// would be corrupt, so that is `Changed`.
 fn copy_member<W: Write>(
     reader: &mut dyn Read,
     len: u64,
     out: &mut ProgressWriter<'_, W>,
+    digest: MemberDigest,
     cancel: &CancellationToken,
-) -> Result<Md5Digest, MemberError> {
+) -> Result<Vec<u8>, MemberError> {
     let mut limited = reader.take(len);
     let mut remaining = len;
-    let mut md5 = Md5::new();
+    let mut hasher = MemberHasher::new(digest);
     while remaining > 0 {
         check(cancel).map_err(MemberError::Read)?;
         let n = out
-            .read_from(&mut limited, &mut |data| md5.update(data))
+            .read_from(&mut limited, &mut |data| hasher.update(data))
             .map_err(|err| match err {
                 CopyError::Read(err) => MemberError::Read(err),
                 CopyError::Write(err) => MemberError::Write(err),
@@ -433,7 +479,7 @@ fn copy_member<W: Write>(
         remaining -= n as u64;
     }
     pad(out, len).map_err(MemberError::Write)?;
-    Ok(md5.finish())
+    Ok(hasher.finish())
 }
 
 /// A non-directory member of a bundle, as [`list_members`] reads it back.
@@ -625,6 +671,7 @@ pub(crate) mod tests {
                 write_bundle(
                     &source,
                     &bundle,
+                    MemberDigest::Blake3,
                     &|n| {
                         reported.fetch_add(n, Ordering::Relaxed);
                     },
@@ -717,16 +764,39 @@ pub(crate) mod tests {
         let first = dir.path().join("first.tar");
         let second = dir.path().join("second.tar");
         let a = pool
-            .install(|| write_bundle(&source, &first, &|_| {}, &CancellationToken::new()))
+            .install(|| {
+                write_bundle(
+                    &source,
+                    &first,
+                    MemberDigest::Blake3,
+                    &|_| {},
+                    &CancellationToken::new(),
+                )
+            })
             .expect("bundle");
         let b = pool
-            .install(|| write_bundle(&source, &second, &|_| {}, &CancellationToken::new()))
+            .install(|| {
+                write_bundle(
+                    &source,
+                    &second,
+                    MemberDigest::Md5,
+                    &|_| {},
+                    &CancellationToken::new(),
+                )
+            })
             .expect("bundle");
-        assert_eq!(a.md5, b.md5);
+        assert_eq!(a.md5, b.md5, "the member digest does not change the bundle");
         assert!(fs::read(&first).expect("read") == fs::read(&second).expect("read"));
         // A path that exists is never written over: each attempt has its own.
-        let taken =
-            pool.install(|| write_bundle(&source, &first, &|_| {}, &CancellationToken::new()));
+        let taken = pool.install(|| {
+            write_bundle(
+                &source,
+                &first,
+                MemberDigest::Blake3,
+                &|_| {},
+                &CancellationToken::new(),
+            )
+        });
         assert!(matches!(taken, Err(BundleError::Io { .. })), "{taken:?}");
         assert!(!first.exists(), "a failed write removes its file");
 
@@ -745,10 +815,8 @@ pub(crate) mod tests {
             })
             .expect("inspect");
         assert_eq!(a.members.fingerprint, inspected.fingerprint);
-        assert_eq!(
-            a.members.checksum_fingerprint,
-            inspected.checksum_fingerprint
-        );
+        assert_eq!(a.members.digest_fingerprint, inspected.content_fingerprint);
+        assert_eq!(b.members.digest_fingerprint, inspected.checksum_fingerprint);
         assert_eq!(a.members.bytes, inspected.size);
         assert_eq!(a.members.files, inspected.num_files);
         assert_eq!(a.members.directories, inspected.num_directories);
@@ -761,8 +829,14 @@ pub(crate) mod tests {
         write(&source.join("a.txt"), b"a", 0o644);
         symlink("../../outside", source.join("sub_link")).expect("symlink");
         let bundle = dir.path().join("dataset.tar");
-        let err = write_bundle(&source, &bundle, &|_| {}, &CancellationToken::new())
-            .expect_err("escaping link");
+        let err = write_bundle(
+            &source,
+            &bundle,
+            MemberDigest::Blake3,
+            &|_| {},
+            &CancellationToken::new(),
+        )
+        .expect_err("escaping link");
         match &err {
             BundleError::EscapingSymlink { path, target } => {
                 assert_eq!(path, &source.join("sub_link"));
@@ -785,6 +859,7 @@ pub(crate) mod tests {
                 write_bundle(
                     &source,
                     &dir.path().join(name),
+                    MemberDigest::Blake3,
                     &|_| {},
                     &CancellationToken::new(),
                 )
@@ -799,8 +874,8 @@ pub(crate) mod tests {
             "same sizes"
         );
         assert_ne!(
-            before.members.checksum_fingerprint,
-            after.members.checksum_fingerprint
+            before.members.digest_fingerprint,
+            after.members.digest_fingerprint
         );
         let listed =
             list_members(&dir.path().join("after.tar"), &CancellationToken::new()).expect("list");
@@ -847,6 +922,7 @@ pub(crate) mod tests {
                     write_bundle(
                         &source,
                         &bundle,
+                        MemberDigest::Blake3,
                         &|n| {
                             written.fetch_add(n, Ordering::Relaxed);
                         },
@@ -878,6 +954,7 @@ pub(crate) mod tests {
                 write_bundle(
                     &source,
                     &bundle,
+                    MemberDigest::Blake3,
                     &|written| {
                         if written > 0 {
                             cancel.cancel();
@@ -898,6 +975,7 @@ pub(crate) mod tests {
         let err = write_bundle(
             &dir.path().join("missing"),
             &bundle,
+            MemberDigest::Blake3,
             &|_| {},
             &CancellationToken::new(),
         )
@@ -916,12 +994,28 @@ pub(crate) mod tests {
         };
         let mut out = writer(&|_| {});
         let cancel = CancellationToken::new();
-        let err = copy_member(&mut &b"only ten b"[..], 20, &mut out, &cancel).expect_err("short");
+        let err = copy_member(
+            &mut &b"only ten b"[..],
+            20,
+            &mut out,
+            MemberDigest::Blake3,
+            &cancel,
+        )
+        .expect_err("short");
         assert!(matches!(err, MemberError::Changed));
         let mut out = writer(&|_| {});
-        let md5 =
-            copy_member(&mut &b"exactly ten and more"[..], 10, &mut out, &cancel).expect("exact");
-        assert_eq!(md5, crate::compute::md5::md5_bytes(b"exactly te"));
+        let md5 = copy_member(
+            &mut &b"exactly ten and more"[..],
+            10,
+            &mut out,
+            MemberDigest::Md5,
+            &cancel,
+        )
+        .expect("exact");
+        assert_eq!(
+            md5,
+            crate::compute::md5::md5_bytes(b"exactly te").as_bytes()
+        );
         let (out, digest, size) = out.finish().expect("finish");
         assert_eq!(out.len(), BLOCK);
         assert_eq!(size, BLOCK as u64);

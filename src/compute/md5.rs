@@ -191,6 +191,16 @@ pub fn md5_reader(
     on_bytes: &mut dyn FnMut(u64),
     cancel: &CancellationToken,
 ) -> io::Result<(Md5Digest, u64)> {
+    md5_reader_with(reader, &mut |chunk| on_bytes(chunk.len() as u64), cancel)
+}
+
+/// `md5_reader` that also shows every chunk read to `on_chunk` (another hash of the same bytes,
+/// progress), so the bytes are read once.
+pub fn md5_reader_with(
+    reader: &mut dyn Read,
+    on_chunk: &mut dyn FnMut(&[u8]),
+    cancel: &CancellationToken,
+) -> io::Result<(Md5Digest, u64)> {
     with_read_buffer(|buf| {
         let mut md5 = Md5::new();
         let mut total = 0u64;
@@ -202,7 +212,7 @@ pub fn md5_reader(
             }
             md5.update(&buf[..n]);
             total += n as u64;
-            on_bytes(n as u64);
+            on_chunk(&buf[..n]);
         }
         Ok((md5.finish(), total))
     })

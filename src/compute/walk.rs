@@ -17,7 +17,7 @@ use rayon::iter::{ParallelBridge, ParallelIterator};
 use walkdir::WalkDir;
 
 use crate::cancel::{CancellationToken, Cancelled};
-use crate::compute::md5::{Md5Digest, advise_sequential, md5_reader};
+use crate::compute::md5::{Md5Digest, advise_sequential, md5_reader_with};
 
 /// What a directory entry is, with symbolic links told apart by what they point at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,15 +90,20 @@ pub fn fingerprint_add(acc: u64, rel_path: &str, size: u64) -> u64 {
     ))
 }
 
-/// Order-independent fingerprint of (path, checksum) pairs, made like [`fingerprint_add`]: the
-/// path bytes, a 0 byte, then the 16 bytes of the MD5, or one 0xff byte for an entry without
-/// one (a symbolic link). Equal sums mean every file holds the content that was hashed before,
-/// whatever happened to sizes and times.
+/// Order-independent fingerprint of (path, MD5) pairs: [`digest_fingerprint_add`] of the MD5.
 pub fn checksum_fingerprint_add(acc: u64, rel_path: &str, md5: Option<&Md5Digest>) -> u64 {
-    let digest: &[u8] = match md5 {
-        Some(md5) => md5.as_bytes(),
-        None => &[0xff],
-    };
+    digest_fingerprint_add(acc, rel_path, md5.map(|m| m.as_bytes().as_slice()))
+}
+
+/// The BLAKE3 of a file's content, computed with its MD5 at inspection and as archive writes it.
+pub type ContentDigest = [u8; 32];
+
+/// Order-independent fingerprint of (path, content digest) pairs, made like
+/// [`fingerprint_add`]: the path bytes, a 0 byte, then the digest's bytes, or one 0xff byte for
+/// an entry without one (a symbolic link). Equal sums mean every file holds the content that
+/// was hashed before, whatever happened to sizes and times.
+pub fn digest_fingerprint_add(acc: u64, rel_path: &str, digest: Option<&[u8]>) -> u64 {
+    let digest: &[u8] = digest.unwrap_or(&[0xff]);
     acc.wrapping_add(mixed_hash(
         rel_path
             .as_bytes()
@@ -280,6 +285,8 @@ pub struct InspectRecord {
     pub path: String,
     /// None for symlinks.
     pub md5: Option<Md5Digest>,
+    /// BLAKE3 of the content, read in the same pass; None for symlinks.
+    pub content: Option<ContentDigest>,
     pub size: u64,
     pub kind: RecordKind,
 }
@@ -301,6 +308,8 @@ pub struct InspectSummary {
     pub fingerprint: u64,
     /// `checksum_fingerprint_add` over every row's (path, MD5).
     pub checksum_fingerprint: u64,
+    /// `digest_fingerprint_add` over every row's (path, BLAKE3 of the content).
+    pub content_fingerprint: u64,
     /// The first error messages (at most 100).
     pub errors: Vec<String>,
     pub error_count: u64,
@@ -324,6 +333,9 @@ impl InspectSummary {
         self.checksum_fingerprint = self
             .checksum_fingerprint
             .wrapping_add(other.checksum_fingerprint);
+        self.content_fingerprint = self
+            .content_fingerprint
+            .wrapping_add(other.content_fingerprint);
         self.error_count += other.error_count;
         let room = MAX_ERRORS.saturating_sub(self.errors.len());
         self.errors.extend(other.errors.into_iter().take(room));
@@ -336,6 +348,11 @@ impl InspectSummary {
         self.fingerprint = fingerprint_add(self.fingerprint, &record.path, record.size);
         self.checksum_fingerprint =
             checksum_fingerprint_add(self.checksum_fingerprint, &record.path, record.md5.as_ref());
+        self.content_fingerprint = digest_fingerprint_add(
+            self.content_fingerprint,
+            &record.path,
+            record.content.as_ref().map(|d| d.as_slice()),
+        );
     }
 }
 
@@ -409,19 +426,21 @@ impl Inspection<'_> {
                 let record = InspectRecord {
                     path: rel.to_owned(),
                     md5: None,
+                    content: None,
                     size: metadata.len(),
                     kind: RecordKind::Symlink,
                 };
                 self.emit(&mut summary, record);
             }
             EntryKind::File => match self.hash(path) {
-                Ok((digest, size)) => {
+                Ok((digest, content, size)) => {
                     if self.is_genome_file(rel) {
                         summary.num_genome_files += 1;
                     }
                     let record = InspectRecord {
                         path: rel.to_owned(),
                         md5: Some(digest),
+                        content: Some(content),
                         size,
                         kind: RecordKind::File,
                     };
@@ -448,17 +467,22 @@ impl Inspection<'_> {
         metadata.size()
     }
 
-    fn hash(&self, path: &Path) -> io::Result<(Md5Digest, u64)> {
+    /// MD5 and BLAKE3 of the file's content, in one read.
+    fn hash(&self, path: &Path) -> io::Result<(Md5Digest, ContentDigest, u64)> {
         let mut file = File::open(path)?;
         advise_sequential(&file);
-        md5_reader(
+        let mut content = blake3::Hasher::new();
+        let (md5, size) = md5_reader_with(
             &mut file,
-            &mut |n| {
+            &mut |chunk| {
+                content.update(chunk);
+                let n = chunk.len() as u64;
                 let bytes = self.bytes_done.fetch_add(n, Ordering::Relaxed) + n;
                 (self.on_progress)(self.files_done.load(Ordering::Relaxed), bytes);
             },
             self.cancel,
-        )
+        )?;
+        Ok((md5, *content.finalize().as_bytes(), size))
     }
 
     fn emit(&self, summary: &mut InspectSummary, record: InspectRecord) {

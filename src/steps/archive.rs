@@ -25,7 +25,7 @@ use super::{
 };
 use crate::cancel::CancellationToken;
 use crate::compute::bundle::{
-    BundleError, ListedMember, MemberSummary, list_members, write_bundle,
+    BundleError, ListedMember, MemberDigest, MemberSummary, list_members, write_bundle,
 };
 use crate::compute::{TempFile, attempt_sibling, blocking, remove_leftover_partials};
 use crate::model::{Bundle, DatasetState, InspectionRecord};
@@ -58,8 +58,9 @@ pub async fn run(ctx: &StepContext) -> StepResult {
 
     ctx.progress.start("tar", "bytes", dataset.du_size);
     let (source, target, progress) = (origin.clone(), bundle_path.clone(), ctx.progress.clone());
+    let digest = expected.digest;
     let written = ctx
-        .compute(move |cancel| write_bundle(&source, &target, &|n| progress.add(n), cancel))
+        .compute(move |cancel| write_bundle(&source, &target, digest, &|n| progress.add(n), cancel))
         .await?;
     // Removed on every way out: after the archive took it, or on any failure.
     let generated = TempFile::new(bundle_path.clone());
@@ -140,7 +141,10 @@ struct Expected {
     bytes: Option<u64>,
     sizes: Option<u64>,
     paths: Option<u64>,
-    checksums: u64,
+    /// The digest of each member's content to compute, and the fingerprint of (path, digest)
+    /// expected of them.
+    digest: MemberDigest,
+    contents: u64,
 }
 
 impl Expected {
@@ -180,7 +184,8 @@ impl Expected {
             bytes: dataset.size,
             sizes: rows.sizes,
             paths: Some(rows.paths),
-            checksums: rows.checksums,
+            digest: MemberDigest::Md5,
+            contents: rows.checksums,
         })
     }
 
@@ -192,7 +197,8 @@ impl Expected {
             bytes: Some(record.bytes),
             sizes: Some(record.sizes()?),
             paths: None,
-            checksums: record.checksums()?,
+            digest: MemberDigest::Blake3,
+            contents: record.contents()?,
         })
     }
 
@@ -225,7 +231,7 @@ impl Expected {
         {
             found.push("other paths or sizes".to_owned());
         }
-        if self.checksums != members.checksum_fingerprint {
+        if self.contents != members.digest_fingerprint {
             found.push("other contents".to_owned());
         }
         if found.is_empty() {

@@ -215,6 +215,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         bytes: walked.size,
         sizes_fingerprint: InspectionRecord::fingerprint_text(walked.fingerprint),
         checksums_fingerprint: InspectionRecord::fingerprint_text(walked.checksum_fingerprint),
+        contents_fingerprint: InspectionRecord::fingerprint_text(walked.content_fingerprint),
         task_id: ctx.task_id.clone(),
     };
     app.registry
