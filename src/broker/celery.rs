@@ -532,6 +532,34 @@ mod tests {
     }
 
     #[test]
+    fn time_limits_survive_the_round_trip_and_the_earlier_one_applies() {
+        let (_, mut message) = decoded_fixture();
+        assert_eq!(
+            message.time_limits,
+            TimeLimits::default(),
+            "Celery sent none"
+        );
+        message.time_limits = TimeLimits {
+            hard: Some(86_400.0),
+            soft: Some(30.5),
+        };
+        let (properties, body) = encode(&message, &Sender::new("h", 1));
+        let headers = headers_json(properties.headers().as_ref().unwrap());
+        assert_eq!(headers["timelimit"], json!([86_400.0, 30.5]));
+        let decoded = decode(&properties, &body, &message.queue).unwrap();
+        assert_eq!(decoded.time_limits, message.time_limits);
+        assert_eq!(
+            decoded.time_limits.earliest(),
+            Some(std::time::Duration::from_secs_f64(30.5))
+        );
+        let none_usable = TimeLimits {
+            hard: Some(0.0),
+            soft: None,
+        };
+        assert_eq!(none_usable.earliest(), None);
+    }
+
+    #[test]
     fn reads_every_eta_form_celery_writes() {
         let at = |s: &str| parse_eta(s).unwrap().to_rfc3339();
         assert_eq!(
