@@ -312,7 +312,10 @@ def check(project, specs):
     queued = project.query("SELECT task_id, task FROM queue")
     if queued:
         say(f"messages left in the queue: {queued}")
-    dead = project.query("SELECT COUNT(*) FROM dead_letters")
+    try:
+        dead = project.query("SELECT COUNT(*) FROM dead_letters")
+    except sqlite3.OperationalError:
+        dead = []  # a database without dead letters
     if dead and dead[0][0]:
         say(f"{dead[0][0]} dead letters")
     for w, (wname, status, _) in workflows.items():

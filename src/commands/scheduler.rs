@@ -154,7 +154,8 @@ async fn handle_signals(load: LoadOptions, runner: Arc<AppRunner>, control: mpsc
 async fn reload(load: &LoadOptions) -> anyhow::Result<Arc<App>> {
     // The environment and .env are read again: they may have changed too.
     let fresh = LoadOptions::from_process(Some(load.config_dir.clone()), load.flags.clone());
-    let settings = crate::config::load(&fresh)?;
+    // Reading the files is file-system work: off the runtime threads, like every other.
+    let settings = crate::compute::blocking(move || crate::config::load(&fresh)).await?;
     App::build(settings).await
 }
 
