@@ -80,12 +80,12 @@ def tree_md5s(root):
 
 
 class Project:
-    def __init__(self, base, binary, rng):
+    def __init__(self, base, binary, rng, repo):
         self.root = Path(tempfile.mkdtemp(prefix="workers-chaos-", dir=base))
         self.binary = binary
         self.rng = rng
         for sub in ("config", "jobs"):
-            shutil.copytree(REPO / sub, self.root / sub)
+            shutil.copytree(repo / sub, self.root / sub)
         self.sources = self.root / "examples" / "raw_data"
         self.sources.mkdir(parents=True)
         (self.root / "examples" / "data_products").mkdir(parents=True)
@@ -326,7 +326,7 @@ def check(project, specs):
 
 def one_run(n, args, binary):
     rng = random.Random(args.seed * 1000 + n)
-    project = Project(args.dir, binary, rng)
+    project = Project(args.dir, binary, rng, Path(args.repo))
     specs = datasets(rng)
     order = list(specs)
     rng.shuffle(order)
@@ -335,6 +335,7 @@ def one_run(n, args, binary):
         project.create_one(name, specs[name][0])
     pending = [(name, specs[name][0]) for name in order[2:]]
     fleet = Fleet(project, rng)
+    stuck = None
     try:
         names = list(specs)
 
@@ -358,11 +359,18 @@ def one_run(n, args, binary):
                 return sum(1 for w in wf.values() if w[0] == fate and w[1] == "SUCCESS") >= len(targets)
 
             wait_until(project, fleet, fate, fate_done, args.timeout, rng)
+    except TimeoutError as err:
+        stuck = str(err)
     finally:
         fleet.stop()
+    problems = [f"stuck: {stuck}"] if stuck else []
     # Whatever the last kill interrupted is finished by one quiet worker.
-    project.run("worker", "--until-idle")
-    problems = check(project, specs)
+    try:
+        subprocess.run(project.command("worker", "--until-idle"), cwd=project.root, env=project.env,
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        problems.append(f"a quiet `worker --until-idle` did not finish within {args.timeout} s")
+    problems.extend(check(project, specs))
     return project, fleet.kills, len(specs), problems
 
 
@@ -373,6 +381,8 @@ def main():
     parser.add_argument("--seed", type=int, default=int(time.time()))
     parser.add_argument("--dir", default=tempfile.gettempdir())
     parser.add_argument("--timeout", type=int, default=300, help="seconds per phase")
+    parser.add_argument("--repo", default=str(REPO),
+                        help="the checkout whose config/ and jobs/ the projects use (the binary's)")
     args = parser.parse_args()
     if args.runs < 1:
         parser.error("--runs must be at least 1")
@@ -384,7 +394,7 @@ def main():
         t = time.monotonic()
         try:
             project, kills, count, problems = one_run(n, args, binary)
-        except (TimeoutError, RuntimeError) as err:
+        except RuntimeError as err:
             print(f"chaos: run {n}: {err}")
             failed_runs += 1
             continue
