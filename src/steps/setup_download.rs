@@ -12,7 +12,7 @@ use tracing::info;
 
 use super::{StepContext, StepError, StepResult, returns_dataset, staged_bundle_path};
 use crate::cancel::{CancellationToken, check};
-use crate::compute::{attempt_sibling, blocking, remove_tree};
+use crate::compute::{attempt_sibling, blocking, remove_leftover_partials, remove_tree};
 
 fn failed(err: anyhow::Error) -> StepError {
     StepError::permanent("ValidationFailed", err)
@@ -102,6 +102,8 @@ fn replace_with_symlink(
     target: &Path,
     cancel: &CancellationToken,
 ) -> anyhow::Result<()> {
+    remove_leftover_partials(link)
+        .with_context(|| format!("cannot remove leftovers next to `{}`", link.display()))?;
     let temp = attempt_sibling(link);
     std::os::unix::fs::symlink(target, &temp)
         .with_context(|| format!("cannot create `{}`", temp.display()))?;
@@ -145,4 +147,42 @@ fn open_tree_for_reading(root: &Path, cancel: &CancellationToken) -> anyhow::Res
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process killed between making its new link and renaming it leaves the link under a
+    /// partial name; the next replacement of the same link removes it.
+    #[test]
+    fn replacing_a_link_removes_what_a_dead_attempt_left() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let link = dir.path().join("alias");
+        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        let gone = child.id();
+        child.wait().expect("wait");
+        let ours = attempt_sibling(&link);
+        let name = ours
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        let (prefix, _) = name.split_at(name.find('-').expect("pid part"));
+        let leftover = dir.path().join(format!("{prefix}-{gone}-deadbeef.partial"));
+        std::os::unix::fs::symlink("/nowhere", &leftover).expect("symlink");
+        let target = dir.path().join("tree");
+        std::fs::create_dir(&target).expect("mkdir");
+        replace_with_symlink(&link, &target, &CancellationToken::new()).expect("replace");
+        assert_eq!(std::fs::read_link(&link).expect("link"), target);
+        assert!(
+            std::fs::symlink_metadata(&leftover).is_err(),
+            "leftover removed"
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
 }
