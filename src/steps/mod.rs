@@ -287,25 +287,32 @@ pub struct RowsSummary {
 
 /// Reads the dataset's rows page by page into a summary.
 pub async fn summarize_rows(ctx: &StepContext, id: DatasetId) -> Result<RowsSummary, StepError> {
-    use crate::compute::walk::{checksum_fingerprint_add, fingerprint_add};
     let mut summary = RowsSummary {
         sizes: Some(0),
         ..RowsSummary::default()
     };
     let mut pages = crate::registry::FilePages::new(ctx.app.registry.as_ref(), id, 10_000);
     while let Some(page) = pages.next().await? {
-        for row in &page {
-            summary.rows += 1;
-            summary.paths = fingerprint_add(summary.paths, &row.path, 0);
-            summary.sizes = match (summary.sizes, row.size) {
+        // Hashing every path of a page is CPU work: on the pool, not on a runtime thread.
+        summary = ctx.compute(move |_| summary.add(&page)).await?;
+    }
+    Ok(summary)
+}
+
+impl RowsSummary {
+    fn add(mut self, rows: &[crate::model::FileRecord]) -> RowsSummary {
+        use crate::compute::walk::{checksum_fingerprint_add, fingerprint_add};
+        for row in rows {
+            self.rows += 1;
+            self.paths = fingerprint_add(self.paths, &row.path, 0);
+            self.sizes = match (self.sizes, row.size) {
                 (Some(acc), Some(size)) => Some(fingerprint_add(acc, &row.path, size)),
                 _ => None,
             };
-            summary.checksums =
-                checksum_fingerprint_add(summary.checksums, &row.path, row.md5.as_ref());
+            self.checksums = checksum_fingerprint_add(self.checksums, &row.path, row.md5.as_ref());
         }
+        self
     }
-    Ok(summary)
 }
 
 /// Reads the dataset's rows until `complete` says they are, waiting with a growing pause for at

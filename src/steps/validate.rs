@@ -151,27 +151,29 @@ async fn ensure_rows_match(
         return Ok(());
     }
     let bundle = staged_bundle_path(&ctx.app, dataset);
-    let listed = ctx
-        .compute(move |cancel| list_members(&bundle, cancel))
+    let (restored, fingerprint) = ctx
+        .compute(move |cancel| -> std::io::Result<(Vec<FileRecord>, u64)> {
+            let restored: Vec<FileRecord> = list_members(&bundle, cancel)?
+                .into_iter()
+                .map(|member| FileRecord {
+                    file_type: if member.md5.is_some() {
+                        FileType::File
+                    } else {
+                        FileType::SymbolicLink
+                    },
+                    path: member.path,
+                    md5: member.md5,
+                    size: Some(member.size),
+                })
+                .collect();
+            let fingerprint = restored.iter().fold(0u64, |acc, row| {
+                checksum_fingerprint_add(acc, &row.path, row.md5.as_ref())
+            });
+            Ok((restored, fingerprint))
+        })
         .await?
         .with_context(|| "cannot read the staged bundle to restore file rows".to_owned())
         .map_err(StepError::retryable_unless_cancelled)?;
-    let restored: Vec<FileRecord> = listed
-        .into_iter()
-        .map(|member| FileRecord {
-            file_type: if member.md5.is_some() {
-                FileType::File
-            } else {
-                FileType::SymbolicLink
-            },
-            path: member.path,
-            md5: member.md5,
-            size: Some(member.size),
-        })
-        .collect();
-    let fingerprint = restored.iter().fold(0u64, |acc, row| {
-        checksum_fingerprint_add(acc, &row.path, row.md5.as_ref())
-    });
     if restored.len() as u64 != record.files || Some(fingerprint) != want {
         return Err(failed(anyhow::format_err!(
             "the registry holds {} file rows of dataset {} (`{}`) that do not match its inspection ({} files), \
