@@ -31,6 +31,20 @@ const OPTIONAL_KEYS: &[&[&str]] = &[
     &["paths", "DATA_PRODUCT", "qc"],
 ];
 
+/// A layer holding one value at `keys`, named after where it came from (an environment
+/// variable, an option), with no file positions.
+fn one_value_layer(keys: &[String], value: Value, name: String) -> (Table, Layer) {
+    let mut table = Table::new();
+    set(&mut table, keys, value);
+    (
+        table,
+        Layer {
+            name,
+            positions: BTreeMap::new(),
+        },
+    )
+}
+
 /// One step of a key path.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Seg {
@@ -338,15 +352,7 @@ pub(super) fn env_layers(
         let key = display_path(&key_path(&keys));
         match env_value(raw, template_value) {
             Ok(value) => {
-                let mut table = Table::new();
-                set(&mut table, &keys, value);
-                layers.push((
-                    table,
-                    Layer {
-                        name: source,
-                        positions: BTreeMap::new(),
-                    },
-                ));
+                layers.push(one_value_layer(&keys, value, source));
             }
             Err(message) => errors.push(ConfigError::new(key, source, message)),
         }
@@ -407,15 +413,7 @@ pub(super) fn env_layers(
             }
         };
         claimed.insert(keys.clone(), var.clone());
-        let mut table = Table::new();
-        set(&mut table, &keys, value);
-        layers.push((
-            table,
-            Layer {
-                name: source,
-                positions: BTreeMap::new(),
-            },
-        ));
+        layers.push(one_value_layer(&keys, value, source));
     }
     EnvLayers {
         layers,
@@ -443,15 +441,7 @@ pub(super) fn flag_layers(
         };
         match env_value(&flag.value, template_value) {
             Ok(value) => {
-                let mut table = Table::new();
-                set(&mut table, &keys, value);
-                layers.push((
-                    table,
-                    Layer {
-                        name: source,
-                        positions: BTreeMap::new(),
-                    },
-                ));
+                layers.push(one_value_layer(&keys, value, source));
             }
             Err(message) => errors.push(ConfigError::new(&flag.key, source, message)),
         }
