@@ -4,6 +4,7 @@
 
 pub mod bundle;
 pub mod extract;
+pub mod manifest;
 pub mod md5;
 pub mod walk;
 
