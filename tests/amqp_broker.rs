@@ -1017,7 +1017,7 @@ async fn a_retry_whose_acknowledgement_was_lost_waits_for_its_delay_and_runs_onc
     assert_eq!(original.id, engine::start_task_id(&workflow_id));
     app.store
         .task_started(&TaskStart {
-            workflow_id: workflow_id.clone(),
+            workflow_id: Some(workflow_id.clone()),
             position: 0,
             task_id: original.id.clone(),
             task_name: original.task.clone(),

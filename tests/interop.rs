@@ -390,3 +390,133 @@ async fn reconcile_queues_again_a_first_step_that_was_never_queued() {
     stop(worker);
     assert_steps_succeeded(&view, 7);
 }
+
+impl Production {
+    /// AsyncResult's view of a task, polled until its state is one of `states`.
+    fn wait_for_result(&self, task_id: &str, states: &[&str], timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let result = self.python(&["result", task_id]);
+            if states.iter().any(|s| result["state"] == *s) {
+                return result;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "task {task_id} did not reach {states:?}: {result}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_upload_integrity_sent_from_python_runs_on_the_rust_worker_and_reads_back() {
+    use workers::registry::uploads::{NewUpload, UploadLogPatch, UploadStatus};
+    let Some(prod) = Production::new() else {
+        return;
+    };
+    let uploads = tempfile::tempdir().unwrap();
+    prod.api.set_uploads(common::bioloop_api::UploadSettings {
+        root: uploads.path().to_path_buf(),
+        notifications: false,
+    });
+    let app = prod.project.app().await;
+    let log = app
+        .registry
+        .create_upload(&NewUpload {
+            name: DatasetName::normalize("from the ui").unwrap(),
+            dataset_type: DatasetType::RawData,
+            upload_dir: String::new(),
+        })
+        .await
+        .unwrap();
+    let id = log.dataset_id;
+    let origin = std::path::PathBuf::from(log.origin_path.unwrap());
+    common::write_file(&origin.join("lane 1/r1.fastq"), b"@r\nA\n+\nI\n");
+    common::write_file(&origin.join("é/empty"), b"");
+    let hash = workers::compute::manifest::blake3_manifest(
+        &origin,
+        &workers::cancel::CancellationToken::new(),
+        None,
+    )
+    .unwrap()
+    .hash;
+    let metadata = json!({"checksum": {"manifest_hash": hash}});
+    app.registry
+        .complete_upload(id, "p", metadata.as_object())
+        .await
+        .unwrap();
+    // What the original's manage_upload_workflows does: VERIFYING with the task id first, then
+    // `apply_async` with that id.
+    let task_id = uuid::Uuid::new_v4().to_string();
+    let mut meta = serde_json::Map::new();
+    meta.insert("verification_task_id".into(), json!(task_id));
+    app.registry
+        .update_upload_log(
+            id,
+            &UploadLogPatch::status(UploadStatus::Verifying).with_metadata(meta),
+        )
+        .await
+        .unwrap();
+    let sent = prod.python(&[
+        "send",
+        "verify_upload_integrity",
+        &json!([id]).to_string(),
+        &task_id,
+    ]);
+    assert_eq!(sent["task_id"], json!(task_id));
+
+    let (worker, _reap) = prod.spawn_rust_worker(&[]);
+    let result = prod.wait_for_result(&task_id, &["SUCCESS", "FAILURE"], Duration::from_secs(60));
+    stop(worker);
+    assert_eq!(
+        result,
+        json!({"state": "SUCCESS", "result": {"status": "success", "dataset_id": id}})
+    );
+    let log = app.registry.upload_log(id).await.unwrap().unwrap();
+    assert_eq!(log.status, UploadStatus::Verified);
+    assert!(log.metadata["worker_process_id"].is_i64(), "{log:?}");
+    let lines = prod.api.process_logs(&task_id);
+    assert!(
+        lines.iter().any(|(_, m)| m.contains("BLAKE3 manifest")),
+        "{lines:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_only_python_workers_have_runs_there_and_is_never_failed_by_the_rust_worker() {
+    let Some(mut prod) = Production::new() else {
+        return;
+    };
+    let queue = prod.queue();
+    // The Rust worker first, so that it is offered messages it cannot run.
+    let (rust_worker, _reap_rs) = prod.spawn_rust_worker(&[]);
+    std::thread::sleep(Duration::from_secs(1));
+    let task_ids: Vec<String> = (0..6)
+        .map(|i| {
+            prod.python(&["send", "site_task", &json!([100 + i]).to_string()])["task_id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let (python_worker, _reap_py) = prod.spawn_python_worker(&queue);
+    for (i, task_id) in task_ids.iter().enumerate() {
+        let result =
+            prod.wait_for_result(task_id, &["SUCCESS", "FAILURE"], Duration::from_secs(90));
+        assert_eq!(result["state"], "SUCCESS", "{result}");
+        assert_eq!(result["result"]["ran_on"], "python");
+        assert_eq!(result["result"]["dataset_id"], 100 + i);
+    }
+    let out = stop(rust_worker);
+    let pid = rustix::process::Pid::from_raw(python_worker.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        log.matches("does not implement task `site_task`").count(),
+        1,
+        "logged once per task name: {log}"
+    );
+    assert!(!log.contains("NotRegistered"), "{log}");
+}

@@ -515,7 +515,7 @@ fn started(
     dataset: i64,
 ) -> TaskStart {
     TaskStart {
-        workflow_id: workflow_id.into(),
+        workflow_id: Some(workflow_id.into()),
         position,
         task_id: task_id.into(),
         task_name: task.into(),
@@ -622,7 +622,7 @@ async fn documents_written_for_the_same_events_are_those_python_writes() {
     attempt.parent_id = Some(FAILURE_TASK.into());
     store.task_started(&attempt).await.unwrap();
     store
-        .task_failed(FAILURE_ID, FAILURE_TASK, &boom)
+        .task_failed(Some(FAILURE_ID), FAILURE_TASK, &boom)
         .await
         .unwrap();
     let failed = raw(&db, "celery_taskmeta", FAILURE_TASK).await;
@@ -768,8 +768,15 @@ async fn failed_and_paused_python_workflows_are_resumed() {
         assert_eq!((message.queue.as_str(), message.priority), (QUEUE, 1));
         assert_eq!(message.parent_id.as_deref(), Some(last_task));
 
-        // No worker here knows `fail_always`: the engine records the start (a second run,
-        // the lock cleared the way sca-rhythm clears it) and the failure.
+        // Run as a task that fails for good on this dataset (none has the id 11): the engine
+        // records the start (a second run, the lock cleared the way sca-rhythm clears it) and
+        // the failure. (`fail_always` itself is no task of this worker: it would be given back
+        // to the queue for a worker that has it.)
+        delivery.ack().await.unwrap();
+        let mut failing = message.clone();
+        failing.task = "delete_dataset".into();
+        app.broker.publish(&failing).await.unwrap();
+        let delivery = app.broker.next().await.unwrap();
         engine::handle(&app, delivery, &Display::quiet())
             .await
             .unwrap();
@@ -785,7 +792,7 @@ async fn failed_and_paused_python_workflows_are_resumed() {
         assert_eq!(runs, [last_task, task_id.as_str()]);
         let view = engine::view(&app, workflow).await.unwrap();
         assert_eq!(view.derived.status, TaskStatus::Failure);
-        assert_eq!(view.metas[&task_id].result["exc_type"], "NotRegistered");
+        assert_eq!(view.metas[&task_id].result["exc_type"], "ValidationFailed");
         let task = raw(&db, "celery_taskmeta", &task_id).await;
         assert_eq!(task.get_str("parent_id").unwrap(), last_task);
     }
@@ -1205,7 +1212,7 @@ async fn sca_rhythm_reads_what_the_store_writes() {
     second.retries = 1;
     store.task_started(&second).await.unwrap();
     store
-        .task_failed("failed", "failed-2", &boom)
+        .task_failed(Some("failed"), "failed-2", &boom)
         .await
         .unwrap();
     // Failed, then resumed: locked, and its second step runs again.
@@ -1221,7 +1228,7 @@ async fn sca_rhythm_reads_what_the_store_writes() {
         .await
         .unwrap();
     store
-        .task_failed("resumed", "resumed-1", &boom)
+        .task_failed(Some("resumed"), "resumed-1", &boom)
         .await
         .unwrap();
     assert!(store.lock_for_resume("resumed", Utc::now()).await.unwrap());

@@ -65,7 +65,7 @@ fn spec(name: &str) -> WorkflowSpec {
 fn start(workflow_id: &str, position: usize, task_id: &str, retries: u32) -> TaskStart {
     let step = ["await stability", "inspect", "archive"][position];
     TaskStart {
-        workflow_id: workflow_id.into(),
+        workflow_id: Some(workflow_id.into()),
         position,
         task_id: task_id.into(),
         task_name: spec("x").steps[position].task.clone(),
@@ -260,7 +260,7 @@ async fn workflow_story(store: &dyn WorkflowStore) {
         .await
         .unwrap();
     store
-        .task_failed("wf-1", "t2", &error("checksum mismatch"))
+        .task_failed(Some("wf-1"), "t2", &error("checksum mismatch"))
         .await
         .unwrap();
     let wf = store.workflow("wf-1").await.unwrap().unwrap();

@@ -13,6 +13,10 @@ use common::*;
 use workers::app::App;
 use workers::jobs::watch::{self, WatchOptions};
 use workers::model::{DatasetState, DatasetType, FileRecord};
+use workers::registry::uploads::{
+    NewUpload, Notification, ProcessLogLine, UploadLog, UploadLogPatch, UploadQuery, UploadRef,
+    WorkerProcess,
+};
 use workers::registry::{
     BulkOutcome, Dataset, DatasetId, DatasetPatch, DatasetQuery, NewDataset, Registry,
     RegistryError,
@@ -102,6 +106,54 @@ impl Registry for FlakyRegistry {
         metrics: &[workers::registry::Metric],
     ) -> Result<(), RegistryError> {
         self.inner.add_metrics(metrics).await
+    }
+
+    async fn create_upload(&self, upload: &NewUpload) -> Result<UploadLog, RegistryError> {
+        self.inner.create_upload(upload).await
+    }
+
+    async fn complete_upload(
+        &self,
+        id: DatasetId,
+        process_id: &str,
+        metadata: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<UploadLog, RegistryError> {
+        self.inner.complete_upload(id, process_id, metadata).await
+    }
+
+    async fn upload_log(&self, id: DatasetId) -> Result<Option<UploadLog>, RegistryError> {
+        self.inner.upload_log(id).await
+    }
+
+    async fn update_upload_log(
+        &self,
+        id: DatasetId,
+        patch: &UploadLogPatch,
+    ) -> Result<UploadLog, RegistryError> {
+        self.inner.update_upload_log(id, patch).await
+    }
+
+    async fn uploads(&self, query: &UploadQuery) -> Result<Vec<UploadRef>, RegistryError> {
+        self.inner.uploads(query).await
+    }
+
+    async fn register_process(
+        &self,
+        process: &WorkerProcess,
+    ) -> Result<Option<i64>, RegistryError> {
+        self.inner.register_process(process).await
+    }
+
+    async fn add_process_logs(
+        &self,
+        process_id: i64,
+        lines: &[ProcessLogLine],
+    ) -> Result<(), RegistryError> {
+        self.inner.add_process_logs(process_id, lines).await
+    }
+
+    async fn notify(&self, notification: &Notification) -> Result<(), RegistryError> {
+        self.inner.notify(notification).await
     }
 }
 

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 use tokio::sync::Notify;
-use tracing::error;
+use tracing::{error, warn};
 
 use super::{Broker, Consume, DeadLetter, Delivery, TaskMessage};
 use crate::identity::Identity;
@@ -55,60 +55,98 @@ impl EmbeddedBroker {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        self.db
-            .write(move |tx| {
-                let now = to_millis(Utc::now());
-                let dead = dead_owners(tx, &consumer, now, queues.as_deref())?;
-                // Claimability is decided in the query, so that no number of leased messages
-                // ahead of a runnable one can hide it.
-                let mut candidates = tx.prepare_cached(
-                    "SELECT task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue
-                     FROM queue WHERE eta <= ?1
-                     AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))
-                     AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < ?1
-                          OR lease_owner IN (SELECT value FROM json_each(?3)))
-                     ORDER BY priority DESC, seq LIMIT 1",
-                )?;
-                let dead = serde_json::Value::from(dead).to_string();
-                loop {
-                    let row = candidates
-                        .query_row(params![now, queues, dead], Row::read)
-                        .optional()?;
-                    let Some(row) = row else {
-                        let next_eta: Option<i64> = tx
-                            .query_row(
-                                "SELECT MIN(eta) FROM queue WHERE eta > ?1
-                                 AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))",
-                                params![now, queues],
-                                |r| r.get(0),
-                            )
-                            .optional()?
-                            .flatten();
-                        return Ok(Err(next_eta.map(from_millis)));
-                    };
-                    match row.message() {
-                        Ok(message) => {
-                            let owner = format!(
-                                "{}/{}",
-                                consumer.holder(),
-                                uuid::Uuid::new_v4().simple()
-                            );
-                            tx.execute(
-                                "UPDATE queue SET lease_owner = ?2, lease_until = ?3 WHERE task_id = ?1",
-                                params![message.id, owner, now + lease_ms],
-                            )?;
-                            return Ok(Ok((message, owner)));
-                        }
-                        Err(reason) => {
-                            move_to_dead_letters(tx, &row.task_id, None, &reason, now)?;
-                            error!(task_id = %row.task_id, task = %row.task, reason = %reason,
-                                "Moved a queued message that cannot be read to the dead letters (`workers queue dead-letters`).");
-                        }
+        // The claim is committed on a blocking thread whatever becomes of this future: a
+        // caller that stops waiting (a worker going idle or stopping, racing `next` against
+        // its stop) must not leave a claimed message leased to nobody for a whole lease. The
+        // claim therefore runs in a task of its own, which gives the message back when the
+        // caller is gone.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let db = self.db.clone();
+        let published = Arc::clone(&self.published);
+        tokio::spawn(async move {
+            let claimed = claim(&db, consumer, lease_ms, queues).await;
+            if let Err(Ok(Ok((message, owner)))) = tx.send(claimed) {
+                let released = db
+                    .write(move |tx| {
+                        Ok(tx.execute(
+                            "UPDATE queue SET lease_owner = NULL, lease_until = NULL
+                             WHERE task_id = ?1 AND lease_owner = ?2",
+                            params![message.id, owner],
+                        )?)
+                    })
+                    .await;
+                if let Err(err) = released {
+                    warn!(error = %format!("{err:#}"), "Could not give back a message claimed for a consumer that stopped waiting; it is handed out again when its lease ends.");
+                }
+                published.notify_waiters();
+            }
+        });
+        rx.await
+            .map_err(|_| anyhow::format_err!("the claim of a queued message was abandoned"))?
+    }
+}
+
+/// Claims the next runnable message: `Ok` with it and its owner, or `Err` with the time the
+/// next one becomes due.
+async fn claim(
+    db: &Db,
+    consumer: Identity,
+    lease_ms: i64,
+    queues: Option<String>,
+) -> anyhow::Result<Result<(TaskMessage, String), Option<DateTime<Utc>>>> {
+    db
+        .write(move |tx| {
+            let now = to_millis(Utc::now());
+            let dead = dead_owners(tx, &consumer, now, queues.as_deref())?;
+            // Claimability is decided in the query, so that no number of leased messages
+            // ahead of a runnable one can hide it.
+            let mut candidates = tx.prepare_cached(
+                "SELECT task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue
+                 FROM queue WHERE eta <= ?1
+                 AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))
+                 AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < ?1
+                      OR lease_owner IN (SELECT value FROM json_each(?3)))
+                 ORDER BY priority DESC, seq LIMIT 1",
+            )?;
+            let dead = serde_json::Value::from(dead).to_string();
+            loop {
+                let row = candidates
+                    .query_row(params![now, queues, dead], Row::read)
+                    .optional()?;
+                let Some(row) = row else {
+                    let next_eta: Option<i64> = tx
+                        .query_row(
+                            "SELECT MIN(eta) FROM queue WHERE eta > ?1
+                             AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))",
+                            params![now, queues],
+                            |r| r.get(0),
+                        )
+                        .optional()?
+                        .flatten();
+                    return Ok(Err(next_eta.map(from_millis)));
+                };
+                match row.message() {
+                    Ok(message) => {
+                        let owner = format!(
+                            "{}/{}",
+                            consumer.holder(),
+                            uuid::Uuid::new_v4().simple()
+                        );
+                        tx.execute(
+                            "UPDATE queue SET lease_owner = ?2, lease_until = ?3 WHERE task_id = ?1",
+                            params![message.id, owner, now + lease_ms],
+                        )?;
+                        return Ok(Ok((message, owner)));
+                    }
+                    Err(reason) => {
+                        move_to_dead_letters(tx, &row.task_id, None, &reason, now)?;
+                        error!(task_id = %row.task_id, task = %row.task, reason = %reason,
+                            "Moved a queued message that cannot be read to the dead letters (`workers queue dead-letters`).");
                     }
                 }
-            })
-            .await
-    }
+            }
+        })
+        .await
 }
 
 /// The owners of leased, due messages that are processes of this host which died: their
@@ -398,6 +436,13 @@ impl Delivery for EmbeddedDelivery {
         .await?;
         self.published.notify_waiters();
         Ok(())
+    }
+
+    async fn decline(self: Box<Self>, delay: std::time::Duration) -> anyhow::Result<()> {
+        // Deferred in place (same retry count), so no slot is held while it waits.
+        let eta = Utc::now() + chrono::Duration::from_std(delay)?;
+        let retries = self.message.retries;
+        self.retry_later(eta, retries).await
     }
 
     async fn release(self: Box<Self>) -> anyhow::Result<()> {

@@ -160,6 +160,15 @@ pub trait Delivery: Send + Sync {
     /// Give the message back untouched (shutdown).
     async fn release(self: Box<Self>) -> anyhow::Result<()>;
 
+    /// This worker cannot run the message (a task it does not implement): give it back for a
+    /// worker that can, not before `delay` has passed, so that a worker alone on the queue does
+    /// not take it again at once. This default holds the message for `delay`, then releases it;
+    /// a broker with delayed delivery of its own defers it instead.
+    async fn decline(self: Box<Self>, delay: std::time::Duration) -> anyhow::Result<()> {
+        tokio::time::sleep(delay).await;
+        self.release().await
+    }
+
     /// The message can never run (`reason` says why): keep it aside where the broker has a
     /// place for that, so that an operator can see it. A broker without one can only log it
     /// and remove it, which is what this default does.

@@ -21,6 +21,12 @@ pub(super) async fn run(
 ) -> anyhow::Result<ExitCode> {
     match cmd {
         JobsCommand::Run {
+            job: JobName::ManageUploadWorkflows,
+            wait: true,
+            dry_run: false,
+            ..
+        } => run_uploads_to_the_end(app, display).await,
+        JobsCommand::Run {
             job,
             wait,
             full,
@@ -149,6 +155,44 @@ pub(super) async fn run(
     }
 }
 
+/// `jobs run manage_upload_workflows --wait`: runs the job, lets the workers run what it
+/// queued (verifications), and runs it again while that moves uploads on (VERIFIED uploads
+/// start their ingestion), then waits for the ingestion workflows.
+async fn run_uploads_to_the_end(app: &Arc<App>, display: Display) -> anyhow::Result<ExitCode> {
+    let mut started = Vec::new();
+    let mut rounds = 0;
+    loop {
+        let execution = jobs::execute(
+            Arc::clone(app),
+            JobName::ManageUploadWorkflows,
+            Trigger::Manual,
+            None,
+            JobOptions::default(),
+        )
+        .await?;
+        if let RunOutcome::Failed(reason) = execution.outcome {
+            return Err(Failed(format!("manage_upload_workflows failed: {reason}")).into());
+        }
+        let Some(JobReport::ManageUploads(report)) = execution.report else {
+            break;
+        };
+        if rounds == 0 || !report.actions.is_empty() {
+            print_report(&JobReport::ManageUploads(report.clone()), false);
+        }
+        rounds += 1;
+        started.extend(report.started.iter().cloned());
+        if report.actions.is_empty() {
+            if report.in_flight == 0 {
+                break;
+            }
+            // A verification waits for its retry: give it its time, then run it.
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        super::run_until_idle(app, display.clone()).await?;
+    }
+    wait_for(app, &started, display).await
+}
+
 fn run_json(run: &JobRun) -> Value {
     let error = run.outcome.reason();
     json!({
@@ -243,7 +287,32 @@ fn print_report(report: &JobReport, dry_run: bool) {
                 say!("not measured (does not exist): {missing}");
             }
         }
+        JobReport::ManageUploads(r) => {
+            for action in &r.actions {
+                say!("{}{action}", if dry_run { "would act: " } else { "" });
+            }
+            print_counters(&r.counters());
+        }
+        JobReport::PurgeUploads(r) => {
+            for path in &r.removed {
+                say!(
+                    "{} {}",
+                    if dry_run { "would remove" } else { "removed" },
+                    crate::ui::escape_controls(&path.display().to_string())
+                );
+            }
+            print_counters(&r.counters());
+        }
     }
+}
+
+/// A job's counters as one table row.
+fn print_counters(counters: &serde_json::Map<String, Value>) {
+    let mut table = super::table(["counter", "value"]);
+    for (name, value) in counters {
+        table.add_row([name.clone(), value.to_string()]);
+    }
+    println!("{table}");
 }
 
 fn print_watch_report(report: &WatchReport, dry_run: bool) {

@@ -45,6 +45,48 @@ pub struct RawSettings {
     /// `[schedules.<job>]`, one table per job.
     pub schedules: BTreeMap<String, RawSchedule>,
     pub metrics: RawMetrics,
+    pub uploads: RawUploads,
+    pub notifications: RawNotifications,
+}
+
+/// The upload pipeline (spec C.5): `manage_upload_workflows` and `purge_stale_uploaded`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawUploads {
+    /// An upload still UPLOADING this many days after its last change is failed (UPLOAD_FAILED),
+    /// which frees its name.
+    pub expire_uploading_after_days: f64,
+    /// How often the ingestion of a verified upload is started again after its `integrated`
+    /// workflow failed; then it is PERMANENTLY_FAILED.
+    pub max_retries: u32,
+    /// A failed ingestion older than this is no longer retried.
+    pub retry_window_hours: f64,
+    /// A verification that has not ended after this long fails (VERIFICATION_FAILED).
+    pub verification_timeout_seconds: u64,
+    /// A VERIFYING upload that has no verification task after this long gets a new one.
+    pub respawn_verification_after_seconds: u64,
+    /// The embedded registry hands an upload to the job once it has not changed for this
+    /// long; the Bioloop API applies its own fixed 30 s.
+    pub stalled_after_seconds: u64,
+    pub purge: RawUploadPurge,
+}
+
+/// `purge_stale_uploaded` (spec C.5.4).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawUploadPurge {
+    /// Upload-session files (`<32 hex>` and `<32 hex>.json`) older than this are removed.
+    pub ttl_days: f64,
+    /// An upload still UPLOADING after this many days is PERMANENTLY_FAILED and its files
+    /// removed.
+    pub stale_uploading_days: f64,
+}
+
+/// Notifications to the UI's users (`POST /notifications`, spec E.5).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawNotifications {
+    /// Whether the API has its notifications feature on; the route exists only then.
+    pub enabled: bool,
+    /// The roles notified (the API requires at least one): for example the operators' role id.
+    pub role_ids: Vec<i64>,
 }
 
 /// When a job runs (`[schedules.<job>]`): `cron` or `every`, plus policies.
@@ -337,6 +379,8 @@ pub struct Settings {
     pub schedules: Vec<(JobName, Schedule)>,
     pub workflow_purge: RawWorkflowPurge,
     pub metrics: RawMetrics,
+    pub uploads: RawUploads,
+    pub notifications: RawNotifications,
     /// Where the configuration came from, for `config show` and error messages.
     pub sources: Vec<String>,
     /// Things worth telling the operator at startup (for example a development secret in use).

@@ -151,7 +151,16 @@ fn the_shipped_default_loads() {
     assert_eq!(settings.inspect.file_metadata_batch_size, 25000);
     assert_eq!(settings.workflows_dir, root.join("jobs"));
     assert_eq!(settings.retry.default.max_retries, 3);
-    assert!(settings.retry.steps.is_empty());
+    assert_eq!(
+        settings.retry.steps.keys().collect::<Vec<_>>(),
+        ["verify_upload_integrity"]
+    );
+    assert_eq!(
+        settings.retry.steps["verify_upload_integrity"].delay_seconds,
+        60
+    );
+    assert_eq!(settings.uploads.max_retries, 3);
+    assert_eq!(settings.uploads.verification_timeout_seconds, 4 * 3600);
     assert_eq!(settings.worker.concurrency, 2);
     assert_eq!(settings.progress_interval, Duration::from_secs(1));
     assert_eq!(settings.backends.registry, RegistryKind::Sqlite);

@@ -21,18 +21,6 @@ use crate::scheduler::schedule::{Schedule, ScheduleFields};
 /// Each round fixes one wrong value; beyond this many the configuration is hopeless anyway.
 const MAX_ROUNDS: usize = 64;
 
-/// Task names `retry.steps` may override.
-pub(super) const TASK_NAMES: &[&str] = &[
-    "await_stability",
-    "inspect_dataset",
-    "archive_dataset",
-    "stage_dataset",
-    "validate_dataset",
-    "setup_dataset_download",
-    "delete_dataset",
-    "delete_source",
-];
-
 const LOG_FORMATS: &[&str] = &["human", "json"];
 const MAX_BATCH_SIZE: usize = 100_000;
 
@@ -369,18 +357,24 @@ pub(super) fn build(
     let workflows_dir = check.path(&["workflows", "dir"], &raw.workflows.dir);
 
     for task in raw.retry.steps.keys() {
-        if !TASK_NAMES.contains(&task.as_str()) {
+        if crate::steps::Task::from_name(task).is_none() {
             check.fail(
                 &key(&["retry", "steps", task]),
-                format!("unknown task `{task}` (known: {})", TASK_NAMES.join(", ")),
+                format!(
+                    "unknown task `{task}` (known: {})",
+                    crate::steps::Task::names()
+                ),
             );
         }
     }
     for task in raw.worker.time_limits.keys() {
-        if !TASK_NAMES.contains(&task.as_str()) {
+        if crate::steps::Task::from_name(task).is_none() {
             check.fail(
                 &key(&["worker", "time_limits", task]),
-                format!("unknown task `{task}` (known: {})", TASK_NAMES.join(", ")),
+                format!(
+                    "unknown task `{task}` (known: {})",
+                    crate::steps::Task::names()
+                ),
             );
         }
     }
@@ -484,6 +478,43 @@ pub(super) fn build(
         }
     }
     let lfs_path = check.path(&["metrics", "lfs_path"], &raw.metrics.lfs_path);
+    for (parts, value) in [
+        (
+            &["uploads", "expire_uploading_after_days"][..],
+            raw.uploads.expire_uploading_after_days,
+        ),
+        (
+            &["uploads", "retry_window_hours"][..],
+            raw.uploads.retry_window_hours,
+        ),
+        (
+            &["uploads", "purge", "ttl_days"][..],
+            raw.uploads.purge.ttl_days,
+        ),
+        (
+            &["uploads", "purge", "stale_uploading_days"][..],
+            raw.uploads.purge.stale_uploading_days,
+        ),
+    ] {
+        if !(value.is_finite() && value > 0.0) {
+            check.fail(
+                &key(parts),
+                format!("must be a number above 0, not {value}"),
+            );
+        }
+    }
+    if raw.uploads.verification_timeout_seconds == 0 {
+        check.fail(
+            &key(&["uploads", "verification_timeout_seconds"]),
+            "must be at least 1",
+        );
+    }
+    if raw.notifications.enabled && raw.notifications.role_ids.is_empty() {
+        check.fail(
+            &key(&["notifications", "role_ids"]),
+            "must name at least one role when notifications are enabled (the API requires it)",
+        );
+    }
 
     errors.append(&mut check.errors);
     let (Some(backends), Some(progress_interval), Some(api), Some(mongo), Some(amqp)) =
@@ -550,6 +581,8 @@ pub(super) fn build(
             quota: raw.metrics.quota,
             lfs_path,
         },
+        uploads: raw.uploads,
+        notifications: raw.notifications,
         sources: ctx.layers.iter().map(|layer| layer.name.clone()).collect(),
         warnings,
     };

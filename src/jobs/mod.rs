@@ -2,8 +2,10 @@
 //! (register directories on demand). The scheduler decides when jobs run; these modules
 //! decide what a run does.
 
+pub mod manage_uploads;
 pub mod metrics;
 pub mod purge;
+pub mod purge_uploads;
 pub mod reconcile;
 pub mod register;
 pub mod watch;
@@ -17,15 +19,19 @@ pub enum JobName {
     PurgeStaleWorkflows,
     Reconcile,
     Metrics,
+    ManageUploadWorkflows,
+    PurgeStaleUploaded,
 }
 
 impl JobName {
-    pub const ALL: [JobName; 5] = [
+    pub const ALL: [JobName; 7] = [
         JobName::Watch,
         JobName::PurgeStagedDatasets,
         JobName::PurgeStaleWorkflows,
         JobName::Reconcile,
         JobName::Metrics,
+        JobName::ManageUploadWorkflows,
+        JobName::PurgeStaleUploaded,
     ];
 
     pub fn name(self) -> &'static str {
@@ -35,6 +41,8 @@ impl JobName {
             JobName::PurgeStaleWorkflows => "purge_stale_workflows",
             JobName::Reconcile => "reconcile",
             JobName::Metrics => "metrics",
+            JobName::ManageUploadWorkflows => "manage_upload_workflows",
+            JobName::PurgeStaleUploaded => "purge_stale_uploaded",
         }
     }
 
@@ -181,6 +189,8 @@ pub enum JobReport {
     PurgeWorkflows(purge::WorkflowPurgeReport),
     Reconcile(reconcile::ReconcileReport),
     Metrics(metrics::MetricsReport),
+    ManageUploads(manage_uploads::ManageUploadsReport),
+    PurgeUploads(purge_uploads::PurgeUploadsReport),
 }
 
 impl JobReport {
@@ -209,6 +219,8 @@ impl JobReport {
             JobReport::Metrics(r) => {
                 json!({"metrics": r.metrics.len(), "missing_paths": r.missing.len()})
             }
+            JobReport::ManageUploads(r) => Value::Object(r.counters()),
+            JobReport::PurgeUploads(r) => Value::Object(r.counters()),
         };
         match value {
             Value::Object(map) => map,
@@ -226,6 +238,8 @@ impl JobReport {
             }
             JobReport::Reconcile(_) => 0,
             JobReport::PurgeWorkflows(_) | JobReport::Metrics(_) => 0,
+            JobReport::ManageUploads(r) => r.errors,
+            JobReport::PurgeUploads(r) => r.errors,
         }
     }
 
@@ -238,6 +252,7 @@ impl JobReport {
                 .iter()
                 .filter_map(|s| s.workflow_id.clone())
                 .collect(),
+            JobReport::ManageUploads(r) => r.started.clone(),
             _ => Vec::new(),
         }
     }
@@ -268,6 +283,12 @@ pub async fn run_job(app: &App, job: JobName, opts: &JobOptions) -> anyhow::Resu
             JobReport::Reconcile(reconcile::run(app, opts.dry_run, cancel).await?)
         }
         JobName::Metrics => JobReport::Metrics(metrics::run(app, opts.dry_run).await?),
+        JobName::ManageUploadWorkflows => {
+            JobReport::ManageUploads(manage_uploads::run(app, opts.dry_run, cancel).await?)
+        }
+        JobName::PurgeStaleUploaded => {
+            JobReport::PurgeUploads(purge_uploads::run(app, opts.dry_run, cancel).await?)
+        }
     })
 }
 

@@ -31,6 +31,12 @@ use serde_json::{Value, json};
 use tracing::warn;
 use url::Url;
 
+mod uploads;
+
+use super::uploads::{
+    NewUpload, Notification, ProcessLogLine, UploadLog, UploadLogPatch, UploadQuery, UploadRef,
+    WorkerProcess,
+};
 use super::{
     BulkOutcome, Dataset, DatasetId, DatasetPatch, DatasetQuery, FileRowSource, MAX_BULK, Metric,
     NewDataset, Registry, RegistryError, StateRecord,
@@ -957,6 +963,54 @@ impl Registry for HttpRegistry {
         let call = Call::post("metrics".to_owned(), &Value::Array(body));
         self.answered(&call, None).await?;
         Ok(())
+    }
+
+    async fn create_upload(&self, upload: &NewUpload) -> Result<UploadLog, RegistryError> {
+        self.http_create_upload(upload).await
+    }
+
+    async fn complete_upload(
+        &self,
+        id: DatasetId,
+        process_id: &str,
+        metadata: Option<&serde_json::Map<String, Value>>,
+    ) -> Result<UploadLog, RegistryError> {
+        self.http_complete_upload(id, process_id, metadata).await
+    }
+
+    async fn upload_log(&self, id: DatasetId) -> Result<Option<UploadLog>, RegistryError> {
+        self.http_upload_log(id).await
+    }
+
+    async fn update_upload_log(
+        &self,
+        id: DatasetId,
+        patch: &UploadLogPatch,
+    ) -> Result<UploadLog, RegistryError> {
+        self.http_update_upload_log(id, patch).await
+    }
+
+    async fn uploads(&self, query: &UploadQuery) -> Result<Vec<UploadRef>, RegistryError> {
+        self.http_uploads(query).await
+    }
+
+    async fn register_process(
+        &self,
+        process: &WorkerProcess,
+    ) -> Result<Option<i64>, RegistryError> {
+        self.http_register_process(process).await
+    }
+
+    async fn add_process_logs(
+        &self,
+        process_id: i64,
+        lines: &[ProcessLogLine],
+    ) -> Result<(), RegistryError> {
+        self.http_add_process_logs(process_id, lines).await
+    }
+
+    async fn notify(&self, notification: &Notification) -> Result<(), RegistryError> {
+        self.http_notify(notification).await
     }
 }
 

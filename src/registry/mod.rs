@@ -8,6 +8,7 @@
 
 pub mod http;
 pub mod sqlite;
+pub mod uploads;
 
 use std::collections::HashSet;
 
@@ -15,6 +16,10 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::model::{Bundle, CreateMethod, DatasetName, DatasetState, DatasetType, FileRecord};
+use uploads::{
+    NewUpload, Notification, ProcessLogLine, UploadLog, UploadLogPatch, UploadQuery, UploadRef,
+    WorkerProcess,
+};
 
 pub type DatasetId = i64;
 
@@ -200,6 +205,51 @@ pub trait Registry: Send + Sync {
 
     /// Records usage measurements, all with the same timestamp.
     async fn add_metrics(&self, metrics: &[Metric]) -> Result<(), RegistryError>;
+
+    // Uploads (spec C.5, E.5).
+
+    /// Registers a dataset created by upload (create method UPLOAD, state REGISTERED) with its
+    /// upload log in UPLOADING; its `origin_path` is where the payload is to be put.
+    async fn create_upload(&self, upload: &NewUpload) -> Result<UploadLog, RegistryError>;
+
+    /// The sender is done: UPLOADED, with `metadata` merged (the manifest to verify against).
+    /// Idempotent while UPLOADED; an upload that has advanced past UPLOADED is refused.
+    async fn complete_upload(
+        &self,
+        id: DatasetId,
+        process_id: &str,
+        metadata: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<UploadLog, RegistryError>;
+
+    /// The dataset's upload log; `None` if it has none.
+    async fn upload_log(&self, id: DatasetId) -> Result<Option<UploadLog>, RegistryError>;
+
+    /// Changes an upload log. A terminal failure status tombstones the dataset; a
+    /// `workflow_id` is linked in the same transaction as the status change. `NotFound` if
+    /// the dataset has no upload log.
+    async fn update_upload_log(
+        &self,
+        id: DatasetId,
+        patch: &UploadLogPatch,
+    ) -> Result<UploadLog, RegistryError>;
+
+    /// One of the API's upload listings.
+    async fn uploads(&self, query: &UploadQuery) -> Result<Vec<UploadRef>, RegistryError>;
+
+    /// Registers a worker process whose log lines the UI shows; `None` where the registry
+    /// keeps no such records.
+    async fn register_process(&self, process: &WorkerProcess)
+    -> Result<Option<i64>, RegistryError>;
+
+    /// Appends log lines to a registered worker process.
+    async fn add_process_logs(
+        &self,
+        process_id: i64,
+        lines: &[ProcessLogLine],
+    ) -> Result<(), RegistryError>;
+
+    /// Sends a notification to the UI's users (only where the API's notifications are on).
+    async fn notify(&self, notification: &Notification) -> Result<(), RegistryError>;
 }
 
 /// The rows of an inspection, read as often as a registry needs (once to compare, once to

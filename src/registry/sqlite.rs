@@ -6,11 +6,15 @@ use async_trait::async_trait;
 use chrono::Utc;
 use rusqlite::{OptionalExtension, Row, Transaction, params};
 
+use super::uploads::{
+    NewUpload, Notification, ProcessLogLine, UploadLog, UploadLogPatch, UploadQuery, UploadRef,
+    UploadStatus, WorkerProcess, tombstone_name,
+};
 use super::{
     BulkOutcome, Dataset, DatasetId, DatasetPatch, DatasetQuery, FileRowSource, MAX_BULK, Metric,
     NewDataset, Registry, RegistryError, StateRecord, deep_merge,
 };
-use crate::model::{Bundle, DatasetName, DatasetState, DatasetType, FileRecord};
+use crate::model::{Bundle, CreateMethod, DatasetName, DatasetState, DatasetType, FileRecord};
 use crate::sqlite::{Db, from_millis, to_millis};
 
 pub struct SqliteRegistry {
@@ -504,4 +508,343 @@ impl Registry for SqliteRegistry {
             .await
             .map_err(unavailable)
     }
+
+    async fn create_upload(&self, upload: &NewUpload) -> Result<UploadLog, RegistryError> {
+        let upload = upload.clone();
+        self.db
+            .write(move |tx| {
+                let item = NewDataset {
+                    name: upload.name.clone(),
+                    dataset_type: upload.dataset_type,
+                    origin_path: String::new(),
+                    create_method: CreateMethod::Upload,
+                    description: None,
+                    metadata: None,
+                };
+                let Some(id) = create_one(tx, &item)? else {
+                    return Ok(Err(RegistryError::Invalid(format!(
+                        "a {} dataset named `{}` exists already; choose another name",
+                        upload.dataset_type.as_str(),
+                        upload.name.as_str()
+                    ))));
+                };
+                // The payload directory is named after the id, known only now (spec C.5.5).
+                let origin = std::path::Path::new(&upload.upload_dir)
+                    .join(id.to_string())
+                    .join(upload.name.as_str());
+                tx.execute(
+                    "UPDATE datasets SET origin_path = ?2 WHERE id = ?1",
+                    params![id, origin.to_string_lossy()],
+                )?;
+                tx.execute(
+                    "INSERT INTO upload_logs (dataset_id, status, updated_at) VALUES (?1, 'UPLOADING', ?2)",
+                    params![id, to_millis(Utc::now())],
+                )?;
+                Ok(Ok(load_upload(tx, id)?.expect("the upload log was just written")))
+            })
+            .await
+            .map_err(unavailable)?
+    }
+
+    async fn complete_upload(
+        &self,
+        id: DatasetId,
+        process_id: &str,
+        metadata: Option<&serde_json::Map<String, serde_json::Value>>,
+    ) -> Result<UploadLog, RegistryError> {
+        let (process_id, metadata) = (process_id.to_owned(), metadata.cloned());
+        self.db
+            .write(move |tx| {
+                let Some(log) = load_upload(tx, id)? else {
+                    return Ok(Err(RegistryError::NotFound(id)));
+                };
+                match log.status {
+                    // Sent again: already done (the API ignores the repeated body too).
+                    UploadStatus::Uploaded => return Ok(Ok(log)),
+                    UploadStatus::Uploading => {}
+                    // The API revives these, leaving a deleted dataset to be verified and
+                    // ingested; a failed upload is over, and its name is free for a new one.
+                    status => {
+                        return Ok(Err(RegistryError::Invalid(format!(
+                            "upload {id} (`{}`) is {status}: it cannot be completed{}",
+                            log.dataset_name,
+                            if status.is_terminal_failure()
+                                || status == UploadStatus::ProcessingFailed
+                            {
+                                "; create a new upload"
+                            } else {
+                                " again"
+                            }
+                        ))));
+                    }
+                }
+                write_upload_patch(
+                    tx,
+                    &log,
+                    &UploadLogPatch {
+                        status: Some(UploadStatus::Uploaded),
+                        metadata,
+                        ..UploadLogPatch::default()
+                    },
+                )?;
+                tx.execute(
+                    "UPDATE upload_logs SET process_id = ?2 WHERE dataset_id = ?1",
+                    params![id, process_id],
+                )?;
+                Ok(Ok(load_upload(tx, id)?.expect("the upload log exists")))
+            })
+            .await
+            .map_err(unavailable)?
+    }
+
+    async fn upload_log(&self, id: DatasetId) -> Result<Option<UploadLog>, RegistryError> {
+        self.db
+            .call(move |conn| load_upload(conn, id))
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn update_upload_log(
+        &self,
+        id: DatasetId,
+        patch: &UploadLogPatch,
+    ) -> Result<UploadLog, RegistryError> {
+        let patch = patch.clone();
+        self.db
+            .write(move |tx| {
+                let Some(log) = load_upload(tx, id)? else {
+                    return Ok(None);
+                };
+                write_upload_patch(tx, &log, &patch)?;
+                load_upload(tx, id)
+            })
+            .await
+            .map_err(unavailable)?
+            .ok_or(RegistryError::NotFound(id))
+    }
+
+    async fn uploads(&self, query: &UploadQuery) -> Result<Vec<UploadRef>, RegistryError> {
+        let query = query.clone();
+        self.db
+            .call(move |conn| {
+                let now = Utc::now();
+                let (filter, args): (String, Vec<rusqlite::types::Value>) = match &query {
+                    UploadQuery::Expired { status, age_days } => (
+                        "u.status = ?1 AND u.updated_at < ?2".to_owned(),
+                        vec![
+                            status.as_str().to_owned().into(),
+                            to_millis(now - days(*age_days)).into(),
+                        ],
+                    ),
+                    UploadQuery::Stalled { after_seconds } => (
+                        "u.status IN ('UPLOADED', 'VERIFYING', 'VERIFIED') AND u.updated_at <= ?1".to_owned(),
+                        vec![to_millis(now - chrono::Duration::seconds(*after_seconds as i64)).into()],
+                    ),
+                    UploadQuery::Failed { max_retry_count, max_age_hours } => (
+                        "u.status = 'PROCESSING_FAILED' AND u.retry_count <= ?1 AND u.updated_at >= ?2".to_owned(),
+                        vec![
+                            i64::from(*max_retry_count).into(),
+                            to_millis(now - days(max_age_hours / 24.0)).into(),
+                        ],
+                    ),
+                    UploadQuery::ByStatus(statuses) => {
+                        let list: Vec<String> =
+                            statuses.iter().map(|s| s.as_str().to_owned()).collect();
+                        (
+                            "u.status IN (SELECT value FROM json_each(?1))".to_owned(),
+                            vec![serde_json::to_string(&list)?.into()],
+                        )
+                    }
+                    UploadQuery::All { .. } => ("1 = 1".to_owned(), Vec::new()),
+                };
+                let limit = match query {
+                    UploadQuery::All { limit } => limit as i64,
+                    _ => -1,
+                };
+                let sql = format!(
+                    "SELECT u.dataset_id, d.name, u.status, u.retry_count, u.metadata, d.origin_path, u.updated_at
+                     FROM upload_logs u JOIN datasets d ON d.id = u.dataset_id
+                     WHERE {filter} ORDER BY u.updated_at DESC, u.dataset_id DESC LIMIT {limit}"
+                );
+                let mut stmt = conn.prepare(&sql)?;
+                let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
+                    let metadata: Option<String> = r.get(4)?;
+                    let last_error = metadata
+                        .and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok())
+                        .and_then(|m| m.get("failure_reason")?.as_str().map(str::to_owned));
+                    Ok(UploadRef {
+                        dataset_id: r.get(0)?,
+                        dataset_name: r.get(1)?,
+                        status: r.get::<_, String>(2)?.parse().ok(),
+                        retry_count: Some(r.get::<_, i64>(3)? as u32),
+                        last_error,
+                        origin_path: r.get(5)?,
+                        updated_at: Some(from_millis(r.get(6)?)),
+                    })
+                })?;
+                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            })
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn register_process(
+        &self,
+        process: &WorkerProcess,
+    ) -> Result<Option<i64>, RegistryError> {
+        let process = process.clone();
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "INSERT INTO worker_processes (workflow_id, step, task_id, pid, hostname, start_time, tags)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![
+                        process.workflow_id,
+                        process.step,
+                        process.task_id,
+                        process.pid,
+                        process.hostname,
+                        to_millis(process.start_time),
+                        process.tags.to_string()
+                    ],
+                )?;
+                Ok(Some(tx.last_insert_rowid()))
+            })
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn add_process_logs(
+        &self,
+        process_id: i64,
+        lines: &[ProcessLogLine],
+    ) -> Result<(), RegistryError> {
+        let lines = lines.to_vec();
+        self.db
+            .write(move |tx| {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO worker_logs (process_id, timestamp, level, message) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for line in &lines {
+                    stmt.execute(params![
+                        process_id,
+                        to_millis(line.timestamp),
+                        line.level,
+                        line.message
+                    ])?;
+                }
+                Ok(())
+            })
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn notify(&self, notification: &Notification) -> Result<(), RegistryError> {
+        // No UI reads notifications here; the log is where an operator of the embedded
+        // profile looks.
+        tracing::warn!(label = %notification.label, kind = %notification.kind, "{}", notification.text);
+        Ok(())
+    }
+}
+
+fn days(days: f64) -> chrono::Duration {
+    chrono::Duration::milliseconds((days * 86_400_000.0) as i64)
+}
+
+/// Loads a dataset's upload log with the dataset fields the API returns with it.
+fn load_upload(conn: &rusqlite::Connection, id: DatasetId) -> anyhow::Result<Option<UploadLog>> {
+    let log = conn
+        .query_row(
+            "SELECT u.id, u.dataset_id, u.status, u.process_id, u.retry_count, u.metadata, u.updated_at,
+                    d.name, d.type, d.origin_path
+             FROM upload_logs u JOIN datasets d ON d.id = u.dataset_id WHERE u.dataset_id = ?1",
+            [id],
+            |r| {
+                let metadata: Option<String> = r.get(5)?;
+                Ok((
+                    UploadLog {
+                        id: r.get(0)?,
+                        dataset_id: r.get(1)?,
+                        status: UploadStatus::Uploading,
+                        process_id: r.get(3)?,
+                        retry_count: r.get::<_, i64>(4)? as u32,
+                        metadata: metadata
+                            .and_then(|m| serde_json::from_str(&m).ok())
+                            .unwrap_or(serde_json::Value::Null),
+                        updated_at: from_millis(r.get(6)?),
+                        dataset_name: r.get(7)?,
+                        dataset_type: r.get::<_, String>(8)?.parse().ok(),
+                        origin_path: r.get(9)?,
+                    },
+                    r.get::<_, String>(2)?,
+                ))
+            },
+        )
+        .optional()?;
+    let Some((mut log, status)) = log else {
+        return Ok(None);
+    };
+    log.status = status
+        .parse()
+        .map_err(|err: String| anyhow::format_err!("upload log of dataset {id}: {err}"))?;
+    Ok(Some(log))
+}
+
+/// Applies a patch the way the API does (spec E.5): metadata merged at the top level,
+/// `updated_at` moved only by a status or retry-count change, the workflow linked in the same
+/// transaction, and a terminal failure tombstoning the dataset once.
+fn write_upload_patch(
+    tx: &Transaction<'_>,
+    log: &UploadLog,
+    patch: &UploadLogPatch,
+) -> anyhow::Result<()> {
+    let id = log.dataset_id;
+    if let Some(extra) = &patch.metadata {
+        let mut metadata = match &log.metadata {
+            serde_json::Value::Object(map) => map.clone(),
+            _ => serde_json::Map::new(),
+        };
+        for (key, value) in extra {
+            metadata.insert(key.clone(), value.clone());
+        }
+        tx.execute(
+            "UPDATE upload_logs SET metadata = ?2 WHERE dataset_id = ?1",
+            params![id, serde_json::Value::Object(metadata).to_string()],
+        )?;
+    }
+    if patch.status.is_some() || patch.retry_count.is_some() {
+        tx.execute(
+            "UPDATE upload_logs SET status = COALESCE(?2, status), retry_count = COALESCE(?3, retry_count),
+                updated_at = ?4 WHERE dataset_id = ?1",
+            params![
+                id,
+                patch.status.map(UploadStatus::as_str),
+                patch.retry_count.map(i64::from),
+                to_millis(Utc::now())
+            ],
+        )?;
+    }
+    if let Some(workflow_id) = &patch.workflow_id {
+        tx.execute(
+            "INSERT INTO dataset_workflows (workflow_id, dataset_id, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (workflow_id) DO NOTHING",
+            params![workflow_id, id, to_millis(Utc::now())],
+        )?;
+    }
+    if patch.status.is_some_and(UploadStatus::is_terminal_failure) {
+        let dataset: Option<(String, bool)> = tx
+            .query_row(
+                "SELECT name, is_deleted FROM datasets WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if let Some((name, false)) = dataset {
+            tx.execute(
+                "UPDATE datasets SET name = ?2, is_deleted = 1, updated_at = ?3 WHERE id = ?1",
+                params![id, tombstone_name(&name, id), to_millis(Utc::now())],
+            )?;
+        }
+    }
+    Ok(())
 }

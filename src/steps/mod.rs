@@ -14,6 +14,7 @@ pub mod noop;
 pub mod setup_download;
 pub mod stage;
 pub mod validate;
+pub mod verify_upload;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -38,12 +39,14 @@ pub enum Task {
     SetupDownload,
     DeleteDataset,
     DeleteSource,
+    /// Checks an upload against its sender's manifest (a plain task, spec C.5.3).
+    VerifyUploadIntegrity,
     /// Does nothing: for benchmarks and interoperability tests.
     Noop,
 }
 
 impl Task {
-    pub const ALL: [Task; 9] = [
+    pub const ALL: [Task; 10] = [
         Task::AwaitStability,
         Task::Inspect,
         Task::Archive,
@@ -52,6 +55,7 @@ impl Task {
         Task::SetupDownload,
         Task::DeleteDataset,
         Task::DeleteSource,
+        Task::VerifyUploadIntegrity,
         Task::Noop,
     ];
 
@@ -65,6 +69,7 @@ impl Task {
             Task::SetupDownload => "setup_dataset_download",
             Task::DeleteDataset => "delete_dataset",
             Task::DeleteSource => "delete_source",
+            Task::VerifyUploadIntegrity => "verify_upload_integrity",
             Task::Noop => "noop",
         }
     }
@@ -90,6 +95,11 @@ pub struct StepContext {
     /// Cancelled when the step must stop: its claim was lost, its time limit passed, its worker
     /// is stopping. Every pool job of the step runs under it.
     pub cancel: CancellationToken,
+    /// Earlier attempts of this task (Celery's `request.retries`).
+    pub retries: u32,
+    /// Retries allowed after the first attempt: the attempt with `retries == max_retries` is
+    /// the last.
+    pub max_retries: u32,
 }
 
 impl StepContext {
@@ -133,6 +143,15 @@ impl StepError {
         StepError {
             retryable: true,
             kind: "RetryableException",
+            error,
+        }
+    }
+
+    /// A retryable error recorded under its own exception type.
+    pub fn retryable_as(kind: &'static str, error: anyhow::Error) -> StepError {
+        StepError {
+            retryable: true,
+            kind,
             error,
         }
     }
@@ -219,6 +238,7 @@ pub async fn run(task: Task, ctx: StepContext) -> StepResult {
         Task::SetupDownload => setup_download::run(&ctx).await,
         Task::DeleteDataset => delete::run_delete_dataset(&ctx).await,
         Task::DeleteSource => delete::run_delete_source(&ctx).await,
+        Task::VerifyUploadIntegrity => verify_upload::run(&ctx).await,
         Task::Noop => noop::run(&ctx).await,
     }
 }

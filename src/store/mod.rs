@@ -149,7 +149,8 @@ pub struct TaskMeta {
 /// Everything recorded when a task starts running.
 #[derive(Debug, Clone)]
 pub struct TaskStart {
-    pub workflow_id: String,
+    /// `None` for a plain Celery task, which belongs to no workflow.
+    pub workflow_id: Option<String>,
     pub position: usize,
     pub task_id: String,
     pub task_name: String,
@@ -261,10 +262,10 @@ pub trait WorkflowStore: Send + Sync {
     async fn task_succeeded(&self, task_id: &str, result: &serde_json::Value)
     -> anyhow::Result<()>;
 
-    /// Stores FAILURE with the error and marks the workflow FAILURE.
+    /// Stores FAILURE with the error and marks the workflow (if any) FAILURE.
     async fn task_failed(
         &self,
-        workflow_id: &str,
+        workflow_id: Option<&str>,
         task_id: &str,
         error: &TaskError,
     ) -> anyhow::Result<()>;

@@ -608,6 +608,10 @@ impl WorkflowStore for MongoStore {
                 )
             })?;
 
+        // A plain Celery task (no workflow) has its result only.
+        let Some(workflow_id) = &start.workflow_id else {
+            return Ok(());
+        };
         // One run per task id: retries and redeliveries reuse the id and add none.
         let workflows = self.collection(WORKFLOWS);
         let now = bson_date(Utc::now());
@@ -615,7 +619,7 @@ impl WorkflowStore for MongoStore {
         let pushed = workflows
             .update_one(
                 doc! {
-                    "_id": &start.workflow_id,
+                    "_id": workflow_id,
                     // Without this guard a position past the end would pad the array.
                     format!("{step}.name"): {"$exists": true},
                     format!("{step}.task_runs.task_id"): {"$ne": task_id},
@@ -629,7 +633,7 @@ impl WorkflowStore for MongoStore {
             .with_context(|| {
                 format!(
                     "cannot record the run of task {task_id} in workflow {} in {}",
-                    start.workflow_id,
+                    workflow_id,
                     self.at(WORKFLOWS)
                 )
             })?;
@@ -638,21 +642,21 @@ impl WorkflowStore for MongoStore {
             // step.
             let marked = workflows
                 .update_one(
-                    doc! {"_id": &start.workflow_id, format!("{step}.name"): {"$exists": true}},
+                    doc! {"_id": workflow_id, format!("{step}.name"): {"$exists": true}},
                     doc! {"$set": {"_status": TaskStatus::Started.as_str(), "updated_at": now}},
                 )
                 .await
                 .with_context(|| {
                     format!(
                         "cannot update workflow {} in {}",
-                        start.workflow_id,
+                        workflow_id,
                         self.at(WORKFLOWS)
                     )
                 })?;
             if marked.matched_count == 0 {
                 anyhow::bail!(
                     "workflow {} of task {task_id} does not exist or has no step {} in {}",
-                    start.workflow_id,
+                    workflow_id,
                     start.position,
                     self.at(WORKFLOWS)
                 );
@@ -662,14 +666,14 @@ impl WorkflowStore for MongoStore {
         // the first resume.
         workflows
             .update_one(
-                doc! {"_id": &start.workflow_id, "resume_lock": {"$ne": Bson::Null}},
+                doc! {"_id": workflow_id, "resume_lock": {"$ne": Bson::Null}},
                 doc! {"$set": {"resume_lock": Bson::Null}},
             )
             .await
             .with_context(|| {
                 format!(
                     "cannot clear the resume lock of workflow {} in {}",
-                    start.workflow_id,
+                    workflow_id,
                     self.at(WORKFLOWS)
                 )
             })?;
@@ -724,7 +728,7 @@ impl WorkflowStore for MongoStore {
 
     async fn task_failed(
         &self,
-        workflow_id: &str,
+        workflow_id: Option<&str>,
         task_id: &str,
         error: &TaskError,
     ) -> anyhow::Result<()> {
@@ -734,8 +738,10 @@ impl WorkflowStore for MongoStore {
             None,
         )
         .await?;
-        self.update_workflow(workflow_id, doc! {"_status": TaskStatus::Failure.as_str()})
-            .await?;
+        if let Some(workflow_id) = workflow_id {
+            self.update_workflow(workflow_id, doc! {"_status": TaskStatus::Failure.as_str()})
+                .await?;
+        }
         Ok(())
     }
 

@@ -289,11 +289,14 @@ impl WorkflowStore for SqliteStore {
         self.db
             .write(move |tx| {
                 let now = to_millis(Utc::now());
-                tx.execute(
-                    "INSERT INTO task_runs (task_id, workflow_id, position, date_start) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (task_id) DO NOTHING",
-                    params![start.task_id, start.workflow_id, start.position as i64, now],
-                )?;
+                // A plain Celery task (no workflow) has its result only.
+                if let Some(workflow_id) = &start.workflow_id {
+                    tx.execute(
+                        "INSERT INTO task_runs (task_id, workflow_id, position, date_start) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (task_id) DO NOTHING",
+                        params![start.task_id, workflow_id, start.position as i64, now],
+                    )?;
+                }
                 let result = serde_json::json!({"pid": start.pid, "hostname": start.hostname});
                 tx.execute(
                     "INSERT INTO task_meta (task_id, status, result, name, args, kwargs, worker, retries, queue, starts)
@@ -312,10 +315,12 @@ impl WorkflowStore for SqliteStore {
                         start.queue
                     ],
                 )?;
-                tx.execute(
-                    "UPDATE workflows SET status = 'STARTED', resume_lock = NULL, updated_at = ?2 WHERE id = ?1",
-                    params![start.workflow_id, now],
-                )?;
+                if let Some(workflow_id) = &start.workflow_id {
+                    tx.execute(
+                        "UPDATE workflows SET status = 'STARTED', resume_lock = NULL, updated_at = ?2 WHERE id = ?1",
+                        params![workflow_id, now],
+                    )?;
+                }
                 Ok(())
             })
             .await
@@ -363,16 +368,22 @@ impl WorkflowStore for SqliteStore {
 
     async fn task_failed(
         &self,
-        workflow_id: &str,
+        workflow_id: Option<&str>,
         task_id: &str,
         error: &TaskError,
     ) -> anyhow::Result<()> {
-        let (workflow_id, task_id, error) =
-            (workflow_id.to_owned(), task_id.to_owned(), error.to_json());
+        let (workflow_id, task_id, error) = (
+            workflow_id.map(str::to_owned),
+            task_id.to_owned(),
+            error.to_json(),
+        );
         self.db
             .write(move |tx| {
                 set_result(tx, &task_id, TaskStatus::Failure, &error, None)?;
-                touch(tx, &workflow_id, Some(TaskStatus::Failure))
+                match &workflow_id {
+                    Some(workflow_id) => touch(tx, workflow_id, Some(TaskStatus::Failure)),
+                    None => Ok(()),
+                }
             })
             .await
     }

@@ -328,27 +328,42 @@ pub async fn handle_with(
     runner: &Runner,
 ) -> anyhow::Result<()> {
     let message = delivery.message().clone();
+    let Some(task) = Task::from_name(&message.task) else {
+        // A site's own task, run by its Python workers on the same queue: never failed or
+        // dropped here, only given back for a worker that has it.
+        return decline_unknown_task(delivery).await;
+    };
     // Messages that can never run are kept aside (or, where the broker has no place for
     // them, logged and removed) rather than requeued forever.
-    let (Some(workflow_id), Some(step_name)) = (
-        message.workflow_id().map(str::to_owned),
-        message.step_name().map(str::to_owned),
-    ) else {
-        return delivery
-            .dead_letter("the message has no workflow_id and step")
-            .await;
-    };
-    let Some(workflow) = app.store.workflow(&workflow_id).await? else {
-        error!(task_id = %message.id, workflow_id, "Dropped a message of a workflow that does not exist.");
-        return delivery.ack().await;
-    };
-    let Some(position) = workflow.steps.iter().position(|s| s.spec.name == step_name) else {
-        error!(task_id = %message.id, workflow_id, step = step_name, "Dropped a message of an unknown step.");
-        return delivery.ack().await;
+    let owner = match (message.workflow_id(), message.step_name()) {
+        (Some(workflow_id), Some(step_name)) => {
+            let Some(workflow) = app.store.workflow(workflow_id).await? else {
+                error!(task_id = %message.id, workflow_id, "Dropped a message of a workflow that does not exist.");
+                return delivery.ack().await;
+            };
+            let Some(position) = workflow.steps.iter().position(|s| s.spec.name == step_name)
+            else {
+                error!(task_id = %message.id, workflow_id, step = step_name, "Dropped a message of an unknown step.");
+                return delivery.ack().await;
+            };
+            Owner::Step {
+                workflow: Box::new(workflow),
+                position,
+                step_name: step_name.to_owned(),
+            }
+        }
+        // A plain Celery task (`verify_upload_integrity`, or any task sent with `apply_async`):
+        // its result is stored, nothing follows it.
+        (None, None) => Owner::Plain,
+        _ => {
+            return delivery
+                .dead_letter("the message has only one of workflow_id and step")
+                .await;
+        }
     };
     let start = TaskStart {
-        workflow_id: workflow.id.clone(),
-        position,
+        workflow_id: owner.workflow().map(|w| w.id.clone()),
+        position: owner.position(),
         task_id: message.id.clone(),
         task_name: message.task.clone(),
         args: message.args.clone(),
@@ -359,31 +374,22 @@ pub async fn handle_with(
         queue: message.queue.clone(),
         parent_id: message.parent_id.clone(),
     };
-    let Some(task) = Task::from_name(&message.task) else {
-        // The workflow fails visibly instead of waiting forever for a step nobody runs.
-        error!(task_id = %message.id, task = %message.task, workflow_id, "Dropped a message of an unknown task.");
-        let error = TaskError {
-            exc_type: "NotRegistered".to_owned(),
-            exc_message: format!(
-                "no task named `{}` is registered with this worker",
-                message.task
-            ),
-            exc_module: "celery.exceptions".to_owned(),
-        };
-        app.store.task_started(&start).await?;
-        app.store
-            .task_failed(&workflow.id, &message.id, &error)
-            .await?;
-        return delivery.ack().await;
-    };
     let Some(dataset_id) = message.args.first().and_then(Value::as_i64) else {
         return delivery
             .dead_letter(&format!(
-                "the message of workflow {workflow_id} has no dataset id as its first argument"
+                "the message of task {} ({}) has no dataset id as its first argument",
+                message.id, message.task
             ))
             .await;
     };
-    let span = info_span!("step", dataset_id, workflow_id = %workflow.id, step = %step_name);
+    let span = match &owner {
+        Owner::Step {
+            workflow,
+            step_name,
+            ..
+        } => info_span!("step", dataset_id, workflow_id = %workflow.id, step = %step_name),
+        Owner::Plain => info_span!("task", dataset_id, task = %message.task),
+    };
     async move {
         let claim = if delivery.exclusive() {
             None
@@ -399,7 +405,7 @@ pub async fn handle_with(
             Some(claim)
         };
         let handled = run_claimed(
-            app, delivery, display, runner, &workflow, position, &start, task, dataset_id, &step_name, claim.as_ref(),
+            app, delivery, display, runner, &owner, &start, task, dataset_id, claim.as_ref(),
         )
         .await;
         if let Some(claim) = claim {
@@ -409,6 +415,62 @@ pub async fn handle_with(
     }
     .instrument(span)
     .await
+}
+
+/// What a delivered task belongs to.
+enum Owner {
+    /// A step of a workflow: its result moves the workflow on.
+    Step {
+        workflow: Box<Workflow>,
+        position: usize,
+        step_name: String,
+    },
+    /// A plain Celery task: its result is all there is.
+    Plain,
+}
+
+impl Owner {
+    fn workflow(&self) -> Option<&Workflow> {
+        match self {
+            Owner::Step { workflow, .. } => Some(workflow),
+            Owner::Plain => None,
+        }
+    }
+
+    fn position(&self) -> usize {
+        match self {
+            Owner::Step { position, .. } => *position,
+            Owner::Plain => 0,
+        }
+    }
+}
+
+/// How long a worker holds a task it does not implement before giving it back: growing with
+/// each message of that task this process has declined, so that a worker alone on a queue
+/// with such messages neither spins nor keeps them long from a worker that has the task.
+fn decline_delay(declined_before: u32) -> Duration {
+    Duration::from_millis(500 * 2u64.pow(declined_before.min(4))).min(Duration::from_secs(5))
+}
+
+/// Gives back a message of a task this worker does not implement, logging each task name once.
+async fn decline_unknown_task(delivery: Box<dyn Delivery>) -> anyhow::Result<()> {
+    static DECLINED: std::sync::Mutex<Option<HashMap<String, u32>>> = std::sync::Mutex::new(None);
+    let task = delivery.message().task.clone();
+    let declined_before = {
+        let mut declined = DECLINED.lock().unwrap_or_else(|e| e.into_inner());
+        let count = declined
+            .get_or_insert_with(HashMap::new)
+            .entry(task.clone())
+            .or_insert(0);
+        *count += 1;
+        *count - 1
+    };
+    if declined_before == 0 {
+        warn!(task = %task, task_id = %delivery.message().id,
+            "This worker does not implement task `{task}`: its messages go back to the queue for a worker that does (route it to a queue of its own to spare the round trips). Known tasks: {}.",
+            Task::names());
+    }
+    delivery.decline(decline_delay(declined_before)).await
 }
 
 /// A task's claim in the store: `task/{id}`, held by one run of one worker.
@@ -496,12 +558,10 @@ async fn run_claimed(
     delivery: Box<dyn Delivery>,
     display: &Display,
     runner: &Runner,
-    workflow: &Workflow,
-    position: usize,
+    owner: &Owner,
     start: &TaskStart,
     task: Task,
     dataset_id: DatasetId,
-    step_name: &str,
     claim: Option<&Claim>,
 ) -> anyhow::Result<()> {
     let message = delivery.message().clone();
@@ -514,15 +574,20 @@ async fn run_claimed(
             // Redelivered after the result was stored: finish the bookkeeping only.
             info!(task_id = %message.id, "Step already succeeded; finishing its bookkeeping only.");
             let result = metas[&message.id].result.clone();
-            advance(
-                app,
-                workflow,
-                position,
-                &message,
-                &result,
-                Republish::UnlessStarted,
-            )
-            .await?;
+            if let Owner::Step {
+                workflow, position, ..
+            } = owner
+            {
+                advance(
+                    app,
+                    workflow,
+                    *position,
+                    &message,
+                    &result,
+                    Republish::UnlessStarted,
+                )
+                .await?;
+            }
             return delivery.ack().await;
         }
         Some(TaskStatus::Failure | TaskStatus::Revoked) => {
@@ -540,13 +605,7 @@ async fn run_claimed(
                 return delivery.ack().await;
             }
             Attempt::Retried => {
-                let delay = app
-                    .settings
-                    .retry
-                    .steps
-                    .get(&message.task)
-                    .unwrap_or(&app.settings.retry.default)
-                    .delay_seconds;
+                let delay = retry_policy(app, &message.task).delay_seconds;
                 let eta = Utc::now() + chrono::Duration::seconds(delay as i64);
                 info!(task_id = %message.id, retries = message.retries,
                     "This attempt already ran and failed; deferred this copy of its message as the next attempt, by {delay} s.");
@@ -566,8 +625,13 @@ async fn run_claimed(
         kwargs: message.kwargs.clone(),
         progress: progress.clone(),
         cancel: CancellationToken::new(),
+        retries: message.retries,
+        max_retries: retry_policy(app, &message.task).max_retries,
     };
-    let label = format!("dataset {dataset_id} {step_name}");
+    let label = match owner {
+        Owner::Step { step_name, .. } => format!("dataset {dataset_id} {step_name}"),
+        Owner::Plain => format!("dataset {dataset_id} {}", message.task),
+    };
     let supervisor = Supervisor {
         app,
         delivery: &*delivery,
@@ -607,25 +671,24 @@ async fn run_claimed(
         Ok(result) => {
             app.store.task_succeeded(&message.id, &result).await?;
             info!(task_id = %message.id, seconds = elapsed, "Step succeeded.");
-            advance(
-                app,
-                workflow,
-                position,
-                &message,
-                &result,
-                Republish::Always,
-            )
-            .await?;
+            if let Owner::Step {
+                workflow, position, ..
+            } = owner
+            {
+                advance(
+                    app,
+                    workflow,
+                    *position,
+                    &message,
+                    &result,
+                    Republish::Always,
+                )
+                .await?;
+            }
             delivery.ack().await
         }
         Err(err) => {
-            let policy = app
-                .settings
-                .retry
-                .steps
-                .get(&message.task)
-                .copied()
-                .unwrap_or(app.settings.retry.default);
+            let policy = retry_policy(app, &message.task);
             let error = task_error(&err);
             if err.is_retryable() && message.retries < policy.max_retries {
                 let retries = message.retries + 1;
@@ -637,14 +700,41 @@ async fn run_claimed(
                 let eta = Utc::now() + chrono::Duration::seconds(policy.delay_seconds as i64);
                 delivery.retry_later(eta, retries).await
             } else {
-                error!(task_id = %message.id, attempt, error = %error.exc_message, "Step failed; the workflow stops here.");
+                let workflow = owner.workflow();
+                match workflow {
+                    Some(_) => {
+                        error!(task_id = %message.id, attempt, error = %error.exc_message, "Step failed; the workflow stops here.")
+                    }
+                    None => {
+                        error!(task_id = %message.id, attempt, error = %error.exc_message, "Task failed.")
+                    }
+                }
                 app.store
-                    .task_failed(&workflow.id, &message.id, &error)
+                    .task_failed(workflow.map(|w| w.id.as_str()), &message.id, &error)
                     .await?;
+                if let Some(workflow) = workflow {
+                    crate::jobs::manage_uploads::workflow_failed(
+                        app,
+                        workflow,
+                        dataset_id,
+                        &error.exc_message,
+                    )
+                    .await;
+                }
                 delivery.ack().await
             }
         }
     }
+}
+
+/// How often and after how long a failed task is tried again.
+fn retry_policy(app: &App, task: &str) -> crate::config::RetryPolicy {
+    app.settings
+        .retry
+        .steps
+        .get(task)
+        .copied()
+        .unwrap_or(app.settings.retry.default)
 }
 
 /// The step's time limit: the configured one for its task (or the default), or the message's

@@ -105,6 +105,8 @@ struct Shared {
     rows: Mutex<RowsBehaviour>,
     /// Items listed ahead of the live datasets by `GET datasets`, as sent.
     raw_listed: Mutex<Vec<Value>>,
+    uploads: Mutex<Option<UploadSettings>>,
+    notifications: Mutex<Vec<Value>>,
 }
 
 /// What `POST datasets/{id}/files` does with its rows after answering 200.
@@ -138,6 +140,8 @@ impl TestApi {
             log: Mutex::new(Vec::new()),
             rows: Mutex::new(RowsBehaviour::default()),
             raw_listed: Mutex::new(Vec::new()),
+            uploads: Mutex::new(None),
+            notifications: Mutex::new(Vec::new()),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
@@ -290,7 +294,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/datasets/{id}/files", post(add_files))
         .route("/datasets/{id}/workflows", post(add_workflow))
         .route("/workflows/current", get(current_workflows))
-        .route("/metrics", post(add_metrics));
+        .route("/metrics", post(add_metrics))
+        .merge(upload_routes());
     Router::new()
         .nest(ROOT, api)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "Not Found") })
@@ -930,4 +935,551 @@ async fn add_metrics(State(shared): State<Arc<Shared>>, Json(body): Json<Value>)
         Ok(()) => Json(json!({ "count": metrics.len() })).into_response(),
         Err(err) => registry_error(err),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Uploads (spec C.5.5, E.5), worker processes and notifications, with the real API's quirks:
+// a repeated completion of a failed upload revives it (its dataset stays deleted), a
+// metadata-only PATCH leaves `updated_at` alone, a workflow id linked twice answers 409 and
+// rolls the whole PATCH back, `by-status` wants the parameter repeated.
+
+use workers::registry::uploads::{
+    NewUpload, ProcessLogLine, UploadLog, UploadLogPatch, UploadQuery, UploadStatus, WorkerProcess,
+};
+
+/// Where the API puts uploaded payloads, and what its optional routes do.
+pub struct UploadSettings {
+    /// `upload.path`: payloads go to `<this>/<raw_data|data_products>/<id>/<name>`.
+    pub root: std::path::PathBuf,
+    /// Whether `POST notifications` exists (the API's feature flag).
+    pub notifications: bool,
+}
+
+impl TestApi {
+    /// Sets where uploads are put and whether notifications are on.
+    pub fn set_uploads(&self, settings: UploadSettings) {
+        *self.shared.uploads.lock().unwrap() = Some(settings);
+    }
+
+    /// The notifications posted so far.
+    pub fn notifications(&self) -> Vec<Value> {
+        self.shared.notifications.lock().unwrap().clone()
+    }
+
+    /// Moves an upload log's `updated_at` back by `age`, as if it had not changed for that long.
+    pub fn age_upload(&self, id: DatasetId, age: Duration) {
+        self.shared
+            .db
+            .with_conn(|conn| {
+                conn.execute(
+                    "UPDATE upload_logs SET updated_at = updated_at - ?2 WHERE dataset_id = ?1",
+                    rusqlite::params![id, age.as_millis() as i64],
+                )?;
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    /// The log lines posted for the worker processes of a task.
+    pub fn process_logs(&self, task_id: &str) -> Vec<(String, String)> {
+        self.shared
+            .db
+            .with_conn(|conn| {
+                let mut stmt = conn.prepare(
+                    "SELECT l.level, l.message FROM worker_logs l
+                     JOIN worker_processes p ON p.id = l.process_id
+                     WHERE p.task_id = ?1 ORDER BY l.id",
+                )?;
+                let rows = stmt.query_map([task_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+            })
+            .unwrap()
+    }
+}
+
+fn upload_routes() -> Router<Arc<Shared>> {
+    let uploads = Router::new()
+        .route("/", get(list_uploads).post(create_upload))
+        .route("/expired", get(expired_uploads))
+        .route("/stalled", get(stalled_uploads))
+        .route("/failed", get(failed_uploads))
+        .route("/by-status", get(uploads_by_status))
+        .route(
+            "/{id}/upload-log",
+            get(get_upload_log).patch(patch_upload_log),
+        )
+        .route("/{id}/complete", post(complete_upload));
+    Router::new()
+        .nest("/datasets/uploads", uploads.clone())
+        .nest("/uploads", uploads)
+        .route("/workflows/processes", post(register_process))
+        .route("/workflows/processes/{id}/logs", post(add_process_logs))
+        .route("/notifications", post(notify))
+}
+
+fn upload_log_json(log: &UploadLog, full_dataset: bool) -> Value {
+    let mut dataset = json!({
+        "id": log.dataset_id,
+        "name": log.dataset_name,
+    });
+    if full_dataset {
+        dataset["type"] = json!(log.dataset_type.map(|t| t.as_str()));
+        dataset["origin_path"] = json!(log.origin_path);
+    }
+    json!({
+        "id": log.id,
+        "status": log.status.as_str(),
+        "process_id": log.process_id,
+        "retry_count": log.retry_count,
+        "metadata": log.metadata,
+        "updated_at": iso(log.updated_at),
+        "dataset_id": log.dataset_id,
+        "dataset": dataset,
+    })
+}
+
+async fn create_upload(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
+    let mut errors = Vec::new();
+    let name = body["name"].as_str().unwrap_or_default();
+    if name.chars().count() < 3 {
+        errors.push(json!({"msg": "Invalid value", "path": "name", "location": "body"}));
+    }
+    let dataset_type = body["type"].as_str().and_then(|t| t.parse().ok());
+    if dataset_type.is_none() {
+        errors.push(json!({"msg": "Invalid value", "path": "type", "location": "body"}));
+    }
+    if !errors.is_empty() {
+        return (StatusCode::BAD_REQUEST, Json(json!({ "errors": errors }))).into_response();
+    }
+    let dataset_type: workers::model::DatasetType = dataset_type.unwrap();
+    let Ok(name) = DatasetName::normalize(name) else {
+        return error(StatusCode::BAD_REQUEST, "invalid name");
+    };
+    let root = shared
+        .uploads
+        .lock()
+        .unwrap()
+        .as_ref()
+        .map(|u| u.root.clone())
+        .unwrap_or_else(|| std::path::PathBuf::from("/uploads"));
+    let dir = match dataset_type {
+        workers::model::DatasetType::RawData => "raw_data",
+        workers::model::DatasetType::DataProduct => "data_products",
+    };
+    let upload = NewUpload {
+        name,
+        dataset_type,
+        upload_dir: root.join(dir).to_string_lossy().into_owned(),
+    };
+    match shared.registry.create_upload(&upload).await {
+        Ok(log) => {
+            let mut body = upload_log_json(&log, true);
+            body["dataset"]["create_method"] = json!("UPLOAD");
+            Json(body).into_response()
+        }
+        // The real route fails with a TypeError on a name in use.
+        Err(RegistryError::Invalid(_)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Cannot read properties of undefined (reading 'id')",
+        ),
+        Err(err) => registry_error(err),
+    }
+}
+
+async fn get_upload_log(State(shared): State<Arc<Shared>>, Path(id): Path<DatasetId>) -> Response {
+    match shared.registry.upload_log(id).await {
+        Ok(Some(log)) => Json(upload_log_json(&log, true)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "Upload log not found"),
+        Err(err) => registry_error(err),
+    }
+}
+
+async fn complete_upload(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<DatasetId>,
+    Json(body): Json<Value>,
+) -> Response {
+    let Some(process_id) = body["process_id"].as_str().map(str::to_owned) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"errors": [{"msg": "Invalid value", "path": "process_id"}]})),
+        )
+            .into_response();
+    };
+    let log = match shared.registry.upload_log(id).await {
+        Ok(Some(log)) => log,
+        Ok(None) => return error(StatusCode::NOT_FOUND, "Upload log not found"),
+        Err(err) => return registry_error(err),
+    };
+    match log.status {
+        UploadStatus::Uploading => {}
+        // Again while UPLOADED: 200, the body ignored, the bare dataset row.
+        UploadStatus::Uploaded => {
+            let mut log = upload_log_json(&log, false);
+            log["dataset"] = json!({"id": id});
+            return Json(json!({"success": true, "upload_log": log})).into_response();
+        }
+        // Revived, although its dataset stays tombstoned (spec E.5).
+        UploadStatus::UploadFailed | UploadStatus::ProcessingFailed => {
+            shared
+                .db
+                .with_conn(|conn| {
+                    conn.execute(
+                        "UPDATE upload_logs SET status = 'UPLOADING' WHERE dataset_id = ?1",
+                        [id],
+                    )?;
+                    Ok(())
+                })
+                .unwrap();
+        }
+        status => {
+            return (
+                StatusCode::CONFLICT,
+                Json(json!({
+                    "error": "Upload has already advanced past the upload stage",
+                    "status": status.as_str(),
+                })),
+            )
+                .into_response();
+        }
+    }
+    let metadata = body.get("metadata").and_then(Value::as_object).cloned();
+    match shared
+        .registry
+        .complete_upload(id, &process_id, metadata.as_ref())
+        .await
+    {
+        Ok(log) => Json(json!({"success": true, "upload_log": upload_log_json(&log, false)}))
+            .into_response(),
+        Err(err) => registry_error(err),
+    }
+}
+
+async fn patch_upload_log(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<DatasetId>,
+    Json(body): Json<Value>,
+) -> Response {
+    // Nothing is validated by the real route: a bad value fails in Prisma with a 500.
+    let status = match body.get("status").and_then(Value::as_str) {
+        None => None,
+        Some(s) => match s.parse::<UploadStatus>() {
+            Ok(s) => Some(s),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        },
+    };
+    let retry_count = match body.get("retry_count") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64().map(|n| n as u32),
+        Some(other) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("Invalid value for retry_count: {other}"),
+            );
+        }
+    };
+    let workflow_id = body
+        .get("workflow_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    if let Some(workflow_id) = &workflow_id {
+        match shared
+            .registry
+            .linked_workflows(std::slice::from_ref(workflow_id))
+            .await
+        {
+            Ok(linked) if !linked.is_empty() => {
+                return error(StatusCode::CONFLICT, "Unique constraint failed");
+            }
+            Ok(_) => {}
+            Err(err) => return registry_error(err),
+        }
+    }
+    let patch = UploadLogPatch {
+        status,
+        metadata: body.get("metadata").and_then(Value::as_object).cloned(),
+        retry_count,
+        workflow_id,
+    };
+    let before = match shared.registry.upload_log(id).await {
+        Ok(Some(log)) => log,
+        Ok(None) => return error(StatusCode::NOT_FOUND, "Upload log not found"),
+        Err(err) => return registry_error(err),
+    };
+    match shared.registry.update_upload_log(id, &patch).await {
+        // The reply is built before the tombstone: it still shows the old name.
+        Ok(log) => {
+            let mut reply = upload_log_json(&log, false);
+            reply["dataset"]["name"] = json!(before.dataset_name);
+            Json(json!({"success": true, "upload_log": reply})).into_response()
+        }
+        Err(RegistryError::NotFound(_)) => error(StatusCode::NOT_FOUND, "Upload log not found"),
+        Err(err) => registry_error(err),
+    }
+}
+
+async fn query_uploads(
+    shared: &Shared,
+    query: UploadQuery,
+) -> Result<Vec<workers::registry::uploads::UploadRef>, Response> {
+    shared
+        .registry
+        .uploads(&query)
+        .await
+        .map_err(registry_error)
+}
+
+async fn expired_uploads(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let status = match query.get("status").map(|s| s.parse::<UploadStatus>()) {
+        None => UploadStatus::Uploading,
+        Some(Ok(s)) => s,
+        Some(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+    };
+    let age_days = query
+        .get("age_days")
+        .and_then(|a| a.parse::<f64>().ok())
+        .unwrap_or(7.0);
+    let found = match query_uploads(&shared, UploadQuery::Expired { status, age_days }).await {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let now = Utc::now();
+    let uploads: Vec<Value> = found
+        .iter()
+        .map(|u| {
+            let age = u
+                .updated_at
+                .map_or(0, |t| (now - t).num_milliseconds() / 86_400_000);
+            json!({
+                "dataset_id": u.dataset_id,
+                "dataset_name": u.dataset_name,
+                "status": u.status.map(|s| s.as_str()),
+                "age_days": age,
+            })
+        })
+        .collect();
+    Json(json!({ "uploads": uploads })).into_response()
+}
+
+async fn stalled_uploads(State(shared): State<Arc<Shared>>) -> Response {
+    let found = match query_uploads(&shared, UploadQuery::Stalled { after_seconds: 30 }).await {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let uploads: Vec<Value> = found
+        .iter()
+        .map(|u| {
+            json!({
+                "dataset_id": u.dataset_id,
+                "dataset_name": u.dataset_name,
+                "uploaded_at": u.updated_at.map(iso),
+            })
+        })
+        .collect();
+    Json(json!({"metadata": {"count": uploads.len()}, "uploads": uploads})).into_response()
+}
+
+async fn failed_uploads(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let max_retry_count = query
+        .get("max_retry_count")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let max_age_hours = query
+        .get("max_age_hours")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(72.0);
+    let found = match query_uploads(
+        &shared,
+        UploadQuery::Failed {
+            max_retry_count,
+            max_age_hours,
+        },
+    )
+    .await
+    {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let uploads: Vec<Value> = found
+        .iter()
+        .map(|u| {
+            json!({
+                "dataset_id": u.dataset_id,
+                "dataset_name": u.dataset_name,
+                "retry_count": u.retry_count,
+                "last_error": u.last_error,
+            })
+        })
+        .collect();
+    Json(json!({ "uploads": uploads })).into_response()
+}
+
+async fn uploads_by_status(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::RawQuery(raw): axum::extract::RawQuery,
+) -> Response {
+    let mut statuses = Vec::new();
+    for (key, value) in url::form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+        if key != "statuses" {
+            continue;
+        }
+        match value.parse::<UploadStatus>() {
+            Ok(s) => statuses.push(s),
+            // A comma list reaches Prisma as one unknown enum value.
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e),
+        }
+    }
+    if statuses.is_empty() {
+        return Json(json!({"uploads": []})).into_response();
+    }
+    let found = match query_uploads(&shared, UploadQuery::ByStatus(statuses)).await {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let uploads: Vec<Value> = found
+        .iter()
+        .map(|u| {
+            json!({
+                "dataset_id": u.dataset_id,
+                "dataset_name": u.dataset_name,
+                "origin_path": u.origin_path,
+                "status": u.status.map(|s| s.as_str()),
+            })
+        })
+        .collect();
+    Json(json!({ "uploads": uploads })).into_response()
+}
+
+async fn list_uploads(
+    State(shared): State<Arc<Shared>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let limit = query
+        .get("limit")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(usize::MAX);
+    let found = match query_uploads(&shared, UploadQuery::All { limit: usize::MAX }).await {
+        Ok(found) => found,
+        Err(response) => return response,
+    };
+    let mut uploads = Vec::new();
+    for u in found {
+        if let Ok(Some(log)) = shared.registry.upload_log(u.dataset_id).await
+            && log.process_id.is_some()
+        {
+            uploads.push(upload_log_json(&log, true));
+        }
+        if uploads.len() >= limit {
+            break;
+        }
+    }
+    Json(json!({"metadata": {"count": uploads.len()}, "uploads": uploads})).into_response()
+}
+
+async fn register_process(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
+    let (Some(task_id), Some(step), Some(pid)) = (
+        body["task_id"].as_str(),
+        body["step"].as_str(),
+        body["pid"].as_u64(),
+    ) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "task_id, step and pid are required",
+        );
+    };
+    let start_time = body["start_time"]
+        .as_str()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map_or_else(Utc::now, |t| t.with_timezone(&Utc));
+    let process = WorkerProcess {
+        workflow_id: body["workflow_id"].as_str().map(str::to_owned),
+        step: step.to_owned(),
+        task_id: task_id.to_owned(),
+        pid: pid as u32,
+        hostname: body["hostname"].as_str().unwrap_or_default().to_owned(),
+        start_time,
+        tags: body.get("tags").cloned().unwrap_or(Value::Null),
+    };
+    match shared.registry.register_process(&process).await {
+        Ok(Some(id)) => Json(json!({
+            "id": id,
+            "pid": pid,
+            "task_id": task_id,
+            "step": step,
+            "workflow_id": process.workflow_id,
+            "tags": process.tags,
+            "start_time": iso(start_time),
+            "hostname": process.hostname,
+        }))
+        .into_response(),
+        Ok(None) => error(StatusCode::INTERNAL_SERVER_ERROR, "not stored"),
+        Err(err) => registry_error(err),
+    }
+}
+
+async fn add_process_logs(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<i64>,
+    Json(body): Json<Value>,
+) -> Response {
+    let Some(items) = body.as_array() else {
+        return error(StatusCode::BAD_REQUEST, "an array of log lines is required");
+    };
+    let mut lines = Vec::new();
+    for item in items {
+        // Prisma refuses explicitly undefined values (spec E.4).
+        let (Some(timestamp), Some(level), Some(message)) = (
+            item["timestamp"].as_str(),
+            item["level"].as_str(),
+            item["message"].as_str(),
+        ) else {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "explicitly undefined values are not allowed",
+            );
+        };
+        let Ok(timestamp) = chrono::DateTime::parse_from_rfc3339(timestamp) else {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "invalid timestamp");
+        };
+        lines.push(ProcessLogLine {
+            timestamp: timestamp.with_timezone(&Utc),
+            level: level.to_owned(),
+            message: message.to_owned(),
+        });
+    }
+    match shared.registry.add_process_logs(id, &lines).await {
+        Ok(()) => Json(json!({ "count": lines.len() })).into_response(),
+        Err(err) => registry_error(err),
+    }
+}
+
+async fn notify(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> Response {
+    let enabled = shared
+        .uploads
+        .lock()
+        .unwrap()
+        .as_ref()
+        .is_some_and(|u| u.notifications);
+    if !enabled {
+        return error(StatusCode::NOT_FOUND, "Not Found");
+    }
+    let complete = ["label", "text", "type"]
+        .iter()
+        .all(|k| body[*k].as_str().is_some())
+        && body["role_ids"].as_array().is_some_and(|r| !r.is_empty());
+    if !complete {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"errors": [{"msg": "Invalid value", "path": "label"}]})),
+        )
+            .into_response();
+    }
+    shared.notifications.lock().unwrap().push(body.clone());
+    Json(json!({"id": shared.notifications.lock().unwrap().len()})).into_response()
 }

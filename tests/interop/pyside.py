@@ -12,8 +12,12 @@ Commands (results are printed as one JSON document):
   embellished WORKFLOW_ID                  sca-rhythm's embellished view of a workflow
   status WORKFLOW_IDS_JSON                 {id: derived status} for many workflows
   resume WORKFLOW_ID                       sca-rhythm's resume()
-  worker QUEUES CONCURRENCY [ORIGINAL]     a Celery worker serving `noop` and `fail_once`;
-                                           ORIGINAL=1 adds the original's one-task-per-child
+  worker QUEUES CONCURRENCY [ORIGINAL]     a Celery worker serving `noop`, `fail_once` and
+                                           `site_task`; ORIGINAL=1 adds the original's
+                                           one-task-per-child
+  send TASK ARGS_JSON [TASK_ID]            publish a plain task as `apply_async` does
+                                           (default queue, priority 1); prints {"task_id"}
+  result TASK_ID                           AsyncResult's view: {"state", "result"}
 """
 
 import contextlib
@@ -62,6 +66,12 @@ def fail_once(self, dataset_id, **kwargs):
     return (dataset_id,)
 
 
+@app.task(bind=True, name="site_task")
+def site_task(self, dataset_id):
+    """A site's own plain task, which only the Python workers have."""
+    return {"ran_on": "python", "dataset_id": dataset_id, "worker": self.request.hostname}
+
+
 def dump(value):
     def default(obj):
         if isinstance(obj, (datetime.datetime, datetime.date)):
@@ -92,6 +102,20 @@ def main(argv):
         dump({wid: Workflow(app, workflow_id=wid).get_workflow_status() for wid in ids})
     elif command == "resume":
         dump(Workflow(app, workflow_id=argv[2]).resume())
+    elif command == "send":
+        name, args = argv[2], json.loads(argv[3])
+        task_id = argv[4] if len(argv) > 4 else None
+        # What `manage_upload_workflows` does with `verify_upload_integrity.apply_async`.
+        result = app.send_task(name, args=args, task_id=task_id, priority=1,
+                               queue=DEFAULT_QUEUE)
+        dump({"task_id": result.id})
+    elif command == "result":
+        result = app.AsyncResult(argv[2])
+        state = result.state
+        value = result.result
+        if isinstance(value, BaseException):
+            value = {"exc_type": type(value).__name__, "exc_message": [str(a) for a in value.args]}
+        dump({"state": state, "result": value})
     elif command == "worker":
         queues, concurrency = argv[2], argv[3]
         original = len(argv) > 4 and argv[4] == "1"
