@@ -85,7 +85,12 @@ async fn verify(load: &LoadOptions, args: &VerifyArgs) -> anyhow::Result<ExitCod
     let (root, checked) = (path.clone(), sizes.clone());
     blocking(move || check_size_manifest(&root, &checked))
         .await
-        .map_err(failure)?;
+        .map_err(|err| match err {
+            err if err.is_invalid_manifest() => {
+                Usage(format!("`{}`: {err}", file.display())).into()
+            }
+            err => failure(err),
+        })?;
     let mut also = Vec::new();
     if sizes.file_count.is_some() {
         also.push("no other file on disk");
