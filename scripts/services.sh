@@ -3,7 +3,7 @@
 # their settings as `export` lines (use: `eval "$(scripts/services.sh)"`):
 # - RabbitMQ on 127.0.0.1:5672 (guest/guest), installed from Debian's packages when missing;
 # - SecantusDB (the MongoDB wire protocol) on 127.0.0.1:27017, in a Python virtualenv;
-# - a Python virtualenv with celery 5.2.7, sca-rhythm and pymongo: the original workers' own
+# - a Python virtualenv with celery 5.2.7, sca-rhythm, pymongo and blake3: the original workers' own
 #   packages, used by the interop tests as real peers (they are test tools, not product code).
 # Progress goes to stderr; only the export lines go to stdout.
 set -euo pipefail
@@ -49,7 +49,7 @@ venv() {
     fi
 }
 venv "$state/secantus-venv" "secantusdb==0.7.0b3"
-venv "$state/interop-venv" "celery==5.2.7" "sca-rhythm==0.6.15" "pymongo"
+venv "$state/interop-venv" "celery==5.2.7" "sca-rhythm==0.6.15" "pymongo" "blake3"
 
 # SecantusDB (MongoDB wire protocol)
 if ! port_open 27017; then

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 use crate::jobs::JobName;
 use crate::model::DatasetType;
@@ -67,6 +67,9 @@ pub enum Command {
     /// Look into the queue of steps
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Upload integrity: the manifests a sender computes, and their checks
+    #[command(subcommand)]
+    Uploads(UploadsCommand),
     /// Run workflow steps from the queue until stopped
     Worker(WorkerArgs),
     /// Run every job on its schedule until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration)
@@ -227,6 +230,38 @@ pub enum QueueCommand {
         #[arg(long, value_enum, default_value = "table")]
         format: OutputFormat,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UploadsCommand {
+    /// Print the BLAKE3 manifest hash of a directory as the UI computes it before an upload
+    /// (or, with --size-manifest, its path-size-v1 size manifest). Needs no configuration
+    Manifest {
+        /// The directory (its regular files, recursively; links are not followed)
+        path: PathBuf,
+        /// Print the path-size-v1 size manifest (JSON, whatever --format says) instead
+        #[arg(long)]
+        size_manifest: bool,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+    /// Check a directory against a BLAKE3 manifest hash or a path-size-v1 size manifest
+    /// (exactly one of them): exit 0 when it holds, 1 when it does not, 2 when the manifest
+    /// given is unusable. Needs no configuration
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("expected").required(true).args(["manifest_hash", "size_manifest"])))]
+pub struct VerifyArgs {
+    /// The uploaded directory
+    pub path: PathBuf,
+    /// The BLAKE3 manifest hash the sender computed (64 hexadecimal digits)
+    #[arg(long, value_name = "HEX")]
+    pub manifest_hash: Option<String>,
+    /// A file holding the sender's path-size-v1 size manifest (JSON)
+    #[arg(long, value_name = "FILE")]
+    pub size_manifest: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

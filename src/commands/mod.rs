@@ -15,6 +15,7 @@ mod jobs;
 mod queue;
 mod register;
 mod scheduler;
+mod uploads;
 mod worker;
 mod workflows;
 
@@ -61,6 +62,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Config(cmd) = &cli.command {
         return config::run(&load, cmd);
     }
+    if let Command::Uploads(cmd) = &cli.command
+        && uploads::needs_no_app(cmd)
+    {
+        return uploads::run_without_app(&load, cmd).await;
+    }
     let settings = crate::config::load(&load)?;
     let interactive = !matches!(cli.command, Command::Worker(_) | Command::Scheduler);
     let display = Display::new(interactive);
@@ -92,7 +98,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         App::build(settings).await?
     };
     match cli.command {
-        Command::Config(_) => unreachable!("handled above"),
+        Command::Config(_) | Command::Uploads(_) => unreachable!("handled above"),
         Command::Jobs(cmd) => jobs::run(&app, cmd, display).await,
         Command::Register(args) => register::run(&app, args, display).await,
         Command::Workflows(cmd) => workflows::run(&app, cmd, display).await,
