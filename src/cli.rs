@@ -249,6 +249,50 @@ pub enum UploadsCommand {
     /// (exactly one of them): exit 0 when it holds, 1 when it does not, 2 when the manifest
     /// given is unusable. Needs no configuration
     Verify(VerifyArgs),
+    /// Register a dataset to be uploaded: prints its id and the directory to copy the data
+    /// into (rsync, scp, Globus), then `workers uploads complete ID`
+    Create {
+        /// The dataset's name (normalized as every dataset name is)
+        name: String,
+        /// RAW_DATA or DATA_PRODUCT
+        #[arg(long = "type", value_parser = parse_type, value_name = "TYPE")]
+        dataset_type: DatasetType,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+    /// Mark an upload as sent (UPLOADED), with the manifest it is to be verified against;
+    /// `manage_upload_workflows` then verifies and ingests it
+    Complete(CompleteArgs),
+    /// List uploads, most recently changed first
+    List {
+        /// At most this many
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+    /// Show one upload: its status, manifest, verification and failure
+    Show {
+        /// The upload's dataset id
+        id: i64,
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("manifest").args(["manifest_hash", "size_manifest"])))]
+pub struct CompleteArgs {
+    /// The upload's dataset id (printed by `uploads create`)
+    pub id: i64,
+    /// The BLAKE3 manifest hash of the data as sent (`workers uploads manifest DIR` on the
+    /// sending side)
+    #[arg(long, value_name = "HEX")]
+    pub manifest_hash: Option<String>,
+    /// A file holding the path-size-v1 size manifest of the data as sent
+    /// (`workers uploads manifest --size-manifest DIR`)
+    #[arg(long, value_name = "FILE")]
+    pub size_manifest: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -77,6 +77,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         cli.command,
         Command::Datasets(_)
             | Command::Queue(_)
+            | Command::Uploads(
+                crate::cli::UploadsCommand::List { .. } | crate::cli::UploadsCommand::Show { .. }
+            )
             | Command::Workflows(
                 crate::cli::WorkflowsCommand::List { .. }
                     | crate::cli::WorkflowsCommand::Show { .. }
@@ -98,7 +101,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         App::build(settings).await?
     };
     match cli.command {
-        Command::Config(_) | Command::Uploads(_) => unreachable!("handled above"),
+        Command::Config(_) => unreachable!("handled above"),
+        Command::Uploads(cmd) => uploads::run(&app, cmd).await,
         Command::Jobs(cmd) => jobs::run(&app, cmd, display).await,
         Command::Register(args) => register::run(&app, args, display).await,
         Command::Workflows(cmd) => workflows::run(&app, cmd, display).await,
