@@ -45,6 +45,36 @@ pub struct RawSettings {
     /// `[schedules.<job>]`, one table per job.
     pub schedules: BTreeMap<String, RawSchedule>,
     pub metrics: RawMetrics,
+    pub qc: RawQc,
+    pub illumina: RawIllumina,
+}
+
+/// `generate_qc` (spec B.8): FastQC over the staged copy's `*.fastq.gz`, then MultiQC.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawQc {
+    /// The FastQC program: a name looked up in PATH, or a path.
+    pub fastqc: PathBuf,
+    /// The MultiQC program: a name looked up in PATH, or a path.
+    pub multiqc: PathBuf,
+    /// `fastqc -t`: files FastQC works on at once.
+    pub threads: u32,
+    /// Files given to one FastQC run; progress is reported after each run.
+    pub batch_size: usize,
+    /// Longest run of one FastQC batch or of MultiQC; past it the program is killed.
+    pub command_timeout_seconds: u64,
+}
+
+/// `download_illumina_dataset` (spec B.8): Illumina BaseSpace through its `bs` client.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawIllumina {
+    /// The BaseSpace CLI: a name looked up in PATH, or a path.
+    pub bs: PathBuf,
+    /// `bs list datasets --newer-than=<n_days>d`.
+    pub n_days: u32,
+    /// Downloads go to `<download_dir>/<dataset name>`.
+    pub download_dir: PathBuf,
+    /// Longest run of one `bs` command; past it the program is killed.
+    pub command_timeout_seconds: u64,
 }
 
 /// When a job runs (`[schedules.<job>]`): `cron` or `every`, plus policies.
@@ -163,6 +193,14 @@ pub struct RawWorkflows {
     /// never started again once its workflow saw no change for this long.
     pub stalled_after_seconds: u64,
     pub purge: RawWorkflowPurge,
+    pub integrated: RawIntegrated,
+}
+
+/// Site options of the `integrated` workflow.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawIntegrated {
+    /// Insert a `generate_qc` step (named `qc`) after `setup_download`.
+    pub qc: bool,
 }
 
 /// `purge_stale_workflows` (spec C.3).
@@ -336,11 +374,35 @@ pub struct Settings {
     /// Every job with its schedule, in `JobName::ALL` order.
     pub schedules: Vec<(JobName, Schedule)>,
     pub workflow_purge: RawWorkflowPurge,
+    /// `workflows.integrated.qc`: `integrated` gets a `generate_qc` step.
+    pub integrated_qc: bool,
     pub metrics: RawMetrics,
+    pub qc: QcSettings,
+    pub illumina: IlluminaSettings,
     /// Where the configuration came from, for `config show` and error messages.
     pub sources: Vec<String>,
     /// Things worth telling the operator at startup (for example a development secret in use).
     pub warnings: Vec<String>,
+}
+
+/// `generate_qc`'s programs and limits.
+#[derive(Debug, Clone)]
+pub struct QcSettings {
+    pub fastqc: PathBuf,
+    pub multiqc: PathBuf,
+    pub threads: u32,
+    pub batch_size: usize,
+    pub command_timeout: std::time::Duration,
+}
+
+/// `download_illumina_dataset`'s program and places.
+#[derive(Debug, Clone)]
+pub struct IlluminaSettings {
+    pub bs: PathBuf,
+    pub n_days: u32,
+    /// Absolute.
+    pub download_dir: PathBuf,
+    pub command_timeout: std::time::Duration,
 }
 
 /// The Bioloop API client's settings.

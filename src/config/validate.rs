@@ -31,6 +31,9 @@ pub(super) const TASK_NAMES: &[&str] = &[
     "setup_dataset_download",
     "delete_dataset",
     "delete_source",
+    "mark_archived_and_delete",
+    "generate_qc",
+    "download_illumina_dataset",
 ];
 
 const LOG_FORMATS: &[&str] = &["human", "json"];
@@ -484,6 +487,34 @@ pub(super) fn build(
         }
     }
     let lfs_path = check.path(&["metrics", "lfs_path"], &raw.metrics.lfs_path);
+    for (name, program) in [("fastqc", &raw.qc.fastqc), ("multiqc", &raw.qc.multiqc)] {
+        if program.as_os_str().is_empty() {
+            check.fail(&key(&["qc", name]), "must not be empty");
+        }
+    }
+    for (section, name, value) in [
+        ("qc", "threads", u64::from(raw.qc.threads)),
+        ("qc", "batch_size", raw.qc.batch_size as u64),
+        (
+            "qc",
+            "command_timeout_seconds",
+            raw.qc.command_timeout_seconds,
+        ),
+        ("illumina", "n_days", u64::from(raw.illumina.n_days)),
+        (
+            "illumina",
+            "command_timeout_seconds",
+            raw.illumina.command_timeout_seconds,
+        ),
+    ] {
+        if value == 0 {
+            check.fail(&key(&[section, name]), "must be at least 1");
+        }
+    }
+    if raw.illumina.bs.as_os_str().is_empty() {
+        check.fail(&key(&["illumina", "bs"]), "must not be empty");
+    }
+    let illumina_dir = check.path(&["illumina", "download_dir"], &raw.illumina.download_dir);
 
     errors.append(&mut check.errors);
     let (Some(backends), Some(progress_interval), Some(api), Some(mongo), Some(amqp)) =
@@ -509,6 +540,7 @@ pub(super) fn build(
     resolved.workflows.dir = workflows_dir.clone();
     resolved.sqlite.path = sqlite_path.clone();
     resolved.metrics.lfs_path = lfs_path.clone();
+    resolved.illumina.download_dir = illumina_dir.clone();
 
     let settings = Settings {
         app_id,
@@ -546,9 +578,23 @@ pub(super) fn build(
         },
         schedules,
         workflow_purge: raw.workflows.purge,
+        integrated_qc: raw.workflows.integrated.qc,
         metrics: RawMetrics {
             quota: raw.metrics.quota,
             lfs_path,
+        },
+        qc: QcSettings {
+            fastqc: raw.qc.fastqc,
+            multiqc: raw.qc.multiqc,
+            threads: raw.qc.threads,
+            batch_size: raw.qc.batch_size,
+            command_timeout: Duration::from_secs(raw.qc.command_timeout_seconds),
+        },
+        illumina: IlluminaSettings {
+            bs: raw.illumina.bs,
+            n_days: raw.illumina.n_days,
+            download_dir: illumina_dir,
+            command_timeout: Duration::from_secs(raw.illumina.command_timeout_seconds),
         },
         sources: ctx.layers.iter().map(|layer| layer.name.clone()).collect(),
         warnings,

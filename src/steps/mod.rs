@@ -9,8 +9,12 @@
 pub mod archive;
 pub mod await_stability;
 pub mod delete;
+pub mod illumina;
 pub mod inspect;
+pub mod mark_archived;
 pub mod noop;
+pub mod program;
+pub mod qc;
 pub mod setup_download;
 pub mod stage;
 pub mod validate;
@@ -38,12 +42,15 @@ pub enum Task {
     SetupDownload,
     DeleteDataset,
     DeleteSource,
+    MarkArchivedAndDelete,
+    GenerateQc,
+    DownloadIllumina,
     /// Does nothing: for benchmarks and interoperability tests.
     Noop,
 }
 
 impl Task {
-    pub const ALL: [Task; 9] = [
+    pub const ALL: [Task; 12] = [
         Task::AwaitStability,
         Task::Inspect,
         Task::Archive,
@@ -52,6 +59,9 @@ impl Task {
         Task::SetupDownload,
         Task::DeleteDataset,
         Task::DeleteSource,
+        Task::MarkArchivedAndDelete,
+        Task::GenerateQc,
+        Task::DownloadIllumina,
         Task::Noop,
     ];
 
@@ -65,6 +75,9 @@ impl Task {
             Task::SetupDownload => "setup_dataset_download",
             Task::DeleteDataset => "delete_dataset",
             Task::DeleteSource => "delete_source",
+            Task::MarkArchivedAndDelete => "mark_archived_and_delete",
+            Task::GenerateQc => "generate_qc",
+            Task::DownloadIllumina => "download_illumina_dataset",
             Task::Noop => "noop",
         }
     }
@@ -219,6 +232,9 @@ pub async fn run(task: Task, ctx: StepContext) -> StepResult {
         Task::SetupDownload => setup_download::run(&ctx).await,
         Task::DeleteDataset => delete::run_delete_dataset(&ctx).await,
         Task::DeleteSource => delete::run_delete_source(&ctx).await,
+        Task::MarkArchivedAndDelete => mark_archived::run(&ctx).await,
+        Task::GenerateQc => qc::run(&ctx).await,
+        Task::DownloadIllumina => illumina::run(&ctx).await,
         Task::Noop => noop::run(&ctx).await,
     }
 }
