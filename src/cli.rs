@@ -64,9 +64,12 @@ pub enum Command {
     /// List and show datasets
     #[command(subcommand)]
     Datasets(DatasetsCommand),
-    /// Look into the queue of steps
+    /// Look into the queue of steps, or delete it from RabbitMQ
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Check that every configured directory exists, or create them
+    #[command(subcommand)]
+    Paths(PathsCommand),
     /// Run workflow steps from the queue until stopped
     Worker(WorkerArgs),
     /// Run every job on its schedule until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration)
@@ -226,6 +229,23 @@ pub enum QueueCommand {
     DeadLetters {
         #[arg(long, value_enum, default_value = "table")]
         format: OutputFormat,
+    },
+    /// Delete the queue `{app_id}.q` from RabbitMQ, with every message in it (the way out of
+    /// PRECONDITION_FAILED after the queue's arguments changed); workers declare it again
+    Delete {
+        /// Really delete it (without it nothing is done)
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PathsCommand {
+    /// Every configured directory, Exists or Missing, with its key; exit 1 if one is missing
+    Check {
+        /// Create the missing directories (mkdir -p)
+        #[arg(long)]
+        create: bool,
     },
 }
 

@@ -12,6 +12,7 @@ macro_rules! say {
 mod config;
 mod datasets;
 mod jobs;
+mod paths;
 mod queue;
 mod register;
 mod scheduler;
@@ -62,6 +63,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return config::run(&load, cmd);
     }
     let settings = crate::config::load(&load)?;
+    // Needs the configuration only: no backend, no database.
+    if let Command::Paths(cmd) = cli.command {
+        return paths::run(&settings, cmd);
+    }
     let interactive = !matches!(cli.command, Command::Worker(_) | Command::Scheduler);
     let display = Display::new(interactive);
     init_logging(&settings, &display);
@@ -70,7 +75,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let looks_up = matches!(
         cli.command,
         Command::Datasets(_)
-            | Command::Queue(_)
+            | Command::Queue(crate::cli::QueueCommand::DeadLetters { .. })
             | Command::Workflows(
                 crate::cli::WorkflowsCommand::List { .. }
                     | crate::cli::WorkflowsCommand::Show { .. }
@@ -92,7 +97,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         App::build(settings).await?
     };
     match cli.command {
-        Command::Config(_) => unreachable!("handled above"),
+        Command::Config(_) | Command::Paths(_) => unreachable!("handled above"),
         Command::Jobs(cmd) => jobs::run(&app, cmd, display).await,
         Command::Register(args) => register::run(&app, args, display).await,
         Command::Workflows(cmd) => workflows::run(&app, cmd, display).await,

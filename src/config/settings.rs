@@ -450,6 +450,54 @@ pub struct SchedulerSettings {
 }
 
 impl Settings {
+    /// Every configured local directory, by its configuration key (spec C.9 `setup_dirs`,
+    /// extended to every path key): what `workers paths check` looks at. A local archive is
+    /// named by its part before `{year}`; an HPSS archive is not a local path and is left out.
+    pub fn directories(&self) -> Vec<(String, PathBuf)> {
+        let p = &self.paths;
+        let mut out = vec![
+            ("paths.root".to_owned(), p.root.clone()),
+            ("paths.scratch".to_owned(), p.scratch.clone()),
+            ("paths.download_dir".to_owned(), p.download_dir.clone()),
+        ];
+        for t in DatasetType::ALL {
+            let paths = p.for_type(t);
+            let mut keyed = vec![
+                ("upload", paths.upload.clone()),
+                ("stage", paths.stage.clone()),
+                ("bundle.generate", paths.bundle_generate.clone()),
+                ("bundle.stage", paths.bundle_stage.clone()),
+            ];
+            if let Some(qc) = &paths.qc {
+                keyed.push(("qc", qc.clone()));
+            }
+            if self.backends.archive == ArchiveKind::Local {
+                let before_year = paths.archive.split("{year}").next().unwrap_or_default();
+                keyed.push(("archive", PathBuf::from(before_year)));
+            }
+            out.extend(
+                keyed
+                    .into_iter()
+                    .map(|(key, path)| (format!("paths.{t}.{key}"), path)),
+            );
+            out.push((
+                format!("registration.{t}.source_dir"),
+                self.registration.for_type(t).source_dir.clone(),
+            ));
+        }
+        out.push((
+            "illumina.download_dir".to_owned(),
+            self.illumina.download_dir.clone(),
+        ));
+        if let Some(parent) = self.sqlite.path.parent() {
+            out.push((
+                "sqlite.path (its directory)".to_owned(),
+                parent.to_path_buf(),
+            ));
+        }
+        out
+    }
+
     pub fn schedule(&self, job: JobName) -> Option<&Schedule> {
         self.schedules
             .iter()

@@ -1,0 +1,251 @@
+//! The operational scripts of spec C.8 and C.9 and the metrics job's contract with the API:
+//! `workers paths check`, `workers queue delete` (against a real RabbitMQ), `metrics` posting
+//! with an admin or an operator token, and `populate_bundles`.
+
+#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::bioloop_api::TestApi;
+use common::*;
+use workers::app::App;
+use workers::jobs::{JobName, JobOptions};
+use workers::registry::http::{HttpConfig, HttpRegistry};
+use workers::store::{RunOutcome, Trigger};
+
+fn http_config(api: &TestApi, token: &str) -> HttpConfig {
+    HttpConfig {
+        base_url: api.base_url(),
+        token: token.to_owned(),
+        connect_timeout: Duration::from_secs(2),
+        read_timeout: Duration::from_secs(5),
+        max_retries: 0,
+        backoff: Duration::from_millis(10),
+        backoff_max: Duration::from_millis(100),
+        rows_visible_wait: Duration::from_secs(5),
+        file_batch: workers::registry::http::FILE_BATCH,
+    }
+}
+
+/// The project's app with the test API, reached with `token`, as its registry.
+async fn app_over_api(project: &Project, api: &TestApi, token: &str) -> Arc<App> {
+    let app = Arc::try_unwrap(project.app().await).ok().unwrap();
+    Arc::new(App {
+        registry: Arc::new(HttpRegistry::new(http_config(api, token)).unwrap()),
+        ..app
+    })
+}
+
+async fn run_job(app: &Arc<App>, job: JobName, dry_run: bool) -> workers::jobs::Execution {
+    workers::jobs::execute(
+        Arc::clone(app),
+        job,
+        Trigger::Manual,
+        None,
+        JobOptions {
+            dry_run,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_posted_with_an_operator_token_fail_saying_an_admin_token_is_needed() {
+    let project = Project::new();
+    std::fs::create_dir_all(project.path("var")).unwrap();
+    let api = TestApi::start();
+
+    let app = app_over_api(&project, &api, api.operator_token()).await;
+    let run = run_job(&app, JobName::Metrics, false).await;
+    let RunOutcome::Failed(error) = &run.outcome else {
+        panic!("{:?}", run.outcome);
+    };
+    assert!(error.contains("403"), "{error}");
+    assert!(error.contains("needs an admin token"), "{error}");
+    assert_eq!(api.count("POST", "metrics"), 1, "a 403 is not retried");
+
+    let app = app_over_api(&project, &api, api.token()).await;
+    let run = run_job(&app, JobName::Metrics, false).await;
+    assert_eq!(run.outcome, RunOutcome::Success);
+    let posted = api.requests_to("POST", "metrics");
+    assert_eq!(posted.last().unwrap().status, Some(200));
+    assert!(!posted.last().unwrap().body.as_ref().unwrap()[0]["measurement"].is_null());
+}
+
+#[test]
+fn the_production_profile_posts_the_quota_series() {
+    let mut project = Project::new();
+    project.set_env("APP_ENV", "production");
+    for (key, value) in [
+        ("APP_API_TOKEN", "token"),
+        ("QUEUE_PASS", "pass"),
+        (
+            "WORKERS__REGISTRATION__RAW_DATA__SOURCE_DIR",
+            "/srv/origin/raw",
+        ),
+        (
+            "WORKERS__REGISTRATION__DATA_PRODUCT__SOURCE_DIR",
+            "/srv/origin/dp",
+        ),
+    ] {
+        project.set_env(key, value);
+    }
+    let settings = project.settings();
+    assert!(settings.metrics.quota);
+    assert_eq!(
+        settings.metrics.lfs_path,
+        std::path::Path::new("/N/scratch")
+    );
+}
+
+#[test]
+fn paths_check_names_every_missing_directory_and_create_makes_them() {
+    let project = Project::new();
+    let out = project.run(&["paths", "check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let text = stdout(&out);
+    let scratch = project.path("var/scratch");
+    assert!(
+        text.lines().any(|l| l.starts_with("Missing")
+            && l.contains("paths.scratch")
+            && l.ends_with(scratch.to_str().unwrap())),
+        "{text}"
+    );
+    // The source directories of the test project exist.
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("Exists") && l.contains("registration.RAW_DATA.source_dir")),
+        "{text}"
+    );
+    for key in [
+        "paths.RAW_DATA.qc",
+        "paths.DATA_PRODUCT.bundle.stage",
+        "illumina.download_dir",
+    ] {
+        assert!(text.contains(key), "{key} missing from:\n{text}");
+    }
+    assert!(stderr(&out).contains("paths.scratch"), "{}", describe(&out));
+    assert!(!scratch.exists(), "check alone creates nothing");
+
+    let out = project.run_ok(&["paths", "check", "--create"]);
+    assert!(stdout(&out).contains("Created"), "{}", describe(&out));
+    assert!(scratch.is_dir());
+    assert!(project.path("var/qc/raw_data").is_dir());
+    let out = project.run_ok(&["paths", "check"]);
+    assert!(
+        stdout(&out).lines().all(|l| l.starts_with("Exists")),
+        "{}",
+        describe(&out)
+    );
+
+    // A file where a directory belongs cannot be fixed by --create.
+    std::fs::remove_dir(project.path("var/downloads")).unwrap();
+    write_file(&project.path("var/downloads"), b"not a directory");
+    let out = project.run(&["paths", "check", "--create"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains("Not a directory  paths.download_dir"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn queue_delete_needs_yes_and_refuses_the_embedded_broker() {
+    let project = Project::new();
+    let out = project.run(&["queue", "delete"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(stderr(&out).contains("--yes"), "{}", describe(&out));
+    let out = project.run(&["queue", "delete", "--yes"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("has no queue to delete"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queue_delete_removes_the_queue_from_rabbitmq_with_its_messages() {
+    use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+
+    let Some(url) = common::services::service_var("WORKERS_TEST_AMQP_URL") else {
+        return;
+    };
+    let parsed = url::Url::parse(&url).unwrap();
+    let app_id = format!("workers-test-delete-{}", uuid::Uuid::new_v4().simple());
+    let queue = format!("{app_id}.q");
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    // Declared with other arguments than the workers use: what the command is for.
+    let mut args = FieldTable::default();
+    args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(5));
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    for body in [b"one".as_slice(), b"two"] {
+        channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    let mut project = Project::new();
+    project.set_env("WORKERS__APP_ID", &app_id);
+    project.set_env("WORKERS__BROKER__KIND", "amqp");
+    project.set_env(
+        "WORKERS__AMQP__URL",
+        &format!(
+            "{}:{}{}",
+            parsed.host_str().unwrap(),
+            parsed.port().unwrap_or(5672),
+            parsed.path()
+        ),
+    );
+    project.set_env("WORKERS__AMQP__USER", parsed.username());
+    project.set_env("QUEUE_PASS", parsed.password().unwrap_or_default());
+    let out = project.run(&["queue", "delete", "--yes"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains(&format!("deleted the queue `{queue}` (2 messages)")),
+        "{}",
+        describe(&out)
+    );
+    let check = conn.create_channel().await.unwrap();
+    let passive = check
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(passive.is_err(), "the queue still exists");
+}
