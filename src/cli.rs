@@ -143,6 +143,9 @@ pub struct RegisterArgs {
     /// Description of the datasets
     #[arg(long)]
     pub description: Option<String>,
+    /// Associate the datasets with this project (id or slug; needs the Bioloop API)
+    #[arg(long, value_name = "ID")]
+    pub project_id: Option<String>,
     /// Report what would be registered; register and start nothing
     #[arg(long)]
     pub dry_run: bool,

@@ -249,3 +249,156 @@ async fn queue_delete_removes_the_queue_from_rabbitmq_with_its_messages() {
         .await;
     assert!(passive.is_err(), "the queue still exists");
 }
+
+/// Creates a dataset straight in the test API's store.
+async fn api_dataset(api: &TestApi, name: &str, method: workers::model::CreateMethod) -> i64 {
+    use workers::registry::Registry;
+    api.registry()
+        .bulk_create(&[workers::registry::NewDataset {
+            name: workers::model::DatasetName::normalize(name).unwrap(),
+            dataset_type: workers::model::DatasetType::RawData,
+            origin_path: format!("/elsewhere/{name}"),
+            create_method: method,
+            description: None,
+            metadata: None,
+        }])
+        .await
+        .unwrap()
+        .created[0]
+        .id
+}
+
+fn register_options(dir: &std::path::Path, project_id: Option<&str>) -> RegisterOptions {
+    RegisterOptions {
+        dir: dir.to_path_buf(),
+        dataset_type: workers::model::DatasetType::RawData,
+        ingest_subdirs: true,
+        prefix: None,
+        suffix: None,
+        description: None,
+        project_id: project_id.map(str::to_owned),
+        dry_run: false,
+    }
+}
+
+use workers::jobs::register::{InvalidInput, Outcome, RegisterOptions};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn register_with_a_project_associates_its_own_datasets_and_leaves_others_alone() {
+    use workers::model::CreateMethod;
+    let project = Project::new();
+    let api = TestApi::start();
+    api.add_project("0b9e6c1e-project", "sequencing-core", "Sequencing core");
+    let app = app_over_api(&project, &api, api.token()).await;
+    let container = project.path("incoming");
+    for name in ["fresh", "ours_unstarted", "someone_elses", "scanned"] {
+        write_file(&container.join(name).join("a.txt"), name.as_bytes());
+    }
+    // Registered on demand by the service user earlier, left without a workflow: continued.
+    let ours = api_dataset(&api, "ours_unstarted", CreateMethod::OnDemand).await;
+    // Registered on demand by a person: not this command's.
+    let theirs = api_dataset(&api, "someone_elses", CreateMethod::OnDemand).await;
+    api.set_creator(theirs, "alice");
+    // Registered by watch: not this command's either.
+    let scanned = api_dataset(&api, "scanned", CreateMethod::Scan).await;
+
+    let opts = register_options(&container, Some("sequencing-core"));
+    let report = workers::jobs::register::run(&app, &opts).await.unwrap();
+    let outcome = |name: &str| {
+        report
+            .results
+            .iter()
+            .find(|(c, _)| c.name.as_str() == name)
+            .map(|(_, o)| o.clone())
+            .unwrap()
+    };
+    let Outcome::Registered {
+        id: fresh,
+        workflow_id: Some(_),
+    } = outcome("fresh")
+    else {
+        panic!("{:?}", outcome("fresh"));
+    };
+    assert!(matches!(
+        outcome("ours_unstarted"),
+        Outcome::WorkflowStarted { id, workflow_id: Some(_) } if id == ours
+    ));
+    assert_eq!(outcome("someone_elses"), Outcome::Foreign { id: theirs });
+    assert_eq!(outcome("scanned"), Outcome::Foreign { id: scanned });
+    assert_eq!(report.failures(), 0);
+
+    let mut associated = api.project_datasets("0b9e6c1e-project");
+    associated.sort();
+    let mut expected = vec![fresh, ours];
+    expected.sort();
+    assert_eq!(associated, expected, "only this command's datasets");
+    // The slug was looked up; the association names the project's id.
+    assert_eq!(api.count("GET", "projects/sequencing-core"), 1);
+    assert!(
+        api.requests_to("GET", "projects/sequencing-core")[0]
+            .query
+            .contains("include_datasets=false")
+    );
+    assert_eq!(api.count("PATCH", "projects/0b9e6c1e-project/datasets"), 1);
+
+    // Run again: both are associated already (the API answers 409 to the pair), so each is
+    // sent alone and nothing is duplicated.
+    let report = workers::jobs::register::run(&app, &opts).await.unwrap();
+    assert_eq!(report.failures(), 0, "{:?}", report.association);
+    let mut again = api.project_datasets("0b9e6c1e-project");
+    again.sort();
+    assert_eq!(again, expected);
+    assert_eq!(api.count("PATCH", "projects/0b9e6c1e-project/datasets"), 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn register_refuses_an_unknown_or_malformed_project_before_registering_anything() {
+    let project = Project::new();
+    let api = TestApi::start();
+    let app = app_over_api(&project, &api, api.token()).await;
+    let container = project.path("incoming");
+    write_file(&container.join("d1/a.txt"), b"a");
+
+    let err = workers::jobs::register::run(&app, &register_options(&container, Some("no-such")))
+        .await
+        .unwrap_err();
+    assert!(err.is::<InvalidInput>(), "{err:#}");
+    assert!(
+        format!("{err:#}").contains("project `no-such` does not exist"),
+        "{err:#}"
+    );
+    let err = workers::jobs::register::run(&app, &register_options(&container, Some("a b")))
+        .await
+        .unwrap_err();
+    assert!(err.is::<InvalidInput>(), "{err:#}");
+    assert_eq!(api.count("POST", "datasets/bulk"), 0);
+    assert_eq!(
+        api.count("GET", "projects"),
+        1,
+        "a malformed id is never sent"
+    );
+}
+
+#[test]
+fn register_with_a_project_needs_the_bioloop_api() {
+    let project = Project::new();
+    let container = project.path("incoming");
+    write_file(&container.join("d1/a.txt"), b"a");
+    let out = project.run(&[
+        "register",
+        container.to_str().unwrap(),
+        "--type",
+        "RAW_DATA",
+        "--ingest-subdirs",
+        "--project-id",
+        "core",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("projects need the Bioloop API"),
+        "{}",
+        describe(&out)
+    );
+    let out = project.run_ok(&["datasets", "list", "--format", "json"]);
+    assert!(!stdout(&out).contains("d1"), "nothing was registered");
+}
