@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -401,4 +402,152 @@ fn register_with_a_project_needs_the_bioloop_api() {
     );
     let out = project.run_ok(&["datasets", "list", "--format", "json"]);
     assert!(!stdout(&out).contains("d1"), "nothing was registered");
+}
+
+/// Registers `name` with `archive_path` recorded and no bundle.
+async fn archived_without_bundle(
+    app: &App,
+    project: &Project,
+    name: &str,
+    archive_path: &str,
+) -> i64 {
+    use workers::registry::DatasetPatch;
+    let id = register_small(app, project, name).await;
+    app.registry
+        .update(
+            id,
+            &DatasetPatch {
+                archive_path: Some(Some(archive_path.to_owned())),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn populate_bundles_records_the_archived_size_and_md5_and_a_dry_run_records_nothing() {
+    let project = Project::new();
+    let app = project.app().await;
+    let archived = project.path("var/archive/2023/raw_data/old_run.tar");
+    let content = pseudo_random(300_000, 9);
+    write_file(&archived, &content);
+    let old = archived_without_bundle(&app, &project, "old_run", archived.to_str().unwrap()).await;
+    let missing_path = project.path("var/archive/2023/raw_data/gone.tar");
+    let gone =
+        archived_without_bundle(&app, &project, "gone", missing_path.to_str().unwrap()).await;
+    // Not archived: not considered.
+    let fresh = register_small(&app, &project, "not_archived").await;
+    // du_size differs from the bundle's size: the archive's figure is recorded.
+    app.registry
+        .update(
+            old,
+            &workers::registry::DatasetPatch {
+                du_size: Some(12),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    drop(app);
+
+    let out = project.run_ok(&["jobs", "list"]);
+    assert!(
+        stdout(&out).contains("populate_bundles"),
+        "{}",
+        describe(&out)
+    );
+    let out = project.run_ok(&["jobs", "run", "populate_bundles", "--dry-run"]);
+    assert!(stdout(&out).contains("would record"), "{}", describe(&out));
+    let app = project.app().await;
+    assert!(
+        app.registry.get(old).await.unwrap().bundle.is_none(),
+        "a dry run records nothing"
+    );
+    drop(app);
+
+    let out = project.run_ok(&["jobs", "run", "populate_bundles"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("skipped") && text.contains("gone.tar"),
+        "{text}"
+    );
+    let app = project.app().await;
+    let bundle = app.registry.get(old).await.unwrap().bundle.unwrap();
+    assert_eq!(bundle.name, "old_run.tar");
+    assert_eq!(bundle.size, content.len() as u64);
+    assert_eq!(bundle.md5.to_string(), md5sum(&archived));
+    assert!(app.registry.get(gone).await.unwrap().bundle.is_none());
+    assert!(app.registry.get(fresh).await.unwrap().bundle.is_none());
+    let history = project.run_ok(&["jobs", "history", "populate_bundles", "--format", "json"]);
+    let runs: serde_json::Value = serde_json::from_slice(&history.stdout).unwrap();
+    assert_eq!(runs[0]["counters"]["recorded"], 1, "{runs}");
+    assert_eq!(runs[0]["counters"]["skipped"], 1, "{runs}");
+    assert_eq!(runs[1]["counters"]["would_record"], 1, "{runs}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn populate_bundles_reads_the_md5_hpss_stored_and_skips_files_stored_without_one() {
+    let mut project = Project::new();
+    let bin = project.path("bin");
+    let home = project.path("hpss");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&home).unwrap();
+    std::os::unix::fs::symlink(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/hsi"),
+        bin.join("hsi"),
+    )
+    .unwrap();
+    std::fs::write(
+        bin.join("hsi.env"),
+        format!("HSI_STANDIN_HOME={}\n", home.display()),
+    )
+    .unwrap();
+    let hsi = bin.join("hsi");
+    let local = project.path("bundle.tar");
+    write_file(&local, &pseudo_random(50_000, 3));
+    for command in [
+        "mkdir -p archive/2023/raw_data",
+        &format!(
+            "put -c on {} : archive/2023/raw_data/hashed.tar",
+            local.display()
+        ),
+        &format!(
+            "put {} : archive/2023/raw_data/unhashed.tar",
+            local.display()
+        ),
+    ] {
+        let out = Command::new(&hsi).arg("-P").arg(command).output().unwrap();
+        assert!(out.status.success(), "{command}: {}", describe(&out));
+    }
+    project.set_env("WORKERS__ARCHIVE__KIND", "hsi");
+    project.set_env("WORKERS__HSI__COMMAND", hsi.to_str().unwrap());
+    let app = project.app().await;
+    let hashed =
+        archived_without_bundle(&app, &project, "hashed", "archive/2023/raw_data/hashed.tar").await;
+    let unhashed = archived_without_bundle(
+        &app,
+        &project,
+        "unhashed",
+        "archive/2023/raw_data/unhashed.tar",
+    )
+    .await;
+    let run = run_job(&app, JobName::PopulateBundles, false).await;
+    assert_eq!(run.outcome, RunOutcome::Success);
+    let bundle = app.registry.get(hashed).await.unwrap().bundle.unwrap();
+    assert_eq!(bundle.size, 50_000);
+    assert_eq!(bundle.md5.to_string(), md5sum(&local));
+    assert!(app.registry.get(unhashed).await.unwrap().bundle.is_none());
+    let Some(workers::jobs::JobReport::PopulateBundles(report)) = run.report else {
+        panic!("{:?}", run.report);
+    };
+    assert!(
+        report.skipped[0]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("without a checksum"),
+        "{report:?}"
+    );
 }

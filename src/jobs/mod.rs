@@ -2,6 +2,7 @@
 //! (register directories on demand). The scheduler decides when jobs run; these modules
 //! decide what a run does.
 
+pub mod bundles;
 pub mod metrics;
 pub mod purge;
 pub mod reconcile;
@@ -17,15 +18,17 @@ pub enum JobName {
     PurgeStaleWorkflows,
     Reconcile,
     Metrics,
+    PopulateBundles,
 }
 
 impl JobName {
-    pub const ALL: [JobName; 5] = [
+    pub const ALL: [JobName; 6] = [
         JobName::Watch,
         JobName::PurgeStagedDatasets,
         JobName::PurgeStaleWorkflows,
         JobName::Reconcile,
         JobName::Metrics,
+        JobName::PopulateBundles,
     ];
 
     pub fn name(self) -> &'static str {
@@ -35,6 +38,7 @@ impl JobName {
             JobName::PurgeStaleWorkflows => "purge_stale_workflows",
             JobName::Reconcile => "reconcile",
             JobName::Metrics => "metrics",
+            JobName::PopulateBundles => "populate_bundles",
         }
     }
 
@@ -181,6 +185,7 @@ pub enum JobReport {
     PurgeWorkflows(purge::WorkflowPurgeReport),
     Reconcile(reconcile::ReconcileReport),
     Metrics(metrics::MetricsReport),
+    PopulateBundles(bundles::BundlesReport),
 }
 
 impl JobReport {
@@ -209,6 +214,16 @@ impl JobReport {
             JobReport::Metrics(r) => {
                 json!({"metrics": r.metrics.len(), "missing_paths": r.missing.len()})
             }
+            JobReport::PopulateBundles(r) if r.dry_run => json!({
+                "would_record": r.recorded.len(),
+                "skipped": r.skipped.len(),
+                "failed": r.failed.len(),
+            }),
+            JobReport::PopulateBundles(r) => json!({
+                "recorded": r.recorded.len(),
+                "skipped": r.skipped.len(),
+                "failed": r.failed.len(),
+            }),
         };
         match value {
             Value::Object(map) => map,
@@ -221,6 +236,7 @@ impl JobReport {
         match self {
             JobReport::Watch(r) => r.failed(),
             JobReport::PurgeStaged(r) => r.failed.len(),
+            JobReport::PopulateBundles(r) => r.failed.len(),
             JobReport::Reconcile(r) if !r.dry_run => {
                 r.started.iter().filter(|s| s.workflow_id.is_none()).count()
             }
@@ -268,6 +284,9 @@ pub async fn run_job(app: &App, job: JobName, opts: &JobOptions) -> anyhow::Resu
             JobReport::Reconcile(reconcile::run(app, opts.dry_run, cancel).await?)
         }
         JobName::Metrics => JobReport::Metrics(metrics::run(app, opts.dry_run).await?),
+        JobName::PopulateBundles => {
+            JobReport::PopulateBundles(bundles::run(app, opts.dry_run, cancel).await?)
+        }
     })
 }
 
