@@ -551,3 +551,20 @@ async fn populate_bundles_reads_the_md5_hpss_stored_and_skips_files_stored_witho
         "{report:?}"
     );
 }
+
+#[test]
+fn the_new_keys_are_checked_like_the_others() {
+    let mut project = Project::new();
+    project.set_env("WORKERS__QC__THREADS", "0");
+    project.set_env("WORKERS__ILLUMINA__N_DAYS", "seven");
+    project.set_env("WORKERS__WORKFLOWS__INTEGRATED__QCC", "true");
+    let out = project.run(&["config", "check"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = stderr(&out);
+    assert!(err.contains("qc.threads: must be at least 1"), "{err}");
+    assert!(err.contains("illumina.n_days"), "{err}");
+    assert!(
+        err.contains("workflows.integrated.qcc: unknown key (did you mean `qc`?)"),
+        "{err}"
+    );
+}

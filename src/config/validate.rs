@@ -785,6 +785,9 @@ impl Checker<'_> {
                 key(&["paths", name, "bundle", "stage"]),
                 typed.bundle_stage.clone(),
             ));
+            if let Some(qc) = &typed.qc {
+                written.push((key(&["paths", name, "qc"]), qc.clone()));
+            }
             // Bundles land below the part of the template before `{year}`.
             if archive_is_local {
                 let fixed: PathBuf = Path::new(&typed.archive)
