@@ -265,6 +265,8 @@ fn inspect_step(dir: &Path, threads: usize) -> Result<String> {
             kwargs: Map::new(),
             progress: Progress::new(),
             cancel: CancellationToken::new(),
+            retries: 0,
+            max_retries: 0,
         };
         let start = Instant::now();
         let outcome = workers::steps::run(Task::Inspect, ctx).await;

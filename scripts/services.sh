@@ -3,8 +3,10 @@
 # their settings as `export` lines (use: `eval "$(scripts/services.sh)"`):
 # - RabbitMQ on 127.0.0.1:5672 (guest/guest), installed from Debian's packages when missing;
 # - SecantusDB (the MongoDB wire protocol) on 127.0.0.1:27017, in a Python virtualenv;
-# - a Python virtualenv with celery 5.2.7, sca-rhythm, pymongo and blake3: the original workers' own
-#   packages, used by the interop tests as real peers (they are test tools, not product code).
+# - a Python virtualenv with celery 5.2.7, sca-rhythm and pymongo: the original workers' own
+#   packages, used by the interop tests as real peers (they are test tools, not product code),
+#   blake3, the reference for the upload manifests, and MultiQC, which the QC tests run for real;
+# - FastQC, from Debian's packages when missing.
 # Progress goes to stderr; only the export lines go to stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -49,7 +51,13 @@ venv() {
     fi
 }
 venv "$state/secantus-venv" "secantusdb==0.7.0b3"
-venv "$state/interop-venv" "celery==5.2.7" "sca-rhythm==0.6.15" "pymongo" "blake3"
+venv "$state/interop-venv" "celery==5.2.7" "sca-rhythm==0.6.15" "pymongo" "blake3" "multiqc"
+
+# FastQC (generate_qc)
+if ! command -v fastqc >/dev/null; then
+    say "installing fastqc"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends fastqc >&2
+fi
 
 # SecantusDB (MongoDB wire protocol)
 if ! port_open 27017; then
@@ -63,3 +71,5 @@ fi
 echo "export WORKERS_TEST_AMQP_URL='amqp://guest:guest@127.0.0.1:5672/%2f'"
 echo "export WORKERS_TEST_MONGO_URI='mongodb://127.0.0.1:27017/?directConnection=true'"
 echo "export WORKERS_TEST_PYTHON='$state/interop-venv/bin/python'"
+echo "export WORKERS_TEST_FASTQC='$(command -v fastqc)'"
+echo "export WORKERS_TEST_MULTIQC='$state/interop-venv/bin/multiqc'"

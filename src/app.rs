@@ -77,7 +77,11 @@ impl App {
         broker: Option<Arc<dyn Broker>>,
         access: Access,
     ) -> anyhow::Result<Arc<App>> {
-        let definitions = Definitions::load(&settings.workflows_dir).map_err(DefinitionErrors)?;
+        let mut definitions =
+            Definitions::load(&settings.workflows_dir).map_err(DefinitionErrors)?;
+        if settings.integrated_qc {
+            definitions.add_integrated_qc();
+        }
         let pool = Pool::new(settings.parallelism)?;
         let identity = Identity::current();
         // The embedded backends share one database file; open it only if one of them is used.

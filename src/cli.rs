@@ -64,12 +64,15 @@ pub enum Command {
     /// List and show datasets
     #[command(subcommand)]
     Datasets(DatasetsCommand),
-    /// Look into the queue of steps
+    /// Look into the queue of steps, or delete it from RabbitMQ
     #[command(subcommand)]
     Queue(QueueCommand),
     /// Upload integrity: the manifests a sender computes, and their checks
     #[command(subcommand)]
     Uploads(UploadsCommand),
+    /// Check that every configured directory exists, or create them
+    #[command(subcommand)]
+    Paths(PathsCommand),
     /// Run workflow steps from the queue until stopped
     Worker(WorkerArgs),
     /// Run every job on its schedule until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration)
@@ -143,6 +146,9 @@ pub struct RegisterArgs {
     /// Description of the datasets
     #[arg(long)]
     pub description: Option<String>,
+    /// Associate the datasets with this project (id or slug; needs the Bioloop API)
+    #[arg(long, value_name = "ID")]
+    pub project_id: Option<String>,
     /// Report what would be registered; register and start nothing
     #[arg(long)]
     pub dry_run: bool,
@@ -229,6 +235,23 @@ pub enum QueueCommand {
     DeadLetters {
         #[arg(long, value_enum, default_value = "table")]
         format: OutputFormat,
+    },
+    /// Delete the queue `{app_id}.q` from RabbitMQ, with every message in it (the way out of
+    /// PRECONDITION_FAILED after the queue's arguments changed); workers declare it again
+    Delete {
+        /// Really delete it (without it nothing is done)
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PathsCommand {
+    /// Every configured directory, Exists or Missing, with its key; exit 1 if one is missing
+    Check {
+        /// Create the missing directories (mkdir -p)
+        #[arg(long)]
+        create: bool,
     },
 }
 

@@ -123,6 +123,10 @@ pub enum DatasetState {
     Staged,
     Purged,
     Deleted,
+    /// A QC report was made and uploaded (`generate_qc`).
+    Qc,
+    /// Downloaded from Illumina BaseSpace (`download_illumina_dataset`).
+    Downloaded,
 }
 
 impl DatasetState {
@@ -135,6 +139,8 @@ impl DatasetState {
             DatasetState::Staged => "STAGED",
             DatasetState::Purged => "PURGED",
             DatasetState::Deleted => "DELETED",
+            DatasetState::Qc => "QC",
+            DatasetState::Downloaded => "DOWNLOADED",
         }
     }
 }

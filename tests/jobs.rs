@@ -302,7 +302,8 @@ fn jobs_list_shows_each_schedule_with_its_next_and_last_run() {
             "purge_staged_datasets",
             "purge_stale_workflows",
             "reconcile",
-            "metrics"
+            "metrics",
+            "populate_bundles"
         ]
     );
     assert_eq!(jobs[0]["schedule"], "every 10s");
@@ -314,6 +315,8 @@ fn jobs_list_shows_each_schedule_with_its_next_and_last_run() {
     assert_eq!(berlin.format("%H:%M:%S").to_string(), "07:00:00");
     assert_eq!(jobs[4]["enabled"], false);
     assert!(jobs[4]["next_run"].is_null());
+    // Off unless a site needs it.
+    assert_eq!(jobs[5]["enabled"], false);
 }
 
 #[test]

@@ -359,8 +359,8 @@ async fn a_completed_upload_of_a_failed_one_is_refused_in_the_embedded_registry(
 // ---------------------------------------------------------------------------------------------
 // Verification and ingestion, embedded profile, through the binary.
 
-fn upload_status(app: &App, id: DatasetId) -> impl std::future::Future<Output = UploadLog> + '_ {
-    async move { app.registry.upload_log(id).await.unwrap().unwrap() }
+async fn upload_status(app: &App, id: DatasetId) -> UploadLog {
+    app.registry.upload_log(id).await.unwrap().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -18,7 +18,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use tracing::{debug, info};
 
-use super::{Archive, ArchiveError};
+use super::{Archive, ArchiveError, ArchivedFile};
 use crate::cancel::CancellationToken;
 use crate::compute::md5::{Md5Digest, md5_reader};
 use crate::compute::{
@@ -616,6 +616,25 @@ impl Archive for HsiArchive {
             .await
             .map_err(RunError::transient)?;
         Ok(true)
+    }
+
+    /// `hashlist` for the MD5 HPSS stored with the file (`put -c on`), `ls -s1` for its size.
+    async fn stat(
+        &self,
+        archive_path: &str,
+        cancel: &CancellationToken,
+    ) -> Result<ArchivedFile, ArchiveError> {
+        let quoted = quote_path(archive_path).map_err(invalid)?;
+        let md5 = match self.stored(&quoted, cancel).await? {
+            Stored::Missing => return Err(ArchiveError::NotFound(archive_path.to_owned())),
+            Stored::NoHash => None,
+            Stored::Hash(md5) => Some(md5),
+        };
+        let size = self
+            .remote_size(&quoted, cancel)
+            .await
+            .map_err(|err| err.not_found_or_transient(archive_path))?;
+        Ok(ArchivedFile { size, md5 })
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use async_trait::async_trait;
 
-use super::{Archive, ArchiveError};
+use super::{Archive, ArchiveError, ArchivedFile};
 use crate::cancel::CancellationToken;
 use crate::compute::md5::{Md5Digest, copy_file_with_md5};
 use crate::compute::{Pool, attempt_sibling, remove_leftover_partials, sync_parent};
@@ -177,5 +177,45 @@ impl Archive for LocalArchive {
                 anyhow::Error::new(err).context(format!("cannot remove `{archive_path}`")),
             )),
         }
+    }
+
+    /// Computes the MD5 by reading the file: a directory keeps no checksums.
+    async fn stat(
+        &self,
+        archive_path: &str,
+        cancel: &CancellationToken,
+    ) -> Result<ArchivedFile, ArchiveError> {
+        let path = PathBuf::from(archive_path);
+        let shown = archive_path.to_owned();
+        self.pool
+            .run_job(cancel, move |cancel| {
+                match std::fs::metadata(&path) {
+                    Ok(meta) if meta.is_file() => {}
+                    Ok(_) => {
+                        return Err(ArchiveError::Invalid(anyhow::format_err!(
+                            "`{shown}` is not a file"
+                        )));
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                        return Err(ArchiveError::NotFound(shown));
+                    }
+                    Err(err) => {
+                        return Err(ArchiveError::Transient(
+                            anyhow::Error::new(err).context(format!("cannot read `{shown}`")),
+                        ));
+                    }
+                }
+                let (md5, size) = crate::compute::md5::md5_file(&path, cancel).map_err(|err| {
+                    transient_or_cancelled(
+                        anyhow::Error::new(err).context(format!("cannot read `{shown}`")),
+                    )
+                })?;
+                Ok(ArchivedFile {
+                    size,
+                    md5: Some(md5),
+                })
+            })
+            .await
+            .map_err(|_| ArchiveError::Cancelled)?
     }
 }

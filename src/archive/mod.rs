@@ -58,4 +58,20 @@ pub trait Archive: Send + Sync {
 
     /// Removes `archive_path`; returns whether there was something to remove.
     async fn delete(&self, archive_path: &str) -> Result<bool, ArchiveError>;
+
+    /// The size and MD5 of what the archive holds at `archive_path` (`populate_bundles`), the
+    /// MD5 `None` when the archive keeps none and cannot compute it (a file stored in HPSS
+    /// without a checksum). `NotFound` when there is nothing there.
+    async fn stat(
+        &self,
+        archive_path: &str,
+        cancel: &CancellationToken,
+    ) -> Result<ArchivedFile, ArchiveError>;
+}
+
+/// What the archive holds at a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchivedFile {
+    pub size: u64,
+    pub md5: Option<Md5Digest>,
 }

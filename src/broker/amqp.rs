@@ -792,6 +792,26 @@ impl Broker for AmqpBroker {
         Ok(())
     }
 
+    async fn delete_queue(&self, name: &str) -> anyhow::Result<Option<u32>> {
+        let link = self.shared.link().await?;
+        let channel = link.connection.create_channel().await.with_context(|| {
+            format!("cannot open a channel to RabbitMQ at {}", self.shared.shown)
+        })?;
+        let messages = channel
+            .queue_delete(name.into(), lapin::options::QueueDeleteOptions::default())
+            .await
+            .with_context(|| {
+                format!("cannot delete the queue `{name}` at {}", self.shared.shown)
+            })?;
+        // This connection declared it, perhaps; it must declare it again before using it.
+        link.declared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        let _ = channel.close(200, "queue deleted".into()).await;
+        Ok(Some(messages))
+    }
+
     async fn check_reachable(&self) -> anyhow::Result<()> {
         // As a publish would: through short outages (within `reconnect_max`), not longer.
         let started = Instant::now();

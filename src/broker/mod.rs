@@ -131,6 +131,15 @@ pub trait Broker: Send + Sync {
     async fn dead_letters(&self) -> anyhow::Result<Option<Vec<DeadLetter>>> {
         Ok(None)
     }
+
+    /// Deletes the queue `name` from the broker, messages and all (spec C.9 `delete_queue`:
+    /// the way out after the queue's arguments changed), and returns how many messages it
+    /// held; `None` when this broker has no queue to delete (the embedded one keeps its
+    /// messages in the database, declared by no one).
+    async fn delete_queue(&self, name: &str) -> anyhow::Result<Option<u32>> {
+        let _ = name;
+        Ok(None)
+    }
 }
 
 /// A claimed message. Exactly one of `ack`, `retry_later`, `release` or `dead_letter` ends

@@ -271,6 +271,37 @@ fn print_report(report: &JobReport, dry_run: bool) {
                 r.repaired.len()
             );
         }
+        JobReport::PopulateBundles(r) => {
+            let mut table = super::table(["dataset", "archive path", "size", "md5", "result"]);
+            let verb = if dry_run { "would record" } else { "recorded" };
+            for (item, result) in r
+                .recorded
+                .iter()
+                .map(|i| (i, verb.to_owned()))
+                .chain(r.skipped.iter().map(|i| {
+                    (
+                        i,
+                        format!("skipped: {}", i.reason.as_deref().unwrap_or_default()),
+                    )
+                }))
+                .chain(r.failed.iter().map(|i| {
+                    (
+                        i,
+                        format!("failed: {}", i.reason.as_deref().unwrap_or_default()),
+                    )
+                }))
+            {
+                let bundle = item.bundle.as_ref();
+                table.add_row([
+                    format!("{} `{}`", item.id, item.name),
+                    item.archive_path.clone(),
+                    bundle.map(|b| b.size.to_string()).unwrap_or_default(),
+                    bundle.map(|b| b.md5.to_string()).unwrap_or_default(),
+                    result,
+                ]);
+            }
+            println!("{table}");
+        }
         JobReport::Metrics(r) => {
             let mut table = super::table(["measurement", "subject", "usage", "limit", "paths"]);
             for m in &r.metrics {

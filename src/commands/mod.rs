@@ -12,6 +12,7 @@ macro_rules! say {
 mod config;
 mod datasets;
 mod jobs;
+mod paths;
 mod queue;
 mod register;
 mod scheduler;
@@ -68,6 +69,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         return uploads::run_without_app(&load, cmd).await;
     }
     let settings = crate::config::load(&load)?;
+    // Needs the configuration only: no backend, no database.
+    if let Command::Paths(cmd) = cli.command {
+        return paths::run(&settings, cmd);
+    }
     let interactive = !matches!(cli.command, Command::Worker(_) | Command::Scheduler);
     let display = Display::new(interactive);
     init_logging(&settings, &display);
@@ -76,7 +81,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let looks_up = matches!(
         cli.command,
         Command::Datasets(_)
-            | Command::Queue(_)
+            | Command::Queue(crate::cli::QueueCommand::DeadLetters { .. })
             | Command::Uploads(
                 crate::cli::UploadsCommand::List { .. } | crate::cli::UploadsCommand::Show { .. }
             )
@@ -101,7 +106,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         App::build(settings).await?
     };
     match cli.command {
-        Command::Config(_) => unreachable!("handled above"),
+        Command::Config(_) | Command::Paths(_) => unreachable!("handled above"),
         Command::Uploads(cmd) => uploads::run(&app, cmd).await,
         Command::Jobs(cmd) => jobs::run(&app, cmd, display).await,
         Command::Register(args) => register::run(&app, args, display).await,

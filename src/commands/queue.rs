@@ -1,5 +1,5 @@
 //! `workers queue dead-letters`: the messages the embedded queue kept aside because they can
-//! never run.
+//! never run; `workers queue delete`: the queue deleted from RabbitMQ (spec C.9).
 
 use std::process::ExitCode;
 
@@ -12,6 +12,28 @@ use crate::cli::{OutputFormat, QueueCommand};
 
 pub(super) async fn run(app: &App, cmd: QueueCommand) -> anyhow::Result<ExitCode> {
     match cmd {
+        QueueCommand::Delete { yes } => {
+            let queue = format!("{}.q", app.settings.app_id);
+            if !yes {
+                return Err(Usage(format!(
+                    "deleting the queue `{queue}` drops every message in it (the steps of \
+                     running workflows: `workers jobs run reconcile` queues them again); run \
+                     again with --yes to delete it"
+                ))
+                .into());
+            }
+            let Some(messages) = app.broker.delete_queue(&queue).await? else {
+                return Err(Usage(format!(
+                    "the `{}` broker has no queue to delete: its messages live in the database \
+                     (sqlite.path), declared with no arguments that could change",
+                    app.settings.backends.broker.as_str()
+                ))
+                .into());
+            };
+            say!(
+                "deleted the queue `{queue}` ({messages} messages); workers declare it again when they start"
+            );
+        }
         QueueCommand::DeadLetters { format } => {
             let Some(letters) = app.broker.dead_letters().await? else {
                 return Err(Usage(format!(

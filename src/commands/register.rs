@@ -21,6 +21,7 @@ pub(super) async fn run(
         prefix: args.prefix,
         suffix: args.suffix,
         description: args.description,
+        project_id: args.project_id,
         dry_run: args.dry_run,
     };
     let report = register::run(app, &opts).await?;
@@ -46,6 +47,9 @@ pub(super) async fn run(
                 format!("already registered as {id}; workflow NOT started")
             }
             Outcome::AlreadyRegistered { id } => format!("already registered as {id}"),
+            Outcome::Foreign { id } => {
+                format!("already registered as {id}, not on demand by the service user: left alone")
+            }
             Outcome::WouldRegister => "would be registered".to_owned(),
             Outcome::Failed(reason) => format!("failed: {reason}"),
         };
@@ -56,6 +60,27 @@ pub(super) async fn run(
         ]);
     }
     println!("{table}");
+    if let Some(association) = &report.association {
+        let project = &association.project;
+        match &association.error {
+            None if args.dry_run => say!(
+                "would associate the datasets with project `{}` ({})",
+                project.name,
+                project.id
+            ),
+            None => say!(
+                "associated {} datasets with project `{}` ({})",
+                association.datasets.len(),
+                project.name,
+                project.id
+            ),
+            Some(error) => say!(
+                "could not associate the datasets with project `{}` ({}): {error}",
+                project.name,
+                project.id
+            ),
+        }
+    }
     let failures = report.failures();
     if args.wait && !args.dry_run {
         wait_for(app, &report.started_workflows(), display).await?;

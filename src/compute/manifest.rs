@@ -1141,9 +1141,7 @@ mod tests {
             ),
             "{err}"
         );
-        for err in [err] {
-            assert_eq!(err.type_name(), "Exception");
-        }
+        assert_eq!(err.type_name(), "Exception");
     }
 
     #[test]

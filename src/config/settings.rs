@@ -47,6 +47,8 @@ pub struct RawSettings {
     pub metrics: RawMetrics,
     pub uploads: RawUploads,
     pub notifications: RawNotifications,
+    pub qc: RawQc,
+    pub illumina: RawIllumina,
 }
 
 /// The upload pipeline (spec C.5): `manage_upload_workflows` and `purge_stale_uploaded`.
@@ -87,6 +89,34 @@ pub struct RawNotifications {
     pub enabled: bool,
     /// The roles notified (the API requires at least one): for example the operators' role id.
     pub role_ids: Vec<i64>,
+}
+
+/// `generate_qc` (spec B.8): FastQC over the staged copy's `*.fastq.gz`, then MultiQC.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawQc {
+    /// The FastQC program: a name looked up in PATH, or a path.
+    pub fastqc: PathBuf,
+    /// The MultiQC program: a name looked up in PATH, or a path.
+    pub multiqc: PathBuf,
+    /// `fastqc -t`: files FastQC works on at once.
+    pub threads: u32,
+    /// Files given to one FastQC run; progress is reported after each run.
+    pub batch_size: usize,
+    /// Longest run of one FastQC batch or of MultiQC; past it the program is killed.
+    pub command_timeout_seconds: u64,
+}
+
+/// `download_illumina_dataset` (spec B.8): Illumina BaseSpace through its `bs` client.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawIllumina {
+    /// The BaseSpace CLI: a name looked up in PATH, or a path.
+    pub bs: PathBuf,
+    /// `bs list datasets --newer-than=<n_days>d`.
+    pub n_days: u32,
+    /// Downloads go to `<download_dir>/<dataset name>`.
+    pub download_dir: PathBuf,
+    /// Longest run of one `bs` command; past it the program is killed.
+    pub command_timeout_seconds: u64,
 }
 
 /// When a job runs (`[schedules.<job>]`): `cron` or `every`, plus policies.
@@ -205,6 +235,14 @@ pub struct RawWorkflows {
     /// never started again once its workflow saw no change for this long.
     pub stalled_after_seconds: u64,
     pub purge: RawWorkflowPurge,
+    pub integrated: RawIntegrated,
+}
+
+/// Site options of the `integrated` workflow.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawIntegrated {
+    /// Insert a `generate_qc` step (named `qc`) after `setup_download`.
+    pub qc: bool,
 }
 
 /// `purge_stale_workflows` (spec C.3).
@@ -378,13 +416,37 @@ pub struct Settings {
     /// Every job with its schedule, in `JobName::ALL` order.
     pub schedules: Vec<(JobName, Schedule)>,
     pub workflow_purge: RawWorkflowPurge,
+    /// `workflows.integrated.qc`: `integrated` gets a `generate_qc` step.
+    pub integrated_qc: bool,
     pub metrics: RawMetrics,
     pub uploads: RawUploads,
     pub notifications: RawNotifications,
+    pub qc: QcSettings,
+    pub illumina: IlluminaSettings,
     /// Where the configuration came from, for `config show` and error messages.
     pub sources: Vec<String>,
     /// Things worth telling the operator at startup (for example a development secret in use).
     pub warnings: Vec<String>,
+}
+
+/// `generate_qc`'s programs and limits.
+#[derive(Debug, Clone)]
+pub struct QcSettings {
+    pub fastqc: PathBuf,
+    pub multiqc: PathBuf,
+    pub threads: u32,
+    pub batch_size: usize,
+    pub command_timeout: std::time::Duration,
+}
+
+/// `download_illumina_dataset`'s program and places.
+#[derive(Debug, Clone)]
+pub struct IlluminaSettings {
+    pub bs: PathBuf,
+    pub n_days: u32,
+    /// Absolute.
+    pub download_dir: PathBuf,
+    pub command_timeout: std::time::Duration,
 }
 
 /// The Bioloop API client's settings.
@@ -432,6 +494,54 @@ pub struct SchedulerSettings {
 }
 
 impl Settings {
+    /// Every configured local directory, by its configuration key (spec C.9 `setup_dirs`,
+    /// extended to every path key): what `workers paths check` looks at. A local archive is
+    /// named by its part before `{year}`; an HPSS archive is not a local path and is left out.
+    pub fn directories(&self) -> Vec<(String, PathBuf)> {
+        let p = &self.paths;
+        let mut out = vec![
+            ("paths.root".to_owned(), p.root.clone()),
+            ("paths.scratch".to_owned(), p.scratch.clone()),
+            ("paths.download_dir".to_owned(), p.download_dir.clone()),
+        ];
+        for t in DatasetType::ALL {
+            let paths = p.for_type(t);
+            let mut keyed = vec![
+                ("upload", paths.upload.clone()),
+                ("stage", paths.stage.clone()),
+                ("bundle.generate", paths.bundle_generate.clone()),
+                ("bundle.stage", paths.bundle_stage.clone()),
+            ];
+            if let Some(qc) = &paths.qc {
+                keyed.push(("qc", qc.clone()));
+            }
+            if self.backends.archive == ArchiveKind::Local {
+                let before_year = paths.archive.split("{year}").next().unwrap_or_default();
+                keyed.push(("archive", PathBuf::from(before_year)));
+            }
+            out.extend(
+                keyed
+                    .into_iter()
+                    .map(|(key, path)| (format!("paths.{t}.{key}"), path)),
+            );
+            out.push((
+                format!("registration.{t}.source_dir"),
+                self.registration.for_type(t).source_dir.clone(),
+            ));
+        }
+        out.push((
+            "illumina.download_dir".to_owned(),
+            self.illumina.download_dir.clone(),
+        ));
+        if let Some(parent) = self.sqlite.path.parent() {
+            out.push((
+                "sqlite.path (its directory)".to_owned(),
+                parent.to_path_buf(),
+            ));
+        }
+        out
+    }
+
     pub fn schedule(&self, job: JobName) -> Option<&Schedule> {
         self.schedules
             .iter()

@@ -1440,8 +1440,14 @@ fn a_source_directory_holding_written_directories_is_an_error_for_each() {
         .iter()
         .filter(|e| e.key == "registration.DATA_PRODUCT.source_dir")
         .collect();
-    // scratch, download_dir, and per type stage, bundle.generate, bundle.stage and archive.
-    assert_eq!(product.len(), 10, "{product:#?}");
+    // scratch, download_dir, and per type stage, bundle.generate, bundle.stage and archive,
+    // and the QC reports of RAW_DATA.
+    assert_eq!(product.len(), 11, "{product:#?}");
+    assert!(
+        product
+            .iter()
+            .any(|e| e.message.contains("contains paths.RAW_DATA.qc"))
+    );
     assert!(
         product
             .iter()

@@ -515,6 +515,34 @@ pub(super) fn build(
             "must name at least one role when notifications are enabled (the API requires it)",
         );
     }
+    for (name, program) in [("fastqc", &raw.qc.fastqc), ("multiqc", &raw.qc.multiqc)] {
+        if program.as_os_str().is_empty() {
+            check.fail(&key(&["qc", name]), "must not be empty");
+        }
+    }
+    for (section, name, value) in [
+        ("qc", "threads", u64::from(raw.qc.threads)),
+        ("qc", "batch_size", raw.qc.batch_size as u64),
+        (
+            "qc",
+            "command_timeout_seconds",
+            raw.qc.command_timeout_seconds,
+        ),
+        ("illumina", "n_days", u64::from(raw.illumina.n_days)),
+        (
+            "illumina",
+            "command_timeout_seconds",
+            raw.illumina.command_timeout_seconds,
+        ),
+    ] {
+        if value == 0 {
+            check.fail(&key(&[section, name]), "must be at least 1");
+        }
+    }
+    if raw.illumina.bs.as_os_str().is_empty() {
+        check.fail(&key(&["illumina", "bs"]), "must not be empty");
+    }
+    let illumina_dir = check.path(&["illumina", "download_dir"], &raw.illumina.download_dir);
 
     errors.append(&mut check.errors);
     let (Some(backends), Some(progress_interval), Some(api), Some(mongo), Some(amqp)) =
@@ -540,6 +568,7 @@ pub(super) fn build(
     resolved.workflows.dir = workflows_dir.clone();
     resolved.sqlite.path = sqlite_path.clone();
     resolved.metrics.lfs_path = lfs_path.clone();
+    resolved.illumina.download_dir = illumina_dir.clone();
 
     let settings = Settings {
         app_id,
@@ -577,12 +606,26 @@ pub(super) fn build(
         },
         schedules,
         workflow_purge: raw.workflows.purge,
+        integrated_qc: raw.workflows.integrated.qc,
         metrics: RawMetrics {
             quota: raw.metrics.quota,
             lfs_path,
         },
         uploads: raw.uploads,
         notifications: raw.notifications,
+        qc: QcSettings {
+            fastqc: raw.qc.fastqc,
+            multiqc: raw.qc.multiqc,
+            threads: raw.qc.threads,
+            batch_size: raw.qc.batch_size,
+            command_timeout: Duration::from_secs(raw.qc.command_timeout_seconds),
+        },
+        illumina: IlluminaSettings {
+            bs: raw.illumina.bs,
+            n_days: raw.illumina.n_days,
+            download_dir: illumina_dir,
+            command_timeout: Duration::from_secs(raw.illumina.command_timeout_seconds),
+        },
         sources: ctx.layers.iter().map(|layer| layer.name.clone()).collect(),
         warnings,
     };
@@ -772,6 +815,9 @@ impl Checker<'_> {
                 key(&["paths", name, "bundle", "stage"]),
                 typed.bundle_stage.clone(),
             ));
+            if let Some(qc) = &typed.qc {
+                written.push((key(&["paths", name, "qc"]), qc.clone()));
+            }
             // Bundles land below the part of the template before `{year}`.
             if archive_is_local {
                 let fixed: PathBuf = Path::new(&typed.archive)

@@ -32,7 +32,7 @@ pub async fn run(app: &App, dry_run: bool) -> anyhow::Result<MetricsReport> {
                 report.metrics.extend(quota_metrics(&subject)?);
                 report
                     .metrics
-                    .extend(lfs_quota_metrics(&user, &quota.lfs_path)?);
+                    .extend(lfs_quota_metrics(&user, &quota.lfs_path, &subject)?);
             }
             Ok(report)
         })
@@ -207,10 +207,13 @@ fn quota_metrics(subject: &str) -> anyhow::Result<Vec<Metric>> {
     Ok(parse_quota(&command_output("quota", &[])?, subject))
 }
 
-fn lfs_quota_metrics(user: &str, path: &Path) -> anyhow::Result<Vec<Metric>> {
+fn lfs_quota_metrics(user: &str, path: &Path, subject: &str) -> anyhow::Result<Vec<Metric>> {
     let path = path.to_string_lossy();
-    parse_lfs_quota(&command_output("lfs", &["quota", "-u", user, &path])?)
-        .with_context(|| format!("cannot read the output of `lfs quota -u {user} {path}`"))
+    parse_lfs_quota(
+        &command_output("lfs", &["quota", "-u", user, &path])?,
+        subject,
+    )
+    .with_context(|| format!("cannot read the output of `lfs quota -u {user} {path}`"))
 }
 
 /// The `quota` table: a header line containing `Filesystem`, then rows split on runs of two
@@ -252,8 +255,9 @@ fn parse_quota(text: &str, subject: &str) -> Vec<Metric> {
 
 /// `lfs quota -u USER PATH`: after the title line, a header of nine columns
 /// (`Filesystem kbytes quota limit grace files quota limit grace`) and the figures; `-` is 0
-/// and a trailing `*` (over quota) is dropped. Gives a size and a files metric.
-fn parse_lfs_quota(text: &str) -> anyhow::Result<Vec<Metric>> {
+/// and a trailing `*` (over quota) is dropped. Gives a size and a files metric, whose subject
+/// is this host, as the original's (its measurement names the file system).
+fn parse_lfs_quota(text: &str, subject: &str) -> anyhow::Result<Vec<Metric>> {
     let mut lines = text.lines().skip(1).filter(|l| !l.trim().is_empty());
     let header: Vec<&str> = lines
         .next()
@@ -280,14 +284,14 @@ fn parse_lfs_quota(text: &str) -> anyhow::Result<Vec<Metric>> {
     Ok(vec![
         Metric {
             measurement: fs.clone(),
-            subject: fs.clone(),
+            subject: subject.to_owned(),
             usage: num(1)? * 1024,
             limit: num(3)? * 1024,
             tags: Vec::new(),
         },
         Metric {
             measurement: format!("{fs} files"),
-            subject: fs,
+            subject: subject.to_owned(),
             usage: num(5)?,
             limit: num(7)?,
             tags: Vec::new(),
@@ -336,8 +340,9 @@ mod tests {
         let text = "Disk quotas for usr bioloopuser (uid 1234):\n\
                     \x20    Filesystem  kbytes   quota   limit   grace   files   quota   limit   grace\n\
                     \x20    /N/scratch  12345*       0  100000       -      42       0 1000000       -\n";
-        let metrics = parse_lfs_quota(text).unwrap();
+        let metrics = parse_lfs_quota(text, "host").unwrap();
         assert_eq!(metrics[0].measurement, "/N/scratch");
+        assert_eq!(metrics[0].subject, "host");
         assert_eq!(
             (metrics[0].usage, metrics[0].limit),
             (12345 * 1024, 100000 * 1024)
@@ -345,8 +350,8 @@ mod tests {
         assert_eq!(metrics[1].measurement, "/N/scratch files");
         assert_eq!((metrics[1].usage, metrics[1].limit), (42, 1_000_000));
         let wrapped = "title\nFilesystem kbytes quota limit grace files quota limit grace\n/very/long/name\n 1 0 2 - 3 0 4 -\n";
-        assert_eq!(parse_lfs_quota(wrapped).unwrap()[1].limit, 4);
-        assert!(parse_lfs_quota("title\nsomething else\n").is_err());
+        assert_eq!(parse_lfs_quota(wrapped, "host").unwrap()[1].limit, 4);
+        assert!(parse_lfs_quota("title\nsomething else\n", "host").is_err());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! (register directories on demand). The scheduler decides when jobs run; these modules
 //! decide what a run does.
 
+pub mod bundles;
 pub mod manage_uploads;
 pub mod metrics;
 pub mod purge;
@@ -21,10 +22,11 @@ pub enum JobName {
     Metrics,
     ManageUploadWorkflows,
     PurgeStaleUploaded,
+    PopulateBundles,
 }
 
 impl JobName {
-    pub const ALL: [JobName; 7] = [
+    pub const ALL: [JobName; 8] = [
         JobName::Watch,
         JobName::PurgeStagedDatasets,
         JobName::PurgeStaleWorkflows,
@@ -32,6 +34,7 @@ impl JobName {
         JobName::Metrics,
         JobName::ManageUploadWorkflows,
         JobName::PurgeStaleUploaded,
+        JobName::PopulateBundles,
     ];
 
     pub fn name(self) -> &'static str {
@@ -43,6 +46,7 @@ impl JobName {
             JobName::Metrics => "metrics",
             JobName::ManageUploadWorkflows => "manage_upload_workflows",
             JobName::PurgeStaleUploaded => "purge_stale_uploaded",
+            JobName::PopulateBundles => "populate_bundles",
         }
     }
 
@@ -191,6 +195,7 @@ pub enum JobReport {
     Metrics(metrics::MetricsReport),
     ManageUploads(manage_uploads::ManageUploadsReport),
     PurgeUploads(purge_uploads::PurgeUploadsReport),
+    PopulateBundles(bundles::BundlesReport),
 }
 
 impl JobReport {
@@ -221,6 +226,16 @@ impl JobReport {
             }
             JobReport::ManageUploads(r) => Value::Object(r.counters()),
             JobReport::PurgeUploads(r) => Value::Object(r.counters()),
+            JobReport::PopulateBundles(r) if r.dry_run => json!({
+                "would_record": r.recorded.len(),
+                "skipped": r.skipped.len(),
+                "failed": r.failed.len(),
+            }),
+            JobReport::PopulateBundles(r) => json!({
+                "recorded": r.recorded.len(),
+                "skipped": r.skipped.len(),
+                "failed": r.failed.len(),
+            }),
         };
         match value {
             Value::Object(map) => map,
@@ -233,6 +248,7 @@ impl JobReport {
         match self {
             JobReport::Watch(r) => r.failed(),
             JobReport::PurgeStaged(r) => r.failed.len(),
+            JobReport::PopulateBundles(r) => r.failed.len(),
             JobReport::Reconcile(r) if !r.dry_run => {
                 r.started.iter().filter(|s| s.workflow_id.is_none()).count()
             }
@@ -288,6 +304,9 @@ pub async fn run_job(app: &App, job: JobName, opts: &JobOptions) -> anyhow::Resu
         }
         JobName::PurgeStaleUploaded => {
             JobReport::PurgeUploads(purge_uploads::run(app, opts.dry_run, cancel).await?)
+        }
+        JobName::PopulateBundles => {
+            JobReport::PopulateBundles(bundles::run(app, opts.dry_run, cancel).await?)
         }
     })
 }

@@ -3,7 +3,11 @@
 //!
 //! Unlike the original (spec J.6): `--dry-run` changes nothing, invalid input is an error
 //! (exit code 2), requests go in batches of at most 100, and names are compared after the
-//! registry's normalization.
+//! registry's normalization. A dataset that exists already is continued (its workflow started
+//! when it has none) only if it is this command's own: registered on demand by the service
+//! user (spec C.6 step 6; the original's filter let every candidate through). With
+//! `--project-id`, the datasets are associated with the project through
+//! `PATCH projects/{id}/datasets`, because the bulk create ignores `project_id` (spec E.2).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,7 +17,9 @@ use tracing::info;
 use super::{Registered, register_and_start, start_integrated};
 use crate::app::App;
 use crate::model::{CreateMethod, DatasetName, DatasetType};
-use crate::registry::{Dataset, DatasetQuery, NewDataset};
+use crate::registry::{
+    Creator, Dataset, DatasetQuery, MAX_BULK, NewDataset, Project, RegistryError,
+};
 
 #[derive(Debug, Clone)]
 pub struct RegisterOptions {
@@ -23,6 +29,8 @@ pub struct RegisterOptions {
     pub prefix: Option<String>,
     pub suffix: Option<String>,
     pub description: Option<String>,
+    /// A project (id or slug) to associate the datasets with.
+    pub project_id: Option<String>,
     pub dry_run: bool,
 }
 
@@ -52,6 +60,11 @@ pub enum Outcome {
     AlreadyRegistered {
         id: i64,
     },
+    /// Registered otherwise than on demand by the service user: not this command's to
+    /// continue, left alone.
+    Foreign {
+        id: i64,
+    },
     WouldRegister,
     Failed(String),
 }
@@ -59,6 +72,17 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct RegisterReport {
     pub results: Vec<(Candidate, Outcome)>,
+    /// The project the datasets were (or, in a dry run, would be) associated with.
+    pub association: Option<Association>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Association {
+    pub project: Project,
+    /// The datasets associated (in a dry run: none).
+    pub datasets: Vec<i64>,
+    /// Why the association failed, if it did.
+    pub error: Option<String>,
 }
 
 impl RegisterReport {
@@ -74,23 +98,26 @@ impl RegisterReport {
     }
 
     pub fn failures(&self) -> usize {
-        self.results
-            .iter()
-            .filter(|(_, o)| {
-                matches!(
-                    o,
-                    Outcome::Failed(_)
-                        | Outcome::Registered {
-                            workflow_id: None,
-                            ..
-                        }
-                        | Outcome::WorkflowStarted {
-                            workflow_id: None,
-                            ..
-                        }
-                )
-            })
-            .count()
+        let association = self.association.as_ref().is_some_and(|a| a.error.is_some());
+        usize::from(association)
+            + self
+                .results
+                .iter()
+                .filter(|(_, o)| {
+                    matches!(
+                        o,
+                        Outcome::Failed(_)
+                            | Outcome::Registered {
+                                workflow_id: None,
+                                ..
+                            }
+                            | Outcome::WorkflowStarted {
+                                workflow_id: None,
+                                ..
+                            }
+                    )
+                })
+                .count()
     }
 }
 
@@ -110,6 +137,13 @@ pub fn compose_name(prefix: Option<&str>, dir_name: &str, suffix: Option<&str>) 
 /// Checks the input and works out the datasets to register. Every problem is reported.
 pub fn candidates(opts: &RegisterOptions) -> Result<Vec<Candidate>, InvalidInput> {
     let mut problems = Vec::new();
+    if let Some(project) = &opts.project_id
+        && (project.trim().is_empty() || project.chars().any(char::is_whitespace))
+    {
+        problems.push(format!(
+            "--project-id `{project}`: a project id must not be blank or hold whitespace"
+        ));
+    }
     if !opts.dir.is_dir() {
         return Err(InvalidInput(vec![format!(
             "`{}` is not a directory",
@@ -199,31 +233,96 @@ async fn has_integrated(app: &App, dataset: &Dataset) -> anyhow::Result<bool> {
     Ok(false)
 }
 
+/// Whether an existing dataset is this command's own (spec C.6 step 6): registered on demand
+/// by the service user.
+async fn is_ours(app: &App, dataset: &Dataset) -> anyhow::Result<bool> {
+    if dataset.create_method != Some(CreateMethod::OnDemand) {
+        return Ok(false);
+    }
+    Ok(match app.registry.created_by(dataset.id).await? {
+        Creator::Service => true,
+        Creator::User(name) => name == app.settings.service_user,
+        Creator::Unknown => false,
+    })
+}
+
+/// What becomes of a dataset that exists already: one of ours left without a workflow (a
+/// crash, or the original's bugs) gets it now; another's is left alone.
+async fn continue_existing(app: &App, dataset: &Dataset, dry_run: bool) -> anyhow::Result<Outcome> {
+    if !is_ours(app, dataset).await? {
+        return Ok(Outcome::Foreign { id: dataset.id });
+    }
+    if has_integrated(app, dataset).await? {
+        return Ok(Outcome::AlreadyRegistered { id: dataset.id });
+    }
+    Ok(if dry_run {
+        Outcome::WouldRegister
+    } else {
+        Outcome::WorkflowStarted {
+            id: dataset.id,
+            workflow_id: start_integrated(app, dataset).await,
+        }
+    })
+}
+
+/// The project `--project-id` names; a project that does not exist, or a registry without
+/// projects, is invalid input (exit code 2).
+async fn find_project(app: &App, id_or_slug: &str) -> anyhow::Result<Project> {
+    match app.registry.project(id_or_slug).await {
+        Ok(project) => Ok(project),
+        Err(RegistryError::Invalid(message)) => Err(InvalidInput(vec![message]).into()),
+        Err(err) => {
+            Err(anyhow::Error::new(err)
+                .context(format!("cannot look up the project `{id_or_slug}`")))
+        }
+    }
+}
+
+/// Associates this command's datasets with the project, in requests of at most `MAX_BULK`.
+async fn associate(app: &App, project: Project, results: &[(Candidate, Outcome)]) -> Association {
+    let ids: Vec<i64> = results
+        .iter()
+        .filter_map(|(_, outcome)| match outcome {
+            Outcome::Registered { id, .. }
+            | Outcome::WorkflowStarted { id, .. }
+            | Outcome::AlreadyRegistered { id } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    let mut datasets = Vec::new();
+    for chunk in ids.chunks(MAX_BULK) {
+        if let Err(err) = app.registry.add_to_project(&project.id, chunk).await {
+            let error = format!("{:#}", anyhow::Error::new(err));
+            return Association {
+                project,
+                datasets,
+                error: Some(error),
+            };
+        }
+        datasets.extend_from_slice(chunk);
+    }
+    info!(project = %project.id, datasets = datasets.len(), "Associated the datasets with the project.");
+    Association {
+        project,
+        datasets,
+        error: None,
+    }
+}
+
 pub async fn run(app: &App, opts: &RegisterOptions) -> anyhow::Result<RegisterReport> {
     // Listing and resolving directories is file-system work: off the runtime threads.
     let listed = opts.clone();
     let candidates = crate::compute::blocking(move || candidates(&listed)).await?;
+    let project = match &opts.project_id {
+        Some(id) => Some(find_project(app, id.trim()).await?),
+        None => None,
+    };
     let mut results = Vec::new();
     let mut to_create = Vec::new();
     for candidate in candidates {
         match existing(app, &candidate.name, opts.dataset_type).await? {
             Some(dataset) => {
-                // Registered on demand earlier but left without a workflow (a crash, or the
-                // original's bugs): start it now.
-                let outcome = if dataset.create_method == Some(CreateMethod::OnDemand)
-                    && !has_integrated(app, &dataset).await?
-                {
-                    if opts.dry_run {
-                        Outcome::WouldRegister
-                    } else {
-                        Outcome::WorkflowStarted {
-                            id: dataset.id,
-                            workflow_id: start_integrated(app, &dataset).await,
-                        }
-                    }
-                } else {
-                    Outcome::AlreadyRegistered { id: dataset.id }
-                };
+                let outcome = continue_existing(app, &dataset, opts.dry_run).await?;
                 results.push((candidate, outcome));
             }
             None if opts.dry_run => results.push((candidate, Outcome::WouldRegister)),
@@ -261,9 +360,10 @@ pub async fn run(app: &App, opts: &RegisterOptions) -> anyhow::Result<RegisterRe
             {
                 Outcome::Failed(reason.clone())
             } else if outcome.conflicted.iter().any(|(n, _)| n == &candidate.name) {
-                // Registered by someone else between our look-up and the create.
+                // Registered by someone else (or another run of this command) between our
+                // look-up and the create.
                 match existing(app, &candidate.name, opts.dataset_type).await? {
-                    Some(dataset) => Outcome::AlreadyRegistered { id: dataset.id },
+                    Some(dataset) => continue_existing(app, &dataset, opts.dry_run).await?,
                     None => Outcome::Failed("reported as a conflict, then not found".to_owned()),
                 }
             } else {
@@ -280,7 +380,19 @@ pub async fn run(app: &App, opts: &RegisterOptions) -> anyhow::Result<RegisterRe
             results.push((candidate, result));
         }
     }
-    Ok(RegisterReport { results })
+    let association = match project {
+        Some(project) if opts.dry_run => Some(Association {
+            project,
+            datasets: Vec::new(),
+            error: None,
+        }),
+        Some(project) => Some(associate(app, project, &results).await),
+        None => None,
+    };
+    Ok(RegisterReport {
+        results,
+        association,
+    })
 }
 
 #[cfg(test)]
@@ -309,6 +421,7 @@ mod tests {
             prefix: None,
             suffix: None,
             description: None,
+            project_id: Some("has space".to_owned()),
             dry_run: true,
         };
         let problems = candidates(&opts).unwrap_err().0.join("\n");
@@ -320,6 +433,14 @@ mod tests {
             problems.contains("bytes long after normalization"),
             "{problems}"
         );
+        assert!(
+            problems.contains("--project-id `has space`: a project id must not be blank"),
+            "{problems}"
+        );
+        let opts = RegisterOptions {
+            project_id: None,
+            ..opts
+        };
 
         let empty = tempfile::tempdir().unwrap();
         let opts = RegisterOptions {

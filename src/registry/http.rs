@@ -38,8 +38,8 @@ use super::uploads::{
     WorkerProcess,
 };
 use super::{
-    BulkOutcome, Dataset, DatasetId, DatasetPatch, DatasetQuery, FileRowSource, MAX_BULK, Metric,
-    NewDataset, Registry, RegistryError, StateRecord,
+    BulkOutcome, Creator, Dataset, DatasetId, DatasetPatch, DatasetQuery, FileRowSource, MAX_BULK,
+    Metric, NewDataset, Project, Registry, RegistryError, StateRecord,
 };
 use crate::compute::md5::Md5Digest;
 use crate::model::{Bundle, DatasetName, DatasetState, DatasetType, FileRecord, FileType};
@@ -284,8 +284,9 @@ impl HttpRegistry {
             .request(call.method.clone(), url.clone())
             .bearer_auth(&self.token);
         if let Some(body) = &call.body {
+            let content_type = call.content_type.as_deref().unwrap_or("application/json");
             request = request
-                .header(CONTENT_TYPE, "application/json")
+                .header(CONTENT_TYPE, content_type)
                 .body(body.clone());
         }
         let response = request.send().await?;
@@ -961,7 +962,120 @@ impl Registry for HttpRegistry {
             })
             .collect();
         let call = Call::post("metrics".to_owned(), &Value::Array(body));
-        self.answered(&call, None).await?;
+        match self.send(&call, None).await? {
+            Sent::Answer(reply) if reply.answer.status.is_success() => Ok(()),
+            // The operator role may read metrics but not write them (spec E.4).
+            Sent::Answer(reply) if reply.answer.status == StatusCode::FORBIDDEN => {
+                Err(RegistryError::Invalid(format!(
+                    "{}; posting metrics needs an admin token: the API gives the metrics:create \
+                     permission to the admin role only (set APP_API_TOKEN to an admin's token, or \
+                     disable [schedules.metrics])",
+                    match self.unexpected(&call, &reply) {
+                        RegistryError::Invalid(message) => message,
+                        other => other.to_string(),
+                    }
+                )))
+            }
+            Sent::Answer(reply) => Err(self.unexpected(&call, &reply)),
+            Sent::AlreadyDone => Ok(()),
+        }
+    }
+
+    // Auxiliary tasks and scripts.
+
+    async fn upload_report(
+        &self,
+        id: DatasetId,
+        report: &std::path::Path,
+    ) -> Result<String, RegistryError> {
+        let path = report.to_path_buf();
+        let content = crate::compute::blocking(move || std::fs::read(&path))
+            .await
+            .map_err(|err| {
+                RegistryError::Invalid(format!(
+                    "cannot read the report `{}` of dataset {id}: {err}",
+                    report.display()
+                ))
+            })?;
+        // Uploading again replaces the file: no settled check is needed.
+        let call = Call::put_file(
+            format!("datasets/{id}/report"),
+            "report",
+            "multiqc_report.html",
+            &content,
+        );
+        let reply = self.answered(&call, Some(id)).await?;
+        #[derive(Deserialize)]
+        struct Stored {
+            path: String,
+        }
+        Ok(self.decode::<Stored>(&call, &reply)?.path)
+    }
+
+    async fn project(&self, id_or_slug: &str) -> Result<Project, RegistryError> {
+        let call = Call::get(
+            format!("projects/{}", path_segment(id_or_slug)),
+            vec![("include_datasets", "false".to_owned())],
+        );
+        let reply = match self.send(&call, None).await? {
+            Sent::Answer(reply) if reply.answer.status.is_success() => reply,
+            Sent::Answer(reply) if reply.answer.status == StatusCode::NOT_FOUND => {
+                return Err(RegistryError::Invalid(format!(
+                    "project `{id_or_slug}` does not exist"
+                )));
+            }
+            Sent::Answer(reply) => return Err(self.unexpected(&call, &reply)),
+            Sent::AlreadyDone => {
+                return Err(RegistryError::Invalid(format!(
+                    "project `{id_or_slug}`: no answer"
+                )));
+            }
+        };
+        #[derive(Deserialize)]
+        struct WireProject {
+            id: String,
+            slug: Option<String>,
+            name: String,
+        }
+        let wire: WireProject = self.decode(&call, &reply)?;
+        Ok(Project {
+            id: wire.id,
+            slug: wire.slug,
+            name: wire.name,
+        })
+    }
+
+    /// `PATCH projects/{id}/datasets {add_dataset_ids}`. The API inserts the associations
+    /// without skipping existing ones, so one that exists makes the whole request 409: the
+    /// datasets are then sent one by one, a 409 meaning that one is associated already.
+    async fn add_to_project(
+        &self,
+        project_id: &str,
+        ids: &[DatasetId],
+    ) -> Result<(), RegistryError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let path = format!("projects/{}/datasets", path_segment(project_id));
+        let call = Call::patch(path.clone(), &json!({ "add_dataset_ids": ids }));
+        match self.send(&call, None).await? {
+            Sent::Answer(reply) if reply.answer.status.is_success() => return Ok(()),
+            Sent::Answer(reply) if reply.answer.status == StatusCode::CONFLICT && ids.len() > 1 => {
+            }
+            Sent::Answer(reply) if reply.answer.status == StatusCode::CONFLICT => return Ok(()),
+            Sent::Answer(reply) => return Err(self.unexpected(&call, &reply)),
+            Sent::AlreadyDone => return Ok(()),
+        }
+        for id in ids {
+            let call = Call::patch(path.clone(), &json!({ "add_dataset_ids": [id] }));
+            match self.send(&call, None).await? {
+                Sent::Answer(reply)
+                    if reply.answer.status.is_success()
+                        || reply.answer.status == StatusCode::CONFLICT => {}
+                Sent::Answer(reply) => return Err(self.unexpected(&call, &reply)),
+                Sent::AlreadyDone => {}
+            }
+        }
         Ok(())
     }
 
@@ -1012,6 +1126,33 @@ impl Registry for HttpRegistry {
     async fn notify(&self, notification: &Notification) -> Result<(), RegistryError> {
         self.http_notify(notification).await
     }
+    /// The user of the dataset's `create` audit entry; `GET datasets/{id}` always includes
+    /// the audit logs with their users.
+    async fn created_by(&self, id: DatasetId) -> Result<Creator, RegistryError> {
+        let call = Call::get(format!("datasets/{id}"), Vec::new());
+        let reply = self.answered(&call, Some(id)).await?;
+        let dataset: Value = self.decode(&call, &reply)?;
+        let creator = dataset["audit_logs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|entry| entry["action"] == "create")
+            .and_then(|entry| entry["user"]["username"].as_str());
+        Ok(creator.map_or(Creator::Unknown, |name| Creator::User(name.to_owned())))
+    }
+}
+
+/// A value as one path segment: `/`, `?`, `#` and `%` escaped, so an id cannot reach another
+/// route.
+fn path_segment(value: &str) -> String {
+    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+        .add(b' ')
+        .add(b'/')
+        .add(b'?')
+        .add(b'#')
+        .add(b'%')
+        .add(b'\\');
+    percent_encoding::utf8_percent_encode(value, SEGMENT).to_string()
 }
 
 /// Asked before a retry whether the write is in place already.
@@ -1023,6 +1164,8 @@ struct Call {
     path: String,
     query: Vec<(&'static str, String)>,
     body: Option<Vec<u8>>,
+    /// The body's type when it is not JSON (a multipart upload).
+    content_type: Option<String>,
 }
 
 impl Call {
@@ -1032,6 +1175,7 @@ impl Call {
             path,
             query,
             body: None,
+            content_type: None,
         }
     }
 
@@ -1041,6 +1185,7 @@ impl Call {
             path,
             query: Vec::new(),
             body: Some(body.to_string().into_bytes()),
+            content_type: None,
         }
     }
 
@@ -1048,6 +1193,34 @@ impl Call {
         Call {
             method: Method::PATCH,
             ..Call::post(path, body)
+        }
+    }
+
+    /// `PUT path` with a `multipart/form-data` body of one file field, as multer reads it.
+    fn put_file(path: String, field: &str, file_name: &str, content: &[u8]) -> Call {
+        // A boundary that cannot occur in the content.
+        let boundary = loop {
+            let candidate = format!("workers-{}", uuid::Uuid::new_v4().simple());
+            if !content
+                .windows(candidate.len())
+                .any(|w| w == candidate.as_bytes())
+            {
+                break candidate;
+            }
+        };
+        let mut body = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; \
+             filename=\"{file_name}\"\r\nContent-Type: text/html\r\n\r\n"
+        )
+        .into_bytes();
+        body.extend_from_slice(content);
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        Call {
+            method: Method::PUT,
+            path,
+            query: Vec::new(),
+            body: Some(body),
+            content_type: Some(format!("multipart/form-data; boundary={boundary}")),
         }
     }
 }
@@ -1304,6 +1477,9 @@ fn patch_body(patch: &DatasetPatch) -> Value {
     }
     if let Some(metadata) = &patch.metadata {
         body.insert("metadata".into(), metadata.clone());
+    }
+    if let Some(origin_path) = &patch.origin_path {
+        body.insert("origin_path".into(), json!(origin_path));
     }
     for (key, value) in [
         ("archive_path", &patch.archive_path),

@@ -96,6 +96,8 @@ pub struct DatasetPatch {
     pub metadata: Option<serde_json::Value>,
     pub archive_path: Option<Option<String>>,
     pub staged_path: Option<Option<String>>,
+    /// Where the dataset's data is (`download_illumina_dataset` moves it).
+    pub origin_path: Option<String>,
     pub is_staged: Option<bool>,
     pub is_deleted: Option<bool>,
     /// Upserted.
@@ -250,6 +252,67 @@ pub trait Registry: Send + Sync {
 
     /// Sends a notification to the UI's users (only where the API's notifications are on).
     async fn notify(&self, notification: &Notification) -> Result<(), RegistryError>;
+    // Auxiliary tasks and scripts: QC reports, projects, who created a dataset. Defaults say
+    // the registry cannot do it, so registries written for tests need not implement them.
+
+    /// Stores the QC report `report` (an HTML file) of a dataset whose `metadata.report_id`
+    /// is set (spec E.2 `PUT datasets/{id}/report`); returns where the registry keeps it.
+    async fn upload_report(
+        &self,
+        id: DatasetId,
+        report: &std::path::Path,
+    ) -> Result<String, RegistryError> {
+        let _ = report;
+        Err(RegistryError::Invalid(format!(
+            "this registry cannot store the QC report of dataset {id}"
+        )))
+    }
+
+    /// The project with this id or slug (spec E.2 `GET projects/{id}`).
+    async fn project(&self, id_or_slug: &str) -> Result<Project, RegistryError> {
+        Err(RegistryError::Invalid(format!(
+            "this registry has no projects (project `{id_or_slug}`)"
+        )))
+    }
+
+    /// Associates datasets with a project; an association that exists already is kept.
+    async fn add_to_project(
+        &self,
+        project_id: &str,
+        ids: &[DatasetId],
+    ) -> Result<(), RegistryError> {
+        let _ = ids;
+        Err(RegistryError::Invalid(format!(
+            "this registry has no projects (project `{project_id}`)"
+        )))
+    }
+
+    /// Who created the dataset (its `create` audit entry).
+    async fn created_by(&self, id: DatasetId) -> Result<Creator, RegistryError> {
+        let _ = id;
+        Ok(Creator::Unknown)
+    }
+}
+
+/// A project (spec E.2 `GET projects/{id}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Project {
+    /// The project's id (a UUID in the Bioloop API), which associations name.
+    pub id: String,
+    pub slug: Option<String>,
+    pub name: String,
+}
+
+/// Who created a dataset, as far as the registry knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Creator {
+    /// The registry records no users because only this deployment writes to it (the
+    /// embedded registry): the service created every dataset.
+    Service,
+    /// The user named on the dataset's `create` audit entry.
+    User(String),
+    /// No record of the create.
+    Unknown,
 }
 
 /// The rows of an inspection, read as often as a registry needs (once to compare, once to

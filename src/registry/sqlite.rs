@@ -11,8 +11,8 @@ use super::uploads::{
     UploadStatus, WorkerProcess, tombstone_name,
 };
 use super::{
-    BulkOutcome, Dataset, DatasetId, DatasetPatch, DatasetQuery, FileRowSource, MAX_BULK, Metric,
-    NewDataset, Registry, RegistryError, StateRecord, deep_merge,
+    BulkOutcome, Creator, Dataset, DatasetId, DatasetPatch, DatasetQuery, FileRowSource, MAX_BULK,
+    Metric, NewDataset, Project, Registry, RegistryError, StateRecord, deep_merge,
 };
 use crate::model::{Bundle, CreateMethod, DatasetName, DatasetState, DatasetType, FileRecord};
 use crate::sqlite::{Db, from_millis, to_millis};
@@ -309,7 +309,8 @@ impl Registry for SqliteRegistry {
                         is_staged = COALESCE(?12, is_staged),
                         is_deleted = COALESCE(?13, is_deleted),
                         bundle_size = COALESCE(?14, bundle_size),
-                        updated_at = ?15
+                        updated_at = ?15,
+                        origin_path = COALESCE(?16, origin_path)
                      WHERE id = ?1",
                     params![
                         id,
@@ -327,6 +328,7 @@ impl Registry for SqliteRegistry {
                         patch.is_deleted,
                         patch.bundle.as_ref().map(|b| b.size as i64),
                         to_millis(Utc::now()),
+                        patch.origin_path,
                     ],
                 )?;
                 if let Some(bundle) = &patch.bundle {
@@ -744,6 +746,71 @@ impl Registry for SqliteRegistry {
         // profile looks.
         tracing::warn!(label = %notification.label, kind = %notification.kind, "{}", notification.text);
         Ok(())
+    }
+
+    // Auxiliary tasks and scripts.
+
+    /// Keeps a copy of the report next to the database, at
+    /// `reports/<report_id>/multiqc_report.html`, as the Bioloop API keeps its upload: the QC
+    /// directory it came from belongs to `generate_qc` and is rebuilt by its next run, so a
+    /// recorded path into it could point at a report being rewritten or gone.
+    async fn upload_report(
+        &self,
+        id: DatasetId,
+        report: &std::path::Path,
+    ) -> Result<String, RegistryError> {
+        let dataset = self.get(id).await?;
+        let Some(report_id) = dataset.metadata.get("report_id").and_then(|v| v.as_str()) else {
+            return Err(RegistryError::Invalid(format!(
+                "dataset {id} has no metadata.report_id: record it before uploading its report"
+            )));
+        };
+        if report_id.is_empty() || report_id.contains(['/', '\\']) || report_id.starts_with('.') {
+            return Err(RegistryError::Invalid(format!(
+                "dataset {id}: metadata.report_id `{report_id}` cannot name a directory"
+            )));
+        }
+        let base = self
+            .db
+            .path()
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .unwrap_or_default();
+        let dir = base.join("reports").join(report_id);
+        let (source, target) = (report.to_path_buf(), dir.join("multiqc_report.html"));
+        let stored = target.clone();
+        crate::compute::blocking(move || -> anyhow::Result<()> {
+            use anyhow::Context;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create `{}`", dir.display()))?;
+            let partial = crate::compute::attempt_sibling(&target);
+            std::fs::copy(&source, &partial).with_context(|| {
+                format!(
+                    "cannot copy `{}` to `{}`",
+                    source.display(),
+                    partial.display()
+                )
+            })?;
+            std::fs::rename(&partial, &target)
+                .with_context(|| format!("cannot rename into `{}`", target.display()))
+        })
+        .await
+        .map_err(unavailable)?;
+        Ok(stored.to_string_lossy().into_owned())
+    }
+
+    async fn project(&self, id_or_slug: &str) -> Result<Project, RegistryError> {
+        Err(RegistryError::Invalid(format!(
+            "project `{id_or_slug}`: the embedded registry has no projects; projects need the \
+             Bioloop API (registry.kind = \"http\")"
+        )))
+    }
+
+    async fn created_by(&self, id: DatasetId) -> Result<Creator, RegistryError> {
+        // Only this deployment writes the embedded registry; the read still says whether the
+        // dataset exists.
+        self.get(id).await?;
+        Ok(Creator::Service)
     }
 }
 

@@ -38,6 +38,24 @@ fn failed(err: anyhow::Error) -> StepError {
     StepError::permanent("ValidationFailed", err)
 }
 
+/// Where the dataset's bundle is kept in the archive (spec D.1):
+/// `{paths.<TYPE>.archive}/{name}.tar`, `{year}` being the year it is archived, not the year
+/// the process started (J.10).
+pub fn archive_path_of(ctx: &StepContext, dataset: &Dataset) -> String {
+    let template = &ctx
+        .app
+        .settings
+        .paths
+        .for_type(dataset.dataset_type)
+        .archive;
+    let archive_dir = template.replace("{year}", &chrono::Local::now().year().to_string());
+    format!(
+        "{}/{}",
+        archive_dir.trim_end_matches('/'),
+        dataset.name.bundle_file_name()
+    )
+}
+
 pub async fn run(ctx: &StepContext) -> StepResult {
     let app = &ctx.app;
     let dataset = ctx.dataset().await?;
@@ -87,15 +105,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         )));
     }
 
-    // The year is taken when the bundle is archived, not when the process started (J.10).
-    let archive_dir = paths
-        .archive
-        .replace("{year}", &chrono::Local::now().year().to_string());
-    let archive_path = format!(
-        "{}/{}",
-        archive_dir.trim_end_matches('/'),
-        dataset.name.bundle_file_name()
-    );
+    let archive_path = archive_path_of(ctx, &dataset);
     app.archive
         .put(
             &bundle_path,

@@ -9,8 +9,12 @@
 pub mod archive;
 pub mod await_stability;
 pub mod delete;
+pub mod illumina;
 pub mod inspect;
+pub mod mark_archived;
 pub mod noop;
+pub mod program;
+pub mod qc;
 pub mod setup_download;
 pub mod stage;
 pub mod validate;
@@ -41,12 +45,15 @@ pub enum Task {
     DeleteSource,
     /// Checks an upload against its sender's manifest (a plain task, spec C.5.3).
     VerifyUploadIntegrity,
+    MarkArchivedAndDelete,
+    GenerateQc,
+    DownloadIllumina,
     /// Does nothing: for benchmarks and interoperability tests.
     Noop,
 }
 
 impl Task {
-    pub const ALL: [Task; 10] = [
+    pub const ALL: [Task; 13] = [
         Task::AwaitStability,
         Task::Inspect,
         Task::Archive,
@@ -56,6 +63,9 @@ impl Task {
         Task::DeleteDataset,
         Task::DeleteSource,
         Task::VerifyUploadIntegrity,
+        Task::MarkArchivedAndDelete,
+        Task::GenerateQc,
+        Task::DownloadIllumina,
         Task::Noop,
     ];
 
@@ -70,6 +80,9 @@ impl Task {
             Task::DeleteDataset => "delete_dataset",
             Task::DeleteSource => "delete_source",
             Task::VerifyUploadIntegrity => "verify_upload_integrity",
+            Task::MarkArchivedAndDelete => "mark_archived_and_delete",
+            Task::GenerateQc => "generate_qc",
+            Task::DownloadIllumina => "download_illumina_dataset",
             Task::Noop => "noop",
         }
     }
@@ -239,6 +252,9 @@ pub async fn run(task: Task, ctx: StepContext) -> StepResult {
         Task::DeleteDataset => delete::run_delete_dataset(&ctx).await,
         Task::DeleteSource => delete::run_delete_source(&ctx).await,
         Task::VerifyUploadIntegrity => verify_upload::run(&ctx).await,
+        Task::MarkArchivedAndDelete => mark_archived::run(&ctx).await,
+        Task::GenerateQc => qc::run(&ctx).await,
+        Task::DownloadIllumina => illumina::run(&ctx).await,
         Task::Noop => noop::run(&ctx).await,
     }
 }

@@ -44,6 +44,35 @@ impl Definitions {
         self.by_name.keys().map(String::as_str)
     }
 
+    /// `workflows.integrated.qc`: inserts a `qc` step (task `generate_qc`) into `integrated`
+    /// right after its `setup_dataset_download` step (at the end when it has none), unless
+    /// the definition already runs `generate_qc`. A site switch rather than an edit of
+    /// `integrated.toml`, so that the shipped definition stays the same everywhere.
+    pub fn add_integrated_qc(&mut self) {
+        let Some(spec) = self.by_name.get_mut("integrated") else {
+            return;
+        };
+        let qc = Task::GenerateQc.name();
+        if spec.steps.iter().any(|step| step.task == qc) {
+            return;
+        }
+        let at = spec
+            .steps
+            .iter()
+            .position(|step| step.task == Task::SetupDownload.name())
+            .map_or(spec.steps.len(), |idx| idx + 1);
+        spec.steps.insert(
+            at,
+            StepSpec {
+                name: "qc".to_owned(),
+                task: qc.to_owned(),
+                queue: None,
+                kwargs: None,
+                priority: None,
+            },
+        );
+    }
+
     /// Loads every `*.toml` file of `dir`. All problems are returned at once, each naming its
     /// file.
     pub fn load(dir: &Path) -> Result<Definitions, Vec<String>> {
@@ -211,6 +240,29 @@ mod tests {
                 "setup_dataset_download"
             ]
         );
+    }
+
+    #[test]
+    fn the_qc_switch_adds_one_step_after_setup_download() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs");
+        let mut defs = Definitions::load(&dir).unwrap();
+        defs.add_integrated_qc();
+        defs.add_integrated_qc();
+        let tasks: Vec<_> = defs
+            .get("integrated")
+            .unwrap()
+            .steps
+            .iter()
+            .map(|s| s.task.as_str())
+            .collect();
+        assert_eq!(
+            tasks[tasks.len() - 2..],
+            ["setup_dataset_download", "generate_qc"]
+        );
+        assert_eq!(tasks.iter().filter(|t| **t == "generate_qc").count(), 1);
+        let qc = defs.get("qc").unwrap();
+        assert_eq!(qc.steps.len(), 1);
+        assert_eq!(qc.steps[0].task, "generate_qc");
     }
 
     #[test]

@@ -107,6 +107,10 @@ struct Shared {
     raw_listed: Mutex<Vec<Value>>,
     uploads: Mutex<Option<UploadSettings>>,
     notifications: Mutex<Vec<Value>>,
+    /// Reports, projects, creators and the operator token (the auxiliary block below).
+    aux: Mutex<Aux>,
+    /// A token of a user with the operator role only: `POST metrics` answers it 403.
+    operator_token: String,
 }
 
 /// What `POST datasets/{id}/files` does with its rows after answering 200.
@@ -142,6 +146,8 @@ impl TestApi {
             raw_listed: Mutex::new(Vec::new()),
             uploads: Mutex::new(None),
             notifications: Mutex::new(Vec::new()),
+            aux: Mutex::new(Aux::default()),
+            operator_token: format!("operator-token-{}", uuid::Uuid::new_v4()),
         });
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("nonblocking");
@@ -295,7 +301,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .route("/datasets/{id}/workflows", post(add_workflow))
         .route("/workflows/current", get(current_workflows))
         .route("/metrics", post(add_metrics))
-        .merge(upload_routes());
+        .merge(upload_routes())
+        .merge(aux_routes());
     Router::new()
         .nest(ROOT, api)
         .fallback(|| async { error(StatusCode::NOT_FOUND, "Not Found") })
@@ -371,13 +378,17 @@ async fn gate(State(shared): State<Arc<Shared>>, request: Request, next: Next) -
         Some(Fault::DropBefore) => return dropped_connection(),
         _ => {}
     }
-    let authorized = request
+    let bearer = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == format!("Bearer {}", shared.token));
-    let response = if authorized {
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_owned();
+    let response = if bearer == shared.token {
         next.run(request).await
+    } else if bearer == shared.operator_token {
+        operator_request(request, next, &method, &path).await
     } else {
         error(StatusCode::UNAUTHORIZED, "Unauthorized")
     };
@@ -611,7 +622,7 @@ async fn get_dataset(
         Err(err) => return registry_error(err),
     };
     let mut body = dataset_json(&dataset, true, flag(&query, "bundle", false));
-    body["audit_logs"] = json!([]);
+    body["audit_logs"] = audit_logs(&shared, id);
     if flag(&query, "files", false) {
         let mut files = Vec::new();
         let mut pages = FilePages::new(&shared.registry, id, 10_000);
@@ -717,6 +728,7 @@ fn patch_from(body: &Value) -> Result<DatasetPatch, String> {
     };
     patch.archive_path = nullable("archive_path")?;
     patch.staged_path = nullable("staged_path")?;
+    patch.origin_path = nullable("origin_path")?.flatten();
     patch.is_staged = obj.get("is_staged").and_then(Value::as_bool);
     patch.is_deleted = obj.get("is_deleted").and_then(Value::as_bool);
     if let Some(bundle) = obj.get("bundle").filter(|b| !b.is_null()) {
@@ -1482,4 +1494,199 @@ async fn notify(State(shared): State<Arc<Shared>>, Json(body): Json<Value>) -> R
     }
     shared.notifications.lock().unwrap().push(body.clone());
     Json(json!({"id": shared.notifications.lock().unwrap().len()})).into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Auxiliary tasks and scripts: QC reports (`PUT datasets/{id}/report`), projects
+// (`GET projects/{id}`, `PATCH projects/{id}/datasets`), who created a dataset (the `create`
+// audit entry of `GET datasets/{id}`) and the operator role (no `POST metrics`).
+
+/// The user the main token belongs to: the service user of the default configuration.
+pub const SERVICE_USER: &str = "bioloopuser";
+
+#[derive(Default)]
+struct Aux {
+    /// Uploaded reports by dataset, as stored.
+    reports: HashMap<DatasetId, Vec<u8>>,
+    /// Projects by id: (slug, name).
+    projects: HashMap<String, (String, String)>,
+    /// (project id, dataset id) associations, in the order made.
+    associations: Vec<(String, DatasetId)>,
+    /// Datasets created by another user than the token's.
+    creators: HashMap<DatasetId, String>,
+}
+
+impl TestApi {
+    /// A token of a user with the operator role only (spec E.4): everything but
+    /// `POST metrics`, which answers 403.
+    pub fn operator_token(&self) -> &str {
+        &self.shared.operator_token
+    }
+
+    /// The report stored for a dataset.
+    pub fn report(&self, id: DatasetId) -> Option<Vec<u8>> {
+        self.shared.aux.lock().unwrap().reports.get(&id).cloned()
+    }
+
+    pub fn add_project(&self, id: &str, slug: &str, name: &str) {
+        self.shared
+            .aux
+            .lock()
+            .unwrap()
+            .projects
+            .insert(id.to_owned(), (slug.to_owned(), name.to_owned()));
+    }
+
+    /// The datasets associated with a project, in the order they were associated.
+    pub fn project_datasets(&self, project_id: &str) -> Vec<DatasetId> {
+        let aux = self.shared.aux.lock().unwrap();
+        aux.associations
+            .iter()
+            .filter(|(p, _)| p == project_id)
+            .map(|(_, d)| *d)
+            .collect()
+    }
+
+    /// Records `username` as the creator of a dataset (by default, the token's user).
+    pub fn set_creator(&self, id: DatasetId, username: &str) {
+        self.shared
+            .aux
+            .lock()
+            .unwrap()
+            .creators
+            .insert(id, username.to_owned());
+    }
+}
+
+fn aux_routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/datasets/{id}/report", axum::routing::put(upload_report))
+        .route("/projects/{id}", get(get_project))
+        .route(
+            "/projects/{id}/datasets",
+            axum::routing::patch(add_to_project),
+        )
+}
+
+/// What an operator may do: all but `POST metrics` (the API grants `metrics: create` to
+/// admins only, spec E.4).
+async fn operator_request(request: Request, next: Next, method: &str, path: &str) -> Response {
+    if method == "POST" && path == "metrics" {
+        return (
+            StatusCode::FORBIDDEN,
+            Json(json!({ "message": "Forbidden" })),
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
+fn audit_logs(shared: &Shared, id: DatasetId) -> Value {
+    let user = shared
+        .aux
+        .lock()
+        .unwrap()
+        .creators
+        .get(&id)
+        .cloned()
+        .unwrap_or_else(|| SERVICE_USER.to_owned());
+    json!([{ "action": "create", "dataset_id": id, "user": { "username": user } }])
+}
+
+/// multer's `single('report')` into `reports/<metadata.report_id>/`: without a report id the
+/// upload fails (the API answers 500 through its error handler).
+async fn upload_report(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<DatasetId>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let dataset = match shared.registry.get(id).await {
+        Ok(d) => d,
+        Err(err) => return registry_error(err),
+    };
+    let Some(report_id) = dataset.metadata["report_id"].as_str().map(str::to_owned) else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "report_id is not set");
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let Some(boundary) = content_type
+        .strip_prefix("multipart/form-data; boundary=")
+        .map(|b| b.trim_matches('"').to_owned())
+    else {
+        return error(StatusCode::BAD_REQUEST, "not multipart/form-data");
+    };
+    let Some(content) = multipart_field(&body, &boundary, "report") else {
+        return error(StatusCode::BAD_REQUEST, "no field `report`");
+    };
+    shared.aux.lock().unwrap().reports.insert(id, content);
+    Json(json!({ "path": format!("reports/{report_id}/multiqc_report.html") })).into_response()
+}
+
+/// The content of the form field `name` of a multipart body.
+fn multipart_field(body: &[u8], boundary: &str, name: &str) -> Option<Vec<u8>> {
+    let delimiter = format!("--{boundary}");
+    let find = |haystack: &[u8], needle: &[u8], from: usize| {
+        haystack[from..]
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|i| i + from)
+    };
+    let mut at = find(body, delimiter.as_bytes(), 0)?;
+    loop {
+        let start = at + delimiter.len();
+        if body[start..].starts_with(b"--") {
+            return None;
+        }
+        let headers_end = find(body, b"\r\n\r\n", start)?;
+        let headers = String::from_utf8_lossy(&body[start..headers_end]);
+        let next = find(body, format!("\r\n{delimiter}").as_bytes(), headers_end)?;
+        if headers.contains(&format!("name=\"{name}\"")) {
+            return Some(body[headers_end + 4..next].to_vec());
+        }
+        at = next + 2;
+    }
+}
+
+/// By id or slug, as the API finds it; `include_datasets=false` leaves the datasets out.
+async fn get_project(State(shared): State<Arc<Shared>>, Path(key): Path<String>) -> Response {
+    let aux = shared.aux.lock().unwrap();
+    let found = aux
+        .projects
+        .iter()
+        .find(|(id, (slug, _))| **id == key || *slug == key);
+    match found {
+        Some((id, (slug, name))) => {
+            Json(json!({ "id": id, "slug": slug, "name": name })).into_response()
+        }
+        None => error(StatusCode::NOT_FOUND, "Not Found"),
+    }
+}
+
+/// `createMany` without `skipDuplicates`: one existing association makes the whole request
+/// 409 and stores nothing.
+async fn add_to_project(
+    State(shared): State<Arc<Shared>>,
+    Path(project_id): Path<String>,
+    Json(body): Json<Value>,
+) -> Response {
+    let ids: Vec<DatasetId> = body["add_dataset_ids"]
+        .as_array()
+        .map(|ids| ids.iter().filter_map(Value::as_i64).collect())
+        .unwrap_or_default();
+    let mut aux = shared.aux.lock().unwrap();
+    if !aux.projects.contains_key(&project_id) {
+        return error(StatusCode::NOT_FOUND, "Not Found");
+    }
+    if ids
+        .iter()
+        .any(|id| aux.associations.contains(&(project_id.clone(), *id)))
+    {
+        return error(StatusCode::CONFLICT, "Unique constraint failed");
+    }
+    aux.associations
+        .extend(ids.into_iter().map(|id| (project_id.clone(), id)));
+    (StatusCode::OK, "").into_response()
 }
