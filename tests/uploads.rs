@@ -835,3 +835,96 @@ async fn the_purge_removes_upload_leftovers_and_never_follows_a_link_out_of_the_
     assert_eq!(runs[0]["counters"]["sidecars_removed"], 2);
     assert_eq!(runs[0]["counters"]["session_files_removed"], 2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The same by hand, through the command line (embedded profile).
+
+#[test]
+fn an_upload_pushed_by_rsync_goes_through_the_command_line_to_staged() {
+    let project = upload_project();
+    let created = project.run_ok(&[
+        "uploads",
+        "create",
+        "rsync run",
+        "--type",
+        "RAW_DATA",
+        "--format",
+        "json",
+    ]);
+    let created: Value = serde_json::from_slice(&created.stdout).unwrap();
+    assert_eq!(created["status"], "UPLOADING");
+    assert_eq!(created["name"], "rsync-run");
+    let id = created["id"].as_i64().unwrap();
+    let origin = PathBuf::from(created["origin_path"].as_str().unwrap());
+    assert!(origin.is_dir(), "the directory to copy into exists");
+    // The sender's side: the data, and its manifest hash computed with the same tool.
+    let sent = tempfile::tempdir().unwrap();
+    for (path, content) in FILES {
+        write_file(&sent.path().join(path), content);
+        write_file(&origin.join(path), content);
+    }
+    let manifest = project.run_ok(&[
+        "uploads",
+        "manifest",
+        sent.path().to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    let manifest: Value = serde_json::from_slice(&manifest.stdout).unwrap();
+    let hash = manifest["hash"].as_str().unwrap();
+
+    // Bad input changes nothing and says what is wrong.
+    let unknown = project.run(&["uploads", "complete", "4242", "--manifest-hash", hash]);
+    assert_eq!(unknown.status.code(), Some(2), "{}", describe(&unknown));
+    assert!(stderr(&unknown).contains("no upload has the dataset id 4242"));
+    let bad_hash = project.run(&[
+        "uploads",
+        "complete",
+        &id.to_string(),
+        "--manifest-hash",
+        "xyz",
+    ]);
+    assert_eq!(bad_hash.status.code(), Some(2), "{}", describe(&bad_hash));
+    let bad_json = project.path("sizes.json");
+    write_file(&bad_json, b"{\"mode\": \"path-size-v1\", \"files\": [");
+    let bad = project.run(&[
+        "uploads",
+        "complete",
+        &id.to_string(),
+        "--size-manifest",
+        bad_json.to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(2), "{}", describe(&bad));
+    assert!(stderr(&bad).contains("sizes.json"), "{}", stderr(&bad));
+    let show = project.run_ok(&["uploads", "show", &id.to_string(), "--format", "json"]);
+    let show: Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(
+        show["status"], "UPLOADING",
+        "unchanged by the refused completions"
+    );
+
+    project.run_ok(&[
+        "uploads",
+        "complete",
+        &id.to_string(),
+        "--manifest-hash",
+        hash,
+    ]);
+    project.run_ok(&["jobs", "run", "manage_upload_workflows", "--wait"]);
+    let show = project.run_ok(&["uploads", "show", &id.to_string(), "--format", "json"]);
+    let show: Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(show["status"], "COMPLETE", "{show}");
+    let datasets = project.run_ok(&["datasets", "show", &id.to_string(), "--format", "json"]);
+    assert!(
+        stdout(&datasets).contains("STAGED"),
+        "{}",
+        stdout(&datasets)
+    );
+    // Completing it again is refused: it has moved on.
+    let again = project.run(&["uploads", "complete", &id.to_string()]);
+    assert_eq!(again.status.code(), Some(2), "{}", describe(&again));
+    assert!(stderr(&again).contains("COMPLETE"), "{}", stderr(&again));
+    let list = project.run_ok(&["uploads", "list", "--format", "json"]);
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(list[0]["id"], id);
+}

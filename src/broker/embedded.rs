@@ -324,6 +324,23 @@ impl Broker for EmbeddedBroker {
             .await
     }
 
+    async fn has_due_messages(&self, tasks: &[&str]) -> anyhow::Result<Option<bool>> {
+        let tasks = serde_json::to_string(tasks)?;
+        self.db
+            .call(move |conn| {
+                let due: Option<i64> = conn
+                    .query_row(
+                        "SELECT 1 FROM queue WHERE eta <= ?1
+                         AND task IN (SELECT value FROM json_each(?2)) LIMIT 1",
+                        params![to_millis(Utc::now()), tasks],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                Ok(Some(due.is_some()))
+            })
+            .await
+    }
+
     async fn start_consuming(&self, consume: &Consume) -> anyhow::Result<()> {
         let queues = consume
             .queues

@@ -108,6 +108,15 @@ pub trait Broker: Send + Sync {
     /// Whether a message with this id is queued or being worked on, when the broker can tell.
     async fn holds(&self, task_id: &str) -> anyhow::Result<Option<bool>>;
 
+    /// Whether a message of one of `tasks` is due now (queued with no `eta` in the future,
+    /// claimed or not), when the broker can tell: a worker that stops once idle waits for such
+    /// messages even when no workflow is active (plain tasks belong to none). Messages of other
+    /// tasks are for other workers and never keep it.
+    async fn has_due_messages(&self, tasks: &[&str]) -> anyhow::Result<Option<bool>> {
+        let _ = tasks;
+        Ok(None)
+    }
+
     /// Sets what `next` takes from; called by a worker before its first `next`.
     async fn start_consuming(&self, consume: &Consume) -> anyhow::Result<()> {
         let _ = consume;

@@ -20,7 +20,8 @@ use crate::ui::Display;
 pub enum Until {
     /// Only on shutdown.
     Shutdown,
-    /// When no workflow in the store is active and no step runs here (`--wait`).
+    /// When no workflow in the store is active, no step runs here and (where the broker can
+    /// tell) no message is due (`--wait`).
     Idle,
 }
 
@@ -141,6 +142,7 @@ pub async fn run(
 
     if opts.until == Until::Idle {
         let mut last_repair: Option<tokio::time::Instant> = None;
+        let known_tasks = crate::steps::Task::ALL.map(crate::steps::Task::name);
         loop {
             if last_repair.is_none_or(|t| t.elapsed() >= REPAIR_EVERY) {
                 let repaired = engine::repair_stalled(&app).await?;
@@ -150,7 +152,10 @@ pub async fn run(
                 last_repair = Some(tokio::time::Instant::now());
             }
             let active = app.store.workflows(WorkflowFilter::Active, 1).await?;
-            if active.is_empty() && in_flight.load(Ordering::SeqCst) == 0 {
+            if active.is_empty()
+                && in_flight.load(Ordering::SeqCst) == 0
+                && app.broker.has_due_messages(&known_tasks).await? != Some(true)
+            {
                 break;
             }
             tokio::select! {
