@@ -229,7 +229,7 @@ fn uploads_commands_exit_0_1_2_without_configuration_and_write_nothing() {
     );
     assert_eq!(code(&out), 0, "{}", describe(&out));
     assert!(stdout(&out).contains("holds"), "{}", describe(&out));
-    std::fs::write(&sizes_file, &out_json(&sizes)).unwrap();
+    std::fs::write(&sizes_file, out_json(&sizes)).unwrap();
     let sizes_arg = sizes_file.to_str().unwrap();
     let out = workers(
         cwd.path(),
