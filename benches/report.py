@@ -308,13 +308,14 @@ def main():
     w("the binary directly. Raw measurements (one JSON line per run) are kept in `BENCH_DIR/results.tsv`.")
     w("")
 
-    # Sections written by other scripts (benches/idle_scheduler.sh, benches/worker_overhead.sh)
+    # Sections written by other scripts (benches/idle_scheduler.sh, benches/worker_overhead.sh,
+    # benches/manifest.sh)
     # are kept.
     kept = ""
     try:
         with open(sys.argv[2]) as f:
             previous = f.read()
-        for name in ("idle-scheduler", "worker-overhead"):
+        for name in ("idle-scheduler", "worker-overhead", "upload-manifest"):
             begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
             if begin in previous and end in previous:
                 kept += previous[previous.index(begin):previous.index(end) + len(end)] + "\n\n"

@@ -303,6 +303,8 @@ fn jobs_list_shows_each_schedule_with_its_next_and_last_run() {
             "purge_stale_workflows",
             "reconcile",
             "metrics",
+            "manage_upload_workflows",
+            "purge_stale_uploaded",
             "populate_bundles"
         ]
     );
@@ -315,8 +317,10 @@ fn jobs_list_shows_each_schedule_with_its_next_and_last_run() {
     assert_eq!(berlin.format("%H:%M:%S").to_string(), "07:00:00");
     assert_eq!(jobs[4]["enabled"], false);
     assert!(jobs[4]["next_run"].is_null());
+    assert_eq!(jobs[5]["schedule"], "every 1m");
+    assert_eq!(jobs[5]["enabled"], true);
     // Off unless a site needs it.
-    assert_eq!(jobs[5]["enabled"], false);
+    assert_eq!(jobs[7]["enabled"], false);
 }
 
 #[test]

@@ -15,9 +15,12 @@ use std::cmp::Ordering;
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Mutex;
 
+use blake3::hazmat::{
+    ChainingValue, HasherExt, Mode, left_subtree_len, merge_subtrees_non_root, merge_subtrees_root,
+};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use walkdir::WalkDir;
@@ -32,12 +35,14 @@ pub const MANIFEST_HEADER: &str = "blake3-manifest-v1";
 /// The only size manifest mode there is.
 pub const SIZE_MANIFEST_MODE: &str = "path-size-v1";
 
-/// Files up to this size are read through the thread's 1 MiB buffer and hashed on one thread;
-/// larger ones go through [`hash_large`], which spreads one file over the pool.
+/// Files are read through the thread's 1 MiB buffer and hashed on one thread up to this many
+/// bytes; a larger one goes through [`hash_large`], which spreads it over the pool.
 const SMALL_FILE: u64 = 1 << 20;
 
-/// Reads of large files: 16 MiB, as the original reads (Lustre wants reads of several MiB).
-const LARGE_CHUNK: usize = 16 << 20;
+/// The subtrees of a large file read and hashed as one piece: the size of the thread's read
+/// buffer. Reads of 1 MiB, several at once, suit Lustre (its RPC size) as well as the 16 MiB
+/// sequential reads of the original.
+const LEAF: u64 = crate::compute::md5::CHUNK_SIZE as u64;
 
 /// Summary of a BLAKE3 manifest over a tree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -370,7 +375,6 @@ fn manifest_lines(
     if let Some(progress) = progress {
         progress.set_total(listed.iter().map(|f| f.size).sum());
     }
-    let buffers = Buffers::default();
     let on_bytes = |n: u64| {
         if let Some(progress) = progress {
             progress.add(n);
@@ -380,7 +384,7 @@ fn manifest_lines(
         .into_par_iter()
         .map(|file| {
             check(cancel).map_err(|err| ManifestError::io(&file.full, err))?;
-            let (size, hash) = hash_file(&file.full, &buffers, &on_bytes, cancel)
+            let (size, hash) = hash_file(&file.full, &on_bytes, cancel)
                 .map_err(|err| ManifestError::io(&file.full, err))?;
             Ok(ManifestLine {
                 path: file.rel,
@@ -474,104 +478,121 @@ fn manifest_path(root: &Path, path: &Path) -> Result<String, ManifestError> {
     })
 }
 
-/// Spare 16 MiB read buffers for the large files of one manifest, so each file does not map and
-/// fault in fresh memory; at most two per file being read, dropped with the manifest.
-#[derive(Default)]
-struct Buffers {
-    spare: Mutex<Vec<Box<[u8]>>>,
-}
-
-impl Buffers {
-    fn take(&self) -> Box<[u8]> {
-        self.spare
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .unwrap_or_else(|| vec![0u8; LARGE_CHUNK].into_boxed_slice())
-    }
-
-    fn give(&self, buffer: Box<[u8]>) {
-        self.spare
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(buffer);
-    }
-}
-
-/// BLAKE3 of one file and the number of bytes hashed.
+/// BLAKE3 of one file and the number of bytes hashed. A file starts on the thread's 1 MiB
+/// buffer (open, read, read, close: no stat, which counts with tiny files); one that fills it
+/// is hashed again whole by [`hash_large`].
 fn hash_file(
     path: &Path,
-    buffers: &Buffers,
     on_bytes: &(dyn Fn(u64) + Sync),
     cancel: &CancellationToken,
 ) -> io::Result<(u64, blake3::Hash)> {
     let mut file = File::open(path)?;
-    advise_sequential(&file);
-    if file.metadata()?.len() > SMALL_FILE {
-        return hash_large(&mut file, buffers, on_bytes, cancel);
-    }
-    with_read_buffer(|buf| {
+    let small = with_read_buffer(|buf| -> io::Result<Option<(u64, blake3::Hash)>> {
         let mut hasher = blake3::Hasher::new();
         let mut total = 0u64;
         loop {
             check(cancel)?;
             let n = read_retrying(&mut file, buf)?;
             if n == 0 {
-                return Ok((total, hasher.finalize()));
+                return Ok(Some((total, hasher.finalize())));
             }
             hasher.update(&buf[..n]);
             total += n as u64;
-            on_bytes(n as u64);
+            if total >= SMALL_FILE {
+                return Ok(None);
+            }
         }
-    })
+    })?;
+    if let Some((size, hash)) = small {
+        on_bytes(size);
+        return Ok((size, hash));
+    }
+    advise_sequential(&file);
+    let size = file.metadata()?.len();
+    let hash = hash_large(&file, size, on_bytes, cancel)?;
+    // The tree was laid out for `size` bytes: a file that grew meanwhile has more.
+    if file.metadata()?.len() != size {
+        return Err(changed_while_read());
+    }
+    Ok((size, hash))
 }
 
-/// Hashes a large file in 16 MiB chunks, each spread over the pool (`update_rayon`) while the
-/// next chunk is read: reading and hashing overlap, and one file keeps every thread busy.
+fn changed_while_read() -> io::Error {
+    io::Error::other("the file changed size while it was being read")
+}
+
+/// BLAKE3 of the first `len` bytes of a large file, as BLAKE3's tree splits it: each subtree of
+/// at most 1 MiB is read at its own offset into the thread's buffer and hashed there, on
+/// whichever pool thread takes it, and the chaining values are merged up the tree. Reading is
+/// spread over the pool like hashing (on a page cache the copy costs as much as the hash), and
+/// each piece is hashed while still in the CPU's cache. The result is `blake3::hash` of the
+/// bytes, whatever the number of threads.
 fn hash_large(
-    file: &mut File,
-    buffers: &Buffers,
+    file: &File,
+    len: u64,
     on_bytes: &(dyn Fn(u64) + Sync),
     cancel: &CancellationToken,
-) -> io::Result<(u64, blake3::Hash)> {
-    let mut current = buffers.take();
-    let mut next = buffers.take();
-    let result = (|| {
-        let mut hasher = blake3::Hasher::new();
-        let mut total = 0u64;
-        let mut filled = read_full(file, &mut current)?;
-        while filled > 0 {
-            check(cancel)?;
-            let chunk = &current[..filled];
-            let (read, ()) = rayon::join(
-                || read_full(file, &mut next),
-                || {
-                    hasher.update_rayon(chunk);
-                },
-            );
-            total += filled as u64;
-            on_bytes(filled as u64);
-            filled = read?;
-            std::mem::swap(&mut current, &mut next);
-        }
-        Ok((total, hasher.finalize()))
-    })();
-    buffers.give(current);
-    buffers.give(next);
-    result
+) -> io::Result<blake3::Hash> {
+    if len <= blake3::CHUNK_LEN as u64 {
+        // One chunk has no tree to merge; `hash_file` never gets here, since `len` > 1 MiB.
+        return hash_leaf(file, 0, len, on_bytes, cancel, |h| h.finalize());
+    }
+    let left = left_subtree_len(len);
+    let (l, r) = rayon::join(
+        || subtree(file, 0, left, on_bytes, cancel),
+        || subtree(file, left, len - left, on_bytes, cancel),
+    );
+    Ok(merge_subtrees_root(&l?, &r?, Mode::Hash))
 }
 
-/// Reads until `buf` is full or the file ends; returns the bytes read.
-fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let n = read_retrying(file, &mut buf[filled..])?;
-        if n == 0 {
-            break;
-        }
-        filled += n;
+/// The chaining value of the subtree of `len` bytes at `offset` (laid out by the recursion
+/// from the root, so it is a valid BLAKE3 subtree).
+fn subtree(
+    file: &File,
+    offset: u64,
+    len: u64,
+    on_bytes: &(dyn Fn(u64) + Sync),
+    cancel: &CancellationToken,
+) -> io::Result<ChainingValue> {
+    if len <= LEAF {
+        return hash_leaf(file, offset, len, on_bytes, cancel, |h| {
+            h.finalize_non_root()
+        });
     }
-    Ok(filled)
+    let left = left_subtree_len(len);
+    let (l, r) = rayon::join(
+        || subtree(file, offset, left, on_bytes, cancel),
+        || subtree(file, offset + left, len - left, on_bytes, cancel),
+    );
+    Ok(merge_subtrees_non_root(&l?, &r?, Mode::Hash))
+}
+
+fn hash_leaf<T>(
+    file: &File,
+    offset: u64,
+    len: u64,
+    on_bytes: &(dyn Fn(u64) + Sync),
+    cancel: &CancellationToken,
+    finish: impl FnOnce(&blake3::Hasher) -> T,
+) -> io::Result<T> {
+    check(cancel)?;
+    with_read_buffer(|buf| {
+        let mut hasher = blake3::Hasher::new();
+        hasher.set_input_offset(offset);
+        let mut done = 0u64;
+        while done < len {
+            let want = (len - done).min(buf.len() as u64) as usize;
+            file.read_exact_at(&mut buf[..want], offset + done)
+                .map_err(|err| match err.kind() {
+                    io::ErrorKind::UnexpectedEof => changed_while_read(),
+                    _ => err,
+                })?;
+            hasher.update(&buf[..want]);
+            done += want as u64;
+        }
+        on_bytes(len);
+        Ok(finish(&hasher))
+    })
 }
 
 /// The `path-size-v1` size manifest of the regular files below `root`, as a sender computes it:
@@ -884,15 +905,24 @@ mod tests {
     #[test]
     fn large_files_hash_like_one_update_on_any_pool() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let data = crate::compute::md5::tests::pseudo_random(2 * LARGE_CHUNK + 12_345, 5);
-        write(&dir.path().join("big.bin"), &data);
-        write(&dir.path().join("small.bin"), &data[..100]);
-        let expected = format!(
-            "blake3-manifest-v1\nbig.bin\t{}\t{}\nsmall.bin\t100\t{}",
+        let data = crate::compute::md5::tests::pseudo_random(33 * LEAF as usize + 12_345, 5);
+        // Around the hand-over from the small path to the large one, and a multi-chunk file.
+        let sizes = [
+            100,
+            SMALL_FILE as usize - 1,
+            SMALL_FILE as usize,
+            SMALL_FILE as usize + 1,
+            2 * LEAF as usize,
+            2 * LEAF as usize + 1,
+            5 * LEAF as usize + 1024,
             data.len(),
-            hex(&data),
-            hex(&data[..100])
-        );
+        ];
+        let mut expected = MANIFEST_HEADER.to_owned();
+        for (i, size) in sizes.iter().enumerate() {
+            write(&dir.path().join(format!("f{i}")), &data[..*size]);
+            expected.push_str(&format!("\nf{i}\t{size}\t{}", hex(&data[..*size])));
+        }
+        let total: u64 = sizes.iter().map(|s| *s as u64).sum();
         for threads in [1, 2, 3] {
             let pool = Pool::new(threads).expect("pool");
             let progress = Progress::new();
@@ -901,8 +931,8 @@ mod tests {
                 .expect("manifest");
             assert_eq!(summary.hash, hex(expected.as_bytes()), "{threads} threads");
             let snap = progress.snapshot();
-            assert_eq!(snap.done, data.len() as u64 + 100);
-            assert_eq!(snap.total, Some(data.len() as u64 + 100));
+            assert_eq!(snap.done, total);
+            assert_eq!(snap.total, Some(total));
         }
     }
 
