@@ -191,7 +191,7 @@ B3SUM_VERSION=$([[ $HAVE_B3SUM == 1 ]] && b3sum --version || echo "not installed
 export RUNS LARGE_SIZE_MB SMALL_FILES LARGE_RSS SMALL_RSS PYTHON_RSS B3SUM_VERSION BENCH_DIR
 export PYTHON_VERSION=$("$BENCH_PYTHON" -c 'import sys, blake3; print(f"Python {sys.version.split()[0]}, blake3 {blake3.__version__}")')
 export COMMIT=$(git rev-parse --short HEAD)
-export DIRTY=$([[ -z $(git status --porcelain --untracked-files=no) ]] || echo " (with uncommitted changes)")
+export DIRTY=$([[ -z $(git status --porcelain --untracked-files=no -- . ':!BENCHMARKS.md') ]] || echo " (with uncommitted changes)")
 export THREADS=$(nproc)
 export FS=$(df -hT "$BENCH_DIR" | tail -1 | awk '{print $1 " (" $2 ")"}')
 python3 - "$RESULTS" <<'PY'
