@@ -928,3 +928,64 @@ fn an_upload_pushed_by_rsync_goes_through_the_command_line_to_staged() {
     let list: Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(list[0]["id"], id);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_check_is_queued_again_and_one_that_never_ends_fails() {
+    let mut project = upload_project();
+    project.set_env("WORKERS__UPLOADS__RESPAWN_VERIFICATION_AFTER_SECONDS", "0");
+    let app = project.app().await;
+    let log = create_upload(&app, "lost check").await;
+    let id = log.dataset_id;
+    fill(&log, FILES);
+    app.registry.complete_upload(id, "p", None).await.unwrap();
+    let report = manage(&app).await;
+    assert_eq!(report.verification_spawned, 1);
+    let task_id = app
+        .registry
+        .upload_log(id)
+        .await
+        .unwrap()
+        .unwrap()
+        .meta_str("verification_task_id")
+        .unwrap()
+        .to_owned();
+    // The message is lost before any worker ran it.
+    let delivery = app.broker.next().await.unwrap();
+    assert_eq!(delivery.message().id, task_id);
+    delivery.ack().await.unwrap();
+    assert_eq!(app.broker.holds(&task_id).await.unwrap(), Some(false));
+    let report = manage(&app).await;
+    assert_eq!(report.in_flight, 1);
+    assert_eq!(
+        app.broker.holds(&task_id).await.unwrap(),
+        Some(true),
+        "queued again under the same id"
+    );
+    // A check that never ends (its message held somewhere, its start long ago) fails after
+    // uploads.verification_timeout_seconds.
+    let long_ago = (chrono::Utc::now() - chrono::Duration::hours(5))
+        .naive_utc()
+        .format("%Y-%m-%dT%H:%M:%S%.6f")
+        .to_string();
+    app.registry
+        .update_upload_log(
+            id,
+            &UploadLogPatch {
+                metadata: Some(object(json!({"verification_started_at": long_ago}))),
+                ..UploadLogPatch::default()
+            },
+        )
+        .await
+        .unwrap();
+    let report = manage(&app).await;
+    assert_eq!(report.verification_failed, 1, "{report:?}");
+    let log = app.registry.upload_log(id).await.unwrap().unwrap();
+    assert_eq!(log.status, UploadStatus::VerificationFailed);
+    assert!(
+        log.meta_str("failure_reason")
+            .unwrap()
+            .starts_with("Verification timeout (>4 hours). Task ID: "),
+        "{log:?}"
+    );
+    assert!(app.registry.get(id).await.unwrap().is_deleted);
+}
