@@ -192,9 +192,6 @@ fn stop_on_signals(announce: &str) -> watch::Receiver<bool> {
     rx
 }
 
-/// Runs every active workflow to its end in this process (`--wait`), then prints a summary of
-/// `started` and of every workflow that was active before (left by an interrupted run, for
-/// example). Fails (exit 1) if any of them did not succeed.
 /// Runs in-process workers until the queue is idle (a stop signal ends them early).
 pub(crate) async fn run_until_idle(app: &Arc<App>, display: Display) -> anyhow::Result<()> {
     let stop = stop_on_signals("Stopping: running steps are interrupted and will run again later.");
@@ -214,6 +211,9 @@ pub(crate) async fn run_until_idle(app: &Arc<App>, display: Display) -> anyhow::
     Ok(())
 }
 
+/// Runs every active workflow to its end in this process (`--wait`), then prints a summary of
+/// `started` and of every workflow that was active before (left by an interrupted run, for
+/// example). Fails (exit 1) if any of them did not succeed.
 pub(crate) async fn wait_for(
     app: &Arc<App>,
     started: &[String],
@@ -229,20 +229,7 @@ pub(crate) async fn wait_for(
             workflow_ids.push(workflow.id);
         }
     }
-    let stop = stop_on_signals("Stopping: running steps are interrupted and will run again later.");
-    let opts = WorkerOptions {
-        concurrency: app.settings.worker.concurrency,
-        until: Until::Idle,
-        queues: None,
-        shutdown_grace: std::time::Duration::ZERO,
-        node_name: engine::default_node_name(&app.identity.hostname),
-    };
-    crate::workflow::worker::run(Arc::clone(app), opts, stop.clone(), display).await?;
-    if *stop.borrow() {
-        return Err(
-            Failed("interrupted; the workflows carry on with the next worker".to_owned()).into(),
-        );
-    }
+    run_until_idle(app, display).await?;
     let mut table = table([
         "dataset", "type", "workflow", "status", "state", "files", "bytes", "duration",
     ]);

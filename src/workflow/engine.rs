@@ -443,6 +443,22 @@ impl Owner {
             Owner::Plain => 0,
         }
     }
+
+    /// After the task succeeded: the workflow's next step (nothing follows a plain task).
+    async fn advance(
+        &self,
+        app: &App,
+        finished: &TaskMessage,
+        result: &Value,
+        republish: Republish,
+    ) -> anyhow::Result<()> {
+        match self {
+            Owner::Step {
+                workflow, position, ..
+            } => advance(app, workflow, *position, finished, result, republish).await,
+            Owner::Plain => Ok(()),
+        }
+    }
 }
 
 /// How long a worker holds a task it does not implement before giving it back: growing with
@@ -574,20 +590,9 @@ async fn run_claimed(
             // Redelivered after the result was stored: finish the bookkeeping only.
             info!(task_id = %message.id, "Step already succeeded; finishing its bookkeeping only.");
             let result = metas[&message.id].result.clone();
-            if let Owner::Step {
-                workflow, position, ..
-            } = owner
-            {
-                advance(
-                    app,
-                    workflow,
-                    *position,
-                    &message,
-                    &result,
-                    Republish::UnlessStarted,
-                )
+            owner
+                .advance(app, &message, &result, Republish::UnlessStarted)
                 .await?;
-            }
             return delivery.ack().await;
         }
         Some(TaskStatus::Failure | TaskStatus::Revoked) => {
@@ -671,20 +676,9 @@ async fn run_claimed(
         Ok(result) => {
             app.store.task_succeeded(&message.id, &result).await?;
             info!(task_id = %message.id, seconds = elapsed, "Step succeeded.");
-            if let Owner::Step {
-                workflow, position, ..
-            } = owner
-            {
-                advance(
-                    app,
-                    workflow,
-                    *position,
-                    &message,
-                    &result,
-                    Republish::Always,
-                )
+            owner
+                .advance(app, &message, &result, Republish::Always)
                 .await?;
-            }
             delivery.ack().await
         }
         Err(err) => {
