@@ -262,6 +262,7 @@ fn inspect_step(dir: &Path, threads: usize) -> Result<String> {
             app: Arc::clone(&app),
             dataset_id: dataset.id,
             task_id: "bench".to_owned(),
+            args: Vec::new(),
             kwargs: Map::new(),
             progress: Progress::new(),
             cancel: CancellationToken::new(),

@@ -468,3 +468,121 @@ async fn a_worker_takes_steps_only_from_its_queues() {
     );
     assert_eq!(app.broker.holds("other").await.unwrap(), Some(true));
 }
+
+/// A workflow of two `noop` steps, its first step queued; the first step holds `hold_seconds`.
+async fn noop_workflow(app: &std::sync::Arc<workers::app::App>, hold_seconds: f64) -> String {
+    use workers::store::{StepSpec, WorkflowSpec};
+    let workflow_id = uuid::Uuid::new_v4().to_string();
+    let step = |name: &str| StepSpec {
+        name: name.into(),
+        task: "noop".into(),
+        queue: None,
+        kwargs: None,
+        priority: None,
+    };
+    let spec = WorkflowSpec {
+        name: "drill".into(),
+        description: None,
+        steps: vec![step("first"), step("second")],
+    };
+    app.store
+        .create_workflow(
+            &workflow_id,
+            &app.settings.app_id,
+            &spec,
+            &[json!(7), json!(hold_seconds)],
+        )
+        .await
+        .unwrap();
+    // A workflow with nothing queued gets its step published by the repair.
+    let repaired = engine::repair_stalled(app).await.unwrap();
+    assert_eq!(repaired, std::slice::from_ref(&workflow_id));
+    workflow_id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_workflow_paused_while_its_step_runs_gets_no_next_step() {
+    let project = Project::new();
+    let app = project.app().await;
+    let workflow_id = noop_workflow(&app, 1.5).await;
+    let delivery = app.broker.next().await.unwrap();
+    let first = delivery.message().clone();
+    assert_eq!(first.args, [json!(7), json!(1.5)]);
+    let started = std::time::Instant::now();
+    let running = {
+        let app = app.clone();
+        tokio::spawn(async move { engine::handle(&app, delivery, &Display::quiet()).await })
+    };
+    // Paused from the UI (rhythm_api sets REVOKED) while the first step holds.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.store
+        .set_workflow_status(&workflow_id, TaskStatus::Revoked)
+        .await
+        .unwrap();
+    running.await.unwrap().unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "noop held its step for the seconds it was given"
+    );
+    let view = view_of(&app, &workflow_id).await;
+    assert_eq!(view.metas[&first.id].status, TaskStatus::Success);
+    assert_eq!(view.workflow.status_cache, TaskStatus::Revoked);
+    assert!(view.workflow.steps[1].runs.is_empty());
+    let next = engine::next_task_id(&first.id);
+    assert_eq!(
+        app.broker.holds(&next).await.unwrap(),
+        Some(false),
+        "the next step of a paused workflow was sent"
+    );
+    // Resuming continues with the step that was held back.
+    let Resumed::Restarted { step, .. } = engine::resume(&app, &workflow_id).await.unwrap() else {
+        panic!("a paused workflow was not resumed");
+    };
+    assert_eq!(step, "second");
+    let delivery = app.broker.next().await.unwrap();
+    assert_eq!(delivery.message().args, [json!(7)]);
+    engine::handle(&app, delivery, &Display::quiet())
+        .await
+        .unwrap();
+    assert_eq!(
+        view_of(&app, &workflow_id).await.derived.status,
+        TaskStatus::Success
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_noop_stops_at_once_when_its_step_is_stopped() {
+    let project = Project::new();
+    let app = project.app().await;
+    let workflow_id = noop_workflow(&app, 600.0).await;
+    let (interrupt_tx, interrupt) = tokio::sync::watch::channel(false);
+    let runner = engine::Runner {
+        node_name: "workers@test".into(),
+        interrupt: Some(interrupt),
+    };
+    let delivery = app.broker.next().await.unwrap();
+    let running = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            engine::handle_with(&app, delivery, &Display::quiet(), &runner).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stopped = std::time::Instant::now();
+    interrupt_tx.send(true).unwrap();
+    running.await.unwrap().unwrap();
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "the hold did not end with its step: {:?}",
+        stopped.elapsed()
+    );
+    // Nothing recorded as done; the message is back in the queue, to run again.
+    let view = view_of(&app, &workflow_id).await;
+    assert!(
+        view.metas.values().all(|m| m.status != TaskStatus::Success),
+        "{:?}",
+        view.metas
+    );
+    let message = app.broker.next().await.unwrap();
+    assert_eq!(message.message().args, [json!(7), json!(600.0)]);
+}

@@ -102,6 +102,8 @@ pub struct StepContext {
     pub app: Arc<App>,
     pub dataset_id: DatasetId,
     pub task_id: String,
+    /// The message's positional arguments; the first is `dataset_id`.
+    pub args: Vec<Value>,
     /// The message's keyword arguments (`workflow_id`, `step`, `app_id` and step options).
     pub kwargs: Map<String, Value>,
     pub progress: Progress,

@@ -237,6 +237,15 @@ async fn advance(
     if republish == Republish::UnlessStarted && !workflow.steps[next].runs.is_empty() {
         return Ok(());
     }
+    // Paused (rhythm_api's pause sets REVOKED) while the step ran: the workflow stops here,
+    // whichever worker finished the step; a resume continues it.
+    if let Some(current) = app.store.workflow(&workflow.id).await?
+        && current.status_cache == TaskStatus::Revoked
+    {
+        info!(workflow_id = %workflow.id, next = %workflow.steps[next].spec.name,
+            "The workflow is paused (REVOKED): its next step is not sent.");
+        return Ok(());
+    }
     let args = next_args(result, &finished.args);
     let mut message = step_message(
         app,
@@ -627,6 +636,7 @@ async fn run_claimed(
         app: Arc::clone(app),
         dataset_id,
         task_id: message.id.clone(),
+        args: message.args.clone(),
         kwargs: message.kwargs.clone(),
         progress: progress.clone(),
         cancel: CancellationToken::new(),
@@ -977,7 +987,11 @@ pub async fn resume_from(
         return Ok(Resumed::NotFailed(TaskStatus::Success));
     };
     let step_status = view.derived.steps[position];
-    if !matches!(step_status, TaskStatus::Failure | TaskStatus::Revoked) {
+    // A workflow paused between two steps (its next step was held back, `advance`) resumes
+    // with that step, which never ran.
+    let paused_between_steps =
+        view.workflow.status_cache == TaskStatus::Revoked && step_status == TaskStatus::Pending;
+    if !matches!(step_status, TaskStatus::Failure | TaskStatus::Revoked) && !paused_between_steps {
         return Ok(Resumed::NotFailed(view.derived.status));
     }
     let position = match from {
@@ -998,9 +1012,16 @@ pub async fn resume_from(
         .last_run()
         .map(|r| r.task_id.clone());
     let last_meta = last.as_ref().and_then(|id| view.metas.get(id));
+    // A step that never ran gets what its predecessor passed on, as `advance` would have sent.
+    let passed_on = || {
+        let previous = workflow.steps[..position].last()?.last_run()?;
+        let meta = view.metas.get(&previous.task_id)?;
+        Some(next_args(&meta.result, &meta.args))
+    };
     let args = last_meta
         .map(|m| m.args.clone())
         .filter(|a| !a.is_empty())
+        .or_else(passed_on)
         .unwrap_or_else(|| workflow.start_args.clone());
     let task_id = Uuid::new_v4().to_string();
     let kwargs = last_meta.map(|m| m.kwargs.clone()).unwrap_or_default();
