@@ -372,26 +372,10 @@ async fn a_program_that_hangs_is_killed_at_its_time_limit() {
     assert!(!alive, "the program's child {pid} still runs");
 }
 
-/// The test API's registry client.
-fn http_registry(api: &TestApi, token: &str) -> workers::registry::http::HttpRegistry {
-    workers::registry::http::HttpRegistry::new(workers::registry::http::HttpConfig {
-        base_url: api.base_url(),
-        token: token.to_owned(),
-        connect_timeout: Duration::from_secs(2),
-        read_timeout: Duration::from_secs(5),
-        max_retries: 0,
-        backoff: Duration::from_millis(10),
-        backoff_max: Duration::from_millis(100),
-        rows_visible_wait: Duration::from_secs(5),
-        file_batch: workers::registry::http::FILE_BATCH,
-    })
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_report_is_uploaded_to_the_api_as_multipart_once_its_report_id_is_recorded() {
     let api = TestApi::start();
-    let registry = http_registry(&api, api.token());
+    let registry = api.client();
     let created = registry
         .bulk_create(&[workers::registry::NewDataset {
             name: workers::model::DatasetName::normalize("reported").unwrap(),

@@ -8,34 +8,18 @@ mod common;
 
 use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::bioloop_api::TestApi;
 use common::*;
 use workers::app::App;
 use workers::jobs::{JobName, JobOptions};
-use workers::registry::http::{HttpConfig, HttpRegistry};
 use workers::store::{RunOutcome, Trigger};
-
-fn http_config(api: &TestApi, token: &str) -> HttpConfig {
-    HttpConfig {
-        base_url: api.base_url(),
-        token: token.to_owned(),
-        connect_timeout: Duration::from_secs(2),
-        read_timeout: Duration::from_secs(5),
-        max_retries: 0,
-        backoff: Duration::from_millis(10),
-        backoff_max: Duration::from_millis(100),
-        rows_visible_wait: Duration::from_secs(5),
-        file_batch: workers::registry::http::FILE_BATCH,
-    }
-}
 
 /// The project's app with the test API, reached with `token`, as its registry.
 async fn app_over_api(project: &Project, api: &TestApi, token: &str) -> Arc<App> {
     let app = Arc::try_unwrap(project.app().await).ok().unwrap();
     Arc::new(App {
-        registry: Arc::new(HttpRegistry::new(http_config(api, token)).unwrap()),
+        registry: Arc::new(api.client_with(token)),
         ..app
     })
 }

@@ -328,6 +328,12 @@ async fn workflow_story(store: &dyn WorkflowStore) {
         store.workflow("wf-1").await.unwrap().unwrap().status_cache,
         Success
     );
+    // The status alone, as the engine reads it before sending a next step.
+    assert_eq!(store.workflow_status("wf-1").await.unwrap(), Some(Success));
+    assert_eq!(
+        store.workflow_status("no-such-workflow").await.unwrap(),
+        None
+    );
     assert_eq!(
         derived(store, "wf-1").await,
         (Success, 3, vec![Success, Success, Success])

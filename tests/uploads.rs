@@ -17,7 +17,6 @@ use workers::app::App;
 use workers::cancel::CancellationToken;
 use workers::compute::manifest;
 use workers::model::{DatasetName, DatasetType};
-use workers::registry::http::{HttpConfig, HttpRegistry};
 use workers::registry::uploads::{NewUpload, UploadLog, UploadLogPatch, UploadQuery, UploadStatus};
 use workers::registry::{DatasetId, Registry, RegistryError};
 use workers::store::TaskStatus;
@@ -27,21 +26,6 @@ fn object(value: Value) -> Map<String, Value> {
         Value::Object(map) => map,
         other => panic!("not an object: {other}"),
     }
-}
-
-fn http_registry(api: &TestApi) -> HttpRegistry {
-    HttpRegistry::new(HttpConfig {
-        base_url: api.base_url(),
-        token: api.token().to_owned(),
-        connect_timeout: Duration::from_secs(2),
-        read_timeout: Duration::from_secs(5),
-        max_retries: 2,
-        backoff: Duration::from_millis(10),
-        backoff_max: Duration::from_millis(50),
-        rows_visible_wait: Duration::from_secs(5),
-        file_batch: workers::registry::http::FILE_BATCH,
-    })
-    .unwrap()
 }
 
 /// A project whose uploads go through verification without waiting: the embedded registry
@@ -69,11 +53,17 @@ fn upload_dir(app: &App, t: DatasetType) -> String {
 }
 
 async fn create_upload(app: &App, name: &str) -> UploadLog {
+    create_upload_of(app, name, DatasetType::RawData).await
+}
+
+/// An upload of `dataset_type`, put where the app's configuration says (the API ignores that
+/// and uses its own upload path).
+async fn create_upload_of(app: &App, name: &str, dataset_type: DatasetType) -> UploadLog {
     app.registry
         .create_upload(&NewUpload {
             name: DatasetName::normalize(name).unwrap(),
-            dataset_type: DatasetType::RawData,
-            upload_dir: upload_dir(app, DatasetType::RawData),
+            dataset_type,
+            upload_dir: upload_dir(app, dataset_type),
         })
         .await
         .unwrap()
@@ -309,7 +299,7 @@ async fn upload_logs_over_the_api_behave_as_the_api_does() {
         root: root.path().to_path_buf(),
         notifications: false,
     });
-    let registry = http_registry(&api);
+    let registry = api.client();
     upload_log_semantics(&registry, "/ignored/by/the/api", &|id| {
         api.age_upload(id, Duration::from_secs(60))
     })
@@ -532,7 +522,7 @@ async fn size_manifests_and_the_existence_check_are_used_without_a_hash() {
 async fn app_over_api(project: &Project, api: &TestApi) -> Arc<App> {
     let app = Arc::try_unwrap(project.app().await).ok().unwrap();
     Arc::new(App {
-        registry: Arc::new(http_registry(api)),
+        registry: Arc::new(api.client()),
         ..app
     })
 }
@@ -558,27 +548,11 @@ async fn the_job_expires_uploads_verifies_ingests_and_gives_up_over_the_api() {
     let app = app_over_api(&project, &api).await;
 
     // Phase 1: an abandoned session.
-    let abandoned = app
-        .registry
-        .create_upload(&NewUpload {
-            name: DatasetName::normalize("abandoned").unwrap(),
-            dataset_type: DatasetType::RawData,
-            upload_dir: String::new(),
-        })
-        .await
-        .unwrap();
+    let abandoned = create_upload_of(&app, "abandoned", DatasetType::RawData).await;
     api.age_upload(abandoned.dataset_id, Duration::from_secs(7 * 3600));
 
     // Phase 2: a completed upload, not yet stalled (the API's 30 s) ...
-    let log = app
-        .registry
-        .create_upload(&NewUpload {
-            name: DatasetName::normalize("web upload").unwrap(),
-            dataset_type: DatasetType::DataProduct,
-            upload_dir: String::new(),
-        })
-        .await
-        .unwrap();
+    let log = create_upload_of(&app, "web upload", DatasetType::DataProduct).await;
     let id = log.dataset_id;
     let origin = fill(&log, FILES);
     assert!(origin.starts_with(root.path().join("data_products")));
@@ -700,15 +674,7 @@ async fn a_revived_upload_of_a_deleted_dataset_is_never_verified() {
     });
     let project = upload_project();
     let app = app_over_api(&project, &api).await;
-    let log = app
-        .registry
-        .create_upload(&NewUpload {
-            name: DatasetName::normalize("revived").unwrap(),
-            dataset_type: DatasetType::RawData,
-            upload_dir: String::new(),
-        })
-        .await
-        .unwrap();
+    let log = create_upload_of(&app, "revived", DatasetType::RawData).await;
     let id = log.dataset_id;
     fill(&log, FILES);
     app.registry

@@ -376,20 +376,23 @@ impl Purge<'_> {
 
     /// Removes a file or tree (or, in a dry run, only reports it); whether it existed.
     async fn remove(&self, path: &Path, report: &mut PurgeUploadsReport) -> anyhow::Result<bool> {
-        let path_buf = path.to_path_buf();
-        let exists = compute::blocking(move || fs::symlink_metadata(&path_buf).is_ok()).await;
-        if !exists {
-            return Ok(false);
+        let (target, dry_run) = (path.to_path_buf(), self.dry_run);
+        let existed = compute::blocking(move || -> std::io::Result<bool> {
+            if fs::symlink_metadata(&target).is_err() {
+                return Ok(false);
+            }
+            if !dry_run {
+                remove_tree(&target, &CancellationToken::new())?;
+            }
+            Ok(true)
+        })
+        .await
+        .map_err(|err| anyhow::format_err!("cannot remove {}: {err}", path.display()))?;
+        if existed {
+            info!(path = %path.display(), dry_run = self.dry_run, "Removed an upload leftover.");
+            report.removed.push(path.to_path_buf());
         }
-        info!(path = %path.display(), dry_run = self.dry_run, "Removing an upload leftover.");
-        if !self.dry_run {
-            let target = path.to_path_buf();
-            compute::blocking(move || remove_tree(&target, &CancellationToken::new()))
-                .await
-                .map_err(|err| anyhow::format_err!("cannot remove {}: {err}", path.display()))?;
-        }
-        report.removed.push(path.to_path_buf());
-        Ok(true)
+        Ok(existed)
     }
 }
 

@@ -270,6 +270,10 @@ pub trait WorkflowStore: Send + Sync {
         error: &TaskError,
     ) -> anyhow::Result<()>;
 
+    /// The cached status (`_status`) of a workflow alone, without loading its steps; `None`
+    /// if there is no such workflow.
+    async fn workflow_status(&self, id: &str) -> anyhow::Result<Option<TaskStatus>>;
+
     /// Sets the cached workflow status.
     async fn set_workflow_status(
         &self,

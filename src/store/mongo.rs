@@ -541,6 +541,21 @@ impl WorkflowStore for MongoStore {
         Ok(self.complete(vec![doc]).await?.pop())
     }
 
+    async fn workflow_status(&self, id: &str) -> anyhow::Result<Option<TaskStatus>> {
+        let doc = self
+            .collection(WORKFLOWS)
+            .find_one(doc! {"_id": id})
+            .projection(doc! {"_status": 1})
+            .await
+            .with_context(|| format!("cannot read workflow {id} in {}", self.at(WORKFLOWS)))?;
+        Ok(doc.map(|doc| {
+            doc.get_str("_status")
+                .ok()
+                .and_then(TaskStatus::parse)
+                .unwrap_or(TaskStatus::Pending)
+        }))
+    }
+
     async fn workflows(
         &self,
         filter: WorkflowFilter,

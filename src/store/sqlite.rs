@@ -388,6 +388,20 @@ impl WorkflowStore for SqliteStore {
             .await
     }
 
+    async fn workflow_status(&self, id: &str) -> anyhow::Result<Option<TaskStatus>> {
+        let id = id.to_owned();
+        self.db
+            .call(move |conn| {
+                let status: Option<String> = conn
+                    .query_row("SELECT status FROM workflows WHERE id = ?1", [id], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                Ok(status.map(|s| TaskStatus::parse(&s).unwrap_or(TaskStatus::Pending)))
+            })
+            .await
+    }
+
     async fn set_workflow_status(
         &self,
         workflow_id: &str,

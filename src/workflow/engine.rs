@@ -239,9 +239,7 @@ async fn advance(
     }
     // Paused (rhythm_api's pause sets REVOKED) while the step ran: the workflow stops here,
     // whichever worker finished the step; a resume continues it.
-    if let Some(current) = app.store.workflow(&workflow.id).await?
-        && current.status_cache == TaskStatus::Revoked
-    {
+    if app.store.workflow_status(&workflow.id).await? == Some(TaskStatus::Revoked) {
         info!(workflow_id = %workflow.id, next = %workflow.steps[next].spec.name,
             "The workflow is paused (REVOKED): its next step is not sent.");
         return Ok(());

@@ -192,6 +192,28 @@ impl TestApi {
         &self.shared.token
     }
 
+    /// A registry client of this API with `token` and quick retries (two, 10 ms apart), for
+    /// tests of what the client sends rather than of its retry schedule.
+    pub fn client_with(&self, token: &str) -> workers::registry::http::HttpRegistry {
+        workers::registry::http::HttpRegistry::new(workers::registry::http::HttpConfig {
+            base_url: self.base_url(),
+            token: token.to_owned(),
+            connect_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_secs(5),
+            max_retries: 2,
+            backoff: Duration::from_millis(10),
+            backoff_max: Duration::from_millis(100),
+            rows_visible_wait: Duration::from_secs(5),
+            file_batch: workers::registry::http::FILE_BATCH,
+        })
+        .expect("registry client")
+    }
+
+    /// `client_with` the API's own token.
+    pub fn client(&self) -> workers::registry::http::HttpRegistry {
+        self.client_with(self.token())
+    }
+
     /// The server's own registry, for arranging and checking what the API holds.
     pub fn registry(&self) -> &SqliteRegistry {
         &self.shared.registry
