@@ -5,7 +5,8 @@
 # - SecantusDB (the MongoDB wire protocol) on 127.0.0.1:27017, in a Python virtualenv;
 # - a Python virtualenv with celery 5.2.7, sca-rhythm and pymongo: the original workers' own
 #   packages, used by the interop tests as real peers (they are test tools, not product code),
-#   blake3, the reference for the upload manifests, and MultiQC, which the QC tests run for real;
+#   blake3, the reference for the upload manifests, MultiQC, which the QC tests run for real, and
+#   Flower, the monitor whose HTTP API the event tests read;
 # - FastQC, from Debian's packages when missing.
 # Progress goes to stderr; only the export lines go to stdout.
 set -euo pipefail
@@ -51,7 +52,7 @@ venv() {
     fi
 }
 venv "$state/secantus-venv" "secantusdb==0.7.0b3"
-venv "$state/interop-venv" "celery==5.2.7" "sca-rhythm==0.6.15" "pymongo" "blake3" "multiqc"
+venv "$state/interop-venv" "celery==5.2.7" "sca-rhythm==0.6.15" "pymongo" "blake3" "multiqc" "flower==2.0.1"
 
 # FastQC (generate_qc)
 if ! command -v fastqc >/dev/null; then

@@ -14,6 +14,9 @@ use crate::broker::amqp::{AmqpBroker, AmqpConfig};
 use crate::broker::embedded::EmbeddedBroker;
 use crate::compute::Pool;
 use crate::config::{ArchiveKind, BrokerKind, RegistryKind, Settings, StoreKind};
+use crate::control::amqp::AmqpMailbox;
+use crate::control::mailbox::Mailbox;
+use crate::control::sqlite::SqliteMailbox;
 pub use crate::identity::Identity;
 use crate::registry::Registry;
 use crate::registry::http::{HttpConfig, HttpRegistry};
@@ -41,6 +44,9 @@ pub struct App {
     pub pool: Pool,
     pub definitions: Definitions,
     pub identity: Identity,
+    /// How control requests reach the workers: the pidbox of the RabbitMQ broker, or the
+    /// embedded database.
+    pub mailbox: Arc<dyn Mailbox>,
 }
 
 /// Whether the app may change anything.
@@ -167,6 +173,14 @@ impl App {
                 &identity,
             )?),
         };
+        let mailbox: Arc<dyn Mailbox> = match settings.backends.broker {
+            BrokerKind::Embedded => Arc::new(SqliteMailbox::new(embedded_db()?)),
+            BrokerKind::Amqp => Arc::new(AmqpMailbox::new(
+                settings.amqp.uri.expose(),
+                &settings.amqp.display,
+                &format!("workers {} {}", identity.hostname, identity.pid),
+            )?),
+        };
         let archive: Arc<dyn Archive> = match settings.backends.archive {
             ArchiveKind::Local => Arc::new(LocalArchive::new(pool.clone())),
             ArchiveKind::Hsi => Arc::new(HsiArchive::new(
@@ -181,6 +195,7 @@ impl App {
             )),
         };
         Ok(Arc::new(App {
+            mailbox,
             settings,
             registry,
             store,

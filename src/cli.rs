@@ -73,10 +73,121 @@ pub enum Command {
     /// Check that every configured directory exists, or create them
     #[command(subcommand)]
     Paths(PathsCommand),
+    /// Remote control of the workers, Python and Rust alike: ping, inspect, revoke, shutdown,
+    /// pause and resume workflows
+    #[command(subcommand)]
+    Control(ControlCommand),
     /// Run workflow steps from the queue until stopped
     Worker(WorkerArgs),
     /// Run every job on its schedule until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration)
     Scheduler,
+}
+
+/// Which workers a control command reaches, and how long it waits for their replies.
+#[derive(Debug, Clone, Args)]
+pub struct ControlTarget {
+    /// Only these workers (node names such as `bioloop-w1@host`); repeat for several [default: all]
+    #[arg(long = "destination", short = 'd', value_name = "NODE")]
+    pub destination: Vec<String>,
+    /// Seconds to wait for replies
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    pub timeout: f64,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: OutputFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum InspectWhat {
+    /// The steps running now
+    Active,
+    /// Received, waiting for a slot
+    Reserved,
+    /// Held for their eta (retries waiting out their delay)
+    Scheduled,
+    /// The tasks each worker implements
+    Registered,
+    /// Process, pool, broker and counters
+    Stats,
+    /// The queues each worker consumes
+    ActiveQueues,
+    /// The revoked task ids each worker remembers
+    Revoked,
+    /// Software and settings, for bug reports
+    Report,
+    /// Configuration
+    Conf,
+}
+
+impl InspectWhat {
+    /// The remote-control method.
+    pub fn method(self) -> &'static str {
+        match self {
+            InspectWhat::Active => "active",
+            InspectWhat::Reserved => "reserved",
+            InspectWhat::Scheduled => "scheduled",
+            InspectWhat::Registered => "registered",
+            InspectWhat::Stats => "stats",
+            InspectWhat::ActiveQueues => "active_queues",
+            InspectWhat::Revoked => "revoked",
+            InspectWhat::Report => "report",
+            InspectWhat::Conf => "conf",
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ControlCommand {
+    /// Ask the workers to answer
+    Ping(ControlTarget),
+    /// Ask the workers what they run, hold, implement and consume
+    Inspect {
+        #[arg(value_enum)]
+        what: InspectWhat,
+        #[command(flatten)]
+        target: ControlTarget,
+    },
+    /// Revoke tasks: a message of one of them is not run; with --terminate, a running one is stopped
+    Revoke {
+        #[arg(required = true, value_name = "TASK_ID")]
+        task_ids: Vec<String>,
+        /// Also stop the task where it runs now (its partial work is removed; it reads REVOKED)
+        #[arg(long)]
+        terminate: bool,
+        #[command(flatten)]
+        target: ControlTarget,
+    },
+    /// Shut a worker down: warm (running steps finish), or --immediate: stop consuming, terminate
+    /// its running steps, then shut down
+    Shutdown {
+        /// The worker's node name
+        #[arg(long, value_name = "NODE")]
+        hostname: String,
+        /// With --immediate, the queues to stop consuming first [default: every queue it consumes]
+        #[arg(long, num_args = 1.., value_name = "QUEUE")]
+        queues: Vec<String>,
+        #[arg(long)]
+        immediate: bool,
+        /// Seconds to wait for each reply
+        #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+        timeout: f64,
+    },
+    /// Make workers consume one more queue
+    AddConsumer {
+        queue: String,
+        #[command(flatten)]
+        target: ControlTarget,
+    },
+    /// Make workers stop consuming a queue (running steps finish)
+    CancelConsumer {
+        queue: String,
+        #[command(flatten)]
+        target: ControlTarget,
+    },
+    /// Pause a workflow as rhythm_api does: its running step is revoked and terminated, nothing
+    /// follows it until it is resumed
+    Pause { workflow_id: String },
+    /// Resume a paused or failed workflow: its pending step runs again
+    Resume { workflow_id: String },
 }
 
 #[derive(Debug, Subcommand)]

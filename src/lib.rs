@@ -12,6 +12,8 @@
 //!   backend. `sqlite` is the embedded database the default backends share.
 //! - `workflow`: definitions, derived status, the engine that runs one step to a recorded end,
 //!   and the worker loop.
+//! - `control`: remote control of workers (Celery's pidbox commands: ping, revoke, shutdown,
+//!   inspect), over RabbitMQ or the embedded database.
 //! - `steps`: one file per step, each a function over a `StepContext`.
 //! - `jobs`: `watch` and `register`.
 //! - `compute`: the rayon pool, MD5, tar writing, safe extraction and tree walks; the only
@@ -28,6 +30,7 @@ pub mod cli;
 pub mod commands;
 pub mod compute;
 pub mod config;
+pub mod control;
 pub mod identity;
 pub mod jobs;
 pub mod model;

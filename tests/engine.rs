@@ -470,41 +470,11 @@ async fn a_worker_takes_steps_only_from_its_queues() {
 }
 
 /// A workflow of two `noop` steps, its first step queued; the first step holds `hold_seconds`.
-async fn noop_workflow(app: &std::sync::Arc<workers::app::App>, hold_seconds: f64) -> String {
-    use workers::store::{StepSpec, WorkflowSpec};
-    let workflow_id = uuid::Uuid::new_v4().to_string();
-    let step = |name: &str| StepSpec {
-        name: name.into(),
-        task: "noop".into(),
-        queue: None,
-        kwargs: None,
-        priority: None,
-    };
-    let spec = WorkflowSpec {
-        name: "drill".into(),
-        description: None,
-        steps: vec![step("first"), step("second")],
-    };
-    app.store
-        .create_workflow(
-            &workflow_id,
-            &app.settings.app_id,
-            &spec,
-            &[json!(7), json!(hold_seconds)],
-        )
-        .await
-        .unwrap();
-    // A workflow with nothing queued gets its step published by the repair.
-    let repaired = engine::repair_stalled(app).await.unwrap();
-    assert_eq!(repaired, std::slice::from_ref(&workflow_id));
-    workflow_id
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_workflow_paused_while_its_step_runs_gets_no_next_step() {
     let project = Project::new();
     let app = project.app().await;
-    let workflow_id = noop_workflow(&app, 1.5).await;
+    let workflow_id = start_noop_workflow(&app, 1.5).await;
     let delivery = app.broker.next().await.unwrap();
     let first = delivery.message().clone();
     assert_eq!(first.args, [json!(7), json!(1.5)]);
@@ -554,11 +524,12 @@ async fn a_workflow_paused_while_its_step_runs_gets_no_next_step() {
 async fn a_held_noop_stops_at_once_when_its_step_is_stopped() {
     let project = Project::new();
     let app = project.app().await;
-    let workflow_id = noop_workflow(&app, 600.0).await;
+    let workflow_id = start_noop_workflow(&app, 600.0).await;
     let (interrupt_tx, interrupt) = tokio::sync::watch::channel(false);
     let runner = engine::Runner {
         node_name: "workers@test".into(),
         interrupt: Some(interrupt),
+        control: None,
     };
     let delivery = app.broker.next().await.unwrap();
     let running = {

@@ -195,6 +195,7 @@ async fn a_failed_batch_is_tried_again_on_the_next_run() {
         pool: built.pool.clone(),
         definitions: built.definitions.clone(),
         identity: built.identity.clone(),
+        mailbox: Arc::clone(&built.mailbox),
     };
     let report = watch::run(&app, WatchOptions::default(), &Default::default())
         .await

@@ -334,6 +334,15 @@ fn short(s: &str) -> ShortString {
     ShortString::from(&s[..end])
 }
 
+/// JSON headers as the AMQP table py-amqp writes for the same Python dict.
+pub fn headers_table(headers: &Map<String, Value>) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (key, value) in headers {
+        table.insert(short(key), to_amqp(value));
+    }
+    table
+}
+
 /// A JSON value in the AMQP field type py-amqp writes for the same Python value.
 fn to_amqp(value: &Value) -> AMQPValue {
     match value {

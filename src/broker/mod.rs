@@ -117,6 +117,13 @@ pub trait Broker: Send + Sync {
         Ok(None)
     }
 
+    /// The messages this consumer received and has not handed to a slot yet: due ones waiting
+    /// for a slot, and ones held for their `eta` (Celery's `reserved` and `scheduled`). Empty
+    /// for a broker that hands out messages only when a slot takes one.
+    async fn waiting(&self) -> Vec<TaskMessage> {
+        Vec::new()
+    }
+
     /// Sets what `next` takes from; called by a worker before its first `next`.
     async fn start_consuming(&self, consume: &Consume) -> anyhow::Result<()> {
         let _ = consume;

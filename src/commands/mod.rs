@@ -10,6 +10,7 @@ macro_rules! say {
 }
 
 mod config;
+mod control;
 mod datasets;
 mod jobs;
 mod paths;
@@ -113,6 +114,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Workflows(cmd) => workflows::run(&app, cmd, display).await,
         Command::Datasets(cmd) => datasets::run(&app, cmd).await,
         Command::Queue(cmd) => queue::run(&app, cmd).await,
+        Command::Control(cmd) => control::run(&app, cmd).await,
         Command::Worker(args) => worker::run(&app, args).await,
         Command::Scheduler => scheduler::run(&app, load).await,
     }

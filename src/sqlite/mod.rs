@@ -177,6 +177,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("migrations/0003_dead_letters.sql")),
         M::up(include_str!("migrations/0004_task_starts.sql")),
         M::up(include_str!("migrations/0005_uploads.sql")),
+        M::up(include_str!("migrations/0006_control.sql")),
     ])
 }
 

@@ -173,6 +173,15 @@ pub struct TaskError {
 }
 
 impl TaskError {
+    /// Celery's `TaskRevokedError(reason)`.
+    pub fn revoked(reason: &str) -> TaskError {
+        TaskError {
+            exc_type: "TaskRevokedError".into(),
+            exc_message: reason.into(),
+            exc_module: "celery.exceptions".into(),
+        }
+    }
+
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "exc_type": self.exc_type,
@@ -269,6 +278,22 @@ pub trait WorkflowStore: Send + Sync {
         task_id: &str,
         error: &TaskError,
     ) -> anyhow::Result<()>;
+
+    /// Stores REVOKED as Celery's `mark_as_revoked` does: the result is
+    /// `TaskRevokedError(reason)` (`terminated` for a step stopped while it ran, `revoked` for a
+    /// message that arrived after its revoke), with no traceback. The workflow's own status is
+    /// left alone: a pause has set it, and a revoked step is what a resume runs again.
+    async fn task_revoked(&self, task_id: &str, reason: &str) -> anyhow::Result<()>;
+
+    /// Remembers task ids as revoked at `at` (Celery's state db, shared by every worker of this
+    /// store): a message of one of them that arrives later is not run.
+    async fn remember_revoked(&self, task_ids: &[String], at: DateTime<Utc>) -> anyhow::Result<()>;
+
+    /// The task ids revoked at or after `since`, with when; older ones are forgotten.
+    async fn revoked_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> anyhow::Result<Vec<(String, DateTime<Utc>)>>;
 
     /// The cached status (`_status`) of a workflow alone, without loading its steps; `None`
     /// if there is no such workflow.

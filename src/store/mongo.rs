@@ -48,6 +48,8 @@ const JOB_SLOTS: &str = "workers_job_slots";
 const JOB_RUNS: &str = "workers_job_runs";
 /// `{_id: sequence name, seq}`: the numeric ids of job runs.
 const COUNTERS: &str = "workers_counters";
+/// `{_id: task id, revoked_at}`: task ids revoked by an operator (Celery's state db).
+const REVOKED: &str = "workers_revoked";
 
 /// Ids per `$in` query, so a long list never makes one oversized command.
 const IN_BATCH: usize = 1000;
@@ -758,6 +760,58 @@ impl WorkflowStore for MongoStore {
                 .await?;
         }
         Ok(())
+    }
+
+    async fn task_revoked(&self, task_id: &str, reason: &str) -> anyhow::Result<()> {
+        let error = TaskError::revoked(reason);
+        let state = State {
+            status: TaskStatus::Revoked,
+            result: python_json(&ErrorResult::from(&error)),
+            // `mark_as_revoked` stores no traceback.
+            traceback: None,
+            children: Bson::Array(Vec::new()),
+        };
+        self.store_state(task_id, state, None).await?;
+        Ok(())
+    }
+
+    async fn remember_revoked(&self, task_ids: &[String], at: DateTime<Utc>) -> anyhow::Result<()> {
+        let revoked = self.collection(REVOKED);
+        for task_id in task_ids {
+            revoked
+                .update_one(
+                    doc! {"_id": task_id},
+                    doc! {"$set": {"revoked_at": bson_date(at)}},
+                )
+                .upsert(true)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot remember task {task_id} as revoked in {}",
+                        self.at(REVOKED)
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
+    async fn revoked_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> anyhow::Result<Vec<(String, DateTime<Utc>)>> {
+        let mut cursor = self
+            .collection(REVOKED)
+            .find(doc! {"revoked_at": {"$gte": bson_date(since)}})
+            .sort(doc! {"revoked_at": 1})
+            .await
+            .with_context(|| format!("cannot read the revoked tasks in {}", self.at(REVOKED)))?;
+        let mut revoked = Vec::new();
+        while let Some(doc) = cursor.try_next().await? {
+            if let (Ok(id), Ok(at)) = (doc.get_str("_id"), doc.get_datetime("revoked_at")) {
+                revoked.push((id.to_owned(), chrono_date(*at)));
+            }
+        }
+        Ok(revoked)
     }
 
     async fn set_workflow_status(

@@ -388,6 +388,50 @@ impl WorkflowStore for SqliteStore {
             .await
     }
 
+    async fn task_revoked(&self, task_id: &str, reason: &str) -> anyhow::Result<()> {
+        let (task_id, error) = (task_id.to_owned(), TaskError::revoked(reason).to_json());
+        self.db
+            .write(move |tx| set_result(tx, &task_id, TaskStatus::Revoked, &error, None))
+            .await
+    }
+
+    async fn remember_revoked(&self, task_ids: &[String], at: DateTime<Utc>) -> anyhow::Result<()> {
+        let (task_ids, at) = (task_ids.to_vec(), to_millis(at));
+        self.db
+            .write(move |tx| {
+                let mut insert = tx.prepare(
+                    "INSERT INTO revoked_tasks (task_id, revoked_at) VALUES (?1, ?2)
+                     ON CONFLICT (task_id) DO UPDATE SET revoked_at = excluded.revoked_at",
+                )?;
+                for task_id in &task_ids {
+                    insert.execute(params![task_id, at])?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn revoked_since(
+        &self,
+        since: DateTime<Utc>,
+    ) -> anyhow::Result<Vec<(String, DateTime<Utc>)>> {
+        let since = to_millis(since);
+        self.db
+            .call(move |conn| {
+                let mut query = conn.prepare(
+                    "SELECT task_id, revoked_at FROM revoked_tasks WHERE revoked_at >= ?1
+                     ORDER BY revoked_at",
+                )?;
+                let rows = query
+                    .query_map([since], |r| {
+                        Ok((r.get::<_, String>(0)?, from_millis(r.get(1)?)))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await
+    }
+
     async fn workflow_status(&self, id: &str) -> anyhow::Result<Option<TaskStatus>> {
         let id = id.to_owned();
         self.db

@@ -29,6 +29,7 @@ use super::status::{DerivedStatus, derive};
 use crate::app::App;
 use crate::broker::{Delivery, TaskMessage};
 use crate::cancel::CancellationToken;
+use crate::control::WorkerControl;
 use crate::progress::{Progress, RateEstimator};
 use crate::registry::DatasetId;
 use crate::steps::{self, StepContext, StepError, Task};
@@ -274,6 +275,8 @@ enum Outcome {
     Interrupted,
     /// The step ran past its time limit and was stopped.
     TimedOut(Duration),
+    /// The step was revoked with `terminate` and stopped.
+    Revoked,
 }
 
 /// How long a cancelled step has to stop (its pool jobs check their token per chunk or member,
@@ -288,6 +291,9 @@ pub struct Runner {
     /// Turns true when running steps must stop (a shutdown whose grace ran out): the step is
     /// abandoned, nothing is recorded and its message goes back to the broker. `None`: never.
     pub interrupt: Option<watch::Receiver<bool>>,
+    /// The worker's remote control: revoked tasks are not run, and a revoke with `terminate`
+    /// stops a running step. `None`: a runner no one can reach (tests, one-off handling).
+    pub control: Option<Arc<WorkerControl>>,
 }
 
 impl Runner {
@@ -296,6 +302,7 @@ impl Runner {
         Runner {
             node_name: default_node_name(&app.identity.hostname),
             interrupt: None,
+            control: None,
         }
     }
 }
@@ -340,6 +347,17 @@ pub async fn handle_with(
         // dropped here, only given back for a worker that has it.
         return decline_unknown_task(delivery).await;
     };
+    if runner
+        .control
+        .as_ref()
+        .is_some_and(|control| control.is_revoked(&message.id))
+    {
+        // As a Celery worker does with a message that arrives after its revoke: marked
+        // REVOKED, acknowledged, never run. A workflow it belongs to waits for a resume.
+        info!(task_id = %message.id, task = %message.task, "Discarding a revoked task.");
+        app.store.task_revoked(&message.id, "revoked").await?;
+        return delivery.ack().await;
+    }
     // Messages that can never run are kept aside (or, where the broker has no place for
     // them, logged and removed) rather than requeued forever.
     let owner = match (message.workflow_id(), message.step_name()) {
@@ -626,6 +644,10 @@ async fn run_claimed(
         }
     }
     app.store.task_started(start).await?;
+    let running = runner
+        .control
+        .as_ref()
+        .map(|control| control.step_started(&message));
     let attempt = message.retries + 1;
     info!(task_id = %message.id, attempt, worker = %runner.node_name, "Step started.");
     let started = Instant::now();
@@ -650,6 +672,7 @@ async fn run_claimed(
         delivery: &*delivery,
         claim,
         interrupt: runner.interrupt.clone(),
+        terminated: running.as_ref().map(|r| r.terminated()),
     };
     let time_limit = time_limit(app, &message);
     let outcome = supervisor
@@ -663,6 +686,14 @@ async fn run_claimed(
         Outcome::Interrupted => {
             warn!(task_id = %message.id, "Interrupted the step (the worker is stopping); its message goes back to the queue.");
             return delivery.release().await;
+        }
+        Outcome::Revoked => {
+            // As Celery records a terminated task: REVOKED, `TaskRevokedError('terminated')`,
+            // nothing follows. A pause set the workflow's status; a resume runs the step again.
+            app.store.task_revoked(&message.id, "terminated").await?;
+            warn!(task_id = %message.id, "Terminated the step: it was revoked. Its partial work was removed; nothing follows it until the workflow is resumed.");
+            drop(running);
+            return delivery.ack().await;
         }
         Outcome::TimedOut(limit) => Err(StepError::permanent(
             "TimeLimitExceeded",
@@ -779,6 +810,8 @@ struct Supervisor<'a> {
     delivery: &'a dyn Delivery,
     claim: Option<&'a Claim>,
     interrupt: Option<watch::Receiver<bool>>,
+    /// Cancelled by a revoke with `terminate`.
+    terminated: Option<CancellationToken>,
 }
 
 impl Supervisor<'_> {
@@ -807,6 +840,14 @@ impl Supervisor<'_> {
             }
         };
         tokio::pin!(time_is_up);
+        let terminated = self.terminated.clone();
+        let revoked = async {
+            match terminated {
+                Some(token) => token.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(revoked);
         let keep_alive_every = Duration::from_secs(app.settings.worker.lease_seconds.max(3) / 3);
         let report_every = app.settings.progress_interval;
         let mut keep_alive = tokio::time::interval(keep_alive_every);
@@ -834,6 +875,10 @@ impl Supervisor<'_> {
                 _ = interrupted(&mut self.interrupt) => {
                     stop_step(&cancel, &mut step, &task_id).await;
                     break Outcome::Interrupted;
+                }
+                () = &mut revoked => {
+                    stop_step(&cancel, &mut step, &task_id).await;
+                    break Outcome::Revoked;
                 }
                 () = &mut time_is_up => {
                     stop_step(&cancel, &mut step, &task_id).await;
@@ -1032,6 +1077,55 @@ pub async fn resume_from(
     let step = workflow.steps[position].spec.name.clone();
     info!(workflow_id, step = %step, task_id = %task_id, "Resumed workflow.");
     Ok(Resumed::Restarted { step, task_id })
+}
+
+/// What `pause` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Paused {
+    /// The step's task was revoked (and terminated where it runs).
+    Paused {
+        step: String,
+        task: String,
+        task_id: String,
+    },
+    /// Nothing runs: the workflow is done, failed, or its pending step never started.
+    NotRunning(TaskStatus),
+}
+
+/// Pauses a workflow as sca-rhythm's `pause()` (rhythm_api's `POST /workflows/{id}/pause`)
+/// does: the pending step's last task is revoked with `terminate` and the workflow reads
+/// REVOKED until it is resumed. The status is set before the revoke, so that a step ending in
+/// between gets no next step (`advance` reads it).
+pub async fn pause(app: &App, workflow_id: &str) -> anyhow::Result<Paused> {
+    let workflow = app
+        .store
+        .workflow(workflow_id)
+        .await?
+        .ok_or_else(|| anyhow::format_err!("no workflow has the id `{workflow_id}`"))?;
+    let view = view(app, workflow).await?;
+    let Some(position) = view.derived.pending else {
+        return Ok(Paused::NotRunning(view.derived.status));
+    };
+    if matches!(
+        view.derived.steps[position],
+        TaskStatus::Success | TaskStatus::Failure
+    ) {
+        return Ok(Paused::NotRunning(view.derived.status));
+    }
+    let step = &view.workflow.steps[position];
+    let Some(run) = step.last_run() else {
+        return Ok(Paused::NotRunning(view.derived.status));
+    };
+    app.store
+        .set_workflow_status(workflow_id, TaskStatus::Revoked)
+        .await?;
+    crate::control::revoke(app, std::slice::from_ref(&run.task_id), true, None, None).await?;
+    info!(workflow_id, step = %step.spec.name, task_id = %run.task_id, "Paused workflow.");
+    Ok(Paused::Paused {
+        step: step.spec.name.clone(),
+        task: step.spec.task.clone(),
+        task_id: run.task_id.clone(),
+    })
 }
 
 /// Finds active workflows whose next step is neither queued nor running (a crash between

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use super::engine::{self, Runner};
 use crate::app::App;
 use crate::broker::Consume;
+use crate::control::WorkerControl;
 use crate::store::WorkflowFilter;
 use crate::ui::Display;
 
@@ -78,10 +79,43 @@ const REPAIR_EVERY: Duration = Duration::from_secs(30);
 pub async fn run(
     app: Arc<App>,
     opts: WorkerOptions,
-    mut stop: watch::Receiver<bool>,
+    outer_stop: watch::Receiver<bool>,
     display: Display,
 ) -> anyhow::Result<()> {
     let concurrency = opts.concurrency.max(1);
+    // A stop comes from the caller (signals) or from a remote `shutdown`.
+    let (stop_tx, mut stop) = watch::channel(*outer_stop.borrow());
+    let forward_stop = tokio::spawn({
+        let (mut outer_stop, stop_tx) = (outer_stop.clone(), stop_tx.clone());
+        async move {
+            if outer_stop.wait_for(|s| *s).await.is_ok() {
+                let _ = stop_tx.send(true);
+            }
+        }
+    });
+    let control = Arc::new(WorkerControl::new(
+        Arc::clone(&app),
+        &opts.node_name,
+        concurrency,
+        opts.queues
+            .clone()
+            .unwrap_or_else(|| app.settings.amqp.queues.clone()),
+        stop_tx,
+    ));
+    match control.load_revoked().await {
+        Ok(0) => {}
+        Ok(remembered) => info!(remembered, "Loaded the revoked task ids."),
+        Err(err) => {
+            warn!(error = %format!("{err:#}"), "Could not load the revoked task ids; revokes sent from now on are honoured.")
+        }
+    }
+    // The mailbox is served until the slots are done, so that a draining worker still
+    // answers inspections and revokes.
+    let (mailbox_stop_tx, mailbox_stop) = watch::channel(false);
+    let mailbox = tokio::spawn({
+        let (app, control) = (Arc::clone(&app), Arc::clone(&control));
+        async move { app.mailbox.serve(control, mailbox_stop).await }
+    });
     if opts.until == Until::Idle {
         // A loop that ends once idle would otherwise find nothing to do and succeed while
         // the queue is out of reach; a long-running worker waits for the broker instead.
@@ -99,6 +133,7 @@ pub async fn run(
     let runner = Runner {
         node_name: opts.node_name.clone(),
         interrupt: Some(interrupt),
+        control: Some(Arc::clone(&control)),
     };
     let drain = tokio::spawn(drain_on_stop(
         Arc::clone(&app),
@@ -169,6 +204,9 @@ pub async fn run(
         let _ = slot.await;
     }
     drain.abort();
+    forward_stop.abort();
+    let _ = mailbox_stop_tx.send(true);
+    let _ = mailbox.await;
     Ok(())
 }
 

@@ -375,3 +375,37 @@ pub async fn view_of(app: &App, workflow_id: &str) -> workers::workflow::engine:
         .await
         .unwrap()
 }
+
+/// Creates a two-step workflow of `noop` steps (`first`, `second`) for dataset 7 whose first
+/// step holds for `hold_seconds`, and queues that step; returns the workflow id.
+pub async fn start_noop_workflow(app: &Arc<App>, hold_seconds: f64) -> String {
+    use workers::store::{StepSpec, WorkflowSpec};
+    let workflow_id = uuid::Uuid::new_v4().to_string();
+    let step = |name: &str| StepSpec {
+        name: name.into(),
+        task: "noop".into(),
+        queue: None,
+        kwargs: None,
+        priority: None,
+    };
+    let spec = WorkflowSpec {
+        name: "drill".into(),
+        description: None,
+        steps: vec![step("first"), step("second")],
+    };
+    app.store
+        .create_workflow(
+            &workflow_id,
+            &app.settings.app_id,
+            &spec,
+            &[serde_json::json!(7), serde_json::json!(hold_seconds)],
+        )
+        .await
+        .unwrap();
+    // A workflow with nothing queued gets its step published by the repair.
+    let repaired = workers::workflow::engine::repair_stalled(app)
+        .await
+        .unwrap();
+    assert_eq!(repaired, std::slice::from_ref(&workflow_id));
+    workflow_id
+}

@@ -18,6 +18,11 @@ Commands (results are printed as one JSON document):
   send TASK ARGS_JSON [TASK_ID]            publish a plain task as `apply_async` does
                                            (default queue, priority 1); prints {"task_id"}
   result TASK_ID                           AsyncResult's view: {"state", "result"}
+  ping                                     app.control.ping(): [{node: {"ok": "pong"}}]
+  inspect METHOD [DESTINATIONS_JSON]       app.control.inspect().METHOD(): {node: reply}
+  revoke TASK_ID                           app.control.revoke(TASK_ID, terminate=True)
+  shutdown DESTINATIONS_JSON               app.control.shutdown(destination=...)
+  pause WORKFLOW_ID                        sca-rhythm's pause()
 """
 
 import contextlib
@@ -116,6 +121,20 @@ def main(argv):
         if isinstance(value, BaseException):
             value = {"exc_type": type(value).__name__, "exc_message": [str(a) for a in value.args]}
         dump({"state": state, "result": value})
+    elif command == "ping":
+        dump(app.control.ping(timeout=3))
+    elif command == "inspect":
+        destination = json.loads(argv[3]) if len(argv) > 3 else None
+        inspect = app.control.inspect(timeout=3, destination=destination)
+        dump(getattr(inspect, argv[2])() or {})
+    elif command == "revoke":
+        app.control.revoke(argv[2], terminate=True)
+        dump({})
+    elif command == "shutdown":
+        app.control.shutdown(destination=json.loads(argv[2]))
+        dump({})
+    elif command == "pause":
+        dump(Workflow(app, workflow_id=argv[2]).pause())
     elif command == "worker":
         queues, concurrency = argv[2], argv[3]
         original = len(argv) > 4 and argv[4] == "1"
