@@ -520,3 +520,239 @@ async fn a_task_only_python_workers_have_runs_there_and_is_never_failed_by_the_r
     );
     assert!(!log.contains("NotRegistered"), "{log}");
 }
+
+impl Production {
+    /// Polls `app.control.ping()` from Python until a node whose name starts with each of
+    /// `prefixes` answers; returns their names in that order.
+    fn wait_for_nodes(&self, prefixes: &[&str]) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let replies = self.python(&["ping"]);
+            let nodes: Vec<String> = replies
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_object)
+                .flat_map(|reply| reply.keys().cloned())
+                .collect();
+            let found: Vec<String> = prefixes
+                .iter()
+                .filter_map(|p| nodes.iter().find(|n| n.starts_with(p)).cloned())
+                .collect();
+            if found.len() == prefixes.len() {
+                return found;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not every node answered ping: {replies}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Starts a workflow of two `noop` steps (`hold`, `after`) from Python whose first step
+    /// holds for `hold_seconds`.
+    fn start_held_drill(&self, hold_seconds: u32) -> String {
+        let steps = json!([{"name": "hold", "task": "noop"}, {"name": "after", "task": "noop"}]);
+        let started = self.python(&[
+            "start",
+            "drill",
+            &steps.to_string(),
+            &json!([7, hold_seconds]).to_string(),
+        ]);
+        started["workflow_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Waits until `node` runs a task, as `app.control.inspect().active()` shows it.
+    fn wait_for_active(&self, node: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let active = self.python(&["inspect", "active"]);
+            if let Some(task) = active[node].as_array().and_then(|tasks| tasks.first()) {
+                return task.clone();
+            }
+            assert!(Instant::now() < deadline, "{node} runs nothing: {active}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+/// Waits for `child` to end on its own.
+fn wait_for_exit(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the process did not end within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_and_rust_workers_answer_the_fleets_remote_control_side_by_side() {
+    let Some(mut prod) = Production::new() else {
+        return;
+    };
+    // The Python worker consumes a queue of its own, so the held step runs on the Rust one.
+    let python_queue = format!("{}.py.q", prod.app_id);
+    let (python_worker, _python_reap) = prod.spawn_python_worker(&python_queue);
+    let (rust_worker, _rust_reap) =
+        prod.spawn_rust_worker(&["--hostname", "rust-ctl@%h", "--concurrency", "2"]);
+    let nodes = prod.wait_for_nodes(&["py-", "rust-ctl@"]);
+    let (python_node, rust_node) = (&nodes[0], &nodes[1]);
+
+    let registered = prod.python(&["inspect", "registered"]);
+    let rust_tasks = registered[rust_node].as_array().unwrap();
+    assert!(rust_tasks.contains(&json!("inspect_dataset")) && rust_tasks.contains(&json!("noop")));
+    assert!(
+        registered[python_node]
+            .as_array()
+            .unwrap()
+            .contains(&json!("site_task"))
+    );
+    let queues = prod.python(&["inspect", "active_queues"]);
+    assert_eq!(queues[rust_node][0]["name"], json!(prod.queue()));
+    assert_eq!(
+        queues[rust_node][0]["queue_arguments"],
+        json!({"x-max-priority": 10})
+    );
+
+    // Celery's own command line and the operator command see both workers.
+    let out = Command::new(&prod.python)
+        .args(["-m", "celery", "-A", "pyside", "inspect", "ping"])
+        .args(["--timeout", "3"])
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop"))
+        .env("PYSIDE_AMQP_URL", &prod.amqp)
+        .env("PYSIDE_MONGO_URI", prod.python_mongo_uri())
+        .env("PYSIDE_APP_ID", &prod.app_id)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "celery inspect ping: {}",
+        describe(&out)
+    );
+    assert!(
+        printed.contains(rust_node.as_str()) && printed.contains(python_node.as_str()),
+        "{printed}"
+    );
+    let out = prod
+        .project
+        .command(&["control", "ping", "--format", "json", "--timeout", "3"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "workers control ping: {}",
+        describe(&out)
+    );
+    let pongs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(pongs[rust_node], json!({"ok": "pong"}));
+    assert_eq!(pongs[python_node], json!({"ok": "pong"}));
+
+    // A step held on the Rust worker, seen running, revoked with terminate from Python.
+    let workflow_id = prod.start_held_drill(600);
+    let task = prod.wait_for_active(rust_node);
+    assert_eq!(task["name"], "noop");
+    assert_eq!(task["args"], json!([7, 600]));
+    let task_id = task["id"].as_str().unwrap().to_owned();
+    let revoked_at = Instant::now();
+    prod.python(&["revoke", &task_id]);
+    let result = loop {
+        let result = prod.python(&["result", &task_id]);
+        if result["state"] == "REVOKED" {
+            break result;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(20),
+            "not revoked: {result}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = revoked_at.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "revoke to REVOKED took {took:?}"
+    );
+    assert_eq!(result["result"]["exc_type"], "TaskRevokedError");
+    assert_eq!(result["result"]["exc_message"], json!(["terminated"]));
+    let app = prod.project.app().await;
+    let metas = app
+        .store
+        .task_metas(std::slice::from_ref(&task_id))
+        .await
+        .unwrap();
+    assert_eq!(
+        metas[&task_id].result,
+        json!({"exc_type": "TaskRevokedError", "exc_message": ["terminated"], "exc_module": "celery.exceptions"})
+    );
+    let view = prod.embellished(&workflow_id);
+    assert!(
+        view["steps"][1]["last_task_run"].is_null(),
+        "a terminated step was followed: {view:#}"
+    );
+    let revoked = prod.python(&["inspect", "revoked"]);
+    assert!(
+        revoked[rust_node]
+            .as_array()
+            .unwrap()
+            .contains(&json!(task_id))
+    );
+    assert!(
+        revoked[python_node]
+            .as_array()
+            .unwrap()
+            .contains(&json!(task_id))
+    );
+
+    // Shut down by name from Python: the Rust worker exits cleanly; the Python one stays.
+    prod.python(&["shutdown", &json!([rust_node]).to_string()]);
+    let out = wait_for_exit(rust_worker, Duration::from_secs(20));
+    assert!(
+        out.status.success(),
+        "the Rust worker did not shut down cleanly: {}",
+        describe(&out)
+    );
+    let left = prod.wait_for_nodes(&["py-"]);
+    assert_eq!(&left[0], python_node);
+    let _ = stop(python_worker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sca_rhythms_pause_and_resume_work_on_a_rust_worker() {
+    let Some(prod) = Production::new() else {
+        return;
+    };
+    let (rust_worker, _reap) = prod.spawn_rust_worker(&["--hostname", "rust-pause@%h"]);
+    let nodes = prod.wait_for_nodes(&["rust-pause@"]);
+    let workflow_id = prod.start_held_drill(8);
+    let task = prod.wait_for_active(&nodes[0]);
+    let paused = prod.python(&["pause", &workflow_id]);
+    assert_eq!(paused["paused"], true, "{paused}");
+    assert_eq!(paused["revoked_step"]["task_id"], task["id"]);
+    let view = prod.wait_for(&workflow_id, "REVOKED", Duration::from_secs(30));
+    assert_eq!(
+        view["steps"][0]["last_task_run"]["status"], "REVOKED",
+        "{view:#}"
+    );
+    assert!(
+        view["steps"][1]["last_task_run"].is_null(),
+        "a paused workflow went on: {view:#}"
+    );
+
+    let resumed = prod.python(&["resume", &workflow_id]);
+    assert_eq!(resumed["resumed"], true, "{resumed}");
+    let view = prod.wait_for(&workflow_id, "SUCCESS", Duration::from_secs(90));
+    // The paused step ran again, under a new task id, and the workflow went on.
+    assert_eq!(
+        view["steps"][0]["prev_task_runs"].as_array().map(Vec::len),
+        Some(1),
+        "{view:#}"
+    );
+    assert_eq!(view["steps"][0]["last_task_run"]["status"], "SUCCESS");
+    assert_eq!(view["steps"][1]["last_task_run"]["status"], "SUCCESS");
+    let _ = stop(rust_worker);
+}

@@ -8,7 +8,8 @@ x-max-priority 10 and default priority 1.
 Environment: PYSIDE_AMQP_URL, PYSIDE_MONGO_URI (with the database in its path), PYSIDE_APP_ID.
 
 Commands (results are printed as one JSON document):
-  start NAME STEPS_JSON ARG [KWARGS_JSON]  create and start a workflow; prints {"workflow_id"}
+  start NAME STEPS_JSON ARG [KWARGS_JSON]  create and start a workflow (ARG a JSON value, or a list
+                                           of arguments); prints {"workflow_id"}
   embellished WORKFLOW_ID                  sca-rhythm's embellished view of a workflow
   status WORKFLOW_IDS_JSON                 {id: derived status} for many workflows
   resume WORKFLOW_ID                       sca-rhythm's resume()
@@ -94,7 +95,11 @@ def main(argv):
         for step in steps:
             step.setdefault("queue", DEFAULT_QUEUE)
         wf = Workflow(app, steps=steps, name=name, app_id=APP_ID, description=None)
-        wf.start(arg, **kwargs)
+        # A list is several arguments: `start(dataset_id, 30)` holds a `noop` step for 30 s.
+        if isinstance(arg, list):
+            wf.start(*arg, **kwargs)
+        else:
+            wf.start(arg, **kwargs)
         dump({"workflow_id": wf.workflow["_id"]})
     elif command == "embellished":
         wf = Workflow(app, workflow_id=argv[2])
