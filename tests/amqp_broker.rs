@@ -619,6 +619,9 @@ async fn holds_a_message_until_its_eta_without_taking_the_slot() {
         "the first message waited for the held one"
     );
     assert_eq!(broker.unsettled(), 2, "one held, one handed out");
+    // What `inspect scheduled` lists: the held one only, not the one handed out.
+    let waiting: Vec<String> = broker.waiting().await.into_iter().map(|m| m.id).collect();
+    assert_eq!(waiting, [later.id.clone()]);
     first.ack().await.unwrap();
     let second = tokio::time::timeout(Duration::from_secs(10), broker.next())
         .await
@@ -626,6 +629,10 @@ async fn holds_a_message_until_its_eta_without_taking_the_slot() {
         .unwrap();
     assert_eq!(second.message().id, later.id);
     assert!(Utc::now() >= eta, "handed out before its eta");
+    assert!(
+        broker.waiting().await.is_empty(),
+        "a running message is not waiting"
+    );
     assert_eq!(
         second.message().eta.map(|e| e.timestamp_micros()),
         Some(eta.timestamp_micros())

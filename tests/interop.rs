@@ -602,6 +602,9 @@ async fn python_and_rust_workers_answer_the_fleets_remote_control_side_by_side()
         prod.spawn_rust_worker(&["--hostname", "rust-ctl@%h", "--concurrency", "2"]);
     let nodes = prod.wait_for_nodes(&["py-", "rust-ctl@"]);
     let (python_node, rust_node) = (&nodes[0], &nodes[1]);
+    // What no node can read is logged and ignored: both go on answering.
+    prod.python(&["malformed"]);
+    assert_eq!(prod.wait_for_nodes(&["py-", "rust-ctl@"]), nodes);
 
     let registered = prod.python(&["inspect", "registered"]);
     let rust_tasks = registered[rust_node].as_array().unwrap();
@@ -711,6 +714,11 @@ async fn python_and_rust_workers_answer_the_fleets_remote_control_side_by_side()
     // Shut down by name from Python: the Rust worker exits cleanly; the Python one stays.
     prod.python(&["shutdown", &json!([rust_node]).to_string()]);
     let out = wait_for_exit(rust_worker, Duration::from_secs(20));
+    let logged = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        logged.contains("Ignored a control message that is not a kombu pidbox request"),
+        "{logged}"
+    );
     assert!(
         out.status.success(),
         "the Rust worker did not shut down cleanly: {}",

@@ -105,6 +105,46 @@ struct Shared {
     /// consumption stops or restarts.
     consume_channel: Mutex<Option<Channel>>,
     unsettled: Arc<AtomicUsize>,
+    /// Messages received and not handed to a slot: held for their `eta` or waiting in the
+    /// inbox (`Broker::waiting`).
+    waiting: Arc<Mutex<WaitingList>>,
+}
+
+/// The messages received and not yet handed to a slot, by a sequence number of this process.
+#[derive(Default)]
+struct WaitingList {
+    next: u64,
+    messages: std::collections::BTreeMap<u64, TaskMessage>,
+}
+
+/// A message's place in the waiting list, left when it is dropped (handed to a slot, given
+/// back, or forgotten with its channel).
+struct Waiting {
+    list: Arc<Mutex<WaitingList>>,
+    seq: u64,
+}
+
+impl Waiting {
+    fn new(list: &Arc<Mutex<WaitingList>>, message: &TaskMessage) -> Waiting {
+        let mut waiting = list.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = waiting.next;
+        waiting.next += 1;
+        waiting.messages.insert(seq, message.clone());
+        Waiting {
+            list: Arc::clone(list),
+            seq,
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.list
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .messages
+            .remove(&self.seq);
+    }
 }
 
 /// One connection with its publishing channel.
@@ -129,6 +169,7 @@ struct Incoming {
     delivery_tag: u64,
     channel: Channel,
     unsettled: Unsettled,
+    _waiting: Waiting,
 }
 
 /// Counts a received message until it is acknowledged, released, rejected or forgotten.
@@ -187,6 +228,7 @@ impl AmqpBroker {
                 consumer: Mutex::new(None),
                 consume_channel: Mutex::new(None),
                 unsettled: Arc::new(AtomicUsize::new(0)),
+                waiting: Arc::new(Mutex::new(WaitingList::default())),
             }),
         })
     }
@@ -658,6 +700,7 @@ async fn consume_session(
             }
         };
         let incoming = Incoming {
+            _waiting: Waiting::new(&shared.waiting, &message),
             message,
             acker: delivery.acker,
             delivery_tag: delivery.delivery_tag,
@@ -782,6 +825,15 @@ impl Broker for AmqpBroker {
     async fn holds(&self, _task_id: &str) -> anyhow::Result<Option<bool>> {
         // RabbitMQ cannot be asked whether it holds a message.
         Ok(None)
+    }
+
+    async fn waiting(&self) -> Vec<TaskMessage> {
+        let waiting = self
+            .shared
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        waiting.messages.values().cloned().collect()
     }
 
     async fn start_consuming(&self, consume: &Consume) -> anyhow::Result<()> {

@@ -24,6 +24,8 @@ Commands (results are printed as one JSON document):
   revoke TASK_ID                           app.control.revoke(TASK_ID, terminate=True)
   shutdown DESTINATIONS_JSON               app.control.shutdown(destination=...)
   pause WORKFLOW_ID                        sca-rhythm's pause()
+  malformed                                publish to the mailbox what no node can read: text
+                                           that is not JSON, and JSON without a method
 """
 
 import contextlib
@@ -137,6 +139,17 @@ def main(argv):
         dump({})
     elif command == "shutdown":
         app.control.shutdown(destination=json.loads(argv[2]))
+        dump({})
+    elif command == "malformed":
+        from kombu import Exchange, Producer
+        exchange = Exchange("celery.pidbox", type="fanout", durable=False,
+                            delivery_mode="transient")
+        with app.connection_for_write() as conn:
+            producer = Producer(conn.default_channel)
+            producer.publish(b"not json {", exchange=exchange, routing_key="",
+                             content_type="application/json", content_encoding="utf-8")
+            producer.publish({"arguments": {"x": 1}}, exchange=exchange, routing_key="",
+                             serializer="json")
         dump({})
     elif command == "pause":
         dump(Workflow(app, workflow_id=argv[2]).pause())
