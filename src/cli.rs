@@ -457,4 +457,7 @@ pub struct WorkerArgs {
     /// Exit when no workflow is active
     #[arg(long)]
     pub until_idle: bool,
+    /// Send Celery's monitoring events, for Flower and `celery events` [default: worker.send_events]
+    #[arg(short = 'E', long = "events")]
+    pub events: bool,
 }

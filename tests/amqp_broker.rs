@@ -327,6 +327,7 @@ fn opts(concurrency: usize, queue: &str, grace: Duration) -> WorkerOptions {
         queues: Some(vec![queue.to_owned()]),
         shutdown_grace: grace,
         node_name: "workers@test".into(),
+        send_events: false,
     }
 }
 

@@ -764,3 +764,111 @@ async fn sca_rhythms_pause_and_resume_work_on_a_rust_worker() {
     assert_eq!(view["steps"][1]["last_task_run"]["status"], "SUCCESS");
     let _ = stop(rust_worker);
 }
+
+/// A free TCP port on the loopback interface.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Reads `path` from Flower's HTTP API until `accept` takes the answer.
+async fn flower_until(port: u16, path: &str, accept: impl Fn(&Value) -> bool) -> Value {
+    // The project's TLS stack (rustls with ring), as its own clients install it.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = Value::Null;
+    while Instant::now() < deadline {
+        if let Ok(response) = client
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            && let Ok(body) = response.json::<Value>().await
+        {
+            if accept(&body) {
+                return body;
+            }
+            last = body;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("Flower's {path} never showed what was expected; last: {last:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flower_sees_the_rust_worker_online_and_the_tasks_it_ran() {
+    let Some(prod) = Production::new() else {
+        return;
+    };
+    let port = free_port();
+    let flower = Command::new(&prod.python)
+        .args([
+            "-m",
+            "celery",
+            "-A",
+            "pyside",
+            "flower",
+            "--address=127.0.0.1",
+        ])
+        .arg(format!("--port={port}"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop"))
+        .env("PYSIDE_AMQP_URL", &prod.amqp)
+        .env("PYSIDE_MONGO_URI", prod.python_mongo_uri())
+        .env("PYSIDE_APP_ID", &prod.app_id)
+        .env("FLOWER_UNAUTHENTICATED_API", "true")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _flower = Reap(flower.id());
+    let (rust_worker, _reap) = prod.spawn_rust_worker(&["--hostname", "rust-ev@%h", "-E"]);
+    let node = prod.wait_for_nodes(&["rust-ev@"]).remove(0);
+
+    // Online, from its heartbeats.
+    let status = flower_until(port, "/api/workers?status=true", |b| b[&node] == true).await;
+    assert_eq!(status[&node], true);
+    // Described through inspect.
+    let workers = flower_until(port, "/api/workers?refresh=true", |b| {
+        b[&node]["registered"].is_array()
+    })
+    .await;
+    assert!(
+        workers[&node]["registered"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("noop"))
+    );
+    assert_eq!(workers[&node]["stats"]["pool"]["max-concurrency"], 2);
+
+    // A workflow run on it: its tasks, with their states, from the task events.
+    let steps = json!([{"name": "one", "task": "noop"}, {"name": "two", "task": "fail_once"}]);
+    let started = prod.python(&["start", "events", &steps.to_string(), "7"]);
+    let workflow_id = started["workflow_id"].as_str().unwrap().to_owned();
+    // `fail_once` is a Python task: only `noop` runs here.
+    let view = loop {
+        let view = prod.embellished(&workflow_id);
+        if view["steps"][0]["last_task_run"]["status"] == "SUCCESS" {
+            break view;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let task_id = view["steps"][0]["last_task_run"]["_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tasks = flower_until(port, "/api/tasks", |b| b[&task_id]["state"] == "SUCCESS").await;
+    let task = &tasks[&task_id];
+    assert_eq!(task["name"], "noop");
+    assert_eq!(task["worker"], json!(node));
+    assert_eq!(task["args"], "[7]");
+    assert!(task["runtime"].as_f64().unwrap() >= 0.0);
+    assert!(task["received"].as_f64().is_some() && task["started"].as_f64().is_some());
+
+    // Offline once it stops.
+    let _ = stop(rust_worker);
+    flower_until(port, "/api/workers?status=true", |b| b[&node] == false).await;
+}

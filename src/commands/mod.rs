@@ -203,6 +203,7 @@ pub(crate) async fn run_until_idle(app: &Arc<App>, display: Display) -> anyhow::
         queues: None,
         shutdown_grace: std::time::Duration::ZERO,
         node_name: engine::default_node_name(&app.identity.hostname),
+        send_events: false,
     };
     crate::workflow::worker::run(Arc::clone(app), opts, stop.clone(), display).await?;
     if *stop.borrow() {

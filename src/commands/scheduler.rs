@@ -73,6 +73,7 @@ pub(super) async fn run(app: &Arc<App>, load: LoadOptions) -> anyhow::Result<Exi
             queues: None,
             shutdown_grace: std::time::Duration::ZERO,
             node_name: crate::workflow::engine::default_node_name(&app.identity.hostname),
+            send_events: false,
         };
         tokio::spawn(worker::run(
             Arc::clone(app),

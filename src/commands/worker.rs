@@ -38,6 +38,7 @@ pub(super) async fn run(app: &Arc<App>, args: WorkerArgs) -> anyhow::Result<Exit
         queues: Some(queues),
         shutdown_grace,
         node_name,
+        send_events: args.events || app.settings.worker.send_events,
     };
     let stop = stop_on_signals(&format!(
         "Stopping: no new steps are taken; running steps get {} s to finish.",

@@ -284,6 +284,8 @@ pub struct RawWorker {
     pub time_limit_seconds: u64,
     /// Per task name: overrides of `time_limit_seconds`.
     pub time_limits: BTreeMap<String, u64>,
+    /// Send Celery's monitoring events (RabbitMQ only).
+    pub send_events: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

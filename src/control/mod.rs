@@ -9,6 +9,7 @@
 //! and how to stop the worker; its replies are the JSON documents a Celery worker sends.
 
 pub mod amqp;
+pub mod events;
 pub mod mailbox;
 pub mod revoked;
 pub mod sqlite;
@@ -139,21 +140,31 @@ pub struct WorkerControl {
     revoked: RevokedSet,
     consuming: tokio::sync::Mutex<Consuming>,
     shutdown: watch::Sender<bool>,
+    /// Where events go (RabbitMQ only); sent while `task_events` is on.
+    events: Option<events::EventSender>,
     task_events: AtomicBool,
+    /// Whether `worker-online` was sent (and `worker-offline` is due at the end).
+    online: AtomicBool,
     /// Kombu's Lamport clock, carried in the `clock` header of every request and reply.
     clock: AtomicU64,
 }
 
 impl WorkerControl {
     /// The control of a worker named `node` running `concurrency` slots on `queues`; a remote
-    /// `shutdown` turns `shutdown` true.
+    /// `shutdown` turns `shutdown` true. With `events`, events are sent while they are on
+    /// (`send_events`, or `enable_events` from the fleet).
     pub fn new(
         app: Arc<App>,
         node: &str,
         concurrency: usize,
         queues: Vec<String>,
         shutdown: watch::Sender<bool>,
+        events: Option<(events::EventSender, bool)>,
     ) -> WorkerControl {
+        let (events, send_events) = match events {
+            Some((sender, on)) => (Some(sender), on),
+            None => (None, false),
+        };
         WorkerControl {
             app,
             node: node.to_owned(),
@@ -167,7 +178,9 @@ impl WorkerControl {
                 prefetch: u16::try_from(concurrency).unwrap_or(u16::MAX),
             }),
             shutdown,
-            task_events: AtomicBool::new(true),
+            events,
+            task_events: AtomicBool::new(send_events),
+            online: AtomicBool::new(false),
             clock: AtomicU64::new(0),
         }
     }
@@ -205,6 +218,79 @@ impl WorkerControl {
     /// The next value of the Lamport clock, for a message sent.
     pub fn forward_clock(&self) -> u64 {
         self.clock.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Sends `worker-online` (once) and a `worker-heartbeat` when events are on; the worker
+    /// calls it every [`events::HEARTBEAT`].
+    pub fn heartbeat(&self) {
+        let Some(events) = self.sending() else {
+            return;
+        };
+        let kind = if self.online.swap(true, Ordering::SeqCst) {
+            "worker-heartbeat"
+        } else {
+            "worker-online"
+        };
+        events.worker(kind, self.forward_clock(), self.worker_fields());
+    }
+
+    /// Sends `worker-offline` if `worker-online` was sent.
+    pub fn offline(&self) {
+        if let Some(events) = &self.events
+            && self.online.swap(false, Ordering::SeqCst)
+        {
+            events.worker("worker-offline", self.forward_clock(), self.worker_fields());
+        }
+    }
+
+    fn sending(&self) -> Option<&events::EventSender> {
+        self.events.as_ref().filter(|_| self.task_events())
+    }
+
+    fn worker_fields(&self) -> Map<String, Value> {
+        let processed: u64 = self
+            .processed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum();
+        let mut fields = Map::new();
+        fields.insert("freq".into(), json!(events::HEARTBEAT.as_secs_f64()));
+        fields.insert("active".into(), json!(self.running()));
+        fields.insert("processed".into(), json!(processed));
+        fields.insert("loadavg".into(), events::loadavg());
+        fields.insert("sw_ident".into(), json!(SW_IDENT));
+        fields.insert("sw_ver".into(), json!(env!("CARGO_PKG_VERSION")));
+        fields.insert("sw_sys".into(), json!(sw_sys()));
+        fields
+    }
+
+    /// Sends the task event `kind` about `task_id` when events are on.
+    pub fn task_event(&self, kind: &'static str, task_id: &str, fields: Map<String, Value>) {
+        if let Some(events) = self.sending() {
+            events.task(kind, self.forward_clock(), task_id, fields);
+        }
+    }
+
+    /// `task-received`, with the message's fields as Celery sends them (reprs of the
+    /// arguments).
+    pub fn task_received(&self, message: &TaskMessage) {
+        if self.sending().is_none() {
+            return;
+        }
+        let fields = json!({
+            "name": message.task,
+            "args": crate::broker::celery::py_repr(&Value::Array(message.args.clone())),
+            "kwargs": crate::broker::celery::py_repr(&Value::Object(message.kwargs.clone())),
+            "root_id": message.root_id,
+            "parent_id": message.parent_id,
+            "retries": message.retries,
+            "eta": message.eta.map(|eta| eta.to_rfc3339()),
+            "expires": null,
+        });
+        if let Value::Object(fields) = fields {
+            self.task_event("task-received", &message.id, fields);
+        }
     }
 
     /// Records that `message` started running here. The returned guard ends the record when
@@ -301,6 +387,9 @@ impl WorkerControl {
             "conf" | "dump_conf" => Answer::Reply(self.conf()),
             "clock" => Answer::Reply(json!({"clock": self.clock.load(Ordering::SeqCst)})),
             "hello" => self.hello(args).await,
+            "enable_events" if self.events.is_none() => {
+                nok("this worker sends events only with the RabbitMQ broker")
+            }
             "enable_events" => {
                 if self.task_events.swap(true, Ordering::SeqCst) {
                     ok("task events already enabled")
@@ -317,7 +406,11 @@ impl WorkerControl {
                     ok("task events already disabled")
                 }
             }
-            "heartbeat" | "election" => Answer::Reply(Value::Null),
+            "heartbeat" => {
+                self.heartbeat();
+                Answer::Reply(Value::Null)
+            }
+            "election" => Answer::Reply(Value::Null),
             "rate_limit" | "time_limit" | "pool_grow" | "pool_shrink" | "autoscale"
             | "pool_restart" | "memsample" | "memdump" | "objgraph" => nok(format!(
                 "{} is not supported by this worker (its slots and time limits come from its configuration)",
@@ -651,6 +744,15 @@ pub async fn revoke(
     let mut request = Request::new("revoke", arguments);
     request.destination = destination;
     app.mailbox.broadcast(request, collect).await
+}
+
+/// The operating system as Python's `platform.system()` names it.
+fn sw_sys() -> &'static str {
+    match std::env::consts::OS {
+        "linux" => "Linux",
+        "macos" => "Darwin",
+        other => other,
+    }
 }
 
 /// Software identity in `stats` and events (Celery's `sw_ident` is `py-celery`).

@@ -356,7 +356,13 @@ pub async fn handle_with(
         // REVOKED, acknowledged, never run. A workflow it belongs to waits for a resume.
         info!(task_id = %message.id, task = %message.task, "Discarding a revoked task.");
         app.store.task_revoked(&message.id, "revoked").await?;
+        if let Some(control) = &runner.control {
+            control.task_event("task-revoked", &message.id, revoked_fields(false));
+        }
         return delivery.ack().await;
+    }
+    if let Some(control) = &runner.control {
+        control.task_received(&message);
     }
     // Messages that can never run are kept aside (or, where the broker has no place for
     // them, logged and removed) rather than requeued forever.
@@ -644,6 +650,9 @@ async fn run_claimed(
         }
     }
     app.store.task_started(start).await?;
+    if let Some(control) = &runner.control {
+        control.task_event("task-started", &message.id, serde_json::Map::new());
+    }
     let running = runner
         .control
         .as_ref()
@@ -691,6 +700,9 @@ async fn run_claimed(
             // As Celery records a terminated task: REVOKED, `TaskRevokedError('terminated')`,
             // nothing follows. A pause set the workflow's status; a resume runs the step again.
             app.store.task_revoked(&message.id, "terminated").await?;
+            if let Some(control) = &runner.control {
+                control.task_event("task-revoked", &message.id, revoked_fields(true));
+            }
             warn!(task_id = %message.id, "Terminated the step: it was revoked. Its partial work was removed; nothing follows it until the workflow is resumed.");
             drop(running);
             return delivery.ack().await;
@@ -715,6 +727,15 @@ async fn run_claimed(
         Ok(result) => {
             app.store.task_succeeded(&message.id, &result).await?;
             info!(task_id = %message.id, seconds = elapsed, "Step succeeded.");
+            if let Some(control) = &runner.control {
+                let mut fields = serde_json::Map::new();
+                fields.insert(
+                    "result".into(),
+                    Value::String(crate::broker::celery::py_repr(&result)),
+                );
+                fields.insert("runtime".into(), serde_json::json!(elapsed));
+                control.task_event("task-succeeded", &message.id, fields);
+            }
             owner
                 .advance(app, &message, &result, Republish::Always)
                 .await?;
@@ -730,6 +751,9 @@ async fn run_claimed(
                 app.store
                     .task_retry(&message.id, &error, message.retries)
                     .await?;
+                if let Some(control) = &runner.control {
+                    control.task_event("task-retried", &message.id, error_fields(&error));
+                }
                 let eta = Utc::now() + chrono::Duration::seconds(policy.delay_seconds as i64);
                 delivery.retry_later(eta, retries).await
             } else {
@@ -745,6 +769,9 @@ async fn run_claimed(
                 app.store
                     .task_failed(workflow.map(|w| w.id.as_str()), &message.id, &error)
                     .await?;
+                if let Some(control) = &runner.control {
+                    control.task_event("task-failed", &message.id, error_fields(&error));
+                }
                 if let Some(workflow) = workflow {
                     crate::jobs::manage_uploads::workflow_failed(
                         app,
@@ -758,6 +785,42 @@ async fn run_claimed(
             }
         }
     }
+}
+
+/// The fields of `task-failed` and `task-retried`: the exception's repr and a traceback (the
+/// exception line a Python traceback ends with; there are no Python frames).
+fn error_fields(error: &TaskError) -> serde_json::Map<String, Value> {
+    let message = crate::broker::celery::py_repr(&Value::String(error.exc_message.clone()));
+    let mut fields = serde_json::Map::new();
+    fields.insert(
+        "exception".into(),
+        Value::String(format!("{}({message})", error.exc_type)),
+    );
+    fields.insert(
+        "traceback".into(),
+        Value::String(format!(
+            "{}.{}: {}",
+            error.exc_module, error.exc_type, error.exc_message
+        )),
+    );
+    fields
+}
+
+/// The fields of `task-revoked`: terminated while running (with SIGTERM's number, as Celery
+/// reports the signal it sent), or discarded when its message arrived.
+fn revoked_fields(terminated: bool) -> serde_json::Map<String, Value> {
+    let mut fields = serde_json::Map::new();
+    fields.insert("terminated".into(), Value::Bool(terminated));
+    fields.insert(
+        "signum".into(),
+        if terminated {
+            serde_json::json!(15)
+        } else {
+            Value::Null
+        },
+    );
+    fields.insert("expired".into(), Value::Bool(false));
+    fields
 }
 
 /// How often and after how long a failed task is tried again.

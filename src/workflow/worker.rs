@@ -13,6 +13,7 @@ use super::engine::{self, Runner};
 use crate::app::App;
 use crate::broker::Consume;
 use crate::control::WorkerControl;
+use crate::control::events::EventSender;
 use crate::store::WorkflowFilter;
 use crate::ui::Display;
 
@@ -37,6 +38,9 @@ pub struct WorkerOptions {
     pub shutdown_grace: Duration,
     /// The node name recorded as the `worker` of each task result (Celery's `--hostname`).
     pub node_name: String,
+    /// Send Celery's monitoring events from the start (RabbitMQ only; `enable_events` from
+    /// the fleet turns them on later).
+    pub send_events: bool,
 }
 
 /// Expands a Celery-style node name: `%h` is the host name, `%n` its first label, `%d` the
@@ -93,6 +97,25 @@ pub async fn run(
             }
         }
     });
+    // Events travel through RabbitMQ; the embedded profile has no one to receive them.
+    let (events, event_publisher) = match app.settings.backends.broker {
+        crate::config::BrokerKind::Amqp => {
+            let (sender, publisher) = EventSender::start(
+                app.settings.amqp.uri.expose(),
+                &app.settings.amqp.display,
+                &format!("workers {} {}", app.identity.hostname, app.identity.pid),
+                &opts.node_name,
+                app.identity.pid,
+            )?;
+            (Some((sender, opts.send_events)), Some(publisher))
+        }
+        crate::config::BrokerKind::Embedded => {
+            if opts.send_events {
+                warn!("Events are sent only with the RabbitMQ broker; this worker sends none.");
+            }
+            (None, None)
+        }
+    };
     let control = Arc::new(WorkerControl::new(
         Arc::clone(&app),
         &opts.node_name,
@@ -101,7 +124,18 @@ pub async fn run(
             .clone()
             .unwrap_or_else(|| app.settings.amqp.queues.clone()),
         stop_tx,
+        events,
     ));
+    let heartbeat = tokio::spawn({
+        let control = Arc::clone(&control);
+        async move {
+            let mut beat = tokio::time::interval(crate::control::events::HEARTBEAT);
+            loop {
+                beat.tick().await;
+                control.heartbeat();
+            }
+        }
+    });
     match control.load_revoked().await {
         Ok(0) => {}
         Ok(remembered) => info!(remembered, "Loaded the revoked task ids."),
@@ -207,6 +241,14 @@ pub async fn run(
     forward_stop.abort();
     let _ = mailbox_stop_tx.send(true);
     let _ = mailbox.await;
+    heartbeat.abort();
+    control.offline();
+    // The last events (worker-offline) go out before the process ends, if RabbitMQ takes
+    // them within moments.
+    drop(control);
+    if let Some(publisher) = event_publisher {
+        let _ = tokio::time::timeout(Duration::from_secs(3), publisher).await;
+    }
     Ok(())
 }
 

@@ -349,6 +349,7 @@ pub async fn run_until_idle(app: &Arc<App>, concurrency: usize, limit: Duration)
         queues: None,
         shutdown_grace: Duration::ZERO,
         node_name: "workers@test".into(),
+        send_events: false,
     };
     tokio::time::timeout(
         limit,
