@@ -648,6 +648,8 @@ async fn run_claimed(
         .control
         .as_ref()
         .map(|control| control.step_started(&message));
+    let step_run =
+        crate::metrics::StepRun::start(&message.task, delivery.published_at(), message.eta);
     let attempt = message.retries + 1;
     info!(task_id = %message.id, attempt, worker = %runner.node_name, "Step started.");
     let started = Instant::now();
@@ -714,6 +716,7 @@ async fn run_claimed(
     match outcome {
         Ok(result) => {
             app.store.task_succeeded(&message.id, &result).await?;
+            step_run.finish(crate::metrics::StepOutcome::Succeeded);
             info!(task_id = %message.id, seconds = elapsed, "Step succeeded.");
             owner
                 .advance(app, &message, &result, Republish::Always)
@@ -730,6 +733,7 @@ async fn run_claimed(
                 app.store
                     .task_retry(&message.id, &error, message.retries)
                     .await?;
+                step_run.finish(crate::metrics::StepOutcome::Retried);
                 let eta = Utc::now() + chrono::Duration::seconds(policy.delay_seconds as i64);
                 delivery.retry_later(eta, retries).await
             } else {
@@ -745,6 +749,7 @@ async fn run_claimed(
                 app.store
                     .task_failed(workflow.map(|w| w.id.as_str()), &message.id, &error)
                     .await?;
+                step_run.finish(crate::metrics::StepOutcome::Failed);
                 if let Some(workflow) = workflow {
                     crate::jobs::manage_uploads::workflow_failed(
                         app,
