@@ -369,6 +369,7 @@ pub async fn execute(
     store
         .finish_run(run_id, &outcome, &counters, Utc::now())
         .await?;
+    crate::metrics::job_finished(job.name(), &outcome);
     match &outcome {
         RunOutcome::Failed(reason) => error!(job = %job, run_id, error = %reason, "Job failed."),
         _ => {
