@@ -1,7 +1,7 @@
 //! The Prometheus endpoint of `workers worker` and `workers scheduler`, scraped over HTTP:
 //! step counters, durations, queue waits and bytes after one workflow that succeeds and one
-//! that fails; job runs, last successes and the lease of a scheduler; and the startup errors
-//! of a taken port and a bad address.
+//! that fails; job runs, last successes and the lease of a scheduler; the startup errors of a
+//! taken port and a bad address; and the publication time RabbitMQ messages carry.
 
 #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
 
@@ -442,4 +442,101 @@ fn a_bad_address_is_a_configuration_error() {
         stderr.contains("prometheus.listen") && stderr.contains("`localhost:9808`"),
         "{stderr}"
     );
+}
+
+/// With RabbitMQ, a message this program publishes carries when it was published (the AMQP
+/// `timestamp`, to the second), so its wait in the queue is measured; one published as Celery
+/// publishes, without a timestamp, has none and is not measured.
+#[tokio::test(flavor = "multi_thread")]
+async fn rabbitmq_messages_carry_their_publication_time_when_published_here() {
+    use lapin::options::{BasicPublishOptions, QueueDeleteOptions};
+    use lapin::{Connection, ConnectionProperties};
+    use workers::broker::amqp::{AmqpBroker, AmqpConfig};
+    use workers::broker::{Broker, Delivery};
+
+    let Some(url) = services::service_var("WORKERS_TEST_AMQP_URL") else {
+        return;
+    };
+    let queue = format!("workers-test-published-{}", uuid::Uuid::new_v4().simple());
+    let config = AmqpConfig {
+        uri: url.clone(),
+        queues: vec![queue.clone()],
+        prefetch: 1,
+        heartbeat: 10,
+        reconnect_max: Duration::from_secs(2),
+        max_held: 100,
+        dead_letter_exchange: None,
+    };
+    let broker = AmqpBroker::new(config, &workers::identity::Identity::current()).unwrap();
+    let message = |id: &str| workers::broker::TaskMessage {
+        id: id.to_owned(),
+        task: "noop".into(),
+        args: vec![serde_json::json!(1)],
+        kwargs: serde_json::Map::new(),
+        priority: 0,
+        eta: None,
+        retries: 0,
+        root_id: id.to_owned(),
+        parent_id: None,
+        queue: queue.clone(),
+        time_limits: Default::default(),
+    };
+    let next = || async {
+        tokio::time::timeout(Duration::from_secs(30), broker.next())
+            .await
+            .expect("the message is delivered")
+            .unwrap()
+    };
+
+    let before = chrono::Utc::now().timestamp();
+    broker.publish(&message("ours")).await.unwrap();
+    let delivery: Box<dyn Delivery> = next().await;
+    assert_eq!(delivery.message().id, "ours");
+    let published = delivery
+        .published_at()
+        .expect("our publisher sets the timestamp")
+        .timestamp();
+    let after = chrono::Utc::now().timestamp();
+    assert!(
+        (before..=after).contains(&published),
+        "{before} <= {published} <= {after}"
+    );
+    delivery.ack().await.unwrap();
+
+    let conn = Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let (properties, body) = workers::broker::celery::encode(
+        &message("celerys"),
+        &workers::broker::celery::Sender::new("celery-host", 1),
+    );
+    // Our publisher declared the queue and its exchange (Celery's topology: both named after
+    // the queue).
+    channel
+        .basic_publish(
+            queue.as_str().into(),
+            queue.as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            properties,
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let delivery = next().await;
+    assert_eq!(delivery.message().id, "celerys");
+    assert_eq!(delivery.published_at(), None);
+    delivery.ack().await.unwrap();
+
+    broker.stop_consuming().await.unwrap();
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let _ = channel
+        .exchange_delete(queue.as_str().into(), Default::default())
+        .await;
+    let _ = conn.close(200, "OK".into()).await;
 }

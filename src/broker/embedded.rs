@@ -674,6 +674,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_delivery_knows_when_its_message_was_published_or_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = broker(&dir);
+        let before = Utc::now();
+        broker.publish(&message("timed", 1)).await.unwrap();
+        let delivery = next(&broker).await;
+        let published = delivery.published_at().expect("the queue records it");
+        assert!(before - chrono::Duration::milliseconds(1) <= published && published <= Utc::now());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // A retry is published again: its wait starts over.
+        delivery.retry_later(Utc::now(), 1).await.unwrap();
+        let again = next(&broker).await;
+        assert_eq!(again.message().retries, 1);
+        assert!(again.published_at().unwrap() > published);
+    }
+
+    #[tokio::test]
     async fn a_delivery_that_cannot_run_is_kept_as_a_dead_letter() {
         let dir = tempfile::tempdir().unwrap();
         let broker = broker(&dir);
