@@ -175,9 +175,9 @@ pub fn task_revoked(task: &str) {
         .inc();
 }
 
-/// A run of `job` ended (or was skipped) with `outcome`; a success also sets the job's last
-/// success time to now.
-pub fn job_finished(job: &str, outcome: &RunOutcome) {
+/// A run of `job` ended (or was skipped) with `outcome` at `at`, the end its record holds; a
+/// success also makes `at` the job's last success.
+pub fn job_finished(job: &str, outcome: &RunOutcome, at: DateTime<Utc>) {
     if *outcome == RunOutcome::Running {
         return;
     }
@@ -189,7 +189,7 @@ pub fn job_finished(job: &str, outcome: &RunOutcome) {
         })
         .inc();
     if *outcome == RunOutcome::Success {
-        job_succeeded_at(job, Utc::now());
+        job_succeeded_at(job, at);
     }
 }
 
@@ -518,7 +518,7 @@ mod tests {
         // A labelled metric shows once it has a series.
         StepRun::start("metrics_test_step", Some(Utc::now()), None).finish(StepOutcome::Failed);
         task_revoked("metrics_test_step");
-        job_finished("metrics", &RunOutcome::Success);
+        job_finished("metrics", &RunOutcome::Success, Utc::now());
         job_schedules(&[(JobName::Metrics, every_ten_seconds())], Utc::now());
         let text = render();
         for (name, kind) in [

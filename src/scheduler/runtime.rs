@@ -310,7 +310,11 @@ async fn take_over(
                             now,
                         )
                         .await;
-                    metrics::job_finished(state.job.name(), &RunOutcome::Skipped(reason.into()));
+                    metrics::job_finished(
+                        state.job.name(),
+                        &RunOutcome::Skipped(reason.into()),
+                        now,
+                    );
                     let _ = store.set_last_slot(state.job.name(), slot).await;
                 }
             }
@@ -364,7 +368,7 @@ async fn due(
                 "the previous run was still running (overlap = skip)"
             };
             info!(job = %state.job, slot = %slot, "Skipped: {reason}.");
-            metrics::job_finished(state.job.name(), &RunOutcome::Skipped(reason.into()));
+            metrics::job_finished(state.job.name(), &RunOutcome::Skipped(reason.into()), now);
             if let Err(err) = store
                 .record_skip(
                     state.job.name(),
@@ -473,7 +477,11 @@ async fn shut_down(
         if let Some(running) = state.running.take() {
             warn!(job = %state.job, "The job did not stop within {} s of its cancellation; abandoning it.", STOP_WAIT.as_secs());
             running.handle.abort();
-            metrics::job_finished(state.job.name(), &RunOutcome::Failed(INTERRUPTED.into()));
+            metrics::job_finished(
+                state.job.name(),
+                &RunOutcome::Failed(INTERRUPTED.into()),
+                Utc::now(),
+            );
             interrupted += 1;
         }
     }
