@@ -165,7 +165,8 @@ pub fn transferred(direction: Direction, bytes: u64) {
         .inc_by(bytes);
 }
 
-/// A task of `task` was revoked (stopped or dropped at an operator's request).
+/// A task of `task` was revoked where it was to run: stopped while it ran (`terminate`), or
+/// its message discarded.
 pub fn task_revoked(task: &str) {
     METRICS
         .revoked

@@ -1,7 +1,8 @@
 //! The Prometheus endpoint of `workers worker` and `workers scheduler`, scraped over HTTP:
 //! step counters, durations, queue waits and bytes after one workflow that succeeds and one
-//! that fails; job runs, last successes and the lease of a scheduler; the startup errors of a
-//! taken port and a bad address; and the publication time RabbitMQ messages carry.
+//! that fails; revoked tasks; job runs, last successes and the lease of a scheduler; the
+//! startup errors of a taken port and a bad address; and the publication time RabbitMQ
+//! messages carry.
 
 #![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
 
@@ -314,6 +315,72 @@ async fn a_worker_serves_its_steps_durations_queue_waits_and_bytes() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_counts_the_tasks_it_revokes() {
+    let mut project = Project::new();
+    let port = free_port();
+    project.set_env("WORKERS__PROMETHEUS__LISTEN", &format!("127.0.0.1:{port}"));
+    let app = project.app().await;
+    let child = project
+        .command(&["worker", "--hostname", "w1@test"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _reap = Reap(child.id());
+    let revoked = "workers_tasks_revoked_total{task=\"noop\"}";
+    let running = "workers_steps_running{task=\"noop\"}";
+
+    // A step holding for 600 s, revoked with terminate while it runs.
+    let workflow_id = start_noop_workflow(&app, 600.0).await;
+    scrape_until(port, Duration::from_secs(30), "the step to run", |s| {
+        s.samples.get(running) == Some(&1.0)
+    });
+    let task_id = view_of(&app, &workflow_id).await.workflow.steps[0].runs[0]
+        .task_id
+        .clone();
+    let out = project.run(&["control", "revoke", &task_id, "--terminate"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let scraped = scrape_until(port, Duration::from_secs(30), "the revoke", |s| {
+        s.samples.get(revoked) == Some(&1.0)
+    });
+    assert_eq!(scraped.get(running), 0.0);
+    assert_eq!(
+        scraped.steps("noop", "failed"),
+        0.0,
+        "a revoke is not a failure"
+    );
+
+    // Revoked before its message arrives: discarded, counted too.
+    let later = uuid::Uuid::new_v4().to_string();
+    let out = project.run(&["control", "revoke", &later]);
+    assert!(out.status.success(), "{}", describe(&out));
+    app.broker
+        .publish(&workers::broker::TaskMessage {
+            id: later.clone(),
+            task: "noop".into(),
+            args: vec![serde_json::json!(7)],
+            kwargs: serde_json::Map::new(),
+            priority: 1,
+            eta: None,
+            retries: 0,
+            root_id: later.clone(),
+            parent_id: None,
+            queue: app.settings.amqp.queues[0].clone(),
+            time_limits: Default::default(),
+        })
+        .await
+        .unwrap();
+    scrape_until(
+        port,
+        Duration::from_secs(30),
+        "the discarded message",
+        |s| s.samples.get(revoked) == Some(&2.0),
+    );
+    let (code, stderr) = stop(child);
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
 /// A project whose scheduler runs `watch` every second and nothing else, with a short lease
 /// and no steps of its own.
 fn scheduler_project(port: u16) -> Project {
@@ -333,6 +400,22 @@ fn scheduler_project(port: u16) -> Project {
     project.set_env("WORKERS__SCHEDULER__LEASE_SECONDS", "3");
     project.set_env("WORKERS__SCHEDULER__WORKERS", "0");
     project
+}
+
+/// When `watch` last ended successfully, as its history records it (Unix time).
+fn last_recorded_success(project: &Project) -> f64 {
+    let out = project.run_ok(&["jobs", "history", "watch", "--format", "json"]);
+    let runs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ended = runs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|run| run["outcome"] == "success")
+        .filter_map(|run| run["ended_at"].as_str())
+        .map(|at| chrono::DateTime::parse_from_rfc3339(at).unwrap())
+        .max()
+        .expect("a successful run of watch");
+    ended.timestamp_millis() as f64 / 1000.0
 }
 
 fn spawn_scheduler(project: &Project) -> Child {
@@ -392,11 +475,7 @@ fn a_scheduler_serves_its_job_runs_last_successes_periods_and_lease() {
     let scraped = scrape_until(port, Duration::from_secs(30), "the lease", |s| {
         s.samples.get("workers_scheduler_lease_held") == Some(&1.0)
     });
-    assert!(
-        scraped.get(last_success) >= succeeded,
-        "{} >= {succeeded}",
-        scraped.get(last_success)
-    );
+    assert_eq!(scraped.get(last_success), last_recorded_success(&project));
     assert!(
         !scraped.text.contains(watch_runs),
         "no run in this process:\n{}",

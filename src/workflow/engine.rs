@@ -356,6 +356,7 @@ pub async fn handle_with(
         // REVOKED, acknowledged, never run. A workflow it belongs to waits for a resume.
         info!(task_id = %message.id, task = %message.task, "Discarding a revoked task.");
         app.store.task_revoked(&message.id, "revoked").await?;
+        crate::metrics::task_revoked(&message.task);
         return delivery.ack().await;
     }
     // Messages that can never run are kept aside (or, where the broker has no place for
@@ -693,6 +694,7 @@ async fn run_claimed(
             // As Celery records a terminated task: REVOKED, `TaskRevokedError('terminated')`,
             // nothing follows. A pause set the workflow's status; a resume runs the step again.
             app.store.task_revoked(&message.id, "terminated").await?;
+            crate::metrics::task_revoked(&message.task);
             warn!(task_id = %message.id, "Terminated the step: it was revoked. Its partial work was removed; nothing follows it until the workflow is resumed.");
             drop(running);
             return delivery.ack().await;
