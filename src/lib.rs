@@ -19,6 +19,7 @@
 //! - `compute`: the rayon pool, MD5, tar writing, safe extraction and tree walks; the only
 //!   code that touches rayon.
 //! - `cancel`: the cancellation token every long piece of work checks.
+//! - `metrics`: the Prometheus metrics every part records into, and their HTTP endpoint.
 //! - `model`, `identity`, `progress`, `ui`: shared types, this process's identity, progress
 //!   counters and terminal output.
 
@@ -33,6 +34,7 @@ pub mod config;
 pub mod control;
 pub mod identity;
 pub mod jobs;
+pub mod metrics;
 pub mod model;
 pub mod progress;
 pub mod registry;

@@ -765,6 +765,16 @@ async fn sca_rhythms_pause_and_resume_work_on_a_rust_worker() {
     let _ = stop(rust_worker);
 }
 
+/// Kills a child when dropped and waits for it, so that no zombie is left behind.
+struct ReapChild(Child);
+
+impl Drop for ReapChild {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A free TCP port on the loopback interface.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -824,7 +834,8 @@ async fn flower_sees_the_rust_worker_online_and_the_tasks_it_ran() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _flower = Reap(flower.id());
+    // Killed when the test ends; its exit is of no interest.
+    let _flower = ReapChild(flower);
     let (rust_worker, _reap) = prod.spawn_rust_worker(&["--hostname", "rust-ev@%h", "-E"]);
     let node = prod.wait_for_nodes(&["rust-ev@"]).remove(0);
 

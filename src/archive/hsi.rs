@@ -516,6 +516,7 @@ impl Archive for HsiArchive {
             .await
             .map_err(RunError::transient)?;
         progress.set_done(size);
+        crate::metrics::transferred(crate::metrics::Direction::Archive, size);
         Ok(())
     }
 
@@ -589,7 +590,10 @@ impl Archive for HsiArchive {
             })
             .await;
         match hashed {
-            Ok(Ok(md5)) => Ok(md5),
+            Ok(Ok(md5)) => {
+                crate::metrics::transferred(crate::metrics::Direction::Stage, size);
+                Ok(md5)
+            }
             outcome => {
                 let leftover = partial.clone();
                 let _ = blocking(move || std::fs::remove_file(&leftover)).await;

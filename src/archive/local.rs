@@ -25,13 +25,14 @@ impl LocalArchive {
 
 /// Copies `src` to `dst` through a hidden sibling unique to this attempt, hashing while
 /// copying, then fsyncs and renames so that `dst` is either absent, the old file, or the
-/// complete new one. Leftovers of dead attempts are removed first.
+/// complete new one; returns the MD5 and the bytes copied. Leftovers of dead attempts are
+/// removed first.
 fn copy_atomically(
     src: &Path,
     dst: &Path,
     progress: &Progress,
     cancel: &CancellationToken,
-) -> anyhow::Result<Md5Digest> {
+) -> anyhow::Result<(Md5Digest, u64)> {
     if let Some(parent) = dst.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create `{}`", parent.display()))?;
@@ -40,7 +41,7 @@ fn copy_atomically(
         .with_context(|| format!("cannot remove leftovers next to `{}`", dst.display()))?;
     let partial = attempt_sibling(dst);
     let result = (|| {
-        let (md5, _) = copy_file_with_md5(src, &partial, &|n| progress.add(n), cancel)
+        let (md5, bytes) = copy_file_with_md5(src, &partial, &|n| progress.add(n), cancel)
             .with_context(|| {
                 format!("cannot copy `{}` to `{}`", src.display(), partial.display())
             })?;
@@ -56,7 +57,7 @@ fn copy_atomically(
         })?;
         sync_parent(dst)
             .with_context(|| format!("cannot sync the directory of `{}`", dst.display()))?;
-        Ok(md5)
+        Ok((md5, bytes))
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&partial);
@@ -96,8 +97,8 @@ impl Archive for LocalArchive {
             .run_job(cancel, move |cancel| {
                 let size = std::fs::metadata(&local).map(|m| m.len()).ok();
                 progress.start("archive copy", "bytes", size);
-                // On the same file system a rename stores the bundle without reading it again;
-                // it was hashed and synced when it was written.
+                // On the same file system a rename stores the bundle without reading it again
+                // (nor transferring it); it was hashed and synced when it was written.
                 if let Some(parent) = dst.parent() {
                     std::fs::create_dir_all(parent)
                         .with_context(|| format!("cannot create `{}`", parent.display()))?;
@@ -116,7 +117,7 @@ impl Archive for LocalArchive {
                             .context(format!("cannot move `{}` to `{}`", local.display(), dst.display())));
                     }
                 }
-                let copied = copy_atomically(&local, &dst, &progress, cancel)?;
+                let (copied, bytes) = copy_atomically(&local, &dst, &progress, cancel)?;
                 // The source is hashed as it is read: a difference means the bundle changed
                 // or was damaged after it was written, and must not be archived.
                 if copied != md5 {
@@ -126,6 +127,7 @@ impl Archive for LocalArchive {
                         local.display()
                     );
                 }
+                crate::metrics::transferred(crate::metrics::Direction::Archive, bytes);
                 Ok(())
             })
             .await
@@ -161,7 +163,10 @@ impl Archive for LocalArchive {
                     }
                 };
                 progress.start("archive fetch", "bytes", Some(size));
-                copy_atomically(&src, &dst, &progress, cancel).map_err(transient_or_cancelled)
+                let (md5, bytes) = copy_atomically(&src, &dst, &progress, cancel)
+                    .map_err(transient_or_cancelled)?;
+                crate::metrics::transferred(crate::metrics::Direction::Stage, bytes);
+                Ok(md5)
             })
             .await
             .map_err(|_| ArchiveError::Cancelled)?

@@ -165,6 +165,8 @@ struct ConsumerTask {
 /// A message received and not yet handed to a slot.
 struct Incoming {
     message: TaskMessage,
+    /// The `timestamp` property, when the publisher set one.
+    published_at: Option<DateTime<Utc>>,
     acker: Acker,
     delivery_tag: u64,
     channel: Channel,
@@ -403,6 +405,9 @@ impl Shared {
         link.declare(&message.queue, &self.shown).await?;
         let channel = link.publisher().await?;
         let (properties, body) = celery::encode(message, &self.sender);
+        // AMQP's own publication time (Celery sets none): how long the message waits in the
+        // queue is measured from it.
+        let properties = properties.with_timestamp(Utc::now().timestamp().max(0) as u64);
         let confirmation = channel
             .basic_publish(
                 queue.clone(),
@@ -699,9 +704,15 @@ async fn consume_session(
                 continue;
             }
         };
+        let published_at = delivery
+            .properties
+            .timestamp()
+            .and_then(|seconds| i64::try_from(seconds).ok())
+            .and_then(|seconds| DateTime::from_timestamp(seconds, 0));
         let incoming = Incoming {
             _waiting: Waiting::new(&shared.waiting, &message),
             message,
+            published_at,
             acker: delivery.acker,
             delivery_tag: delivery.delivery_tag,
             channel: channel.clone(),
@@ -812,6 +823,7 @@ impl Broker for AmqpBroker {
             }
             return Ok(Box::new(AmqpDelivery {
                 message: incoming.message,
+                published_at: incoming.published_at,
                 acker: incoming.acker,
                 delivery_tag: incoming.delivery_tag,
                 shared: Arc::clone(&self.shared),
@@ -910,6 +922,7 @@ impl Broker for AmqpBroker {
 
 struct AmqpDelivery {
     message: TaskMessage,
+    published_at: Option<DateTime<Utc>>,
     acker: Acker,
     delivery_tag: u64,
     shared: Arc<Shared>,
@@ -932,6 +945,10 @@ impl AmqpDelivery {
 impl Delivery for AmqpDelivery {
     fn message(&self) -> &TaskMessage {
         &self.message
+    }
+
+    fn published_at(&self) -> Option<DateTime<Utc>> {
+        self.published_at
     }
 
     async fn keep_alive(&self) -> anyhow::Result<()> {

@@ -45,9 +45,7 @@ impl EmbeddedBroker {
     /// A row that cannot be read as a message is moved to the dead letters on the way.
     /// A claim's owner is this process plus a unique part: two slots of one process never
     /// share a claim, so a slot whose lease lapsed and was taken by another slot finds out.
-    async fn try_claim(
-        &self,
-    ) -> anyhow::Result<Result<(TaskMessage, String), Option<DateTime<Utc>>>> {
+    async fn try_claim(&self) -> anyhow::Result<Result<Claimed, Option<DateTime<Utc>>>> {
         let consumer = self.consumer.clone();
         let lease_ms = self.lease.as_millis() as i64;
         let queues = self
@@ -65,7 +63,7 @@ impl EmbeddedBroker {
         let published = Arc::clone(&self.published);
         tokio::spawn(async move {
             let claimed = claim(&db, consumer, lease_ms, queues).await;
-            if let Err(Ok(Ok((message, owner)))) = tx.send(claimed) {
+            if let Err(Ok(Ok(Claimed { message, owner, .. }))) = tx.send(claimed) {
                 let released = db
                     .write(move |tx| {
                         Ok(tx.execute(
@@ -86,6 +84,14 @@ impl EmbeddedBroker {
     }
 }
 
+/// A message claimed for a consumer.
+struct Claimed {
+    message: TaskMessage,
+    /// The claim's owner in the queue row.
+    owner: String,
+    published_at: Option<DateTime<Utc>>,
+}
+
 /// Claims the next runnable message: `Ok` with it and its owner, or `Err` with the time the
 /// next one becomes due.
 async fn claim(
@@ -93,7 +99,7 @@ async fn claim(
     consumer: Identity,
     lease_ms: i64,
     queues: Option<String>,
-) -> anyhow::Result<Result<(TaskMessage, String), Option<DateTime<Utc>>>> {
+) -> anyhow::Result<Result<Claimed, Option<DateTime<Utc>>>> {
     db
         .write(move |tx| {
             let now = to_millis(Utc::now());
@@ -101,7 +107,8 @@ async fn claim(
             // Claimability is decided in the query, so that no number of leased messages
             // ahead of a runnable one can hide it.
             let mut candidates = tx.prepare_cached(
-                "SELECT task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue
+                "SELECT task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue,
+                        published_at
                  FROM queue WHERE eta <= ?1
                  AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))
                  AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < ?1
@@ -136,7 +143,11 @@ async fn claim(
                             "UPDATE queue SET lease_owner = ?2, lease_until = ?3 WHERE task_id = ?1",
                             params![message.id, owner, now + lease_ms],
                         )?;
-                        return Ok(Ok((message, owner)));
+                        return Ok(Ok(Claimed {
+                            message,
+                            owner,
+                            published_at: row.published_at.map(from_millis),
+                        }));
                     }
                     Err(reason) => {
                         move_to_dead_letters(tx, &row.task_id, None, &reason, now)?;
@@ -209,6 +220,7 @@ struct Row {
     root_id: String,
     parent_id: Option<String>,
     queue: String,
+    published_at: Option<i64>,
 }
 
 impl Row {
@@ -224,6 +236,7 @@ impl Row {
             root_id: r.get(7)?,
             parent_id: r.get(8)?,
             queue: r.get(9)?,
+            published_at: r.get(10)?,
         })
     }
 
@@ -257,8 +270,8 @@ impl Broker for EmbeddedBroker {
         self.db
             .write(move |tx| {
                 tx.execute(
-                    "INSERT INTO queue (task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                    "INSERT INTO queue (task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue, published_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                      ON CONFLICT (task_id) DO NOTHING",
                     params![
                         message.id,
@@ -270,7 +283,8 @@ impl Broker for EmbeddedBroker {
                         i64::from(message.retries),
                         message.root_id,
                         message.parent_id,
-                        message.queue
+                        message.queue,
+                        to_millis(Utc::now())
                     ],
                 )?;
                 Ok(())
@@ -286,12 +300,13 @@ impl Broker for EmbeddedBroker {
             // is not missed.
             let notified = self.published.notified();
             match self.try_claim().await? {
-                Ok((message, owner)) => {
+                Ok(claimed) => {
                     return Ok(Box::new(EmbeddedDelivery {
                         db: self.db.clone(),
-                        owner,
+                        owner: claimed.owner,
                         lease: self.lease,
-                        message,
+                        message: claimed.message,
+                        published_at: claimed.published_at,
                         published: Arc::clone(&self.published),
                     }));
                 }
@@ -388,6 +403,7 @@ struct EmbeddedDelivery {
     owner: String,
     lease: Duration,
     message: TaskMessage,
+    published_at: Option<DateTime<Utc>>,
     published: Arc<Notify>,
 }
 
@@ -421,6 +437,10 @@ impl Delivery for EmbeddedDelivery {
         &self.message
     }
 
+    fn published_at(&self) -> Option<DateTime<Utc>> {
+        self.published_at
+    }
+
     fn exclusive(&self) -> bool {
         // One row per task id, claimed under a lease renewed by `keep_alive`: the claim the
         // engine would otherwise take in the store.
@@ -445,10 +465,12 @@ impl Delivery for EmbeddedDelivery {
     }
 
     async fn retry_later(self: Box<Self>, eta: DateTime<Utc>, retries: u32) -> anyhow::Result<()> {
+        // Queued again now: its wait starts over (from its eta, which is later).
         self.update_owned(
-            "UPDATE queue SET eta = ?3, retries = ?4, lease_owner = NULL, lease_until = NULL
+            "UPDATE queue SET eta = ?3, retries = ?4, published_at = ?5, lease_owner = NULL,
+                lease_until = NULL
              WHERE task_id = ?1 AND lease_owner = ?2",
-            vec![to_millis(eta), i64::from(retries)],
+            vec![to_millis(eta), i64::from(retries), to_millis(Utc::now())],
         )
         .await?;
         self.published.notify_waiters();
@@ -649,6 +671,23 @@ mod tests {
         for id in ["bad-args", "bad-kwargs", "good"] {
             assert_eq!(broker.holds(id).await.unwrap(), Some(false), "{id}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_delivery_knows_when_its_message_was_published_or_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = broker(&dir);
+        let before = Utc::now();
+        broker.publish(&message("timed", 1)).await.unwrap();
+        let delivery = next(&broker).await;
+        let published = delivery.published_at().expect("the queue records it");
+        assert!(before - chrono::Duration::milliseconds(1) <= published && published <= Utc::now());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // A retry is published again: its wait starts over.
+        delivery.retry_later(Utc::now(), 1).await.unwrap();
+        let again = next(&broker).await;
+        assert_eq!(again.message().retries, 1);
+        assert!(again.published_at().unwrap() > published);
     }
 
     #[tokio::test]

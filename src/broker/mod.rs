@@ -165,6 +165,14 @@ pub trait Broker: Send + Sync {
 pub trait Delivery: Send + Sync {
     fn message(&self) -> &TaskMessage;
 
+    /// When the message was published (a retry: when it was published again), if the broker
+    /// knows: the embedded queue records it, and RabbitMQ carries it in the `timestamp`
+    /// property that our publishers set (to the second; Celery's publishers set none). It
+    /// measures the wait in the queue.
+    fn published_at(&self) -> Option<DateTime<Utc>> {
+        None
+    }
+
     /// Whether holding this delivery already keeps every other consumer from the same task id
     /// until it ends or its claim lapses (the embedded queue keys its claims by task id). The
     /// engine claims the task in the store only when it does not.

@@ -55,6 +55,14 @@ impl JobRunner for AppRunner {
 pub(super) async fn run(app: &Arc<App>, load: LoadOptions) -> anyhow::Result<ExitCode> {
     let holder = app.identity.holder();
     abandon_dead_runs(app).await;
+    let _metrics = match app.settings.prometheus_listen {
+        Some(addr) => {
+            let server = crate::metrics::serve(addr).await?;
+            crate::metrics::load_last_successes(app.scheduler_store.as_ref()).await;
+            Some(server)
+        }
+        None => None,
+    };
 
     let runner = Arc::new(AppRunner {
         app: RwLock::new(Arc::clone(app)),

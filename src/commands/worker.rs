@@ -31,6 +31,10 @@ pub(super) async fn run(app: &Arc<App>, args: WorkerArgs) -> anyhow::Result<Exit
         &app.identity.hostname,
     );
     let shutdown_grace = Duration::from_secs(app.settings.worker.shutdown_grace_seconds);
+    let _metrics = match app.settings.prometheus_listen {
+        Some(addr) => Some(crate::metrics::serve(addr).await?),
+        None => None,
+    };
     info!(concurrency, queues = %queues.join(","), node = %node_name, pid = app.identity.pid, "Worker started.");
     let opts = WorkerOptions {
         concurrency,

@@ -310,6 +310,7 @@ impl<W: Write> ProgressWriter<'_, W> {
         self.pending += n as u64;
         if self.pending >= CHUNK_SIZE as u64 {
             (self.on_bytes)(self.pending);
+            crate::metrics::bundled(self.pending);
             self.pending = 0;
         }
     }
@@ -317,6 +318,7 @@ impl<W: Write> ProgressWriter<'_, W> {
     fn finish(self) -> io::Result<(W, Md5Digest, u64)> {
         if self.pending > 0 {
             (self.on_bytes)(self.pending);
+            crate::metrics::bundled(self.pending);
         }
         self.inner.finish()
     }

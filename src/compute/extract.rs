@@ -513,6 +513,7 @@ impl Extraction<'_> {
                 }
                 file.write_all(&buf[..n]).map_err(io_error(&path))?;
                 written += n as u64;
+                crate::metrics::extracted(n as u64);
             }
         })?;
         if written != expected {

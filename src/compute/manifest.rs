@@ -505,6 +505,7 @@ fn hash_file(
     })?;
     if let Some((size, hash)) = small {
         on_bytes(size);
+        crate::metrics::hashed(size);
         return Ok((size, hash));
     }
     advise_sequential(&file);
@@ -514,6 +515,8 @@ fn hash_file(
     if file.metadata()?.len() != size {
         return Err(changed_while_read());
     }
+    // Counted once: the first MiB, read twice, is one file's bytes.
+    crate::metrics::hashed(size);
     Ok((size, hash))
 }
 

@@ -212,6 +212,7 @@ pub fn md5_reader_with(
             }
             md5.update(&buf[..n]);
             total += n as u64;
+            crate::metrics::hashed(n as u64);
             on_chunk(&buf[..n]);
         }
         Ok((md5.finish(), total))

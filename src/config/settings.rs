@@ -45,6 +45,7 @@ pub struct RawSettings {
     /// `[schedules.<job>]`, one table per job.
     pub schedules: BTreeMap<String, RawSchedule>,
     pub metrics: RawMetrics,
+    pub prometheus: RawPrometheus,
     pub uploads: RawUploads,
     pub notifications: RawNotifications,
     pub qc: RawQc,
@@ -155,6 +156,14 @@ pub struct RawMetrics {
     pub quota: bool,
     /// The Lustre file system `lfs quota -u <service_user>` is asked about.
     pub lfs_path: PathBuf,
+}
+
+/// The Prometheus endpoint of `workers worker` and `workers scheduler`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawPrometheus {
+    /// `host:port` (an IP address, e.g. `127.0.0.1:9808` or `[::1]:9808`) to serve `/metrics`
+    /// on; empty: no endpoint.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -421,6 +430,8 @@ pub struct Settings {
     /// `workflows.integrated.qc`: `integrated` gets a `generate_qc` step.
     pub integrated_qc: bool,
     pub metrics: RawMetrics,
+    /// Where `workers worker` and `workers scheduler` serve Prometheus metrics; `None`: nowhere.
+    pub prometheus_listen: Option<std::net::SocketAddr>,
     pub uploads: RawUploads,
     pub notifications: RawNotifications,
     pub qc: QcSettings,

@@ -575,6 +575,66 @@ fn an_invalid_log_level_is_an_error_wherever_it_is_set() {
 }
 
 #[test]
+fn the_metrics_endpoint_is_off_unless_an_address_is_set() {
+    let project = Project::new();
+    assert_eq!(ok(load(&project.opts(None, &[]))).prometheus_listen, None);
+    let settings = ok(project.load_production("[prometheus]\nlisten = \"[::1]:9900\"\n", &[]));
+    assert_eq!(
+        settings.prometheus_listen,
+        Some("[::1]:9900".parse().unwrap())
+    );
+    for (text, expected) in [
+        ("127.0.0.1:9808", Some("127.0.0.1:9808")),
+        (" 0.0.0.0:9808 ", Some("0.0.0.0:9808")),
+        ("", None),
+        ("  ", None),
+    ] {
+        let settings = ok(load(
+            &project.opts(None, &[("WORKERS__PROMETHEUS__LISTEN", text)]),
+        ));
+        assert_eq!(
+            settings.prometheus_listen,
+            expected.map(|addr| addr.parse().unwrap()),
+            "{text:?}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_metrics_address_names_the_key_and_where_it_was_set() {
+    let project = Project::new();
+    let errors =
+        expect_errors(project.load_production("[prometheus]\nlisten = \"localhost:9808\"\n", &[]));
+    let error = error_for(&errors, "prometheus.listen");
+    assert!(error.source.ends_with("production.toml:2:1"), "{error}");
+    assert!(error.message.contains("`localhost:9808`"), "{error}");
+    assert!(error.message.contains("127.0.0.1:9808"), "{error}");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+
+    for (text, says) in [
+        ("127.0.0.1", "not an IP address and port"),
+        ("127.0.0.1:99999", "not an IP address and port"),
+        (
+            "http://127.0.0.1:9808/metrics",
+            "not an IP address and port",
+        ),
+        ("127.0.0.1:0", "port other than 0"),
+    ] {
+        let errors = errors_of_env(&project, &[("WORKERS__PROMETHEUS__LISTEN", text)]);
+        let error = error_for(&errors, "prometheus.listen");
+        assert_eq!(
+            error.source, "environment variable WORKERS__PROMETHEUS__LISTEN",
+            "{text}"
+        );
+        assert!(error.message.contains(says), "{text}: {error}");
+    }
+
+    let errors = expect_errors(project.load_production("[prometheus]\nlisten = 9808\n", &[]));
+    let error = error_for(&errors, "prometheus.listen");
+    assert!(error.message.contains("expected a string"), "{error}");
+}
+
+#[test]
 fn log_filters_and_the_command_line_level_load() {
     let project = Project::new();
     for level in [

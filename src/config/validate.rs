@@ -478,6 +478,7 @@ pub(super) fn build(
         }
     }
     let lfs_path = check.path(&["metrics", "lfs_path"], &raw.metrics.lfs_path);
+    let prometheus_listen = check.listen(&["prometheus", "listen"], &raw.prometheus.listen);
     for (parts, value) in [
         (
             &["uploads", "expire_uploading_after_days"][..],
@@ -611,6 +612,7 @@ pub(super) fn build(
             quota: raw.metrics.quota,
             lfs_path,
         },
+        prometheus_listen,
         uploads: raw.uploads,
         notifications: raw.notifications,
         qc: QcSettings {
@@ -694,6 +696,33 @@ struct Checker<'a> {
 impl Checker<'_> {
     fn fail(&mut self, path: &[Seg], message: impl Into<String>) {
         self.errors.push(self.ctx.error(path, message));
+    }
+
+    /// An address to listen on: an IP address and a port other than 0 (nothing could find a
+    /// port the system picks). Empty means none. Host names are refused: resolving one would
+    /// be network I/O while loading, and could pick an address nobody meant.
+    fn listen(&mut self, parts: &[&str], text: &str) -> Option<std::net::SocketAddr> {
+        let text = text.trim();
+        if text.is_empty() {
+            return None;
+        }
+        match text.parse::<std::net::SocketAddr>() {
+            Ok(addr) if addr.port() != 0 => Some(addr),
+            Ok(_) => {
+                self.fail(&key(parts), format!("`{text}` needs a port other than 0"));
+                None
+            }
+            Err(_) => {
+                self.fail(
+                    &key(parts),
+                    format!(
+                        "`{text}` is not an IP address and port such as 127.0.0.1:9808, \
+                         0.0.0.0:9808 or [::1]:9808 (empty: no metrics endpoint)"
+                    ),
+                );
+                None
+            }
+        }
     }
 
     /// Parses permission bits written in octal (`"0644"`, `"755"`), which must include

@@ -366,9 +366,9 @@ pub async fn execute(
         }
     };
     let counters = report.as_ref().map(JobReport::counters).unwrap_or_default();
-    store
-        .finish_run(run_id, &outcome, &counters, Utc::now())
-        .await?;
+    let ended = Utc::now();
+    store.finish_run(run_id, &outcome, &counters, ended).await?;
+    crate::metrics::job_finished(job.name(), &outcome, ended);
     match &outcome {
         RunOutcome::Failed(reason) => error!(job = %job, run_id, error = %reason, "Job failed."),
         _ => {

@@ -18,7 +18,8 @@ use tracing::{error, info, warn};
 use super::schedule::{Misfire, Overlap, Schedule};
 use crate::cancel::CancellationToken;
 use crate::jobs::JobName;
-use crate::store::{SchedulerStore, Trigger};
+use crate::metrics;
+use crate::store::{RunOutcome, SchedulerStore, Trigger};
 
 /// The lease that only one scheduler holds at a time.
 pub const LEASE_NAME: &str = "scheduler";
@@ -121,6 +122,7 @@ pub async fn run(
     notify: impl Fn(Event) + Send,
 ) -> anyhow::Result<()> {
     let clock = opts.clock;
+    metrics::job_schedules(&schedules, clock.now());
     let mut jobs: Vec<JobState> = schedules
         .into_iter()
         .map(|(job, schedule)| JobState::new(job, schedule))
@@ -141,6 +143,7 @@ pub async fn run(
                 .await
             {
                 Ok(true) => {
+                    metrics::lease_held(true);
                     lease_until = Some(now + TimeDelta::from_std(opts.lease).unwrap_or_default());
                     if !was_leader {
                         info!(holder = %opts.holder, "This scheduler holds the lease and fires the jobs.");
@@ -148,6 +151,7 @@ pub async fn run(
                     }
                 }
                 Ok(false) => {
+                    metrics::lease_held(false);
                     if was_leader {
                         warn!(
                             "Lost the scheduler lease to another scheduler; no longer firing jobs."
@@ -161,6 +165,7 @@ pub async fn run(
                     // Without the store nobody can prove who holds the lease: stop firing, and
                     // stop what runs before the lease could pass to another scheduler.
                     error!(error = %format!("{err:#}"), "Cannot renew the scheduler lease.");
+                    metrics::lease_held(false);
                     lease_until = None;
                     jobs.iter_mut().for_each(|j| j.next_slot = None);
                     cancel_running(&jobs);
@@ -208,6 +213,7 @@ pub async fn run(
             }
             message = control.recv() => match message {
                 Some(Control::Reload(schedules)) => {
+                    metrics::job_schedules(&schedules, clock.now());
                     reload(&mut jobs, schedules, lease_until.is_some(), clock.now());
                     info!(jobs = jobs.len(), "Schedules reloaded.");
                 }
@@ -293,16 +299,22 @@ async fn take_over(
                 Misfire::RunOnce => {}
                 Misfire::Skip => {
                     info!(job = %state.job, slot = %slot, "Runs missed while no scheduler ran: skipped (misfire = skip).");
+                    let reason = "missed while no scheduler ran";
                     let _ = store
                         .record_skip(
                             state.job.name(),
                             Trigger::Misfire,
                             slot,
                             &opts.holder,
-                            "missed while no scheduler ran",
+                            reason,
                             now,
                         )
                         .await;
+                    metrics::job_finished(
+                        state.job.name(),
+                        &RunOutcome::Skipped(reason.into()),
+                        now,
+                    );
                     let _ = store.set_last_slot(state.job.name(), slot).await;
                 }
             }
@@ -356,6 +368,7 @@ async fn due(
                 "the previous run was still running (overlap = skip)"
             };
             info!(job = %state.job, slot = %slot, "Skipped: {reason}.");
+            metrics::job_finished(state.job.name(), &RunOutcome::Skipped(reason.into()), now);
             if let Err(err) = store
                 .record_skip(
                     state.job.name(),
@@ -429,6 +442,9 @@ fn reload(
 /// How long a cancelled job has to stop (it checks between items) before it is abandoned.
 const STOP_WAIT: Duration = Duration::from_secs(30);
 
+/// Why a run abandoned at shutdown failed.
+const INTERRUPTED: &str = "interrupted: the scheduler stopped before the job finished";
+
 /// Stops firing; running jobs get the grace period, then are cancelled and waited for (they
 /// record themselves as interrupted), and only what still runs after that is aborted and
 /// recorded as interrupted here; the lease goes last, so no other scheduler starts a job this
@@ -461,15 +477,21 @@ async fn shut_down(
         if let Some(running) = state.running.take() {
             warn!(job = %state.job, "The job did not stop within {} s of its cancellation; abandoning it.", STOP_WAIT.as_secs());
             running.handle.abort();
+            metrics::job_finished(
+                state.job.name(),
+                &RunOutcome::Failed(INTERRUPTED.into()),
+                Utc::now(),
+            );
             interrupted += 1;
         }
     }
     if interrupted > 0 {
-        let reason = "interrupted: the scheduler stopped before the job finished";
+        let reason = INTERRUPTED;
         if let Err(err) = store.abandon_runs(&opts.holder, reason, Utc::now()).await {
             warn!(error = %format!("{err:#}"), "Cannot record the interrupted runs.");
         }
     }
+    metrics::lease_held(false);
     if let Err(err) = store.release_lease(LEASE_NAME, &opts.holder).await {
         warn!(error = %format!("{err:#}"), "Cannot release the scheduler lease; it expires on its own.");
     }

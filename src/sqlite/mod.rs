@@ -178,6 +178,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("migrations/0004_task_starts.sql")),
         M::up(include_str!("migrations/0005_uploads.sql")),
         M::up(include_str!("migrations/0006_control.sql")),
+        M::up(include_str!("migrations/0007_queue_published_at.sql")),
     ])
 }
 

@@ -356,6 +356,7 @@ pub async fn handle_with(
         // REVOKED, acknowledged, never run. A workflow it belongs to waits for a resume.
         info!(task_id = %message.id, task = %message.task, "Discarding a revoked task.");
         app.store.task_revoked(&message.id, "revoked").await?;
+        crate::metrics::task_revoked(&message.task);
         if let Some(control) = &runner.control {
             control.task_event("task-revoked", &message.id, revoked_fields(false));
         }
@@ -657,6 +658,8 @@ async fn run_claimed(
         .control
         .as_ref()
         .map(|control| control.step_started(&message));
+    let step_run =
+        crate::metrics::StepRun::start(&message.task, delivery.published_at(), message.eta);
     let attempt = message.retries + 1;
     info!(task_id = %message.id, attempt, worker = %runner.node_name, "Step started.");
     let started = Instant::now();
@@ -700,6 +703,7 @@ async fn run_claimed(
             // As Celery records a terminated task: REVOKED, `TaskRevokedError('terminated')`,
             // nothing follows. A pause set the workflow's status; a resume runs the step again.
             app.store.task_revoked(&message.id, "terminated").await?;
+            crate::metrics::task_revoked(&message.task);
             if let Some(control) = &runner.control {
                 control.task_event("task-revoked", &message.id, revoked_fields(true));
             }
@@ -726,6 +730,7 @@ async fn run_claimed(
     match outcome {
         Ok(result) => {
             app.store.task_succeeded(&message.id, &result).await?;
+            step_run.finish(crate::metrics::StepOutcome::Succeeded);
             info!(task_id = %message.id, seconds = elapsed, "Step succeeded.");
             if let Some(control) = &runner.control {
                 let mut fields = serde_json::Map::new();
@@ -751,6 +756,7 @@ async fn run_claimed(
                 app.store
                     .task_retry(&message.id, &error, message.retries)
                     .await?;
+                step_run.finish(crate::metrics::StepOutcome::Retried);
                 if let Some(control) = &runner.control {
                     control.task_event("task-retried", &message.id, error_fields(&error));
                 }
@@ -769,6 +775,7 @@ async fn run_claimed(
                 app.store
                     .task_failed(workflow.map(|w| w.id.as_str()), &message.id, &error)
                     .await?;
+                step_run.finish(crate::metrics::StepOutcome::Failed);
                 if let Some(control) = &runner.control {
                     control.task_event("task-failed", &message.id, error_fields(&error));
                 }
