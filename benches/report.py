@@ -315,7 +315,7 @@ def main():
     try:
         with open(sys.argv[2]) as f:
             previous = f.read()
-        for name in ("idle-scheduler", "worker-overhead", "upload-manifest"):
+        for name in ("idle-scheduler", "worker-overhead", "upload-manifest", "remote-control"):
             begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
             if begin in previous and end in previous:
                 kept += previous[previous.index(begin):previous.index(end) + len(end)] + "\n\n"

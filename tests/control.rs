@@ -79,10 +79,18 @@ async fn status_of(app: &workers::app::App, task_id: &str) -> Option<(TaskStatus
 /// The ids of the steps `node` runs now, as `control inspect active` shows them (none while
 /// the worker is not answering yet).
 fn active_on(project: &Project, node: &str) -> Vec<(String, Value)> {
-    let out = control(
-        project,
-        &["inspect", "active", "--timeout", "2", "--format", "json"],
-    );
+    // Addressed to `node`, so that the command returns as soon as it answers.
+    let args = [
+        "inspect",
+        "active",
+        "-d",
+        node,
+        "--timeout",
+        "2",
+        "--format",
+        "json",
+    ];
+    let out = control(project, &args);
     let replies: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     replies[node]
         .as_array()
@@ -233,7 +241,7 @@ async fn a_paused_workflow_stops_its_step_and_resumes_to_success() {
     let project = Project::new();
     let app = project.app().await;
     let (_worker, _reap) = spawn_worker(&project, "w1@test");
-    let workflow_id = start_noop_workflow(&app, 4.0).await;
+    let workflow_id = start_noop_workflow(&app, 6.0).await;
     let (task_id, _) = eventually(Duration::from_secs(20), "the step to run", async || {
         active_on(&project, "w1@test").into_iter().next()
     })
@@ -286,4 +294,45 @@ async fn a_paused_workflow_stops_its_step_and_resumes_to_success() {
     // Nothing runs, so there is nothing to pause.
     let out = control(&project, &["pause", &workflow_id]);
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_immediate_shutdown_stops_consuming_terminates_what_runs_and_exits() {
+    let project = Project::new();
+    let app = project.app().await;
+    let (worker, _reap) = spawn_worker(&project, "w1@test");
+    start_noop_workflow(&app, 600.0).await;
+    let (task_id, _) = eventually(Duration::from_secs(20), "the step to run", async || {
+        active_on(&project, "w1@test").into_iter().next()
+    })
+    .await;
+    let started = Instant::now();
+    let out = control(
+        &project,
+        &["shutdown", "--hostname", "w1@test", "--immediate"],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let printed = stdout(&out);
+    let queue = &app.settings.amqp.queues[0];
+    assert!(
+        printed.contains(&format!("no longer consuming from {queue}")),
+        "{printed}"
+    );
+    assert!(
+        printed.contains(&format!("terminate: {task_id}")),
+        "{printed}"
+    );
+    let out = wait_for_exit(worker, Duration::from_secs(20));
+    assert!(
+        out.status.success(),
+        "the worker did not exit cleanly: {}",
+        describe(&out)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "a 600 s step held up the shutdown"
+    );
+    let (status, result) = status_of(&app, &task_id).await.unwrap();
+    assert_eq!(status, TaskStatus::Revoked);
+    assert_eq!(result, serde_json::from_str::<Value>(TERMINATED).unwrap());
 }

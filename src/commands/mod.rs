@@ -202,7 +202,9 @@ pub(crate) async fn run_until_idle(app: &Arc<App>, display: Display) -> anyhow::
         until: Until::Idle,
         queues: None,
         shutdown_grace: std::time::Duration::ZERO,
-        node_name: engine::default_node_name(&app.identity.hostname),
+        // A node name of its own (a worker or scheduler may run on this host too), so that it
+        // has a mailbox and answers remote control while it waits.
+        node_name: format!("run-{}@{}", app.identity.pid, app.identity.hostname),
         send_events: false,
     };
     crate::workflow::worker::run(Arc::clone(app), opts, stop.clone(), display).await?;

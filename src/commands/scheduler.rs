@@ -80,7 +80,9 @@ pub(super) async fn run(app: &Arc<App>, load: LoadOptions) -> anyhow::Result<Exi
             until: Until::Shutdown,
             queues: None,
             shutdown_grace: std::time::Duration::ZERO,
-            node_name: crate::workflow::engine::default_node_name(&app.identity.hostname),
+            // Its own node name, so that it and a `workers worker` on the same host (default
+            // `workers@%h`) each have a mailbox.
+            node_name: format!("scheduler@{}", app.identity.hostname),
             send_events: false,
         };
         tokio::spawn(worker::run(

@@ -77,13 +77,12 @@ impl Request {
             (Some(destination), _) if !destination.is_empty() => {
                 destination.iter().any(|d| d == node)
             }
-            (_, Some(pattern)) if self.matcher.is_some() => match self.matcher.as_deref() {
-                Some("glob") => globset::Glob::new(pattern)
-                    .map(|g| g.compile_matcher().is_match(node))
-                    .unwrap_or(false),
-                Some("pcre") => false,
-                _ => false,
-            },
+            // kombu's `glob` matcher; a `pcre` pattern (Python's regular expressions) is not
+            // matched here, so such a request reaches no Rust worker.
+            (_, Some(pattern)) if self.matcher.as_deref() == Some("glob") => {
+                globset::Glob::new(pattern).is_ok_and(|g| g.compile_matcher().is_match(node))
+            }
+            (_, Some(_)) if self.matcher.is_some() => false,
             _ => true,
         }
     }
@@ -585,7 +584,11 @@ impl WorkerControl {
                 "processes": [pid],
                 "max-tasks-per-child": "N/A",
                 "put-guarded-by-semaphore": false,
-                "timeouts": self.app.settings.worker.time_limit_seconds,
+                // [soft, hard] limits in seconds (0: none).
+                "timeouts": [
+                    self.app.settings.worker.time_limit_seconds,
+                    self.app.settings.worker.time_limit_seconds,
+                ],
                 "running": self.running(),
                 "parallelism": self.app.settings.parallelism,
             },
