@@ -202,6 +202,10 @@ resumed after each.
 |---|---|---|---|---|
 {chr(10).join(rows)}
 
+- Every revoked step was in the middle of its work (hashing, extracting): a step that ended
+  before its revoke stops the benchmark, so none did. The time includes RabbitMQ's hop, the
+  cancellation of the pool job (checked per 1 MiB chunk and per member), the removal of its partial
+  work and the REVOKED write.
 - Partial trees or bundles left after the stage revokes: {stage_partial}.
 - Idle worker CPU over {WINDOW} s: {on:.2f} s with events on (`-E`, a heartbeat every 2 s) =
   {on / WINDOW * 100:.3f} % of one core; {off:.2f} s with events off = {off / WINDOW * 100:.3f} %.
