@@ -336,3 +336,58 @@ async fn an_immediate_shutdown_stops_consuming_terminates_what_runs_and_exits() 
     assert_eq!(status, TaskStatus::Revoked);
     assert_eq!(result, serde_json::from_str::<Value>(TERMINATED).unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_consumer_takes_no_step_until_it_is_added_again() {
+    let project = Project::new();
+    let app = project.app().await;
+    let (_worker, _reap) = spawn_worker(&project, "w1@test");
+    let queue = app.settings.amqp.queues[0].clone();
+    eventually(
+        Duration::from_secs(30),
+        "the worker to answer",
+        async || {
+            let out = control(
+                &project,
+                &[
+                    "cancel-consumer",
+                    &queue,
+                    "-d",
+                    "w1@test",
+                    "--format",
+                    "json",
+                ],
+            );
+            out.status.success().then_some(())
+        },
+    )
+    .await;
+    let queues = control_json(&project, &["inspect", "active-queues", "-d", "w1@test"]);
+    assert_eq!(queues["w1@test"], json!([]));
+    let task_id = uuid::Uuid::new_v4().to_string();
+    app.broker
+        .publish(&plain_noop(&app, &task_id))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        status_of(&app, &task_id).await,
+        None,
+        "a step was taken from a cancelled queue"
+    );
+    let replies = control_json(&project, &["add-consumer", &queue, "-d", "w1@test"]);
+    assert_eq!(
+        replies["w1@test"],
+        json!({"ok": format!("add consumer {queue}")})
+    );
+    eventually(
+        Duration::from_secs(20),
+        "the step to run once the queue is back",
+        async || {
+            status_of(&app, &task_id)
+                .await
+                .filter(|(s, _)| *s == TaskStatus::Success)
+        },
+    )
+    .await;
+}

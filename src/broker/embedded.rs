@@ -365,6 +365,12 @@ impl Broker for EmbeddedBroker {
         Ok(())
     }
 
+    async fn stop_consuming(&self) -> anyhow::Result<()> {
+        // No queue at all: `next` claims nothing until `start_consuming` names queues again.
+        *self.queues.lock().unwrap_or_else(|e| e.into_inner()) = Some("[]".to_owned());
+        Ok(())
+    }
+
     async fn dead_letters(&self) -> anyhow::Result<Option<Vec<DeadLetter>>> {
         self.db
             .call(|conn| {
