@@ -34,10 +34,6 @@ use crate::registry::{Dataset, DatasetPatch, FilePages};
 /// Differences listed when a bundle does not match the inspection.
 const LISTED_DIFFERENCES: usize = 20;
 
-fn failed(err: anyhow::Error) -> StepError {
-    StepError::permanent("ValidationFailed", err)
-}
-
 /// Where the dataset's bundle is kept in the archive (spec D.1):
 /// `{paths.<TYPE>.archive}/{name}.tar`, `{year}` being the year it is archived, not the year
 /// the process started (J.10).
@@ -87,14 +83,14 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         err if err.is_retryable() => StepError::retryable(
             anyhow::Error::new(err).context(format!("cannot bundle `{}`", origin.display())),
         ),
-        err => {
-            failed(anyhow::Error::new(err).context(format!("cannot bundle `{}`", origin.display())))
-        }
+        err => StepError::validation(
+            anyhow::Error::new(err).context(format!("cannot bundle `{}`", origin.display())),
+        ),
     })?;
 
     if let Some(mismatch) = expected.mismatch(&summary.members) {
         let differences = describe_differences(ctx, &dataset, &bundle_path).await;
-        return Err(failed(anyhow::format_err!(
+        return Err(StepError::validation(anyhow::format_err!(
             "dataset {} (`{}`) changed after it was inspected: the bundle of `{}` does not match \
              the {} ({mismatch}){differences}; it was not archived. Inspect the dataset again: \
              `workers workflows resume WORKFLOW --from inspect`",
@@ -163,7 +159,7 @@ impl Expected {
     async fn of(ctx: &StepContext, dataset: &Dataset) -> Result<Expected, StepError> {
         if let Some(record) = inspection_of(dataset) {
             return Expected::from_record(&record).ok_or_else(|| {
-                failed(anyhow::format_err!(
+                StepError::validation(anyhow::format_err!(
                     "the inspection record of dataset {} (`{}`) is damaged; inspect the dataset again",
                     dataset.id,
                     dataset.name
@@ -171,7 +167,7 @@ impl Expected {
             });
         }
         let Some(num_files) = dataset.num_files else {
-            return Err(failed(anyhow::format_err!(
+            return Err(StepError::validation(anyhow::format_err!(
                 "dataset {} (`{}`) has not been inspected",
                 dataset.id,
                 dataset.name

@@ -61,10 +61,6 @@ impl SpoolRow {
     }
 }
 
-fn failed(err: anyhow::Error) -> StepError {
-    StepError::permanent("InspectionFailed", err)
-}
-
 /// The spool file of one inspection, read back as the rows the registry stores; removed
 /// whatever the outcome.
 struct Spool(TempFile);
@@ -88,7 +84,7 @@ impl FileRowSource for Spool {
 pub async fn run(ctx: &StepContext) -> StepResult {
     let dataset = ctx.dataset().await?;
     if dataset.is_deleted {
-        return Err(failed(anyhow::format_err!(
+        return Err(StepError::inspection(anyhow::format_err!(
             "dataset {} (`{}`) is deleted",
             dataset.id,
             dataset.name
@@ -98,7 +94,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     let checked = origin.clone();
     blocking(move || check_readable(&checked))
         .await
-        .map_err(failed)?;
+        .map_err(StepError::inspection)?;
 
     let app = &ctx.app;
     let progress = ctx.progress.clone();
@@ -185,7 +181,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
                 walked.error_count as usize - shown
             ));
         }
-        return Err(failed(anyhow::format_err!(
+        return Err(StepError::inspection(anyhow::format_err!(
             "{} problem(s) inspecting `{}`: {listed}",
             walked.error_count,
             origin.display()
@@ -200,7 +196,9 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         .await
         .map_err(|err| match err {
             // Rows the registry cannot replace are a fact about the dataset, not a hiccup.
-            RegistryError::Invalid(message) => failed(anyhow::format_err!("{message}")),
+            RegistryError::Invalid(message) => {
+                StepError::inspection(anyhow::format_err!("{message}"))
+            }
             other => other.into(),
         })?;
     if let Ok(Spool(spool)) = Arc::try_unwrap(spool) {

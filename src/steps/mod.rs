@@ -179,6 +179,17 @@ impl StepError {
         }
     }
 
+    /// `ValidationFailed`: the data or its records are not as the step needs them, and trying
+    /// again cannot help.
+    pub fn validation(error: anyhow::Error) -> StepError {
+        StepError::permanent("ValidationFailed", error)
+    }
+
+    /// `InspectionFailed`: the dataset cannot be inspected as it is.
+    pub fn inspection(error: anyhow::Error) -> StepError {
+        StepError::permanent("InspectionFailed", error)
+    }
+
     /// The step stopped because it was cancelled; whoever cancelled it decides what is
     /// recorded (nothing, for a lost claim or a shutdown).
     pub fn cancelled() -> StepError {
@@ -216,7 +227,7 @@ impl From<RegistryError> for StepError {
         match err {
             RegistryError::Unavailable(_) => StepError::retryable(err.into()),
             RegistryError::NotFound(_) | RegistryError::Invalid(_) => {
-                StepError::permanent("ValidationFailed", err.into())
+                StepError::validation(err.into())
             }
         }
     }
@@ -225,11 +236,23 @@ impl From<RegistryError> for StepError {
 impl From<ArchiveError> for StepError {
     fn from(err: ArchiveError) -> StepError {
         match err {
-            ArchiveError::NotFound(_) => StepError::permanent("ValidationFailed", err.into()),
-            ArchiveError::Invalid(err) => StepError::permanent("ValidationFailed", err),
+            ArchiveError::NotFound(_) => StepError::validation(err.into()),
+            ArchiveError::Invalid(err) => StepError::validation(err),
             ArchiveError::Transient(err) => StepError::retryable(err),
             ArchiveError::Cancelled => StepError::cancelled(),
         }
+    }
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {:#}", self.kind, self.error)
+    }
+}
+
+impl std::error::Error for StepError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(self.error.as_ref())
     }
 }
 

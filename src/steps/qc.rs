@@ -22,16 +22,12 @@ use crate::registry::DatasetPatch;
 /// What MultiQC writes into its output directory.
 const REPORT_FILE: &str = "multiqc_report.html";
 
-fn failed(err: anyhow::Error) -> StepError {
-    StepError::permanent("ValidationFailed", err)
-}
-
 pub async fn run(ctx: &StepContext) -> StepResult {
     let app = &ctx.app;
     let settings = &app.settings.qc;
     let dataset = ctx.dataset().await?;
     let Some(qc_root) = app.settings.paths.for_type(dataset.dataset_type).qc.clone() else {
-        return Err(failed(anyhow::format_err!(
+        return Err(StepError::validation(anyhow::format_err!(
             "dataset {} (`{}`): paths.{}.qc is not set, so no QC report is made for {} datasets",
             dataset.id,
             dataset.name,
@@ -40,7 +36,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         )));
     };
     let Some(staged) = dataset.staged_path.clone().map(PathBuf::from) else {
-        return Err(failed(anyhow::format_err!(
+        return Err(StepError::validation(anyhow::format_err!(
             "dataset {} (`{}`) has no staged copy to check: stage it first",
             dataset.id,
             dataset.name
@@ -62,7 +58,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         })
         .await??;
     let Some(fastq) = fastq else {
-        return Err(failed(anyhow::format_err!(
+        return Err(StepError::validation(anyhow::format_err!(
             "the staged copy `{}` of dataset {} (`{}`) does not exist: stage it again",
             staged.display(),
             dataset.id,
@@ -70,7 +66,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         )));
     };
     if fastq.is_empty() {
-        return Err(failed(anyhow::format_err!(
+        return Err(StepError::validation(anyhow::format_err!(
             "the staged copy `{}` of dataset {} (`{}`) holds no *.fastq.gz file: nothing to check",
             staged.display(),
             dataset.id,
@@ -113,7 +109,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     let report = qc_dir.join(REPORT_FILE);
     let found = report.clone();
     if !crate::compute::blocking(move || found.is_file()).await {
-        return Err(failed(anyhow::format_err!(
+        return Err(StepError::validation(anyhow::format_err!(
             "MultiQC wrote no report `{}` for dataset {} (`{}`)",
             report.display(),
             dataset.id,

@@ -14,15 +14,11 @@ use super::{StepContext, StepError, StepResult, returns_dataset, staged_bundle_p
 use crate::cancel::{CancellationToken, check};
 use crate::compute::{attempt_sibling, blocking, remove_leftover_partials, remove_tree};
 
-fn failed(err: anyhow::Error) -> StepError {
-    StepError::permanent("ValidationFailed", err)
-}
-
 pub async fn run(ctx: &StepContext) -> StepResult {
     let app = &ctx.app;
     let dataset = ctx.dataset().await?;
     let Some(alias) = dataset.stage_alias().map(str::to_owned) else {
-        return Err(failed(anyhow::format_err!(
+        return Err(StepError::validation(anyhow::format_err!(
             "dataset {} (`{}`) has no stage alias",
             dataset.id,
             dataset.name
@@ -33,9 +29,9 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     let download_setting = app.settings.paths.download_dir.clone();
     // Resolving paths touches the file system: off the runtime threads.
     let resolved = blocking(move || -> Result<(PathBuf, PathBuf, PathBuf), StepError> {
-        let staged = staged
-            .filter(|p| p.is_dir())
-            .ok_or_else(|| failed(anyhow::format_err!("the dataset has no staged copy")))?;
+        let staged = staged.filter(|p| p.is_dir()).ok_or_else(|| {
+            StepError::validation(anyhow::format_err!("the dataset has no staged copy"))
+        })?;
         let root = std::fs::canonicalize(&root_setting)
             .with_context(|| format!("cannot resolve paths.root `{}`", root_setting.display()))?;
         let staged = std::fs::canonicalize(&staged)
@@ -51,7 +47,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         if err.is_retryable() {
             err
         } else {
-            failed(anyhow::format_err!(
+            StepError::validation(anyhow::format_err!(
                 "dataset {} (`{}`): {:#}",
                 dataset.id,
                 dataset.name,
@@ -61,7 +57,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     })?;
     let (root, staged, download_dir) = resolved;
     if !staged.starts_with(&root) {
-        return Err(failed(anyhow::format_err!(
+        return Err(StepError::validation(anyhow::format_err!(
             "staged path `{}` is outside paths.root `{}`; downloads can only be published below it",
             staged.display(),
             root.display()

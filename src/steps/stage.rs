@@ -22,16 +22,12 @@ use crate::compute::{blocking, remove_tree};
 use crate::model::DatasetState;
 use crate::registry::DatasetPatch;
 
-fn failed(err: anyhow::Error) -> StepError {
-    StepError::permanent("ValidationFailed", err)
-}
-
 pub async fn run(ctx: &StepContext) -> StepResult {
     let app = &ctx.app;
     let dataset = ctx.dataset().await?;
     let (Some(archive_path), Some(bundle)) = (dataset.archive_path.clone(), dataset.bundle.clone())
     else {
-        return Err(failed(anyhow::format_err!(
+        return Err(StepError::validation(anyhow::format_err!(
             "dataset {} (`{}`) has not been archived",
             dataset.id,
             dataset.name
@@ -77,7 +73,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     if fetched_md5 != bundle.md5 {
         let fetched = local_bundle.clone();
         let _ = blocking(move || std::fs::remove_file(fetched)).await;
-        return Err(failed(anyhow::format_err!(
+        return Err(StepError::validation(anyhow::format_err!(
             "checksum mismatch: `{archive_path}` has MD5 {fetched_md5}, but the bundle was archived with MD5 {}",
             bundle.md5
         )));
@@ -112,7 +108,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
                 let refused = local_bundle.clone();
                 let _ = blocking(move || std::fs::remove_file(refused)).await;
             }
-            return Err(failed(err));
+            return Err(StepError::validation(err));
         }
     };
 

@@ -34,10 +34,6 @@ const PAGE: usize = 10_000;
 /// Problems named in the failure message; all are counted.
 const LISTED_PROBLEMS: usize = 1_000;
 
-fn failed(err: anyhow::Error) -> StepError {
-    StepError::permanent("ValidationFailed", err)
-}
-
 /// Checks one row against the staged tree; `None` when it matches.
 fn check(root: &Path, row: &FileRecord, cancel: &CancellationToken) -> Option<String> {
     let path = root.join(&row.path);
@@ -61,7 +57,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     let app = &ctx.app;
     let dataset = ctx.dataset().await?;
     let Some(staged) = dataset.staged_path.clone() else {
-        return Err(failed(anyhow::format_err!(
+        return Err(StepError::validation(anyhow::format_err!(
             "dataset {} (`{}`) has not been staged",
             dataset.id,
             dataset.name
@@ -70,7 +66,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     let root = PathBuf::from(&staged);
     let probe = root.clone();
     if !blocking(move || probe.is_dir()).await {
-        return Err(failed(anyhow::format_err!(
+        return Err(StepError::validation(anyhow::format_err!(
             "staged path `{staged}` does not exist"
         )));
     }
@@ -114,7 +110,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             Ok(()) => "the staged copy and its download links were removed".to_owned(),
             Err(err) => format!("{err:#}"),
         };
-        return Err(failed(anyhow::format_err!(
+        return Err(StepError::validation(anyhow::format_err!(
             "{problem_count} of {checked} files in `{staged}` failed validation: {listed}; {withdrawn}"
         )));
     }
@@ -175,7 +171,7 @@ async fn ensure_rows_match(
         .with_context(|| "cannot read the staged bundle to restore file rows".to_owned())
         .map_err(StepError::retryable_unless_cancelled)?;
     if restored.len() as u64 != record.files || Some(fingerprint) != want {
-        return Err(failed(anyhow::format_err!(
+        return Err(StepError::validation(anyhow::format_err!(
             "the registry holds {} file rows of dataset {} (`{}`) that do not match its inspection ({} files), \
              and the staged bundle cannot restore them; inspect the dataset again",
             rows.rows,
@@ -195,7 +191,7 @@ async fn ensure_rows_match(
         .await
         .map_err(|err| match err {
             crate::registry::RegistryError::Invalid(message) => {
-                failed(anyhow::format_err!("{message}"))
+                StepError::validation(anyhow::format_err!("{message}"))
             }
             other => other.into(),
         })?;
