@@ -20,6 +20,7 @@
 //!   code that touches rayon.
 //! - `cancel`: the cancellation token every long piece of work checks.
 //! - `metrics`: the Prometheus metrics every part records into, and their HTTP endpoint.
+//! - `names`: the job and task names, a leaf module every layer may use.
 //! - `model`, `identity`, `progress`, `ui`: shared types, this process's identity, progress
 //!   counters and terminal output.
 
@@ -36,6 +37,7 @@ pub mod identity;
 pub mod jobs;
 pub mod metrics;
 pub mod model;
+pub mod names;
 pub mod progress;
 pub mod registry;
 pub mod scheduler;

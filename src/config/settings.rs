@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::jobs::JobName;
 use crate::model::DatasetType;
+use crate::names::JobName;
 use crate::scheduler::schedule::Schedule;
 
 /// The merged configuration files, before validation. Field names are the TOML keys.

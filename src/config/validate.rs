@@ -15,7 +15,7 @@ use super::layers::{
 use super::overlap::{Overlap, overlap};
 use super::secrets::{DEVELOPMENT_ALIAS_SALT, SECRETS, SecretValue, redact_uri};
 use super::settings::*;
-use crate::jobs::JobName;
+use crate::names::JobName;
 use crate::scheduler::schedule::{Schedule, ScheduleFields};
 
 /// Each round fixes one wrong value; beyond this many the configuration is hopeless anyway.
@@ -357,23 +357,23 @@ pub(super) fn build(
     let workflows_dir = check.path(&["workflows", "dir"], &raw.workflows.dir);
 
     for task in raw.retry.steps.keys() {
-        if crate::steps::Task::from_name(task).is_none() {
+        if crate::names::Task::from_name(task).is_none() {
             check.fail(
                 &key(&["retry", "steps", task]),
                 format!(
                     "unknown task `{task}` (known: {})",
-                    crate::steps::Task::names()
+                    crate::names::Task::names()
                 ),
             );
         }
     }
     for task in raw.worker.time_limits.keys() {
-        if crate::steps::Task::from_name(task).is_none() {
+        if crate::names::Task::from_name(task).is_none() {
             check.fail(
                 &key(&["worker", "time_limits", task]),
                 format!(
                     "unknown task `{task}` (known: {})",
-                    crate::steps::Task::names()
+                    crate::names::Task::names()
                 ),
             );
         }

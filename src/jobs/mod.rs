@@ -11,60 +11,8 @@ pub mod reconcile;
 pub mod register;
 pub mod watch;
 
-/// The jobs the scheduler runs (and `workers jobs run` runs by hand), by their configuration
-/// names: `[schedules.<name>]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum JobName {
-    Watch,
-    PurgeStagedDatasets,
-    PurgeStaleWorkflows,
-    Reconcile,
-    Metrics,
-    ManageUploadWorkflows,
-    PurgeStaleUploaded,
-    PopulateBundles,
-}
-
-impl JobName {
-    pub const ALL: [JobName; 8] = [
-        JobName::Watch,
-        JobName::PurgeStagedDatasets,
-        JobName::PurgeStaleWorkflows,
-        JobName::Reconcile,
-        JobName::Metrics,
-        JobName::ManageUploadWorkflows,
-        JobName::PurgeStaleUploaded,
-        JobName::PopulateBundles,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            JobName::Watch => "watch",
-            JobName::PurgeStagedDatasets => "purge_staged_datasets",
-            JobName::PurgeStaleWorkflows => "purge_stale_workflows",
-            JobName::Reconcile => "reconcile",
-            JobName::Metrics => "metrics",
-            JobName::ManageUploadWorkflows => "manage_upload_workflows",
-            JobName::PurgeStaleUploaded => "purge_stale_uploaded",
-            JobName::PopulateBundles => "populate_bundles",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<JobName> {
-        JobName::ALL.into_iter().find(|j| j.name() == name)
-    }
-
-    /// The job names, comma-separated, for messages.
-    pub fn names() -> String {
-        JobName::ALL.map(JobName::name).join(", ")
-    }
-}
-
-impl std::fmt::Display for JobName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
-}
+/// The job names live in `names`, which every layer may use.
+pub use crate::names::JobName;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -32,70 +32,8 @@ use crate::model::{DatasetName, InspectionRecord};
 use crate::progress::Progress;
 use crate::registry::{Dataset, DatasetId, RegistryError};
 
-/// The tasks the workers run, by their registered (Celery) names (spec B.0).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Task {
-    AwaitStability,
-    Inspect,
-    Archive,
-    Stage,
-    Validate,
-    SetupDownload,
-    DeleteDataset,
-    DeleteSource,
-    /// Checks an upload against its sender's manifest (a plain task, spec C.5.3).
-    VerifyUploadIntegrity,
-    MarkArchivedAndDelete,
-    GenerateQc,
-    DownloadIllumina,
-    /// Does nothing: for benchmarks and interoperability tests.
-    Noop,
-}
-
-impl Task {
-    pub const ALL: [Task; 13] = [
-        Task::AwaitStability,
-        Task::Inspect,
-        Task::Archive,
-        Task::Stage,
-        Task::Validate,
-        Task::SetupDownload,
-        Task::DeleteDataset,
-        Task::DeleteSource,
-        Task::VerifyUploadIntegrity,
-        Task::MarkArchivedAndDelete,
-        Task::GenerateQc,
-        Task::DownloadIllumina,
-        Task::Noop,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Task::AwaitStability => "await_stability",
-            Task::Inspect => "inspect_dataset",
-            Task::Archive => "archive_dataset",
-            Task::Stage => "stage_dataset",
-            Task::Validate => "validate_dataset",
-            Task::SetupDownload => "setup_dataset_download",
-            Task::DeleteDataset => "delete_dataset",
-            Task::DeleteSource => "delete_source",
-            Task::VerifyUploadIntegrity => "verify_upload_integrity",
-            Task::MarkArchivedAndDelete => "mark_archived_and_delete",
-            Task::GenerateQc => "generate_qc",
-            Task::DownloadIllumina => "download_illumina_dataset",
-            Task::Noop => "noop",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Task> {
-        Task::ALL.into_iter().find(|t| t.name() == name)
-    }
-
-    /// The task names, comma-separated, for error messages.
-    pub fn names() -> String {
-        Task::ALL.map(Task::name).join(", ")
-    }
-}
+/// The task names live in `names`, which every layer may use.
+pub use crate::names::Task;
 
 /// What a step gets to work with.
 pub struct StepContext {
