@@ -99,25 +99,17 @@ def main():
         worker.terminate()
         worker.wait()
     idle = {}
-    # Events off: a worker without -E.
-    worker = subprocess.Popen([BIN, "--config-dir", os.path.join(work, "config"), "worker",
-                               "--hostname", "bench-off@%h"], cwd=work, env=env,
-                              stderr=subprocess.DEVNULL)
-    try:
-        wait_for_node(control, "bench-off@")
-        idle["off"] = idle_cpu(worker)
-    finally:
-        worker.terminate()
-        worker.wait()
-    worker = subprocess.Popen([BIN, "--config-dir", os.path.join(work, "config"), "worker",
-                               "--hostname", "bench-on@%h", "-E"], cwd=work, env=env,
-                              stderr=subprocess.DEVNULL)
-    try:
-        wait_for_node(control, "bench-on@")
-        idle["on"] = idle_cpu(worker)
-    finally:
-        worker.terminate()
-        worker.wait()
+    # An idle worker without events, then one with them (-E).
+    for key, flags in (("off", []), ("on", ["-E"])):
+        worker = subprocess.Popen([BIN, "--config-dir", os.path.join(work, "config"), "worker",
+                                   "--hostname", f"bench-{key}@%h", *flags], cwd=work, env=env,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            wait_for_node(control, f"bench-{key}@")
+            idle[key] = idle_cpu(worker)
+        finally:
+            worker.terminate()
+            worker.wait()
     subprocess.run(["rabbitmqctl", "delete_queue", f"{app_id}.q"], capture_output=True)
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({"results": results, "idle": idle}, indent=1))

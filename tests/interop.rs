@@ -522,6 +522,12 @@ async fn a_task_only_python_workers_have_runs_there_and_is_never_failed_by_the_r
 }
 
 impl Production {
+    /// A Rust worker's `--hostname`: `{role}-{this test's id}@%h`. Unique per test, so that
+    /// test runs sharing one RabbitMQ never share a node's mailbox (it is exclusive).
+    fn node_name(&self, role: &str) -> String {
+        format!("{role}-{}@%h", &self.app_id["interop-".len()..])
+    }
+
     /// Polls `app.control.ping()` from Python until a node whose name starts with each of
     /// `prefixes` answers; returns their names in that order.
     fn wait_for_nodes(&self, prefixes: &[&str]) -> Vec<String> {
@@ -598,13 +604,15 @@ async fn python_and_rust_workers_answer_the_fleets_remote_control_side_by_side()
     // The Python worker consumes a queue of its own, so the held step runs on the Rust one.
     let python_queue = format!("{}.py.q", prod.app_id);
     let (python_worker, _python_reap) = prod.spawn_python_worker(&python_queue);
+    let rust_name = prod.node_name("rust-ctl");
     let (rust_worker, _rust_reap) =
-        prod.spawn_rust_worker(&["--hostname", "rust-ctl@%h", "--concurrency", "2"]);
-    let nodes = prod.wait_for_nodes(&["py-", "rust-ctl@"]);
+        prod.spawn_rust_worker(&["--hostname", &rust_name, "--concurrency", "2"]);
+    let rust_prefix = rust_name.trim_end_matches("%h").to_owned();
+    let nodes = prod.wait_for_nodes(&["py-", &rust_prefix]);
     let (python_node, rust_node) = (&nodes[0], &nodes[1]);
     // What no node can read is logged and ignored: both go on answering.
     prod.python(&["malformed"]);
-    assert_eq!(prod.wait_for_nodes(&["py-", "rust-ctl@"]), nodes);
+    assert_eq!(prod.wait_for_nodes(&["py-", &rust_prefix]), nodes);
 
     let registered = prod.python(&["inspect", "registered"]);
     let rust_tasks = registered[rust_node].as_array().unwrap();
@@ -734,8 +742,9 @@ async fn sca_rhythms_pause_and_resume_work_on_a_rust_worker() {
     let Some(prod) = Production::new() else {
         return;
     };
-    let (rust_worker, _reap) = prod.spawn_rust_worker(&["--hostname", "rust-pause@%h"]);
-    let nodes = prod.wait_for_nodes(&["rust-pause@"]);
+    let rust_name = prod.node_name("rust-pause");
+    let (rust_worker, _reap) = prod.spawn_rust_worker(&["--hostname", &rust_name]);
+    let nodes = prod.wait_for_nodes(&[rust_name.trim_end_matches("%h")]);
     let workflow_id = prod.start_held_drill(8);
     let task = prod.wait_for_active(&nodes[0]);
     let paused = prod.python(&["pause", &workflow_id]);
@@ -836,8 +845,11 @@ async fn flower_sees_the_rust_worker_online_and_the_tasks_it_ran() {
         .unwrap();
     // Killed when the test ends; its exit is of no interest.
     let _flower = ReapChild(flower);
-    let (rust_worker, _reap) = prod.spawn_rust_worker(&["--hostname", "rust-ev@%h", "-E"]);
-    let node = prod.wait_for_nodes(&["rust-ev@"]).remove(0);
+    let rust_name = prod.node_name("rust-ev");
+    let (rust_worker, _reap) = prod.spawn_rust_worker(&["--hostname", &rust_name, "-E"]);
+    let node = prod
+        .wait_for_nodes(&[rust_name.trim_end_matches("%h")])
+        .remove(0);
 
     // Online, from its heartbeats.
     let status = flower_until(port, "/api/workers?status=true", |b| b[&node] == true).await;

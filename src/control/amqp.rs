@@ -86,16 +86,7 @@ impl AmqpMailbox {
         let channel = connection.create_channel().await?;
         declare_exchanges(&channel).await?;
         let queue = format!("{}.celery.pidbox", control.node());
-        channel
-            .queue_declare(
-                short(&queue)?,
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                queue_arguments(),
-            )
+        declare_private_queue(&channel, &queue)
             .await
             .with_context(|| {
                 format!(
@@ -221,11 +212,24 @@ async fn declare_exchanges(channel: &Channel) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn queue_arguments() -> FieldTable {
+/// A node's request queue or a sender's reply queue, as kombu declares both: exclusive to this
+/// connection, deleted with it, expiring 10 s after its last use, messages kept 300 s.
+async fn declare_private_queue(channel: &Channel, queue: &str) -> anyhow::Result<()> {
     let mut arguments = FieldTable::default();
     arguments.insert("x-expires".into(), AMQPValue::LongInt(QUEUE_EXPIRES_MS));
     arguments.insert("x-message-ttl".into(), AMQPValue::LongInt(QUEUE_TTL_MS));
-    arguments
+    channel
+        .queue_declare(
+            short(queue)?,
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await?;
+    Ok(())
 }
 
 fn short(text: &str) -> anyhow::Result<ShortString> {
@@ -273,17 +277,7 @@ impl Mailbox for AmqpMailbox {
         if collect.is_some() {
             let oid = uuid::Uuid::new_v4().to_string();
             let queue = format!("{oid}.{REPLY_EXCHANGE}");
-            channel
-                .queue_declare(
-                    short(&queue)?,
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        auto_delete: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    queue_arguments(),
-                )
-                .await?;
+            declare_private_queue(&channel, &queue).await?;
             channel
                 .queue_bind(
                     short(&queue)?,
