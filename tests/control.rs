@@ -26,19 +26,6 @@ fn spawn_worker(project: &Project, node: &str) -> (Child, Reap) {
     (child, reap)
 }
 
-/// Waits for `child` to end on its own, failing the test after `limit`.
-fn wait_for_exit(mut child: Child, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the process did not end within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    child.wait_with_output().unwrap()
-}
-
 fn control(project: &Project, args: &[&str]) -> Output {
     let mut full = vec!["control"];
     full.extend_from_slice(args);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::bioloop_api::TestApi;
 use common::services::{TestDatabase, service_var};
-use common::{Project, Reap, describe};
+use common::{Project, Reap, describe, wait_for_exit};
 use serde_json::{Value, json};
 use workers::model::{CreateMethod, DatasetName, DatasetType};
 use workers::registry::NewDataset;
@@ -581,19 +581,6 @@ impl Production {
             std::thread::sleep(Duration::from_millis(300));
         }
     }
-}
-
-/// Waits for `child` to end on its own.
-fn wait_for_exit(mut child: Child, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the process did not end within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    child.wait_with_output().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ pub mod services;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -409,4 +409,17 @@ pub async fn start_noop_workflow(app: &Arc<App>, hold_seconds: f64) -> String {
         .unwrap();
     assert_eq!(repaired, std::slice::from_ref(&workflow_id));
     workflow_id
+}
+
+/// Waits for `child` to end on its own, failing the test after `limit`.
+pub fn wait_for_exit(mut child: Child, limit: Duration) -> Output {
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the process did not end within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.wait_with_output().unwrap()
 }
