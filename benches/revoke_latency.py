@@ -23,6 +23,8 @@ import uuid
 
 import celery
 
+import sections
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(REPO, "target", "release", "workers")
 RUNS = int(os.environ.get("RUNS", "7"))
@@ -204,16 +206,7 @@ resumed after each.
 
 Reproduce: `benches/revoke_latency.sh` (environment: `RUNS`, `SIZE_MIB`, `WINDOW`, `OFFSET`).
 <!-- remote-control:end -->"""
-    path = os.path.join(REPO, "BENCHMARKS.md")
-    with open(path) as f:
-        text = f.read()
-    begin, end = "<!-- remote-control:begin -->", "<!-- remote-control:end -->"
-    if begin in text:
-        text = text[:text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path, "w") as f:
-        f.write(text)
+    sections.write_section("remote-control", section)
 
 
 if __name__ == "__main__":

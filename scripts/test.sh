@@ -7,9 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo fmt --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --all-targets --features failpoints --locked -- -D warnings
 eval "$(scripts/services.sh)"
-cargo test --locked
+# `failpoints` compiles in the failure injection some tests use (never in a deployed build).
+cargo test --locked --features failpoints
 # A short chaos run: processes killed at random while datasets go through their workflows,
 # then every record checked against the disk (scripts/chaos.sh; CHAOS_N=200 for a long run).
 CHAOS_N=${CHAOS_N:-3} scripts/chaos.sh

@@ -33,6 +33,8 @@ pub mod commands;
 pub mod compute;
 pub mod config;
 pub mod control;
+#[cfg(feature = "failpoints")]
+pub mod failpoints;
 pub mod identity;
 pub mod jobs;
 pub mod metrics;

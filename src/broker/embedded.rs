@@ -266,14 +266,21 @@ impl Row {
 #[async_trait]
 impl Broker for EmbeddedBroker {
     async fn publish(&self, message: &TaskMessage) -> anyhow::Result<()> {
-        let message = message.clone();
+        self.publish_many(std::slice::from_ref(message)).await
+    }
+
+    async fn publish_many(&self, messages: &[TaskMessage]) -> anyhow::Result<()> {
+        let messages = messages.to_vec();
         self.db
             .write(move |tx| {
-                tx.execute(
+                let mut insert = tx.prepare_cached(
                     "INSERT INTO queue (task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue, published_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                      ON CONFLICT (task_id) DO NOTHING",
-                    params![
+                )?;
+                let now = to_millis(Utc::now());
+                for message in &messages {
+                    insert.execute(params![
                         message.id,
                         message.task,
                         serde_json::Value::from(message.args.clone()).to_string(),
@@ -284,9 +291,9 @@ impl Broker for EmbeddedBroker {
                         message.root_id,
                         message.parent_id,
                         message.queue,
-                        to_millis(Utc::now())
-                    ],
-                )?;
+                        now
+                    ])?;
+                }
                 Ok(())
             })
             .await?;

@@ -101,6 +101,14 @@ pub trait Broker: Send + Sync {
     /// engine's claims make either harmless.
     async fn publish(&self, message: &TaskMessage) -> anyhow::Result<()>;
 
+    /// Queues every message, in order (the first steps of `engine::start_many`).
+    async fn publish_many(&self, messages: &[TaskMessage]) -> anyhow::Result<()> {
+        for message in messages {
+            self.publish(message).await?;
+        }
+        Ok(())
+    }
+
     /// Waits for the next runnable message (highest priority first, `eta` honoured) and
     /// claims it for this consumer. Cancel by dropping the future.
     async fn next(&self) -> anyhow::Result<Box<dyn Delivery>>;

@@ -36,6 +36,7 @@ use crate::store::TaskStatus;
 use crate::ui::{Display, EscapedFields, escape_controls};
 use crate::workflow::engine;
 use crate::workflow::worker::{Until, WorkerOptions};
+use tracing_subscriber::EnvFilter;
 
 /// Exit status 1: the command ran, but something it did failed (a workflow, a registration).
 #[derive(Debug, thiserror::Error)]
@@ -146,7 +147,6 @@ fn flags(cli: &Cli) -> Vec<FlagValue> {
 }
 
 fn init_logging(settings: &Settings, display: &Display) {
-    use tracing_subscriber::EnvFilter;
     // Loading validated the filter with this same parser.
     let filter = EnvFilter::try_new(settings.log.filter())
         .unwrap_or_else(|_| EnvFilter::new("warn,workers=info"));

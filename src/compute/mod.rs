@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context as _;
 
 use crate::cancel::{CancellationToken, Cancelled, check};
+use rustix::fs::{CWD, RenameFlags, renameat_with};
 
 /// The one CPU pool: checksums, tar, extraction and tree walks run here, never on async runtime threads.
 #[derive(Clone)]
@@ -351,7 +352,6 @@ fn ignore_missing(result: io::Result<()>) -> io::Result<()> {
 /// be removed by the caller), or `None` when `dest` did not exist. Without exchange support the
 /// old tree is first renamed aside, leaving `dest` missing for the moment between two renames.
 pub fn swap_into_place(new: &Path, dest: &Path) -> io::Result<Option<PathBuf>> {
-    use rustix::fs::{CWD, RenameFlags, renameat_with};
     match fs::symlink_metadata(dest) {
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             match renameat_with(CWD, new, CWD, dest, RenameFlags::NOREPLACE) {

@@ -17,7 +17,7 @@ use rayon::iter::{ParallelBridge, ParallelIterator};
 use walkdir::WalkDir;
 
 use crate::cancel::{CancellationToken, Cancelled};
-use crate::compute::md5::{Md5Digest, advise_sequential, md5_reader_with};
+use crate::compute::md5::{CHUNK_SIZE, Md5Digest, advise_sequential, md5_reader_with};
 
 /// What a directory entry is, with symbolic links told apart by what they point at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -432,7 +432,7 @@ impl Inspection<'_> {
                 };
                 self.emit(&mut summary, record);
             }
-            EntryKind::File => match self.hash(path) {
+            EntryKind::File => match self.hash(path, metadata.len()) {
                 Ok((digest, content, size)) => {
                     if self.is_genome_file(rel) {
                         summary.num_genome_files += 1;
@@ -467,10 +467,14 @@ impl Inspection<'_> {
         metadata.size()
     }
 
-    /// MD5 and BLAKE3 of the file's content, in one read.
-    fn hash(&self, path: &Path) -> io::Result<(Md5Digest, ContentDigest, u64)> {
+    /// MD5 and BLAKE3 of the file's content, in one read. `size` is the file's length when it
+    /// was listed: only files larger than one read get the read-ahead advice (a system call
+    /// that buys nothing for a file read in one go, and there are millions of those).
+    fn hash(&self, path: &Path, size: u64) -> io::Result<(Md5Digest, ContentDigest, u64)> {
         let mut file = File::open(path)?;
-        advise_sequential(&file);
+        if size > CHUNK_SIZE as u64 {
+            advise_sequential(&file);
+        }
         let mut content = blake3::Hasher::new();
         let (md5, size) = md5_reader_with(
             &mut file,
@@ -562,19 +566,6 @@ pub fn inspect_tree(
         return Err(Cancelled.into());
     }
     Ok(start.merge(rest))
-}
-
-/// How many entries below `root` are not directories: the number of file rows an inspection
-/// will produce, known cheaply (directory listings only, no `stat` where the file system
-/// reports entry types). Unreadable parts are skipped; this only sizes a progress bar. A
-/// cancelled count stops early (its result is then meaningless).
-pub fn count_non_directories(root: &Path, cancel: &CancellationToken) -> u64 {
-    WalkDir::new(root)
-        .into_iter()
-        .take_while(|_| !cancel.is_cancelled())
-        .filter_map(Result::ok)
-        .filter(|e| !e.file_type().is_dir())
-        .count() as u64
 }
 
 /// The apparent size of the regular files below `root`. Unreadable parts are skipped. A

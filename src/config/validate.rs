@@ -17,6 +17,8 @@ use super::secrets::{DEVELOPMENT_ALIAS_SALT, SECRETS, SecretValue, redact_uri};
 use super::settings::*;
 use crate::names::JobName;
 use crate::scheduler::schedule::{Schedule, ScheduleFields};
+use mongodb::options::ConnectionString;
+use serde_path_to_error::Segment;
 
 /// Each round fixes one wrong value; beyond this many the configuration is hopeless anyway.
 const MAX_ROUNDS: usize = 64;
@@ -226,7 +228,6 @@ fn ignored_path(path: &serde_ignored::Path<'_>) -> Vec<Seg> {
 }
 
 fn error_path(path: &serde_path_to_error::Path) -> Vec<Seg> {
-    use serde_path_to_error::Segment;
     path.iter()
         .filter_map(|segment| match segment {
             Segment::Seq { index } => Some(Seg::Index(*index)),
@@ -1287,7 +1288,6 @@ fn built_mongo_uri(raw: &RawMongo, database: &str, password: Option<&str>) -> St
 /// password, so when the string does not parse, the parser only gets to speak about the
 /// string with the password redacted.
 fn check_mongo_uri(uri: &str) -> Result<(), String> {
-    use mongodb::options::ConnectionString;
     if ConnectionString::parse(uri).is_ok() {
         return Ok(());
     }

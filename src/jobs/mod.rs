@@ -15,7 +15,6 @@ pub mod watch;
 pub use crate::names::JobName;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
@@ -36,7 +35,8 @@ pub struct Registered {
 }
 
 /// Creates `items` in batches of at most `MAX_BULK` and starts the `integrated` workflow for
-/// each created dataset. A batch that fails is reported in the returned errors (with the
+/// each created dataset. The created datasets are reported as `Registered` only (the returned
+/// outcome's `created` stays empty), so a run of 100,000 keeps no 100,000 full records. A batch that fails is reported in the returned errors (with the
 /// names it held) and left for the next run; a workflow that fails to start is logged and
 /// left for the repair pass.
 pub async fn register_and_start(
@@ -70,15 +70,14 @@ pub async fn register_and_start(
                 continue;
             }
         };
-        for dataset in &result.created {
-            let workflow_id = start_integrated(app, dataset).await;
+        let started = start_integrated_many(app, &result.created).await;
+        for (dataset, workflow_id) in result.created.iter().zip(started) {
             registered.push(Registered {
                 id: dataset.id,
                 name: dataset.name.to_string(),
                 workflow_id,
             });
         }
-        outcome.created.extend(result.created);
         outcome.conflicted.extend(result.conflicted);
         outcome.errored.extend(result.errored);
     }
@@ -89,21 +88,45 @@ pub async fn register_and_start(
 /// left without a workflow, which the repair pass of the next `watch` run finds). A dataset
 /// whose `integrated` workflow another process has just started keeps that one.
 pub async fn start_integrated(app: &App, dataset: &Dataset) -> Option<String> {
-    match engine::start(app, "integrated", dataset.id, Map::new()).await {
-        Ok(workflow_id) => Some(workflow_id),
-        Err(err) => match err.downcast_ref::<engine::NotStarted>() {
-            Some(engine::NotStarted::Active { workflow_id, .. }) => Some(workflow_id.clone()),
-            Some(busy @ engine::NotStarted::Busy { .. }) => {
-                info!(dataset_id = dataset.id, name = %dataset.name, "{busy}");
-                None
+    start_integrated_many(app, std::slice::from_ref(dataset))
+        .await
+        .pop()
+        .flatten()
+}
+
+/// `start_integrated` for many datasets, in one batch of the engine's (`engine::start_many`);
+/// the workflow started (or found active) for each, in order.
+pub async fn start_integrated_many(app: &App, datasets: &[Dataset]) -> Vec<Option<String>> {
+    let ids: Vec<DatasetId> = datasets.iter().map(|d| d.id).collect();
+    let mut outcomes: std::collections::HashMap<DatasetId, anyhow::Result<String>> =
+        engine::start_many(app, "integrated", &ids, &Map::new())
+            .await
+            .into_iter()
+            .collect();
+    datasets
+        .iter()
+        .map(|dataset| {
+            let Some(outcome) = outcomes.remove(&dataset.id) else {
+                // A dataset listed twice: the first of them has its outcome.
+                return None;
+            };
+            match outcome {
+                Ok(workflow_id) => Some(workflow_id),
+                Err(err) => match err.downcast_ref::<engine::NotStarted>() {
+                    Some(engine::NotStarted::Active { workflow_id, .. }) => Some(workflow_id.clone()),
+                    Some(busy @ engine::NotStarted::Busy { .. }) => {
+                        info!(dataset_id = dataset.id, name = %dataset.name, "{busy}");
+                        None
+                    }
+                    None => {
+                        warn!(dataset_id = dataset.id, name = %dataset.name, error = %format!("{err:#}"),
+                            "Could not start the workflow; the next watch run will.");
+                        None
+                    }
+                },
             }
-            None => {
-                warn!(dataset_id = dataset.id, name = %dataset.name, error = %format!("{err:#}"),
-                    "Could not start the workflow; the next watch run will.");
-                None
-            }
-        },
-    }
+        })
+        .collect()
 }
 
 /// How a job is run.
@@ -286,7 +309,8 @@ pub async fn execute(
     // Awaited to its end, cancelled or not: when `execute` returns, nothing of the run is
     // still going on (a job stops between items once cancelled).
     let joined = tokio::spawn(async move {
-        failpoint(job, &opts.cancel).await?;
+        #[cfg(feature = "failpoints")]
+        crate::failpoints::job(job, &opts.cancel).await?;
         run_job(&app, job, &opts).await
     })
     .await;
@@ -328,34 +352,4 @@ pub async fn execute(
         outcome,
         report,
     })
-}
-
-/// Failure injection for testing how failures are handled, from `WORKERS_FAILPOINTS`, e.g.
-/// `metrics=panic,watch=sleep(2000),reconcile=error`. Unset in normal operation.
-async fn failpoint(job: JobName, cancel: &CancellationToken) -> anyhow::Result<()> {
-    let Ok(spec) = std::env::var("WORKERS_FAILPOINTS") else {
-        return Ok(());
-    };
-    for entry in spec.split(',') {
-        let Some((name, action)) = entry.trim().split_once('=') else {
-            continue;
-        };
-        if name != job.name() {
-            continue;
-        }
-        if action == "panic" {
-            panic!("failpoint: {job} panics");
-        } else if action == "error" {
-            anyhow::bail!("failpoint: {job} fails");
-        } else if let Some(ms) = action
-            .strip_prefix("sleep(")
-            .and_then(|a| a.strip_suffix(')'))
-        {
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))) => {}
-                () = cancel.cancelled() => return Err(Interrupted.into()),
-            }
-        }
-    }
-    Ok(())
 }

@@ -3,11 +3,11 @@
 
 use tracing::warn;
 
-use super::{Registered, check_interrupted, start_integrated};
+use super::{Registered, check_interrupted, start_integrated_many};
 use crate::app::App;
 use crate::cancel::CancellationToken;
 use crate::model::CreateMethod;
-use crate::registry::DatasetQuery;
+use crate::registry::{DatasetQuery, MAX_BULK};
 use crate::workflow::engine;
 
 #[derive(Debug, Clone, Default)]
@@ -63,21 +63,25 @@ pub async fn start_missing_workflows(
             create_method: Some(*method),
             ..Default::default()
         };
-        for dataset in app.registry.find(&query).await? {
+        // One query finds them all; their workflows start in batches.
+        let found = app.registry.find(&query).await?;
+        for batch in found.chunks(MAX_BULK) {
             check_interrupted(cancel)?;
-            let workflow_id = if dry_run {
-                None
+            let workflow_ids = if dry_run {
+                vec![None; batch.len()]
             } else {
-                start_integrated(app, &dataset).await
+                start_integrated_many(app, batch).await
             };
-            if workflow_id.is_some() {
-                warn!(dataset_id = dataset.id, name = %dataset.name, "Dataset had no workflow; started one.");
+            for (dataset, workflow_id) in batch.iter().zip(workflow_ids) {
+                if workflow_id.is_some() {
+                    warn!(dataset_id = dataset.id, name = %dataset.name, "Dataset had no workflow; started one.");
+                }
+                started.push(Registered {
+                    id: dataset.id,
+                    name: dataset.name.to_string(),
+                    workflow_id,
+                });
             }
-            started.push(Registered {
-                id: dataset.id,
-                name: dataset.name.to_string(),
-                workflow_id,
-            });
         }
     }
     Ok(started)

@@ -10,12 +10,13 @@ pub mod http;
 pub mod sqlite;
 pub mod uploads;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::model::{Bundle, CreateMethod, DatasetName, DatasetState, DatasetType, FileRecord};
+use serde_json::Value;
 use uploads::{
     NewUpload, Notification, ProcessLogLine, UploadLog, UploadLogPatch, UploadQuery, UploadRef,
     WorkerProcess,
@@ -162,6 +163,25 @@ pub trait Registry: Send + Sync {
     /// Datasets matching `query`, most recently updated first.
     async fn find(&self, query: &DatasetQuery) -> Result<Vec<Dataset>, RegistryError>;
 
+    /// The name and origin path of every live dataset of a type: what `watch`'s full scan
+    /// compares a directory listing with, in one listing (paged where the registry pages)
+    /// rather than one look-up per directory.
+    async fn origins(
+        &self,
+        dataset_type: DatasetType,
+    ) -> Result<HashMap<String, Option<String>>, RegistryError> {
+        let query = DatasetQuery {
+            dataset_type: Some(dataset_type),
+            ..Default::default()
+        };
+        Ok(self
+            .find(&query)
+            .await?
+            .into_iter()
+            .map(|d| (d.name.to_string(), d.origin_path))
+            .collect())
+    }
+
     async fn update(&self, id: DatasetId, patch: &DatasetPatch) -> Result<Dataset, RegistryError>;
 
     /// Appends `state` unless it is already the dataset's latest state.
@@ -198,6 +218,33 @@ pub trait Registry: Send + Sync {
 
     /// Links a workflow to the dataset.
     async fn add_workflow(&self, id: DatasetId, workflow_id: &str) -> Result<(), RegistryError>;
+
+    /// Links many workflows, each to its dataset (a batch of `engine::start_many`).
+    async fn add_workflows(&self, links: &[(DatasetId, String)]) -> Result<(), RegistryError> {
+        for (id, workflow_id) in links {
+            self.add_workflow(*id, workflow_id).await?;
+        }
+        Ok(())
+    }
+
+    /// The workflows linked to each of `ids`, oldest first; a dataset that does not exist is
+    /// left out.
+    async fn workflows_of(
+        &self,
+        ids: &[DatasetId],
+    ) -> Result<HashMap<DatasetId, Vec<String>>, RegistryError> {
+        let mut out = HashMap::new();
+        for id in ids {
+            match self.get(*id).await {
+                Ok(dataset) => {
+                    out.insert(*id, dataset.workflows);
+                }
+                Err(RegistryError::NotFound(_)) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(out)
+    }
 
     /// Which of `workflow_ids` are linked to a dataset.
     async fn linked_workflows(
@@ -375,7 +422,6 @@ impl<'a> FilePages<'a> {
 /// Merges `patch` into `base` like lodash `merge`, which the API uses for metadata: objects
 /// merge key by key and arrays index by index, recursively; any other value replaces.
 pub fn deep_merge(base: &mut serde_json::Value, patch: &serde_json::Value) {
-    use serde_json::Value;
     match (base, patch) {
         (Value::Object(base), Value::Object(patch)) => {
             for (key, value) in patch {

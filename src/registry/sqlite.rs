@@ -1,6 +1,6 @@
 //! The registry in the embedded SQLite database, with the Bioloop API's semantics.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::Utc;
@@ -465,6 +465,81 @@ impl Registry for SqliteRegistry {
             Ok(())
         })
         .await
+    }
+
+    async fn add_workflows(&self, links: &[(DatasetId, String)]) -> Result<(), RegistryError> {
+        let links = links.to_vec();
+        let missing = self
+            .db
+            .write(move |tx| {
+                let now = to_millis(Utc::now());
+                let mut exists = tx.prepare_cached("SELECT 1 FROM datasets WHERE id = ?1")?;
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO dataset_workflows (workflow_id, dataset_id, created_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (workflow_id) DO NOTHING",
+                )?;
+                // Every dataset is checked before anything is written: all or nothing.
+                for (id, _) in &links {
+                    if !exists.exists([id])? {
+                        return Ok(Some(*id));
+                    }
+                }
+                for (id, workflow_id) in &links {
+                    insert.execute(params![workflow_id, id, now])?;
+                }
+                Ok(None)
+            })
+            .await
+            .map_err(unavailable)?;
+        match missing {
+            Some(id) => Err(RegistryError::NotFound(id)),
+            None => Ok(()),
+        }
+    }
+
+    async fn workflows_of(
+        &self,
+        ids: &[DatasetId],
+    ) -> Result<HashMap<DatasetId, Vec<String>>, RegistryError> {
+        let ids = serde_json::to_string(ids).unwrap_or_else(|_| "[]".to_owned());
+        self.db
+            .call(move |conn| {
+                let mut out: HashMap<DatasetId, Vec<String>> = HashMap::new();
+                let mut datasets = conn
+                    .prepare("SELECT id FROM datasets WHERE id IN (SELECT value FROM json_each(?1))")?;
+                for id in datasets.query_map([&ids], |r| r.get::<_, DatasetId>(0))? {
+                    out.insert(id?, Vec::new());
+                }
+                let mut links = conn.prepare(
+                    "SELECT dataset_id, workflow_id FROM dataset_workflows
+                     WHERE dataset_id IN (SELECT value FROM json_each(?1)) ORDER BY created_at, workflow_id",
+                )?;
+                let rows = links.query_map([&ids], |r| Ok((r.get::<_, DatasetId>(0)?, r.get::<_, String>(1)?)))?;
+                for row in rows {
+                    let (id, workflow_id) = row?;
+                    out.entry(id).or_default().push(workflow_id);
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn origins(
+        &self,
+        dataset_type: DatasetType,
+    ) -> Result<HashMap<String, Option<String>>, RegistryError> {
+        self.db
+            .call(move |conn| {
+                let mut stmt = conn.prepare(
+                    "SELECT name, origin_path FROM datasets WHERE type = ?1 AND is_deleted = 0",
+                )?;
+                let rows =
+                    stmt.query_map([dataset_type.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                Ok(rows.collect::<rusqlite::Result<_>>()?)
+            })
+            .await
+            .map_err(unavailable)
     }
 
     async fn linked_workflows(

@@ -1,6 +1,6 @@
 //! `inspect_dataset` (spec B.2): sizes, counts and one row per file with its MD5.
 //!
-//! The tree is walked once and streamed: files are hashed in parallel on the CPU pool as the
+//! The tree is walked once (no counting walk first) and streamed: files are hashed in parallel on the CPU pool as the
 //! walk finds them, and rows go to a spool file in the scratch directory rather than to
 //! memory. Only when the whole tree was read without error are the rows stored and the
 //! dataset's sizes and inspection record (`metadata.inspection`: counts and fingerprints of the
@@ -20,12 +20,11 @@ use tracing::info;
 
 use super::{StepContext, StepError, StepResult, existing_origin, returns_dataset};
 use crate::compute::md5::Md5Digest;
-use crate::compute::walk::{
-    InspectOptions, InspectRecord, RecordKind, count_non_directories, inspect_tree,
-};
+use crate::compute::walk::{InspectOptions, InspectRecord, RecordKind, inspect_tree};
 use crate::compute::{TempFile, attempt_sibling, blocking, remove_leftover_partials};
 use crate::model::{FileRecord, FileType, InspectionRecord};
 use crate::registry::{DatasetPatch, FileRowIter, FileRowSource, RegistryError};
+use rustix::fs::Access;
 
 /// Inspection errors listed in the failure message; the rest are counted.
 const LISTED_ERRORS: usize = 100;
@@ -98,12 +97,9 @@ pub async fn run(ctx: &StepContext) -> StepResult {
 
     let app = &ctx.app;
     let progress = ctx.progress.clone();
-    progress.start("counting files", "files", None);
-    let root = origin.clone();
-    let total = ctx
-        .compute(move |cancel| count_non_directories(&root, cancel))
-        .await?;
-    progress.start("inspect", "files", Some(total));
+    // No walk runs first only to count: on a network file system listing is the slow part.
+    // A dataset inspected before gives its last count as the expected total.
+    progress.start("inspect", "files", dataset.num_files);
 
     let scratch = app.settings.paths.scratch.clone();
     let name = format!("inspect-{}.jsonl", dataset.id);
@@ -248,7 +244,6 @@ fn summary_has_errors(summary: &crate::compute::walk::InspectSummary) -> bool {
 
 /// The original's readability test: a directory needs read and search permission.
 fn check_readable(origin: &Path) -> anyhow::Result<()> {
-    use rustix::fs::Access;
     let access = if origin.is_dir() {
         Access::READ_OK | Access::EXEC_OK
     } else {

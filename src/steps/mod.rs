@@ -28,9 +28,11 @@ use serde_json::{Map, Value, json};
 use crate::app::App;
 use crate::archive::ArchiveError;
 use crate::cancel::CancellationToken;
+use crate::compute::walk::{checksum_fingerprint_add, fingerprint_add};
 use crate::model::{DatasetName, InspectionRecord};
 use crate::progress::Progress;
 use crate::registry::{Dataset, DatasetId, RegistryError};
+use anyhow::Context;
 
 /// The task names live in `names`, which every layer may use.
 pub use crate::names::Task;
@@ -300,7 +302,6 @@ pub async fn summarize_rows(ctx: &StepContext, id: DatasetId) -> Result<RowsSumm
 
 impl RowsSummary {
     fn add(mut self, rows: &[crate::model::FileRecord]) -> RowsSummary {
-        use crate::compute::walk::{checksum_fingerprint_add, fingerprint_add};
         for row in rows {
             self.rows += 1;
             self.paths = fingerprint_add(self.paths, &row.path, 0);
@@ -347,7 +348,6 @@ pub async fn wait_for_rows(
 /// (read-only directories included) and the staged bundle. An error after the record was
 /// written leaves files behind, never a record that lies; it names what was left.
 pub async fn withdraw_staged_copy(app: &App, dataset: &Dataset) -> anyhow::Result<()> {
-    use anyhow::Context;
     app.registry
         .update(
             dataset.id,

@@ -117,6 +117,34 @@ pub struct Workflow {
 }
 
 impl Workflow {
+    /// A workflow as `create_workflow` stores it: PENDING, no step run yet.
+    pub fn pending(
+        id: &str,
+        app_id: &str,
+        spec: &WorkflowSpec,
+        start_args: Vec<serde_json::Value>,
+    ) -> Workflow {
+        Workflow {
+            id: id.to_owned(),
+            name: spec.name.clone(),
+            app_id: app_id.to_owned(),
+            description: spec.description.clone(),
+            created_at: Utc::now(),
+            updated_at: None,
+            status_cache: TaskStatus::Pending,
+            resume_lock: None,
+            start_args,
+            steps: spec
+                .steps
+                .iter()
+                .map(|step| WorkflowStep {
+                    spec: step.clone(),
+                    runs: Vec::new(),
+                })
+                .collect(),
+        }
+    }
+
     /// Every task id of every run.
     pub fn all_task_ids(&self) -> BTreeSet<String> {
         self.steps
@@ -162,6 +190,10 @@ pub struct TaskStart {
     pub queue: String,
     /// The task that published this one (Celery's `parent_id`), when the message says.
     pub parent_id: Option<String>,
+    /// Whether the workflow had a resume lock when it was read for this start. A step's start
+    /// clears the lock (sca-rhythm); a store may skip that write when there was none, since a
+    /// resume sets its lock before it publishes the step it resumes.
+    pub resume_locked: bool,
 }
 
 /// A failure as Celery records it: `{exc_type, exc_message: [..], exc_module}`.
@@ -235,7 +267,28 @@ pub trait WorkflowStore: Send + Sync {
         start_args: &[serde_json::Value],
     ) -> anyhow::Result<()>;
 
+    /// Inserts new workflows of one definition, each in status PENDING, given as (id, start
+    /// arguments): the batch of `engine::start_many`.
+    async fn create_workflows(
+        &self,
+        app_id: &str,
+        spec: &WorkflowSpec,
+        workflows: &[(String, Vec<serde_json::Value>)],
+    ) -> anyhow::Result<()> {
+        for (id, args) in workflows {
+            self.create_workflow(id, app_id, spec, args).await?;
+        }
+        Ok(())
+    }
+
     async fn workflow(&self, id: &str) -> anyhow::Result<Option<Workflow>>;
+
+    /// The workflow as running one of its steps needs it: its steps and their runs, its start
+    /// arguments left out where reading them costs more round trips (MongoDB: one read where
+    /// `workflow` takes up to three).
+    async fn workflow_for_step(&self, id: &str) -> anyhow::Result<Option<Workflow>> {
+        self.workflow(id).await
+    }
 
     /// Workflows, newest first.
     async fn workflows(
@@ -250,6 +303,15 @@ pub trait WorkflowStore: Send + Sync {
     /// Records a task start (sca-rhythm's `before_start`): appends a run unless the task id
     /// already has one, stores STARTED with `{pid, hostname}`, marks the workflow STARTED and
     /// clears its resume lock.
+    /// One task's stored status, retries and result: what a worker checks before running it
+    /// (its start count may be left at 0).
+    async fn task_result(&self, task_id: &str) -> anyhow::Result<Option<TaskMeta>> {
+        Ok(self
+            .task_metas(std::slice::from_ref(&task_id.to_owned()))
+            .await?
+            .remove(task_id))
+    }
+
     async fn task_started(&self, start: &TaskStart) -> anyhow::Result<()>;
 
     /// Replaces the result of a STARTED task with a progress report.
@@ -268,6 +330,22 @@ pub trait WorkflowStore: Send + Sync {
     ) -> anyhow::Result<()>;
 
     /// Stores SUCCESS with the return value.
+    /// `task_succeeded` for a task this process started with `start` (whose request fields it
+    /// therefore need not read back), returning the status of the task's workflow after it:
+    /// what the engine needs next (a paused workflow sends no next step). `None` for a plain
+    /// task or a workflow that is gone.
+    async fn task_succeeded_from(
+        &self,
+        start: &TaskStart,
+        result: &serde_json::Value,
+    ) -> anyhow::Result<Option<TaskStatus>> {
+        self.task_succeeded(&start.task_id, result).await?;
+        match &start.workflow_id {
+            Some(workflow_id) => self.workflow_status(workflow_id).await,
+            None => Ok(None),
+        }
+    }
+
     async fn task_succeeded(&self, task_id: &str, result: &serde_json::Value)
     -> anyhow::Result<()>;
 
@@ -414,6 +492,28 @@ pub trait SchedulerStore: Send + Sync {
 
     /// Gives the lease up, if `holder` has it.
     async fn release_lease(&self, name: &str, holder: &str) -> anyhow::Result<()>;
+
+    /// `acquire_lease` for many names and one holder; whether each is held now, in order.
+    async fn acquire_leases(
+        &self,
+        names: &[String],
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> anyhow::Result<Vec<bool>> {
+        let mut held = Vec::with_capacity(names.len());
+        for name in names {
+            held.push(self.acquire_lease(name, holder, ttl).await?);
+        }
+        Ok(held)
+    }
+
+    /// `release_lease` for many names and one holder.
+    async fn release_leases(&self, names: &[String], holder: &str) -> anyhow::Result<()> {
+        for name in names {
+            self.release_lease(name, holder).await?;
+        }
+        Ok(())
+    }
 
     /// The last slot handled (run or skipped) per job.
     async fn last_slots(&self) -> anyhow::Result<HashMap<String, DateTime<Utc>>>;

@@ -62,7 +62,14 @@ const INDEX_CONFLICTS: [i32; 2] = [85, 86];
 
 pub struct MongoStore {
     db: Database,
+    /// The server's clock as an offset from ours, and when it was read: `server_now` asks the
+    /// server again only after `CLOCK_REFRESH`, rather than once per lease.
+    clock: std::sync::Mutex<Option<(std::time::Instant, chrono::Duration)>>,
 }
+
+/// How long a reading of the server's clock is used before it is read again. Clocks drift by
+/// far less than a lease's margin in this time.
+const CLOCK_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl MongoStore {
     /// Connects to the database `database` at `uri`, checks that the server answers and
@@ -79,7 +86,10 @@ impl MongoStore {
         db.run_command(doc! {"ping": 1})
             .await
             .with_context(|| format!("cannot reach MongoDB at `{shown}`"))?;
-        let store = MongoStore { db };
+        let store = MongoStore {
+            db,
+            clock: std::sync::Mutex::new(None),
+        };
         store.create_indexes().await.with_context(|| {
             format!("cannot create the indexes of MongoDB database `{database}`")
         })?;
@@ -90,11 +100,17 @@ impl MongoStore {
         self.db.collection(name)
     }
 
-    /// The server's clock: `hello`'s `localTime`, moved on by half the round trip. Leases and
-    /// claims are judged by it, so that hosts whose clocks disagree still agree on who holds
-    /// what. (`$$NOW` would save the round trip, but not every MongoDB-wire server compares it
-    /// correctly.)
+    /// The server's clock: `hello`'s `localTime`, moved on by half the round trip, kept as an
+    /// offset from the local clock for `CLOCK_REFRESH`. Leases and claims are judged by it, so
+    /// that hosts whose clocks disagree still agree on who holds what. (`$$NOW` would save the
+    /// round trip, but not every MongoDB-wire server compares it correctly.)
     async fn server_now(&self) -> anyhow::Result<DateTime<Utc>> {
+        let cached = *self.clock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((read_at, offset)) = cached
+            && read_at.elapsed() < CLOCK_REFRESH
+        {
+            return Ok(Utc::now() + offset);
+        }
         let sent = std::time::Instant::now();
         let answer = self
             .db
@@ -105,7 +121,111 @@ impl MongoStore {
             .get_datetime("localTime")
             .context("the MongoDB server's `hello` answer has no `localTime`")?;
         let half_trip = chrono::Duration::from_std(sent.elapsed() / 2).unwrap_or_default();
-        Ok(chrono_date(*local_time) + half_trip)
+        let server_now = chrono_date(*local_time) + half_trip;
+        let offset = server_now - Utc::now();
+        *self.clock.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), offset));
+        Ok(server_now)
+    }
+
+    /// Stores a state of a task this process started with `start`: the whole document, with
+    /// the request fields `start` gives (the ones STARTED wrote), so nothing is read first.
+    async fn store_started_state(&self, start: &TaskStart, state: &State) -> anyhow::Result<()> {
+        let task_id = &start.task_id;
+        self.collection(TASKS)
+            .replace_one(
+                doc! {"_id": task_id},
+                task_document(task_id, state, &RequestFields::from_start(start)),
+            )
+            .upsert(true)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot store {} of task {task_id} in {}",
+                    state.status,
+                    self.at(TASKS)
+                )
+            })?;
+        Ok(())
+    }
+
+    /// Records the run of a task in its workflow (once per task id) and marks the workflow
+    /// STARTED; clears a resume lock, where one was ever set.
+    async fn record_run(&self, workflow_id: &str, start: &TaskStart) -> anyhow::Result<()> {
+        let task_id = &start.task_id;
+        let workflows = self.collection(WORKFLOWS);
+        let now = bson_date(Utc::now());
+        let step = format!("steps.{}", start.position);
+        // One run per task id: retries and redeliveries reuse the id and add none.
+        let run = async {
+            let pushed = workflows
+                .update_one(
+                    doc! {
+                        "_id": workflow_id,
+                        // Without this guard a position past the end would pad the array.
+                        format!("{step}.name"): {"$exists": true},
+                        format!("{step}.task_runs.task_id"): {"$ne": task_id},
+                    },
+                    doc! {
+                        "$push": {format!("{step}.task_runs"): {"date_start": now, "task_id": task_id}},
+                        "$set": {"_status": TaskStatus::Started.as_str(), "updated_at": now},
+                    },
+                )
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot record the run of task {task_id} in workflow {workflow_id} in {}",
+                        self.at(WORKFLOWS)
+                    )
+                })?;
+            if pushed.matched_count > 0 {
+                return Ok(());
+            }
+            // The task id has its run already (a retry or a redelivery), or there is no such
+            // step.
+            let marked = workflows
+                .update_one(
+                    doc! {"_id": workflow_id, format!("{step}.name"): {"$exists": true}},
+                    doc! {"$set": {"_status": TaskStatus::Started.as_str(), "updated_at": now}},
+                )
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot update workflow {workflow_id} in {}",
+                        self.at(WORKFLOWS)
+                    )
+                })?;
+            if marked.matched_count == 0 {
+                anyhow::bail!(
+                    "workflow {workflow_id} of task {task_id} does not exist or has no step {} in {}",
+                    start.position,
+                    self.at(WORKFLOWS)
+                );
+            }
+            Ok(())
+        };
+        // sca-rhythm clears the lock only where one was ever set: the key stays absent until
+        // the first resume.
+        let unlocked = async {
+            workflows
+                .update_one(
+                    doc! {"_id": workflow_id, "resume_lock": {"$ne": Bson::Null}},
+                    doc! {"$set": {"resume_lock": Bson::Null}},
+                )
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot clear the resume lock of workflow {workflow_id} in {}",
+                        self.at(WORKFLOWS)
+                    )
+                })
+        };
+        if start.resume_locked {
+            tokio::try_join!(run, unlocked)?;
+        } else {
+            run.await?;
+        }
+        Ok(())
     }
 
     /// Names a collection in messages: `database.collection`.
@@ -543,6 +663,71 @@ impl WorkflowStore for MongoStore {
         Ok(self.complete(vec![doc]).await?.pop())
     }
 
+    async fn workflow_for_step(&self, id: &str) -> anyhow::Result<Option<Workflow>> {
+        let doc = self
+            .collection(WORKFLOWS)
+            .find_one(doc! {"_id": id})
+            .await
+            .with_context(|| format!("cannot read workflow {id} in {}", self.at(WORKFLOWS)))?;
+        doc.as_ref().map(parse_workflow).transpose()
+    }
+
+    async fn task_result(&self, task_id: &str) -> anyhow::Result<Option<TaskMeta>> {
+        let doc = self
+            .collection(TASKS)
+            .find_one(doc! {"_id": task_id})
+            .await
+            .with_context(|| format!("cannot read task {task_id} in {}", self.at(TASKS)))?;
+        doc.as_ref()
+            .map(parse_task_meta)
+            .transpose()
+            .with_context(|| format!("unreadable task result in {}", self.at(TASKS)))
+    }
+
+    async fn task_succeeded_from(
+        &self,
+        start: &TaskStart,
+        result: &Value,
+    ) -> anyhow::Result<Option<TaskStatus>> {
+        let state = State {
+            status: TaskStatus::Success,
+            result: python_json(result),
+            traceback: None,
+            children: Bson::Array(Vec::new()),
+        };
+        // The request fields are the ones this process wrote with STARTED: nothing to read
+        // back. The result and the workflow's `updated_at` (sca-rhythm's on_success) go out
+        // together; the workflow's status comes back with its update.
+        let stored = self.store_started_state(start, &state);
+        let Some(workflow_id) = &start.workflow_id else {
+            stored.await?;
+            return Ok(None);
+        };
+        let touched = async {
+            self.collection(WORKFLOWS)
+                .find_one_and_update(
+                    doc! {"_id": workflow_id},
+                    doc! {"$set": {"updated_at": bson_date(Utc::now())}},
+                )
+                .projection(doc! {"_status": 1})
+                .return_document(mongodb::options::ReturnDocument::After)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot update workflow {workflow_id} in {}",
+                        self.at(WORKFLOWS)
+                    )
+                })
+        };
+        let (_, workflow) = tokio::try_join!(stored, touched)?;
+        Ok(workflow.map(|doc| {
+            doc.get_str("_status")
+                .ok()
+                .and_then(TaskStatus::parse)
+                .unwrap_or(TaskStatus::Pending)
+        }))
+    }
+
     async fn workflow_status(&self, id: &str) -> anyhow::Result<Option<TaskStatus>> {
         let doc = self
             .collection(WORKFLOWS)
@@ -600,100 +785,29 @@ impl WorkflowStore for MongoStore {
             traceback: None,
             children: Bson::Array(Vec::new()),
         };
-        self.collection(TASKS)
-            .replace_one(
-                doc! {"_id": task_id},
-                task_document(task_id, &state, &RequestFields::from_start(start)),
-            )
-            .upsert(true)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot store STARTED of task {task_id} in {}",
-                    self.at(TASKS)
-                )
-            })?;
-
-        self.collection(TASK_STARTS)
-            .update_one(doc! {"_id": task_id}, doc! {"$inc": {"starts": 1}})
-            .upsert(true)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot count the start of task {task_id} in {}",
-                    self.at(TASK_STARTS)
-                )
-            })?;
-
-        // A plain Celery task (no workflow) has its result only.
-        let Some(workflow_id) = &start.workflow_id else {
-            return Ok(());
-        };
-        // One run per task id: retries and redeliveries reuse the id and add none.
-        let workflows = self.collection(WORKFLOWS);
-        let now = bson_date(Utc::now());
-        let step = format!("steps.{}", start.position);
-        let pushed = workflows
-            .update_one(
-                doc! {
-                    "_id": workflow_id,
-                    // Without this guard a position past the end would pad the array.
-                    format!("{step}.name"): {"$exists": true},
-                    format!("{step}.task_runs.task_id"): {"$ne": task_id},
-                },
-                doc! {
-                    "$push": {format!("{step}.task_runs"): {"date_start": now, "task_id": task_id}},
-                    "$set": {"_status": TaskStatus::Started.as_str(), "updated_at": now},
-                },
-            )
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot record the run of task {task_id} in workflow {} in {}",
-                    workflow_id,
-                    self.at(WORKFLOWS)
-                )
-            })?;
-        if pushed.matched_count == 0 {
-            // The task id has its run already (a retry or a redelivery), or there is no such
-            // step.
-            let marked = workflows
-                .update_one(
-                    doc! {"_id": workflow_id, format!("{step}.name"): {"$exists": true}},
-                    doc! {"$set": {"_status": TaskStatus::Started.as_str(), "updated_at": now}},
-                )
+        // The three documents are independent of each other: written at once, one round
+        // trip of waiting rather than four.
+        let result = self.store_started_state(start, &state);
+        let counted = async {
+            self.collection(TASK_STARTS)
+                .update_one(doc! {"_id": task_id}, doc! {"$inc": {"starts": 1}})
+                .upsert(true)
                 .await
                 .with_context(|| {
                     format!(
-                        "cannot update workflow {} in {}",
-                        workflow_id,
-                        self.at(WORKFLOWS)
+                        "cannot count the start of task {task_id} in {}",
+                        self.at(TASK_STARTS)
                     )
-                })?;
-            if marked.matched_count == 0 {
-                anyhow::bail!(
-                    "workflow {} of task {task_id} does not exist or has no step {} in {}",
-                    workflow_id,
-                    start.position,
-                    self.at(WORKFLOWS)
-                );
+                })
+        };
+        let run = async {
+            match &start.workflow_id {
+                Some(workflow_id) => self.record_run(workflow_id, start).await,
+                // A plain Celery task (no workflow) has its result only.
+                None => Ok(()),
             }
-        }
-        // sca-rhythm clears the lock only where one was ever set: the key stays absent until
-        // the first resume.
-        workflows
-            .update_one(
-                doc! {"_id": workflow_id, "resume_lock": {"$ne": Bson::Null}},
-                doc! {"$set": {"resume_lock": Bson::Null}},
-            )
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot clear the resume lock of workflow {} in {}",
-                    workflow_id,
-                    self.at(WORKFLOWS)
-                )
-            })?;
+        };
+        tokio::try_join!(result, counted, run)?;
         Ok(())
     }
 

@@ -202,33 +202,47 @@ impl WorkflowStore for SqliteStore {
         spec: &WorkflowSpec,
         start_args: &[serde_json::Value],
     ) -> anyhow::Result<()> {
-        let (id, app_id, spec, start_args) = (
-            id.to_owned(),
-            app_id.to_owned(),
-            spec.clone(),
-            serde_json::Value::from(start_args.to_vec()),
-        );
+        self.create_workflows(app_id, spec, &[(id.to_owned(), start_args.to_vec())])
+            .await
+    }
+
+    async fn create_workflows(
+        &self,
+        app_id: &str,
+        spec: &WorkflowSpec,
+        workflows: &[(String, Vec<serde_json::Value>)],
+    ) -> anyhow::Result<()> {
+        let (app_id, spec, workflows) = (app_id.to_owned(), spec.clone(), workflows.to_vec());
         self.db
             .write(move |tx| {
-                tx.execute(
+                let now = to_millis(Utc::now());
+                let mut workflow = tx.prepare_cached(
                     "INSERT INTO workflows (id, name, app_id, description, status, start_args, created_at)
                      VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5, ?6)",
-                    params![id, spec.name, app_id, spec.description, json_text(&start_args), to_millis(Utc::now())],
                 )?;
-                for (position, step) in spec.steps.iter().enumerate() {
-                    tx.execute(
-                        "INSERT INTO workflow_steps (workflow_id, position, name, task, queue, kwargs, priority)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                        params![
+                let mut step = tx.prepare_cached(
+                    "INSERT INTO workflow_steps (workflow_id, position, name, task, queue, kwargs, priority)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?;
+                let kwargs: Vec<Option<String>> = spec
+                    .steps
+                    .iter()
+                    .map(|s| s.kwargs.as_ref().map(|k| serde_json::Value::Object(k.clone()).to_string()))
+                    .collect();
+                for (id, start_args) in &workflows {
+                    let start_args = serde_json::Value::from(start_args.clone());
+                    workflow.execute(params![id, spec.name, app_id, spec.description, json_text(&start_args), now])?;
+                    for (position, s) in spec.steps.iter().enumerate() {
+                        step.execute(params![
                             id,
                             position as i64,
-                            step.name,
-                            step.task,
-                            step.queue,
-                            step.kwargs.as_ref().map(|k| serde_json::Value::Object(k.clone()).to_string()),
-                            step.priority.map(i64::from)
-                        ],
-                    )?;
+                            s.name,
+                            s.task,
+                            s.queue,
+                            kwargs[position],
+                            s.priority.map(i64::from)
+                        ])?;
+                    }
                 }
                 Ok(())
             })
@@ -562,6 +576,14 @@ impl WorkflowStore for SqliteStore {
 }
 
 /// The lease, run and slot records of the scheduler, in the same database.
+/// Takes or renews a lease: (name, holder, ttl in ms); changes one row when `holder` holds it
+/// now. Judged by the database's own clock (every process sharing the file is on this host).
+const LEASE_UPSERT: &str = "INSERT INTO leases (name, holder, expires_at)
+     VALUES (?1, ?2, CAST(unixepoch('subsec') * 1000 AS INTEGER) + ?3)
+     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+     WHERE leases.holder = excluded.holder
+        OR leases.expires_at < CAST(unixepoch('subsec') * 1000 AS INTEGER)";
+
 #[async_trait]
 impl SchedulerStore for SqliteStore {
     async fn acquire_lease(
@@ -575,15 +597,42 @@ impl SchedulerStore for SqliteStore {
         self.db
             .write(move |tx| {
                 // The database's own clock (every process sharing the file is on this host).
-                let changed = tx.execute(
-                    "INSERT INTO leases (name, holder, expires_at)
-                     VALUES (?1, ?2, CAST(unixepoch('subsec') * 1000 AS INTEGER) + ?3)
-                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
-                     WHERE leases.holder = excluded.holder
-                        OR leases.expires_at < CAST(unixepoch('subsec') * 1000 AS INTEGER)",
-                    params![name, holder, ttl],
-                )?;
+                let changed = tx.execute(LEASE_UPSERT, params![name, holder, ttl])?;
                 Ok(changed == 1)
+            })
+            .await
+    }
+
+    async fn acquire_leases(
+        &self,
+        names: &[String],
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> anyhow::Result<Vec<bool>> {
+        let (names, holder) = (names.to_vec(), holder.to_owned());
+        let ttl = ttl.as_millis() as i64;
+        self.db
+            .write(move |tx| {
+                let mut take = tx.prepare_cached(LEASE_UPSERT)?;
+                let mut held = Vec::with_capacity(names.len());
+                for name in &names {
+                    held.push(take.execute(params![name, holder, ttl])? == 1);
+                }
+                Ok(held)
+            })
+            .await
+    }
+
+    async fn release_leases(&self, names: &[String], holder: &str) -> anyhow::Result<()> {
+        let (names, holder) = (names.to_vec(), holder.to_owned());
+        self.db
+            .write(move |tx| {
+                let mut release =
+                    tx.prepare_cached("DELETE FROM leases WHERE name = ?1 AND holder = ?2")?;
+                for name in &names {
+                    release.execute(params![name, holder])?;
+                }
+                Ok(())
             })
             .await
     }

@@ -31,9 +31,9 @@ use crate::broker::{Delivery, TaskMessage};
 use crate::cancel::CancellationToken;
 use crate::control::WorkerControl;
 use crate::progress::{Progress, RateEstimator};
-use crate::registry::DatasetId;
+use crate::registry::{DatasetId, RegistryError};
 use crate::steps::{self, StepContext, StepError, Task};
-use crate::store::{TaskError, TaskStart, TaskStatus, Workflow, WorkflowFilter};
+use crate::store::{TaskError, TaskMeta, TaskStart, TaskStatus, Workflow, WorkflowFilter};
 use crate::ui::Display;
 
 /// Namespace of the task ids the engine derives (for `next` steps and restarts).
@@ -132,51 +132,170 @@ pub async fn start(
     dataset_id: DatasetId,
     start_kwargs: Map<String, Value>,
 ) -> anyhow::Result<String> {
-    let spec = app
-        .definitions
-        .get(name)
-        .ok_or_else(|| anyhow::format_err!("no workflow is named `{name}`"))?;
-    let claim = Claim::named(app, format!("start/{dataset_id}/{name}"), START_CLAIM);
-    if !claim.take(app).await? {
-        return Err(NotStarted::Busy {
-            dataset_id,
-            name: name.to_owned(),
+    start_many(app, name, &[dataset_id], &start_kwargs)
+        .await
+        .pop()
+        .map_or_else(
+            || Err(anyhow::format_err!("no workflow was started")),
+            |(_, r)| r,
+        )
+}
+
+/// `start` for many datasets at once, in a fixed number of round trips for the whole batch
+/// (claims, links, workflows, first steps) rather than several per dataset: what `watch` and
+/// the repair of datasets without a workflow use. Returns each dataset's outcome, in order.
+pub async fn start_many(
+    app: &App,
+    name: &str,
+    datasets: &[DatasetId],
+    start_kwargs: &Map<String, Value>,
+) -> Vec<(DatasetId, anyhow::Result<String>)> {
+    let mut seen = std::collections::HashSet::new();
+    let datasets: Vec<DatasetId> = datasets
+        .iter()
+        .copied()
+        .filter(|id| seen.insert(*id))
+        .collect();
+    let Some(spec) = app.definitions.get(name) else {
+        let missing = || Err(anyhow::format_err!("no workflow is named `{name}`"));
+        return datasets.iter().map(|id| (*id, missing())).collect();
+    };
+    let holder = format!("{}/{}", app.identity.holder(), Uuid::new_v4());
+    let claims: Vec<String> = datasets
+        .iter()
+        .map(|id| format!("start/{id}/{name}"))
+        .collect();
+    let held = match app
+        .scheduler_store
+        .acquire_leases(&claims, &holder, START_CLAIM)
+        .await
+    {
+        Ok(held) => held,
+        Err(err) => {
+            let message = format!("{err:#}");
+            return datasets
+                .iter()
+                .map(|id| (*id, Err(anyhow::format_err!("{message}"))))
+                .collect();
         }
-        .into());
-    }
-    let started = async {
-        if let Some(workflow_id) = active_workflow(app, dataset_id, name).await? {
-            return Err(NotStarted::Active {
-                dataset_id,
+    };
+    let mut outcomes: HashMap<DatasetId, anyhow::Result<String>> = HashMap::new();
+    let claimed: Vec<DatasetId> = datasets
+        .iter()
+        .zip(&held)
+        .filter_map(|(id, held)| held.then_some(*id))
+        .collect();
+    for (id, held) in datasets.iter().zip(&held) {
+        if !held {
+            let busy = NotStarted::Busy {
+                dataset_id: *id,
                 name: name.to_owned(),
-                workflow_id,
-            }
-            .into());
+            };
+            outcomes.insert(*id, Err(busy.into()));
         }
-        let workflow_id = Uuid::new_v4().to_string();
-        let args = vec![json!(dataset_id)];
+    }
+    let created = async {
+        let linked = app.registry.workflows_of(&claimed).await?;
+        let mut new = Vec::new();
+        for id in &claimed {
+            let Some(workflows) = linked.get(id) else {
+                outcomes.insert(*id, Err(RegistryError::NotFound(*id).into()));
+                continue;
+            };
+            // A dataset with workflows (rare in a batch: most are new) is looked at closely.
+            if !workflows.is_empty() {
+                match active_workflow(app, *id, name).await {
+                    Ok(Some(workflow_id)) => {
+                        let active = NotStarted::Active {
+                            dataset_id: *id,
+                            name: name.to_owned(),
+                            workflow_id,
+                        };
+                        outcomes.insert(*id, Err(active.into()));
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(err) => {
+                        outcomes.insert(*id, Err(err));
+                        continue;
+                    }
+                }
+            }
+            new.push((*id, Uuid::new_v4().to_string()));
+        }
+        let rows: Vec<(String, Vec<Value>)> = new
+            .iter()
+            .map(|(id, workflow_id)| (workflow_id.clone(), vec![json!(id)]))
+            .collect();
         app.store
-            .create_workflow(&workflow_id, &app.settings.app_id, spec, &args)
+            .create_workflows(&app.settings.app_id, spec, &rows)
             .await?;
-        app.registry.add_workflow(dataset_id, &workflow_id).await?;
-        let workflow = app.store.workflow(&workflow_id).await?.ok_or_else(|| {
-            anyhow::format_err!("workflow {workflow_id} vanished after it was created")
-        })?;
-        let message = step_message(
-            app,
-            &workflow,
-            0,
-            start_task_id(&workflow_id),
-            args,
-            &start_kwargs,
-        );
-        app.broker.publish(&message).await?;
-        info!(dataset_id, workflow_id = %workflow_id, workflow = name, "Started workflow.");
-        anyhow::Ok(workflow_id)
+        let links: Vec<(DatasetId, String)> = new.clone();
+        app.registry.add_workflows(&links).await?;
+        let messages: Vec<TaskMessage> = new
+            .iter()
+            .map(|(id, workflow_id)| {
+                let workflow =
+                    Workflow::pending(workflow_id, &app.settings.app_id, spec, vec![json!(id)]);
+                step_message(
+                    app,
+                    &workflow,
+                    0,
+                    start_task_id(workflow_id),
+                    vec![json!(id)],
+                    start_kwargs,
+                )
+            })
+            .collect();
+        app.broker.publish_many(&messages).await?;
+        anyhow::Ok(new)
     }
     .await;
-    claim.release(app).await;
-    started
+    match created {
+        Ok(new) => {
+            for (dataset_id, workflow_id) in new {
+                info!(dataset_id, workflow_id = %workflow_id, workflow = name, "Started workflow.");
+                outcomes.insert(dataset_id, Ok(workflow_id));
+            }
+        }
+        Err(err) => {
+            // The batch failed part-way: a dataset left without a linked workflow is found by
+            // the repair pass; a linked workflow whose first step was not published, by the
+            // repair of stalled workflows.
+            let message = format!("{err:#}");
+            for id in &claimed {
+                outcomes
+                    .entry(*id)
+                    .or_insert_with(|| Err(anyhow::format_err!("{message}")));
+            }
+        }
+    }
+    if let Err(err) = app
+        .scheduler_store
+        .release_leases(&claims_held(&claims, &held), &holder)
+        .await
+    {
+        warn!(claims = claimed.len(), error = %format!("{err:#}"), "Could not release the start claims; they lapse on their own.");
+    }
+    datasets
+        .iter()
+        .map(|id| {
+            let outcome = outcomes
+                .remove(id)
+                .unwrap_or_else(|| Err(anyhow::format_err!("dataset {id}: no outcome")));
+            (*id, outcome)
+        })
+        .collect()
+}
+
+/// The claims of `claims` that were taken.
+fn claims_held(claims: &[String], held: &[bool]) -> Vec<String> {
+    claims
+        .iter()
+        .zip(held)
+        .filter(|(_, held)| **held)
+        .map(|(claim, _)| claim.clone())
+        .collect()
 }
 
 /// The newest workflow named `name` linked to the dataset whose derived status is not done.
@@ -219,6 +338,8 @@ enum Republish {
 }
 
 /// Publishes the step after `position`, or marks the workflow done after the last one.
+/// `status` is the workflow's status when the caller knows it (read with the step's result);
+/// otherwise it is read here.
 async fn advance(
     app: &App,
     workflow: &Workflow,
@@ -226,6 +347,7 @@ async fn advance(
     finished: &TaskMessage,
     result: &Value,
     republish: Republish,
+    status: Option<TaskStatus>,
 ) -> anyhow::Result<()> {
     let next = position + 1;
     if next >= workflow.steps.len() {
@@ -240,7 +362,11 @@ async fn advance(
     }
     // Paused (rhythm_api's pause sets REVOKED) while the step ran: the workflow stops here,
     // whichever worker finished the step; a resume continues it.
-    if app.store.workflow_status(&workflow.id).await? == Some(TaskStatus::Revoked) {
+    let status = match status {
+        Some(status) => Some(status),
+        None => app.store.workflow_status(&workflow.id).await?,
+    };
+    if status == Some(TaskStatus::Revoked) {
         info!(workflow_id = %workflow.id, next = %workflow.steps[next].spec.name,
             "The workflow is paused (REVOKED): its next step is not sent.");
         return Ok(());
@@ -369,7 +495,7 @@ pub async fn handle_with(
     // them, logged and removed) rather than requeued forever.
     let owner = match (message.workflow_id(), message.step_name()) {
         (Some(workflow_id), Some(step_name)) => {
-            let Some(workflow) = app.store.workflow(workflow_id).await? else {
+            let Some(workflow) = app.store.workflow_for_step(workflow_id).await? else {
                 error!(task_id = %message.id, workflow_id, "Dropped a message of a workflow that does not exist.");
                 return delivery.ack().await;
             };
@@ -405,6 +531,7 @@ pub async fn handle_with(
         retries: message.retries,
         queue: message.queue.clone(),
         parent_id: message.parent_id.clone(),
+        resume_locked: owner.workflow().is_some_and(|w| w.resume_lock.is_some()),
     };
     let Some(dataset_id) = message.args.first().and_then(Value::as_i64) else {
         return delivery
@@ -423,25 +550,40 @@ pub async fn handle_with(
         Owner::Plain => info_span!("task", dataset_id, task = %message.task),
     };
     async move {
-        let claim = if delivery.exclusive() {
-            None
+        // The claim and the task's stored result are read at once: one round trip of waiting.
+        let (claim, stored) = if delivery.exclusive() {
+            (None, app.store.task_result(&message.id).await?)
         } else {
             let claim = Claim::new(app, &message.id);
-            if !claim.take(app).await? {
+            let (taken, stored) =
+                tokio::try_join!(claim.take(app), app.store.task_result(&message.id))?;
+            if !taken {
                 // Another worker runs this task: try again once its claim would have lapsed,
                 // in case that worker dies.
                 let eta = Utc::now() + chrono::Duration::from_std(claim.ttl)?;
                 info!(task_id = %message.id, "Step is running elsewhere; deferred this copy of its message by {} s.", claim.ttl.as_secs());
                 return delivery.retry_later(eta, message.retries).await;
             }
-            Some(claim)
+            (Some(claim), stored)
         };
         let handled = run_claimed(
-            app, delivery, display, runner, &owner, &start, task, dataset_id, claim.as_ref(),
+            app,
+            delivery,
+            display,
+            runner,
+            &owner,
+            &start,
+            task,
+            dataset_id,
+            claim.as_ref(),
+            stored,
         )
         .await;
         if let Some(claim) = claim {
-            claim.release(app).await;
+            // Given back off the slot's path: the message is settled, and a claim that is not
+            // given back only lapses.
+            let app = Arc::clone(app);
+            tokio::spawn(async move { claim.release(&app).await });
         }
         handled
     }
@@ -483,11 +625,17 @@ impl Owner {
         finished: &TaskMessage,
         result: &Value,
         republish: Republish,
+        status: Option<TaskStatus>,
     ) -> anyhow::Result<()> {
         match self {
             Owner::Step {
                 workflow, position, ..
-            } => advance(app, workflow, *position, finished, result, republish).await,
+            } => {
+                advance(
+                    app, workflow, *position, finished, result, republish, status,
+                )
+                .await
+            }
             Owner::Plain => Ok(()),
         }
     }
@@ -527,30 +675,39 @@ struct Claim {
     /// Unique per run, so two slots of one process never share a claim.
     holder: String,
     ttl: Duration,
+    /// When the last take or renewal that succeeded was sent: the claim is held until at least
+    /// a lease after it.
+    renewed: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Claim {
     fn new(app: &App, task_id: &str) -> Claim {
-        Claim::named(
-            app,
-            format!("task/{task_id}"),
-            Duration::from_secs(app.settings.worker.lease_seconds.max(1)),
-        )
-    }
-
-    fn named(app: &App, name: String, ttl: Duration) -> Claim {
         Claim {
-            name,
+            name: format!("task/{task_id}"),
             holder: format!("{}/{}", app.identity.holder(), Uuid::new_v4()),
-            ttl,
+            ttl: Duration::from_secs(app.settings.worker.lease_seconds.max(1)),
+            renewed: std::sync::Mutex::new(None),
         }
     }
 
     /// Takes or renews the claim; false if another run holds it.
     async fn take(&self, app: &App) -> anyhow::Result<bool> {
-        app.scheduler_store
+        let sent = Instant::now();
+        let held = app
+            .scheduler_store
             .acquire_lease(&self.name, &self.holder, self.ttl)
-            .await
+            .await?;
+        *self.renewed.lock().unwrap_or_else(|e| e.into_inner()) = held.then_some(sent);
+        Ok(held)
+    }
+
+    /// Whether the claim is certainly still held without asking the store: taken or renewed
+    /// less than half a lease ago (nobody can take a claim before its lease runs out).
+    fn surely_held(&self) -> bool {
+        self.renewed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|sent| sent.elapsed() < self.ttl / 2)
     }
 
     async fn release(&self, app: &App) {
@@ -611,19 +768,19 @@ async fn run_claimed(
     task: Task,
     dataset_id: DatasetId,
     claim: Option<&Claim>,
+    stored: Option<TaskMeta>,
 ) -> anyhow::Result<()> {
     let message = delivery.message().clone();
-    let metas = app
-        .store
-        .task_metas(std::slice::from_ref(&message.id))
-        .await?;
-    match metas.get(&message.id).map(|m| m.status) {
+    match stored.as_ref().map(|m| m.status) {
         Some(TaskStatus::Success) => {
             // Redelivered after the result was stored: finish the bookkeeping only.
             info!(task_id = %message.id, "Step already succeeded; finishing its bookkeeping only.");
-            let result = metas[&message.id].result.clone();
+            let result = stored
+                .as_ref()
+                .map(|m| m.result.clone())
+                .unwrap_or_default();
             owner
-                .advance(app, &message, &result, Republish::UnlessStarted)
+                .advance(app, &message, &result, Republish::UnlessStarted, None)
                 .await?;
             return delivery.ack().await;
         }
@@ -633,7 +790,7 @@ async fn run_claimed(
         }
         _ => {}
     }
-    if let Some(meta) = metas.get(&message.id) {
+    if let Some(meta) = &stored {
         match attempt_of(meta.status, meta.retries, message.retries) {
             Attempt::Due => {}
             Attempt::Superseded => {
@@ -729,7 +886,7 @@ async fn run_claimed(
     let elapsed = started.elapsed().as_secs_f64();
     match outcome {
         Ok(result) => {
-            app.store.task_succeeded(&message.id, &result).await?;
+            let status = app.store.task_succeeded_from(start, &result).await?;
             step_run.finish(crate::metrics::StepOutcome::Succeeded);
             info!(task_id = %message.id, seconds = elapsed, "Step succeeded.");
             if let Some(control) = &runner.control {
@@ -742,7 +899,7 @@ async fn run_claimed(
                 control.task_event("task-succeeded", &message.id, fields);
             }
             owner
-                .advance(app, &message, &result, Republish::Always)
+                .advance(app, &message, &result, Republish::Always, status)
                 .await?;
             delivery.ack().await
         }
@@ -860,14 +1017,16 @@ fn time_limit(app: &App, message: &TaskMessage) -> Option<Duration> {
 }
 
 /// Renews the task's claim (the store's, or the delivery's own) right before its result is
-/// recorded: whether this run may still record it. The claim then runs for a whole lease,
-/// longer than recording takes.
+/// recorded, unless it was renewed less than half a lease ago: whether this run may still
+/// record it. The claim then runs for at least half a lease, longer than recording takes.
 async fn still_holds(
     app: &App,
     delivery: &dyn Delivery,
     claim: Option<&Claim>,
 ) -> anyhow::Result<bool> {
     match claim {
+        // Renewed less than half a lease ago (a short step): still held, no round trip.
+        Some(claim) if claim.surely_held() => Ok(true),
         Some(claim) => claim.take(app).await,
         None => Ok(delivery.keep_alive().await.is_ok()),
     }

@@ -3,16 +3,12 @@
 //! trees with awkward names, and `workers uploads manifest|verify` answer with the right exit
 //! codes without a configuration and without writing anything.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::services::service_var;
-use common::{describe, pseudo_random, stderr, stdout, write_file};
+use crate::common::services::service_var;
+use crate::common::{describe, pseudo_random, stderr, stdout, write_file};
 use serde_json::Value;
 use workers::cancel::CancellationToken;
 use workers::compute::Pool;

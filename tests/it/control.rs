@@ -2,10 +2,6 @@
 //! the database. Ping, inspect, revoke with terminate, a revoke remembered across a restart,
 //! shutdown, and pause / resume of a workflow.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,7 +9,7 @@ use serde_json::{Value, json};
 use workers::broker::{TaskMessage, TimeLimits};
 use workers::store::TaskStatus;
 
-use common::*;
+use crate::common::*;
 
 fn spawn_worker(project: &Project, node: &str) -> (Child, Reap) {
     let child = project

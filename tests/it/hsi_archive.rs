@@ -4,17 +4,13 @@
 //! files, failing hsi runs, deletes, progress, and the archive, stage and delete steps end to
 //! end.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::common::*;
 use chrono::Datelike;
-use common::*;
 use workers::archive::hsi::{HsiArchive, HsiConfig, HsiFailure};
 use workers::archive::{Archive, ArchiveError};
 use workers::cancel::CancellationToken;

@@ -4,17 +4,13 @@
 //! startup errors of a taken port and a bad address; and the publication time RabbitMQ
 //! messages carry.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use workers::model::{CreateMethod, DatasetName, DatasetType};
 use workers::registry::NewDataset;
 use workers::store::TaskStatus;

@@ -1,8 +1,6 @@
 //! The scheduler loop under tokio's paused clock (no real sleeps): intervals, overlap skip and
 //! queue, misfire after a gap, jitter, a stalled loop, a panicking job, reloads and the lease.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;

@@ -2,16 +2,12 @@
 //! verification against the sender's manifest, ingestion of verified uploads, retries of failed
 //! ingestions, and the purge of what uploads leave behind.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::bioloop_api::{TestApi, UploadSettings};
-use common::*;
+use crate::common::bioloop_api::{TestApi, UploadSettings};
+use crate::common::*;
 use serde_json::{Map, Value, json};
 use workers::app::App;
 use workers::cancel::CancellationToken;

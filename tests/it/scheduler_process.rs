@@ -2,15 +2,11 @@
 //! SIGTERM during a running job, SIGHUP with a valid and an invalid configuration, a
 //! panicking job, and systemd notifications.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
 use std::os::unix::net::UnixDatagram;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 /// A project whose scheduler runs `watch` every second and nothing else, with a short lease.
@@ -125,6 +121,7 @@ fn only_one_of_two_schedulers_fires_and_the_other_takes_over_after_a_sigkill() {
     assert!(b.wait().unwrap().success());
 }
 
+#[cfg(feature = "failpoints")] // WORKERS_FAILPOINTS
 #[test]
 fn sigterm_lets_a_running_job_finish_then_exits_0() {
     let mut project = project();
@@ -148,6 +145,7 @@ fn sigterm_lets_a_running_job_finish_then_exits_0() {
     assert!(all.iter().all(|r| r["outcome"] != "running"), "{all:?}");
 }
 
+#[cfg(feature = "failpoints")] // WORKERS_FAILPOINTS
 #[test]
 fn a_job_that_outlives_the_grace_period_is_stopped_and_recorded() {
     let mut project = project();
@@ -235,6 +233,7 @@ fn sighup_reloads_a_valid_configuration_and_keeps_the_old_one_when_invalid() {
     );
 }
 
+#[cfg(feature = "failpoints")] // WORKERS_FAILPOINTS
 #[test]
 fn a_panicking_job_is_recorded_as_failed_and_the_scheduler_keeps_running() {
     let mut project = project();

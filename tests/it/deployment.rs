@@ -1,8 +1,6 @@
 //! The deployment files: systemd units and timers, and the pm2 ecosystem file, checked by the
 //! tools that read them and against the commands the binary has.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -2,15 +2,13 @@
 //! `workers paths check`, `workers queue delete` (against a real RabbitMQ), `metrics` posting
 //! with an admin or an operator token, and `populate_bundles`.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::sync::Arc;
 
-use common::bioloop_api::TestApi;
-use common::*;
+use crate::common::bioloop_api::TestApi;
+use crate::common::*;
 use workers::app::App;
 use workers::jobs::{JobName, JobOptions};
 use workers::store::{RunOutcome, Trigger};

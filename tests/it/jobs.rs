@@ -1,13 +1,9 @@
 //! The scheduler's jobs run by hand (`workers jobs run`), through the same code path the
 //! scheduler uses: purges, reconcile, metrics, and their records in the job history.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
 use std::path::PathBuf;
 
-use common::*;
+use crate::common::*;
 use serde_json::{Value, json};
 use workers::model::DatasetType;
 use workers::sqlite::Db;

@@ -3,14 +3,10 @@
 //! a step stuck in a file-system call does not stop its claim from being renewed, and a file
 //! that changes after inspection is never archived.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{Map, Value, json};
 use workers::model::DatasetType;
 use workers::store::TaskStatus;

@@ -3,13 +3,9 @@
 //! workflow stages an archived dataset again. Checks what the original's integration test
 //! checks (spec I.1 test 5), with odd directory names.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use workers::model::DatasetType;
 use workers::registry::Dataset;
 use workers::store::TaskStatus;

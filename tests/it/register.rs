@@ -2,13 +2,9 @@
 //! bugs: dry runs change nothing, invalid input exits 2, batches of at most 100, names
 //! compared after normalization.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
 use std::path::PathBuf;
 
-use common::*;
+use crate::common::*;
 use workers::model::{CreateMethod, DatasetType};
 use workers::registry::DatasetQuery;
 

@@ -1,12 +1,8 @@
 //! The registry contract (the Bioloop API's semantics, spec E.2 and E.3), as one story that
 //! every registry backend must pass.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
-use common::Project;
-use common::bioloop_api::TestApi;
+use crate::common::Project;
+use crate::common::bioloop_api::TestApi;
 use serde_json::json;
 use workers::model::{
     Bundle, CreateMethod, DatasetName, DatasetState, DatasetType, FileRecord, FileType,
@@ -228,6 +224,35 @@ async fn registry_story(registry: &dyn Registry, sizes: FileSizes) {
     registry.add_workflow(raw.id, "wf-1").await.unwrap();
     assert_eq!(registry.get(raw.id).await.unwrap().workflows, ["wf-1"]);
     assert_eq!(registry.find(&orphans).await.unwrap().len(), 1);
+    // Batches: links for many datasets at once, read back per dataset in order; a dataset that
+    // does not exist is left out of the answer and fails a batch that links it, whole.
+    let other = registry.find(&orphans).await.unwrap()[0].id;
+    registry
+        .add_workflows(&[(raw.id, "wf-2".into()), (other, "wf-3".into())])
+        .await
+        .unwrap();
+    let of = registry
+        .workflows_of(&[raw.id, other, 999_999])
+        .await
+        .unwrap();
+    assert_eq!(of.len(), 2, "{of:?}");
+    assert_eq!(of[&raw.id], ["wf-1", "wf-2"]);
+    assert_eq!(of[&other], ["wf-3"]);
+    assert!(
+        registry
+            .add_workflows(&[(999_999, "wf-4".into())])
+            .await
+            .is_err()
+    );
+    assert!(registry.find(&orphans).await.unwrap().is_empty());
+    // Every live name of a type with its origin, in one call (watch's full scan).
+    let origins = registry.origins(RawData).await.unwrap();
+    assert_eq!(
+        origins.get("run-1"),
+        Some(&Some("/data/run.1".to_owned())),
+        "{origins:?}"
+    );
+    assert!(!origins.contains_key("run-1-dp"));
     let linked = registry
         .find(&DatasetQuery {
             workflow_id: Some("wf-1".into()),

@@ -1,15 +1,11 @@
 //! `watch` beyond the happy path: nothing is left registered without a workflow, a failed
 //! batch is tried again on the next run, and several processes share one database.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::common::*;
 use async_trait::async_trait;
-use common::*;
 use workers::app::App;
 use workers::jobs::watch::{self, WatchOptions};
 use workers::model::{DatasetState, DatasetType, FileRecord};
@@ -404,4 +400,110 @@ async fn overlapping_watches_start_one_workflow_per_dataset() {
         names.len(),
         "no workflow created and left unlinked"
     );
+}
+
+/// A full scan compares the listing with the registry's names in one listing: registered
+/// directories are counted and skipped, colliding ones reported, new ones registered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_scan_tells_registered_new_and_colliding_directories_apart() {
+    let project = Project::new();
+    for i in 0..5 {
+        project.dataset(DatasetType::RawData, &format!("old-{i}"), &[("a", b"a")]);
+    }
+    project.run_ok(&["jobs", "run", "watch"]);
+    project.dataset(DatasetType::RawData, "new_one", &[("a", b"a")]);
+    // `old 1` normalizes to `old-1`, the name of a dataset from another directory (spec J.5).
+    project.dataset(DatasetType::RawData, "old 1", &[("b", b"b")]);
+    project.run_ok(&["jobs", "run", "watch", "--full"]);
+    let history: serde_json::Value = serde_json::from_slice(
+        &project
+            .run_ok(&[
+                "jobs", "history", "watch", "--limit", "1", "--format", "json",
+            ])
+            .stdout,
+    )
+    .unwrap();
+    let counters = &history[0]["counters"];
+    let app = project.app().await;
+    let names: Vec<String> = app
+        .registry
+        .find(&DatasetQuery::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.name.to_string())
+        .collect();
+    assert_eq!(names.len(), 6, "{names:?}");
+    assert!(names.contains(&"new_one".to_owned()), "{names:?}");
+    assert_eq!(counters["registered"], 1, "{counters}");
+    assert_eq!(counters["already_registered"], 5, "{counters}");
+    assert_eq!(counters["conflicts"], 1, "{counters}");
+}
+
+/// Starting many workflows at once gives each dataset its own outcome: started, already
+/// active, busy (another starter holds its claim) or not found.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_of_starts_reports_each_dataset_on_its_own() {
+    let project = Project::new();
+    let app = project.app().await;
+    let mut ids = Vec::new();
+    for name in ["batch_a", "batch_b", "batch_c"] {
+        let origin = project.dataset(DatasetType::RawData, name, &[("a", b"a")]);
+        ids.push(register_without_workflow(&app, name, &origin).await);
+    }
+    let active = engine::start(&app, "integrated", ids[0], Default::default())
+        .await
+        .unwrap();
+    // Another process is starting batch_c right now.
+    let busy = format!("start/{}/integrated", ids[2]);
+    assert!(
+        app.scheduler_store
+            .acquire_lease(&busy, "elsewhere", std::time::Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    let missing = 999_999;
+    let outcomes = engine::start_many(
+        &app,
+        "integrated",
+        &[ids[0], ids[1], ids[2], missing, ids[1]],
+        &Default::default(),
+    )
+    .await;
+    let ids_back: Vec<DatasetId> = outcomes.iter().map(|(id, _)| *id).collect();
+    assert_eq!(
+        ids_back,
+        [ids[0], ids[1], ids[2], missing],
+        "once each, in order"
+    );
+    let described: Vec<String> = outcomes
+        .iter()
+        .map(|(_, r)| match r {
+            Ok(_) => "started".to_owned(),
+            Err(err) => match err.downcast_ref::<engine::NotStarted>() {
+                Some(engine::NotStarted::Active { workflow_id, .. }) => {
+                    assert_eq!(workflow_id, &active);
+                    "active".to_owned()
+                }
+                Some(engine::NotStarted::Busy { .. }) => "busy".to_owned(),
+                None => format!("{err:#}"),
+            },
+        })
+        .collect();
+    assert_eq!(described[..3], ["active", "started", "busy"]);
+    assert!(described[3].contains("999999"), "{described:?}");
+    let b = app.registry.get(ids[1]).await.unwrap();
+    assert_eq!(b.workflows.len(), 1);
+    assert!(app.registry.get(ids[2]).await.unwrap().workflows.is_empty());
+    // The claims taken for the batch are given back (batch_c's belongs to the other starter).
+    for id in [ids[0], ids[1]] {
+        let claim = format!("start/{id}/integrated");
+        assert!(
+            app.scheduler_store
+                .acquire_lease(&claim, "next", std::time::Duration::from_secs(60))
+                .await
+                .unwrap(),
+            "{claim} released"
+        );
+    }
 }

@@ -2,15 +2,11 @@
 //! every workflow, steps that had succeeded do not run again, and no dataset gets duplicate
 //! states or file rows.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
 use std::collections::HashMap;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use workers::app::App;
 use workers::model::DatasetType;
 use workers::store::{TaskStatus, WorkflowFilter};

@@ -3,20 +3,16 @@
 //! `download_illumina_dataset` (with a stand-in `bs`), and the QC report upload against the
 //! test Bioloop API.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::bioloop_api::TestApi;
+use crate::common::services::service_var;
+use crate::common::*;
 use chrono::Datelike;
-use common::bioloop_api::TestApi;
-use common::services::service_var;
-use common::*;
 use serde_json::{Map, Value, json};
 use workers::app::App;
 use workers::model::DatasetType;

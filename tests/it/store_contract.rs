@@ -2,22 +2,18 @@
 //! and the scheduler's records), as one story that every store backend must pass: the
 //! embedded SQLite store and the MongoDB store.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
+use crate::common::services::TestDatabase;
 use chrono::{DateTime, TimeDelta, Utc};
-use common::services::TestDatabase;
 use serde_json::{Map, Value, json};
 use workers::sqlite::Db;
 use workers::store::mongo::MongoStore;
 use workers::store::sqlite::SqliteStore;
 use workers::store::{
     PageCursor, RunOutcome, SchedulerStore, StepSpec, TaskError, TaskStart, TaskStatus, Trigger,
-    WatchState, WorkflowFilter, WorkflowSpec, WorkflowStore,
+    WatchState, Workflow, WorkflowFilter, WorkflowSpec, WorkflowStore,
 };
 use workers::workflow::status::derive;
 
@@ -76,6 +72,7 @@ fn start(workflow_id: &str, position: usize, task_id: &str, retries: u32) -> Tas
         retries,
         queue: format!("{APP}.q"),
         parent_id: None,
+        resume_locked: true,
     }
 }
 
@@ -120,6 +117,39 @@ async fn workflow_story(store: &dyn WorkflowStore) {
         .unwrap();
     let wf = store.workflow("wf-1").await.unwrap().unwrap();
     assert_eq!((wf.name.as_str(), wf.app_id.as_str()), ("integrated", APP));
+    // What `engine::start_many` publishes from without reading it back is what was stored
+    // (a step without a queue goes to `{app_id}.q`, written down or not).
+    let queued = |w: &Workflow| -> Vec<StepSpec> {
+        w.steps
+            .iter()
+            .map(|s| StepSpec {
+                queue: Some(s.spec.queue.clone().unwrap_or(format!("{APP}.q"))),
+                ..s.spec.clone()
+            })
+            .collect()
+    };
+    let pending = Workflow::pending("wf-1", APP, &spec("integrated"), vec![json!(7)]);
+    assert_eq!(queued(&pending), queued(&wf));
+    assert_eq!(pending.start_args, wf.start_args);
+    // Many at once, each like one created alone.
+    store
+        .create_workflows(
+            APP,
+            &spec("integrated"),
+            &[
+                ("wf-b1".into(), vec![json!(8)]),
+                ("wf-b2".into(), vec![json!(9)]),
+            ],
+        )
+        .await
+        .unwrap();
+    for (id, arg) in [("wf-b1", 8), ("wf-b2", 9)] {
+        let batch = store.workflow(id).await.unwrap().unwrap();
+        assert_eq!(batch.start_args, [json!(arg)]);
+        assert_eq!(batch.status_cache, Pending);
+        assert_eq!(batch.steps.len(), wf.steps.len());
+        store.delete_workflow(id).await.unwrap();
+    }
     assert_eq!(wf.description.as_deref(), Some("ingest a dataset"));
     assert!(wf.created_at >= before && wf.created_at <= Utc::now());
     assert_eq!(wf.updated_at, None);
@@ -526,6 +556,19 @@ async fn lease_story(store: &dyn SchedulerStore) {
         store.acquire_lease("contested", "y", ttl),
     );
     assert!(x.unwrap() ^ y.unwrap(), "exactly one holder");
+    // In batches: each lease judged on its own, released together.
+    let names: Vec<String> = ["batch-1", "batch-2", "contested"]
+        .map(String::from)
+        .to_vec();
+    assert!(store.acquire_lease("batch-2", "other", ttl).await.unwrap());
+    let held = store.acquire_leases(&names, "z", ttl).await.unwrap();
+    assert_eq!(held, [true, false, false]);
+    store.release_leases(&names, "z").await.unwrap();
+    assert!(store.acquire_lease("batch-1", "w", ttl).await.unwrap());
+    assert!(
+        !store.acquire_lease("batch-2", "w", ttl).await.unwrap(),
+        "not z's to release"
+    );
 }
 
 async fn job_run_story(store: &dyn SchedulerStore) {

@@ -3,17 +3,15 @@
 //! the statuses sca-rhythm derives, writes the same documents for the same events, and the
 //! engine and the jobs (resume, purge, reconcile, a whole workflow) work on it.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::common::services::TestDatabase;
+use crate::common::*;
 use chrono::{DateTime, NaiveDateTime, Utc};
-use common::services::TestDatabase;
-use common::*;
 use futures_util::TryStreamExt;
 use mongodb::bson::{Bson, Document, doc};
 use serde_json::{Map, Value, json};
@@ -526,6 +524,7 @@ fn started(
         retries: 0,
         queue: QUEUE.into(),
         parent_id: None,
+        resume_locked: true,
     }
 }
 

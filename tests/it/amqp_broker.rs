@@ -3,17 +3,15 @@
 //! middle of a step (through a TCP proxy), a channel closed by RabbitMQ, a duplicate of a
 //! running task, and graceful stops. Every test uses queues of its own and deletes them.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use chrono::Utc;
-use common::*;
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ExchangeDeclareOptions, QueueDeclareOptions,
     QueueDeleteOptions,
@@ -1036,6 +1034,7 @@ async fn a_retry_whose_acknowledgement_was_lost_waits_for_its_delay_and_runs_onc
             retries: 0,
             queue: original.queue.clone(),
             parent_id: None,
+            resume_locked: true,
         })
         .await
         .unwrap();

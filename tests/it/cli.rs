@@ -1,10 +1,6 @@
 //! The command line as operators use it: configuration display, logs, look-ups.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
-use common::*;
+use crate::common::*;
 use workers::model::DatasetType;
 
 #[test]

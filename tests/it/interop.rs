@@ -3,16 +3,14 @@
 //! `workers worker`; workflows started by `workers jobs run watch` read correctly through
 //! sca-rhythm; a Python Celery worker and the Rust worker share one workflow.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
+use crate::common;
 
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::bioloop_api::TestApi;
-use common::services::{TestDatabase, service_var};
-use common::{Project, Reap, describe, wait_for_exit};
+use crate::common::bioloop_api::TestApi;
+use crate::common::services::{TestDatabase, service_var};
+use crate::common::{Project, Reap, describe, wait_for_exit};
 use serde_json::{Value, json};
 use workers::model::{CreateMethod, DatasetName, DatasetType};
 use workers::registry::NewDataset;
@@ -130,6 +128,12 @@ impl Production {
     fn spawn_rust_worker(&self, args: &[&str]) -> (Child, Reap) {
         let mut full = vec!["worker"];
         full.extend_from_slice(args);
+        // Node names are exclusive queues on the shared RabbitMQ: every Rust worker of these
+        // tests gets one of its test's own, whatever else runs at the same time.
+        let default_name = self.node_name("rust");
+        if !args.contains(&"--hostname") {
+            full.extend(["--hostname", default_name.as_str()]);
+        }
         let child = self
             .project
             .command(&full)

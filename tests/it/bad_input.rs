@@ -1,13 +1,9 @@
 //! Bad input gets a clear error that names the object, and leaves no partial state:
 //! unreadable files, checksum mismatches, hostile bundles, escaping links, bad configuration.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::common::*;
 use workers::model::DatasetType;
 use workers::registry::{Dataset, DatasetPatch};
 use workers::store::TaskStatus;

@@ -1,13 +1,9 @@
 //! The workflow engine through the library: retries, failures, resume, redelivery, unknown
 //! tasks, stalled workflows and progress.
 
-#![allow(clippy::unwrap_used)] // Tests: a panic is the failure report.
-
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use serde_json::json;
 use workers::broker::TaskMessage;
 use workers::model::DatasetType;
@@ -303,6 +299,7 @@ async fn an_attempt_recorded_as_retried_but_never_requeued_runs_again_after_its_
         retries: 0,
         queue: message.queue.clone(),
         parent_id: None,
+        resume_locked: true,
     };
     app.store.task_started(&start).await.unwrap();
     let error = TaskError {
