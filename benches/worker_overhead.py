@@ -229,7 +229,8 @@ def write_section(sides, runs, idle):
     for name, label, _ in sides:
         cpu = med(name, "cpu_seconds_per_1000_steps")
         ratio = cpu / med("python-original", "cpu_seconds_per_1000_steps")
-        each = ", ".join("%.2f" % r["cpu_seconds_per_1000_steps"] for r in runs[name])
+        each = ", ".join("%.2f s, %.1f/s" % (r["cpu_seconds_per_1000_steps"], r["steps_per_second"])
+                         for r in runs[name])
         rows.append(
             f"| {label} | {cpu:.2f} s | {ratio:.3f}x | {med(name, 'steps_per_second'):.1f} | "
             f"{med(name, 'store_commands_per_step'):.1f} | "
@@ -257,7 +258,7 @@ MongoDB commands per step are the server's own counters (`serverStatus.opcounter
 run, less the commands the benchmark sent itself (creating and starting the workflows, polling
 for their end), divided by the steps.
 
-| Worker | CPU per 1000 steps | vs original | Steps/s | MongoDB commands per step | Peak RSS | Each run (CPU s / 1000 steps) |
+| Worker | CPU per 1000 steps | vs original | Steps/s | MongoDB commands per step | Peak RSS | Each run (CPU per 1000 steps, steps/s) |
 |---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
