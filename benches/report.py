@@ -12,6 +12,7 @@ ARCHIVE_BASELINE_SYNC).
 import datetime
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -308,17 +309,14 @@ def main():
     w("the binary directly. Raw measurements (one JSON line per run) are kept in `BENCH_DIR/results.tsv`.")
     w("")
 
-    # Sections written by other scripts (benches/idle_scheduler.sh, benches/worker_overhead.sh,
-    # benches/manifest.sh)
-    # are kept.
+    # Sections written by the other benchmark scripts (between `<!-- NAME:begin -->` and
+    # `<!-- NAME:end -->`, see benches/sections.py) are kept, whichever they are.
     kept = ""
     try:
         with open(sys.argv[2]) as f:
             previous = f.read()
-        for name in ("idle-scheduler", "worker-overhead", "upload-manifest", "remote-control"):
-            begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-            if begin in previous and end in previous:
-                kept += previous[previous.index(begin):previous.index(end) + len(end)] + "\n\n"
+        for match in re.finditer(r"<!-- ([a-z0-9-]+):begin -->.*?<!-- \1:end -->", previous, re.S):
+            kept += match.group(0) + "\n\n"
     except FileNotFoundError:
         pass
     with open(sys.argv[2], "w") as f:

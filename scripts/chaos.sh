@@ -8,6 +8,8 @@
 #   CHAOS_SEED=...    seed of the random choices (default: the time; printed, so a run repeats)
 #   CHAOS_RELEASE=0   1: use a release build
 #   CHAOS_DIR=$TMPDIR where the runs' projects are made (a failed run's project is kept there)
+#   CHAOS_BINARY=...  a `workers` binary built already (scripts/test.sh passes the one its tests
+#                     built); nothing is built then
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,8 +21,12 @@ if [[ ${CHAOS_RELEASE:-0} == 1 ]]; then
     profile=release
     build+=(--release)
 fi
-"${build[@]}" >&2
 target=${CARGO_TARGET_DIR:-target}
-args=(--binary "$target/$profile/workers" --runs "$runs" --dir "${CHAOS_DIR:-${TMPDIR:-/tmp}}")
+binary=${CHAOS_BINARY:-}
+if [[ -z $binary ]]; then
+    "${build[@]}" >&2
+    binary=$target/$profile/workers
+fi
+args=(--binary "$binary" --runs "$runs" --dir "${CHAOS_DIR:-${TMPDIR:-/tmp}}")
 [[ -n ${CHAOS_SEED:-} ]] && args+=(--seed "$CHAOS_SEED")
 exec python3 scripts/chaos.py "${args[@]}"

@@ -7,10 +7,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo fmt --check
+# The services come up (on a fresh clone: Python packages installed, servers started) while
+# clippy compiles: the one waits on the network, the other on the CPU.
+services_env=$(mktemp)
+trap 'rm -f "$services_env"' EXIT
+scripts/services.sh >"$services_env" &
+services=$!
 cargo clippy --all-targets --features failpoints --locked -- -D warnings
-eval "$(scripts/services.sh)"
+wait "$services"
+eval "$(cat "$services_env")"
 # `failpoints` compiles in the failure injection some tests use (never in a deployed build).
 cargo test --locked --features failpoints
 # A short chaos run: processes killed at random while datasets go through their workflows,
 # then every record checked against the disk (scripts/chaos.sh; CHAOS_N=200 for a long run).
-CHAOS_N=${CHAOS_N:-3} scripts/chaos.sh
+# It runs the binary the tests just built rather than building another.
+CHAOS_N=${CHAOS_N:-3} CHAOS_BINARY=${CARGO_TARGET_DIR:-target}/debug/workers scripts/chaos.sh

@@ -223,6 +223,9 @@ pub async fn start_many(
             }
             new.push((*id, Uuid::new_v4().to_string()));
         }
+        if new.is_empty() {
+            return anyhow::Ok(new);
+        }
         let rows: Vec<(String, Vec<Value>)> = new
             .iter()
             .map(|(id, workflow_id)| (workflow_id.clone(), vec![json!(id)]))
