@@ -135,7 +135,52 @@ def wait_all_succeeded(db, ids, timeout):
     return False
 
 
+class FreshServer:
+    """A MongoDB-wire server (SecantusDB, `BENCH_SECANTUSD`) of its own for one run, its storage
+    on tmpfs: the server slows down run after run as databases come and go (every worker's rate
+    fell to a fifth after the first round on a shared one), so each run starts from nothing.
+    Without `BENCH_SECANTUSD`, the server of WORKERS_TEST_MONGO_URI is shared."""
+
+    def __enter__(self):
+        global MONGO_URI
+        self.proc = None
+        server = os.environ.get("BENCH_SECANTUSD")
+        if not server:
+            return self
+        import socket
+        import tempfile
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.data = tempfile.mkdtemp(prefix="workers-bench-mongo-", dir=base)
+        self.proc = subprocess.Popen(
+            [server, "--host", "127.0.0.1", "--port", str(port), "--storage-path", self.data],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        MONGO_URI = f"mongodb://127.0.0.1:{port}/?directConnection=true"
+        return self
+
+    def __exit__(self, *_):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+            import shutil
+            shutil.rmtree(self.data, ignore_errors=True)
+
+
 def run_side(name, make_command):
+    with FreshServer():
+        return run_side_on_server(name, make_command)
+
+
+def run_side_on_server(name, make_command):
     app_id = f"bench-{name}-{uuid.uuid4().hex[:8]}"
     db = f"bench_{name.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
     argv, env = make_command(app_id, db)
@@ -179,6 +224,11 @@ def run_side(name, make_command):
 
 
 def idle_rss(slots=8, seconds=10):
+    with FreshServer():
+        return idle_rss_on_server(slots, seconds)
+
+
+def idle_rss_on_server(slots, seconds):
     app_id = f"bench-idle-{uuid.uuid4().hex[:8]}"
     db = f"bench_idle_{uuid.uuid4().hex[:8]}"
     argv, env = rust_worker(app_id, db, slots)
@@ -237,6 +287,8 @@ def write_section(sides, runs, idle):
             f"{med(name, 'peak_rss_mb'):.1f} MB | {each} |")
     pool_ratio = rust_cpu / med("python-pool", "cpu_seconds_per_1000_steps")
     rate_ratio = med("rust", "steps_per_second") / med("python-pool", "steps_per_second")
+    rust_cmds = med("rust", "steps_per_second") * med("rust", "store_commands_per_step")
+    pool_cmds = med("python-pool", "steps_per_second") * med("python-pool", "store_commands_per_step")
     orig_ratio = rust_cpu / med("python-original", "cpu_seconds_per_1000_steps")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT).stdout.strip()
@@ -250,8 +302,8 @@ commit {commit}, {os.cpu_count()} CPUs. {steps} no-op steps ({WORKFLOWS} workflo
 the same RabbitMQ and MongoDB-wire server (SecantusDB), each worker with {SLOTS} slots; CPU is the
 user + system time of the worker and all its processes (`wait4`), from start to SIGTERM, so it
 includes start-up and the store's and broker's client work. {"One run of each worker, in one sitting" if REPEAT == 1 else f"Medians of {REPEAT} interleaved runs"}.
-The MongoDB-wire server, a single Python process started for the benchmark with its storage on
-tmpfs, is the bottleneck of the wall-clock rate for every worker here (it runs at about one full
+The MongoDB-wire server, a single Python process started afresh for each run with its storage
+on tmpfs, is the bottleneck of the wall-clock rate for every worker here (it runs at about one full
 core throughout), so steps per second measure how many store commands a worker sends per step,
 and how many of them it waits for one after another, rather than the worker's own speed.
 MongoDB commands per step are the server's own counters (`serverStatus.opcounters`) over the
@@ -267,7 +319,9 @@ for their end), divided by the steps.
   its processes.
 - Rust steps per second: {rate_ratio:.2f}x the Python worker that reuses its processes (target:
   at least 2x: {'met' if rate_ratio >= 2 else 'NOT met'}); {med('rust', 'store_commands_per_step'):.1f} MongoDB commands per step
-  against its {med('python-pool', 'store_commands_per_step'):.1f}.
+  against its {med('python-pool', 'store_commands_per_step'):.1f}. The server answered about {rust_cmds:.0f} commands a second for the
+  Rust worker and {pool_cmds:.0f} for the Python one: saturated either way, so the rates stand in
+  inverse proportion to the commands per step.
 - A Rust step's MongoDB commands, in the order it waits for them: read the workflow (1); take
   the task's claim and read the task's stored result, together (2); STARTED, the start count and
   the run in the workflow, together (3); SUCCESS and the workflow's `updated_at` with its status

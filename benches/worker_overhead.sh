@@ -4,24 +4,14 @@
 # between the worker-overhead markers of BENCHMARKS.md (see benches/worker_overhead.py).
 #   WORKFLOWS=50 STEPS_PER_WORKFLOW=10 SLOTS=4 REPEAT=3
 #
-# The workers share one MongoDB-wire server (SecantusDB, one Python process) started for the
-# benchmark alone, its storage on tmpfs: the shared machine's disk stalls would otherwise decide
-# the figures (seen: every worker's rate divided by five during one run).
+# Each run has a MongoDB-wire server (SecantusDB, one Python process) started for it alone, its
+# storage on tmpfs: on a server shared by the runs, or on the shared machine's disk, every
+# worker's rate fell to a fifth after the first round (benches/worker_overhead.py FreshServer).
 set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd "$REPO"
 cargo build --release --locked --quiet
 eval "$(scripts/services.sh)"
 export WORKFLOWS=${WORKFLOWS:-50}
-port=${BENCH_MONGO_PORT:-27018}
-data=$(mktemp -d "${TMPDIR_FAST:-/dev/shm}/workers-bench-mongo-XXXXXX")
-target/services/secantus-venv/bin/secantusd-py --host 127.0.0.1 --port "$port" \
-    --storage-path "$data" >"$data.log" 2>&1 &
-server=$!
-trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; rm -rf "$data" "$data.log"' EXIT
-for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    sleep 0.1
-done
-export WORKERS_TEST_MONGO_URI="mongodb://127.0.0.1:$port/?directConnection=true"
+export BENCH_SECANTUSD=$REPO/target/services/secantus-venv/bin/secantusd-py
 "$WORKERS_TEST_PYTHON" benches/worker_overhead.py
