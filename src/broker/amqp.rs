@@ -57,6 +57,9 @@ use crate::identity::Identity;
 pub const MAX_PRIORITY: i32 = 10;
 
 /// The first wait before reconnecting; it doubles up to `reconnect_max`.
+/// Messages of one `publish_many` awaiting their confirms at once.
+const PUBLISH_IN_FLIGHT: usize = 64;
+
 const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// A consumer that stayed up this long starts its next reconnection at `FIRST_RETRY` again.
 const HEALTHY: Duration = Duration::from_secs(10);
@@ -802,6 +805,26 @@ impl Hold {
 impl Broker for AmqpBroker {
     async fn publish(&self, message: &TaskMessage) -> anyhow::Result<()> {
         self.shared.publish(message).await
+    }
+
+    /// Publishes on one channel without waiting for each confirm before the next message:
+    /// a batch of up to `PUBLISH_IN_FLIGHT` costs about one round trip of confirms rather than
+    /// one per message. Each
+    /// message keeps its own retries; the first failure is returned once all have ended.
+    async fn publish_many(&self, messages: &[TaskMessage]) -> anyhow::Result<()> {
+        let mut first_error = None;
+        for batch in messages.chunks(PUBLISH_IN_FLIGHT) {
+            let mut pending = Vec::with_capacity(batch.len());
+            for message in batch {
+                pending.push(self.shared.publish(message));
+            }
+            for result in futures_util::future::join_all(pending).await {
+                if let Err(err) = result {
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     async fn next(&self) -> anyhow::Result<Box<dyn Delivery>> {

@@ -36,9 +36,9 @@ pub struct Registered {
 
 /// Creates `items` in batches of at most `MAX_BULK` and starts the `integrated` workflow for
 /// each created dataset. The created datasets are reported as `Registered` only (the returned
-/// outcome's `created` stays empty), so a run of 100,000 keeps no 100,000 full records. A batch that fails is reported in the returned errors (with the
-/// names it held) and left for the next run; a workflow that fails to start is logged and
-/// left for the repair pass.
+/// outcome's `created` stays empty), so a run of 100,000 keeps no 100,000 full records. A
+/// batch that fails is reported in the returned errors (with the names it held) and left for
+/// the next run; a workflow that fails to start is logged and left for the repair pass.
 pub async fn register_and_start(
     app: &App,
     items: &[NewDataset],

@@ -233,8 +233,7 @@ pub async fn start_many(
         app.store
             .create_workflows(&app.settings.app_id, spec, &rows)
             .await?;
-        let links: Vec<(DatasetId, String)> = new.clone();
-        app.registry.add_workflows(&links).await?;
+        app.registry.add_workflows(&new).await?;
         let messages: Vec<TaskMessage> = new
             .iter()
             .map(|(id, workflow_id)| {

@@ -582,6 +582,47 @@ async fn serves_the_highest_priority_first_from_either_exchange() {
     assert_eq!(rabbit.ready(&queue).await, 0, "every message acknowledged");
 }
 
+/// A batch (the first steps of a batch of new workflows) is published with its confirms
+/// awaited together: every message arrives once, whatever the batch size.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_published_at_once_arrives_whole() {
+    let Some(url) = amqp_url() else { return };
+    let queue = unique("batch");
+    let _cleanup = Cleanup {
+        url: url.clone(),
+        names: vec![queue.clone()],
+    };
+    let broker = broker(&url, &queue);
+    let rabbit = Rabbit::connect(&url).await;
+    let batch: Vec<TaskMessage> = (0..150).map(|_| message(&queue, 5)).collect();
+    broker.publish_many(&batch).await.unwrap();
+    assert_eq!(rabbit.ready(&queue).await, 150);
+    broker
+        .start_consuming(&Consume {
+            queues: None,
+            prefetch: 50,
+        })
+        .await
+        .unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..150 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), broker.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            seen.insert(delivery.message().id.clone()),
+            "delivered twice"
+        );
+        delivery.ack().await.unwrap();
+    }
+    let published: std::collections::BTreeSet<String> =
+        batch.iter().map(|m| m.id.clone()).collect();
+    assert_eq!(seen, published);
+    broker.close().await;
+    assert_eq!(rabbit.ready(&queue).await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn holds_a_message_until_its_eta_without_taking_the_slot() {
     let Some(url) = amqp_url() else { return };
