@@ -131,11 +131,22 @@ impl MongoStore {
     /// Stores a state of a task this process started with `start`: the whole document, with
     /// the request fields `start` gives (the ones STARTED wrote), so nothing is read first.
     async fn store_started_state(&self, start: &TaskStart, state: &State) -> anyhow::Result<()> {
-        let task_id = &start.task_id;
+        let request = RequestFields::from_start(start);
+        self.replace_task_document(&start.task_id, state, &request)
+            .await
+    }
+
+    /// Replaces (or creates) a task's `celery_taskmeta` document, as Celery stores a state.
+    async fn replace_task_document(
+        &self,
+        task_id: &str,
+        state: &State,
+        request: &RequestFields,
+    ) -> anyhow::Result<()> {
         self.collection(TASKS)
             .replace_one(
                 doc! {"_id": task_id},
-                task_document(task_id, state, &RequestFields::from_start(start)),
+                task_document(task_id, state, request),
             )
             .upsert(true)
             .await
@@ -383,18 +394,8 @@ impl MongoStore {
             Bson::Document(kwargs) => kwargs.get_str("workflow_id").ok().map(str::to_owned),
             _ => None,
         };
-        let document = task_document(task_id, &state, &request);
-        tasks
-            .replace_one(doc! {"_id": task_id}, document)
-            .upsert(true)
-            .await
-            .with_context(|| {
-                format!(
-                    "cannot store {} of task {task_id} in {}",
-                    state.status,
-                    self.at(TASKS)
-                )
-            })?;
+        self.replace_task_document(task_id, &state, &request)
+            .await?;
         Ok(workflow_id)
     }
 
