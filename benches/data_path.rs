@@ -17,7 +17,6 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
@@ -259,7 +258,7 @@ fn inspect_step(dir: &Path, threads: usize) -> Result<String> {
             bail!("the dataset was not registered: {created:?}");
         };
         let ctx = StepContext {
-            app: Arc::clone(&app),
+            env: app.step_env(),
             dataset_id: dataset.id,
             task_id: "bench".to_owned(),
             args: Vec::new(),

@@ -22,6 +22,7 @@ use crate::registry::Registry;
 use crate::registry::http::{HttpConfig, HttpRegistry};
 use crate::registry::sqlite::SqliteRegistry;
 use crate::sqlite::Db;
+use crate::steps::StepEnv;
 use crate::store::mongo::MongoStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{SchedulerStore, WorkflowStore};
@@ -34,7 +35,8 @@ pub struct DefinitionErrors(pub Vec<String>);
 
 /// Everything a command needs: settings, backends, the CPU pool and the workflow definitions.
 pub struct App {
-    pub settings: Settings,
+    /// Shared with every step's `StepEnv`.
+    pub settings: Arc<Settings>,
     pub registry: Arc<dyn Registry>,
     pub store: Arc<dyn WorkflowStore>,
     /// The scheduler's records, kept by the same backend as the workflow store.
@@ -59,6 +61,18 @@ enum Access {
 }
 
 impl App {
+    /// What a step is given: the registry, the archive, the pool, the settings and the
+    /// identity of this app, nothing else.
+    pub fn step_env(&self) -> Arc<StepEnv> {
+        StepEnv::new(
+            Arc::clone(&self.settings),
+            Arc::clone(&self.registry),
+            Arc::clone(&self.archive),
+            self.pool.clone(),
+            self.identity.clone(),
+        )
+    }
+
     pub async fn build(settings: Settings) -> anyhow::Result<Arc<App>> {
         App::build_with(settings, None, Access::ReadWrite).await
     }
@@ -196,7 +210,7 @@ impl App {
         };
         Ok(Arc::new(App {
             mailbox,
-            settings,
+            settings: Arc::new(settings),
             registry,
             store,
             scheduler_store,

@@ -21,10 +21,11 @@ use super::check_interrupted;
 use crate::app::App;
 use crate::broker::TaskMessage;
 use crate::cancel::CancellationToken;
+use crate::config::Settings;
 use crate::registry::uploads::{
     Notification, UploadLog, UploadLogPatch, UploadQuery, UploadRef, UploadStatus,
 };
-use crate::registry::{Dataset, DatasetId};
+use crate::registry::{Dataset, DatasetId, Registry};
 use crate::store::{TaskStatus, Workflow};
 use crate::workflow::engine;
 
@@ -352,7 +353,8 @@ impl Job<'_> {
                 )
                 .await?;
             notify(
-                self.app,
+                self.app.registry.as_ref(),
+                &self.app.settings,
                 "Upload verification failed",
                 &format!(
                     "Upload {} (dataset {id}) failed verification: {reason}",
@@ -453,7 +455,8 @@ impl Job<'_> {
                     )
                     .await?;
                 notify(
-                    self.app,
+                    self.app.registry.as_ref(),
+                    &self.app.settings,
                     "Upload processing failed",
                     &format!(
                         "Upload {} (dataset {id}) failed permanently: {reason}",
@@ -560,8 +563,14 @@ async fn start_integrated(app: &App, id: DatasetId) -> anyhow::Result<String> {
 }
 
 /// Sends a notification when they are enabled; a failure to send is logged, never fatal.
-pub async fn notify(app: &App, label: &str, text: &str, dataset_id: DatasetId) {
-    let settings = &app.settings.notifications;
+pub async fn notify(
+    registry: &dyn Registry,
+    settings: &Settings,
+    label: &str,
+    text: &str,
+    dataset_id: DatasetId,
+) {
+    let settings = &settings.notifications;
     if !settings.enabled {
         return;
     }
@@ -572,7 +581,7 @@ pub async fn notify(app: &App, label: &str, text: &str, dataset_id: DatasetId) {
         metadata: json!({"dataset_id": dataset_id}),
         role_ids: settings.role_ids.clone(),
     };
-    if let Err(err) = app.registry.notify(&notification).await {
+    if let Err(err) = registry.notify(&notification).await {
         warn!(dataset_id, error = %format!("{:#}", anyhow::Error::new(err)), "Could not send a notification.");
     }
 }

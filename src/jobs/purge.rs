@@ -74,7 +74,7 @@ pub async fn purge_staged(
 /// The record first (not staged, PURGED), then the links, the tree and the bundle: a purge that
 /// fails half-way leaves files behind, never a staged record without its copy.
 async fn purge_one(app: &App, dataset: &Dataset) -> anyhow::Result<()> {
-    withdraw_staged_copy(app, dataset).await?;
+    withdraw_staged_copy(&app.step_env(), dataset).await?;
     app.registry
         .add_state(dataset.id, DatasetState::Purged)
         .await?;

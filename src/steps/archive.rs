@@ -39,7 +39,7 @@ const LISTED_DIFFERENCES: usize = 20;
 /// the process started (J.10).
 pub fn archive_path_of(ctx: &StepContext, dataset: &Dataset) -> String {
     let template = &ctx
-        .app
+        .env
         .settings
         .paths
         .for_type(dataset.dataset_type)
@@ -53,11 +53,11 @@ pub fn archive_path_of(ctx: &StepContext, dataset: &Dataset) -> String {
 }
 
 pub async fn run(ctx: &StepContext) -> StepResult {
-    let app = &ctx.app;
+    let env = &ctx.env;
     let dataset = ctx.dataset().await?;
     let origin = existing_origin(&dataset, "ValidationFailed").await?;
     let expected = Expected::of(ctx, &dataset).await?;
-    let paths = app.settings.paths.for_type(dataset.dataset_type);
+    let paths = env.settings.paths.for_type(dataset.dataset_type);
     let generate_dir = paths.bundle_generate.clone();
     let final_name = generate_dir.join(dataset.name.bundle_file_name());
     let bundle_path = blocking(move || -> anyhow::Result<PathBuf> {
@@ -102,7 +102,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     }
 
     let archive_path = archive_path_of(ctx, &dataset);
-    app.archive
+    env.archive
         .put(
             &bundle_path,
             &archive_path,
@@ -121,7 +121,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         size: summary.size,
         md5: summary.md5,
     };
-    app.registry
+    env.registry
         .update(
             dataset.id,
             &DatasetPatch {
@@ -131,7 +131,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             },
         )
         .await?;
-    app.registry
+    env.registry
         .add_state(dataset.id, DatasetState::Archived)
         .await?;
     info!(archive_path = %archive_path, bytes = summary.size, md5 = %summary.md5, "Archived the dataset.");
@@ -253,7 +253,7 @@ impl Expected {
 /// and holds both listings in memory; rows a registry does not show are simply not named.
 async fn describe_differences(ctx: &StepContext, dataset: &Dataset, bundle_path: &Path) -> String {
     let mut recorded: HashMap<String, crate::model::FileRecord> = HashMap::new();
-    let mut pages = FilePages::new(ctx.app.registry.as_ref(), dataset.id, 10_000);
+    let mut pages = FilePages::new(ctx.env.registry.as_ref(), dataset.id, 10_000);
     while let Ok(Some(page)) = pages.next().await {
         recorded.extend(page.into_iter().map(|r| (r.path.clone(), r)));
     }

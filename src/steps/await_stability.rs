@@ -33,7 +33,7 @@ fn timestamp(time: SystemTime) -> String {
 pub async fn run(ctx: &StepContext) -> StepResult {
     let dataset = ctx.dataset().await?;
     let origin = existing_origin(&dataset, "ValidationFailed").await?;
-    let settings = &ctx.app.settings.registration;
+    let settings = &ctx.env.settings.registration;
     // Start kwargs (`recency_threshold`, `wait_seconds`, `max_wait_seconds`) win over the
     // configuration.
     let threshold = ctx
@@ -143,7 +143,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             () = ctx.cancel.cancelled() => return Err(StepError::cancelled()),
         }
     }
-    ctx.app
+    ctx.env
         .registry
         .add_state(ctx.dataset_id, DatasetState::Ready)
         .await?;

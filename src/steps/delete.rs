@@ -9,10 +9,10 @@ use crate::registry::DatasetPatch;
 /// Removes the archived bundle, renames the dataset to `{name}-{id}` (freeing its name) and
 /// marks it deleted.
 pub async fn run_delete_dataset(ctx: &StepContext) -> StepResult {
-    let app = &ctx.app;
+    let env = &ctx.env;
     let dataset = ctx.dataset().await?;
     if let Some(archive_path) = &dataset.archive_path {
-        let removed = app.archive.delete(archive_path).await?;
+        let removed = env.archive.delete(archive_path).await?;
         info!(archive_path = %archive_path, removed, "Removed the archived bundle.");
     }
     let mut patch = DatasetPatch {
@@ -27,8 +27,8 @@ pub async fn run_delete_dataset(ctx: &StepContext) -> StepResult {
             dataset.name, dataset.id
         )));
     }
-    app.registry.update(dataset.id, &patch).await?;
-    app.registry
+    env.registry.update(dataset.id, &patch).await?;
+    env.registry
         .add_state(dataset.id, DatasetState::Deleted)
         .await?;
     Ok(returns_dataset(dataset.id))

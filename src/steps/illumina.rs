@@ -25,8 +25,8 @@ struct Listed {
 }
 
 pub async fn run(ctx: &StepContext) -> StepResult {
-    let app = &ctx.app;
-    let settings = &app.settings.illumina;
+    let env = &ctx.env;
+    let settings = &env.settings.illumina;
     let dataset = ctx.dataset().await?;
     let target = settings.download_dir.join(dataset.name.as_str());
     let dir = target.clone();
@@ -87,7 +87,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         info!(basespace_id = %item.id, dir = %target.display(), "Downloaded a BaseSpace dataset.");
     }
 
-    app.registry
+    env.registry
         .update(
             dataset.id,
             &DatasetPatch {
@@ -96,7 +96,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             },
         )
         .await?;
-    app.registry
+    env.registry
         .add_state(dataset.id, DatasetState::Downloaded)
         .await?;
     Ok(returns_dataset(dataset.id))

@@ -95,13 +95,13 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         .await
         .map_err(StepError::inspection)?;
 
-    let app = &ctx.app;
+    let env = &ctx.env;
     let progress = ctx.progress.clone();
     // No walk runs first only to count: on a network file system listing is the slow part.
     // A dataset inspected before gives its last count as the expected total.
     progress.start("inspect", "files", dataset.num_files);
 
-    let scratch = app.settings.paths.scratch.clone();
+    let scratch = env.settings.paths.scratch.clone();
     let name = format!("inspect-{}.jsonl", dataset.id);
     let spool_path = blocking(move || -> anyhow::Result<PathBuf> {
         std::fs::create_dir_all(&scratch)
@@ -113,7 +113,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     })
     .await?;
     let spool = Arc::new(Spool(TempFile::new(spool_path.clone())));
-    let genome_file_types = app.settings.genome_file_types.clone();
+    let genome_file_types = env.settings.genome_file_types.clone();
     let root = origin.clone();
     let walked = ctx
         .compute(move |cancel| -> anyhow::Result<_> {
@@ -186,7 +186,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
 
     // The rows first, the record after: a dataset whose record describes this inspection always
     // has exactly its rows.
-    let stored = app
+    let stored = env
         .registry
         .replace_files(dataset.id, Arc::clone(&spool) as Arc<dyn FileRowSource>)
         .await
@@ -212,7 +212,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         contents_fingerprint: InspectionRecord::fingerprint_text(walked.content_fingerprint),
         task_id: ctx.task_id.clone(),
     };
-    app.registry
+    env.registry
         .update(
             dataset.id,
             &DatasetPatch {
@@ -251,4 +251,65 @@ fn check_readable(origin: &Path) -> anyhow::Result<()> {
     };
     rustix::fs::access(origin, access)
         .with_context(|| format!("`{}` is not readable", origin.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compute::md5::md5_bytes;
+    use crate::registry::FilePages;
+    use crate::steps::inspection_of;
+    use crate::steps::testing::{TestEnv, write};
+
+    async fn stored_rows(env: &TestEnv, id: crate::registry::DatasetId) -> Vec<FileRecord> {
+        let mut pages = FilePages::new(env.env.registry.as_ref(), id, 1000);
+        let mut rows = Vec::new();
+        while let Some(page) = pages.next().await.expect("page") {
+            rows.extend(page);
+        }
+        rows
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_step_records_rows_sizes_and_replaces_an_earlier_inspection() {
+        let env = TestEnv::new();
+        let (id, root) = env
+            .dataset("run1", &[("a.txt", b"alpha"), ("sub/b.fastq.gz", b"bb")])
+            .await;
+        run(&env.context(id)).await.expect("inspect");
+        let dataset = env.env.registry.get(id).await.expect("dataset");
+        assert_eq!(dataset.num_files, Some(2));
+        assert_eq!(dataset.size, Some(7));
+        assert_eq!(dataset.metadata["num_genome_files"], 1);
+        let record = inspection_of(&dataset).expect("inspection record");
+        assert_eq!(record.files, 2);
+        let rows = stored_rows(&env, id).await;
+        assert_eq!(
+            rows.iter()
+                .map(|r| (r.path.as_str(), r.md5))
+                .collect::<Vec<_>>(),
+            [
+                ("a.txt", Some(md5_bytes(b"alpha"))),
+                ("sub/b.fastq.gz", Some(md5_bytes(b"bb")))
+            ]
+        );
+
+        // Inspected again after a change: the rows are the new ones, none of the old kept.
+        std::fs::remove_file(root.join("a.txt")).expect("rm");
+        write(&root.join("c.txt"), b"gamma");
+        run(&env.context(id)).await.expect("inspect again");
+        let paths: Vec<String> = stored_rows(&env, id)
+            .await
+            .into_iter()
+            .map(|r| r.path)
+            .collect();
+        assert_eq!(paths, ["c.txt", "sub/b.fastq.gz"]);
+        assert_eq!(
+            std::fs::read_dir(&env.env.settings.paths.scratch)
+                .expect("scratch")
+                .count(),
+            0,
+            "the spool is removed"
+        );
+    }
 }

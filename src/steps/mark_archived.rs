@@ -16,10 +16,10 @@ use crate::model::DatasetState;
 use crate::registry::DatasetPatch;
 
 pub async fn run(ctx: &StepContext) -> StepResult {
-    let app = &ctx.app;
+    let env = &ctx.env;
     let dataset = ctx.dataset().await?;
     let archive_path = super::archive::archive_path_of(ctx, &dataset);
-    app.registry
+    env.registry
         .update(
             dataset.id,
             &DatasetPatch {
@@ -28,12 +28,12 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             },
         )
         .await?;
-    app.registry
+    env.registry
         .add_state(dataset.id, DatasetState::Archived)
         .await?;
     info!(archive_path = %archive_path, "Recorded the dataset as archived.");
 
-    let bundle = staged_bundle_path(app, &dataset);
+    let bundle = staged_bundle_path(env, &dataset);
     let origin = dataset.origin_path.clone().map(PathBuf::from);
     for path in std::iter::once(bundle).chain(origin) {
         // Symbolic links resolved as the original does (`Path.resolve`): the tree removed is

@@ -17,6 +17,8 @@ pub mod program;
 pub mod qc;
 pub mod setup_download;
 pub mod stage;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod validate;
 pub mod verify_upload;
 
@@ -25,21 +27,54 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 
-use crate::app::App;
-use crate::archive::ArchiveError;
+use crate::archive::{Archive, ArchiveError};
 use crate::cancel::CancellationToken;
+use crate::compute::Pool;
 use crate::compute::walk::{checksum_fingerprint_add, fingerprint_add};
+use crate::config::Settings;
+use crate::identity::Identity;
 use crate::model::{DatasetName, InspectionRecord};
 use crate::progress::Progress;
-use crate::registry::{Dataset, DatasetId, RegistryError};
+use crate::registry::{Dataset, DatasetId, Registry, RegistryError};
 use anyhow::Context;
 
 /// The task names live in `names`, which every layer may use.
 pub use crate::names::Task;
 
+/// The services a step may use: the registry, the archive, the CPU pool, the settings and
+/// who runs it. Nothing else: a step never publishes, never touches the workflow store and
+/// never talks to other workers (the engine around it does), so a test builds one from an
+/// embedded registry and a local archive in a few lines ([`StepEnv::new`]). A worker gives
+/// each step one made of its `App`'s parts (`App::step_env`).
+pub struct StepEnv {
+    pub settings: Arc<Settings>,
+    pub registry: Arc<dyn Registry>,
+    pub archive: Arc<dyn Archive>,
+    pub pool: Pool,
+    pub identity: Identity,
+}
+
+impl StepEnv {
+    pub fn new(
+        settings: Arc<Settings>,
+        registry: Arc<dyn Registry>,
+        archive: Arc<dyn Archive>,
+        pool: Pool,
+        identity: Identity,
+    ) -> Arc<StepEnv> {
+        Arc::new(StepEnv {
+            settings,
+            registry,
+            archive,
+            pool,
+            identity,
+        })
+    }
+}
+
 /// What a step gets to work with.
 pub struct StepContext {
-    pub app: Arc<App>,
+    pub env: Arc<StepEnv>,
     pub dataset_id: DatasetId,
     pub task_id: String,
     /// The message's positional arguments; the first is `dataset_id`.
@@ -59,7 +94,7 @@ pub struct StepContext {
 
 impl StepContext {
     pub async fn dataset(&self) -> Result<Dataset, StepError> {
-        Ok(self.app.registry.get(self.dataset_id).await?)
+        Ok(self.env.registry.get(self.dataset_id).await?)
     }
 
     /// Runs a long job (hashing, bundling, extraction, walks, copies) on the CPU pool under the
@@ -69,7 +104,7 @@ impl StepContext {
         F: FnOnce(&CancellationToken) -> T + Send + 'static,
         T: Send + 'static,
     {
-        self.app
+        self.env
             .pool
             .run_job(&self.cancel, f)
             .await
@@ -238,8 +273,8 @@ pub fn stage_alias(id: DatasetId, name: &DatasetName, salt: &str) -> String {
 }
 
 /// `{name}.{type}.tar` in the type's `bundle.stage` directory.
-pub fn staged_bundle_path(app: &App, dataset: &Dataset) -> std::path::PathBuf {
-    app.settings
+pub fn staged_bundle_path(env: &StepEnv, dataset: &Dataset) -> std::path::PathBuf {
+    env.settings
         .paths
         .for_type(dataset.dataset_type)
         .bundle_stage
@@ -292,7 +327,7 @@ pub async fn summarize_rows(ctx: &StepContext, id: DatasetId) -> Result<RowsSumm
         sizes: Some(0),
         ..RowsSummary::default()
     };
-    let mut pages = crate::registry::FilePages::new(ctx.app.registry.as_ref(), id, 10_000);
+    let mut pages = crate::registry::FilePages::new(ctx.env.registry.as_ref(), id, 10_000);
     while let Some(page) = pages.next().await? {
         // Hashing every path of a page is CPU work: on the pool, not on a runtime thread.
         summary = ctx.compute(move |_| summary.add(&page)).await?;
@@ -324,7 +359,7 @@ pub async fn wait_for_rows(
     complete: impl Fn(&RowsSummary) -> bool,
 ) -> Result<RowsSummary, StepError> {
     let started = std::time::Instant::now();
-    let lag = ctx.app.registry.file_rows_lag();
+    let lag = ctx.env.registry.file_rows_lag();
     let mut pause = std::time::Duration::from_millis(500);
     loop {
         let summary = summarize_rows(ctx, id).await?;
@@ -347,8 +382,8 @@ pub async fn wait_for_rows(
 /// so that nothing ever claims a copy being removed, then the download links, the tree
 /// (read-only directories included) and the staged bundle. An error after the record was
 /// written leaves files behind, never a record that lies; it names what was left.
-pub async fn withdraw_staged_copy(app: &App, dataset: &Dataset) -> anyhow::Result<()> {
-    app.registry
+pub async fn withdraw_staged_copy(env: &StepEnv, dataset: &Dataset) -> anyhow::Result<()> {
+    env.registry
         .update(
             dataset.id,
             &crate::registry::DatasetPatch {
@@ -359,7 +394,7 @@ pub async fn withdraw_staged_copy(app: &App, dataset: &Dataset) -> anyhow::Resul
         )
         .await
         .context("cannot record that the staged copy is withdrawn; it was left in place")?;
-    let download_dir = app.settings.paths.download_dir.clone();
+    let download_dir = env.settings.paths.download_dir.clone();
     let links: Vec<PathBuf> = [
         dataset.stage_alias().map(|alias| download_dir.join(alias)),
         Some(download_dir.join(dataset.name.staged_bundle_file_name(dataset.dataset_type))),
@@ -368,7 +403,7 @@ pub async fn withdraw_staged_copy(app: &App, dataset: &Dataset) -> anyhow::Resul
     .flatten()
     .collect();
     let tree = dataset.staged_path.as_deref().map(PathBuf::from);
-    let bundle = staged_bundle_path(app, dataset);
+    let bundle = staged_bundle_path(env, dataset);
     crate::compute::blocking(move || -> anyhow::Result<()> {
         let never = CancellationToken::new();
         // The links first: a download never starts on a tree being removed. Anything but a

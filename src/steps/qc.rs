@@ -23,10 +23,10 @@ use crate::registry::DatasetPatch;
 const REPORT_FILE: &str = "multiqc_report.html";
 
 pub async fn run(ctx: &StepContext) -> StepResult {
-    let app = &ctx.app;
-    let settings = &app.settings.qc;
+    let env = &ctx.env;
+    let settings = &env.settings.qc;
     let dataset = ctx.dataset().await?;
-    let Some(qc_root) = app.settings.paths.for_type(dataset.dataset_type).qc.clone() else {
+    let Some(qc_root) = env.settings.paths.for_type(dataset.dataset_type).qc.clone() else {
         return Err(StepError::validation(anyhow::format_err!(
             "dataset {} (`{}`): paths.{}.qc is not set, so no QC report is made for {} datasets",
             dataset.id,
@@ -123,7 +123,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         .get("report_id")
         .and_then(|v| v.as_str())
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned);
-    app.registry
+    env.registry
         .update(
             dataset.id,
             &DatasetPatch {
@@ -132,8 +132,8 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             },
         )
         .await?;
-    let stored = app.registry.upload_report(dataset.id, &report).await?;
-    app.registry.add_state(dataset.id, DatasetState::Qc).await?;
+    let stored = env.registry.upload_report(dataset.id, &report).await?;
+    env.registry.add_state(dataset.id, DatasetState::Qc).await?;
     info!(report_id = %report_id, stored = %stored, files = total, "QC report made and uploaded.");
     Ok(returns_dataset(dataset.id))
 }

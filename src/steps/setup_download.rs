@@ -15,7 +15,7 @@ use crate::cancel::{CancellationToken, check};
 use crate::compute::{attempt_sibling, blocking, remove_leftover_partials, remove_tree};
 
 pub async fn run(ctx: &StepContext) -> StepResult {
-    let app = &ctx.app;
+    let env = &ctx.env;
     let dataset = ctx.dataset().await?;
     let Some(alias) = dataset.stage_alias().map(str::to_owned) else {
         return Err(StepError::validation(anyhow::format_err!(
@@ -25,8 +25,8 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         )));
     };
     let staged = dataset.staged_path.as_deref().map(PathBuf::from);
-    let root_setting = app.settings.paths.root.clone();
-    let download_setting = app.settings.paths.download_dir.clone();
+    let root_setting = env.settings.paths.root.clone();
+    let download_setting = env.settings.paths.download_dir.clone();
     // Resolving paths touches the file system: off the runtime threads.
     let resolved = blocking(move || -> Result<(PathBuf, PathBuf, PathBuf), StepError> {
         let staged = staged.filter(|p| p.is_dir()).ok_or_else(|| {
@@ -63,7 +63,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             root.display()
         )));
     }
-    let bundle = staged_bundle_path(app, &dataset);
+    let bundle = staged_bundle_path(env, &dataset);
 
     let alias_link = download_dir.join(&alias);
     let bundle_link = download_dir.join(dataset.name.staged_bundle_file_name(dataset.dataset_type));

@@ -23,7 +23,7 @@ use crate::model::DatasetState;
 use crate::registry::DatasetPatch;
 
 pub async fn run(ctx: &StepContext) -> StepResult {
-    let app = &ctx.app;
+    let env = &ctx.env;
     let dataset = ctx.dataset().await?;
     let (Some(archive_path), Some(bundle)) = (dataset.archive_path.clone(), dataset.bundle.clone())
     else {
@@ -39,11 +39,11 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         None => stage_alias(
             dataset.id,
             &dataset.name,
-            app.settings.stage.alias_salt.expose(),
+            env.settings.stage.alias_salt.expose(),
         ),
     };
-    let paths = app.settings.paths.for_type(dataset.dataset_type);
-    let local_bundle = staged_bundle_path(app, &dataset);
+    let paths = env.settings.paths.for_type(dataset.dataset_type);
+    let local_bundle = staged_bundle_path(env, &dataset);
     let (stage_dir, alias_name, bundle_dir) = (
         paths.stage.clone(),
         alias.clone(),
@@ -66,7 +66,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     .await?;
     let staging_dir = alias_dir.join(dataset.name.as_str());
 
-    let fetched_md5 = app
+    let fetched_md5 = env
         .archive
         .get(&archive_path, &local_bundle, &ctx.progress, &ctx.cancel)
         .await?;
@@ -81,7 +81,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
 
     ctx.progress.start("extract", "bytes", Some(bundle.size));
     let opts = ExtractOptions {
-        modes: app.settings.stage.modes,
+        modes: env.settings.stage.modes,
         sync: true,
     };
     let (source, dest, progress) = (
@@ -114,7 +114,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
 
     ctx.progress.set_done(bundle.size);
     let staged_path = staging_dir.to_string_lossy().into_owned();
-    app.registry
+    env.registry
         .update(
             dataset.id,
             &DatasetPatch {
@@ -126,7 +126,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             },
         )
         .await?;
-    app.registry
+    env.registry
         .add_state(dataset.id, DatasetState::Fetched)
         .await?;
     if let Some(replaced) = extracted.replaced {

@@ -54,7 +54,7 @@ fn check(root: &Path, row: &FileRecord, cancel: &CancellationToken) -> Option<St
 }
 
 pub async fn run(ctx: &StepContext) -> StepResult {
-    let app = &ctx.app;
+    let env = &ctx.env;
     let dataset = ctx.dataset().await?;
     let Some(staged) = dataset.staged_path.clone() else {
         return Err(StepError::validation(anyhow::format_err!(
@@ -77,7 +77,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     let mut problems: Vec<String> = Vec::new();
     let mut problem_count = 0usize;
     let mut checked = 0u64;
-    let mut pages = FilePages::new(app.registry.as_ref(), dataset.id, PAGE);
+    let mut pages = FilePages::new(env.registry.as_ref(), dataset.id, PAGE);
     while let Some(page) = pages.next().await? {
         checked += page.len() as u64;
         let (root, progress) = (root.clone(), ctx.progress.clone());
@@ -106,7 +106,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             listed.push_str(&format!("; and {} more", problem_count - problems.len()));
         }
         // A copy that failed validation is not left up for download.
-        let withdrawn = match withdraw_staged_copy(app, &dataset).await {
+        let withdrawn = match withdraw_staged_copy(env, &dataset).await {
             Ok(()) => "the staged copy and its download links were removed".to_owned(),
             Err(err) => format!("{err:#}"),
         };
@@ -114,7 +114,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             "{problem_count} of {checked} files in `{staged}` failed validation: {listed}; {withdrawn}"
         )));
     }
-    app.registry
+    env.registry
         .update(
             dataset.id,
             &DatasetPatch {
@@ -123,7 +123,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             },
         )
         .await?;
-    app.registry
+    env.registry
         .add_state(dataset.id, DatasetState::Staged)
         .await?;
     info!(files = checked, "Validated the staged copy.");
@@ -146,7 +146,7 @@ async fn ensure_rows_match(
     if matches(&rows) {
         return Ok(());
     }
-    let bundle = staged_bundle_path(&ctx.app, dataset);
+    let bundle = staged_bundle_path(&ctx.env, dataset);
     let (restored, fingerprint) = ctx
         .compute(move |cancel| -> std::io::Result<(Vec<FileRecord>, u64)> {
             let restored: Vec<FileRecord> = list_members(&bundle, cancel)?
@@ -185,7 +185,7 @@ async fn ensure_rows_match(
         expected = record.files,
         "File rows were missing; restoring them from the staged bundle."
     );
-    ctx.app
+    ctx.env
         .registry
         .replace_files(dataset.id, Arc::new(restored))
         .await
@@ -206,5 +206,54 @@ async fn ensure_rows_match(
             rows.rows,
             record.files
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::steps::testing::{TestEnv, write};
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_changed_staged_file_fails_validation_naming_it_and_withdraws_the_copy() {
+        let env = TestEnv::new();
+        let files: &[(&str, &[u8])] = &[("a.txt", b"alpha"), ("deep/b.txt", b"beta")];
+        let (id, _) = env.dataset("run2", files).await;
+        crate::steps::inspect::run(&env.context(id))
+            .await
+            .expect("inspect");
+        let staged = env.dir.path().join("staged/run2");
+        for (path, content) in files {
+            write(&staged.join(path), content);
+        }
+        let patch = DatasetPatch {
+            staged_path: Some(Some(staged.to_str().expect("UTF-8").to_owned())),
+            ..DatasetPatch::default()
+        };
+        env.env.registry.update(id, &patch).await.expect("stage");
+
+        // Intact: validated, and the dataset becomes STAGED.
+        run(&env.context(id)).await.expect("validate");
+        let dataset = env.env.registry.get(id).await.expect("dataset");
+        assert!(dataset.is_staged);
+        assert_eq!(
+            dataset.states.last().map(|s| s.state.as_str()),
+            Some(DatasetState::Staged.as_str())
+        );
+
+        // One byte changed: the file is named, the copy withdrawn, the record says so.
+        write(&staged.join("deep/b.txt"), b"betA");
+        env.env.registry.update(id, &patch).await.expect("stage");
+        let err = run(&env.context(id)).await.expect_err("mismatch");
+        let message = format!("{err}");
+        assert!(
+            message.contains("deep/b.txt`: checksum mismatch"),
+            "{message}"
+        );
+        assert!(message.contains("1 of 2 files"), "{message}");
+        assert!(!staged.exists(), "the staged copy is removed");
+        let dataset = env.env.registry.get(id).await.expect("dataset");
+        assert!(!dataset.is_staged);
+        assert_eq!(dataset.staged_path, None);
     }
 }

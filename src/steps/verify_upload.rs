@@ -29,7 +29,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
         ctx.max_retries + 1
     ));
     let dataset = ctx.dataset().await?;
-    let Some(upload) = ctx.app.registry.upload_log(id).await? else {
+    let Some(upload) = ctx.env.registry.upload_log(id).await? else {
         log.err(format!("dataset {id} has no upload log"));
         log.flush().await;
         return Err(StepError::permanent(
@@ -65,7 +65,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     let result = match outcome {
         Ok(summary) => {
             log.out(format!("Upload verified: {summary}"));
-            ctx.app
+            ctx.env
                 .registry
                 .update_upload_log(id, &UploadLogPatch::status(UploadStatus::Verified))
                 .await?;
@@ -104,7 +104,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             metadata: Some(metadata),
             ..UploadLogPatch::default()
         };
-        if let Err(err) = ctx.app.registry.update_upload_log(id, &patch).await {
+        if let Err(err) = ctx.env.registry.update_upload_log(id, &patch).await {
             warn!(dataset_id = id, error = %format!("{:#}", anyhow::Error::new(err)), "Could not record the worker process on the upload log.");
         }
     }
@@ -209,7 +209,7 @@ async fn mark_failed(
     metadata.insert("task_id".into(), json!(ctx.task_id));
     metadata.insert("failed_at".into(), json!(Utc::now().to_rfc3339()));
     metadata.insert("retries_exhausted".into(), json!(true));
-    ctx.app
+    ctx.env
         .registry
         .update_upload_log(
             id,
@@ -217,7 +217,8 @@ async fn mark_failed(
         )
         .await?;
     notify(
-        &ctx.app,
+        ctx.env.registry.as_ref(),
+        &ctx.env.settings,
         "Upload verification failed",
         &format!(
             "Upload {} (dataset {id}) failed verification: {reason}",
@@ -283,14 +284,14 @@ impl<'a> ProcessLog<'a> {
     }
 
     async fn flush(&mut self) {
-        let registry = &self.ctx.app.registry;
+        let registry = &self.ctx.env.registry;
         if self.process_id.is_none() {
             let process = WorkerProcess {
                 workflow_id: None,
                 step: VERIFY_TASK.to_owned(),
                 task_id: self.ctx.task_id.clone(),
-                pid: self.ctx.app.identity.pid,
-                hostname: self.ctx.app.identity.hostname.clone(),
+                pid: self.ctx.env.identity.pid,
+                hostname: self.ctx.env.identity.hostname.clone(),
                 start_time: Utc::now(),
                 tags: json!({"args": [
                     self.ctx.dataset_id,

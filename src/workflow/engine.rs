@@ -824,7 +824,7 @@ async fn run_claimed(
     let started = Instant::now();
     let progress = Progress::new();
     let ctx = StepContext {
-        app: Arc::clone(app),
+        env: app.step_env(),
         dataset_id,
         task_id: message.id.clone(),
         args: message.args.clone(),

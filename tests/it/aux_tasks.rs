@@ -68,7 +68,7 @@ async fn mark_archived_and_delete_records_the_configured_archive_path_and_remove
     std::fs::set_permissions(origin.join("ro"), std::fs::Permissions::from_mode(0o555)).unwrap();
     let id = register_without_workflow(&app, "run_to_mark", &origin).await;
     let dataset = app.registry.get(id).await.unwrap();
-    let bundle = workers::steps::staged_bundle_path(&app, &dataset);
+    let bundle = workers::steps::staged_bundle_path(&app.step_env(), &dataset);
     write_file(&bundle, b"a staged bundle");
 
     let (status, result) = run_workflow(&app, &workflow, id).await;

@@ -722,7 +722,8 @@ async fn archive_stage_and_delete_steps_run_end_to_end_over_hsi() {
         .expect("the app is not shared yet");
     // An HPSS path relative to the HPSS home, as the original's SDA defaults are; the blanks,
     // quote and separators in it must survive every command.
-    app.settings.paths.raw_data.archive = "bioloop's archive/{year}/raw data; *".into();
+    Arc::make_mut(&mut app.settings).paths.raw_data.archive =
+        "bioloop's archive/{year}/raw data; *".into();
     app.archive = Arc::new(HsiArchive::new(hpss.config(true), app.pool.clone()));
     let app = Arc::new(app);
 
