@@ -6,6 +6,7 @@
 //! ```text
 //! data_path md5 FILE
 //! data_path inspect-tree DIR THREADS
+//! data_path stability-walk DIR THREADS
 //! data_path inspect-step DIR THREADS
 //! data_path bundle DIR OUT THREADS
 //! data_path extract BUNDLE DEST THREADS SYNC
@@ -29,7 +30,7 @@ use workers::compute::Pool;
 use workers::compute::bundle::{MemberDigest, write_bundle};
 use workers::compute::extract::{ExtractOptions, extract_bundle};
 use workers::compute::md5::md5_file;
-use workers::compute::walk::{InspectOptions, inspect_tree};
+use workers::compute::walk::{InspectOptions, inspect_tree, newest_change};
 use workers::config::LoadOptions;
 use workers::model::{CreateMethod, DatasetName, DatasetType};
 use workers::progress::Progress;
@@ -39,6 +40,7 @@ use workers::steps::{StepContext, Task};
 const USAGE: &str = "usage:
   data_path md5 FILE
   data_path inspect-tree DIR THREADS
+  data_path stability-walk DIR THREADS
   data_path inspect-step DIR THREADS
   data_path bundle DIR OUT THREADS
   data_path extract BUNDLE DEST THREADS SYNC (SYNC: 1 fsyncs every file and directory, 0 not)";
@@ -68,6 +70,7 @@ fn run(args: &[String]) -> Result<String> {
     match args.as_slice() {
         ["md5", file] => md5(Path::new(file)),
         ["inspect-tree", dir, threads] => inspect_tree_only(Path::new(dir), threads_arg(threads)?),
+        ["stability-walk", dir, threads] => stability_walk(Path::new(dir), threads_arg(threads)?),
         ["inspect-step", dir, threads] => inspect_step(Path::new(dir), threads_arg(threads)?),
         ["bundle", dir, out, threads] => {
             bundle(Path::new(dir), Path::new(out), threads_arg(threads)?)
@@ -193,6 +196,32 @@ fn inspect_tree_only(dir: &Path, threads: usize) -> Result<String> {
         summary.num_files,
         peak_rss_kb()?,
         json!({"threads": threads, "directories": summary.num_directories}),
+    ))
+}
+
+/// The walk of `await_stability`: every entry listed and stat'd, the newest change found.
+fn stability_walk(dir: &Path, threads: usize) -> Result<String> {
+    let pool = Pool::new(threads)?;
+    let start = Instant::now();
+    let future_after = std::time::SystemTime::now() + std::time::Duration::from_secs(3600);
+    let summary = pool
+        .install(|| newest_change(dir, future_after, &CancellationToken::new()))
+        .with_context(|| format!("cannot walk `{}`", dir.display()))?;
+    let seconds = start.elapsed().as_secs_f64();
+    ensure!(
+        summary.unreadable == 0,
+        "{} unreadable entries below `{}`",
+        summary.unreadable,
+        dir.display()
+    );
+    ensure!(summary.newest.is_some(), "no change time found");
+    Ok(report(
+        "stability-walk",
+        seconds,
+        0,
+        summary.entries,
+        peak_rss_kb()?,
+        json!({"threads": threads}),
     ))
 }
 

@@ -1,8 +1,12 @@
 //! Tree walks over datasets: change detection (stability), inspection (checksums, counts, sizes) and the
 //! shared rules for classifying entries and symbolic links.
 //!
-//! Walks stream the directory listing (walkdir) and fan the per-entry work (stat, hashing) out to the
-//! current rayon pool with `par_bridge`, so a dataset of millions of files is never listed in memory.
+//! Directories are read in parallel (the parallel walker of `ignore`, every filter off) on as many
+//! threads as the current rayon pool has: on Lustre and NFS listing and `stat` are what a walk
+//! waits for. Each thread stats, and for inspection hashes, the entries it takes. A walk runs as
+//! one job of the pool, whose thread waits while the walker's threads work, so one walk keeps as
+//! many threads busy as the pool has. A dataset of millions of files is never listed in memory:
+//! at most the entries of the directories being read.
 
 use std::collections::HashSet;
 use std::fs::{self, File, Metadata};
@@ -13,7 +17,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rayon::iter::{ParallelBridge, ParallelIterator};
+use ignore::{WalkBuilder, WalkState};
 use walkdir::WalkDir;
 
 use crate::cancel::{CancellationToken, Cancelled};
@@ -163,18 +167,27 @@ impl ChangeSummary {
     }
 
     fn of(path: &Path, changed: SystemTime, future_after: SystemTime) -> ChangeSummary {
-        let mut summary = ChangeSummary {
-            entries: 1,
-            ..ChangeSummary::default()
-        };
-        if changed > future_after {
-            summary.future_entries = 1;
-            summary.future_newest = Some((changed, path.to_path_buf()));
-        } else {
-            summary.newest = Some(changed);
-            summary.newest_path = Some(path.to_path_buf());
-        }
+        let mut summary = ChangeSummary::default();
+        summary.add(path, changed, future_after);
         summary
+    }
+
+    /// Counts one entry; its path is copied only when it is the newest so far.
+    fn add(&mut self, path: &Path, changed: SystemTime, future_after: SystemTime) {
+        self.entries += 1;
+        if changed > future_after {
+            self.future_entries += 1;
+            if self
+                .future_newest
+                .as_ref()
+                .is_none_or(|(t, _)| changed > *t)
+            {
+                self.future_newest = Some((changed, path.to_path_buf()));
+            }
+        } else if self.newest.is_none_or(|t| changed > t) {
+            self.newest = Some(changed);
+            self.newest_path = Some(path.to_path_buf());
+        }
     }
 }
 
@@ -195,10 +208,10 @@ fn timestamp(secs: i64, nanos: i64) -> SystemTime {
 }
 
 /// Newest max(mtime, ctime) over `root` itself and every entry below it (lstat; entries whose target does not
-/// exist, i.e. broken symlinks, are not counted, as in the original await_stability). Streaming (walkdir, never the
-/// whole listing in memory) and parallel: stats run on the current rayon pool via `par_bridge`. Directories that
-/// cannot be read are counted in `unreadable` and skipped (logged with tracing::warn naming the path).
-/// A missing root is `Err(io::ErrorKind::NotFound)`.
+/// exist, i.e. broken symlinks, are not counted, as in the original await_stability). Streaming (never the
+/// whole listing in memory) and parallel: directories are listed and their entries stat'd on as many threads
+/// as the current rayon pool has ([`fold_tree`]). Directories that cannot be read are counted in `unreadable`
+/// and skipped (logged with tracing::warn naming the path). A missing root is `Err(io::ErrorKind::NotFound)`.
 ///
 /// Entries that vanish between listing and stat are ignored: their parent directory's times record the
 /// removal anyway.
@@ -214,31 +227,30 @@ pub fn newest_change(
 ) -> io::Result<ChangeSummary> {
     let root_meta = fs::symlink_metadata(root)?;
     let start = ChangeSummary::of(root, changed_at(&root_meta), future_after);
-    let rest = WalkDir::new(root)
-        .min_depth(1)
-        .follow_links(false)
-        .into_iter()
-        .take_while(|_| !cancel.is_cancelled())
-        .par_bridge()
-        .map(|entry| {
-            let mut summary = ChangeSummary::default();
+    let rest = fold_tree(
+        root,
+        rayon::current_num_threads(),
+        |summary: &mut ChangeSummary, entry| {
+            if cancel.is_cancelled() {
+                return false;
+            }
             let entry = match entry {
                 Ok(entry) => entry,
                 Err(err) => {
                     if !is_not_found(err.io_error()) {
                         tracing::warn!(
-                            path = %err.path().unwrap_or(root).display(),
-                            error = %err,
+                            path = %walk_error_path(&err).unwrap_or(root).display(),
+                            error = %walk_error_reason(&err),
                             "cannot read while checking for changes; skipped"
                         );
                         summary.unreadable += 1;
                     }
-                    return summary;
+                    return true;
                 }
             };
             let metadata = match fs::symlink_metadata(entry.path()) {
                 Ok(metadata) => metadata,
-                Err(err) if err.kind() == io::ErrorKind::NotFound => return summary,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => return true,
                 Err(err) => {
                     tracing::warn!(
                         path = %entry.path().display(),
@@ -246,19 +258,97 @@ pub fn newest_change(
                         "cannot stat while checking for changes; skipped"
                     );
                     summary.unreadable += 1;
-                    return summary;
+                    return true;
                 }
             };
             if metadata.file_type().is_symlink() && fs::metadata(entry.path()).is_err() {
-                return summary;
+                return true;
             }
-            ChangeSummary::of(entry.path(), changed_at(&metadata), future_after)
-        })
-        .reduce(ChangeSummary::default, ChangeSummary::merge);
+            summary.add(entry.path(), changed_at(&metadata), future_after);
+            true
+        },
+        ChangeSummary::merge,
+    );
     if cancel.is_cancelled() {
         return Err(Cancelled.into());
     }
     Ok(start.merge(rest))
+}
+
+/// Walks the tree below `root` (not `root` itself; symbolic links are listed, never followed)
+/// with the parallel walker of `ignore`, every filter off (hidden files, ignore files), on
+/// `threads` listing threads: directories are read in parallel, and their entries are
+/// visited on whichever thread takes them. Each thread folds the entries it sees into its own
+/// `A` with `visit`; the folds are merged at the end. A `visit` that returns false stops the
+/// walk (a cancellation, a consumer gone).
+///
+/// The threads are the walker's own, as many as asked (callers pass the size of the pool whose
+/// job they run in; that job's own thread waits meanwhile). Handing entries from listing threads
+/// to the pool's threads measured slower: a file of a few KiB costs less to hash than to hand
+/// over.
+fn fold_tree<A, V>(root: &Path, threads: usize, visit: V, merge: fn(A, A) -> A) -> A
+where
+    A: Default + Send,
+    V: Fn(&mut A, Result<ignore::DirEntry, ignore::Error>) -> bool + Sync,
+{
+    /// One thread's fold, handed over when the walker drops the thread's visitor.
+    struct Fold<'a, A: Default> {
+        acc: A,
+        into: &'a Mutex<Vec<A>>,
+    }
+    impl<A: Default> Drop for Fold<'_, A> {
+        fn drop(&mut self) {
+            if let Ok(mut folds) = self.into.lock() {
+                folds.push(std::mem::take(&mut self.acc));
+            }
+        }
+    }
+
+    let folds = Mutex::new(Vec::new());
+    WalkBuilder::new(root)
+        .standard_filters(false)
+        .follow_links(false)
+        .min_depth(Some(1))
+        .threads(threads.max(1))
+        .build_parallel()
+        .run(|| {
+            let mut fold = Fold {
+                acc: A::default(),
+                into: &folds,
+            };
+            let visit = &visit;
+            Box::new(move |entry| {
+                if visit(&mut fold.acc, entry) {
+                    WalkState::Continue
+                } else {
+                    WalkState::Quit
+                }
+            })
+        });
+    folds
+        .into_inner()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .into_iter()
+        .fold(A::default(), merge)
+}
+
+/// The path a walk error is about, when it names one.
+fn walk_error_path(err: &ignore::Error) -> Option<&Path> {
+    match err {
+        ignore::Error::WithPath { path, .. } => Some(path),
+        ignore::Error::WithDepth { err, .. } | ignore::Error::WithLineNumber { err, .. } => {
+            walk_error_path(err)
+        }
+        _ => None,
+    }
+}
+
+/// What went wrong, without the path (reported apart).
+fn walk_error_reason(err: &ignore::Error) -> String {
+    match err.io_error() {
+        Some(io_err) => io_err.to_string(),
+        None => err.to_string(),
+    }
 }
 
 fn is_not_found(err: Option<&io::Error>) -> bool {
@@ -370,20 +460,23 @@ struct Inspection<'a> {
 }
 
 impl Inspection<'_> {
-    fn entry(&self, entry: walkdir::Result<walkdir::DirEntry>) -> InspectSummary {
-        let mut summary = InspectSummary::default();
+    /// Stats one entry and records it: directories are counted, symbolic links recorded,
+    /// regular files hashed and recorded. False when the walk should stop (cancelled).
+    fn entry(
+        &self,
+        summary: &mut InspectSummary,
+        entry: Result<ignore::DirEntry, ignore::Error>,
+    ) -> bool {
+        if self.cancel.is_cancelled() {
+            return false;
+        }
         let entry = match entry {
             Ok(entry) => entry,
             Err(err) => {
-                let rel = err
-                    .path()
-                    .map_or_else(|| ".".to_owned(), |p| self.rel_lossy(p));
-                let reason = match err.io_error() {
-                    Some(io_err) => io_err.to_string(),
-                    None => err.to_string(),
-                };
-                summary.error(format!("`{rel}`: {reason}"));
-                return summary;
+                let rel =
+                    walk_error_path(&err).map_or_else(|| ".".to_owned(), |p| self.rel_lossy(p));
+                summary.error(format!("`{rel}`: {}", walk_error_reason(&err)));
+                return true;
             }
         };
         let path = entry.path();
@@ -391,14 +484,14 @@ impl Inspection<'_> {
             Ok(metadata) => metadata,
             Err(err) => {
                 summary.error(format!("`{}`: {err}", self.rel_lossy(path)));
-                return summary;
+                return true;
             }
         };
-        summary.du_size = self.apparent_size(&metadata);
+        summary.du_size += self.apparent_size(&metadata);
         let kind = classify(path, &metadata);
         if kind == EntryKind::Other {
             tracing::warn!(path = %path.display(), "not a file, directory or symbolic link; skipped");
-            return summary;
+            return true;
         }
         let rel = match path.strip_prefix(self.root).map(Path::to_str) {
             Ok(Some(rel)) => rel,
@@ -407,7 +500,7 @@ impl Inspection<'_> {
                     "`{}`: file name is not valid UTF-8",
                     self.rel_lossy(path)
                 ));
-                return summary;
+                return true;
             }
         };
         if metadata.file_type().is_symlink() {
@@ -430,27 +523,32 @@ impl Inspection<'_> {
                     size: metadata.len(),
                     kind: RecordKind::Symlink,
                 };
-                self.emit(&mut summary, record);
+                self.emit(summary, record);
             }
-            EntryKind::File => match self.hash(path, metadata.len()) {
-                Ok((digest, content, size)) => {
-                    if self.is_genome_file(rel) {
-                        summary.num_genome_files += 1;
-                    }
-                    let record = InspectRecord {
-                        path: rel.to_owned(),
-                        md5: Some(digest),
-                        content: Some(content),
-                        size,
-                        kind: RecordKind::File,
-                    };
-                    self.emit(&mut summary, record);
-                }
-                Err(err) => summary.error(format!("`{rel}`: {err}")),
-            },
+            EntryKind::File => self.file(summary, path, rel, metadata.len()),
             EntryKind::Other => {}
         }
-        summary
+        true
+    }
+
+    /// Hashes one regular file and records it.
+    fn file(&self, summary: &mut InspectSummary, path: &Path, rel: &str, size: u64) {
+        match self.hash(path, size) {
+            Ok((digest, content, size)) => {
+                if self.is_genome_file(rel) {
+                    summary.num_genome_files += 1;
+                }
+                let record = InspectRecord {
+                    path: rel.to_owned(),
+                    md5: Some(digest),
+                    content: Some(content),
+                    size,
+                    kind: RecordKind::File,
+                };
+                self.emit(summary, record);
+            }
+            Err(err) => summary.error(format!("`{rel}`: {err}")),
+        }
     }
 
     fn apparent_size(&self, metadata: &Metadata) -> u64 {
@@ -514,10 +612,11 @@ impl Inspection<'_> {
     }
 }
 
-/// Walks `root` (streaming, not following symlinks), hashes regular files in parallel on the current rayon pool
-/// (walkdir iterator + `par_bridge`; each file read with the 1 MiB per-thread buffer), and calls `on_record`
-/// (from pool threads) for every file row. `on_progress(files_done, bytes_done)` is called as work completes
-/// (cheap; callers keep atomics). Never holds the listing in memory.
+/// Walks `root` (streaming, not following symlinks), listing directories and hashing regular
+/// files (each read with the 1 MiB per-thread buffer) on as many threads as the current rayon
+/// pool has ([`fold_tree`]). `on_record` is called (from those threads) for every file row;
+/// `on_progress(files_done, bytes_done)` as work completes (cheap; callers keep atomics). Never
+/// holds the listing in memory.
 ///
 /// Rules: regular files are hashed and recorded (and counted as genome files when their name ends with one
 /// of `genome_file_types`); symlinks to files and broken symlinks are recorded with their own lstat length
@@ -554,14 +653,12 @@ pub fn inspect_tree(
         du_size: root_meta.size(),
         ..InspectSummary::default()
     };
-    let rest = WalkDir::new(root)
-        .min_depth(1)
-        .follow_links(false)
-        .into_iter()
-        .take_while(|_| !cancel.is_cancelled())
-        .par_bridge()
-        .map(|entry| inspection.entry(entry))
-        .reduce(InspectSummary::default, InspectSummary::merge);
+    let rest = fold_tree(
+        root,
+        rayon::current_num_threads(),
+        |summary, entry| inspection.entry(summary, entry),
+        InspectSummary::merge,
+    );
     if cancel.is_cancelled() {
         return Err(Cancelled.into());
     }

@@ -100,6 +100,35 @@ async fn an_unreadable_file_fails_inspect_naming_it_and_stores_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_directory_fails_inspect_naming_it() {
+    let project = Project::new();
+    let root = project.dataset(
+        DatasetType::RawData,
+        "closed",
+        &[("ok.txt", b"fine"), ("deep/er/sub/inside.txt", b"hidden")],
+    );
+    let closed = root.join("deep/er/sub");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let cmd = without_dac_override(project.command(&["jobs", "run", "watch", "--wait"]));
+    let out = { cmd }.output().unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+
+    let app = project.app().await;
+    let d = dataset_named(&app, DatasetType::RawData, "closed").await;
+    let (step, message) = failure_of(&app, &d).await;
+    assert_eq!(step, "inspect");
+    assert!(message.contains("`deep/er/sub`"), "{message}");
+    assert!(
+        message.to_lowercase().contains("permission denied"),
+        "{message}"
+    );
+    assert!(file_rows(&app, d.id).await.is_empty());
+    assert_eq!(d.num_files, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_symlink_leaving_the_dataset_fails_inspect() {
     let project = Project::new();
     let root = project.dataset(DatasetType::RawData, "escaping", &[("a.txt", b"a")]);
