@@ -9,12 +9,11 @@
 //! beside the new ones.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::info;
 
@@ -29,35 +28,60 @@ use rustix::fs::Access;
 /// Inspection errors listed in the failure message; the rest are counted.
 const LISTED_ERRORS: usize = 100;
 
-/// One row in the spool file (JSON lines, so any file name survives).
-#[derive(Serialize, Deserialize)]
-struct SpoolRow {
-    path: String,
-    md5: Option<String>,
-    size: u64,
-    symlink: bool,
+/// One row in the spool file: a kind byte (0 a file with its MD5, 1 a symbolic link), the size
+/// (u64, little-endian), the MD5's 16 bytes for a file, the path's length (u32, little-endian)
+/// and its bytes. Length-prefixed, so any file name survives, and with nothing to format or
+/// parse: the spool is written as fast as the walk finds rows and read back as fast as the
+/// registry stores them.
+fn spool_row(record: &InspectRecord, out: &mut Vec<u8>) {
+    match (&record.kind, &record.md5) {
+        (RecordKind::File, Some(md5)) => {
+            out.push(0);
+            out.extend_from_slice(&record.size.to_le_bytes());
+            out.extend_from_slice(md5.as_bytes());
+        }
+        _ => {
+            out.push(1);
+            out.extend_from_slice(&record.size.to_le_bytes());
+        }
+    }
+    out.extend_from_slice(&(record.path.len() as u32).to_le_bytes());
+    out.extend_from_slice(record.path.as_bytes());
 }
 
-impl SpoolRow {
-    fn into_record(self) -> anyhow::Result<FileRecord> {
-        let md5 = match self.md5 {
-            Some(text) => Some(
-                text.parse::<Md5Digest>()
-                    .map_err(|e| anyhow::format_err!("{e}"))?,
-            ),
-            None => None,
-        };
-        Ok(FileRecord {
-            path: self.path,
-            md5,
-            size: Some(self.size),
-            file_type: if self.symlink {
-                FileType::SymbolicLink
-            } else {
-                FileType::File
-            },
-        })
+/// Reads the next row of a spool; `None` at its end.
+fn read_spool_row(reader: &mut impl Read) -> anyhow::Result<Option<FileRecord>> {
+    let mut kind = [0u8; 1];
+    match reader.read_exact(&mut kind) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(err) => return Err(err.into()),
     }
+    let mut size = [0u8; 8];
+    reader.read_exact(&mut size)?;
+    let md5 = match kind[0] {
+        0 => {
+            let mut md5 = [0u8; 16];
+            reader.read_exact(&mut md5)?;
+            Some(Md5Digest::from_bytes(md5))
+        }
+        1 => None,
+        other => anyhow::bail!("unknown row kind {other}"),
+    };
+    let mut len = [0u8; 4];
+    reader.read_exact(&mut len)?;
+    let mut path = vec![0u8; u32::from_le_bytes(len) as usize];
+    reader.read_exact(&mut path)?;
+    Ok(Some(FileRecord {
+        path: String::from_utf8(path)?,
+        md5,
+        size: Some(u64::from_le_bytes(size)),
+        file_type: if kind[0] == 0 {
+            FileType::File
+        } else {
+            FileType::SymbolicLink
+        },
+    }))
 }
 
 /// The spool file of one inspection, read back as the rows the registry stores; removed
@@ -69,14 +93,12 @@ impl FileRowSource for Spool {
         let path = self.0.path().to_path_buf();
         let file =
             File::open(&path).with_context(|| format!("cannot read `{}`", path.display()))?;
-        Ok(Box::new(
-            BufReader::with_capacity(1 << 20, file)
-                .lines()
-                .map(move |line| {
-                    let line = line.with_context(|| format!("cannot read `{}`", path.display()))?;
-                    serde_json::from_str::<SpoolRow>(&line)?.into_record()
-                }),
-        ))
+        let mut reader = BufReader::with_capacity(1 << 20, file);
+        Ok(Box::new(std::iter::from_fn(move || {
+            read_spool_row(&mut reader)
+                .with_context(|| format!("cannot read `{}`", path.display()))
+                .transpose()
+        })))
     }
 }
 
@@ -102,7 +124,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     progress.start("inspect", "files", dataset.num_files);
 
     let scratch = env.settings.paths.scratch.clone();
-    let name = format!("inspect-{}.jsonl", dataset.id);
+    let name = format!("inspect-{}.rows", dataset.id);
     let spool_path = blocking(move || -> anyhow::Result<PathBuf> {
         std::fs::create_dir_all(&scratch)
             .with_context(|| format!("cannot create `{}`", scratch.display()))?;
@@ -123,16 +145,10 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             ));
             let write_error = Mutex::new(None::<std::io::Error>);
             let on_record = |record: InspectRecord| {
-                let row = SpoolRow {
-                    path: record.path,
-                    md5: record.md5.map(|m| m.to_string()),
-                    size: record.size,
-                    symlink: record.kind == RecordKind::Symlink,
-                };
-                let mut line = serde_json::to_vec(&row).unwrap_or_default();
-                line.push(b'\n');
+                let mut row = Vec::with_capacity(29 + record.path.len());
+                spool_row(&record, &mut row);
                 let mut writer = writer.lock().unwrap_or_else(|e| e.into_inner());
-                if let Err(err) = writer.write_all(&line) {
+                if let Err(err) = writer.write_all(&row) {
                     write_error
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -311,5 +327,65 @@ mod tests {
             0,
             "the spool is removed"
         );
+    }
+
+    #[test]
+    fn spool_rows_read_back_as_written() {
+        let records = [
+            InspectRecord {
+                path: "a.txt".to_owned(),
+                md5: Some(md5_bytes(b"a")),
+                content: None,
+                size: 1,
+                kind: RecordKind::File,
+            },
+            InspectRecord {
+                path: "odd\nname é/with\ttabs".to_owned(),
+                md5: Some(md5_bytes(b"")),
+                content: None,
+                size: 0,
+                kind: RecordKind::File,
+            },
+            InspectRecord {
+                path: "link".to_owned(),
+                md5: None,
+                content: None,
+                size: 5_000_000_000,
+                kind: RecordKind::Symlink,
+            },
+        ];
+        let mut spool = Vec::new();
+        for record in &records {
+            spool_row(record, &mut spool);
+        }
+        let mut reader = spool.as_slice();
+        let mut read = Vec::new();
+        while let Some(row) = read_spool_row(&mut reader).expect("row") {
+            read.push(row);
+        }
+        let expected: Vec<FileRecord> = records
+            .iter()
+            .map(|r| FileRecord {
+                path: r.path.clone(),
+                md5: r.md5,
+                size: Some(r.size),
+                file_type: match r.kind {
+                    RecordKind::File => FileType::File,
+                    RecordKind::Symlink => FileType::SymbolicLink,
+                },
+            })
+            .collect();
+        assert_eq!(read, expected);
+        // A spool cut short is an error, never a shorter list of rows.
+        let mut cut = &spool[..spool.len() - 2];
+        let mut rows = 0;
+        let err = loop {
+            match read_spool_row(&mut cut) {
+                Ok(Some(_)) => rows += 1,
+                Ok(None) => panic!("a cut spool read to its end"),
+                Err(err) => break err,
+            }
+        };
+        assert_eq!(rows, 2, "{err}");
     }
 }
