@@ -19,19 +19,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeDelta, Utc};
 use futures_util::future::BoxFuture;
-use reqwest::header::{CONTENT_TYPE, DATE, HeaderMap, RETRY_AFTER};
-use reqwest::{Method, StatusCode};
-use serde::de::Error as _;
-use serde::{Deserialize, Deserializer};
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tracing::warn;
 use url::Url;
 
+mod transport;
 mod uploads;
+mod wire;
 
 use super::uploads::{
     NewUpload, Notification, ProcessLogLine, UploadLog, UploadLogPatch, UploadQuery, UploadRef,
@@ -39,10 +37,15 @@ use super::uploads::{
 };
 use super::{
     BulkOutcome, Creator, Dataset, DatasetId, DatasetPatch, DatasetQuery, FileRowSource, MAX_BULK,
-    Metric, NewDataset, Project, Registry, RegistryError, StateRecord,
+    Metric, NewDataset, Project, Registry, RegistryError,
 };
 use crate::compute::md5::Md5Digest;
-use crate::model::{Bundle, DatasetName, DatasetState, DatasetType, FileRecord, FileType};
+use crate::model::{DatasetState, FileRecord};
+use transport::{Call, Reply, Sent, Transport, path_segment, redacted};
+use wire::{
+    Listed, WireBulkOutcome, WireDataset, WireDatasetList, WireDatasetPatch, WireNewDataset,
+    WireProject, WireStoredReport, WireWorkflowLink, read_listed,
+};
 
 /// How to reach the Bioloop API and how hard to try (spec E.1).
 #[derive(Clone)]
@@ -118,20 +121,12 @@ const LISTED_ROW_DIFFERENCES: usize = 20;
 /// Datasets whose file listing is kept between the pages of a walk (see `files_page`).
 const FILE_LISTINGS_KEPT: usize = 4;
 
-/// Characters of an error answer quoted in an error message.
-const QUOTED_ANSWER: usize = 300;
-
 /// Datasets asked for per page of a `GET datasets` listing. The API applies no limit of its
 /// own (spec E.4): without one, a large registry would come back as one giant answer.
 const LIST_PAGE: usize = 1_000;
 
 pub struct HttpRegistry {
-    client: reqwest::Client,
-    base: Url,
-    token: String,
-    max_retries: u32,
-    backoff: Duration,
-    backoff_max: Duration,
+    http: Transport,
     rows_visible_wait: Duration,
     file_batch: usize,
     /// The last few datasets' file listings, newest last.
@@ -143,34 +138,15 @@ pub struct HttpRegistry {
 impl fmt::Debug for HttpRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpRegistry")
-            .field("base", &redacted(&self.base))
+            .field("base", &redacted(self.http.base()))
             .finish_non_exhaustive()
     }
 }
 
 impl HttpRegistry {
     pub fn new(config: HttpConfig) -> anyhow::Result<HttpRegistry> {
-        let base = normalize_base(config.base_url)?;
-        // Several clients share rustls; whichever comes first installs the provider.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .read_timeout(config.read_timeout)
-            .user_agent(concat!("workers/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .with_context(|| {
-                format!(
-                    "cannot build the HTTP client for the dataset registry at {}",
-                    redacted(&base)
-                )
-            })?;
         Ok(HttpRegistry {
-            client,
-            base,
-            token: config.token,
-            max_retries: config.max_retries,
-            backoff: config.backoff,
-            backoff_max: config.backoff_max,
+            http: Transport::new(&config)?,
             rows_visible_wait: config.rows_visible_wait,
             file_batch: config.file_batch.max(1),
             listings: Mutex::new(VecDeque::new()),
@@ -182,205 +158,6 @@ impl HttpRegistry {
     /// read (each was logged with its id and the reason).
     pub fn skipped_listing_items(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)
-    }
-
-    /// The wait before retry number `retry` (1-based), as urllib3 computes it.
-    fn backoff_delay(&self, retry: u32) -> Duration {
-        if retry <= 1 {
-            return Duration::ZERO;
-        }
-        let factor = 2u32.saturating_pow(retry - 1);
-        self.backoff
-            .checked_mul(factor)
-            .unwrap_or(self.backoff_max)
-            .min(self.backoff_max)
-    }
-
-    fn url(&self, call: &Call) -> Result<Url, RegistryError> {
-        let mut url = self.base.join(&call.path).map_err(|err| {
-            RegistryError::Invalid(format!(
-                "cannot join `{}` onto {}: {err}",
-                call.path,
-                redacted(&self.base)
-            ))
-        })?;
-        if !call.query.is_empty() {
-            url.query_pairs_mut()
-                .extend_pairs(call.query.iter().map(|(k, v)| (*k, v.as_str())));
-        }
-        Ok(url)
-    }
-
-    /// Sends `call`, retrying transport failures and 429/502/503. Any other answer is returned
-    /// for the caller to judge. When an attempt may have been performed although its answer
-    /// was lost, `settled` (if given) is asked before the next attempt whether the write is
-    /// already in place; if it is, nothing more is sent.
-    async fn send(&self, call: &Call, settled: Option<Settled<'_>>) -> Result<Sent, RegistryError> {
-        let url = self.url(call)?;
-        let started = Instant::now();
-        let mut unsure = false;
-        let mut retries = 0u32;
-        loop {
-            if unsure
-                && retries > 0
-                && let Some(settled) = settled
-                && settled().await?
-            {
-                return Ok(Sent::AlreadyDone);
-            }
-            let failure = match self.attempt(call, &url).await {
-                Ok(answer) if is_retryable_status(answer.status) => Failure {
-                    cause: format!("answered {}", answer.status),
-                    // A proxy's 502 may come after the API did the work; 429 and 503 say
-                    // the request was turned away.
-                    unsure: answer.status == StatusCode::BAD_GATEWAY,
-                    retry_after: answer.retry_after,
-                },
-                Ok(answer) => {
-                    return Ok(Sent::Answer(Reply {
-                        answer,
-                        unsure,
-                        started,
-                    }));
-                }
-                Err(err) => Failure {
-                    // A request that never connected was never sent.
-                    unsure: !err.is_connect(),
-                    cause: describe_transport_error(&err),
-                    retry_after: None,
-                },
-            };
-            unsure |= failure.unsure;
-            if retries >= self.max_retries {
-                return Err(RegistryError::Unavailable(anyhow::format_err!(
-                    "{} {}: {} (gave up after {retries} retries)",
-                    call.method,
-                    redacted(&url),
-                    failure.cause
-                )));
-            }
-            retries += 1;
-            let delay = match failure.retry_after {
-                Some(wait) => wait.min(self.backoff_max),
-                None => self.backoff_delay(retries),
-            };
-            warn!(
-                method = %call.method,
-                path = %call.path,
-                retry = retries,
-                max_retries = self.max_retries,
-                delay_ms = delay.as_millis() as u64,
-                cause = %failure.cause,
-                "Retrying a request to the dataset registry."
-            );
-            tokio::time::sleep(delay).await;
-        }
-    }
-
-    /// One request, its whole answer read.
-    async fn attempt(&self, call: &Call, url: &Url) -> Result<Answer, reqwest::Error> {
-        let mut request = self
-            .client
-            .request(call.method.clone(), url.clone())
-            .bearer_auth(&self.token);
-        if let Some(body) = &call.body {
-            let content_type = call.content_type.as_deref().unwrap_or("application/json");
-            request = request
-                .header(CONTENT_TYPE, content_type)
-                .body(body.clone());
-        }
-        let response = request.send().await?;
-        let status = response.status();
-        let retry_after = parse_retry_after(response.headers());
-        let server_date = response
-            .headers()
-            .get(DATE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| DateTime::parse_from_rfc2822(v).ok())
-            .map(|d| d.with_timezone(&Utc));
-        let body = response.bytes().await?.into();
-        Ok(Answer {
-            status,
-            retry_after,
-            server_date,
-            body,
-        })
-    }
-
-    /// The error for an answer the caller did not expect: server errors may pass (the step
-    /// is tried again later), client errors will not.
-    fn unexpected(&self, call: &Call, reply: &Reply) -> RegistryError {
-        let url = self
-            .url(call)
-            .map(|u| redacted(&u))
-            .unwrap_or_else(|_| call.path.clone());
-        let message = format!(
-            "{} {url} answered {}{}",
-            call.method,
-            reply.answer.status,
-            self.quote(&reply.answer.body)
-        );
-        if reply.answer.status.is_server_error() {
-            RegistryError::Unavailable(anyhow::Error::msg(message))
-        } else {
-            RegistryError::Invalid(message)
-        }
-    }
-
-    /// The start of an error answer, for the message; the token is blanked should the server
-    /// ever echo it.
-    fn quote(&self, body: &[u8]) -> String {
-        let text = String::from_utf8_lossy(body);
-        let mut text: String = text.trim().chars().take(QUOTED_ANSWER).collect();
-        if !self.token.is_empty() {
-            text = text.replace(&self.token, "<redacted>");
-        }
-        if text.is_empty() {
-            text
-        } else {
-            format!(": {text}")
-        }
-    }
-
-    fn decode<T: for<'de> Deserialize<'de>>(
-        &self,
-        call: &Call,
-        reply: &Reply,
-    ) -> Result<T, RegistryError> {
-        serde_json::from_slice(&reply.answer.body).map_err(|err| {
-            let url = self
-                .url(call)
-                .map(|u| redacted(&u))
-                .unwrap_or_else(|_| call.path.clone());
-            RegistryError::Invalid(format!(
-                "{} {url}: the answer is not what the Bioloop API sends: {err}",
-                call.method
-            ))
-        })
-    }
-
-    /// Sends a call that must succeed; 404 is the dataset `id` missing.
-    async fn expect_ok(
-        &self,
-        call: &Call,
-        id: Option<DatasetId>,
-        settled: Option<Settled<'_>>,
-    ) -> Result<Option<Reply>, RegistryError> {
-        match self.send(call, settled).await? {
-            Sent::AlreadyDone => Ok(None),
-            Sent::Answer(reply) if reply.answer.status.is_success() => Ok(Some(reply)),
-            Sent::Answer(reply) => match (reply.answer.status, id) {
-                (StatusCode::NOT_FOUND, Some(id)) => Err(RegistryError::NotFound(id)),
-                _ => Err(self.unexpected(call, &reply)),
-            },
-        }
-    }
-
-    /// Sends a call without a settled check, which always ends in an answer.
-    async fn answered(&self, call: &Call, id: Option<DatasetId>) -> Result<Reply, RegistryError> {
-        self.expect_ok(call, id, None).await?.ok_or_else(|| {
-            RegistryError::Invalid(format!("{} {}: no answer", call.method, call.path))
-        })
     }
 
     /// Whether the dataset's latest state is `state`.
@@ -399,8 +176,8 @@ impl HttpRegistry {
         query: Vec<(&'static str, String)>,
     ) -> Result<WireDataset, RegistryError> {
         let call = Call::get(format!("datasets/{id}"), query);
-        let reply = self.answered(&call, Some(id)).await?;
-        self.decode(&call, &reply)
+        let reply = self.http.answered(&call, Some(id)).await?;
+        self.http.decode(&call, &reply)
     }
 
     async fn latest_state(&self, id: DatasetId) -> Result<Option<String>, RegistryError> {
@@ -436,8 +213,8 @@ impl HttpRegistry {
             params.push(("limit", page_size.to_string()));
             params.push(("offset", offset.to_string()));
             let call = Call::get("datasets".to_owned(), params);
-            let reply = self.answered(&call, None).await?;
-            let page: WireDatasetList = self.decode(&call, &reply)?;
+            let reply = self.http.answered(&call, None).await?;
+            let page: WireDatasetList = self.http.decode(&call, &reply)?;
             let received = page.datasets.len();
             for (idx, item) in page.datasets.into_iter().enumerate() {
                 match read_listed(item) {
@@ -477,8 +254,8 @@ impl HttpRegistry {
     /// `GET workflows/current`: every workflow link.
     async fn workflow_links(&self) -> Result<Vec<WireWorkflowLink>, RegistryError> {
         let call = Call::get("workflows/current".to_owned(), Vec::new());
-        let reply = self.answered(&call, None).await?;
-        self.decode(&call, &reply)
+        let reply = self.http.answered(&call, None).await?;
+        self.http.decode(&call, &reply)
     }
 
     /// The rows the API shows now, by path.
@@ -557,7 +334,7 @@ impl HttpRegistry {
         }
         // Rows are unique per (dataset, path) on the server: a repeated batch adds nothing.
         let call = Call::post(format!("datasets/{id}/files"), &Value::Array(rows));
-        self.answered(&call, Some(id)).await?;
+        self.http.answered(&call, Some(id)).await?;
         Ok(())
     }
 
@@ -682,50 +459,11 @@ impl Registry for HttpRegistry {
         if items.is_empty() {
             return Ok(BulkOutcome::default());
         }
-        let datasets: Vec<Value> = items
-            .iter()
-            .map(|item| {
-                let mut body = json!({
-                    "name": item.name.as_str(),
-                    "type": item.dataset_type.as_str(),
-                    "origin_path": item.origin_path,
-                    "create_method": item.create_method.as_str(),
-                });
-                if let Some(description) = &item.description {
-                    body["description"] = json!(description);
-                }
-                if let Some(metadata) = &item.metadata {
-                    body["metadata"] = metadata.clone();
-                }
-                body
-            })
-            .collect();
+        let datasets: Vec<WireNewDataset<'_>> = items.iter().map(WireNewDataset::from).collect();
         let call = Call::post("datasets/bulk".to_owned(), &json!({ "datasets": datasets }));
-        let reply = self.answered(&call, None).await?;
-        let wire: WireBulkOutcome = self.decode(&call, &reply)?;
-        let mut outcome = BulkOutcome {
-            created: wire
-                .created
-                .into_iter()
-                .map(WireDataset::into_dataset)
-                .collect::<Result<_, _>>()?,
-            conflicted: wire
-                .conflicted
-                .into_iter()
-                .map(|c| c.into_key())
-                .collect::<Result<_, _>>()?,
-            errored: wire
-                .errored
-                .into_iter()
-                .map(|e| {
-                    let message = e
-                        .error
-                        .clone()
-                        .unwrap_or_else(|| "the registry could not create it".to_owned());
-                    e.into_key().map(|(name, t)| (name, t, message))
-                })
-                .collect::<Result<_, _>>()?,
-        };
+        let reply = self.http.answered(&call, None).await?;
+        let wire: WireBulkOutcome = self.http.decode(&call, &reply)?;
+        let mut outcome = wire.into_outcome()?;
         if reply.unsure && !outcome.conflicted.is_empty() {
             self.claim_conflicts(items, &reply, &mut outcome).await?;
         }
@@ -796,9 +534,9 @@ impl Registry for HttpRegistry {
     }
 
     async fn update(&self, id: DatasetId, patch: &DatasetPatch) -> Result<Dataset, RegistryError> {
-        let body = patch_body(patch);
+        let body = json!(WireDatasetPatch::from(patch));
         let call = Call::patch(format!("datasets/{id}"), &body);
-        self.answered(&call, Some(id)).await?;
+        self.http.answered(&call, Some(id)).await?;
         // The PATCH answer carries neither states nor bundle: read the whole dataset back.
         self.get(id).await
     }
@@ -812,7 +550,7 @@ impl Registry for HttpRegistry {
             &json!({ "state": state.as_str() }),
         );
         let settled = move || self.state_is(id, state);
-        self.expect_ok(&call, Some(id), Some(&settled)).await?;
+        self.http.expect_ok(&call, Some(id), Some(&settled)).await?;
         Ok(())
     }
 
@@ -913,7 +651,7 @@ impl Registry for HttpRegistry {
             format!("datasets/{id}/workflows"),
             &json!({ "workflow_id": workflow_id }),
         );
-        match self.send(&call, None).await? {
+        match self.http.send(&call, None).await? {
             Sent::AlreadyDone => Ok(()),
             Sent::Answer(reply) if reply.answer.status.is_success() => Ok(()),
             // The link exists (perhaps from an attempt whose answer was lost). The API
@@ -924,7 +662,7 @@ impl Registry for HttpRegistry {
             Sent::Answer(reply) if reply.answer.status == StatusCode::NOT_FOUND => {
                 Err(RegistryError::NotFound(id))
             }
-            Sent::Answer(reply) => Err(self.unexpected(&call, &reply)),
+            Sent::Answer(reply) => Err(self.http.unexpected(&call, &reply)),
         }
     }
 
@@ -962,7 +700,7 @@ impl Registry for HttpRegistry {
             })
             .collect();
         let call = Call::post("metrics".to_owned(), &Value::Array(body));
-        match self.send(&call, None).await? {
+        match self.http.send(&call, None).await? {
             Sent::Answer(reply) if reply.answer.status.is_success() => Ok(()),
             // The operator role may read metrics but not write them (spec E.4).
             Sent::Answer(reply) if reply.answer.status == StatusCode::FORBIDDEN => {
@@ -970,13 +708,13 @@ impl Registry for HttpRegistry {
                     "{}; posting metrics needs an admin token: the API gives the metrics:create \
                      permission to the admin role only (set APP_API_TOKEN to an admin's token, or \
                      disable [schedules.metrics])",
-                    match self.unexpected(&call, &reply) {
+                    match self.http.unexpected(&call, &reply) {
                         RegistryError::Invalid(message) => message,
                         other => other.to_string(),
                     }
                 )))
             }
-            Sent::Answer(reply) => Err(self.unexpected(&call, &reply)),
+            Sent::Answer(reply) => Err(self.http.unexpected(&call, &reply)),
             Sent::AlreadyDone => Ok(()),
         }
     }
@@ -1004,12 +742,9 @@ impl Registry for HttpRegistry {
             "multiqc_report.html",
             &content,
         );
-        let reply = self.answered(&call, Some(id)).await?;
-        #[derive(Deserialize)]
-        struct Stored {
-            path: String,
-        }
-        Ok(self.decode::<Stored>(&call, &reply)?.path)
+        let reply = self.http.answered(&call, Some(id)).await?;
+        let stored: WireStoredReport = self.http.decode(&call, &reply)?;
+        Ok(stored.path)
     }
 
     async fn project(&self, id_or_slug: &str) -> Result<Project, RegistryError> {
@@ -1017,32 +752,22 @@ impl Registry for HttpRegistry {
             format!("projects/{}", path_segment(id_or_slug)),
             vec![("include_datasets", "false".to_owned())],
         );
-        let reply = match self.send(&call, None).await? {
+        let reply = match self.http.send(&call, None).await? {
             Sent::Answer(reply) if reply.answer.status.is_success() => reply,
             Sent::Answer(reply) if reply.answer.status == StatusCode::NOT_FOUND => {
                 return Err(RegistryError::Invalid(format!(
                     "project `{id_or_slug}` does not exist"
                 )));
             }
-            Sent::Answer(reply) => return Err(self.unexpected(&call, &reply)),
+            Sent::Answer(reply) => return Err(self.http.unexpected(&call, &reply)),
             Sent::AlreadyDone => {
                 return Err(RegistryError::Invalid(format!(
                     "project `{id_or_slug}`: no answer"
                 )));
             }
         };
-        #[derive(Deserialize)]
-        struct WireProject {
-            id: String,
-            slug: Option<String>,
-            name: String,
-        }
-        let wire: WireProject = self.decode(&call, &reply)?;
-        Ok(Project {
-            id: wire.id,
-            slug: wire.slug,
-            name: wire.name,
-        })
+        let wire: WireProject = self.http.decode(&call, &reply)?;
+        Ok(wire.into_project())
     }
 
     /// `PATCH projects/{id}/datasets {add_dataset_ids}`. The API inserts the associations
@@ -1058,21 +783,21 @@ impl Registry for HttpRegistry {
         }
         let path = format!("projects/{}/datasets", path_segment(project_id));
         let call = Call::patch(path.clone(), &json!({ "add_dataset_ids": ids }));
-        match self.send(&call, None).await? {
+        match self.http.send(&call, None).await? {
             Sent::Answer(reply) if reply.answer.status.is_success() => return Ok(()),
             Sent::Answer(reply) if reply.answer.status == StatusCode::CONFLICT && ids.len() > 1 => {
             }
             Sent::Answer(reply) if reply.answer.status == StatusCode::CONFLICT => return Ok(()),
-            Sent::Answer(reply) => return Err(self.unexpected(&call, &reply)),
+            Sent::Answer(reply) => return Err(self.http.unexpected(&call, &reply)),
             Sent::AlreadyDone => return Ok(()),
         }
         for id in ids {
             let call = Call::patch(path.clone(), &json!({ "add_dataset_ids": [id] }));
-            match self.send(&call, None).await? {
+            match self.http.send(&call, None).await? {
                 Sent::Answer(reply)
                     if reply.answer.status.is_success()
                         || reply.answer.status == StatusCode::CONFLICT => {}
-                Sent::Answer(reply) => return Err(self.unexpected(&call, &reply)),
+                Sent::Answer(reply) => return Err(self.http.unexpected(&call, &reply)),
                 Sent::AlreadyDone => {}
             }
         }
@@ -1130,8 +855,8 @@ impl Registry for HttpRegistry {
     /// the audit logs with their users.
     async fn created_by(&self, id: DatasetId) -> Result<Creator, RegistryError> {
         let call = Call::get(format!("datasets/{id}"), Vec::new());
-        let reply = self.answered(&call, Some(id)).await?;
-        let dataset: Value = self.decode(&call, &reply)?;
+        let reply = self.http.answered(&call, Some(id)).await?;
+        let dataset: Value = self.http.decode(&call, &reply)?;
         let creator = dataset["audit_logs"]
             .as_array()
             .into_iter()
@@ -1140,122 +865,6 @@ impl Registry for HttpRegistry {
             .and_then(|entry| entry["user"]["username"].as_str());
         Ok(creator.map_or(Creator::Unknown, |name| Creator::User(name.to_owned())))
     }
-}
-
-/// A value as one path segment: `/`, `?`, `#` and `%` escaped, so an id cannot reach another
-/// route.
-fn path_segment(value: &str) -> String {
-    const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
-        .add(b' ')
-        .add(b'/')
-        .add(b'?')
-        .add(b'#')
-        .add(b'%')
-        .add(b'\\');
-    percent_encoding::utf8_percent_encode(value, SEGMENT).to_string()
-}
-
-/// Asked before a retry whether the write is in place already.
-type Settled<'a> = &'a (dyn Fn() -> BoxFuture<'a, Result<bool, RegistryError>> + Send + Sync);
-
-/// One request to the API: a path relative to the base URL, never with a leading `/`.
-struct Call {
-    method: Method,
-    path: String,
-    query: Vec<(&'static str, String)>,
-    body: Option<Vec<u8>>,
-    /// The body's type when it is not JSON (a multipart upload).
-    content_type: Option<String>,
-}
-
-impl Call {
-    fn get(path: String, query: Vec<(&'static str, String)>) -> Call {
-        Call {
-            method: Method::GET,
-            path,
-            query,
-            body: None,
-            content_type: None,
-        }
-    }
-
-    fn post(path: String, body: &Value) -> Call {
-        Call {
-            method: Method::POST,
-            path,
-            query: Vec::new(),
-            body: Some(body.to_string().into_bytes()),
-            content_type: None,
-        }
-    }
-
-    fn patch(path: String, body: &Value) -> Call {
-        Call {
-            method: Method::PATCH,
-            ..Call::post(path, body)
-        }
-    }
-
-    /// `PUT path` with a `multipart/form-data` body of one file field, as multer reads it.
-    fn put_file(path: String, field: &str, file_name: &str, content: &[u8]) -> Call {
-        // A boundary that cannot occur in the content.
-        let boundary = loop {
-            let candidate = format!("workers-{}", uuid::Uuid::new_v4().simple());
-            if !content
-                .windows(candidate.len())
-                .any(|w| w == candidate.as_bytes())
-            {
-                break candidate;
-            }
-        };
-        let mut body = format!(
-            "--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; \
-             filename=\"{file_name}\"\r\nContent-Type: text/html\r\n\r\n"
-        )
-        .into_bytes();
-        body.extend_from_slice(content);
-        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-        Call {
-            method: Method::PUT,
-            path,
-            query: Vec::new(),
-            body: Some(body),
-            content_type: Some(format!("multipart/form-data; boundary={boundary}")),
-        }
-    }
-}
-
-struct Answer {
-    status: StatusCode,
-    retry_after: Option<Duration>,
-    server_date: Option<DateTime<Utc>>,
-    body: Vec<u8>,
-}
-
-struct Reply {
-    answer: Answer,
-    /// An earlier attempt may have been performed although its answer was lost.
-    unsure: bool,
-    /// When the first attempt was sent.
-    started: Instant,
-}
-
-enum Sent {
-    Answer(Reply),
-    /// The settled check found the write in place; nothing was sent again.
-    AlreadyDone,
-}
-
-struct Failure {
-    cause: String,
-    unsure: bool,
-    retry_after: Option<Duration>,
-}
-
-/// A dataset from a list answer, and whether the answer included its states.
-struct Listed {
-    dataset: Dataset,
-    states_known: bool,
 }
 
 /// File rows by path, with their checksums.
@@ -1322,92 +931,6 @@ fn describe_row_differences(id: DatasetId, differences: &[String]) -> String {
     )
 }
 
-fn is_retryable_status(status: StatusCode) -> bool {
-    matches!(
-        status,
-        StatusCode::TOO_MANY_REQUESTS | StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE
-    )
-}
-
-/// `Retry-After` as seconds or as an HTTP date; a date in the past means now.
-fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(seconds) = value.parse::<u64>() {
-        return Some(Duration::from_secs(seconds));
-    }
-    let when = DateTime::parse_from_rfc2822(value)
-        .ok()?
-        .with_timezone(&Utc);
-    Some((when - Utc::now()).to_std().unwrap_or(Duration::ZERO))
-}
-
-/// The error and its causes on one line, without the URL (which may hold credentials).
-fn describe_transport_error(err: &reqwest::Error) -> String {
-    let kind = if err.is_timeout() {
-        "timed out"
-    } else if err.is_connect() {
-        "cannot connect"
-    } else {
-        "connection failed"
-    };
-    let mut text = kind.to_owned();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
-/// `url` without user name and password.
-fn redacted(url: &Url) -> String {
-    let mut url = url.clone();
-    let _ = url.set_username("");
-    let _ = url.set_password(None);
-    url.to_string()
-}
-
-/// Paths are joined like Python's `urljoin`, so the base must end in `/` to keep its path.
-fn normalize_base(mut base: Url) -> anyhow::Result<Url> {
-    if base.cannot_be_a_base() || !matches!(base.scheme(), "http" | "https") {
-        anyhow::bail!(
-            "the dataset registry URL `{}` is not an http or https URL",
-            redacted(&base)
-        );
-    }
-    base.set_query(None);
-    base.set_fragment(None);
-    if !base.path().ends_with('/') {
-        let path = format!("{}/", base.path());
-        base.set_path(&path);
-    }
-    Ok(base)
-}
-
-/// A dataset of a list answer, or its id (when it has one) and why it cannot be read.
-fn read_listed(item: Value) -> Result<Listed, (Option<DatasetId>, String)> {
-    let id = item.get("id").and_then(Value::as_i64);
-    let wire: WireDataset = serde_path_to_error::deserialize(item).map_err(|err| {
-        let field = err.path().to_string();
-        let err = err.into_inner();
-        // The path of the whole item is `.`: its error names the field already.
-        (
-            id,
-            match field.as_str() {
-                "." => err.to_string(),
-                _ => format!("{field}: {err}"),
-            },
-        )
-    })?;
-    let states_known = wire.states.is_some();
-    let dataset = wire.into_dataset().map_err(|err| (id, format!("{err}")))?;
-    Ok(Listed {
-        dataset,
-        states_known,
-    })
-}
-
 /// Whether a listed dataset passes the filters the API does not apply (or applies loosely).
 fn matches_query(listed: &Listed, query: &DatasetQuery) -> bool {
     let d = &listed.dataset;
@@ -1452,348 +975,9 @@ fn matches_query(listed: &Listed, query: &DatasetQuery) -> bool {
     true
 }
 
-/// The PATCH body: only the fields the patch sets; `null` clears a nullable column.
-fn patch_body(patch: &DatasetPatch) -> Value {
-    let mut body = serde_json::Map::new();
-    if let Some(name) = &patch.name {
-        body.insert("name".into(), json!(name.as_str()));
-    }
-    for (key, value) in [
-        ("du_size", patch.du_size),
-        ("size", patch.size),
-        ("bundle_size", patch.bundle.as_ref().map(|b| b.size)),
-    ] {
-        if let Some(value) = value {
-            body.insert(key.into(), json!(value.to_string()));
-        }
-    }
-    for (key, value) in [
-        ("num_files", patch.num_files),
-        ("num_directories", patch.num_directories),
-    ] {
-        if let Some(value) = value {
-            body.insert(key.into(), json!(value));
-        }
-    }
-    if let Some(metadata) = &patch.metadata {
-        body.insert("metadata".into(), metadata.clone());
-    }
-    if let Some(origin_path) = &patch.origin_path {
-        body.insert("origin_path".into(), json!(origin_path));
-    }
-    for (key, value) in [
-        ("archive_path", &patch.archive_path),
-        ("staged_path", &patch.staged_path),
-    ] {
-        if let Some(value) = value {
-            body.insert(key.into(), json!(value));
-        }
-    }
-    for (key, value) in [
-        ("is_staged", patch.is_staged),
-        ("is_deleted", patch.is_deleted),
-    ] {
-        if let Some(value) = value {
-            body.insert(key.into(), json!(value));
-        }
-    }
-    if let Some(bundle) = &patch.bundle {
-        body.insert(
-            "bundle".into(),
-            json!({
-                "name": bundle.name,
-                "size": bundle.size.to_string(),
-                "md5": bundle.md5.to_string(),
-            }),
-        );
-    }
-    Value::Object(body)
-}
-
-/// A BigInt column: the API sends a string; a number is accepted too.
-fn big_int<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
-    match Option::<Value>::deserialize(deserializer)? {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => text
-            .trim()
-            .parse::<u64>()
-            .map(Some)
-            .map_err(|_| D::Error::custom(format!("`{text}` is not a size"))),
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(v) => Ok(Some(v)),
-            None => match n.as_f64() {
-                Some(f) if f >= 0.0 && f.fract() == 0.0 && f <= u64::MAX as f64 => {
-                    Ok(Some(f as u64))
-                }
-                _ => Err(D::Error::custom(format!("{n} is not a size"))),
-            },
-        },
-        Some(other) => Err(D::Error::custom(format!("{other} is not a size"))),
-    }
-}
-
-fn parse_time(id: DatasetId, field: &str, text: &str) -> Result<DateTime<Utc>, RegistryError> {
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| t.with_timezone(&Utc))
-        .map_err(|err| {
-            RegistryError::Invalid(format!(
-                "dataset {id}: {field} `{text}` is not a timestamp: {err}"
-            ))
-        })
-}
-
-/// A dataset as the API sends it (Prisma's JSON, BigInts as strings).
-#[derive(Deserialize)]
-struct WireDataset {
-    id: DatasetId,
-    name: String,
-    #[serde(rename = "type")]
-    dataset_type: String,
-    #[serde(default)]
-    origin_path: Option<String>,
-    #[serde(default)]
-    archive_path: Option<String>,
-    #[serde(default)]
-    staged_path: Option<String>,
-    #[serde(default)]
-    description: Option<String>,
-    #[serde(default, deserialize_with = "big_int")]
-    du_size: Option<u64>,
-    #[serde(default, deserialize_with = "big_int")]
-    size: Option<u64>,
-    #[serde(default, deserialize_with = "big_int")]
-    bundle_size: Option<u64>,
-    #[serde(default, deserialize_with = "big_int")]
-    num_files: Option<u64>,
-    #[serde(default, deserialize_with = "big_int")]
-    num_directories: Option<u64>,
-    #[serde(default)]
-    is_deleted: bool,
-    #[serde(default)]
-    is_staged: bool,
-    #[serde(default)]
-    metadata: Option<Value>,
-    #[serde(default)]
-    create_method: Option<String>,
-    created_at: String,
-    updated_at: String,
-    /// Newest first; absent from list answers unless asked for.
-    #[serde(default)]
-    states: Option<Vec<WireState>>,
-    #[serde(default)]
-    bundle: Option<WireBundle>,
-    #[serde(default)]
-    workflows: Vec<WireWorkflowRef>,
-    #[serde(default)]
-    files: Option<Vec<WireFile>>,
-}
-
-#[derive(Deserialize)]
-struct WireState {
-    state: String,
-    timestamp: String,
-}
-
-#[derive(Deserialize)]
-struct WireBundle {
-    name: String,
-    #[serde(deserialize_with = "big_int")]
-    size: Option<u64>,
-    md5: String,
-}
-
-#[derive(Deserialize)]
-struct WireWorkflowRef {
-    id: String,
-}
-
-#[derive(Deserialize)]
-struct WireFile {
-    path: String,
-    #[serde(default)]
-    md5: Option<String>,
-    #[serde(default, deserialize_with = "big_int")]
-    size: Option<u64>,
-    #[serde(default)]
-    filetype: Option<String>,
-}
-
-/// A page of `GET datasets`; each item is read on its own, so that one odd item does not
-/// spoil the page.
-#[derive(Deserialize)]
-struct WireDatasetList {
-    datasets: Vec<Value>,
-}
-
-#[derive(Deserialize)]
-struct WireKey {
-    name: String,
-    #[serde(rename = "type")]
-    dataset_type: String,
-    #[serde(default)]
-    error: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct WireBulkOutcome {
-    #[serde(default)]
-    created: Vec<WireDataset>,
-    #[serde(default)]
-    conflicted: Vec<WireKey>,
-    #[serde(default)]
-    errored: Vec<WireKey>,
-}
-
-#[derive(Deserialize)]
-struct WireWorkflowLink {
-    id: String,
-    #[serde(default)]
-    dataset_id: Option<DatasetId>,
-}
-
-impl WireKey {
-    fn into_key(self) -> Result<(DatasetName, DatasetType), RegistryError> {
-        let dataset_type = self.dataset_type.parse().map_err(|err| {
-            RegistryError::Invalid(format!("bulk create answer for `{}`: {err}", self.name))
-        })?;
-        Ok((DatasetName::from_stored(self.name), dataset_type))
-    }
-}
-
-impl WireFile {
-    fn into_record(self, id: DatasetId) -> Result<FileRecord, RegistryError> {
-        let md5 = match self.md5.as_deref() {
-            None | Some("") => None,
-            Some(text) => Some(text.parse().map_err(|err| {
-                RegistryError::Invalid(format!(
-                    "dataset {id}: file `{}` has an invalid MD5 `{text}`: {err}",
-                    self.path
-                ))
-            })?),
-        };
-        // The API omits the type; inspect records an MD5 for every regular file and none for
-        // a symbolic link.
-        let file_type = match self.filetype.as_deref().map(str::parse::<FileType>) {
-            Some(Ok(t)) => t,
-            _ if md5.is_some() => FileType::File,
-            _ => FileType::SymbolicLink,
-        };
-        Ok(FileRecord {
-            path: self.path,
-            md5,
-            size: self.size,
-            file_type,
-        })
-    }
-}
-
-impl WireDataset {
-    fn into_dataset(self) -> Result<Dataset, RegistryError> {
-        let id = self.id;
-        let dataset_type: DatasetType = self.dataset_type.parse().map_err(|err| {
-            RegistryError::Invalid(format!("dataset {id} (`{}`): {err}", self.name))
-        })?;
-        let mut states = self
-            .states
-            .unwrap_or_default()
-            .into_iter()
-            .rev()
-            .map(|s| {
-                Ok(StateRecord {
-                    timestamp: parse_time(id, "state timestamp", &s.timestamp)?,
-                    state: s.state,
-                })
-            })
-            .collect::<Result<Vec<_>, RegistryError>>()?;
-        // Oldest first; the stable sort keeps the API's order among equal timestamps.
-        states.sort_by_key(|s| s.timestamp);
-        let bundle = match self.bundle {
-            None => None,
-            Some(b) => Some(Bundle {
-                size: b.size.ok_or_else(|| {
-                    RegistryError::Invalid(format!("dataset {id}: the bundle has no size"))
-                })?,
-                md5: b.md5.parse().map_err(|err| {
-                    RegistryError::Invalid(format!(
-                        "dataset {id}: the bundle MD5 `{}` is invalid: {err}",
-                        b.md5
-                    ))
-                })?,
-                name: b.name,
-            }),
-        };
-        let metadata = match self.metadata {
-            Some(Value::Object(map)) => Value::Object(map),
-            _ => json!({}),
-        };
-        Ok(Dataset {
-            id,
-            name: DatasetName::from_stored(self.name),
-            dataset_type,
-            origin_path: self.origin_path,
-            archive_path: self.archive_path,
-            staged_path: self.staged_path,
-            description: self.description,
-            du_size: self.du_size,
-            size: self.size,
-            bundle_size: self.bundle_size,
-            num_files: self.num_files,
-            num_directories: self.num_directories,
-            is_deleted: self.is_deleted,
-            is_staged: self.is_staged,
-            metadata,
-            create_method: self.create_method.and_then(|m| m.parse().ok()),
-            created_at: parse_time(id, "created_at", &self.created_at)?,
-            updated_at: parse_time(id, "updated_at", &self.updated_at)?,
-            states,
-            bundle,
-            workflows: self.workflows.into_iter().map(|w| w.id).collect(),
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn registry(base: &str) -> HttpRegistry {
-        HttpRegistry::new(HttpConfig::new(
-            Url::parse(base).expect("url"),
-            "secret".into(),
-        ))
-        .expect("registry")
-    }
-
-    #[test]
-    fn backoff_follows_urllib3() {
-        let r = registry("http://localhost:3030");
-        let delays: Vec<u64> = (1..=9).map(|n| r.backoff_delay(n).as_secs()).collect();
-        assert_eq!(delays, [0, 10, 20, 40, 80, 120, 120, 120, 120]);
-        assert_eq!(r.backoff_delay(64), Duration::from_secs(120));
-    }
-
-    #[test]
-    fn paths_join_like_urljoin_onto_a_normalized_base() {
-        for (base, want) in [
-            ("http://h:1", "http://h:1/datasets/7"),
-            ("http://h:1/api", "http://h:1/api/datasets/7"),
-            ("http://h:1/api/", "http://h:1/api/datasets/7"),
-            ("http://h:1/api/?x=1#f", "http://h:1/api/datasets/7"),
-        ] {
-            let r = registry(base);
-            let url = r
-                .url(&Call::get("datasets/7".into(), Vec::new()))
-                .expect("url");
-            assert_eq!(url.as_str(), want, "base {base}");
-        }
-        assert!(
-            HttpRegistry::new(HttpConfig::new(
-                Url::parse("mailto:x@y").expect("url"),
-                String::new()
-            ))
-            .is_err()
-        );
-    }
 
     #[test]
     fn credentials_stay_out_of_urls_and_debug_output() {
@@ -1805,42 +989,5 @@ mod tests {
             !text.contains("the-token") && !text.contains("pw"),
             "{text}"
         );
-    }
-
-    #[test]
-    fn retry_after_takes_seconds_or_a_date() {
-        let mut headers = HeaderMap::new();
-        headers.insert(RETRY_AFTER, "7".parse().expect("header"));
-        assert_eq!(parse_retry_after(&headers), Some(Duration::from_secs(7)));
-        let later = (Utc::now() + TimeDelta::seconds(30)).to_rfc2822();
-        headers.insert(RETRY_AFTER, later.parse().expect("header"));
-        let wait = parse_retry_after(&headers).expect("date");
-        assert!(wait > Duration::from_secs(27) && wait <= Duration::from_secs(30));
-        headers.insert(
-            RETRY_AFTER,
-            "Wed, 21 Oct 2015 07:28:00 GMT".parse().expect("header"),
-        );
-        assert_eq!(parse_retry_after(&headers), Some(Duration::ZERO));
-        headers.insert(RETRY_AFTER, "soon".parse().expect("header"));
-        assert_eq!(parse_retry_after(&headers), None);
-    }
-
-    #[test]
-    fn big_ints_are_read_from_strings_and_numbers() {
-        #[derive(Deserialize)]
-        struct T {
-            #[serde(default, deserialize_with = "big_int")]
-            v: Option<u64>,
-        }
-        let read = |text: &str| serde_json::from_str::<T>(text).map(|t| t.v);
-        assert_eq!(
-            read(r#"{"v": "18446744073709551615"}"#).ok(),
-            Some(Some(u64::MAX))
-        );
-        assert_eq!(read(r#"{"v": 42}"#).ok(), Some(Some(42)));
-        assert_eq!(read(r#"{"v": null}"#).ok(), Some(None));
-        assert_eq!(read(r#"{}"#).ok(), Some(None));
-        assert!(read(r#"{"v": "-1"}"#).is_err());
-        assert!(read(r#"{"v": "12 kB"}"#).is_err());
     }
 }

@@ -6,7 +6,9 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{Call, HttpRegistry, Sent, parse_time};
+use super::HttpRegistry;
+use super::transport::{Call, Sent};
+use super::wire::parse_time;
 use crate::registry::uploads::{
     NewUpload, Notification, ProcessLogLine, UploadLog, UploadLogPatch, UploadQuery, UploadRef,
     UploadStatus, WorkerProcess,
@@ -25,8 +27,8 @@ impl HttpRegistry {
     ) -> Result<UploadLog, RegistryError> {
         let body = json!({"type": upload.dataset_type.as_str(), "name": upload.name.as_str()});
         let call = Call::post("datasets/uploads".to_owned(), &body);
-        let reply = self.answered(&call, None).await?;
-        let log: WireUploadLog = self.decode(&call, &reply)?;
+        let reply = self.http.answered(&call, None).await?;
+        let log: WireUploadLog = self.http.decode(&call, &reply)?;
         log.into_log()
     }
 
@@ -41,7 +43,7 @@ impl HttpRegistry {
             body["metadata"] = Value::Object(metadata.clone());
         }
         let call = Call::post(format!("datasets/uploads/{id}/complete"), &body);
-        let reply = match self.send(&call, None).await? {
+        let reply = match self.http.send(&call, None).await? {
             Sent::Answer(reply) => reply,
             Sent::AlreadyDone => unreachable!("no settled check was given"),
         };
@@ -51,12 +53,12 @@ impl HttpRegistry {
             StatusCode::CONFLICT => {
                 return Err(RegistryError::Invalid(format!(
                     "upload {id} has already advanced past the upload stage{}",
-                    self.quote(&reply.answer.body)
+                    self.http.quote(&reply.answer.body)
                 )));
             }
-            _ => return Err(self.unexpected(&call, &reply)),
+            _ => return Err(self.http.unexpected(&call, &reply)),
         }
-        let done: WirePatched = self.decode(&call, &reply)?;
+        let done: WirePatched = self.http.decode(&call, &reply)?;
         let mut log = done.upload_log.into_log()?;
         if log.dataset_name.is_empty() {
             // A repeated completion answers with the bare dataset row; read the log whole.
@@ -73,17 +75,17 @@ impl HttpRegistry {
         id: DatasetId,
     ) -> Result<Option<UploadLog>, RegistryError> {
         let call = Call::get(format!("datasets/uploads/{id}/upload-log"), Vec::new());
-        let reply = match self.send(&call, None).await? {
+        let reply = match self.http.send(&call, None).await? {
             Sent::Answer(reply) => reply,
             Sent::AlreadyDone => unreachable!("no settled check was given"),
         };
         match reply.answer.status {
             StatusCode::NOT_FOUND => Ok(None),
             status if status.is_success() => {
-                let log: WireUploadLog = self.decode(&call, &reply)?;
+                let log: WireUploadLog = self.http.decode(&call, &reply)?;
                 log.into_log().map(Some)
             }
-            _ => Err(self.unexpected(&call, &reply)),
+            _ => Err(self.http.unexpected(&call, &reply)),
         }
     }
 
@@ -96,13 +98,13 @@ impl HttpRegistry {
             format!("datasets/uploads/{id}/upload-log"),
             &patch_body(patch),
         );
-        let reply = match self.send(&call, None).await? {
+        let reply = match self.http.send(&call, None).await? {
             Sent::Answer(reply) => reply,
             Sent::AlreadyDone => unreachable!("no settled check was given"),
         };
         match reply.answer.status {
             status if status.is_success() => {
-                let done: WirePatched = self.decode(&call, &reply)?;
+                let done: WirePatched = self.http.decode(&call, &reply)?;
                 done.upload_log.into_log()
             }
             StatusCode::NOT_FOUND => Err(RegistryError::NotFound(id)),
@@ -116,7 +118,7 @@ impl HttpRegistry {
                 };
                 Box::pin(self.http_update_upload_log(id, &unlinked)).await
             }
-            _ => Err(self.unexpected(&call, &reply)),
+            _ => Err(self.http.unexpected(&call, &reply)),
         }
     }
 
@@ -162,8 +164,8 @@ impl HttpRegistry {
                     "datasets/uploads".to_owned(),
                     vec![("limit", limit.to_string())],
                 );
-                let reply = self.answered(&call, None).await?;
-                let list: WireUploadLogs = self.decode(&call, &reply)?;
+                let reply = self.http.answered(&call, None).await?;
+                let list: WireUploadLogs = self.http.decode(&call, &reply)?;
                 return list
                     .uploads
                     .into_iter()
@@ -183,8 +185,8 @@ impl HttpRegistry {
             }
         };
         let call = Call::get(path.to_owned(), params);
-        let reply = self.answered(&call, None).await?;
-        let list: WireUploadRefs = self.decode(&call, &reply)?;
+        let reply = self.http.answered(&call, None).await?;
+        let list: WireUploadRefs = self.http.decode(&call, &reply)?;
         list.uploads
             .into_iter()
             .map(WireUploadRef::into_ref)
@@ -205,8 +207,8 @@ impl HttpRegistry {
             "tags": process.tags,
         });
         let call = Call::post("workflows/processes".to_owned(), &body);
-        let reply = self.answered(&call, None).await?;
-        let created: WireProcess = self.decode(&call, &reply)?;
+        let reply = self.http.answered(&call, None).await?;
+        let created: WireProcess = self.http.decode(&call, &reply)?;
         Ok(Some(created.id))
     }
 
@@ -229,7 +231,7 @@ impl HttpRegistry {
             format!("workflows/processes/{process_id}/logs"),
             &Value::Array(body),
         );
-        self.answered(&call, None).await?;
+        self.http.answered(&call, None).await?;
         Ok(())
     }
 
@@ -246,7 +248,7 @@ impl HttpRegistry {
             "role_ids": notification.role_ids,
         });
         let call = Call::post("notifications".to_owned(), &body);
-        self.answered(&call, None).await?;
+        self.http.answered(&call, None).await?;
         Ok(())
     }
 }
