@@ -1,6 +1,7 @@
-//! The registry over the Bioloop API (spec E): the transport of the Python workers (bearer
-//! token, connect and read timeouts, urllib3-style retries) and writes that a retry never
-//! duplicates (spec J.16).
+//! The registry over the Bioloop API (spec E): each `Registry` operation as requests to the
+//! API, with writes that a retry never duplicates (spec J.16). Requests go through `transport`
+//! (the Python workers' bearer token, connect and read timeouts and urllib3-style retries),
+//! carry the JSON of `wire`, and the upload endpoints are in `uploads`.
 //!
 //! The Python client retries every method, POST included, so a POST whose answer was lost
 //! (a read timeout, a dropped connection, a 502 from a proxy) is sent again and may be

@@ -441,65 +441,7 @@ pub(super) fn read_listed(item: Value) -> Result<Listed, (Option<DatasetId>, Str
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The body as it was built by hand before the typed one; the reference for
-    /// `the_typed_patch_sends_what_the_hand_built_body_sent`.
-    fn patch_body(patch: &DatasetPatch) -> Value {
-        let mut body = serde_json::Map::new();
-        if let Some(name) = &patch.name {
-            body.insert("name".into(), json!(name.as_str()));
-        }
-        for (key, value) in [
-            ("du_size", patch.du_size),
-            ("size", patch.size),
-            ("bundle_size", patch.bundle.as_ref().map(|b| b.size)),
-        ] {
-            if let Some(value) = value {
-                body.insert(key.into(), json!(value.to_string()));
-            }
-        }
-        for (key, value) in [
-            ("num_files", patch.num_files),
-            ("num_directories", patch.num_directories),
-        ] {
-            if let Some(value) = value {
-                body.insert(key.into(), json!(value));
-            }
-        }
-        if let Some(metadata) = &patch.metadata {
-            body.insert("metadata".into(), metadata.clone());
-        }
-        if let Some(origin_path) = &patch.origin_path {
-            body.insert("origin_path".into(), json!(origin_path));
-        }
-        for (key, value) in [
-            ("archive_path", &patch.archive_path),
-            ("staged_path", &patch.staged_path),
-        ] {
-            if let Some(value) = value {
-                body.insert(key.into(), json!(value));
-            }
-        }
-        for (key, value) in [
-            ("is_staged", patch.is_staged),
-            ("is_deleted", patch.is_deleted),
-        ] {
-            if let Some(value) = value {
-                body.insert(key.into(), json!(value));
-            }
-        }
-        if let Some(bundle) = &patch.bundle {
-            body.insert(
-                "bundle".into(),
-                json!({
-                    "name": bundle.name,
-                    "size": bundle.size.to_string(),
-                    "md5": bundle.md5.to_string(),
-                }),
-            );
-        }
-        Value::Object(body)
-    }
+    use crate::model::CreateMethod;
 
     fn patches() -> Vec<(DatasetPatch, &'static str)> {
         let bundle = Bundle {
@@ -576,13 +518,315 @@ mod tests {
         ]
     }
 
+    /// The bodies are those the PATCH has always sent: the same keys in the same order, a
+    /// cleared column as `null`, an unset one absent.
     #[test]
-    fn the_typed_patch_sends_what_the_hand_built_body_sent() {
+    fn a_patch_sends_only_what_it_sets() {
         for (patch, want) in patches() {
-            let typed = serde_json::to_string(&WireDatasetPatch::from(&patch)).expect("json");
-            assert_eq!(typed, patch_body(&patch).to_string(), "{patch:?}");
-            assert_eq!(json!(WireDatasetPatch::from(&patch)).to_string(), typed);
-            assert_eq!(typed, want);
+            assert_eq!(json!(WireDatasetPatch::from(&patch)).to_string(), want);
         }
+    }
+
+    /// `GET datasets/{id}?bundle=true&files=true` as the API answers it (spec E.2, E.5): BigInt
+    /// columns as strings, states newest first, audit logs always included, a null metadata.
+    const DATASET: &str = r#"{
+        "id": 42,
+        "name": "PCM230203",
+        "type": "RAW_DATA",
+        "num_directories": 3,
+        "num_files": 120,
+        "du_size": "123456789012",
+        "size": "98765",
+        "bundle_size": null,
+        "description": null,
+        "created_at": "2026-11-30T09:15:02.123Z",
+        "updated_at": "2026-12-01T10:00:00.000Z",
+        "origin_path": "/data/PCM230203",
+        "archive_path": "/archive/PCM230203.RAW_DATA.tar",
+        "staged_path": null,
+        "is_deleted": false,
+        "is_staged": true,
+        "metadata": null,
+        "create_method": "SCAN",
+        "states": [
+            {"state": "STAGED", "timestamp": "2026-12-01T10:00:00.000Z", "metadata": null},
+            {"state": "ARCHIVED", "timestamp": "2026-12-01T09:00:00.000Z", "metadata": null},
+            {"state": "REGISTERED", "timestamp": "2026-11-30T09:15:02.123Z", "metadata": null}
+        ],
+        "audit_logs": [{"action": "create", "user": {"username": "svc"}}],
+        "workflows": [{"id": "wf-1"}, {"id": "wf-2"}],
+        "source_datasets": [],
+        "derived_datasets": [],
+        "bundle": {
+            "id": 7,
+            "name": "PCM230203.RAW_DATA.tar",
+            "size": "40960",
+            "md5": "d41d8cd98f00b204e9800998ecf8427e",
+            "dataset_id": 42
+        },
+        "files": [
+            {"path": "a/b.fastq.gz", "md5": "0cc175b9c0f1b6a831c399e269772661"},
+            {"path": "link", "md5": null},
+            {"path": "c.txt", "md5": "", "size": "12", "filetype": "file"}
+        ]
+    }"#;
+
+    fn time(text: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(text)
+            .expect("time")
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn a_dataset_answer_becomes_the_model() {
+        let mut wire: WireDataset = serde_json::from_str(DATASET).expect("dataset");
+        let files = wire.files.take().expect("files");
+        let dataset = wire.into_dataset().expect("dataset");
+        assert_eq!(dataset.id, 42);
+        assert_eq!(dataset.name.as_str(), "PCM230203");
+        assert_eq!(dataset.dataset_type, DatasetType::RawData);
+        assert_eq!(dataset.du_size, Some(123_456_789_012));
+        assert_eq!(dataset.size, Some(98_765));
+        assert_eq!(dataset.bundle_size, None);
+        assert_eq!(
+            (dataset.num_files, dataset.num_directories),
+            (Some(120), Some(3))
+        );
+        assert_eq!(dataset.staged_path, None);
+        assert!(dataset.is_staged && !dataset.is_deleted);
+        // A null metadata reads as an empty object.
+        assert_eq!(dataset.metadata, json!({}));
+        assert_eq!(dataset.create_method, Some(CreateMethod::Scan));
+        assert_eq!(dataset.created_at, time("2026-11-30T09:15:02.123Z"));
+        // Oldest first, whatever the answer's order.
+        let states: Vec<&str> = dataset.states.iter().map(|s| s.state.as_str()).collect();
+        assert_eq!(states, ["REGISTERED", "ARCHIVED", "STAGED"]);
+        assert_eq!(dataset.latest_state(), Some("STAGED"));
+        assert_eq!(dataset.workflows, ["wf-1", "wf-2"]);
+        let bundle = dataset.bundle.expect("bundle");
+        assert_eq!(bundle.size, 40_960);
+        assert_eq!(bundle.md5.to_string(), "d41d8cd98f00b204e9800998ecf8427e");
+
+        let rows: Vec<FileRecord> = files
+            .into_iter()
+            .map(|f| f.into_record(42))
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        let kinds: Vec<(&str, bool, Option<u64>, FileType)> = rows
+            .iter()
+            .map(|r| (r.path.as_str(), r.md5.is_some(), r.size, r.file_type))
+            .collect();
+        // Without a type, an MD5 means a regular file and none a symbolic link; an empty MD5
+        // is none.
+        assert_eq!(
+            kinds,
+            [
+                ("a/b.fastq.gz", true, None, FileType::File),
+                ("link", false, None, FileType::SymbolicLink),
+                ("c.txt", false, Some(12), FileType::File),
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_create_methods_are_none_and_bad_bundles_and_checksums_are_errors() {
+        let mut item: Value = serde_json::from_str(DATASET).expect("json");
+        item["create_method"] = json!("LEGACY");
+        let dataset = serde_json::from_value::<WireDataset>(item.clone())
+            .expect("dataset")
+            .into_dataset()
+            .expect("dataset");
+        assert_eq!(dataset.create_method, None);
+
+        item["bundle"]["size"] = Value::Null;
+        let err = serde_json::from_value::<WireDataset>(item.clone())
+            .expect("dataset")
+            .into_dataset()
+            .expect_err("no bundle size");
+        assert!(err.to_string().contains("the bundle has no size"), "{err}");
+
+        let file: WireFile =
+            serde_json::from_value(json!({"path": "x", "md5": "not-an-md5"})).expect("file");
+        let err = file.into_record(42).expect_err("bad md5");
+        assert!(err.to_string().contains("`x` has an invalid MD5"), "{err}");
+    }
+
+    #[test]
+    fn a_listing_skips_the_items_it_cannot_read_and_names_them() {
+        let page: WireDatasetList = serde_json::from_value(json!({
+            "metadata": {"count": 6},
+            "datasets": [
+                {"id": 1, "name": "ok", "type": "DATA_PRODUCT", "du_size": 5,
+                 "created_at": "2026-12-01T00:00:00.000Z", "updated_at": "2026-12-01T00:00:00Z",
+                 "workflows": []},
+                {"id": 2, "name": null, "type": "RAW_DATA",
+                 "created_at": "2026-12-01T00:00:00.000Z", "updated_at": "2026-12-01T00:00:00.000Z"},
+                {"id": 3, "name": "old", "type": "ANALYSIS",
+                 "created_at": "2026-12-01T00:00:00.000Z", "updated_at": "2026-12-01T00:00:00.000Z"},
+                {"id": 4, "name": "odd", "type": "RAW_DATA",
+                 "created_at": "2026-12-01 00:00:00", "updated_at": "2026-12-01T00:00:00.000Z"},
+                {"id": 5, "name": "big", "type": "RAW_DATA", "size": "12 kB",
+                 "created_at": "2026-12-01T00:00:00.000Z", "updated_at": "2026-12-01T00:00:00.000Z"},
+                {"name": "no id", "type": "RAW_DATA"},
+                {"id": 7, "name": "with states", "type": "RAW_DATA", "states": [],
+                 "created_at": "2026-12-01T00:00:00.000Z", "updated_at": "2026-12-01T00:00:00.000Z"}
+            ]
+        }))
+        .expect("page");
+        let read: Vec<_> = page.datasets.into_iter().map(read_listed).collect();
+        assert_eq!(read.len(), 7);
+
+        let first = read[0].as_ref().expect("readable");
+        assert_eq!(first.dataset.id, 1);
+        assert_eq!(first.dataset.dataset_type, DatasetType::DataProduct);
+        assert_eq!(first.dataset.du_size, Some(5));
+        // A listing without `include_states` says nothing about the states.
+        assert!(!first.states_known && first.dataset.states.is_empty());
+
+        let skipped = |index: usize| match &read[index] {
+            Ok(listed) => panic!("item {index} read as dataset {}", listed.dataset.id),
+            Err((id, reason)) => (*id, reason.clone()),
+        };
+        let (id, reason) = skipped(1);
+        assert_eq!(id, Some(2));
+        assert!(reason.starts_with("name: invalid type: null"), "{reason}");
+        let (id, reason) = skipped(2);
+        assert_eq!(id, Some(3));
+        assert!(
+            reason.contains("unknown dataset type `ANALYSIS`"),
+            "{reason}"
+        );
+        let (id, reason) = skipped(3);
+        assert_eq!(id, Some(4));
+        assert!(
+            reason.contains("created_at `2026-12-01 00:00:00` is not a timestamp"),
+            "{reason}"
+        );
+        let (id, reason) = skipped(4);
+        assert_eq!(id, Some(5));
+        assert!(
+            reason.starts_with("size: `12 kB` is not a size"),
+            "{reason}"
+        );
+        let (id, reason) = skipped(5);
+        assert_eq!(id, None);
+        assert!(reason.contains("missing field `id`"), "{reason}");
+
+        let last = read[6].as_ref().expect("readable");
+        assert!(last.states_known);
+    }
+
+    #[test]
+    fn a_bulk_answer_becomes_the_outcome() {
+        let mut created: Value = serde_json::from_str(DATASET).expect("json");
+        created["files"] = Value::Null;
+        let wire: WireBulkOutcome = serde_json::from_value(json!({
+            "created": [created],
+            "conflicted": [{"name": "A", "type": "RAW_DATA"}],
+            "errored": [
+                {"name": "B", "type": "DATA_PRODUCT"},
+                {"name": "C", "type": "RAW_DATA", "error": "boom"}
+            ]
+        }))
+        .expect("outcome");
+        let outcome = wire.into_outcome().expect("outcome");
+        assert_eq!(outcome.created.len(), 1);
+        assert_eq!(outcome.created[0].id, 42);
+        assert_eq!(
+            outcome.conflicted,
+            [(DatasetName::from_stored("A".into()), DatasetType::RawData)]
+        );
+        assert_eq!(
+            outcome.errored,
+            [
+                (
+                    DatasetName::from_stored("B".into()),
+                    DatasetType::DataProduct,
+                    "the registry could not create it".to_owned()
+                ),
+                (
+                    DatasetName::from_stored("C".into()),
+                    DatasetType::RawData,
+                    "boom".to_owned()
+                ),
+            ]
+        );
+
+        let wire: WireBulkOutcome =
+            serde_json::from_value(json!({"conflicted": [{"name": "D", "type": "OTHER"}]}))
+                .expect("outcome");
+        let err = wire.into_outcome().expect_err("unknown type");
+        assert!(
+            err.to_string().contains("bulk create answer for `D`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn workflow_links_and_projects_read_what_they_need() {
+        let links: Vec<WireWorkflowLink> = serde_json::from_value(json!([
+            {"id": "wf-1", "dataset_id": 42, "initiator_id": 1, "metadata": null},
+            {"id": "wf-2", "dataset_id": null, "initiator_id": null, "metadata": {}}
+        ]))
+        .expect("links");
+        let links: Vec<(&str, Option<DatasetId>)> = links
+            .iter()
+            .map(|l| (l.id.as_str(), l.dataset_id))
+            .collect();
+        assert_eq!(links, [("wf-1", Some(42)), ("wf-2", None)]);
+
+        let project: WireProject = serde_json::from_value(json!({
+            "id": "5d4c4a1e-0000-4000-8000-000000000001",
+            "slug": null,
+            "name": "Genomics",
+            "datasets": []
+        }))
+        .expect("project");
+        let project = project.into_project();
+        assert_eq!(
+            (project.id.as_str(), project.slug, project.name.as_str()),
+            ("5d4c4a1e-0000-4000-8000-000000000001", None, "Genomics")
+        );
+    }
+
+    #[test]
+    fn new_datasets_are_sent_with_their_optional_fields_only_when_set() {
+        let mut item = NewDataset {
+            name: DatasetName::from_stored("PCM230203".into()),
+            dataset_type: DatasetType::RawData,
+            origin_path: "/data/PCM230203".into(),
+            create_method: CreateMethod::Scan,
+            description: None,
+            metadata: None,
+        };
+        assert_eq!(
+            json!(WireNewDataset::from(&item)).to_string(),
+            r#"{"name":"PCM230203","type":"RAW_DATA","origin_path":"/data/PCM230203","create_method":"SCAN"}"#
+        );
+        item.description = Some("a run".into());
+        item.metadata = Some(json!({"num_genome_files": 2}));
+        assert_eq!(
+            json!(WireNewDataset::from(&item)).to_string(),
+            r#"{"name":"PCM230203","type":"RAW_DATA","origin_path":"/data/PCM230203","create_method":"SCAN","description":"a run","metadata":{"num_genome_files":2}}"#
+        );
+    }
+
+    #[test]
+    fn big_ints_are_read_from_strings_and_numbers() {
+        #[derive(Deserialize)]
+        struct T {
+            #[serde(default, deserialize_with = "big_int")]
+            v: Option<u64>,
+        }
+        let read = |text: &str| serde_json::from_str::<T>(text).map(|t| t.v);
+        assert_eq!(
+            read(r#"{"v": "18446744073709551615"}"#).ok(),
+            Some(Some(u64::MAX))
+        );
+        assert_eq!(read(r#"{"v": 42}"#).ok(), Some(Some(42)));
+        assert_eq!(read(r#"{"v": null}"#).ok(), Some(None));
+        assert_eq!(read(r#"{}"#).ok(), Some(None));
+        assert!(read(r#"{"v": "-1"}"#).is_err());
+        assert!(read(r#"{"v": "12 kB"}"#).is_err());
     }
 }
