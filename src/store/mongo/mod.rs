@@ -7,49 +7,33 @@
 //! loses concurrent writes; task results are replaced whole on each state change, as Celery
 //! replaces them. What sca-rhythm has no place for lives in collections of this program, all named
 //! `workers_*`: the start arguments of workflows, the scheduler's records and the watch state.
+//!
+//! This module is the logic; the documents, filters and updates it sends are built in
+//! `documents`, which keeps them as the Python side writes them.
+
+mod documents;
 
 use std::collections::HashMap;
-use std::io;
 
 use anyhow::Context;
 use async_trait::async_trait;
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt;
-use mongodb::bson::{self, Bson, Document, doc};
+use mongodb::bson::Document;
 use mongodb::error::{ErrorKind, WriteFailure};
 use mongodb::options::{IndexOptions, ReturnDocument};
 use mongodb::{Client, Collection, Database, IndexModel};
-use serde::Serialize;
 use serde_json::{Map, Value};
 
-use super::{
-    JobRun, PageCursor, RunOutcome, SchedulerStore, StepSpec, TaskError, TaskMeta, TaskRun,
-    TaskStart, TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec,
-    WorkflowStep, WorkflowStore,
+use self::documents::{
+    COUNTERS, JOB_RUNS, JOB_SLOTS, JobRunDocument, LEASES, REVOKED, RequestFields, START_ARGS,
+    StartArgsDocument, State, TASK_STARTS, TASKS, TaskDocument, WATCH_STATE, WORKFLOWS,
+    WatchStateDocument, WorkflowDocument,
 };
-
-/// sca-rhythm's workflows (spec F.2).
-const WORKFLOWS: &str = "workflow_meta";
-/// Celery's task results (spec F.3).
-const TASKS: &str = "celery_taskmeta";
-/// `{_id: workflow id, args}`: the start arguments, which sca-rhythm does not keep.
-const START_ARGS: &str = "workers_workflow_args";
-/// `{_id: source directory, scan_count, known}`.
-const WATCH_STATE: &str = "workers_watch_state";
-/// `{_id: lease name, holder, expires_at}`.
-const LEASES: &str = "workers_leases";
-/// How many times each task was started (`{_id: task id, starts}`): kept apart from
-/// `celery_taskmeta`, whose documents stay exactly as Celery writes them.
-const TASK_STARTS: &str = "workers_task_starts";
-/// `{_id: job, slot}`: the last slot handled per job.
-const JOB_SLOTS: &str = "workers_job_slots";
-/// `{_id: run id, job, trigger, slot, started_at, ended_at, outcome, error, counters, host,
-/// dry_run}`.
-const JOB_RUNS: &str = "workers_job_runs";
-/// `{_id: sequence name, seq}`: the numeric ids of job runs.
-const COUNTERS: &str = "workers_counters";
-/// `{_id: task id, revoked_at}`: task ids revoked by an operator (Celery's state db).
-const REVOKED: &str = "workers_revoked";
+use super::{
+    JobRun, PageCursor, RunOutcome, SchedulerStore, TaskError, TaskMeta, TaskStart, TaskStatus,
+    Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec, WorkflowStore,
+};
 
 /// Ids per `$in` query, so a long list never makes one oversized command.
 const IN_BATCH: usize = 1000;
@@ -83,7 +67,7 @@ impl MongoStore {
             .await
             .with_context(|| format!("invalid MongoDB URI `{shown}`"))?;
         let db = client.database(database);
-        db.run_command(doc! {"ping": 1})
+        db.run_command(documents::ping_command())
             .await
             .with_context(|| format!("cannot reach MongoDB at `{shown}`"))?;
         let store = MongoStore {
@@ -114,14 +98,13 @@ impl MongoStore {
         let sent = std::time::Instant::now();
         let answer = self
             .db
-            .run_command(doc! {"hello": 1})
+            .run_command(documents::hello_command())
             .await
             .context("cannot read the MongoDB server's clock (`hello`)")?;
-        let local_time = answer
-            .get_datetime("localTime")
+        let local_time = documents::server_time(&answer)
             .context("the MongoDB server's `hello` answer has no `localTime`")?;
         let half_trip = chrono::Duration::from_std(sent.elapsed() / 2).unwrap_or_default();
-        let server_now = chrono_date(*local_time) + half_trip;
+        let server_now = local_time + half_trip;
         let offset = server_now - Utc::now();
         *self.clock.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((std::time::Instant::now(), offset));
@@ -143,11 +126,10 @@ impl MongoStore {
         state: &State,
         request: &RequestFields,
     ) -> anyhow::Result<()> {
-        self.collection(TASKS)
-            .replace_one(
-                doc! {"_id": task_id},
-                task_document(task_id, state, request),
-            )
+        let document = TaskDocument::new(task_id, state, request, Utc::now());
+        self.db
+            .collection::<TaskDocument>(TASKS)
+            .replace_one(documents::by_id(task_id), document)
             .upsert(true)
             .await
             .with_context(|| {
@@ -165,22 +147,14 @@ impl MongoStore {
     async fn record_run(&self, workflow_id: &str, start: &TaskStart) -> anyhow::Result<()> {
         let task_id = &start.task_id;
         let workflows = self.collection(WORKFLOWS);
-        let now = bson_date(Utc::now());
-        let step = format!("steps.{}", start.position);
+        let now = Utc::now();
+        let position = start.position;
         // One run per task id: retries and redeliveries reuse the id and add none.
         let run = async {
             let pushed = workflows
                 .update_one(
-                    doc! {
-                        "_id": workflow_id,
-                        // Without this guard a position past the end would pad the array.
-                        format!("{step}.name"): {"$exists": true},
-                        format!("{step}.task_runs.task_id"): {"$ne": task_id},
-                    },
-                    doc! {
-                        "$push": {format!("{step}.task_runs"): {"date_start": now, "task_id": task_id}},
-                        "$set": {"_status": TaskStatus::Started.as_str(), "updated_at": now},
-                    },
+                    documents::run_not_recorded(workflow_id, position, task_id),
+                    documents::push_run(position, task_id, now),
                 )
                 .await
                 .with_context(|| {
@@ -196,8 +170,8 @@ impl MongoStore {
             // step.
             let marked = workflows
                 .update_one(
-                    doc! {"_id": workflow_id, format!("{step}.name"): {"$exists": true}},
-                    doc! {"$set": {"_status": TaskStatus::Started.as_str(), "updated_at": now}},
+                    documents::step_exists(workflow_id, position),
+                    documents::mark_started(now),
                 )
                 .await
                 .with_context(|| {
@@ -220,8 +194,8 @@ impl MongoStore {
         let unlocked = async {
             workflows
                 .update_one(
-                    doc! {"_id": workflow_id, "resume_lock": {"$ne": Bson::Null}},
-                    doc! {"$set": {"resume_lock": Bson::Null}},
+                    documents::resume_locked(workflow_id),
+                    documents::clear_resume_lock(),
                 )
                 .await
                 .with_context(|| {
@@ -245,25 +219,14 @@ impl MongoStore {
     }
 
     async fn create_indexes(&self) -> anyhow::Result<()> {
-        let wanted: [(&str, Document); 9] = [
-            (TASKS, doc! {"status": 1}),
-            (TASKS, doc! {"kwargs.app_id": 1}),
-            (TASKS, doc! {"kwargs.step": 1}),
-            (TASKS, doc! {"date_done": 1}),
-            (WORKFLOWS, doc! {"_status": 1}),
-            (WORKFLOWS, doc! {"app_id": 1}),
-            // Listing (newest first) and purging (oldest first) go by creation time.
-            (WORKFLOWS, doc! {"created_at": 1}),
-            (JOB_RUNS, doc! {"job": 1, "_id": -1}),
-            (JOB_RUNS, doc! {"host": 1, "outcome": 1}),
-        ];
-        for (collection, keys) in wanted {
-            // Celery asks for its `date_done` index with `background: true` each time it
-            // starts; a server may refuse that request when the same index exists without the
-            // option, so the index is created exactly as Celery asks for it. (Servers ignore the
-            // option since MongoDB 4.2, hence its deprecation in the driver; it is still sent.)
-            let background =
-                (collection == TASKS && keys.contains_key("date_done")).then_some(true);
+        for documents::IndexSpec {
+            collection,
+            keys,
+            background,
+        } in documents::indexes()
+        {
+            // Servers ignore `background` since MongoDB 4.2, hence its deprecation in the
+            // driver; it is still sent where Celery sends it.
             #[allow(deprecated)]
             let options = IndexOptions::builder().background(background).build();
             let index = IndexModel::builder()
@@ -286,14 +249,12 @@ impl MongoStore {
     async fn complete(&self, docs: Vec<Document>) -> anyhow::Result<Vec<Workflow>> {
         let mut workflows = docs
             .iter()
-            .map(parse_workflow)
+            .map(documents::parse_workflow)
             .collect::<anyhow::Result<Vec<_>>>()?;
         let ids: Vec<String> = workflows.iter().map(|w| w.id.clone()).collect();
         let mut args: HashMap<String, Vec<Value>> = HashMap::new();
         for doc in self.find_by_ids(START_ARGS, &ids, None).await? {
-            if let (Ok(id), Some(Bson::Array(items))) = (doc.get_str("_id"), doc.get("args")) {
-                args.insert(id.to_owned(), items.iter().map(bson_to_json).collect());
-            }
+            args.extend(documents::args_of(&doc));
         }
         // Workflows created by sca-rhythm: the first step's first task ran with the start
         // arguments (`Workflow.start(*args)`), and its result document kept them.
@@ -304,12 +265,10 @@ impl MongoStore {
             .collect();
         let mut task_args: HashMap<String, Vec<Value>> = HashMap::new();
         for doc in self
-            .find_by_ids(TASKS, &first_tasks, Some(doc! {"args": 1}))
+            .find_by_ids(TASKS, &first_tasks, Some(documents::args_projection()))
             .await?
         {
-            if let (Ok(id), Some(Bson::Array(items))) = (doc.get_str("_id"), doc.get("args")) {
-                task_args.insert(id.to_owned(), items.iter().map(bson_to_json).collect());
-            }
+            task_args.extend(documents::args_of(&doc));
         }
         for workflow in &mut workflows {
             workflow.start_args = match args.remove(&workflow.id) {
@@ -335,7 +294,7 @@ impl MongoStore {
         let mut out = Vec::new();
         let coll = self.collection(collection);
         for batch in ids.chunks(IN_BATCH) {
-            let mut find = coll.find(doc! {"_id": {"$in": batch}});
+            let mut find = coll.find(documents::ids_in(batch));
             if let Some(projection) = &projection {
                 find = find.projection(projection.clone());
             }
@@ -380,7 +339,7 @@ impl MongoStore {
     ) -> anyhow::Result<Option<String>> {
         let tasks = self.collection(TASKS);
         let existing = tasks
-            .find_one(doc! {"_id": task_id})
+            .find_one(documents::by_id(task_id))
             .await
             .with_context(|| format!("cannot read task {task_id} in {}", self.at(TASKS)))?;
         let mut request = existing
@@ -388,27 +347,27 @@ impl MongoStore {
             .map(RequestFields::from_doc)
             .unwrap_or_default();
         if let Some(retries) = retries {
-            request.retries = Bson::Int32(to_i32(retries));
+            request.set_retries(retries);
         }
-        let workflow_id = match &request.kwargs {
-            Bson::Document(kwargs) => kwargs.get_str("workflow_id").ok().map(str::to_owned),
-            _ => None,
-        };
+        let workflow_id = request.workflow_id();
         self.replace_task_document(task_id, &state, &request)
             .await?;
         Ok(workflow_id)
     }
 
-    /// Sets `fields` and `updated_at` on a workflow; returns whether it exists.
+    /// Sets `updated_at` on a workflow, and its status when there is one; returns whether it
+    /// exists.
     async fn update_workflow(
         &self,
         workflow_id: &str,
-        mut fields: Document,
+        status: Option<TaskStatus>,
     ) -> anyhow::Result<bool> {
-        fields.insert("updated_at", bson_date(Utc::now()));
         let result = self
             .collection(WORKFLOWS)
-            .update_one(doc! {"_id": workflow_id}, doc! {"$set": fields})
+            .update_one(
+                documents::by_id(workflow_id),
+                documents::touch_workflow(status, Utc::now()),
+            )
             .await
             .with_context(|| {
                 format!(
@@ -426,13 +385,13 @@ impl MongoStore {
         // now finding the document.
         for _ in 0..3 {
             match counters
-                .find_one_and_update(doc! {"_id": name}, doc! {"$inc": {"seq": 1_i64}})
+                .find_one_and_update(documents::by_id(name), documents::increment_sequence())
                 .upsert(true)
                 .return_document(ReturnDocument::After)
                 .await
             {
                 Ok(Some(doc)) => {
-                    return doc.get("seq").and_then(bson_i64).with_context(|| {
+                    return documents::sequence_of(&doc).with_context(|| {
                         format!("sequence `{name}` in {} is not a number", self.at(COUNTERS))
                     });
                 }
@@ -453,146 +412,6 @@ impl MongoStore {
     }
 }
 
-/// A task state to store, with what Celery writes for it.
-struct State {
-    status: TaskStatus,
-    /// The `result` field: JSON text.
-    result: String,
-    traceback: Option<String>,
-    children: Bson,
-}
-
-impl State {
-    fn error(task_id: &str, status: TaskStatus, error: &TaskError) -> State {
-        // A retry is published from inside the task, so Celery records it as the request's
-        // child: `[[task_id, null], null]` (an AsyncResult as a tuple).
-        let children = match status {
-            TaskStatus::Retry => bson::bson!([[[task_id, Bson::Null], Bson::Null]]),
-            _ => Bson::Array(Vec::new()),
-        };
-        State {
-            status,
-            result: python_json(&ErrorResult::from(error)),
-            // No Python frames to show: the exception line a traceback ends with.
-            traceback: Some(format!(
-                "{}.{}: {}",
-                error.exc_module, error.exc_type, error.exc_message
-            )),
-            children,
-        }
-    }
-}
-
-/// What Celery copies from a task's request into its result documents (`result_extended`).
-#[derive(Clone)]
-struct RequestFields {
-    parent_id: Option<Bson>,
-    name: Bson,
-    args: Bson,
-    kwargs: Bson,
-    worker: Bson,
-    retries: Bson,
-    queue: Bson,
-}
-
-impl Default for RequestFields {
-    fn default() -> RequestFields {
-        RequestFields {
-            parent_id: None,
-            name: Bson::Null,
-            args: Bson::Array(Vec::new()),
-            kwargs: Bson::Document(Document::new()),
-            worker: Bson::Null,
-            retries: Bson::Int32(0),
-            queue: Bson::Null,
-        }
-    }
-}
-
-impl RequestFields {
-    fn from_start(start: &TaskStart) -> RequestFields {
-        RequestFields {
-            parent_id: start.parent_id.clone().map(Bson::String),
-            name: Bson::String(start.task_name.clone()),
-            args: Bson::Array(start.args.iter().map(json_to_bson).collect()),
-            kwargs: Bson::Document(json_object_to_doc(&start.kwargs)),
-            worker: Bson::String(start.hostname.clone()),
-            retries: Bson::Int32(to_i32(start.retries)),
-            queue: Bson::String(start.queue.clone()),
-        }
-    }
-
-    fn from_doc(doc: &Document) -> RequestFields {
-        let field = |key: &str, default: Bson| doc.get(key).cloned().unwrap_or(default);
-        let defaults = RequestFields::default();
-        RequestFields {
-            parent_id: doc
-                .get("parent_id")
-                .filter(|b| !matches!(b, Bson::Null))
-                .cloned(),
-            name: field("name", defaults.name),
-            args: field("args", defaults.args),
-            kwargs: field("kwargs", defaults.kwargs),
-            worker: field("worker", defaults.worker),
-            retries: field("retries", defaults.retries),
-            queue: field("queue", defaults.queue),
-        }
-    }
-}
-
-/// A `celery_taskmeta` document with Celery's fields in Celery's order (spec F.3).
-fn task_document(task_id: &str, state: &State, request: &RequestFields) -> Document {
-    // Celery sets date_done for the ready states, as a naive-UTC isoformat string.
-    let date_done = if state.status.is_done() {
-        Bson::String(celery_date(Utc::now()))
-    } else {
-        Bson::Null
-    };
-    let mut doc = doc! {
-        "_id": task_id,
-        "status": state.status.as_str(),
-        "result": &state.result,
-        "traceback": state.traceback.clone().map_or(Bson::Null, Bson::String),
-        "children": state.children.clone(),
-        "date_done": date_done,
-    };
-    if let Some(parent_id) = &request.parent_id {
-        doc.insert("parent_id", parent_id.clone());
-    }
-    doc.insert("name", request.name.clone());
-    doc.insert("args", request.args.clone());
-    doc.insert("kwargs", request.kwargs.clone());
-    doc.insert("worker", request.worker.clone());
-    doc.insert("retries", request.retries.clone());
-    doc.insert("queue", request.queue.clone());
-    doc
-}
-
-/// The STARTED result: `{"pid": .., "hostname": ..}`, in Celery's order.
-#[derive(Serialize)]
-struct StartedResult<'a> {
-    pid: u32,
-    hostname: &'a str,
-}
-
-/// A failure as Celery encodes an exception, in its order.
-#[derive(Serialize)]
-struct ErrorResult<'a> {
-    exc_type: &'a str,
-    exc_message: [&'a str; 1],
-    exc_module: &'a str,
-}
-
-impl<'a> From<&'a TaskError> for ErrorResult<'a> {
-    fn from(error: &'a TaskError) -> ErrorResult<'a> {
-        ErrorResult {
-            exc_type: &error.exc_type,
-            exc_message: [&error.exc_message],
-            exc_module: &error.exc_module,
-        }
-    }
-}
-
 #[async_trait]
 impl WorkflowStore for MongoStore {
     async fn create_workflow(
@@ -604,15 +423,15 @@ impl WorkflowStore for MongoStore {
     ) -> anyhow::Result<()> {
         // The arguments first: a crash in between leaves an unused arguments document rather
         // than a workflow without its arguments.
-        let args =
-            doc! {"_id": id, "args": start_args.iter().map(json_to_bson).collect::<Vec<_>>()};
+        let args = StartArgsDocument::new(id, start_args);
         let stored_args = || {
             format!(
                 "cannot store the arguments of workflow {id} in {}",
                 self.at(START_ARGS)
             )
         };
-        match self.collection(START_ARGS).insert_one(args.clone()).await {
+        let stored = self.db.collection::<StartArgsDocument>(START_ARGS);
+        match stored.insert_one(&args).await {
             Ok(_) => {}
             Err(err) if is_duplicate_key(&err) => {
                 // Never the arguments of another workflow: only those an interrupted creation
@@ -620,29 +439,23 @@ impl WorkflowStore for MongoStore {
                 if self.workflow(id).await?.is_some() {
                     anyhow::bail!("workflow {id} already exists in {}", self.at(WORKFLOWS));
                 }
-                self.collection(START_ARGS)
-                    .replace_one(doc! {"_id": id}, args)
+                stored
+                    .replace_one(documents::by_id(id), &args)
                     .await
                     .with_context(stored_args)?;
             }
             Err(err) => return Err(anyhow::Error::new(err).context(stored_args())),
         }
-        // sca-rhythm's fields in its order; `updated_at` comes with the first update.
-        let steps: Vec<Document> = spec
-            .steps
-            .iter()
-            .map(|s| step_document(s, app_id))
-            .collect();
-        let workflow = doc! {
-            "_id": id,
-            "created_at": bson_date(Utc::now()),
-            "steps": steps,
-            "name": &spec.name,
-            "app_id": app_id,
-            "description": spec.description.clone().map_or(Bson::Null, Bson::String),
-            "_status": TaskStatus::Pending.as_str(),
-        };
-        match self.collection(WORKFLOWS).insert_one(workflow).await {
+        let workflow = WorkflowDocument::new(
+            id,
+            app_id,
+            &spec.name,
+            spec.description.as_deref(),
+            &spec.steps,
+            Utc::now(),
+        );
+        let workflows = self.db.collection::<WorkflowDocument>(WORKFLOWS);
+        match workflows.insert_one(workflow).await {
             Ok(_) => Ok(()),
             Err(err) if is_duplicate_key(&err) => {
                 anyhow::bail!("workflow {id} already exists in {}", self.at(WORKFLOWS))
@@ -657,7 +470,7 @@ impl WorkflowStore for MongoStore {
     async fn workflow(&self, id: &str) -> anyhow::Result<Option<Workflow>> {
         let doc = self
             .collection(WORKFLOWS)
-            .find_one(doc! {"_id": id})
+            .find_one(documents::by_id(id))
             .await
             .with_context(|| format!("cannot read workflow {id} in {}", self.at(WORKFLOWS)))?;
         let Some(doc) = doc else { return Ok(None) };
@@ -667,20 +480,20 @@ impl WorkflowStore for MongoStore {
     async fn workflow_for_step(&self, id: &str) -> anyhow::Result<Option<Workflow>> {
         let doc = self
             .collection(WORKFLOWS)
-            .find_one(doc! {"_id": id})
+            .find_one(documents::by_id(id))
             .await
             .with_context(|| format!("cannot read workflow {id} in {}", self.at(WORKFLOWS)))?;
-        doc.as_ref().map(parse_workflow).transpose()
+        doc.as_ref().map(documents::parse_workflow).transpose()
     }
 
     async fn task_result(&self, task_id: &str) -> anyhow::Result<Option<TaskMeta>> {
         let doc = self
             .collection(TASKS)
-            .find_one(doc! {"_id": task_id})
+            .find_one(documents::by_id(task_id))
             .await
             .with_context(|| format!("cannot read task {task_id} in {}", self.at(TASKS)))?;
         doc.as_ref()
-            .map(parse_task_meta)
+            .map(documents::parse_task_meta)
             .transpose()
             .with_context(|| format!("unreadable task result in {}", self.at(TASKS)))
     }
@@ -690,12 +503,7 @@ impl WorkflowStore for MongoStore {
         start: &TaskStart,
         result: &Value,
     ) -> anyhow::Result<Option<TaskStatus>> {
-        let state = State {
-            status: TaskStatus::Success,
-            result: python_json(result),
-            traceback: None,
-            children: Bson::Array(Vec::new()),
-        };
+        let state = State::success(result);
         // The request fields are the ones this process wrote with STARTED: nothing to read
         // back. The result and the workflow's `updated_at` (sca-rhythm's on_success) go out
         // together; the workflow's status comes back with its update.
@@ -707,11 +515,11 @@ impl WorkflowStore for MongoStore {
         let touched = async {
             self.collection(WORKFLOWS)
                 .find_one_and_update(
-                    doc! {"_id": workflow_id},
-                    doc! {"$set": {"updated_at": bson_date(Utc::now())}},
+                    documents::by_id(workflow_id),
+                    documents::touch_workflow(None, Utc::now()),
                 )
-                .projection(doc! {"_status": 1})
-                .return_document(mongodb::options::ReturnDocument::After)
+                .projection(documents::workflow_status_projection())
+                .return_document(ReturnDocument::After)
                 .await
                 .with_context(|| {
                     format!(
@@ -721,27 +529,17 @@ impl WorkflowStore for MongoStore {
                 })
         };
         let (_, workflow) = tokio::try_join!(stored, touched)?;
-        Ok(workflow.map(|doc| {
-            doc.get_str("_status")
-                .ok()
-                .and_then(TaskStatus::parse)
-                .unwrap_or(TaskStatus::Pending)
-        }))
+        Ok(workflow.as_ref().map(documents::workflow_status_of))
     }
 
     async fn workflow_status(&self, id: &str) -> anyhow::Result<Option<TaskStatus>> {
         let doc = self
             .collection(WORKFLOWS)
-            .find_one(doc! {"_id": id})
-            .projection(doc! {"_status": 1})
+            .find_one(documents::by_id(id))
+            .projection(documents::workflow_status_projection())
             .await
             .with_context(|| format!("cannot read workflow {id} in {}", self.at(WORKFLOWS)))?;
-        Ok(doc.map(|doc| {
-            doc.get_str("_status")
-                .ok()
-                .and_then(TaskStatus::parse)
-                .unwrap_or(TaskStatus::Pending)
-        }))
+        Ok(doc.as_ref().map(documents::workflow_status_of))
     }
 
     async fn workflows(
@@ -750,26 +548,25 @@ impl WorkflowStore for MongoStore {
         limit: usize,
     ) -> anyhow::Result<Vec<Workflow>> {
         let filter = match filter {
-            WorkflowFilter::All => doc! {},
-            WorkflowFilter::Active => doc! {"_status": {"$in": ["PENDING", "STARTED"]}},
+            WorkflowFilter::All => documents::all(),
+            WorkflowFilter::Active => documents::active_workflows(),
         };
-        self.find_workflows(filter, doc! {"created_at": -1, "_id": 1}, limit)
+        self.find_workflows(filter, documents::newest_first(), limit)
             .await
     }
 
     async fn task_metas(&self, task_ids: &[String]) -> anyhow::Result<HashMap<String, TaskMeta>> {
         let mut out = HashMap::new();
         for doc in self.find_by_ids(TASKS, task_ids, None).await? {
-            let meta = parse_task_meta(&doc)
+            let meta = documents::parse_task_meta(&doc)
                 .with_context(|| format!("unreadable task result in {}", self.at(TASKS)))?;
             out.insert(meta.task_id.clone(), meta);
         }
         for doc in self.find_by_ids(TASK_STARTS, task_ids, None).await? {
-            if let (Ok(id), Some(starts)) =
-                (doc.get_str("_id"), doc.get("starts").and_then(bson_i64))
+            if let Some((id, starts)) = documents::starts_of(&doc)
                 && let Some(meta) = out.get_mut(id)
             {
-                meta.starts = u32::try_from(starts).unwrap_or(u32::MAX);
+                meta.starts = starts;
             }
         }
         Ok(out)
@@ -777,21 +574,13 @@ impl WorkflowStore for MongoStore {
 
     async fn task_started(&self, start: &TaskStart) -> anyhow::Result<()> {
         let task_id = &start.task_id;
-        let state = State {
-            status: TaskStatus::Started,
-            result: python_json(&StartedResult {
-                pid: start.pid,
-                hostname: &start.hostname,
-            }),
-            traceback: None,
-            children: Bson::Array(Vec::new()),
-        };
+        let state = State::started(start);
         // The three documents are independent of each other: written at once, one round
         // trip of waiting rather than four.
         let result = self.store_started_state(start, &state);
         let counted = async {
             self.collection(TASK_STARTS)
-                .update_one(doc! {"_id": task_id}, doc! {"$inc": {"starts": 1}})
+                .update_one(documents::by_id(task_id), documents::count_start())
                 .upsert(true)
                 .await
                 .with_context(|| {
@@ -816,8 +605,8 @@ impl WorkflowStore for MongoStore {
         // Only while STARTED: a report that arrives late never overwrites a final state.
         self.collection(TASKS)
             .update_one(
-                doc! {"_id": task_id, "status": TaskStatus::Started.as_str()},
-                doc! {"$set": {"result": python_json(progress)}},
+                documents::started_task(task_id),
+                documents::set_progress(progress),
             )
             .await
             .with_context(|| {
@@ -845,15 +634,10 @@ impl WorkflowStore for MongoStore {
     }
 
     async fn task_succeeded(&self, task_id: &str, result: &Value) -> anyhow::Result<()> {
-        let state = State {
-            status: TaskStatus::Success,
-            result: python_json(result),
-            traceback: None,
-            children: Bson::Array(Vec::new()),
-        };
+        let state = State::success(result);
         // sca-rhythm's on_success updates the workflow (its `updated_at`) after every step.
         if let Some(workflow_id) = self.store_state(task_id, state, None).await? {
-            self.update_workflow(&workflow_id, Document::new()).await?;
+            self.update_workflow(&workflow_id, None).await?;
         }
         Ok(())
     }
@@ -871,22 +655,15 @@ impl WorkflowStore for MongoStore {
         )
         .await?;
         if let Some(workflow_id) = workflow_id {
-            self.update_workflow(workflow_id, doc! {"_status": TaskStatus::Failure.as_str()})
+            self.update_workflow(workflow_id, Some(TaskStatus::Failure))
                 .await?;
         }
         Ok(())
     }
 
     async fn task_revoked(&self, task_id: &str, reason: &str) -> anyhow::Result<()> {
-        let error = TaskError::revoked(reason);
-        let state = State {
-            status: TaskStatus::Revoked,
-            result: python_json(&ErrorResult::from(&error)),
-            // `mark_as_revoked` stores no traceback.
-            traceback: None,
-            children: Bson::Array(Vec::new()),
-        };
-        self.store_state(task_id, state, None).await?;
+        self.store_state(task_id, State::revoked(reason), None)
+            .await?;
         Ok(())
     }
 
@@ -894,10 +671,7 @@ impl WorkflowStore for MongoStore {
         let revoked = self.collection(REVOKED);
         for task_id in task_ids {
             revoked
-                .update_one(
-                    doc! {"_id": task_id},
-                    doc! {"$set": {"revoked_at": bson_date(at)}},
-                )
+                .update_one(documents::by_id(task_id), documents::set_revoked_at(at))
                 .upsert(true)
                 .await
                 .with_context(|| {
@@ -916,15 +690,13 @@ impl WorkflowStore for MongoStore {
     ) -> anyhow::Result<Vec<(String, DateTime<Utc>)>> {
         let mut cursor = self
             .collection(REVOKED)
-            .find(doc! {"revoked_at": {"$gte": bson_date(since)}})
-            .sort(doc! {"revoked_at": 1})
+            .find(documents::revoked_since(since))
+            .sort(documents::by_revocation_time())
             .await
             .with_context(|| format!("cannot read the revoked tasks in {}", self.at(REVOKED)))?;
         let mut revoked = Vec::new();
         while let Some(doc) = cursor.try_next().await? {
-            if let (Ok(id), Ok(at)) = (doc.get_str("_id"), doc.get_datetime("revoked_at")) {
-                revoked.push((id.to_owned(), chrono_date(*at)));
-            }
+            revoked.extend(documents::revoked_of(&doc));
         }
         Ok(revoked)
     }
@@ -934,19 +706,16 @@ impl WorkflowStore for MongoStore {
         workflow_id: &str,
         status: TaskStatus,
     ) -> anyhow::Result<()> {
-        self.update_workflow(workflow_id, doc! {"_status": status.as_str()})
-            .await?;
+        self.update_workflow(workflow_id, Some(status)).await?;
         Ok(())
     }
 
     async fn lock_for_resume(&self, workflow_id: &str, now: DateTime<Utc>) -> anyhow::Result<bool> {
-        // `resume_lock: null` matches an absent key too: never resumed.
-        let now = bson_date(now);
         let result = self
             .collection(WORKFLOWS)
             .update_one(
-                doc! {"_id": workflow_id, "resume_lock": Bson::Null},
-                doc! {"$set": {"resume_lock": now, "updated_at": now}},
+                documents::not_resume_locked(workflow_id),
+                documents::lock_for_resume(now),
             )
             .await
             .with_context(|| {
@@ -965,21 +734,8 @@ impl WorkflowStore for MongoStore {
         after: Option<&PageCursor>,
         limit: usize,
     ) -> anyhow::Result<Vec<Workflow>> {
-        let mut filter = doc! {
-            "name": {"$in": names},
-            "created_at": {"$lte": bson_date(cutoff)},
-        };
-        if let Some(cursor) = after {
-            let created_at = bson_date(cursor.created_at);
-            filter.insert(
-                "$or",
-                vec![
-                    doc! {"created_at": {"$gt": created_at}},
-                    doc! {"created_at": created_at, "_id": {"$gt": &cursor.id}},
-                ],
-            );
-        }
-        self.find_workflows(filter, doc! {"created_at": 1, "_id": 1}, limit)
+        let filter = documents::created_before(names, cutoff, after);
+        self.find_workflows(filter, documents::oldest_first(), limit)
             .await
     }
 
@@ -992,7 +748,7 @@ impl WorkflowStore for MongoStore {
         for batch in task_ids.chunks(IN_BATCH) {
             for collection in [TASKS, TASK_STARTS] {
                 self.collection(collection)
-                    .delete_many(doc! {"_id": {"$in": batch}})
+                    .delete_many(documents::ids_in(batch))
                     .await
                     .with_context(|| {
                         format!(
@@ -1003,11 +759,11 @@ impl WorkflowStore for MongoStore {
             }
         }
         self.collection(WORKFLOWS)
-            .delete_one(doc! {"_id": id})
+            .delete_one(documents::by_id(id))
             .await
             .with_context(|| format!("cannot delete workflow {id} in {}", self.at(WORKFLOWS)))?;
         self.collection(START_ARGS)
-            .delete_one(doc! {"_id": id})
+            .delete_one(documents::by_id(id))
             .await
             .with_context(|| {
                 format!(
@@ -1021,7 +777,7 @@ impl WorkflowStore for MongoStore {
     async fn watch_state(&self, source_dir: &str) -> anyhow::Result<WatchState> {
         let doc = self
             .collection(WATCH_STATE)
-            .find_one(doc! {"_id": source_dir})
+            .find_one(documents::by_id(source_dir))
             .await
             .with_context(|| {
                 format!(
@@ -1029,33 +785,18 @@ impl WorkflowStore for MongoStore {
                     self.at(WATCH_STATE)
                 )
             })?;
-        let Some(doc) = doc else {
-            return Ok(WatchState::default());
-        };
-        Ok(WatchState {
-            scan_count: doc
-                .get("scan_count")
-                .and_then(bson_i64)
-                .and_then(|n| u32::try_from(n).ok())
-                .unwrap_or(0),
-            known: match doc.get("known") {
-                Some(Bson::Array(names)) => names
-                    .iter()
-                    .filter_map(|n| n.as_str().map(str::to_owned))
-                    .collect(),
-                _ => Default::default(),
-            },
-        })
+        Ok(doc
+            .as_ref()
+            .map(documents::parse_watch_state)
+            .unwrap_or_default())
     }
 
     async fn save_watch_state(&self, source_dir: &str, state: &WatchState) -> anyhow::Result<()> {
-        // One document per source directory: a BSON document holds up to 16 MiB, some
-        // hundred thousand directory names.
-        let known: Vec<&str> = state.known.iter().map(String::as_str).collect();
-        self.collection(WATCH_STATE)
+        self.db
+            .collection::<WatchStateDocument<'_>>(WATCH_STATE)
             .replace_one(
-                doc! {"_id": source_dir},
-                doc! {"_id": source_dir, "scan_count": i64::from(state.scan_count), "known": known},
+                documents::by_id(source_dir),
+                WatchStateDocument::new(source_dir, state),
             )
             .upsert(true)
             .await
@@ -1085,11 +826,8 @@ impl SchedulerStore for MongoStore {
         let result = self
             .collection(LEASES)
             .update_one(
-                doc! {
-                    "_id": name,
-                    "$or": [{"holder": holder}, {"expires_at": {"$lt": bson_date(now)}}],
-                },
-                doc! {"$set": {"holder": holder, "expires_at": bson_date(until)}},
+                documents::lease_takeable(name, holder, now),
+                documents::hold_lease(holder, until),
             )
             .upsert(true)
             .await;
@@ -1103,7 +841,7 @@ impl SchedulerStore for MongoStore {
 
     async fn release_lease(&self, name: &str, holder: &str) -> anyhow::Result<()> {
         self.collection(LEASES)
-            .delete_one(doc! {"_id": name, "holder": holder})
+            .delete_one(documents::lease_held(name, holder))
             .await
             .with_context(|| format!("cannot release lease `{name}` in {}", self.at(LEASES)))?;
         Ok(())
@@ -1112,26 +850,19 @@ impl SchedulerStore for MongoStore {
     async fn last_slots(&self) -> anyhow::Result<HashMap<String, DateTime<Utc>>> {
         let docs: Vec<Document> = self
             .collection(JOB_SLOTS)
-            .find(doc! {})
+            .find(documents::all())
             .await
             .with_context(|| format!("cannot read {}", self.at(JOB_SLOTS)))?
             .try_collect()
             .await
             .with_context(|| format!("cannot read {}", self.at(JOB_SLOTS)))?;
-        Ok(docs
-            .iter()
-            .filter_map(|doc| {
-                let job = doc.get_str("_id").ok()?;
-                let slot = doc.get_datetime("slot").ok()?;
-                Some((job.to_owned(), chrono_date(*slot)))
-            })
-            .collect())
+        Ok(docs.iter().filter_map(documents::slot_of).collect())
     }
 
     async fn set_last_slot(&self, job: &str, slot: DateTime<Utc>) -> anyhow::Result<()> {
         // `$max`: a slot never moves back, whichever scheduler writes last.
         self.collection(JOB_SLOTS)
-            .update_one(doc! {"_id": job}, doc! {"$max": {"slot": bson_date(slot)}})
+            .update_one(documents::by_id(job), documents::advance_slot(slot))
             .upsert(true)
             .await
             .with_context(|| {
@@ -1153,20 +884,9 @@ impl SchedulerStore for MongoStore {
         now: DateTime<Utc>,
     ) -> anyhow::Result<i64> {
         let id = self.next_id(JOB_RUNS).await?;
-        let run = doc! {
-            "_id": id,
-            "job": job,
-            "trigger": trigger.as_str(),
-            "slot": slot.map_or(Bson::Null, |s| Bson::DateTime(bson_date(s))),
-            "started_at": bson_date(now),
-            "ended_at": Bson::Null,
-            "outcome": RunOutcome::Running.as_str(),
-            "error": Bson::Null,
-            "counters": Document::new(),
-            "host": host,
-            "dry_run": dry_run,
-        };
-        self.collection(JOB_RUNS)
+        let run = JobRunDocument::running(id, job, trigger, slot, host, dry_run, now);
+        self.db
+            .collection::<JobRunDocument>(JOB_RUNS)
             .insert_one(run)
             .await
             .with_context(|| {
@@ -1184,13 +904,8 @@ impl SchedulerStore for MongoStore {
     ) -> anyhow::Result<()> {
         self.collection(JOB_RUNS)
             .update_one(
-                doc! {"_id": id},
-                doc! {"$set": {
-                    "outcome": outcome.as_str(),
-                    "error": outcome.reason().map_or(Bson::Null, |r| Bson::String(r.to_owned())),
-                    "counters": json_object_to_doc(counters),
-                    "ended_at": bson_date(now),
-                }},
+                documents::by_id(id),
+                documents::finish_run(outcome, counters, now),
             )
             .await
             .with_context(|| {
@@ -1212,20 +927,9 @@ impl SchedulerStore for MongoStore {
         now: DateTime<Utc>,
     ) -> anyhow::Result<()> {
         let id = self.next_id(JOB_RUNS).await?;
-        let run = doc! {
-            "_id": id,
-            "job": job,
-            "trigger": trigger.as_str(),
-            "slot": bson_date(slot),
-            "started_at": bson_date(now),
-            "ended_at": bson_date(now),
-            "outcome": RunOutcome::Skipped(String::new()).as_str(),
-            "error": reason,
-            "counters": Document::new(),
-            "host": host,
-            "dry_run": false,
-        };
-        self.collection(JOB_RUNS)
+        let run = JobRunDocument::skipped(id, job, trigger, slot, host, reason, now);
+        self.db
+            .collection::<JobRunDocument>(JOB_RUNS)
             .insert_one(run)
             .await
             .with_context(|| {
@@ -1238,14 +942,10 @@ impl SchedulerStore for MongoStore {
     }
 
     async fn runs(&self, job: Option<&str>, limit: usize) -> anyhow::Result<Vec<JobRun>> {
-        let filter = match job {
-            Some(job) => doc! {"job": job},
-            None => doc! {},
-        };
         let docs: Vec<Document> = self
             .collection(JOB_RUNS)
-            .find(filter)
-            .sort(doc! {"_id": -1})
+            .find(documents::runs_of(job))
+            .sort(documents::newest_run_first())
             .limit(i64::try_from(limit).unwrap_or(i64::MAX))
             .await
             .with_context(|| format!("cannot read {}", self.at(JOB_RUNS)))?
@@ -1253,7 +953,7 @@ impl SchedulerStore for MongoStore {
             .await
             .with_context(|| format!("cannot read {}", self.at(JOB_RUNS)))?;
         docs.iter()
-            .map(parse_job_run)
+            .map(documents::parse_job_run)
             .collect::<anyhow::Result<Vec<_>>>()
             .with_context(|| format!("unreadable job run in {}", self.at(JOB_RUNS)))
     }
@@ -1267,325 +967,12 @@ impl SchedulerStore for MongoStore {
         let result = self
             .collection(JOB_RUNS)
             .update_many(
-                doc! {"host": host, "outcome": RunOutcome::Running.as_str()},
-                doc! {"$set": {
-                    "outcome": RunOutcome::Failed(String::new()).as_str(),
-                    "error": reason,
-                    "ended_at": bson_date(now),
-                }},
+                documents::running_on(host),
+                documents::abandon_run(reason, now),
             )
             .await
             .with_context(|| format!("cannot close the runs of {host} in {}", self.at(JOB_RUNS)))?;
         Ok(result.modified_count)
-    }
-}
-
-/// A step as sca-rhythm stores it. Like sca-rhythm's `get_wf_body`, a step without a queue
-/// gets `{app_id}.q`; `kwargs` and `priority` appear only when the definition has them.
-fn step_document(step: &StepSpec, app_id: &str) -> Document {
-    let queue = step.queue.clone().unwrap_or_else(|| format!("{app_id}.q"));
-    let mut doc = doc! {"name": &step.name, "task": &step.task, "queue": queue};
-    if let Some(kwargs) = &step.kwargs {
-        doc.insert("kwargs", json_object_to_doc(kwargs));
-    }
-    if let Some(priority) = step.priority {
-        doc.insert("priority", i32::from(priority));
-    }
-    doc
-}
-
-/// A `workflow_meta` document as written by sca-rhythm or by this store; `start_args` is
-/// left empty (it is kept elsewhere).
-fn parse_workflow(doc: &Document) -> anyhow::Result<Workflow> {
-    let id = doc
-        .get_str("_id")
-        .context("a workflow whose `_id` is not a string")?
-        .to_owned();
-    let created_at = match doc.get("created_at") {
-        Some(Bson::DateTime(d)) => chrono_date(*d),
-        _ => anyhow::bail!("workflow {id}: `created_at` is not a date"),
-    };
-    let steps = match doc.get("steps") {
-        Some(Bson::Array(steps)) => steps
-            .iter()
-            .enumerate()
-            .map(|(idx, step)| match step {
-                Bson::Document(step) => {
-                    parse_step(step).with_context(|| format!("workflow {id}: step {idx}"))
-                }
-                _ => anyhow::bail!("workflow {id}: step {idx} is not a document"),
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?,
-        _ => anyhow::bail!("workflow {id}: `steps` is not an array"),
-    };
-    Ok(Workflow {
-        name: doc.get_str("name").unwrap_or_default().to_owned(),
-        app_id: doc.get_str("app_id").unwrap_or_default().to_owned(),
-        description: doc.get_str("description").ok().map(str::to_owned),
-        created_at,
-        updated_at: doc.get_datetime("updated_at").ok().map(|d| chrono_date(*d)),
-        status_cache: doc
-            .get_str("_status")
-            .ok()
-            .and_then(TaskStatus::parse)
-            .unwrap_or(TaskStatus::Pending),
-        // Any date locks, as sca-rhythm's truthiness test does; null or absent does not.
-        resume_lock: doc
-            .get_datetime("resume_lock")
-            .ok()
-            .map(|d| chrono_date(*d)),
-        start_args: Vec::new(),
-        steps,
-        id,
-    })
-}
-
-fn parse_step(step: &Document) -> anyhow::Result<WorkflowStep> {
-    let runs = match step.get("task_runs") {
-        Some(Bson::Array(runs)) => runs
-            .iter()
-            .filter_map(Bson::as_document)
-            .map(|run| {
-                Ok(TaskRun {
-                    task_id: run
-                        .get_str("task_id")
-                        .context("a task run without `task_id`")?
-                        .to_owned(),
-                    date_start: run
-                        .get_datetime("date_start")
-                        .map(|d| chrono_date(*d))
-                        .unwrap_or_default(),
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?,
-        _ => Vec::new(),
-    };
-    Ok(WorkflowStep {
-        spec: StepSpec {
-            name: step.get_str("name").context("no `name`")?.to_owned(),
-            task: step.get_str("task").context("no `task`")?.to_owned(),
-            queue: step.get_str("queue").ok().map(str::to_owned),
-            kwargs: match step.get("kwargs") {
-                Some(Bson::Document(kwargs)) => Some(doc_to_json_object(kwargs)),
-                _ => None,
-            },
-            priority: step
-                .get("priority")
-                .and_then(bson_i64)
-                .map(|p| p.clamp(0, i64::from(u8::MAX)) as u8),
-        },
-        runs,
-    })
-}
-
-fn parse_task_meta(doc: &Document) -> anyhow::Result<TaskMeta> {
-    let task_id = doc
-        .get_str("_id")
-        .context("a task result whose `_id` is not a string")?
-        .to_owned();
-    let text = |key: &str| doc.get_str(key).ok().map(str::to_owned);
-    Ok(TaskMeta {
-        status: doc
-            .get_str("status")
-            .ok()
-            .and_then(TaskStatus::parse)
-            .unwrap_or(TaskStatus::Pending),
-        // JSON text, as Celery's JSON serializer writes it; anything else is taken as it is.
-        result: match doc.get("result") {
-            Some(Bson::String(text)) => {
-                serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.clone()))
-            }
-            Some(Bson::Null) | None => Value::Null,
-            Some(other) => bson_to_json(other),
-        },
-        traceback: text("traceback"),
-        date_done: match doc.get("date_done") {
-            Some(Bson::String(text)) => parse_celery_date(text),
-            Some(Bson::DateTime(d)) => Some(chrono_date(*d)),
-            _ => None,
-        },
-        name: text("name"),
-        args: match doc.get("args") {
-            Some(Bson::Array(args)) => args.iter().map(bson_to_json).collect(),
-            _ => Vec::new(),
-        },
-        kwargs: match doc.get("kwargs") {
-            Some(Bson::Document(kwargs)) => doc_to_json_object(kwargs),
-            _ => Map::new(),
-        },
-        worker: text("worker"),
-        retries: doc
-            .get("retries")
-            .and_then(bson_i64)
-            .and_then(|n| u32::try_from(n).ok())
-            .unwrap_or(0),
-        queue: text("queue"),
-        // Filled from `workers_task_starts` by `task_metas`.
-        starts: 0,
-        task_id,
-    })
-}
-
-fn parse_job_run(doc: &Document) -> anyhow::Result<JobRun> {
-    let id = doc
-        .get("_id")
-        .and_then(bson_i64)
-        .context("a job run whose `_id` is not a number")?;
-    let date = |key: &str| doc.get_datetime(key).ok().map(|d| chrono_date(*d));
-    let reason = doc.get_str("error").unwrap_or_default().to_owned();
-    Ok(JobRun {
-        id,
-        job: doc.get_str("job").unwrap_or_default().to_owned(),
-        trigger: doc.get_str("trigger").unwrap_or_default().to_owned(),
-        slot: date("slot"),
-        started_at: date("started_at").with_context(|| format!("job run {id}: no `started_at`"))?,
-        ended_at: date("ended_at"),
-        outcome: match doc.get_str("outcome").unwrap_or_default() {
-            "success" => RunOutcome::Success,
-            "failed" => RunOutcome::Failed(reason),
-            "skipped" => RunOutcome::Skipped(reason),
-            _ => RunOutcome::Running,
-        },
-        counters: match doc.get("counters") {
-            Some(Bson::Document(counters)) => doc_to_json_object(counters),
-            _ => Map::new(),
-        },
-        host: doc.get_str("host").unwrap_or_default().to_owned(),
-        dry_run: doc.get_bool("dry_run").unwrap_or(false),
-    })
-}
-
-fn bson_date(time: DateTime<Utc>) -> bson::DateTime {
-    bson::DateTime::from_millis(time.timestamp_millis())
-}
-
-fn chrono_date(date: bson::DateTime) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(date.timestamp_millis()).unwrap_or_default()
-}
-
-/// `date_done` as Celery writes it: `datetime.utcnow().isoformat()`, always with the six
-/// fractional digits that sca-rhythm's parser (`%Y-%m-%dT%H:%M:%S.%f`) requires.
-fn celery_date(time: DateTime<Utc>) -> String {
-    time.naive_utc().format("%Y-%m-%dT%H:%M:%S%.6f").to_string()
-}
-
-/// Reads `date_done`; Python's isoformat leaves the fraction out when it is zero.
-fn parse_celery_date(text: &str) -> Option<DateTime<Utc>> {
-    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S"]
-        .iter()
-        .find_map(|format| NaiveDateTime::parse_from_str(text, format).ok())
-        .map(|naive| naive.and_utc())
-}
-
-fn bson_i64(value: &Bson) -> Option<i64> {
-    match value {
-        Bson::Int32(n) => Some(i64::from(*n)),
-        Bson::Int64(n) => Some(*n),
-        Bson::Double(f) if f.fract() == 0.0 => Some(*f as i64),
-        _ => None,
-    }
-}
-
-fn to_i32(n: u32) -> i32 {
-    i32::try_from(n).unwrap_or(i32::MAX)
-}
-
-/// JSON to BSON as pymongo stores Python values: integers as 32-bit when they fit, so
-/// documents read the same whichever side wrote them. (`bson::to_bson` would make every
-/// integer 64-bit, and `Bson::try_from` would read `$`-keys as extended JSON.)
-fn json_to_bson(value: &Value) -> Bson {
-    match value {
-        Value::Null => Bson::Null,
-        Value::Bool(b) => Bson::Boolean(*b),
-        Value::Number(n) => match n.as_i64() {
-            Some(i) => i32::try_from(i).map_or(Bson::Int64(i), Bson::Int32),
-            None => Bson::Double(n.as_f64().unwrap_or(f64::NAN)),
-        },
-        Value::String(s) => Bson::String(s.clone()),
-        Value::Array(items) => Bson::Array(items.iter().map(json_to_bson).collect()),
-        Value::Object(map) => Bson::Document(json_object_to_doc(map)),
-    }
-}
-
-fn json_object_to_doc(map: &Map<String, Value>) -> Document {
-    map.iter()
-        .map(|(k, v)| (k.clone(), json_to_bson(v)))
-        .collect()
-}
-
-fn bson_to_json(value: &Bson) -> Value {
-    value.clone().into_relaxed_extjson()
-}
-
-fn doc_to_json_object(doc: &Document) -> Map<String, Value> {
-    doc.iter()
-        .map(|(k, v)| (k.clone(), bson_to_json(v)))
-        .collect()
-}
-
-/// JSON text as Python's `json.dumps` writes it by default, which is how Celery encodes
-/// `result`: `", "` and `": "` between items, and every character outside printable ASCII
-/// escaped as `\uXXXX`.
-fn python_json<T: Serialize + ?Sized>(value: &T) -> String {
-    let mut out = Vec::new();
-    let mut serializer = serde_json::Serializer::with_formatter(&mut out, PythonFormatter);
-    // Values built from JSON and plain structs always serialize.
-    if value.serialize(&mut serializer).is_err() {
-        return "null".to_owned();
-    }
-    String::from_utf8(out).unwrap_or_else(|_| "null".to_owned())
-}
-
-struct PythonFormatter;
-
-impl serde_json::ser::Formatter for PythonFormatter {
-    fn begin_array_value<W: ?Sized + io::Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
-    }
-
-    fn begin_object_key<W: ?Sized + io::Write>(
-        &mut self,
-        writer: &mut W,
-        first: bool,
-    ) -> io::Result<()> {
-        if first {
-            Ok(())
-        } else {
-            writer.write_all(b", ")
-        }
-    }
-
-    fn begin_object_value<W: ?Sized + io::Write>(&mut self, writer: &mut W) -> io::Result<()> {
-        writer.write_all(b": ")
-    }
-
-    /// Fragments are the parts of a string that need no JSON escape; Python's `ensure_ascii`
-    /// escapes DEL and everything beyond ASCII too (as UTF-16 units).
-    fn write_string_fragment<W: ?Sized + io::Write>(
-        &mut self,
-        writer: &mut W,
-        fragment: &str,
-    ) -> io::Result<()> {
-        let mut start = 0;
-        for (idx, ch) in fragment.char_indices() {
-            if u32::from(ch) >= 0x7f {
-                writer.write_all(&fragment.as_bytes()[start..idx])?;
-                let mut units = [0u16; 2];
-                for unit in ch.encode_utf16(&mut units) {
-                    write!(writer, "\\u{unit:04x}")?;
-                }
-                start = idx + ch.len_utf8();
-            }
-        }
-        writer.write_all(&fragment.as_bytes()[start..])
     }
 }
 
@@ -1599,73 +986,4 @@ fn error_code(err: &mongodb::error::Error) -> Option<i32> {
 
 fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
     error_code(err) == Some(DUPLICATE_KEY)
-}
-
-#[cfg(test)]
-mod tests {
-    use serde_json::json;
-
-    use super::*;
-
-    #[test]
-    fn results_are_written_as_python_writes_them() {
-        assert_eq!(python_json(&json!([4242])), "[4242]");
-        let error = TaskError {
-            exc_type: "Boom".into(),
-            exc_message: "dataset 11 is broken".into(),
-            exc_module: "noop_tasks".into(),
-        };
-        // Byte for byte what Celery stored (fixtures/celery_taskmeta_failure.json).
-        assert_eq!(
-            python_json(&ErrorResult::from(&error)),
-            r#"{"exc_type": "Boom", "exc_message": ["dataset 11 is broken"], "exc_module": "noop_tasks"}"#
-        );
-        assert_eq!(
-            python_json(&StartedResult {
-                pid: 12,
-                hostname: "w@h"
-            }),
-            r#"{"pid": 12, "hostname": "w@h"}"#
-        );
-        // json.dumps("é\u{7f}😀\n\"") == '"\\u00e9\\u007f\\ud83d\\ude00\\n\\""'
-        assert_eq!(
-            python_json(&json!("é\u{7f}😀\n\"")),
-            r#""\u00e9\u007f\ud83d\ude00\n\"""#
-        );
-        assert_eq!(
-            python_json(&json!({"a": {"b": [1, 2.5, null]}})),
-            r#"{"a": {"b": [1, 2.5, null]}}"#
-        );
-    }
-
-    #[test]
-    fn dates_done_round_trip_in_celery_form() {
-        let time = DateTime::parse_from_rfc3339("2026-11-28T19:35:39.216688Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        assert_eq!(celery_date(time), "2026-11-28T19:35:39.216688");
-        assert_eq!(parse_celery_date("2026-11-28T19:35:39.216688"), Some(time));
-        // A whole second: Python's isoformat drops the fraction, this store never does.
-        let whole = DateTime::parse_from_rfc3339("2026-11-28T19:35:39Z")
-            .unwrap()
-            .with_timezone(&Utc);
-        assert_eq!(celery_date(whole), "2026-11-28T19:35:39.000000");
-        assert_eq!(parse_celery_date("2026-11-28T19:35:39"), Some(whole));
-        assert_eq!(parse_celery_date("yesterday"), None);
-    }
-
-    #[test]
-    fn integers_are_stored_as_pymongo_stores_them() {
-        assert_eq!(json_to_bson(&json!(7)), Bson::Int32(7));
-        assert_eq!(json_to_bson(&json!(1_i64 << 40)), Bson::Int64(1 << 40));
-        assert_eq!(json_to_bson(&json!(0.5)), Bson::Double(0.5));
-        assert_eq!(
-            json_to_bson(&json!({"$set": 1})),
-            Bson::Document(doc! {"$set": 1})
-        );
-        assert_eq!(
-            bson_to_json(&json_to_bson(&json!([1, "a", {"b": null}]))),
-            json!([1, "a", {"b": null}])
-        );
-    }
 }
