@@ -57,8 +57,8 @@ commit {commit}, {os.cpu_count()} CPUs, over {files:,} files of 4 KiB in 100 dir
 cache, with the CPU pool capped at each size; medians of {runs} interleaved runs. `data_path
 inspect-tree` lists, stats and hashes (MD5 and BLAKE3) every file, rows only counted; `data_path
 stability-walk` is the walk of `await_stability` (list and `stat` every entry). Directories are
-read in parallel on as many listing threads as the pool has (the parallel walker of `ignore`);
-files are hashed on the pool.
+read in parallel on as many threads as the pool has (the parallel walker of `ignore`); each
+thread stats, and for inspect hashes, what it lists.
 
 | Walk | Pool threads | Median | Speed-up over 1 thread | Each run (s) |
 |---|---|---|---|---|
