@@ -181,7 +181,7 @@ def main():
         w("")
         w("Baseline: `python3 benches/reference_inspect.py DIR`, the original Python algorithm (rglob listing,")
         w("readability checks, MD5 in 4096-byte reads; without its `du -sb` run and HTTP calls, so a lower bound).")
-        w(f"Ours: `data_path inspect-step DIR {threads}`, the whole inspect step as a worker runs it (count, walk and")
+        w(f"Ours: `data_path inspect-step DIR {threads}`, the whole inspect step as a worker runs it (walk and")
         w("hash, spool, rows stored in the embedded SQLite registry, dataset updated), and")
         w(f"`data_path inspect-tree DIR {threads}`, the walk and hashing alone (`compute::walk::inspect_tree`, rows")
         w("only counted).")
