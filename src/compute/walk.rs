@@ -997,6 +997,28 @@ mod tests {
     }
 
     #[test]
+    fn a_root_that_is_a_symbolic_link_is_walked_through() {
+        let pool = Pool::new(2).expect("pool");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let real = dir.path().join("real");
+        write(&real.join("a.txt"), b"a");
+        write(&real.join("sub/b.txt"), b"bb");
+        let link = dir.path().join("link");
+        symlink(&real, &link).expect("symlink");
+        let (summary, records) = inspect(&pool, &link);
+        assert_eq!(summary.error_count, 0, "{:?}", summary.errors);
+        assert_eq!(
+            records.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["a.txt", "sub/b.txt"]
+        );
+        let changes = pool
+            .install(|| newest_change(&link, far_future(), &CancellationToken::new()))
+            .expect("walk");
+        // The link itself, `a.txt`, `sub` and `sub/b.txt`.
+        assert_eq!(changes.entries, 4);
+    }
+
+    #[test]
     fn inspect_tree_missing_root_is_not_found() {
         let dir = tempfile::tempdir().expect("tempdir");
         let types = genome_types();
