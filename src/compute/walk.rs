@@ -229,7 +229,6 @@ pub fn newest_change(
     let start = ChangeSummary::of(root, changed_at(&root_meta), future_after);
     let rest = fold_tree(
         root,
-        rayon::current_num_threads(),
         |summary: &mut ChangeSummary, entry| {
             if cancel.is_cancelled() {
                 return false;
@@ -276,17 +275,16 @@ pub fn newest_change(
 }
 
 /// Walks the tree below `root` (not `root` itself; symbolic links are listed, never followed)
-/// with the parallel walker of `ignore`, every filter off (hidden files, ignore files), on
-/// `threads` listing threads: directories are read in parallel, and their entries are
-/// visited on whichever thread takes them. Each thread folds the entries it sees into its own
+/// with the parallel walker of `ignore`, every filter off (hidden files, ignore files), on as
+/// many threads as the current rayon pool has: directories are read in parallel, and their
+/// entries are visited on whichever thread takes them. Each thread folds the entries it sees into its own
 /// `A` with `visit`; the folds are merged at the end. A `visit` that returns false stops the
 /// walk (a cancellation, a consumer gone).
 ///
-/// The threads are the walker's own, as many as asked (callers pass the size of the pool whose
-/// job they run in; that job's own thread waits meanwhile). Handing entries from listing threads
+/// The threads are the walker's own; the pool job that calls this waits meanwhile. Handing entries from listing threads
 /// to the pool's threads measured slower: a file of a few KiB costs less to hash than to hand
 /// over.
-fn fold_tree<A, V>(root: &Path, threads: usize, visit: V, merge: fn(A, A) -> A) -> A
+fn fold_tree<A, V>(root: &Path, visit: V, merge: fn(A, A) -> A) -> A
 where
     A: Default + Send,
     V: Fn(&mut A, Result<ignore::DirEntry, ignore::Error>) -> bool + Sync,
@@ -309,7 +307,7 @@ where
         .standard_filters(false)
         .follow_links(false)
         .min_depth(Some(1))
-        .threads(threads.max(1))
+        .threads(rayon::current_num_threads().max(1))
         .build_parallel()
         .run(|| {
             let mut fold = Fold {
@@ -655,7 +653,6 @@ pub fn inspect_tree(
     };
     let rest = fold_tree(
         root,
-        rayon::current_num_threads(),
         |summary, entry| inspection.entry(summary, entry),
         InspectSummary::merge,
     );
