@@ -8,12 +8,16 @@ cd "$(dirname "$0")/.."
 
 cargo fmt --check
 # The services come up (on a fresh clone: Python packages installed, servers started) while
-# clippy compiles: the one waits on the network, the other on the CPU.
+# the tests build: the one waits on the network, the other on the CPU.
 services_env=$(mktemp)
 trap 'rm -f "$services_env"' EXIT
 scripts/services.sh >"$services_env" &
 services=$!
-cargo clippy --all-targets --features failpoints --locked -- -D warnings
+# One build for the lints and the tests: this project's crates compile through clippy-driver
+# (scripts/clippy-rustc, every warning an error), so the dependencies are built once instead of
+# once more in `cargo clippy`'s check mode. `--all-targets` lints the benchmarks too.
+export RUSTC_WORKSPACE_WRAPPER="$PWD/scripts/clippy-rustc"
+cargo test --locked --features failpoints --all-targets --no-run
 wait "$services"
 eval "$(cat "$services_env")"
 # `failpoints` compiles in the failure injection some tests use (never in a deployed build).
