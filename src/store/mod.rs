@@ -194,6 +194,17 @@ pub struct TaskStart {
     /// clears the lock (sca-rhythm); a store may skip that write when there was none, since a
     /// resume sets its lock before it publishes the step it resumes.
     pub resume_locked: bool,
+    /// The start was counted when the task's claim was taken (`claim_task`).
+    pub start_counted: bool,
+}
+
+/// The answer to `claim_task`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskClaim {
+    /// The claim is this holder's; `start_counted` when taking it counted a start.
+    Held { start_counted: bool },
+    /// Another holder's claim is live.
+    Busy,
 }
 
 /// A failure as Celery records it: `{exc_type, exc_message: [..], exc_module}`.
@@ -300,9 +311,6 @@ pub trait WorkflowStore: Send + Sync {
     /// Results of the given tasks; ids without a result are absent (PENDING).
     async fn task_metas(&self, task_ids: &[String]) -> anyhow::Result<HashMap<String, TaskMeta>>;
 
-    /// Records a task start (sca-rhythm's `before_start`): appends a run unless the task id
-    /// already has one, stores STARTED with `{pid, hostname}`, marks the workflow STARTED and
-    /// clears its resume lock.
     /// One task's stored status, retries and result: what a worker checks before running it
     /// (its start count may be left at 0).
     async fn task_result(&self, task_id: &str) -> anyhow::Result<Option<TaskMeta>> {
@@ -312,6 +320,27 @@ pub trait WorkflowStore: Send + Sync {
             .remove(task_id))
     }
 
+    /// Takes or renews `holder`'s claim on a task, so that no two runs of one task overlap,
+    /// for `ttl` by the store's clock: `Busy` while another holder's claim is live. With
+    /// `count_start`, a store that can also counts a start of the task in the same write, and
+    /// says so (`task_started` then counts none): one write per step fewer on a store whose
+    /// writes are what a step waits for.
+    async fn claim_task(
+        &self,
+        task_id: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+        count_start: bool,
+    ) -> anyhow::Result<TaskClaim>;
+
+    /// Gives `holder`'s claim on a task back (nothing when it no longer holds it). `uncount`
+    /// takes back the start counted when it was taken: the run found the task finished or
+    /// superseded and ran nothing.
+    async fn release_task(&self, task_id: &str, holder: &str, uncount: bool) -> anyhow::Result<()>;
+
+    /// Records a task start (sca-rhythm's `before_start`): appends a run unless the task id
+    /// already has one, stores STARTED with `{pid, hostname}`, marks the workflow STARTED and
+    /// clears its resume lock; counts the start unless its claim did.
     async fn task_started(&self, start: &TaskStart) -> anyhow::Result<()>;
 
     /// Replaces the result of a STARTED task with a progress report.

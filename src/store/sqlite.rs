@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
 use super::{
-    JobRun, PageCursor, RunOutcome, SchedulerStore, StepSpec, TaskError, TaskMeta, TaskRun,
-    TaskStart, TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec,
+    JobRun, PageCursor, RunOutcome, SchedulerStore, StepSpec, TaskClaim, TaskError, TaskMeta,
+    TaskRun, TaskStart, TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec,
     WorkflowStep, WorkflowStore,
 };
 use crate::sqlite::{Db, from_millis, to_millis};
@@ -298,6 +298,36 @@ impl WorkflowStore for SqliteStore {
             .await
     }
 
+    async fn claim_task(
+        &self,
+        task_id: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+        _count_start: bool,
+    ) -> anyhow::Result<TaskClaim> {
+        // A lease like the scheduler's; a write here costs no round trip, so the start is
+        // counted with the rest of STARTED (`task_meta.starts`).
+        let held = self
+            .acquire_lease(&task_claim_name(task_id), holder, ttl)
+            .await?;
+        Ok(if held {
+            TaskClaim::Held {
+                start_counted: false,
+            }
+        } else {
+            TaskClaim::Busy
+        })
+    }
+
+    async fn release_task(
+        &self,
+        task_id: &str,
+        holder: &str,
+        _uncount: bool,
+    ) -> anyhow::Result<()> {
+        self.release_lease(&task_claim_name(task_id), holder).await
+    }
+
     async fn task_started(&self, start: &TaskStart) -> anyhow::Result<()> {
         let start = start.clone();
         self.db
@@ -578,6 +608,11 @@ impl WorkflowStore for SqliteStore {
 /// The lease, run and slot records of the scheduler, in the same database.
 /// Takes or renews a lease: (name, holder, ttl in ms); changes one row when `holder` holds it
 /// now. Judged by the database's own clock (every process sharing the file is on this host).
+/// The lease that is a task's claim.
+fn task_claim_name(task_id: &str) -> String {
+    format!("task/{task_id}")
+}
+
 const LEASE_UPSERT: &str = "INSERT INTO leases (name, holder, expires_at)
      VALUES (?1, ?2, CAST(unixepoch('subsec') * 1000 AS INTEGER) + ?3)
      ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at

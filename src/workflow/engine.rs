@@ -10,13 +10,15 @@
 //! Exactly one run per task: a broker such as RabbitMQ may hand out two copies of a message
 //! at once (a redelivery after a lost connection or after its acknowledgement timeout, a
 //! re-published next step). Before running a step, the engine claims its task id in the store
-//! (`task/{id}`, a lease renewed while the step runs); a copy that finds the claim held by a
+//! (`WorkflowStore::claim_task`, a lease renewed while the step runs, which counts the start
+//! in the same write where the store can); a copy that finds the claim held by a
 //! live worker is deferred by a lease period, so it is neither lost (should that worker die)
 //! nor run twice. The embedded queue's own claims are already per task id, so its deliveries
 //! need no second claim (and a dead process's claim is reclaimed at once, as before).
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -33,7 +35,9 @@ use crate::control::WorkerControl;
 use crate::progress::{Progress, RateEstimator};
 use crate::registry::{DatasetId, RegistryError};
 use crate::steps::{self, StepContext, StepError, Task};
-use crate::store::{TaskError, TaskMeta, TaskStart, TaskStatus, Workflow, WorkflowFilter};
+use crate::store::{
+    TaskClaim, TaskError, TaskMeta, TaskStart, TaskStatus, Workflow, WorkflowFilter,
+};
 use crate::ui::Display;
 
 /// Namespace of the task ids the engine derives (for `next` steps and restarts).
@@ -521,7 +525,7 @@ pub async fn handle_with(
                 .await;
         }
     };
-    let start = TaskStart {
+    let mut start = TaskStart {
         workflow_id: owner.workflow().map(|w| w.id.clone()),
         position: owner.position(),
         task_id: message.id.clone(),
@@ -534,6 +538,7 @@ pub async fn handle_with(
         queue: message.queue.clone(),
         parent_id: message.parent_id.clone(),
         resume_locked: owner.workflow().is_some_and(|w| w.resume_lock.is_some()),
+        start_counted: false,
     };
     let Some(dataset_id) = message.args.first().and_then(Value::as_i64) else {
         return delivery
@@ -557,15 +562,19 @@ pub async fn handle_with(
             (None, app.store.task_result(&message.id).await?)
         } else {
             let claim = Claim::new(app, &message.id);
-            let (taken, stored) =
-                tokio::try_join!(claim.take(app), app.store.task_result(&message.id))?;
-            if !taken {
+            // Taking the claim counts the start where the store can: one write fewer.
+            let (taken, stored) = tokio::try_join!(
+                claim.take(app, true),
+                app.store.task_result(&message.id)
+            )?;
+            let TaskClaim::Held { start_counted } = taken else {
                 // Another worker runs this task: try again once its claim would have lapsed,
                 // in case that worker dies.
                 let eta = Utc::now() + chrono::Duration::from_std(claim.ttl)?;
                 info!(task_id = %message.id, "Step is running elsewhere; deferred this copy of its message by {} s.", claim.ttl.as_secs());
                 return delivery.retry_later(eta, message.retries).await;
-            }
+            };
+            start.start_counted = start_counted;
             (Some(claim), stored)
         };
         let handled = run_claimed(
@@ -671,36 +680,65 @@ async fn decline_unknown_task(delivery: Box<dyn Delivery>) -> anyhow::Result<()>
     delivery.decline(decline_delay(declined_before)).await
 }
 
-/// A task's claim in the store: `task/{id}`, held by one run of one worker.
+/// A task's claim in the store, held by one run of one worker.
 struct Claim {
-    name: String,
+    task_id: String,
     /// Unique per run, so two slots of one process never share a claim.
     holder: String,
     ttl: Duration,
     /// When the last take or renewal that succeeded was sent: the claim is held until at least
     /// a lease after it.
     renewed: std::sync::Mutex<Option<Instant>>,
+    /// Taking the claim counted a start of the task in the store.
+    start_counted: AtomicBool,
+    /// The step started (STARTED recorded): a counted start stays counted.
+    started: AtomicBool,
 }
 
 impl Claim {
     fn new(app: &App, task_id: &str) -> Claim {
         Claim {
-            name: format!("task/{task_id}"),
+            task_id: task_id.to_owned(),
             holder: format!("{}/{}", app.identity.holder(), Uuid::new_v4()),
             ttl: Duration::from_secs(app.settings.worker.lease_seconds.max(1)),
             renewed: std::sync::Mutex::new(None),
+            start_counted: AtomicBool::new(false),
+            started: AtomicBool::new(false),
         }
     }
 
-    /// Takes or renews the claim; false if another run holds it.
-    async fn take(&self, app: &App) -> anyhow::Result<bool> {
+    /// Takes the claim (counting a start with it, where the store can, when `count_start`) or
+    /// renews it.
+    async fn take(&self, app: &App, count_start: bool) -> anyhow::Result<TaskClaim> {
         let sent = Instant::now();
-        let held = app
-            .scheduler_store
-            .acquire_lease(&self.name, &self.holder, self.ttl)
+        let claim = app
+            .store
+            .claim_task(&self.task_id, &self.holder, self.ttl, count_start)
             .await?;
+        let held = match claim {
+            TaskClaim::Held { start_counted } => {
+                if start_counted {
+                    self.start_counted.store(true, Ordering::Relaxed);
+                }
+                true
+            }
+            TaskClaim::Busy => false,
+        };
         *self.renewed.lock().unwrap_or_else(|e| e.into_inner()) = held.then_some(sent);
-        Ok(held)
+        Ok(claim)
+    }
+
+    /// Renews the claim; false if another run holds it now.
+    async fn renew(&self, app: &App) -> anyhow::Result<bool> {
+        Ok(matches!(
+            self.take(app, false).await?,
+            TaskClaim::Held { .. }
+        ))
+    }
+
+    /// The step this claim is for started: its counted start stands.
+    fn step_started(&self) {
+        self.started.store(true, Ordering::Relaxed);
     }
 
     /// Whether the claim is certainly still held without asking the store: taken or renewed
@@ -712,13 +750,17 @@ impl Claim {
             .is_some_and(|sent| sent.elapsed() < self.ttl / 2)
     }
 
+    /// Gives the claim back, and the start it counted when the step never started (the task
+    /// was found finished or superseded, or recording STARTED failed).
     async fn release(&self, app: &App) {
+        let uncount =
+            self.start_counted.load(Ordering::Relaxed) && !self.started.load(Ordering::Relaxed);
         if let Err(err) = app
-            .scheduler_store
-            .release_lease(&self.name, &self.holder)
+            .store
+            .release_task(&self.task_id, &self.holder, uncount)
             .await
         {
-            warn!(claim = %self.name, error = %format!("{err:#}"), "Could not release the claim; it lapses on its own.");
+            warn!(task_id = %self.task_id, error = %format!("{err:#}"), "Could not release the claim on the task; it lapses on its own.");
         }
     }
 }
@@ -810,6 +852,9 @@ async fn run_claimed(
         }
     }
     app.store.task_started(start).await?;
+    if let Some(claim) = claim {
+        claim.step_started();
+    }
     if let Some(control) = &runner.control {
         control.task_event("task-started", &message.id, serde_json::Map::new());
     }
@@ -1029,7 +1074,7 @@ async fn still_holds(
     match claim {
         // Renewed less than half a lease ago (a short step): still held, no round trip.
         Some(claim) if claim.surely_held() => Ok(true),
-        Some(claim) => claim.take(app).await,
+        Some(claim) => claim.renew(app).await,
         None => Ok(delivery.keep_alive().await.is_ok()),
     }
 }
@@ -1121,23 +1166,23 @@ impl Supervisor<'_> {
                         break Outcome::LeaseLost(err);
                     }
                     if let Some(claim) = self.claim {
-                        match claim.take(app).await {
+                        match claim.renew(app).await {
                             Ok(true) => claim_renewed = Instant::now(),
                             Ok(false) => {
                                 stop_step(&cancel, &mut step, &task_id).await;
                                 break Outcome::LeaseLost(anyhow::format_err!(
-                                    "the claim {} was taken by another worker", claim.name));
+                                    "the claim on task {} was taken by another worker", claim.task_id));
                             }
                             // The store being out of reach is not a takeover, until the claim
                             // could lapse before the next renewal: the step stops first, so it
                             // has stopped before any other worker can take the task.
                             Err(err) if claim_renewed.elapsed() + keep_alive_every < claim.ttl => {
-                                warn!(claim = %claim.name, error = %format!("{err:#}"), "Could not renew the claim; trying again.");
+                                warn!(task_id = %claim.task_id, error = %format!("{err:#}"), "Could not renew the claim; trying again.");
                             }
                             Err(err) => {
                                 stop_step(&cancel, &mut step, &task_id).await;
                                 break Outcome::LeaseLost(err.context(format!(
-                                    "the claim {} could lapse while the store is out of reach", claim.name)));
+                                    "the claim on task {} could lapse while the store is out of reach", claim.task_id)));
                             }
                         }
                     }

@@ -26,7 +26,7 @@ use workers::broker::celery::{self, Sender};
 use workers::broker::{Broker, Consume, TaskMessage};
 use workers::identity::Identity;
 use workers::model::DatasetType;
-use workers::store::{TaskError, TaskStart, TaskStatus, WorkflowFilter};
+use workers::store::{TaskClaim, TaskError, TaskStart, TaskStatus, WorkflowFilter};
 use workers::ui::Display;
 use workers::workflow::engine::{self, WorkflowView};
 use workers::workflow::worker::{self, Until, WorkerOptions};
@@ -1076,6 +1076,7 @@ async fn a_retry_whose_acknowledgement_was_lost_waits_for_its_delay_and_runs_onc
             queue: original.queue.clone(),
             parent_id: None,
             resume_locked: true,
+            start_counted: false,
         })
         .await
         .unwrap();
@@ -1335,12 +1336,13 @@ async fn a_step_still_running_when_the_grace_ends_is_given_back() {
     );
     // The claim was released: another worker may take the task at once.
     let first = engine::start_task_id(&workflow_id);
-    assert!(
-        app.scheduler_store
-            .acquire_lease(&format!("task/{first}"), "another", Duration::from_secs(5))
+    assert!(matches!(
+        app.store
+            .claim_task(&first, "another", Duration::from_secs(5), false)
             .await
-            .unwrap()
-    );
+            .unwrap(),
+        TaskClaim::Held { .. }
+    ));
     // The message went back (released, not acknowledged) while the connection was still up.
     assert_eq!(rabbit.ready(&slow.queue).await, 1);
     broker.close().await;

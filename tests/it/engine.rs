@@ -300,6 +300,7 @@ async fn an_attempt_recorded_as_retried_but_never_requeued_runs_again_after_its_
         queue: message.queue.clone(),
         parent_id: None,
         resume_locked: true,
+        start_counted: false,
     };
     app.store.task_started(&start).await.unwrap();
     let error = TaskError {

@@ -525,6 +525,7 @@ fn started(
         queue: QUEUE.into(),
         parent_id: None,
         resume_locked: true,
+        start_counted: false,
     }
 }
 

@@ -12,8 +12,8 @@ use workers::sqlite::Db;
 use workers::store::mongo::MongoStore;
 use workers::store::sqlite::SqliteStore;
 use workers::store::{
-    PageCursor, RunOutcome, SchedulerStore, StepSpec, TaskError, TaskStart, TaskStatus, Trigger,
-    WatchState, Workflow, WorkflowFilter, WorkflowSpec, WorkflowStore,
+    PageCursor, RunOutcome, SchedulerStore, StepSpec, TaskClaim, TaskError, TaskStart, TaskStatus,
+    Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec, WorkflowStore,
 };
 use workers::workflow::status::derive;
 
@@ -73,6 +73,7 @@ fn start(workflow_id: &str, position: usize, task_id: &str, retries: u32) -> Tas
         queue: format!("{APP}.q"),
         parent_id: None,
         resume_locked: true,
+        start_counted: false,
     }
 }
 
@@ -698,8 +699,75 @@ async fn job_run_story(store: &dyn SchedulerStore) {
     );
 }
 
+/// A task's claim: one holder at a time, renewed by its holder, given back or lapsed for the
+/// next; a start counted with the claim is counted once, and taken back by a run that ran
+/// nothing.
+async fn task_claim_story(store: &dyn WorkflowStore) {
+    let ttl = Duration::from_secs(30);
+    let task = "claimed-task";
+    let taken = store.claim_task(task, "run-1", ttl, true).await.unwrap();
+    let TaskClaim::Held { start_counted } = taken else {
+        panic!("a task nobody claimed is taken: {taken:?}");
+    };
+    assert_eq!(
+        store.claim_task(task, "run-2", ttl, true).await.unwrap(),
+        TaskClaim::Busy,
+        "a live claim keeps a second run out"
+    );
+    assert!(matches!(
+        store.claim_task(task, "run-1", ttl, false).await.unwrap(),
+        TaskClaim::Held { .. }
+    ));
+    // A plain task (no workflow) started under the claim.
+    let mut started = start("none", 0, task, 0);
+    started.workflow_id = None;
+    started.start_counted = start_counted;
+    store.task_started(&started).await.unwrap();
+    let starts = |metas: HashMap<String, workers::store::TaskMeta>| metas[task].starts;
+    assert_eq!(starts(store.task_metas(&[task.into()]).await.unwrap()), 1);
+
+    // Only the holder gives it back.
+    store.release_task(task, "run-2", false).await.unwrap();
+    assert_eq!(
+        store.claim_task(task, "run-2", ttl, true).await.unwrap(),
+        TaskClaim::Busy
+    );
+    store.release_task(task, "run-1", false).await.unwrap();
+    // The next run takes it, finds the task already started elsewhere, runs nothing and gives
+    // back its claim with the start it counted.
+    assert!(matches!(
+        store.claim_task(task, "run-2", ttl, true).await.unwrap(),
+        TaskClaim::Held { .. }
+    ));
+    store.release_task(task, "run-2", true).await.unwrap();
+    assert_eq!(
+        starts(store.task_metas(&[task.into()]).await.unwrap()),
+        1,
+        "a run that ran nothing counts no start"
+    );
+
+    // A claim lapses by itself.
+    assert!(matches!(
+        store
+            .claim_task(task, "run-3", Duration::from_millis(200), false)
+            .await
+            .unwrap(),
+        TaskClaim::Held { .. }
+    ));
+    assert_eq!(
+        store.claim_task(task, "run-4", ttl, false).await.unwrap(),
+        TaskClaim::Busy
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(matches!(
+        store.claim_task(task, "run-4", ttl, false).await.unwrap(),
+        TaskClaim::Held { .. }
+    ));
+}
+
 async fn story(workflows: &dyn WorkflowStore, scheduler: &dyn SchedulerStore) {
     workflow_story(workflows).await;
+    task_claim_story(workflows).await;
     purge_paging_story(workflows).await;
     watch_state_story(workflows).await;
     lease_story(scheduler).await;

@@ -31,8 +31,8 @@ use self::documents::{
     WatchStateDocument, WorkflowDocument,
 };
 use super::{
-    JobRun, PageCursor, RunOutcome, SchedulerStore, TaskError, TaskMeta, TaskStart, TaskStatus,
-    Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec, WorkflowStore,
+    JobRun, PageCursor, RunOutcome, SchedulerStore, TaskClaim, TaskError, TaskMeta, TaskStart,
+    TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec, WorkflowStore,
 };
 
 /// Ids per `$in` query, so a long list never makes one oversized command.
@@ -498,6 +498,73 @@ impl WorkflowStore for MongoStore {
             .with_context(|| format!("unreadable task result in {}", self.at(TASKS)))
     }
 
+    async fn claim_task(
+        &self,
+        task_id: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+        count_start: bool,
+    ) -> anyhow::Result<TaskClaim> {
+        let now = self.server_now().await?;
+        let until = now + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        let tasks = self.collection(TASK_STARTS);
+        let failed = |err| {
+            anyhow::Error::new(err).context(format!(
+                "cannot claim task {task_id} in {}",
+                self.at(TASK_STARTS)
+            ))
+        };
+        // A renewal: the claim is still this holder's, lapsed or not, as long as nobody took
+        // it. (A take that counts a start is a run's first: its holder is new.)
+        if !count_start {
+            let renewed = tasks
+                .update_one(
+                    documents::lease_held(task_id, holder),
+                    documents::hold_task_claim(holder, until, false),
+                )
+                .await
+                .map_err(failed)?;
+            if renewed.matched_count > 0 {
+                return Ok(TaskClaim::Held {
+                    start_counted: false,
+                });
+            }
+        }
+        // The claim lives on the task's start count, so that taking it counts the start in
+        // the same write. When another holder's claim is live, the filter matches nothing and
+        // the upsert fails on the key.
+        let taken = tasks
+            .update_one(
+                documents::task_claim_takeable(task_id, now),
+                documents::hold_task_claim(holder, until, count_start),
+            )
+            .upsert(true)
+            .await;
+        match taken {
+            Ok(_) => Ok(TaskClaim::Held {
+                start_counted: count_start,
+            }),
+            Err(err) if is_duplicate_key(&err) => Ok(TaskClaim::Busy),
+            Err(err) => Err(failed(err)),
+        }
+    }
+
+    async fn release_task(&self, task_id: &str, holder: &str, uncount: bool) -> anyhow::Result<()> {
+        self.collection(TASK_STARTS)
+            .update_one(
+                documents::lease_held(task_id, holder),
+                documents::give_back_task_claim(uncount),
+            )
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot give back the claim on task {task_id} in {}",
+                    self.at(TASK_STARTS)
+                )
+            })?;
+        Ok(())
+    }
+
     async fn task_succeeded_from(
         &self,
         start: &TaskStart,
@@ -576,9 +643,13 @@ impl WorkflowStore for MongoStore {
         let task_id = &start.task_id;
         let state = State::started(start);
         // The three documents are independent of each other: written at once, one round
-        // trip of waiting rather than four.
+        // trip of waiting rather than four. The start count is written here only when the
+        // task's claim did not count it.
         let result = self.store_started_state(start, &state);
         let counted = async {
+            if start.start_counted {
+                return Ok(());
+            }
             self.collection(TASK_STARTS)
                 .update_one(documents::by_id(task_id), documents::count_start())
                 .upsert(true)
@@ -588,7 +659,8 @@ impl WorkflowStore for MongoStore {
                         "cannot count the start of task {task_id} in {}",
                         self.at(TASK_STARTS)
                     )
-                })
+                })?;
+            Ok(())
         };
         let run = async {
             match &start.workflow_id {
