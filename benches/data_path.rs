@@ -6,6 +6,7 @@
 //! ```text
 //! data_path md5 FILE
 //! data_path inspect-tree DIR THREADS
+//! data_path verify-tree DIR THREADS
 //! data_path stability-walk DIR THREADS
 //! data_path inspect-step DIR THREADS
 //! data_path bundle DIR OUT THREADS
@@ -40,6 +41,7 @@ use workers::steps::{StepContext, Task};
 const USAGE: &str = "usage:
   data_path md5 FILE
   data_path inspect-tree DIR THREADS
+  data_path verify-tree DIR THREADS
   data_path stability-walk DIR THREADS
   data_path inspect-step DIR THREADS
   data_path bundle DIR OUT THREADS
@@ -69,7 +71,13 @@ fn run(args: &[String]) -> Result<String> {
         .collect();
     match args.as_slice() {
         ["md5", file] => md5(Path::new(file)),
-        ["inspect-tree", dir, threads] => inspect_tree_only(Path::new(dir), threads_arg(threads)?),
+        ["inspect-tree", dir, threads] => {
+            inspect_tree_only(Path::new(dir), threads_arg(threads)?, true)
+        }
+        // The walk of a fixity check (`workers verify`): MD5 only.
+        ["verify-tree", dir, threads] => {
+            inspect_tree_only(Path::new(dir), threads_arg(threads)?, false)
+        }
         ["stability-walk", dir, threads] => stability_walk(Path::new(dir), threads_arg(threads)?),
         ["inspect-step", dir, threads] => inspect_step(Path::new(dir), threads_arg(threads)?),
         ["bundle", dir, out, threads] => {
@@ -153,13 +161,16 @@ fn md5(file: &Path) -> Result<String> {
     ))
 }
 
-/// The walk and the hashing alone: rows are only counted, nothing is written anywhere.
-fn inspect_tree_only(dir: &Path, threads: usize) -> Result<String> {
+/// The walk and the hashing alone: rows are only counted, nothing is written anywhere. With
+/// `content_digests` each file's BLAKE3 is computed with its MD5, as inspect does; without,
+/// only the MD5, as a fixity check does.
+fn inspect_tree_only(dir: &Path, threads: usize, content_digests: bool) -> Result<String> {
     let pool = Pool::new(threads)?;
     let records = AtomicU64::new(0);
     let no_genome_types: Vec<String> = Vec::new();
     let opts = InspectOptions {
         genome_file_types: &no_genome_types,
+        content_digests,
     };
     let start = Instant::now();
     let summary = pool
@@ -190,7 +201,11 @@ fn inspect_tree_only(dir: &Path, threads: usize) -> Result<String> {
         summary.num_files
     );
     Ok(report(
-        "inspect-tree",
+        if content_digests {
+            "inspect-tree"
+        } else {
+            "verify-tree"
+        },
         seconds,
         summary.size,
         summary.num_files,

@@ -133,16 +133,7 @@ record_run() {
 }
 
 echo "build: cargo bench --bench data_path --no-run (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)"
-BIN=$(cargo bench --locked --bench data_path --no-run --message-format=json-render-diagnostics |
-    python3 -c '
-import json, sys
-exe = ""
-for line in sys.stdin:
-    msg = json.loads(line)
-    if msg.get("reason") == "compiler-artifact" and msg["target"]["name"] == "data_path" and msg.get("executable"):
-        exe = msg["executable"]
-print(exe)
-')
+BIN=$(benches/data_path_bin.sh)
 [[ -x $BIN ]] || die "cannot find the data_path benchmark binary after the build"
 echo "build: $BIN"
 # The inspect step's temporary project (database, scratch) lives next to the data.

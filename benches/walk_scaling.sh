@@ -14,12 +14,7 @@ RUNS=${RUNS:-5}
 INSPECT_FILES=${INSPECT_FILES:-50000}
 dir=$BENCH_DIR/inspect-$INSPECT_FILES
 [[ -d $dir ]] || python3 benches/generate.py inspect "$dir" "$INSPECT_FILES"
-bin=$(cargo bench --locked --bench data_path --no-run --message-format=json-render-diagnostics |
-    python3 -c 'import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "data_path":
-        print(m["executable"])')
+bin=$(benches/data_path_bin.sh)
 exec python3 - "$bin" "$dir" "$RUNS" <<'PY'
 import json, os, statistics, subprocess, sys, time
 sys.path.insert(0, "benches")

@@ -64,6 +64,15 @@ pub enum Command {
     /// List and show datasets
     #[command(subcommand)]
     Datasets(DatasetsCommand),
+    /// Re-read a dataset's copies and compare them with its record, naming every difference
+    ///
+    /// Reads the source directory and the staged tree file by file against the recorded MD5s
+    /// and sizes, and the archived bundle against its recorded MD5 (with HPSS, the checksum
+    /// HPSS holds). Changes nothing. Exit code 0 when every copy checked is intact, 1 when one
+    /// differs, 2 for a usage error (an unknown dataset, a copy it does not have).
+    ///
+    /// Example: `workers verify 42 --archive --format json`
+    Verify(VerifyDatasetArgs),
     /// Look into the queue of steps, or delete it from RabbitMQ
     #[command(subcommand)]
     Queue(QueueCommand),
@@ -236,6 +245,25 @@ pub enum JobsCommand {
 
 fn parse_job(s: &str) -> Result<JobName, String> {
     JobName::from_name(s).ok_or_else(|| format!("unknown job `{s}` (known: {})", JobName::names()))
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyDatasetArgs {
+    /// Dataset id or name
+    pub dataset: String,
+    #[arg(long = "type", value_parser = parse_type)]
+    pub dataset_type: Option<DatasetType>,
+    /// The archived bundle
+    #[arg(long)]
+    pub archive: bool,
+    /// The staged copy
+    #[arg(long)]
+    pub staged: bool,
+    /// The source directory
+    #[arg(long)]
+    pub source: bool,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: OutputFormat,
 }
 
 #[derive(Debug, Args)]

@@ -35,6 +35,7 @@ pub mod config;
 pub mod control;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
+pub mod fixity;
 pub mod identity;
 pub mod jobs;
 pub mod metrics;

@@ -436,6 +436,11 @@ impl Archive for HsiArchive {
         "HPSS via hsi"
     }
 
+    fn reads_to_checksum(&self) -> bool {
+        // `stat` answers with the checksum HPSS holds (`hashlist`).
+        false
+    }
+
     async fn put(
         &self,
         local: &Path,

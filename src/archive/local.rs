@@ -80,6 +80,11 @@ impl Archive for LocalArchive {
         "local directory"
     }
 
+    fn reads_to_checksum(&self) -> bool {
+        // `stat` hashes the file.
+        true
+    }
+
     async fn put(
         &self,
         local: &Path,

@@ -32,6 +32,10 @@ pub trait Archive: Send + Sync {
     /// A short description for logs (`local directory`, `HPSS via hsi`).
     fn describe(&self) -> &'static str;
 
+    /// Whether `stat` reads the whole file to give its MD5 (a local directory), rather than
+    /// answering with a checksum the archive holds (HPSS): what a fixity check costs.
+    fn reads_to_checksum(&self) -> bool;
+
     /// Stores the local file `local`, whose MD5 is `md5`, at `archive_path`, atomically: a
     /// reader never sees a partial file there. The backend may move `local` instead of copying
     /// it; callers remove `local` afterwards if it is still there. Byte progress goes to

@@ -18,6 +18,7 @@ mod queue;
 mod register;
 mod scheduler;
 mod uploads;
+mod verify;
 mod worker;
 mod workflows;
 
@@ -114,6 +115,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Register(args) => register::run(&app, args, display).await,
         Command::Workflows(cmd) => workflows::run(&app, cmd, display).await,
         Command::Datasets(cmd) => datasets::run(&app, cmd).await,
+        Command::Verify(args) => verify::run(&app, args).await,
         Command::Queue(cmd) => queue::run(&app, cmd).await,
         Command::Control(cmd) => control::run(&app, cmd).await,
         Command::Worker(args) => worker::run(&app, args).await,

@@ -809,6 +809,7 @@ pub(crate) mod tests {
                     &source,
                     &InspectOptions {
                         genome_file_types: &types,
+                        content_digests: true,
                     },
                     &|_| {},
                     &|_, _| {},

@@ -358,6 +358,9 @@ fn is_not_found(err: Option<&io::Error>) -> bool {
 pub struct InspectOptions<'a> {
     /// File name suffixes (each starting with a dot, e.g. ".fastq.gz") that mark genome files.
     pub genome_file_types: &'a [String],
+    /// Whether each file's BLAKE3 is computed with its MD5 (`InspectRecord::content`): what an
+    /// inspection keeps for archive; a fixity check compares MD5s only and reads at MD5's speed.
+    pub content_digests: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -539,7 +542,7 @@ impl Inspection<'_> {
                 let record = InspectRecord {
                     path: rel.to_owned(),
                     md5: Some(digest),
-                    content: Some(content),
+                    content,
                     size,
                     kind: RecordKind::File,
                 };
@@ -563,26 +566,29 @@ impl Inspection<'_> {
         metadata.size()
     }
 
-    /// MD5 and BLAKE3 of the file's content, in one read. `size` is the file's length when it
-    /// was listed: only files larger than one read get the read-ahead advice (a system call
-    /// that buys nothing for a file read in one go, and there are millions of those).
-    fn hash(&self, path: &Path, size: u64) -> io::Result<(Md5Digest, ContentDigest, u64)> {
+    /// MD5 and (when asked for) BLAKE3 of the file's content, in one read. `size` is the
+    /// file's length when it was listed: only files larger than one read get the read-ahead
+    /// advice (a system call that buys nothing for a file read in one go, and there are
+    /// millions of those).
+    fn hash(&self, path: &Path, size: u64) -> io::Result<(Md5Digest, Option<ContentDigest>, u64)> {
         let mut file = File::open(path)?;
         if size > CHUNK_SIZE as u64 {
             advise_sequential(&file);
         }
-        let mut content = blake3::Hasher::new();
+        let mut content = self.opts.content_digests.then(blake3::Hasher::new);
         let (md5, size) = md5_reader_with(
             &mut file,
             &mut |chunk| {
-                content.update(chunk);
+                if let Some(content) = &mut content {
+                    content.update(chunk);
+                }
                 let n = chunk.len() as u64;
                 let bytes = self.bytes_done.fetch_add(n, Ordering::Relaxed) + n;
                 (self.on_progress)(self.files_done.load(Ordering::Relaxed), bytes);
             },
             self.cancel,
         )?;
-        Ok((md5, *content.finalize().as_bytes(), size))
+        Ok((md5, content.map(|c| *c.finalize().as_bytes()), size))
     }
 
     fn emit(&self, summary: &mut InspectSummary, record: InspectRecord) {
@@ -831,6 +837,7 @@ mod tests {
         let types = genome_types();
         let opts = InspectOptions {
             genome_file_types: &types,
+            content_digests: true,
         };
         let records = Mutex::new(BTreeMap::new());
         let last_progress = Mutex::new((0u64, 0u64));
@@ -1021,6 +1028,7 @@ mod tests {
         let types = genome_types();
         let opts = InspectOptions {
             genome_file_types: &types,
+            content_digests: true,
         };
         let err = inspect_tree(
             &dir.path().join("missing"),
@@ -1044,6 +1052,7 @@ mod tests {
         let types = genome_types();
         let opts = InspectOptions {
             genome_file_types: &types,
+            content_digests: true,
         };
         let err = inspect_tree(
             dir.path(),

@@ -157,6 +157,7 @@ pub async fn run(ctx: &StepContext) -> StepResult {
             };
             let opts = InspectOptions {
                 genome_file_types: &genome_file_types,
+                content_digests: true,
             };
             let summary = inspect_tree(
                 &root,

@@ -13,6 +13,7 @@ mod data_safety;
 mod deployment;
 mod durability;
 mod engine;
+mod fixity;
 mod hsi_archive;
 mod http_registry;
 mod interop;

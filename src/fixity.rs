@@ -1,0 +1,509 @@
+//! Fixity: re-reads a dataset's copies (its source directory, its staged tree, its archived
+//! bundle) and compares them with its record (the MD5 and size of every file row, the bundle's
+//! MD5 and size), naming each difference by path. It only reads: no copy and no record is
+//! changed, whatever it finds.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use crate::archive::ArchiveError;
+use crate::cancel::CancellationToken;
+use crate::compute::walk::{InspectOptions, InspectRecord, RecordKind, inspect_tree};
+use crate::model::{FileRecord, FileType};
+use crate::registry::{Dataset, FilePages};
+use crate::steps::StepEnv;
+
+/// File rows read from the registry per round trip.
+const PAGE: usize = 10_000;
+
+/// Differences listed per copy; all are counted.
+const LISTED: usize = 1_000;
+
+/// A copy of a dataset that can be checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyKind {
+    /// The directory the dataset was registered from.
+    Source,
+    /// The tree stage extracted for download.
+    Staged,
+    /// The tar bundle in the archive.
+    Archive,
+}
+
+impl CopyKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyKind::Source => "source",
+            CopyKind::Staged => "staged",
+            CopyKind::Archive => "archive",
+        }
+    }
+}
+
+/// What checking one copy found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CopyCheck {
+    pub copy: CopyKind,
+    /// The directory or archive path that was read.
+    pub location: String,
+    #[serde(flatten)]
+    pub outcome: CheckOutcome,
+    /// Files compared (1 for the bundle).
+    pub files: u64,
+    /// Bytes read to compare them; `None` when the archive answered with a checksum it holds.
+    pub bytes_read: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum CheckOutcome {
+    /// Every byte matches the record.
+    Intact,
+    /// The first `LISTED` differences in path order, and how many there are in all.
+    Differences {
+        count: u64,
+        differences: Vec<Difference>,
+    },
+    /// The copy could not be compared (there is none, or nothing recorded to compare it with).
+    NotChecked { reason: String },
+}
+
+/// One way a copy differs from the record.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Difference {
+    /// The content differs: another checksum, or another size.
+    Changed {
+        path: String,
+        expected_md5: Option<String>,
+        found_md5: Option<String>,
+        expected_size: Option<u64>,
+        found_size: u64,
+    },
+    /// A recorded file is not there.
+    Missing { path: String },
+    /// A file the record does not hold.
+    Unexpected { path: String },
+    /// Something could not be read; the walk went on.
+    Unreadable { error: String },
+}
+
+impl Difference {
+    /// One line for people.
+    pub fn describe(&self) -> String {
+        match self {
+            Difference::Changed {
+                path,
+                expected_md5,
+                found_md5,
+                expected_size,
+                found_size,
+            } => {
+                if expected_size.is_some_and(|size| size != *found_size) {
+                    format!(
+                        "`{path}`: {found_size} bytes, the record says {}",
+                        expected_size.unwrap_or_default()
+                    )
+                } else {
+                    format!(
+                        "`{path}`: MD5 {}, the record says {}",
+                        found_md5.as_deref().unwrap_or("none"),
+                        expected_md5.as_deref().unwrap_or("none")
+                    )
+                }
+            }
+            Difference::Missing { path } => format!("`{path}`: missing"),
+            Difference::Unexpected { path } => format!("`{path}`: not in the record"),
+            Difference::Unreadable { error } => error.clone(),
+        }
+    }
+}
+
+impl CopyCheck {
+    fn not_checked(copy: CopyKind, location: &str, reason: String) -> CopyCheck {
+        CopyCheck {
+            copy,
+            location: location.to_owned(),
+            outcome: CheckOutcome::NotChecked { reason },
+            files: 0,
+            bytes_read: Some(0),
+        }
+    }
+
+    pub fn is_intact(&self) -> bool {
+        self.outcome == CheckOutcome::Intact
+    }
+
+    pub fn has_differences(&self) -> bool {
+        matches!(self.outcome, CheckOutcome::Differences { .. })
+    }
+}
+
+/// Checks each of `copies` of `dataset` in turn.
+pub async fn verify(
+    env: &StepEnv,
+    dataset: &Dataset,
+    copies: &[CopyKind],
+    cancel: &CancellationToken,
+) -> anyhow::Result<Vec<CopyCheck>> {
+    let mut checks = Vec::with_capacity(copies.len());
+    for copy in copies {
+        let check = match copy {
+            CopyKind::Archive => check_archive(env, dataset, cancel).await?,
+            CopyKind::Source | CopyKind::Staged => check_tree(env, dataset, *copy, cancel).await?,
+        };
+        checks.push(check);
+    }
+    Ok(checks)
+}
+
+/// The archived bundle against the bundle's recorded MD5 and size, through the archive backend:
+/// a local file is read; HPSS answers with the checksum it holds, when it holds one.
+pub async fn check_archive(
+    env: &StepEnv,
+    dataset: &Dataset,
+    cancel: &CancellationToken,
+) -> anyhow::Result<CopyCheck> {
+    let copy = CopyKind::Archive;
+    let Some(path) = dataset.archive_path.as_deref() else {
+        return Ok(CopyCheck::not_checked(
+            copy,
+            "",
+            "the dataset has not been archived".into(),
+        ));
+    };
+    let Some(bundle) = &dataset.bundle else {
+        return Ok(CopyCheck::not_checked(
+            copy,
+            path,
+            "the record holds no bundle checksum".into(),
+        ));
+    };
+    let found = match env.archive.stat(path, cancel).await {
+        Ok(found) => found,
+        Err(ArchiveError::NotFound(_)) => {
+            return Ok(CopyCheck {
+                copy,
+                location: path.to_owned(),
+                outcome: CheckOutcome::Differences {
+                    count: 1,
+                    differences: vec![Difference::Missing {
+                        path: path.to_owned(),
+                    }],
+                },
+                files: 1,
+                bytes_read: Some(0),
+            });
+        }
+        Err(err) => {
+            return Err(anyhow::Error::new(err).context(format!(
+                "cannot check the bundle of dataset {} at `{path}` in the {}",
+                dataset.id,
+                env.archive.describe()
+            )));
+        }
+    };
+    let Some(md5) = found.md5 else {
+        return Ok(CopyCheck::not_checked(
+            copy,
+            path,
+            format!(
+                "the {} holds no checksum of the bundle; it was not recalled",
+                env.archive.describe()
+            ),
+        ));
+    };
+    let outcome = if md5 == bundle.md5 && found.size == bundle.size {
+        CheckOutcome::Intact
+    } else {
+        CheckOutcome::Differences {
+            count: 1,
+            differences: vec![Difference::Changed {
+                path: path.to_owned(),
+                expected_md5: Some(bundle.md5.to_string()),
+                found_md5: Some(md5.to_string()),
+                expected_size: Some(bundle.size),
+                found_size: found.size,
+            }],
+        }
+    };
+    Ok(CopyCheck {
+        copy,
+        location: path.to_owned(),
+        outcome,
+        files: 1,
+        bytes_read: env.archive.reads_to_checksum().then_some(found.size),
+    })
+}
+
+/// A directory tree (the source or the staged copy) against the dataset's file rows: every file
+/// re-read and hashed (in parallel, the way inspect reads), each compared with its row, and the
+/// rows left over named as missing.
+pub async fn check_tree(
+    env: &StepEnv,
+    dataset: &Dataset,
+    copy: CopyKind,
+    cancel: &CancellationToken,
+) -> anyhow::Result<CopyCheck> {
+    let root = match copy {
+        CopyKind::Source => dataset.origin_path.as_deref(),
+        CopyKind::Staged => dataset.staged_path.as_deref().filter(|_| dataset.is_staged),
+        CopyKind::Archive => unreachable!("the archive is a bundle, not a tree"),
+    };
+    let Some(root) = root else {
+        let reason = match copy {
+            CopyKind::Staged => "the dataset is not staged",
+            _ => "the dataset has no source directory",
+        };
+        return Ok(CopyCheck::not_checked(copy, "", reason.into()));
+    };
+    let mut expected: HashMap<String, FileRecord> = HashMap::new();
+    let mut pages = FilePages::new(env.registry.as_ref(), dataset.id, PAGE);
+    while let Some(page) = pages.next().await? {
+        expected.extend(page.into_iter().map(|row| (row.path.clone(), row)));
+    }
+    if expected.is_empty() {
+        return Ok(CopyCheck::not_checked(
+            copy,
+            root,
+            "the record holds no file rows (the dataset was never inspected)".into(),
+        ));
+    }
+    let root_path = PathBuf::from(root);
+    let shown = root.to_owned();
+    let (differences, files, bytes) = env
+        .pool
+        .run_job(cancel, move |cancel| {
+            compare_tree(&root_path, expected, cancel)
+        })
+        .await
+        .map_err(|_| anyhow::format_err!("the check of `{shown}` was cancelled"))?
+        .with_context(|| format!("cannot check `{shown}` of dataset {}", dataset.id))?;
+    let outcome = if differences.is_empty() {
+        CheckOutcome::Intact
+    } else {
+        let count = differences.len() as u64;
+        let mut differences = differences;
+        differences.sort();
+        differences.truncate(LISTED);
+        CheckOutcome::Differences { count, differences }
+    };
+    Ok(CopyCheck {
+        copy,
+        location: root.to_owned(),
+        outcome,
+        files,
+        bytes_read: Some(bytes),
+    })
+}
+
+/// Walks `root` as inspect does and compares what it finds with `expected`: the differences,
+/// the files read and the bytes hashed.
+fn compare_tree(
+    root: &Path,
+    expected: HashMap<String, FileRecord>,
+    cancel: &CancellationToken,
+) -> std::io::Result<(Vec<Difference>, u64, u64)> {
+    let state = Mutex::new((expected, Vec::new()));
+    let no_genome_types: [String; 0] = [];
+    let summary = inspect_tree(
+        root,
+        &InspectOptions {
+            genome_file_types: &no_genome_types,
+            content_digests: false,
+        },
+        &|found: InspectRecord| {
+            let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+            let (expected, differences) = &mut *state;
+            match expected.remove(&found.path) {
+                None => differences.push(Difference::Unexpected { path: found.path }),
+                Some(row) => {
+                    if let Some(difference) = compare(&row, found) {
+                        differences.push(difference);
+                    }
+                }
+            }
+        },
+        &|_, _| {},
+        cancel,
+    )?;
+    let (expected, mut differences) = state.into_inner().unwrap_or_else(|e| e.into_inner());
+    differences.extend(
+        summary
+            .errors
+            .into_iter()
+            .map(|error| Difference::Unreadable { error }),
+    );
+    let listed_errors = differences
+        .iter()
+        .filter(|d| matches!(d, Difference::Unreadable { .. }))
+        .count() as u64;
+    // Errors beyond those the walk kept are counted as one line each, unnamed.
+    for _ in listed_errors..summary.error_count {
+        differences.push(Difference::Unreadable {
+            error: "another entry could not be read".into(),
+        });
+    }
+    differences.extend(
+        expected
+            .into_keys()
+            .map(|path| Difference::Missing { path }),
+    );
+    Ok((differences, summary.num_files, summary.size))
+}
+
+/// A row against what is there now; `None` when they agree.
+fn compare(row: &FileRecord, found: InspectRecord) -> Option<Difference> {
+    let row_is_link = row.file_type == FileType::SymbolicLink;
+    let found_is_link = found.kind == RecordKind::Symlink;
+    // A recorded link only has to be a link still; its target is not the dataset's content.
+    if row_is_link && found_is_link {
+        return None;
+    }
+    let same_size = row.size.is_none_or(|size| size == found.size);
+    if row_is_link == found_is_link && same_size && row.md5 == found.md5 {
+        return None;
+    }
+    Some(Difference::Changed {
+        path: found.path,
+        expected_md5: row.md5.map(|md5| md5.to_string()),
+        found_md5: found.md5.map(|md5| md5.to_string()),
+        expected_size: row.size,
+        found_size: found.size,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::steps::testing::{TestEnv, write};
+    use crate::steps::{archive, inspect, stage, validate};
+
+    /// Makes `path` writable (archive and stage leave copies read-only) and rewrites it.
+    fn tamper(path: &Path, change: impl FnOnce(&mut Vec<u8>)) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut bytes = std::fs::read(path).unwrap();
+        change(&mut bytes);
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    fn differences(check: &CopyCheck) -> Vec<Difference> {
+        match &check.outcome {
+            CheckOutcome::Differences { differences, .. } => differences.clone(),
+            other => panic!(
+                "expected differences in the {:?} copy, got {other:?}",
+                check.copy
+            ),
+        }
+    }
+
+    const ALL: [CopyKind; 3] = [CopyKind::Source, CopyKind::Staged, CopyKind::Archive];
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn every_copy_checks_intact_then_each_change_is_found_and_named() {
+        let t = TestEnv::new();
+        let big = vec![7u8; 70_000];
+        let (id, source) = t
+            .dataset(
+                "run_1",
+                &[
+                    ("a.txt", b"alpha"),
+                    ("sub/b.bin", &big),
+                    ("sub/c.txt", b"gamma"),
+                ],
+            )
+            .await;
+        inspect::run(&t.context(id)).await.unwrap();
+        archive::run(&t.context(id)).await.unwrap();
+        stage::run(&t.context(id)).await.unwrap();
+        validate::run(&t.context(id)).await.unwrap();
+        let dataset = t.env.registry.get(id).await.unwrap();
+        let cancel = CancellationToken::new();
+
+        let checks = verify(&t.env, &dataset, &ALL, &cancel).await.unwrap();
+        for check in &checks {
+            assert!(check.is_intact(), "{check:?}");
+        }
+        assert_eq!((checks[0].files, checks[0].bytes_read), (3, Some(70_010)));
+        let bundle = dataset.bundle.as_ref().unwrap();
+        assert_eq!(
+            checks[2].bytes_read,
+            Some(bundle.size),
+            "the local bundle is read"
+        );
+
+        // One bit of the archived bundle.
+        let archived = PathBuf::from(dataset.archive_path.as_ref().unwrap());
+        tamper(&archived, |bytes| {
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 1;
+        });
+        // A staged file cut short.
+        let staged = PathBuf::from(dataset.staged_path.as_ref().unwrap());
+        tamper(&staged.join("sub/b.bin"), |bytes| bytes.truncate(1000));
+        // A source file changed in place (same size), one removed, one added.
+        tamper(&source.join("sub/c.txt"), |bytes| bytes[0] = b'G');
+        std::fs::remove_file(source.join("a.txt")).unwrap();
+        write(&source.join("new.txt"), b"new");
+
+        let checks = verify(&t.env, &dataset, &ALL, &cancel).await.unwrap();
+        let bundle_md5 = bundle.md5.to_string();
+        assert!(matches!(
+            &differences(&checks[2])[..],
+            [Difference::Changed { path, expected_md5: Some(expected), found_md5: Some(found), .. }]
+                if *path == archived.display().to_string() && *expected == bundle_md5 && *found != bundle_md5
+        ));
+        assert!(matches!(
+            &differences(&checks[1])[..],
+            [Difference::Changed { path, expected_size: Some(70_000), found_size: 1000, .. }]
+                if path == "sub/b.bin"
+        ));
+        let source_differences = differences(&checks[0]);
+        assert!(
+            matches!(
+                &source_differences[..],
+                [
+                    Difference::Changed { path: changed, found_size: 5, .. },
+                    Difference::Missing { path: missing },
+                    Difference::Unexpected { path: added },
+                ] if changed == "sub/c.txt" && missing == "a.txt" && added == "new.txt"
+            ),
+            "{source_differences:?}"
+        );
+        assert_eq!(
+            source_differences[0].describe().split(':').next(),
+            Some("`sub/c.txt`")
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn copies_a_dataset_does_not_have_are_not_checked_and_say_why() {
+        let t = TestEnv::new();
+        let (id, _) = t.dataset("run_2", &[("a.txt", b"alpha")]).await;
+        let cancel = CancellationToken::new();
+        let dataset = t.env.registry.get(id).await.unwrap();
+        let checks = verify(&t.env, &dataset, &ALL, &cancel).await.unwrap();
+        let reasons: Vec<String> = checks
+            .iter()
+            .map(|check| match &check.outcome {
+                CheckOutcome::NotChecked { reason } => reason.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                "the record holds no file rows (the dataset was never inspected)",
+                "the dataset is not staged",
+                "the dataset has not been archived",
+            ]
+        );
+    }
+}
