@@ -33,11 +33,9 @@ class _OwnCommands(pymongo.monitoring.CommandListener):
     the workflows with sca-rhythm, polling for their end), to take them away from the server's
     counters: what is left is the worker's."""
 
-    count = 0
     by_kind = {}
 
     def started(self, event):
-        _OwnCommands.count += 1
         kind = OPCOUNTER_OF.get(event.command_name, "command")
         _OwnCommands.by_kind[kind] = _OwnCommands.by_kind.get(kind, 0) + 1
 

@@ -144,7 +144,19 @@ impl CopyCheck {
     }
 }
 
-/// Checks each of `copies` of `dataset` in turn.
+/// Why `dataset` has no `copy` to check (`has no source directory`), if it has none.
+pub fn missing_copy(dataset: &Dataset, copy: CopyKind) -> Option<&'static str> {
+    match copy {
+        CopyKind::Source if dataset.origin_path.is_none() => Some("has no source directory"),
+        CopyKind::Staged if !dataset.is_staged || dataset.staged_path.is_none() => {
+            Some("is not staged")
+        }
+        CopyKind::Archive if dataset.archive_path.is_none() => Some("has not been archived"),
+        _ => None,
+    }
+}
+
+/// Checks each of `copies` of `dataset` in turn; a copy it does not have is not checked.
 pub async fn verify(
     env: &StepEnv,
     dataset: &Dataset,
@@ -152,10 +164,23 @@ pub async fn verify(
     cancel: &CancellationToken,
 ) -> anyhow::Result<Vec<CopyCheck>> {
     let mut checks = Vec::with_capacity(copies.len());
-    for copy in copies {
+    for &copy in copies {
+        if let Some(missing) = missing_copy(dataset, copy) {
+            checks.push(CopyCheck::not_checked(
+                copy,
+                "",
+                format!("the dataset {missing}"),
+            ));
+            continue;
+        }
         let check = match copy {
             CopyKind::Archive => check_archive(env, dataset, cancel).await?,
-            CopyKind::Source | CopyKind::Staged => check_tree(env, dataset, *copy, cancel).await?,
+            CopyKind::Source => {
+                check_tree(env, dataset, copy, dataset.origin_path.as_deref(), cancel).await?
+            }
+            CopyKind::Staged => {
+                check_tree(env, dataset, copy, dataset.staged_path.as_deref(), cancel).await?
+            }
         };
         checks.push(check);
     }
@@ -164,19 +189,13 @@ pub async fn verify(
 
 /// The archived bundle against the bundle's recorded MD5 and size, through the archive backend:
 /// a local file is read; HPSS answers with the checksum it holds, when it holds one.
-pub async fn check_archive(
+async fn check_archive(
     env: &StepEnv,
     dataset: &Dataset,
     cancel: &CancellationToken,
 ) -> anyhow::Result<CopyCheck> {
     let copy = CopyKind::Archive;
-    let Some(path) = dataset.archive_path.as_deref() else {
-        return Ok(CopyCheck::not_checked(
-            copy,
-            "",
-            "the dataset has not been archived".into(),
-        ));
-    };
+    let path = dataset.archive_path.as_deref().unwrap_or_default();
     let Some(bundle) = &dataset.bundle else {
         return Ok(CopyCheck::not_checked(
             copy,
@@ -241,27 +260,17 @@ pub async fn check_archive(
     })
 }
 
-/// A directory tree (the source or the staged copy) against the dataset's file rows: every file
-/// re-read and hashed (in parallel, the way inspect reads), each compared with its row, and the
-/// rows left over named as missing.
-pub async fn check_tree(
+/// A directory tree (the source or the staged copy, at `root`) against the dataset's file rows:
+/// every file re-read and hashed (in parallel, the way inspect reads), each compared with its
+/// row, and the rows left over named as missing.
+async fn check_tree(
     env: &StepEnv,
     dataset: &Dataset,
     copy: CopyKind,
+    root: Option<&str>,
     cancel: &CancellationToken,
 ) -> anyhow::Result<CopyCheck> {
-    let root = match copy {
-        CopyKind::Source => dataset.origin_path.as_deref(),
-        CopyKind::Staged => dataset.staged_path.as_deref().filter(|_| dataset.is_staged),
-        CopyKind::Archive => unreachable!("the archive is a bundle, not a tree"),
-    };
-    let Some(root) = root else {
-        let reason = match copy {
-            CopyKind::Staged => "the dataset is not staged",
-            _ => "the dataset has no source directory",
-        };
-        return Ok(CopyCheck::not_checked(copy, "", reason.into()));
-    };
+    let root = root.unwrap_or_default();
     let mut expected: HashMap<String, FileRecord> = HashMap::new();
     let mut pages = FilePages::new(env.registry.as_ref(), dataset.id, PAGE);
     while let Some(page) = pages.next().await? {
@@ -276,7 +285,7 @@ pub async fn check_tree(
     }
     let root_path = PathBuf::from(root);
     let shown = root.to_owned();
-    let (differences, files, bytes) = env
+    let (differences, unlisted, files, bytes) = env
         .pool
         .run_job(cancel, move |cancel| {
             compare_tree(&root_path, expected, cancel)
@@ -287,7 +296,7 @@ pub async fn check_tree(
     let outcome = if differences.is_empty() {
         CheckOutcome::Intact
     } else {
-        let count = differences.len() as u64;
+        let count = differences.len() as u64 + unlisted;
         let mut differences = differences;
         differences.sort();
         differences.truncate(LISTED);
@@ -303,12 +312,13 @@ pub async fn check_tree(
 }
 
 /// Walks `root` as inspect does and compares what it finds with `expected`: the differences,
-/// the files read and the bytes hashed.
+/// how many unreadable entries the walk counted beyond those it named, the files read and the
+/// bytes hashed.
 fn compare_tree(
     root: &Path,
     expected: HashMap<String, FileRecord>,
     cancel: &CancellationToken,
-) -> std::io::Result<(Vec<Difference>, u64, u64)> {
+) -> std::io::Result<(Vec<Difference>, u64, u64, u64)> {
     let state = Mutex::new((expected, Vec::new()));
     let no_genome_types: [String; 0] = [];
     let summary = inspect_tree(
@@ -333,28 +343,20 @@ fn compare_tree(
         cancel,
     )?;
     let (expected, mut differences) = state.into_inner().unwrap_or_else(|e| e.into_inner());
+    // The walk names its first errors and counts the rest.
+    let unlisted = summary.error_count - summary.errors.len() as u64;
     differences.extend(
         summary
             .errors
             .into_iter()
             .map(|error| Difference::Unreadable { error }),
     );
-    let listed_errors = differences
-        .iter()
-        .filter(|d| matches!(d, Difference::Unreadable { .. }))
-        .count() as u64;
-    // Errors beyond those the walk kept are counted as one line each, unnamed.
-    for _ in listed_errors..summary.error_count {
-        differences.push(Difference::Unreadable {
-            error: "another entry could not be read".into(),
-        });
-    }
     differences.extend(
         expected
             .into_keys()
             .map(|path| Difference::Missing { path }),
     );
-    Ok((differences, summary.num_files, summary.size))
+    Ok((differences, unlisted, summary.num_files, summary.size))
 }
 
 /// A row against what is there now; `None` when they agree.

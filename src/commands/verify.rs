@@ -26,7 +26,7 @@ pub(super) async fn run(app: &App, args: VerifyDatasetArgs) -> anyhow::Result<Ex
         vec![CopyKind::Source, CopyKind::Staged, CopyKind::Archive]
     } else {
         for copy in &chosen {
-            if let Some(missing) = absent(&dataset, *copy) {
+            if let Some(missing) = crate::fixity::missing_copy(&dataset, *copy) {
                 return Err(Usage(format!(
                     "dataset {} (`{}`) {missing}: there is no {} copy to verify",
                     dataset.id,
@@ -59,16 +59,6 @@ pub(super) async fn run(app: &App, args: VerifyDatasetArgs) -> anyhow::Result<Ex
     } else {
         ExitCode::from(EXIT_FAILED)
     })
-}
-
-/// Why `dataset` has no `copy`, if it has none.
-fn absent(dataset: &Dataset, copy: CopyKind) -> Option<&'static str> {
-    match copy {
-        CopyKind::Source if dataset.origin_path.is_none() => Some("has no source directory"),
-        CopyKind::Staged if !dataset.is_staged => Some("is not staged"),
-        CopyKind::Archive if dataset.archive_path.is_none() => Some("has not been archived"),
-        _ => None,
-    }
 }
 
 fn print_checks(dataset: &Dataset, checks: &[CopyCheck]) {

@@ -594,7 +594,8 @@ pub async fn handle_with(
             // Given back off the slot's path: the message is settled, and a claim that is not
             // given back only lapses.
             let app = Arc::clone(app);
-            tokio::spawn(async move { claim.release(&app).await });
+            let counted = start.start_counted;
+            tokio::spawn(async move { claim.release(&app, counted).await });
         }
         handled
     }
@@ -689,9 +690,7 @@ struct Claim {
     /// When the last take or renewal that succeeded was sent: the claim is held until at least
     /// a lease after it.
     renewed: std::sync::Mutex<Option<Instant>>,
-    /// Taking the claim counted a start of the task in the store.
-    start_counted: AtomicBool,
-    /// The step started (STARTED recorded): a counted start stays counted.
+    /// The step started (STARTED recorded): a start counted with the claim stays counted.
     started: AtomicBool,
 }
 
@@ -702,7 +701,6 @@ impl Claim {
             holder: format!("{}/{}", app.identity.holder(), Uuid::new_v4()),
             ttl: Duration::from_secs(app.settings.worker.lease_seconds.max(1)),
             renewed: std::sync::Mutex::new(None),
-            start_counted: AtomicBool::new(false),
             started: AtomicBool::new(false),
         }
     }
@@ -715,15 +713,7 @@ impl Claim {
             .store
             .claim_task(&self.task_id, &self.holder, self.ttl, count_start)
             .await?;
-        let held = match claim {
-            TaskClaim::Held { start_counted } => {
-                if start_counted {
-                    self.start_counted.store(true, Ordering::Relaxed);
-                }
-                true
-            }
-            TaskClaim::Busy => false,
-        };
+        let held = matches!(claim, TaskClaim::Held { .. });
         *self.renewed.lock().unwrap_or_else(|e| e.into_inner()) = held.then_some(sent);
         Ok(claim)
     }
@@ -750,11 +740,10 @@ impl Claim {
             .is_some_and(|sent| sent.elapsed() < self.ttl / 2)
     }
 
-    /// Gives the claim back, and the start it counted when the step never started (the task
-    /// was found finished or superseded, or recording STARTED failed).
-    async fn release(&self, app: &App) {
-        let uncount =
-            self.start_counted.load(Ordering::Relaxed) && !self.started.load(Ordering::Relaxed);
+    /// Gives the claim back, and the start its taking counted (`counted`) when the step never
+    /// started (the task was found finished or superseded, or recording STARTED failed).
+    async fn release(&self, app: &App, counted: bool) {
+        let uncount = counted && !self.started.load(Ordering::Relaxed);
         if let Err(err) = app
             .store
             .release_task(&self.task_id, &self.holder, uncount)
