@@ -68,7 +68,9 @@ pub enum Command {
     ///
     /// Reads the source directory and the staged tree file by file against the recorded MD5s
     /// and sizes, and the archived bundle against its recorded MD5 (with HPSS, the checksum
-    /// HPSS holds). Changes nothing. Exit code 0 when every copy checked is intact, 1 when one
+    /// HPSS holds, unless `--recall` or `fixity.recall` says to read the bundle). Changes no
+    /// data; the checks are recorded (`workers datasets show`), and a copy that differs marks
+    /// the dataset FIXITY_FAILED. Exit code 0 when every copy checked is intact, 1 when one
     /// differs, 2 for a usage error (an unknown dataset, a copy it does not have).
     ///
     /// Example: `workers verify 42 --archive --format json`
@@ -262,6 +264,9 @@ pub struct VerifyDatasetArgs {
     /// The source directory
     #[arg(long)]
     pub source: bool,
+    /// Recall the bundle from HPSS and read it, rather than trust the checksum HPSS holds
+    #[arg(long)]
+    pub recall: bool,
     #[arg(long, value_enum, default_value = "table")]
     pub format: OutputFormat,
 }

@@ -10,40 +10,26 @@ use std::sync::Mutex;
 use anyhow::Context;
 use serde::Serialize;
 
-use crate::archive::ArchiveError;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value, json};
+use tracing::{error, warn};
+
+use crate::archive::{ArchiveError, ArchivedFile};
 use crate::cancel::CancellationToken;
 use crate::compute::walk::{InspectOptions, InspectRecord, RecordKind, inspect_tree};
-use crate::model::{FileRecord, FileType};
-use crate::registry::{Dataset, FilePages};
+use crate::config::RecallPolicy;
+pub use crate::model::CopyKind;
+use crate::model::{DatasetState, FileRecord, FileType};
+use crate::progress::Progress;
+use crate::registry::{Dataset, DatasetId, DatasetPatch, FilePages};
 use crate::steps::StepEnv;
+use crate::store::{FixityRecord, FixityResult, WorkflowStore};
 
 /// File rows read from the registry per round trip.
 const PAGE: usize = 10_000;
 
 /// Differences listed per copy; all are counted.
 const LISTED: usize = 1_000;
-
-/// A copy of a dataset that can be checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CopyKind {
-    /// The directory the dataset was registered from.
-    Source,
-    /// The tree stage extracted for download.
-    Staged,
-    /// The tar bundle in the archive.
-    Archive,
-}
-
-impl CopyKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CopyKind::Source => "source",
-            CopyKind::Staged => "staged",
-            CopyKind::Archive => "archive",
-        }
-    }
-}
 
 /// What checking one copy found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -144,6 +130,137 @@ impl CopyCheck {
     }
 }
 
+/// What ran a recorded check: the scheduled job, or `workers verify`.
+pub const BY_JOB: &str = "fixity";
+pub const BY_HAND: &str = "verify";
+
+/// Differences spelled out in a record's detail and in the dataset's metadata; all are
+/// counted.
+const DETAILED: usize = 5;
+
+impl CopyCheck {
+    /// The record of this check of `dataset_id`, made at `at` by `by`.
+    pub fn record(&self, dataset_id: DatasetId, at: DateTime<Utc>, by: &str) -> FixityRecord {
+        let (result, differences, detail) = match &self.outcome {
+            CheckOutcome::Intact => (FixityResult::Intact, 0, String::new()),
+            CheckOutcome::Differences { count, differences } => {
+                let mut lines: Vec<String> = differences
+                    .iter()
+                    .take(DETAILED)
+                    .map(Difference::describe)
+                    .collect();
+                if *count > lines.len() as u64 {
+                    lines.push(format!("and {} more", *count - lines.len() as u64));
+                }
+                (FixityResult::Differs, *count, lines.join("; "))
+            }
+            CheckOutcome::NotChecked { reason } => (FixityResult::NotChecked, 0, reason.clone()),
+        };
+        FixityRecord {
+            dataset_id,
+            copy: self.copy.as_str().to_owned(),
+            checked_at: at,
+            result,
+            files: self.files,
+            bytes_read: self.bytes_read.unwrap_or(0),
+            differences,
+            detail,
+            by: by.to_owned(),
+        }
+    }
+}
+
+/// The record of a check of `copy` that could not be made (`error`).
+pub fn failed_check(
+    dataset_id: DatasetId,
+    copy: CopyKind,
+    at: DateTime<Utc>,
+    by: &str,
+    error: &anyhow::Error,
+) -> FixityRecord {
+    FixityRecord {
+        dataset_id,
+        copy: copy.as_str().to_owned(),
+        checked_at: at,
+        result: FixityResult::Error,
+        files: 0,
+        bytes_read: 0,
+        differences: 0,
+        detail: format!("{error:#}"),
+        by: by.to_owned(),
+    }
+}
+
+/// Raises the alert for the checks of `dataset` that found a difference, then records every
+/// check: a difference is logged as an error, the dataset gets the state FIXITY_FAILED, and its
+/// metadata (`metadata.fixity`, which the API and UI show) holds each copy's last verdict.
+/// The metadata is written only when something differs or an earlier check wrote it (so that
+/// a copy found intact again clears it); intact datasets keep their records in the store
+/// alone. The alert goes first: a crash in between leaves the check unrecorded, so the
+/// dataset stays first in line and is checked (and alerted) again.
+pub async fn record(
+    env: &StepEnv,
+    store: &dyn WorkflowStore,
+    dataset: &Dataset,
+    records: &[FixityRecord],
+) -> anyhow::Result<()> {
+    let differing: Vec<&FixityRecord> = records
+        .iter()
+        .filter(|r| r.result == FixityResult::Differs)
+        .collect();
+    for record in &differing {
+        error!(
+            dataset_id = dataset.id,
+            name = %dataset.name,
+            copy = %record.copy,
+            differences = record.differences,
+            detail = %record.detail,
+            "Fixity check failed: the copy differs from the dataset's record."
+        );
+    }
+    if !differing.is_empty() {
+        env.registry
+            .add_state(dataset.id, DatasetState::FixityFailed)
+            .await
+            .with_context(|| format!("cannot mark dataset {} FIXITY_FAILED", dataset.id))?;
+    }
+    let verdicts: Map<String, Value> = records
+        .iter()
+        .filter(|r| r.result != FixityResult::Error)
+        .map(|r| {
+            (
+                r.copy.clone(),
+                json!({
+                    "result": r.result.as_str(),
+                    "checked_at": r.checked_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+                    "differences": r.differences,
+                    "detail": r.detail,
+                }),
+            )
+        })
+        .collect();
+    let alerted_before = dataset.metadata.get("fixity").is_some();
+    if !verdicts.is_empty() && (!differing.is_empty() || alerted_before) {
+        let patch = DatasetPatch {
+            metadata: Some(json!({"fixity": {"copies": verdicts}})),
+            ..DatasetPatch::default()
+        };
+        env.registry
+            .update(dataset.id, &patch)
+            .await
+            .with_context(|| format!("cannot record the fixity of dataset {}", dataset.id))?;
+    }
+    store.record_fixity(records).await?;
+    for record in records {
+        crate::metrics::fixity_checked(
+            CopyKind::from_name(&record.copy).map_or("other", CopyKind::as_str),
+            record.result.as_str(),
+            record.bytes_read,
+        );
+    }
+    Ok(())
+}
+
 /// Why `dataset` has no `copy` to check (`has no source directory`), if it has none.
 pub fn missing_copy(dataset: &Dataset, copy: CopyKind) -> Option<&'static str> {
     match copy {
@@ -161,6 +278,7 @@ pub async fn verify(
     env: &StepEnv,
     dataset: &Dataset,
     copies: &[CopyKind],
+    recall: RecallPolicy,
     cancel: &CancellationToken,
 ) -> anyhow::Result<Vec<CopyCheck>> {
     let mut checks = Vec::with_capacity(copies.len());
@@ -174,7 +292,7 @@ pub async fn verify(
             continue;
         }
         let check = match copy {
-            CopyKind::Archive => check_archive(env, dataset, cancel).await?,
+            CopyKind::Archive => check_archive(env, dataset, recall, cancel).await?,
             CopyKind::Source => {
                 check_tree(env, dataset, copy, dataset.origin_path.as_deref(), cancel).await?
             }
@@ -188,10 +306,12 @@ pub async fn verify(
 }
 
 /// The archived bundle against the bundle's recorded MD5 and size, through the archive backend:
-/// a local file is read; HPSS answers with the checksum it holds, when it holds one.
+/// a local file is read; HPSS answers with the checksum it holds, when it holds one, and the
+/// bundle is recalled and read as `recall` says.
 async fn check_archive(
     env: &StepEnv,
     dataset: &Dataset,
+    recall: RecallPolicy,
     cancel: &CancellationToken,
 ) -> anyhow::Result<CopyCheck> {
     let copy = CopyKind::Archive;
@@ -227,12 +347,24 @@ async fn check_archive(
             )));
         }
     };
+    let recalls = !env.archive.reads_to_checksum()
+        && match recall {
+            RecallPolicy::Never => false,
+            RecallPolicy::Missing => found.md5.is_none(),
+            RecallPolicy::Always => true,
+        };
+    let (found, bytes_read) = if recalls {
+        let recalled = recall_bundle(env, dataset, path, cancel).await?;
+        (recalled, Some(recalled.size))
+    } else {
+        (found, env.archive.reads_to_checksum().then_some(found.size))
+    };
     let Some(md5) = found.md5 else {
         return Ok(CopyCheck::not_checked(
             copy,
             path,
             format!(
-                "the {} holds no checksum of the bundle; it was not recalled",
+                "the {} holds no checksum of the bundle, and fixity.recall is `never`",
                 env.archive.describe()
             ),
         ));
@@ -256,7 +388,53 @@ async fn check_archive(
         location: path.to_owned(),
         outcome,
         files: 1,
-        bytes_read: env.archive.reads_to_checksum().then_some(found.size),
+        bytes_read,
+    })
+}
+
+/// Fetches the bundle at `path` from the archive into the dataset type's bundle staging
+/// directory, hashing it on the way, and removes the fetched file again whatever happens.
+async fn recall_bundle(
+    env: &StepEnv,
+    dataset: &Dataset,
+    path: &str,
+    cancel: &CancellationToken,
+) -> anyhow::Result<ArchivedFile> {
+    let dir = &env
+        .settings
+        .paths
+        .for_type(dataset.dataset_type)
+        .bundle_stage;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
+    let local = dir.join(format!(
+        ".fixity-{}-{}.tar",
+        dataset.id,
+        uuid::Uuid::new_v4()
+    ));
+    let fetched = env
+        .archive
+        .recall(path, &local, &Progress::new(), cancel)
+        .await
+        .and_then(|md5| {
+            let size = std::fs::metadata(&local)
+                .map_err(|err| ArchiveError::Transient(err.into()))?
+                .len();
+            Ok(ArchivedFile {
+                size,
+                md5: Some(md5),
+            })
+        });
+    if let Err(err) = std::fs::remove_file(&local)
+        && err.kind() != std::io::ErrorKind::NotFound
+    {
+        warn!(path = %local.display(), error = %err, "Could not remove a recalled bundle.");
+    }
+    fetched.map_err(|err| {
+        anyhow::Error::new(err).context(format!(
+            "cannot recall the bundle of dataset {} from `{path}` in the {}",
+            dataset.id,
+            env.archive.describe()
+        ))
     })
 }
 
@@ -429,7 +607,9 @@ mod tests {
         let dataset = t.env.registry.get(id).await.unwrap();
         let cancel = CancellationToken::new();
 
-        let checks = verify(&t.env, &dataset, &ALL, &cancel).await.unwrap();
+        let checks = verify(&t.env, &dataset, &ALL, RecallPolicy::Never, &cancel)
+            .await
+            .unwrap();
         for check in &checks {
             assert!(check.is_intact(), "{check:?}");
         }
@@ -455,7 +635,9 @@ mod tests {
         std::fs::remove_file(source.join("a.txt")).unwrap();
         write(&source.join("new.txt"), b"new");
 
-        let checks = verify(&t.env, &dataset, &ALL, &cancel).await.unwrap();
+        let checks = verify(&t.env, &dataset, &ALL, RecallPolicy::Never, &cancel)
+            .await
+            .unwrap();
         let bundle_md5 = bundle.md5.to_string();
         assert!(matches!(
             &differences(&checks[2])[..],
@@ -491,7 +673,9 @@ mod tests {
         let (id, _) = t.dataset("run_2", &[("a.txt", b"alpha")]).await;
         let cancel = CancellationToken::new();
         let dataset = t.env.registry.get(id).await.unwrap();
-        let checks = verify(&t.env, &dataset, &ALL, &cancel).await.unwrap();
+        let checks = verify(&t.env, &dataset, &ALL, RecallPolicy::Never, &cancel)
+            .await
+            .unwrap();
         let reasons: Vec<String> = checks
             .iter()
             .map(|check| match &check.outcome {

@@ -176,6 +176,27 @@ pub fn task_revoked(task: &str) {
         .inc();
 }
 
+/// A fixity check of one `copy` ended with `result` (`intact`, `differs`, `not_checked`,
+/// `error`), having read `bytes` (the checksum read or the bundle recalled).
+pub fn fixity_checked(copy: &'static str, result: &'static str, bytes: u64) {
+    METRICS
+        .fixity_checks
+        .get_or_create(&FixityLabels { copy, result })
+        .inc();
+    METRICS.fixity_read.inc_by(bytes);
+}
+
+/// Archived datasets not verified within the fixity period, as the last `fixity` run found,
+/// and those whose last verdict was a difference.
+pub fn fixity_standing(overdue: u64, failing: u64) {
+    METRICS
+        .fixity_overdue
+        .set(i64::try_from(overdue).unwrap_or(i64::MAX));
+    METRICS
+        .fixity_failing
+        .set(i64::try_from(failing).unwrap_or(i64::MAX));
+}
+
 /// A run of `job` ended (or was skipped) with `outcome` at `at`, the end its record holds; a
 /// success also makes `at` the job's last success.
 pub fn job_finished(job: &str, outcome: &RunOutcome, at: DateTime<Utc>) {
@@ -348,6 +369,12 @@ struct JobLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FixityLabels {
+    copy: &'static str,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct JobRunLabels {
     job_name: String,
     outcome: &'static str,
@@ -371,6 +398,10 @@ struct Metrics {
     job_last_success: Family<JobLabel, SecondsGauge>,
     job_period: Family<JobLabel, SecondsGauge>,
     lease_held: Gauge,
+    fixity_checks: Family<FixityLabels, Counter>,
+    fixity_read: Counter,
+    fixity_overdue: Gauge,
+    fixity_failing: Gauge,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -392,6 +423,10 @@ impl Metrics {
             job_last_success: Family::default(),
             job_period: Family::default(),
             lease_held: Gauge::default(),
+            fixity_checks: Family::default(),
+            fixity_read: Counter::default(),
+            fixity_overdue: Gauge::default(),
+            fixity_failing: Gauge::default(),
         };
         // Both directions from the start: a counter that appears only once it moves makes
         // `rate()` miss its first increase.
@@ -473,6 +508,27 @@ impl Metrics {
             "workers_scheduler_lease_held",
             "1 while this scheduler holds the scheduler lease and fires the jobs, else 0",
             metrics.lease_held.clone(),
+        );
+        registry.register(
+            "workers_fixity_checks",
+            "Fixity checks of dataset copies ended, by copy (archive, staged, source) and result (intact, differs, not_checked, error)",
+            metrics.fixity_checks.clone(),
+        );
+        registry.register_with_unit(
+            "workers_fixity_read",
+            "Bytes read by fixity checks (files re-read, bundles read or recalled)",
+            Unit::Bytes,
+            metrics.fixity_read.clone(),
+        );
+        registry.register(
+            "workers_fixity_overdue_datasets",
+            "Archived datasets not verified within fixity.period_days, as the last fixity run found",
+            metrics.fixity_overdue.clone(),
+        );
+        registry.register(
+            "workers_fixity_failing_datasets",
+            "Archived datasets whose last fixity check found a difference, as the last fixity run found",
+            metrics.fixity_failing.clone(),
         );
         metrics.registry = registry;
         metrics

@@ -127,6 +127,9 @@ pub enum DatasetState {
     Qc,
     /// Downloaded from Illumina BaseSpace (`download_illumina_dataset`).
     Downloaded,
+    /// A fixity check found a copy that differs from the record (`workers verify`, the
+    /// `fixity` job): an alert the UI shows as the dataset's state until a later state.
+    FixityFailed,
 }
 
 impl DatasetState {
@@ -141,11 +144,46 @@ impl DatasetState {
             DatasetState::Deleted => "DELETED",
             DatasetState::Qc => "QC",
             DatasetState::Downloaded => "DOWNLOADED",
+            DatasetState::FixityFailed => "FIXITY_FAILED",
         }
     }
 }
 
 impl fmt::Display for DatasetState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A copy of a dataset that a fixity check can re-read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CopyKind {
+    /// The directory the dataset was registered from.
+    Source,
+    /// The tree stage extracted for download.
+    Staged,
+    /// The tar bundle in the archive.
+    Archive,
+}
+
+impl CopyKind {
+    pub const ALL: [CopyKind; 3] = [CopyKind::Source, CopyKind::Staged, CopyKind::Archive];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyKind::Source => "source",
+            CopyKind::Staged => "staged",
+            CopyKind::Archive => "archive",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<CopyKind> {
+        CopyKind::ALL.into_iter().find(|copy| copy.as_str() == name)
+    }
+}
+
+impl fmt::Display for CopyKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }

@@ -14,10 +14,11 @@ pub enum JobName {
     ManageUploadWorkflows,
     PurgeStaleUploaded,
     PopulateBundles,
+    Fixity,
 }
 
 impl JobName {
-    pub const ALL: [JobName; 8] = [
+    pub const ALL: [JobName; 9] = [
         JobName::Watch,
         JobName::PurgeStagedDatasets,
         JobName::PurgeStaleWorkflows,
@@ -26,6 +27,7 @@ impl JobName {
         JobName::ManageUploadWorkflows,
         JobName::PurgeStaleUploaded,
         JobName::PopulateBundles,
+        JobName::Fixity,
     ];
 
     pub fn name(self) -> &'static str {
@@ -38,6 +40,7 @@ impl JobName {
             JobName::ManageUploadWorkflows => "manage_upload_workflows",
             JobName::PurgeStaleUploaded => "purge_stale_uploaded",
             JobName::PopulateBundles => "populate_bundles",
+            JobName::Fixity => "fixity",
         }
     }
 

@@ -236,6 +236,93 @@ impl HsiArchive {
         HsiArchive { config, pool }
     }
 
+    /// Fetches `archive_path` into `local` (through a partial file, renamed once complete and
+    /// synced) and returns the MD5 of the fetched bytes; with `verify`, HPSS also checks them
+    /// against the checksum it holds (`get -c on`).
+    async fn fetch(
+        &self,
+        archive_path: &str,
+        local: &Path,
+        verify: bool,
+        progress: &Progress,
+        cancel: &CancellationToken,
+    ) -> Result<Md5Digest, ArchiveError> {
+        let remote = quote_path(archive_path).map_err(invalid)?;
+        let target = local.to_path_buf();
+        blocking(move || remove_leftover_partials(&target))
+            .await
+            .with_context(|| format!("cannot remove leftovers next to `{}`", local.display()))
+            .map_err(ArchiveError::Transient)?;
+        let partial = attempt_sibling(local);
+        let partial_quoted = quote_local(&partial)?;
+        let size = self
+            .remote_size(&remote, cancel)
+            .await
+            .map_err(|err| err.not_found_or_transient(archive_path))?;
+        progress.start("sda get", "bytes", Some(size));
+
+        let get = if verify { "get -c on" } else { "get" };
+        let transferred = self
+            .transfer_with_progress(
+                &format!("{get} {partial_quoted} : {remote}"),
+                cancel,
+                || async {
+                    let done = tokio::fs::metadata(&partial).await.ok().map(|m| m.len());
+                    if let Some(done) = done {
+                        progress.set_done(done);
+                    }
+                    done
+                },
+            )
+            .await;
+        if let Err(err) = transferred {
+            let leftover = partial.clone();
+            let _ = blocking(move || std::fs::remove_file(&leftover)).await;
+            return Err(err.not_found_or_transient(archive_path));
+        }
+
+        progress.start("md5", "bytes", Some(size));
+        let (fetched, target, counter) = (partial.clone(), local.to_path_buf(), progress.clone());
+        let hashed = self
+            .pool
+            .run_job(cancel, move |cancel| -> anyhow::Result<Md5Digest> {
+                let mut file = std::fs::File::open(&fetched)
+                    .with_context(|| format!("cannot open `{}`", fetched.display()))?;
+                let (md5, _) = md5_reader(&mut file, &mut |n| counter.add(n), cancel)
+                    .with_context(|| format!("cannot read `{}`", fetched.display()))?;
+                file.sync_all()
+                    .with_context(|| format!("cannot sync `{}`", fetched.display()))?;
+                std::fs::rename(&fetched, &target).with_context(|| {
+                    format!(
+                        "cannot rename `{}` to `{}`",
+                        fetched.display(),
+                        target.display()
+                    )
+                })?;
+                sync_parent(&target).with_context(|| {
+                    format!("cannot sync the directory of `{}`", target.display())
+                })?;
+                Ok(md5)
+            })
+            .await;
+        match hashed {
+            Ok(Ok(md5)) => {
+                crate::metrics::transferred(crate::metrics::Direction::Stage, size);
+                Ok(md5)
+            }
+            outcome => {
+                let leftover = partial.clone();
+                let _ = blocking(move || std::fs::remove_file(&leftover)).await;
+                match outcome {
+                    Ok(Err(err)) if !crate::cancel::in_chain(&err) => {
+                        Err(ArchiveError::Transient(err))
+                    }
+                    _ => Err(ArchiveError::Cancelled),
+                }
+            }
+        }
+    }
+
     /// Runs `hsi -P "<command>"` within the command timeout and returns its standard output.
     async fn run(&self, command: &str, cancel: &CancellationToken) -> Result<String, RunError> {
         self.run_for(command, cancel, Some(self.config.command_timeout))
@@ -532,84 +619,19 @@ impl Archive for HsiArchive {
         progress: &Progress,
         cancel: &CancellationToken,
     ) -> Result<Md5Digest, ArchiveError> {
-        let remote = quote_path(archive_path).map_err(invalid)?;
-        let target = local.to_path_buf();
-        blocking(move || remove_leftover_partials(&target))
+        self.fetch(archive_path, local, self.config.verify, progress, cancel)
             .await
-            .with_context(|| format!("cannot remove leftovers next to `{}`", local.display()))
-            .map_err(ArchiveError::Transient)?;
-        let partial = attempt_sibling(local);
-        let partial_quoted = quote_local(&partial)?;
-        let size = self
-            .remote_size(&remote, cancel)
+    }
+
+    async fn recall(
+        &self,
+        archive_path: &str,
+        local: &Path,
+        progress: &Progress,
+        cancel: &CancellationToken,
+    ) -> Result<Md5Digest, ArchiveError> {
+        self.fetch(archive_path, local, false, progress, cancel)
             .await
-            .map_err(|err| err.not_found_or_transient(archive_path))?;
-        progress.start("sda get", "bytes", Some(size));
-
-        let get = if self.config.verify {
-            "get -c on"
-        } else {
-            "get"
-        };
-        let transferred = self
-            .transfer_with_progress(
-                &format!("{get} {partial_quoted} : {remote}"),
-                cancel,
-                || async {
-                    let done = tokio::fs::metadata(&partial).await.ok().map(|m| m.len());
-                    if let Some(done) = done {
-                        progress.set_done(done);
-                    }
-                    done
-                },
-            )
-            .await;
-        if let Err(err) = transferred {
-            let leftover = partial.clone();
-            let _ = blocking(move || std::fs::remove_file(&leftover)).await;
-            return Err(err.not_found_or_transient(archive_path));
-        }
-
-        progress.start("md5", "bytes", Some(size));
-        let (fetched, target, counter) = (partial.clone(), local.to_path_buf(), progress.clone());
-        let hashed = self
-            .pool
-            .run_job(cancel, move |cancel| -> anyhow::Result<Md5Digest> {
-                let mut file = std::fs::File::open(&fetched)
-                    .with_context(|| format!("cannot open `{}`", fetched.display()))?;
-                let (md5, _) = md5_reader(&mut file, &mut |n| counter.add(n), cancel)
-                    .with_context(|| format!("cannot read `{}`", fetched.display()))?;
-                file.sync_all()
-                    .with_context(|| format!("cannot sync `{}`", fetched.display()))?;
-                std::fs::rename(&fetched, &target).with_context(|| {
-                    format!(
-                        "cannot rename `{}` to `{}`",
-                        fetched.display(),
-                        target.display()
-                    )
-                })?;
-                sync_parent(&target).with_context(|| {
-                    format!("cannot sync the directory of `{}`", target.display())
-                })?;
-                Ok(md5)
-            })
-            .await;
-        match hashed {
-            Ok(Ok(md5)) => {
-                crate::metrics::transferred(crate::metrics::Direction::Stage, size);
-                Ok(md5)
-            }
-            outcome => {
-                let leftover = partial.clone();
-                let _ = blocking(move || std::fs::remove_file(&leftover)).await;
-                match outcome {
-                    Ok(Err(err)) if !crate::cancel::in_chain(&err) => {
-                        Err(ArchiveError::Transient(err))
-                    }
-                    _ => Err(ArchiveError::Cancelled),
-                }
-            }
-        }
     }
 
     async fn delete(&self, archive_path: &str) -> Result<bool, ArchiveError> {

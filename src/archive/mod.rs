@@ -60,6 +60,20 @@ pub trait Archive: Send + Sync {
         cancel: &CancellationToken,
     ) -> Result<Md5Digest, ArchiveError>;
 
+    /// `get` without the archive's own check of the fetched bytes against a checksum it holds
+    /// (`hsi get -c on`): for fixity checks, which compare the bytes with the dataset's record
+    /// themselves and must see bytes that changed on the medium as a difference, not as a
+    /// failed transfer.
+    async fn recall(
+        &self,
+        archive_path: &str,
+        local: &Path,
+        progress: &Progress,
+        cancel: &CancellationToken,
+    ) -> Result<Md5Digest, ArchiveError> {
+        self.get(archive_path, local, progress, cancel).await
+    }
+
     /// Removes `archive_path`; returns whether there was something to remove.
     async fn delete(&self, archive_path: &str) -> Result<bool, ArchiveError>;
 

@@ -2,12 +2,14 @@
 
 use std::process::ExitCode;
 
+use chrono::SecondsFormat;
 use serde_json::{Value, json};
 
 use super::find_dataset;
 use crate::app::App;
 use crate::cli::{DatasetsCommand, OutputFormat};
 use crate::registry::{Dataset, DatasetQuery};
+use crate::store::{FixityRecord, FixityResult};
 
 pub(super) async fn run(app: &App, cmd: DatasetsCommand) -> anyhow::Result<ExitCode> {
     match cmd {
@@ -61,11 +63,17 @@ pub(super) async fn run(app: &App, cmd: DatasetsCommand) -> anyhow::Result<ExitC
             format,
         } => {
             let dataset = find_dataset(app, &dataset, dataset_type).await?;
+            let checks = app.store.fixity_history(dataset.id, FIXITY_SHOWN).await?;
             match format {
                 OutputFormat::Json => {
-                    println!("{}", serde_json::to_string_pretty(&to_json(&dataset))?)
+                    let mut shown = to_json(&dataset);
+                    shown["fixity_checks"] = checks.iter().map(fixity_json).collect();
+                    println!("{}", serde_json::to_string_pretty(&shown)?)
                 }
-                OutputFormat::Table => print_dataset(&dataset),
+                OutputFormat::Table => {
+                    print_dataset(&dataset);
+                    print_fixity(&checks);
+                }
             }
         }
     }
@@ -116,6 +124,54 @@ fn print_dataset(d: &Dataset) {
     for state in &d.states {
         say!("    {}  {}", state.timestamp.to_rfc3339(), state.state);
     }
+}
+
+/// Fixity checks shown with a dataset, newest first.
+const FIXITY_SHOWN: usize = 20;
+
+fn print_fixity(checks: &[FixityRecord]) {
+    if checks.is_empty() {
+        say!("  fixity checks: none");
+        return;
+    }
+    say!("  fixity checks (newest first):");
+    let mut table = super::table([
+        "checked at",
+        "copy",
+        "result",
+        "files",
+        "read",
+        "by",
+        "detail",
+    ]);
+    for check in checks {
+        table.add_row([
+            check.checked_at.to_rfc3339_opts(SecondsFormat::Secs, true),
+            check.copy.clone(),
+            match check.result {
+                FixityResult::Differs => format!("differs ({})", check.differences),
+                other => other.as_str().to_owned(),
+            },
+            check.files.to_string(),
+            indicatif::HumanBytes(check.bytes_read).to_string(),
+            check.by.clone(),
+            check.detail.clone(),
+        ]);
+    }
+    println!("{table}");
+}
+
+fn fixity_json(check: &FixityRecord) -> Value {
+    json!({
+        "checked_at": check.checked_at.to_rfc3339(),
+        "copy": check.copy,
+        "result": check.result.as_str(),
+        "files": check.files,
+        "bytes_read": check.bytes_read,
+        "differences": check.differences,
+        "detail": check.detail,
+        "by": check.by,
+    })
 }
 
 /// The dataset as JSON, shaped like the Bioloop API's response (states newest first).

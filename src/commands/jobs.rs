@@ -302,6 +302,44 @@ fn print_report(report: &JobReport, dry_run: bool) {
             }
             println!("{table}");
         }
+        JobReport::Fixity(r) => {
+            let mut table = super::table(["dataset", "read", "result"]);
+            for item in &r.checked {
+                let result = if dry_run {
+                    "would check".to_owned()
+                } else {
+                    item.results
+                        .iter()
+                        .map(|(copy, result)| format!("{copy}: {}", result.as_str()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                table.add_row([
+                    format!("{} `{}`", item.id, item.name),
+                    indicatif::HumanBytes(item.bytes).to_string(),
+                    result,
+                ]);
+            }
+            println!("{table}");
+            if r.deferred > 0 {
+                say!(
+                    "{} more dataset(s) left for the next run (fixity.bytes_per_run)",
+                    r.deferred
+                );
+            }
+            if r.failing > 0 {
+                say!(
+                    "{} dataset(s) with a copy that differs from its record",
+                    r.failing
+                );
+            }
+            if r.overdue > 0 {
+                say!(
+                    "{} dataset(s) not verified within fixity.period_days",
+                    r.overdue
+                );
+            }
+        }
         JobReport::Metrics(r) => {
             let mut table = super::table(["measurement", "subject", "usage", "limit", "paths"]);
             for m in &r.metrics {

@@ -2,13 +2,15 @@
 
 use std::process::ExitCode;
 
+use chrono::Utc;
 use serde_json::json;
 
 use super::{EXIT_FAILED, Usage, find_dataset};
 use crate::app::App;
 use crate::cancel::CancellationToken;
 use crate::cli::{OutputFormat, VerifyDatasetArgs};
-use crate::fixity::{CheckOutcome, CopyCheck, CopyKind};
+use crate::config::RecallPolicy;
+use crate::fixity::{BY_HAND, CheckOutcome, CopyCheck, CopyKind};
 use crate::registry::Dataset;
 
 pub(super) async fn run(app: &App, args: VerifyDatasetArgs) -> anyhow::Result<ExitCode> {
@@ -40,7 +42,19 @@ pub(super) async fn run(app: &App, args: VerifyDatasetArgs) -> anyhow::Result<Ex
     };
     let cancel = CancellationToken::new();
     let env = app.step_env();
-    let checks = crate::fixity::verify(&env, &dataset, &copies, &cancel).await?;
+    let recall = if args.recall {
+        RecallPolicy::Always
+    } else {
+        app.settings.fixity.recall
+    };
+    let checks = crate::fixity::verify(&env, &dataset, &copies, recall, &cancel).await?;
+    let at = Utc::now();
+    let records: Vec<_> = checks
+        .iter()
+        .filter(|check| crate::fixity::missing_copy(&dataset, check.copy).is_none())
+        .map(|check| check.record(dataset.id, at, BY_HAND))
+        .collect();
+    crate::fixity::record(&env, app.store.as_ref(), &dataset, &records).await?;
     let intact = !checks.iter().any(CopyCheck::has_differences);
     match args.format {
         OutputFormat::Json => println!(

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::DatasetType;
+use crate::model::{CopyKind, DatasetType};
 use crate::names::JobName;
 use crate::scheduler::schedule::Schedule;
 
@@ -50,6 +50,20 @@ pub struct RawSettings {
     pub notifications: RawNotifications,
     pub qc: RawQc,
     pub illumina: RawIllumina,
+    pub fixity: RawFixity,
+}
+
+/// The `fixity` job: which copies it re-reads, how much a run may read, how often every
+/// dataset is to be verified.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawFixity {
+    /// `archive`, `staged`, `source`.
+    pub copies: Vec<String>,
+    /// A size (`"2 TB"`, `"500 GiB"`, `"0"`: no limit).
+    pub bytes_per_run: String,
+    pub period_days: u32,
+    /// `never`, `missing` or `always` (see `RecallPolicy`).
+    pub recall: String,
 }
 
 /// The upload pipeline (spec C.5): `manage_upload_workflows` and `purge_stale_uploaded`.
@@ -436,10 +450,48 @@ pub struct Settings {
     pub notifications: RawNotifications,
     pub qc: QcSettings,
     pub illumina: IlluminaSettings,
+    pub fixity: FixitySettings,
     /// Where the configuration came from, for `config show` and error messages.
     pub sources: Vec<String>,
     /// Things worth telling the operator at startup (for example a development secret in use).
     pub warnings: Vec<String>,
+}
+
+/// The `fixity` job's settings.
+#[derive(Debug, Clone)]
+pub struct FixitySettings {
+    /// The copies each check re-reads, in this order.
+    pub copies: Vec<CopyKind>,
+    /// Most bytes one run reads; `None`: no limit.
+    pub bytes_per_run: Option<u64>,
+    /// Every archived dataset is to be verified at least this often.
+    pub period: std::time::Duration,
+    pub recall: RecallPolicy,
+}
+
+/// When a fixity check of an archive that keeps checksums of its own (HPSS) recalls the
+/// bundle to read it, rather than trusting the checksum the archive holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecallPolicy {
+    /// Never: a bundle the archive holds no checksum for is not checked.
+    Never,
+    /// Only bundles the archive holds no checksum for.
+    Missing,
+    /// Every bundle: the bytes on the medium are read.
+    Always,
+}
+
+impl RecallPolicy {
+    pub const NAMES: &'static [&'static str] = &["never", "missing", "always"];
+
+    pub fn from_name(name: &str) -> Option<RecallPolicy> {
+        Some(match name {
+            "never" => RecallPolicy::Never,
+            "missing" => RecallPolicy::Missing,
+            "always" => RecallPolicy::Always,
+            _ => return None,
+        })
+    }
 }
 
 /// `generate_qc`'s programs and limits.

@@ -1559,3 +1559,56 @@ fn an_hsi_archive_path_is_not_a_local_directory_to_keep_apart() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn fixity_settings_take_sizes_with_units_and_name_each_bad_value() {
+    let project = Project::new();
+    let settings = ok(load(&project.opts(None, &[])));
+    assert_eq!(settings.fixity.copies, [crate::model::CopyKind::Archive]);
+    assert_eq!(settings.fixity.bytes_per_run, Some(2_000_000_000_000));
+    assert_eq!(settings.fixity.period.as_secs(), 90 * 86_400);
+    assert_eq!(settings.fixity.recall, RecallPolicy::Never);
+
+    let settings = ok(project.load_production(
+        "[fixity]\ncopies = [\"staged\", \"archive\", \"staged\"]\nbytes_per_run = \"500 GiB\"\nrecall = \"always\"\n",
+        &[],
+    ));
+    assert_eq!(
+        settings.fixity.copies,
+        [
+            crate::model::CopyKind::Staged,
+            crate::model::CopyKind::Archive
+        ]
+    );
+    assert_eq!(settings.fixity.bytes_per_run, Some(500 << 30));
+    assert_eq!(settings.fixity.recall, RecallPolicy::Always);
+    let settings = ok(load(
+        &project.opts(None, &[("WORKERS__FIXITY__BYTES_PER_RUN", "0")]),
+    ));
+    assert_eq!(settings.fixity.bytes_per_run, None, "0 means no limit");
+
+    let errors = expect_errors(project.load_production(
+        "[fixity]\ncopies = [\"tape\"]\nbytes_per_run = \"lots\"\nperiod_days = 0\nrecall = \"sometimes\"\n",
+        &[],
+    ));
+    assert!(
+        error_for(&errors, "fixity.copies[0]")
+            .message
+            .contains("unknown copy `tape`")
+    );
+    assert!(
+        error_for(&errors, "fixity.bytes_per_run")
+            .message
+            .contains("`lots` is not a size")
+    );
+    assert!(
+        error_for(&errors, "fixity.period_days")
+            .message
+            .contains("at least 1")
+    );
+    assert!(
+        error_for(&errors, "fixity.recall")
+            .message
+            .contains("never, missing, always")
+    );
+}

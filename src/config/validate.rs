@@ -545,10 +545,11 @@ pub(super) fn build(
         check.fail(&key(&["illumina", "bs"]), "must not be empty");
     }
     let illumina_dir = check.path(&["illumina", "download_dir"], &raw.illumina.download_dir);
+    let fixity = check.fixity(&raw.fixity);
 
     errors.append(&mut check.errors);
-    let (Some(backends), Some(progress_interval), Some(api), Some(mongo), Some(amqp)) =
-        (backends.all(), progress_interval, api, mongo, amqp)
+    let (Some(backends), Some(progress_interval), Some(api), Some(mongo), Some(amqp), Some(fixity)) =
+        (backends.all(), progress_interval, api, mongo, amqp, fixity)
     else {
         return None;
     };
@@ -629,6 +630,7 @@ pub(super) fn build(
             download_dir: illumina_dir,
             command_timeout: Duration::from_secs(raw.illumina.command_timeout_seconds),
         },
+        fixity,
         sources: ctx.layers.iter().map(|layer| layer.name.clone()).collect(),
         warnings,
     };
@@ -939,6 +941,72 @@ impl Checker<'_> {
     }
 
     /// Every job must have a schedule and every schedule a job; each is parsed and checked.
+    /// `[fixity]`: known copies, a size with its unit, a period, a recall policy.
+    fn fixity(&mut self, raw: &RawFixity) -> Option<FixitySettings> {
+        let mut ok = true;
+        let mut copies = Vec::new();
+        if raw.copies.is_empty() {
+            self.fail(
+                &key(&["fixity", "copies"]),
+                "must name at least one copy (archive, staged, source)",
+            );
+            ok = false;
+        }
+        for (i, name) in raw.copies.iter().enumerate() {
+            match crate::model::CopyKind::from_name(name) {
+                Some(copy) if !copies.contains(&copy) => copies.push(copy),
+                Some(_) => {}
+                None => {
+                    self.fail(
+                        &at(key(&["fixity", "copies"]), i),
+                        format!("unknown copy `{name}` (known: archive, staged, source)"),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        let bytes_per_run = match raw.bytes_per_run.trim() {
+            "0" => Some(None),
+            text => match text.parse::<bytesize::ByteSize>() {
+                Ok(size) if size.as_u64() > 0 => Some(Some(size.as_u64())),
+                Ok(_) | Err(_) => None,
+            },
+        };
+        if bytes_per_run.is_none() {
+            self.fail(
+                &key(&["fixity", "bytes_per_run"]),
+                format!(
+                    "`{}` is not a size: write a number with a unit, such as \"2 TB\" or \"500 GiB\" (\"0\": no limit)",
+                    raw.bytes_per_run
+                ),
+            );
+        }
+        if raw.period_days == 0 {
+            self.fail(&key(&["fixity", "period_days"]), "must be at least 1");
+            ok = false;
+        }
+        let recall = RecallPolicy::from_name(&raw.recall);
+        if recall.is_none() {
+            self.fail(
+                &key(&["fixity", "recall"]),
+                format!(
+                    "unknown policy `{}` (known: {})",
+                    raw.recall,
+                    RecallPolicy::NAMES.join(", ")
+                ),
+            );
+        }
+        let (Some(bytes_per_run), Some(recall), true) = (bytes_per_run, recall, ok) else {
+            return None;
+        };
+        Some(FixitySettings {
+            copies,
+            bytes_per_run,
+            period: Duration::from_secs(u64::from(raw.period_days) * 86_400),
+            recall,
+        })
+    }
+
     fn schedules(
         &mut self,
         raw: &std::collections::BTreeMap<String, RawSchedule>,

@@ -3,6 +3,7 @@
 //! decide what a run does.
 
 pub mod bundles;
+pub mod fixity;
 pub mod manage_uploads;
 pub mod metrics;
 pub mod purge;
@@ -167,6 +168,7 @@ pub enum JobReport {
     ManageUploads(manage_uploads::ManageUploadsReport),
     PurgeUploads(purge_uploads::PurgeUploadsReport),
     PopulateBundles(bundles::BundlesReport),
+    Fixity(fixity::FixityReport),
 }
 
 impl JobReport {
@@ -207,6 +209,24 @@ impl JobReport {
                 "skipped": r.skipped.len(),
                 "failed": r.failed.len(),
             }),
+            JobReport::Fixity(r) if r.dry_run => json!({
+                "would_check": r.checked.len(),
+                "would_read_bytes": r.bytes_read(),
+                "deferred": r.deferred,
+                "overdue": r.overdue,
+                "failing": r.failing,
+            }),
+            JobReport::Fixity(r) => json!({
+                "checked": r.checked.len(),
+                "intact": r.count(crate::store::FixityResult::Intact),
+                "differs": r.count(crate::store::FixityResult::Differs),
+                "not_checked": r.count(crate::store::FixityResult::NotChecked),
+                "errors": r.errors,
+                "bytes_read": r.bytes_read(),
+                "deferred": r.deferred,
+                "overdue": r.overdue,
+                "failing": r.failing,
+            }),
         };
         match value {
             Value::Object(map) => map,
@@ -220,6 +240,7 @@ impl JobReport {
             JobReport::Watch(r) => r.failed(),
             JobReport::PurgeStaged(r) => r.failed.len(),
             JobReport::PopulateBundles(r) => r.failed.len(),
+            JobReport::Fixity(r) => r.errors,
             JobReport::Reconcile(r) if !r.dry_run => {
                 r.started.iter().filter(|s| s.workflow_id.is_none()).count()
             }
@@ -279,6 +300,7 @@ pub async fn run_job(app: &App, job: JobName, opts: &JobOptions) -> anyhow::Resu
         JobName::PopulateBundles => {
             JobReport::PopulateBundles(bundles::run(app, opts.dry_run, cancel).await?)
         }
+        JobName::Fixity => JobReport::Fixity(fixity::run(app, opts.dry_run, cancel).await?),
     })
 }
 

@@ -179,6 +179,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("migrations/0005_uploads.sql")),
         M::up(include_str!("migrations/0006_control.sql")),
         M::up(include_str!("migrations/0007_queue_published_at.sql")),
+        M::up(include_str!("migrations/0008_fixity.sql")),
     ])
 }
 

@@ -242,6 +242,79 @@ pub struct WatchState {
     pub known: BTreeSet<String>,
 }
 
+/// What a fixity check of one copy concluded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FixityResult {
+    /// Every byte matched the record.
+    Intact,
+    /// The copy differs from the record (or is missing).
+    Differs,
+    /// The copy could not be compared (the archive holds no checksum and recalls are off, or
+    /// the record holds nothing to compare it with).
+    NotChecked,
+    /// Reading failed (the archive unreachable, a time limit); nothing was concluded.
+    Error,
+}
+
+impl FixityResult {
+    pub const ALL: [FixityResult; 4] = [
+        FixityResult::Intact,
+        FixityResult::Differs,
+        FixityResult::NotChecked,
+        FixityResult::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FixityResult::Intact => "intact",
+            FixityResult::Differs => "differs",
+            FixityResult::NotChecked => "not_checked",
+            FixityResult::Error => "error",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<FixityResult> {
+        FixityResult::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+
+    /// Whether the copy's content was compared (intact or differing): what makes a dataset
+    /// count as verified within the fixity period.
+    pub fn is_verdict(self) -> bool {
+        matches!(self, FixityResult::Intact | FixityResult::Differs)
+    }
+}
+
+/// One recorded fixity check of one copy of a dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FixityRecord {
+    pub dataset_id: i64,
+    /// `source`, `staged` or `archive`.
+    pub copy: String,
+    pub checked_at: DateTime<Utc>,
+    pub result: FixityResult,
+    pub files: u64,
+    pub bytes_read: u64,
+    /// How many differences were found (0 unless `Differs`).
+    pub differences: u64,
+    /// The first differences, why the copy was not checked, or the error; empty when intact.
+    pub detail: String,
+    /// What ran the check: `fixity` (the scheduled job) or `verify` (by hand).
+    pub by: String,
+}
+
+/// Where a dataset stands in the fixity rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FixityStanding {
+    /// The last check that was not an error: the rotation's order (an error is tried again
+    /// first next time).
+    pub checked_at: Option<DateTime<Utc>>,
+    /// The last check that compared the content (intact or differing): what the fixity period
+    /// is measured from.
+    pub verified_at: Option<DateTime<Utc>>,
+    /// Whether the last verdict on some copy was a difference.
+    pub failing: bool,
+}
+
 /// Where a page of `workflows_created_before` ended: the last workflow's creation time and id.
 /// It carries the time itself so that it stays valid when that workflow is deleted before the
 /// next page is read (a purge deletes as it pages).
@@ -433,6 +506,20 @@ pub trait WorkflowStore: Send + Sync {
     async fn watch_state(&self, source_dir: &str) -> anyhow::Result<WatchState>;
 
     async fn save_watch_state(&self, source_dir: &str, state: &WatchState) -> anyhow::Result<()>;
+
+    /// Records fixity checks (one per copy checked).
+    async fn record_fixity(&self, checks: &[FixityRecord]) -> anyhow::Result<()>;
+
+    /// The fixity checks of a dataset, newest first, at most `limit`.
+    async fn fixity_history(
+        &self,
+        dataset_id: i64,
+        limit: usize,
+    ) -> anyhow::Result<Vec<FixityRecord>>;
+
+    /// Where each dataset ever checked stands in the fixity rotation; datasets never checked
+    /// are absent.
+    async fn fixity_standings(&self) -> anyhow::Result<HashMap<i64, FixityStanding>>;
 }
 
 /// Why a job run started.

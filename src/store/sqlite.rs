@@ -7,9 +7,9 @@ use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
 use super::{
-    JobRun, PageCursor, RunOutcome, SchedulerStore, StepSpec, TaskClaim, TaskError, TaskMeta,
-    TaskRun, TaskStart, TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec,
-    WorkflowStep, WorkflowStore,
+    FixityRecord, FixityResult, FixityStanding, JobRun, PageCursor, RunOutcome, SchedulerStore,
+    StepSpec, TaskClaim, TaskError, TaskMeta, TaskRun, TaskStart, TaskStatus, Trigger, WatchState,
+    Workflow, WorkflowFilter, WorkflowSpec, WorkflowStep, WorkflowStore,
 };
 use crate::sqlite::{Db, from_millis, to_millis};
 
@@ -600,6 +600,102 @@ impl WorkflowStore for SqliteStore {
                     params![source_dir, i64::from(state.scan_count), serde_json::to_string(&state.known)?],
                 )?;
                 Ok(())
+            })
+            .await
+    }
+
+    async fn record_fixity(&self, checks: &[FixityRecord]) -> anyhow::Result<()> {
+        let checks = checks.to_vec();
+        self.db
+            .write(move |tx| {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO fixity_checks
+                       (dataset_id, copy, checked_at, result, files, bytes_read, differences, detail, by)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )?;
+                for check in &checks {
+                    insert.execute(params![
+                        check.dataset_id,
+                        check.copy,
+                        to_millis(check.checked_at),
+                        check.result.as_str(),
+                        check.files as i64,
+                        check.bytes_read as i64,
+                        check.differences as i64,
+                        check.detail,
+                        check.by,
+                    ])?;
+                }
+                Ok(())
+            })
+            .await
+    }
+
+    async fn fixity_history(
+        &self,
+        dataset_id: i64,
+        limit: usize,
+    ) -> anyhow::Result<Vec<FixityRecord>> {
+        self.db
+            .call(move |conn| {
+                let mut query = conn.prepare_cached(
+                    "SELECT copy, checked_at, result, files, bytes_read, differences, detail, by
+                     FROM fixity_checks WHERE dataset_id = ?1
+                     ORDER BY checked_at DESC, seq DESC LIMIT ?2",
+                )?;
+                let rows = query.query_map(params![dataset_id, limit as i64], |r| {
+                    let result: String = r.get(2)?;
+                    Ok(FixityRecord {
+                        dataset_id,
+                        copy: r.get(0)?,
+                        checked_at: from_millis(r.get(1)?),
+                        result: FixityResult::parse(&result).unwrap_or(FixityResult::Error),
+                        files: r.get::<_, i64>(3)? as u64,
+                        bytes_read: r.get::<_, i64>(4)? as u64,
+                        differences: r.get::<_, i64>(5)? as u64,
+                        detail: r.get(6)?,
+                        by: r.get(7)?,
+                    })
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await
+    }
+
+    async fn fixity_standings(&self) -> anyhow::Result<HashMap<i64, FixityStanding>> {
+        self.db
+            .call(move |conn| {
+                let mut query = conn.prepare_cached(
+                    "SELECT dataset_id,
+                            MAX(checked_at) FILTER (WHERE result != 'error'),
+                            MAX(checked_at) FILTER (WHERE result IN ('intact', 'differs'))
+                     FROM fixity_checks GROUP BY dataset_id",
+                )?;
+                let rows = query.query_map([], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        FixityStanding {
+                            checked_at: r.get::<_, Option<i64>>(1)?.map(from_millis),
+                            verified_at: r.get::<_, Option<i64>>(2)?.map(from_millis),
+                            failing: false,
+                        },
+                    ))
+                })?;
+                let mut standings = rows.collect::<Result<HashMap<_, _>, _>>()?;
+                // A copy whose last verdict is a difference: no intact check of it since.
+                let mut failing = conn.prepare_cached(
+                    "SELECT DISTINCT c.dataset_id FROM fixity_checks c
+                     WHERE c.result = 'differs' AND NOT EXISTS (
+                        SELECT 1 FROM fixity_checks d
+                        WHERE d.dataset_id = c.dataset_id AND d.copy = c.copy
+                          AND d.result = 'intact' AND d.seq > c.seq)",
+                )?;
+                for id in failing.query_map([], |r| r.get::<_, i64>(0))? {
+                    if let Some(standing) = standings.get_mut(&id?) {
+                        standing.failing = true;
+                    }
+                }
+                Ok(standings)
             })
             .await
     }

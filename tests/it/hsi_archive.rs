@@ -872,3 +872,85 @@ async fn a_cancelled_transfer_kills_hsi_and_leaves_nothing() {
     );
     assert!(!hpss.file("cancelled/bundle.tar").exists());
 }
+
+/// A fixity check over hsi trusts the checksum HPSS holds unless told to recall: a bit flipped
+/// on the medium is invisible to `hashlist` and found by a recall, which reads the bundle and
+/// leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixity_over_hsi_reads_the_tape_only_when_told_to_recall() {
+    use workers::config::RecallPolicy;
+    use workers::fixity::{CheckOutcome, CopyKind, verify};
+
+    let hpss = Hpss::new();
+    let project = Project::new();
+    let origin = project.dataset(
+        DatasetType::RawData,
+        "tape_run",
+        &[
+            ("a.txt", b"alpha"),
+            ("d/b.bin", &pseudo_random(200_000, 12)),
+        ],
+    );
+    let mut app = Arc::try_unwrap(project.app().await)
+        .ok()
+        .expect("the app is not shared yet");
+    Arc::make_mut(&mut app.settings).paths.raw_data.archive = "fixity/{year}".into();
+    app.archive = Arc::new(HsiArchive::new(hpss.config(true), app.pool.clone()));
+    let app = Arc::new(app);
+    let id = register_without_workflow(&app, "tape_run", &origin).await;
+    engine::start(&app, "integrated", id, Default::default())
+        .await
+        .unwrap();
+    run_until_idle(&app, 1, Duration::from_secs(120)).await;
+    let dataset = app.registry.get(id).await.unwrap();
+    let archive_path = dataset.archive_path.clone().unwrap();
+    let bundle = dataset.bundle.clone().unwrap();
+    let env = app.step_env();
+    let cancel = CancellationToken::new();
+    let check = |recall| {
+        let (env, dataset, cancel) = (Arc::clone(&env), dataset.clone(), cancel.clone());
+        async move {
+            verify(&env, &dataset, &[CopyKind::Archive], recall, &cancel)
+                .await
+                .unwrap()
+                .remove(0)
+        }
+    };
+
+    hpss.clear_log();
+    let trusted = check(RecallPolicy::Never).await;
+    assert!(trusted.is_intact(), "{trusted:?}");
+    assert_eq!(trusted.bytes_read, None, "HPSS answered with its checksum");
+    assert!(!hpss.log().iter().any(|c| c.starts_with("get ")));
+    // HPSS holds a checksum, so `missing` recalls nothing either.
+    assert_eq!(check(RecallPolicy::Missing).await.bytes_read, None);
+
+    // A bit flipped on the medium: HPSS still answers with the checksum it stored.
+    let stored = hpss.file(&archive_path);
+    let mut bytes = std::fs::read(&stored).unwrap();
+    let third = bytes.len() / 3;
+    bytes[third] ^= 0x01;
+    std::fs::set_permissions(&stored, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::write(&stored, &bytes).unwrap();
+    assert!(check(RecallPolicy::Never).await.is_intact());
+
+    let recalled = check(RecallPolicy::Always).await;
+    assert_eq!(recalled.bytes_read, Some(bundle.size));
+    match &recalled.outcome {
+        CheckOutcome::Differences {
+            count: 1,
+            differences,
+        } => {
+            assert!(differences[0].describe().contains("MD5"), "{differences:?}");
+        }
+        other => panic!("the recall must find the flipped bit: {other:?}"),
+    }
+    assert!(hpss.log().iter().any(|c| c.starts_with("get ")));
+    let scratch = &app.settings.paths.raw_data.bundle_stage;
+    let leftovers: Vec<_> = std::fs::read_dir(scratch)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|name| name.to_string_lossy().starts_with(".fixity-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

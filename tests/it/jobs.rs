@@ -301,7 +301,8 @@ fn jobs_list_shows_each_schedule_with_its_next_and_last_run() {
             "metrics",
             "manage_upload_workflows",
             "purge_stale_uploaded",
-            "populate_bundles"
+            "populate_bundles",
+            "fixity"
         ]
     );
     assert_eq!(jobs[0]["schedule"], "every 10s");
@@ -317,6 +318,8 @@ fn jobs_list_shows_each_schedule_with_its_next_and_last_run() {
     assert_eq!(jobs[5]["enabled"], true);
     // Off unless a site needs it.
     assert_eq!(jobs[7]["enabled"], false);
+    assert_eq!(jobs[8]["schedule"], "cron 0 0 2 * * *");
+    assert_eq!(jobs[8]["enabled"], true);
 }
 
 #[test]

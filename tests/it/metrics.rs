@@ -390,6 +390,7 @@ fn scheduler_project(port: u16) -> Project {
         "METRICS",
         "MANAGE_UPLOAD_WORKFLOWS",
         "PURGE_STALE_UPLOADED",
+        "FIXITY",
     ] {
         project.set_env(&format!("WORKERS__SCHEDULES__{job}__ENABLED"), "false");
     }

@@ -12,8 +12,9 @@ use workers::sqlite::Db;
 use workers::store::mongo::MongoStore;
 use workers::store::sqlite::SqliteStore;
 use workers::store::{
-    PageCursor, RunOutcome, SchedulerStore, StepSpec, TaskClaim, TaskError, TaskStart, TaskStatus,
-    Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec, WorkflowStore,
+    FixityRecord, FixityResult, FixityStanding, PageCursor, RunOutcome, SchedulerStore, StepSpec,
+    TaskClaim, TaskError, TaskStart, TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter,
+    WorkflowSpec, WorkflowStore,
 };
 use workers::workflow::status::derive;
 
@@ -765,8 +766,110 @@ async fn task_claim_story(store: &dyn WorkflowStore) {
     ));
 }
 
+/// Fixity checks: kept per dataset newest first; the rotation's standing moves with every check
+/// but an error, the period's with verdicts only, and a copy fails until it is found intact.
+async fn fixity_story(store: &dyn WorkflowStore) {
+    let t0 = ms(Utc::now()) - TimeDelta::hours(3);
+    let check = |dataset_id: i64, copy: &str, minutes: i64, result: FixityResult| FixityRecord {
+        dataset_id,
+        copy: copy.into(),
+        checked_at: t0 + TimeDelta::minutes(minutes),
+        result,
+        files: 3,
+        bytes_read: 1_000 + minutes as u64,
+        differences: u64::from(result == FixityResult::Differs),
+        detail: format!("{} at {minutes}", result.as_str()),
+        by: "fixity".into(),
+    };
+    assert!(store.fixity_standings().await.unwrap().is_empty());
+    assert!(store.fixity_history(1, 10).await.unwrap().is_empty());
+
+    store
+        .record_fixity(&[
+            check(1, "archive", 0, FixityResult::Intact),
+            check(1, "staged", 0, FixityResult::Differs),
+            check(2, "archive", 1, FixityResult::NotChecked),
+        ])
+        .await
+        .unwrap();
+    store
+        .record_fixity(&[check(3, "archive", 2, FixityResult::Error)])
+        .await
+        .unwrap();
+    let standings = store.fixity_standings().await.unwrap();
+    let at = |minutes: i64| Some(t0 + TimeDelta::minutes(minutes));
+    assert_eq!(
+        standings[&1],
+        FixityStanding {
+            checked_at: at(0),
+            verified_at: at(0),
+            failing: true
+        }
+    );
+    assert_eq!(
+        standings[&2],
+        FixityStanding {
+            checked_at: at(1),
+            verified_at: None,
+            failing: false
+        },
+        "a copy not checked moves the rotation, not the period"
+    );
+    assert!(
+        standings.get(&3).is_none_or(|s| s.checked_at.is_none()),
+        "an error leaves the dataset first in line: {:?}",
+        standings.get(&3)
+    );
+
+    // The staged copy found intact again clears the failure; an error after it changes nothing.
+    store
+        .record_fixity(&[check(1, "staged", 10, FixityResult::Intact)])
+        .await
+        .unwrap();
+    store
+        .record_fixity(&[check(1, "archive", 20, FixityResult::Error)])
+        .await
+        .unwrap();
+    let standings = store.fixity_standings().await.unwrap();
+    assert_eq!(
+        standings[&1],
+        FixityStanding {
+            checked_at: at(10),
+            verified_at: at(10),
+            failing: false
+        }
+    );
+
+    let history = store.fixity_history(1, 10).await.unwrap();
+    let seen: Vec<(&str, FixityResult)> = history
+        .iter()
+        .map(|c| (c.copy.as_str(), c.result))
+        .collect();
+    assert_eq!(
+        seen[..2],
+        [
+            ("archive", FixityResult::Error),
+            ("staged", FixityResult::Intact)
+        ]
+    );
+    // The two checks recorded at one moment come in either order.
+    let mut first = seen[2..].to_vec();
+    first.sort_by_key(|(copy, _)| *copy);
+    assert_eq!(
+        first,
+        [
+            ("archive", FixityResult::Intact),
+            ("staged", FixityResult::Differs)
+        ]
+    );
+    assert_eq!(history[0], check(1, "archive", 20, FixityResult::Error));
+    assert_eq!(store.fixity_history(1, 1).await.unwrap().len(), 1);
+    assert!(store.fixity_history(4, 10).await.unwrap().is_empty());
+}
+
 async fn story(workflows: &dyn WorkflowStore, scheduler: &dyn SchedulerStore) {
     workflow_story(workflows).await;
+    fixity_story(workflows).await;
     task_claim_story(workflows).await;
     purge_paging_story(workflows).await;
     watch_state_story(workflows).await;

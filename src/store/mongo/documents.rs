@@ -22,8 +22,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use crate::store::{
-    JobRun, PageCursor, RunOutcome, StepSpec, TaskError, TaskMeta, TaskRun, TaskStart, TaskStatus,
-    Trigger, WatchState, Workflow, WorkflowStep,
+    FixityRecord, FixityResult, FixityStanding, JobRun, PageCursor, RunOutcome, StepSpec,
+    TaskError, TaskMeta, TaskRun, TaskStart, TaskStatus, Trigger, WatchState, Workflow,
+    WorkflowStep,
 };
 
 /// sca-rhythm's workflows (spec F.2).
@@ -49,6 +50,13 @@ pub(super) const JOB_RUNS: &str = "workers_job_runs";
 pub(super) const COUNTERS: &str = "workers_counters";
 /// `{_id: task id, revoked_at}`: task ids revoked by an operator (Celery's state db).
 pub(super) const REVOKED: &str = "workers_revoked";
+/// One document per fixity check of one copy: `{dataset_id, copy, checked_at, result, files,
+/// bytes_read, differences, detail, by}`.
+pub(super) const FIXITY_CHECKS: &str = "workers_fixity_checks";
+/// `{_id: dataset id, checked_at, verified_at}`: where each dataset stands in the fixity
+/// rotation, kept beside the checks so that ordering the rotation reads one small document per
+/// dataset instead of grouping every check.
+pub(super) const FIXITY_STANDINGS: &str = "workers_fixity_standings";
 
 // Field names that filters, updates and parsers share (the structs below name theirs in
 // `serde` attributes, which take literals only; their tests check them against these).
@@ -125,7 +133,7 @@ pub(super) struct IndexSpec {
 
 /// The indexes of spec F.1 and those of this program's own collections.
 pub(super) fn indexes() -> Vec<IndexSpec> {
-    let wanted: [(&'static str, Document); 9] = [
+    let wanted: [(&'static str, Document); 10] = [
         (TASKS, doc! {STATUS: 1}),
         (TASKS, doc! {"kwargs.app_id": 1}),
         (TASKS, doc! {"kwargs.step": 1}),
@@ -136,6 +144,7 @@ pub(super) fn indexes() -> Vec<IndexSpec> {
         (WORKFLOWS, doc! {CREATED_AT: 1}),
         (JOB_RUNS, doc! {JOB: 1, ID: -1}),
         (JOB_RUNS, doc! {HOST: 1, OUTCOME: 1}),
+        (FIXITY_CHECKS, doc! {DATASET_ID: 1, CHECKED_AT: -1}),
     ];
     wanted
         .into_iter()
@@ -833,6 +842,106 @@ fn parse_step(step: &Document) -> anyhow::Result<WorkflowStep> {
         },
         runs,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// workers_fixity_checks, workers_fixity_standings
+
+const DATASET_ID: &str = "dataset_id";
+const CHECKED_AT: &str = "checked_at";
+const VERIFIED_AT: &str = "verified_at";
+const FAILING: &str = "failing";
+
+/// One fixity check (`workers_fixity_checks`); the server gives it its `_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(super) struct FixityCheckDocument {
+    dataset_id: i64,
+    copy: String,
+    checked_at: bson::DateTime,
+    result: String,
+    files: i64,
+    bytes_read: i64,
+    differences: i64,
+    detail: String,
+    by: String,
+}
+
+impl FixityCheckDocument {
+    pub(super) fn new(check: &FixityRecord) -> FixityCheckDocument {
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        FixityCheckDocument {
+            dataset_id: check.dataset_id,
+            copy: check.copy.clone(),
+            checked_at: bson_date(check.checked_at),
+            result: check.result.as_str().to_owned(),
+            files: count(check.files),
+            bytes_read: count(check.bytes_read),
+            differences: count(check.differences),
+            detail: check.detail.clone(),
+            by: check.by.clone(),
+        }
+    }
+}
+
+/// The checks of one dataset, for `fixity_history`.
+pub(super) fn fixity_checks_of(dataset_id: i64) -> Document {
+    doc! {DATASET_ID: dataset_id}
+}
+
+/// Newest check first.
+pub(super) fn newest_check_first() -> Document {
+    doc! {CHECKED_AT: -1}
+}
+
+/// A check as recorded; a field missing or of another type reads as its default.
+pub(super) fn parse_fixity_check(doc: &Document) -> FixityRecord {
+    let count = |key: &str| doc.get(key).and_then(bson_i64).unwrap_or(0).max(0) as u64;
+    let text = |key: &str| doc.get_str(key).unwrap_or_default().to_owned();
+    FixityRecord {
+        dataset_id: doc.get(DATASET_ID).and_then(bson_i64).unwrap_or(0),
+        copy: text("copy"),
+        checked_at: doc
+            .get_datetime(CHECKED_AT)
+            .map(|d| chrono_date(*d))
+            .unwrap_or_default(),
+        result: FixityResult::parse(doc.get_str("result").unwrap_or_default())
+            .unwrap_or(FixityResult::Error),
+        files: count("files"),
+        bytes_read: count("bytes_read"),
+        differences: count("differences"),
+        detail: text("detail"),
+        by: text("by"),
+    }
+}
+
+/// Moves a dataset's standing forward to `check` (`$max`: a check recorded late never moves
+/// its times back) and keeps the copy's last verdict (`failing.<copy>`); an error moves
+/// nothing.
+pub(super) fn fixity_standing_update(check: &FixityRecord) -> Option<Document> {
+    let at = bson_date(check.checked_at);
+    match check.result {
+        FixityResult::Error => None,
+        FixityResult::NotChecked => Some(doc! {"$max": {CHECKED_AT: at}}),
+        FixityResult::Intact | FixityResult::Differs => Some(doc! {
+            "$max": {CHECKED_AT: at, VERIFIED_AT: at},
+            "$set": {format!("{FAILING}.{}", check.copy): check.result == FixityResult::Differs},
+        }),
+    }
+}
+
+/// A `workers_fixity_standings` document: its dataset and standing.
+pub(super) fn parse_fixity_standing(doc: &Document) -> Option<(i64, FixityStanding)> {
+    let date = |key: &str| doc.get_datetime(key).ok().map(|d| chrono_date(*d));
+    Some((
+        doc.get(ID).and_then(bson_i64)?,
+        FixityStanding {
+            checked_at: date(CHECKED_AT),
+            verified_at: date(VERIFIED_AT),
+            failing: doc
+                .get_document(FAILING)
+                .is_ok_and(|copies| copies.values().any(|v| *v == Bson::Boolean(true))),
+        },
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -26,13 +26,14 @@ use mongodb::{Client, Collection, Database, IndexModel};
 use serde_json::{Map, Value};
 
 use self::documents::{
-    COUNTERS, JOB_RUNS, JOB_SLOTS, JobRunDocument, LEASES, REVOKED, RequestFields, START_ARGS,
-    StartArgsDocument, State, TASK_STARTS, TASKS, TaskDocument, WATCH_STATE, WORKFLOWS,
-    WatchStateDocument, WorkflowDocument,
+    COUNTERS, FIXITY_CHECKS, FIXITY_STANDINGS, FixityCheckDocument, JOB_RUNS, JOB_SLOTS,
+    JobRunDocument, LEASES, REVOKED, RequestFields, START_ARGS, StartArgsDocument, State,
+    TASK_STARTS, TASKS, TaskDocument, WATCH_STATE, WORKFLOWS, WatchStateDocument, WorkflowDocument,
 };
 use super::{
-    JobRun, PageCursor, RunOutcome, SchedulerStore, TaskClaim, TaskError, TaskMeta, TaskStart,
-    TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec, WorkflowStore,
+    FixityRecord, FixityStanding, JobRun, PageCursor, RunOutcome, SchedulerStore, TaskClaim,
+    TaskError, TaskMeta, TaskStart, TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter,
+    WorkflowSpec, WorkflowStore,
 };
 
 /// Ids per `$in` query, so a long list never makes one oversized command.
@@ -879,6 +880,71 @@ impl WorkflowStore for MongoStore {
                 )
             })?;
         Ok(())
+    }
+
+    async fn record_fixity(&self, checks: &[FixityRecord]) -> anyhow::Result<()> {
+        if checks.is_empty() {
+            return Ok(());
+        }
+        self.db
+            .collection::<FixityCheckDocument>(FIXITY_CHECKS)
+            .insert_many(checks.iter().map(FixityCheckDocument::new))
+            .await
+            .with_context(|| {
+                format!("cannot record fixity checks in {}", self.at(FIXITY_CHECKS))
+            })?;
+        // The standing after the checks: recorded second, so a crash in between leaves the
+        // dataset first in line again, never a standing without its check.
+        for check in checks {
+            let Some(update) = documents::fixity_standing_update(check) else {
+                continue;
+            };
+            self.collection(FIXITY_STANDINGS)
+                .update_one(documents::by_id(check.dataset_id), update)
+                .upsert(true)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot record the fixity standing of dataset {} in {}",
+                        check.dataset_id,
+                        self.at(FIXITY_STANDINGS)
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
+    async fn fixity_history(
+        &self,
+        dataset_id: i64,
+        limit: usize,
+    ) -> anyhow::Result<Vec<FixityRecord>> {
+        let docs: Vec<Document> = self
+            .collection(FIXITY_CHECKS)
+            .find(documents::fixity_checks_of(dataset_id))
+            .sort(documents::newest_check_first())
+            .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+            .await
+            .with_context(|| format!("cannot read {}", self.at(FIXITY_CHECKS)))?
+            .try_collect()
+            .await
+            .with_context(|| format!("cannot read {}", self.at(FIXITY_CHECKS)))?;
+        Ok(docs.iter().map(documents::parse_fixity_check).collect())
+    }
+
+    async fn fixity_standings(&self) -> anyhow::Result<HashMap<i64, FixityStanding>> {
+        let docs: Vec<Document> = self
+            .collection(FIXITY_STANDINGS)
+            .find(documents::all())
+            .await
+            .with_context(|| format!("cannot read {}", self.at(FIXITY_STANDINGS)))?
+            .try_collect()
+            .await
+            .with_context(|| format!("cannot read {}", self.at(FIXITY_STANDINGS)))?;
+        Ok(docs
+            .iter()
+            .filter_map(documents::parse_fixity_standing)
+            .collect())
     }
 }
 
