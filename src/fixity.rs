@@ -16,6 +16,7 @@ use tracing::{error, warn};
 
 use crate::archive::{ArchiveError, ArchivedFile};
 use crate::cancel::CancellationToken;
+use crate::compute::md5::Md5Digest;
 use crate::compute::walk::{InspectOptions, InspectRecord, RecordKind, inspect_tree};
 use crate::config::RecallPolicy;
 pub use crate::model::CopyKind;
@@ -449,10 +450,10 @@ async fn check_tree(
     cancel: &CancellationToken,
 ) -> anyhow::Result<CopyCheck> {
     let root = root.unwrap_or_default();
-    let mut expected: HashMap<String, FileRecord> = HashMap::new();
+    let mut expected: HashMap<String, Expected> = HashMap::new();
     let mut pages = FilePages::new(env.registry.as_ref(), dataset.id, PAGE);
     while let Some(page) = pages.next().await? {
-        expected.extend(page.into_iter().map(|row| (row.path.clone(), row)));
+        expected.extend(page.into_iter().map(Expected::from_row));
     }
     if expected.is_empty() {
         return Ok(CopyCheck::not_checked(
@@ -489,12 +490,31 @@ async fn check_tree(
     })
 }
 
+/// What a file row says, kept by path while a tree is compared: the row without its path,
+/// which is the map's key (at a million files the path is most of a row's memory).
+struct Expected {
+    md5: Option<Md5Digest>,
+    size: Option<u64>,
+    is_link: bool,
+}
+
+impl Expected {
+    fn from_row(row: FileRecord) -> (String, Expected) {
+        let expected = Expected {
+            md5: row.md5,
+            size: row.size,
+            is_link: row.file_type == FileType::SymbolicLink,
+        };
+        (row.path, expected)
+    }
+}
+
 /// Walks `root` as inspect does and compares what it finds with `expected`: the differences,
 /// how many unreadable entries the walk counted beyond those it named, the files read and the
 /// bytes hashed.
 fn compare_tree(
     root: &Path,
-    expected: HashMap<String, FileRecord>,
+    expected: HashMap<String, Expected>,
     cancel: &CancellationToken,
 ) -> std::io::Result<(Vec<Difference>, u64, u64, u64)> {
     let state = Mutex::new((expected, Vec::new()));
@@ -538,8 +558,8 @@ fn compare_tree(
 }
 
 /// A row against what is there now; `None` when they agree.
-fn compare(row: &FileRecord, found: InspectRecord) -> Option<Difference> {
-    let row_is_link = row.file_type == FileType::SymbolicLink;
+fn compare(row: &Expected, found: InspectRecord) -> Option<Difference> {
+    let row_is_link = row.is_link;
     let found_is_link = found.kind == RecordKind::Symlink;
     // A recorded link only has to be a link still; its target is not the dataset's content.
     if row_is_link && found_is_link {

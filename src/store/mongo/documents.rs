@@ -2052,7 +2052,7 @@ mod tests {
 
     #[test]
     fn indexes_are_those_the_inline_code_created() {
-        let inline: [(&str, Document); 9] = [
+        let inline: [(&str, Document); 10] = [
             (TASKS, doc! {"status": 1}),
             (TASKS, doc! {"kwargs.app_id": 1}),
             (TASKS, doc! {"kwargs.step": 1}),
@@ -2062,6 +2062,7 @@ mod tests {
             (WORKFLOWS, doc! {"created_at": 1}),
             (JOB_RUNS, doc! {"job": 1, "_id": -1}),
             (JOB_RUNS, doc! {"host": 1, "outcome": 1}),
+            (FIXITY_CHECKS, doc! {"dataset_id": 1, "checked_at": -1}),
         ];
         let ours = indexes();
         assert_eq!(ours.len(), inline.len());
@@ -2076,6 +2077,63 @@ mod tests {
             ours.iter().filter(|i| i.background.is_some()).count(),
             1,
             "only Celery's date_done index"
+        );
+    }
+
+    #[test]
+    fn fixity_checks_round_trip_and_standings_move_forward_only() {
+        let check = FixityRecord {
+            dataset_id: 42,
+            copy: "archive".into(),
+            checked_at: time("2026-12-01T02:00:00.123Z"),
+            result: FixityResult::Differs,
+            files: 1,
+            bytes_read: 3_000_000_000,
+            differences: 1,
+            detail: "`a.tar`: MD5 x, the record says y".into(),
+            by: "fixity".into(),
+        };
+        let doc = bson::to_document(&FixityCheckDocument::new(&check)).unwrap();
+        assert_eq!(doc.get("bytes_read"), Some(&Bson::Int64(3_000_000_000)));
+        assert!(matches!(doc.get("checked_at"), Some(Bson::DateTime(_))));
+        assert_eq!(parse_fixity_check(&doc), check);
+
+        let update = fixity_standing_update(&check).unwrap();
+        assert_eq!(
+            update,
+            doc! {
+                "$max": {"checked_at": bson_date(check.checked_at), "verified_at": bson_date(check.checked_at)},
+                "$set": {"failing.archive": true},
+            }
+        );
+        let not_checked = FixityRecord {
+            result: FixityResult::NotChecked,
+            ..check.clone()
+        };
+        assert_eq!(
+            fixity_standing_update(&not_checked),
+            Some(doc! {"$max": {"checked_at": bson_date(check.checked_at)}})
+        );
+        let error = FixityRecord {
+            result: FixityResult::Error,
+            ..check.clone()
+        };
+        assert_eq!(fixity_standing_update(&error), None);
+        let standing = doc! {
+            "_id": 42_i64,
+            "checked_at": bson_date(check.checked_at),
+            "failing": {"archive": false, "staged": true},
+        };
+        assert_eq!(
+            parse_fixity_standing(&standing),
+            Some((
+                42,
+                FixityStanding {
+                    checked_at: Some(check.checked_at),
+                    verified_at: None,
+                    failing: true
+                }
+            ))
         );
     }
 
