@@ -25,7 +25,7 @@ use crate::sqlite::Db;
 use crate::steps::StepEnv;
 use crate::store::mongo::MongoStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{SchedulerStore, WorkflowStore};
+use crate::store::{SchedulerStore, SpaceLedger, WorkflowStore};
 use crate::workflow::definitions::Definitions;
 
 /// Workflow definitions that do not load are a configuration problem (exit code 2).
@@ -41,6 +41,8 @@ pub struct App {
     pub store: Arc<dyn WorkflowStore>,
     /// The scheduler's records, kept by the same backend as the workflow store.
     pub scheduler_store: Arc<dyn SchedulerStore>,
+    /// The bytes steps hold on file systems for their output, kept by the same backend.
+    pub space: Arc<dyn SpaceLedger>,
     pub broker: Arc<dyn Broker>,
     pub archive: Arc<dyn Archive>,
     pub pool: Pool,
@@ -61,13 +63,15 @@ enum Access {
 }
 
 impl App {
-    /// What a step is given: the registry, the archive, the pool, the settings and the
-    /// identity of this app, nothing else.
+    /// What a step is given: the registry, the archive, the space ledger, the pool, the
+    /// settings and the identity of this app, nothing else.
     pub fn step_env(&self) -> Arc<StepEnv> {
         StepEnv::new(
             Arc::clone(&self.settings),
             Arc::clone(&self.registry),
             Arc::clone(&self.archive),
+            Arc::clone(&self.space),
+            Arc::clone(&self.store),
             self.pool.clone(),
             self.identity.clone(),
         )
@@ -149,24 +153,28 @@ impl App {
                 })?)
             }
         };
-        let (store, scheduler_store): (Arc<dyn WorkflowStore>, Arc<dyn SchedulerStore>) =
-            match settings.backends.store {
-                StoreKind::Sqlite => {
-                    let store = Arc::new(SqliteStore::new(embedded_db()?));
-                    (store.clone(), store)
-                }
-                StoreKind::Mongo => {
-                    let mongo = &settings.mongo;
-                    let store = Arc::new(
-                        MongoStore::connect(mongo.uri.expose(), &mongo.database)
-                            .await
-                            .with_context(|| {
-                                format!("cannot use the MongoDB store at {}", mongo.display)
-                            })?,
-                    );
-                    (store.clone(), store)
-                }
-            };
+        #[allow(clippy::type_complexity)]
+        let (store, scheduler_store, space): (
+            Arc<dyn WorkflowStore>,
+            Arc<dyn SchedulerStore>,
+            Arc<dyn SpaceLedger>,
+        ) = match settings.backends.store {
+            StoreKind::Sqlite => {
+                let store = Arc::new(SqliteStore::new(embedded_db()?));
+                (store.clone(), store.clone(), store)
+            }
+            StoreKind::Mongo => {
+                let mongo = &settings.mongo;
+                let store = Arc::new(
+                    MongoStore::connect(mongo.uri.expose(), &mongo.database)
+                        .await
+                        .with_context(|| {
+                            format!("cannot use the MongoDB store at {}", mongo.display)
+                        })?,
+                );
+                (store.clone(), store.clone(), store)
+            }
+        };
         let broker: Arc<dyn Broker> = match (broker, settings.backends.broker) {
             (Some(broker), _) => broker,
             (None, BrokerKind::Embedded) => Arc::new(EmbeddedBroker::new(
@@ -214,6 +222,7 @@ impl App {
             registry,
             store,
             scheduler_store,
+            space,
             broker,
             archive,
             pool,

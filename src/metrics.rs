@@ -38,6 +38,8 @@ pub enum StepOutcome {
     Retried,
     /// Failed for good: the workflow stops here.
     Failed,
+    /// Could not start yet (no room for its output) and queued again; no retry is counted.
+    Waiting,
 }
 
 impl StepOutcome {
@@ -46,6 +48,7 @@ impl StepOutcome {
             StepOutcome::Succeeded => "succeeded",
             StepOutcome::Retried => "retried",
             StepOutcome::Failed => "failed",
+            StepOutcome::Waiting => "waiting",
         }
     }
 }

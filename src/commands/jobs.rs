@@ -227,6 +227,12 @@ fn print_report(report: &JobReport, dry_run: bool) {
                     r.deferred
                 );
             }
+            for (fs, used) in &r.over_watermark {
+                say!("`{fs}` is {used:.1}% full, above stage.purge.high_watermark_percent");
+            }
+            for (id, name) in &r.purged_by_fill {
+                say!("purged the staged copy of dataset {id} (`{name}`) to make room");
+            }
             say!("{} staged dataset(s) {verb}", r.purged.len());
         }
         JobReport::PurgeWorkflows(r) => {

@@ -51,6 +51,16 @@ pub struct RawSettings {
     pub qc: RawQc,
     pub illumina: RawIllumina,
     pub fixity: RawFixity,
+    pub capacity: RawCapacity,
+}
+
+/// Admission by bytes: what steps leave free on the file systems they write to.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawCapacity {
+    /// A size (`"10 GiB"`) kept free on every file system a step writes to; `"0"`: none.
+    pub headroom: String,
+    /// How long a step that waits for space waits before it looks again.
+    pub wait_seconds: u64,
 }
 
 /// The `fixity` job: which copies it re-reads, how much a run may read, how often every
@@ -243,6 +253,12 @@ pub struct RawStage {
 pub struct RawPurge {
     pub days_to_live: u32,
     pub max_purges: u32,
+    /// Purging by fill: above this percentage of a staging file system used, the oldest staged
+    /// copies go until it is below `low_watermark_percent`; 0 turns it off.
+    pub high_watermark_percent: u8,
+    pub low_watermark_percent: u8,
+    /// Copies staged more recently than this are never purged to make room.
+    pub min_age_hours: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -451,10 +467,20 @@ pub struct Settings {
     pub qc: QcSettings,
     pub illumina: IlluminaSettings,
     pub fixity: FixitySettings,
+    pub capacity: CapacitySettings,
     /// Where the configuration came from, for `config show` and error messages.
     pub sources: Vec<String>,
     /// Things worth telling the operator at startup (for example a development secret in use).
     pub warnings: Vec<String>,
+}
+
+/// Admission by bytes (`capacity`).
+#[derive(Debug, Clone)]
+pub struct CapacitySettings {
+    /// Bytes kept free on every file system a step writes to.
+    pub headroom: u64,
+    /// How long a step that waits for space waits before it looks again.
+    pub wait: std::time::Duration,
 }
 
 /// The `fixity` job's settings.
@@ -676,6 +702,11 @@ pub struct Source {
 pub struct Stage {
     pub days_to_live: u32,
     pub max_purges: u32,
+    /// Purging by fill (percent of a staging file system used): start above `high`, stop at
+    /// `low`; `None`: off.
+    pub watermarks: Option<(u8, u8)>,
+    /// Copies staged more recently are never purged to make room.
+    pub min_age: std::time::Duration,
     pub alias_salt: SecretString,
     /// Permission bits of staged trees.
     pub modes: crate::compute::extract::Modes,

@@ -546,10 +546,43 @@ pub(super) fn build(
     }
     let illumina_dir = check.path(&["illumina", "download_dir"], &raw.illumina.download_dir);
     let fixity = check.fixity(&raw.fixity);
+    let headroom = check.size(&["capacity", "headroom"], &raw.capacity.headroom);
+    if raw.capacity.wait_seconds == 0 {
+        check.fail(&key(&["capacity", "wait_seconds"]), "must be at least 1");
+    }
+    let purge = &raw.stage.purge;
+    let watermarks = match (purge.high_watermark_percent, purge.low_watermark_percent) {
+        (0, _) => None,
+        (high, low) if high <= 100 && low < high => Some((high, low)),
+        (high, low) => {
+            check.fail(
+                &key(&["stage", "purge", "low_watermark_percent"]),
+                format!(
+                    "must be below high_watermark_percent ({high}), and both at most 100 (found {low}); set high_watermark_percent = 0 to turn purging by fill off"
+                ),
+            );
+            None
+        }
+    };
 
     errors.append(&mut check.errors);
-    let (Some(backends), Some(progress_interval), Some(api), Some(mongo), Some(amqp), Some(fixity)) =
-        (backends.all(), progress_interval, api, mongo, amqp, fixity)
+    let (
+        Some(backends),
+        Some(progress_interval),
+        Some(api),
+        Some(mongo),
+        Some(amqp),
+        Some(fixity),
+        Some(headroom),
+    ) = (
+        backends.all(),
+        progress_interval,
+        api,
+        mongo,
+        amqp,
+        fixity,
+        headroom,
+    )
     else {
         return None;
     };
@@ -582,6 +615,8 @@ pub(super) fn build(
         stage: Stage {
             days_to_live: raw.stage.purge.days_to_live,
             max_purges: raw.stage.purge.max_purges,
+            watermarks,
+            min_age: Duration::from_secs(u64::from(raw.stage.purge.min_age_hours) * 3600),
             alias_salt: SecretString::new(found.alias_salt),
             modes,
         },
@@ -631,6 +666,10 @@ pub(super) fn build(
             command_timeout: Duration::from_secs(raw.illumina.command_timeout_seconds),
         },
         fixity,
+        capacity: CapacitySettings {
+            headroom,
+            wait: Duration::from_secs(raw.capacity.wait_seconds),
+        },
         sources: ctx.layers.iter().map(|layer| layer.name.clone()).collect(),
         warnings,
     };
@@ -941,6 +980,26 @@ impl Checker<'_> {
     }
 
     /// Every job must have a schedule and every schedule a job; each is parsed and checked.
+    /// A size with its unit (`"2 TB"`, `"500 GiB"`, `"0"`), in bytes.
+    fn size(&mut self, parts: &[&str], text: &str) -> Option<u64> {
+        let parsed = match text.trim() {
+            "0" => Some(0),
+            trimmed => trimmed
+                .parse::<bytesize::ByteSize>()
+                .ok()
+                .map(|s| s.as_u64()),
+        };
+        if parsed.is_none() {
+            self.fail(
+                &key(parts),
+                format!(
+                    "`{text}` is not a size: write a number with a unit, such as \"2 TB\" or \"500 GiB\" (\"0\": none)"
+                ),
+            );
+        }
+        parsed
+    }
+
     /// `[fixity]`: known copies, a size with its unit, a period, a recall policy.
     fn fixity(&mut self, raw: &RawFixity) -> Option<FixitySettings> {
         let mut ok = true;
@@ -965,22 +1024,9 @@ impl Checker<'_> {
                 }
             }
         }
-        let bytes_per_run = match raw.bytes_per_run.trim() {
-            "0" => Some(None),
-            text => match text.parse::<bytesize::ByteSize>() {
-                Ok(size) if size.as_u64() > 0 => Some(Some(size.as_u64())),
-                Ok(_) | Err(_) => None,
-            },
-        };
-        if bytes_per_run.is_none() {
-            self.fail(
-                &key(&["fixity", "bytes_per_run"]),
-                format!(
-                    "`{}` is not a size: write a number with a unit, such as \"2 TB\" or \"500 GiB\" (\"0\": no limit)",
-                    raw.bytes_per_run
-                ),
-            );
-        }
+        let bytes_per_run = self
+            .size(&["fixity", "bytes_per_run"], &raw.bytes_per_run)
+            .map(|bytes| (bytes > 0).then_some(bytes));
         if raw.period_days == 0 {
             self.fail(&key(&["fixity", "period_days"]), "must be at least 1");
             ok = false;

@@ -185,9 +185,13 @@ impl JobReport {
                 "workflows_started": r.started_workflows().len(),
                 "would_register": r.sources.iter().map(|s| s.would_register.len()).sum::<usize>(),
             }),
-            JobReport::PurgeStaged(r) => {
-                json!({"purged": r.purged.len(), "deferred": r.deferred, "failed": r.failed.len()})
-            }
+            JobReport::PurgeStaged(r) => json!({
+                "purged": r.purged.len(),
+                "purged_by_fill": r.purged_by_fill.len(),
+                "over_watermark": r.over_watermark.len(),
+                "deferred": r.deferred,
+                "failed": r.failed.len(),
+            }),
             JobReport::PurgeWorkflows(r) => json!({"purged": r.purged.len()}),
             JobReport::Reconcile(r) => json!({
                 "datasets_without_workflow": r.started.len(),

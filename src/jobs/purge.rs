@@ -5,21 +5,29 @@
 //! anything; stale workflows are found page by page instead of with a
 //! list of every workflow id (spec J.25).
 
+use std::path::PathBuf;
+
 use chrono::{TimeDelta, Utc};
 use tracing::{info, warn};
 
 use super::check_interrupted;
 use crate::app::App;
 use crate::cancel::CancellationToken;
-use crate::model::DatasetState;
-use crate::registry::{Dataset, DatasetQuery};
-use crate::steps::withdraw_staged_copy;
+use crate::compute::blocking;
+use crate::model::DatasetType;
+use crate::registry::DatasetQuery;
+use crate::steps::capacity::{FsSpace, free_staging, purge_staged_copy, space_of};
 use crate::store::PageCursor;
 
 #[derive(Debug, Clone, Default)]
 pub struct StagedPurgeReport {
     /// Datasets purged (or that a dry run would purge): id and name.
     pub purged: Vec<(i64, String)>,
+    /// Datasets purged because their staging file system was above its high watermark.
+    pub purged_by_fill: Vec<(i64, String)>,
+    /// Staging file systems above their high watermark, with the percent used (after a dry
+    /// run: as found).
+    pub over_watermark: Vec<(String, f64)>,
     /// Datasets over the limit, left for the next run.
     pub deferred: usize,
     pub failed: Vec<(i64, String)>,
@@ -57,7 +65,7 @@ pub async fn purge_staged(
             report.purged.push((dataset.id, dataset.name.to_string()));
             continue;
         }
-        match purge_one(app, &dataset).await {
+        match purge_staged_copy(&app.step_env(), &dataset).await {
             Ok(()) => {
                 info!(dataset_id = dataset.id, name = %dataset.name, "Purged the staged copy.");
                 report.purged.push((dataset.id, dataset.name.to_string()));
@@ -68,16 +76,61 @@ pub async fn purge_staged(
             }
         }
     }
+    purge_by_fill(app, dry_run, &mut report).await?;
     Ok(report)
 }
 
-/// The record first (not staged, PURGED), then the links, the tree and the bundle: a purge that
-/// fails half-way leaves files behind, never a staged record without its copy.
-async fn purge_one(app: &App, dataset: &Dataset) -> anyhow::Result<()> {
-    withdraw_staged_copy(&app.step_env(), dataset).await?;
-    app.registry
-        .add_state(dataset.id, DatasetState::Purged)
+/// Staging file systems fuller than `stage.purge.high_watermark_percent` lose their longest
+/// staged copies (staged at least `min_age_hours` ago) until they are at most
+/// `low_watermark_percent` full.
+async fn purge_by_fill(
+    app: &App,
+    dry_run: bool,
+    report: &mut StagedPurgeReport,
+) -> anyhow::Result<()> {
+    let Some((high, low)) = app.settings.stage.watermarks else {
+        return Ok(());
+    };
+    let env = app.step_env();
+    let dirs: Vec<PathBuf> = DatasetType::ALL
+        .iter()
+        .map(|t| app.settings.paths.for_type(*t).stage.clone())
+        .collect();
+    let spaces = blocking(move || -> anyhow::Result<Vec<FsSpace>> {
+        let mut spaces: Vec<FsSpace> = Vec::new();
+        for dir in dirs {
+            let space = space_of(&dir)?;
+            if !spaces.iter().any(|s| s.mount == space.mount) {
+                spaces.push(space);
+            }
+        }
+        Ok(spaces)
+    })
+    .await?;
+    for space in spaces {
+        let used = space.used_percent();
+        if used <= f64::from(high) {
+            continue;
+        }
+        warn!(fs = %space.mount.display(), used_percent = format!("{used:.1}"), high_watermark_percent = high,
+            "A staging file system is above its high watermark; purging the longest staged copies.");
+        report
+            .over_watermark
+            .push((space.mount.display().to_string(), used));
+        if dry_run {
+            continue;
+        }
+        let wanted_free = space.total / 100 * u64::from(100 - low);
+        let purged = free_staging(
+            &env,
+            &space.mount,
+            wanted_free,
+            None,
+            &app.identity.holder(),
+        )
         .await?;
+        report.purged_by_fill.extend(purged);
+    }
     Ok(())
 }
 

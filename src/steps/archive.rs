@@ -20,7 +20,7 @@ use chrono::Datelike;
 use tracing::{info, warn};
 
 use super::{
-    RowsSummary, StepContext, StepError, StepResult, existing_origin, inspection_of,
+    RowsSummary, StepContext, StepError, StepResult, capacity, existing_origin, inspection_of,
     returns_dataset, wait_for_rows,
 };
 use crate::cancel::CancellationToken;
@@ -52,6 +52,21 @@ pub fn archive_path_of(ctx: &StepContext, dataset: &Dataset) -> String {
     )
 }
 
+/// At most the size of the dataset's bundle: its recorded size when it was bundled before, else
+/// the file bytes plus a tar header and block padding per entry and the end-of-archive blocks.
+fn bundle_size_bound(dataset: &Dataset) -> u64 {
+    if let Some(bundle) = &dataset.bundle {
+        return bundle.size;
+    }
+    let entries = dataset.num_files.unwrap_or(0) + dataset.num_directories.unwrap_or(0) + 1;
+    dataset
+        .size
+        .or(dataset.du_size)
+        .unwrap_or(0)
+        .saturating_add(entries.saturating_mul(1024))
+        .saturating_add(10_240)
+}
+
 pub async fn run(ctx: &StepContext) -> StepResult {
     let env = &ctx.env;
     let dataset = ctx.dataset().await?;
@@ -59,6 +74,16 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     let expected = Expected::of(ctx, &dataset).await?;
     let paths = env.settings.paths.for_type(dataset.dataset_type);
     let generate_dir = paths.bundle_generate.clone();
+    // Held until the step ends: the bundle is written, put in the archive and removed.
+    let _space = capacity::admit(
+        ctx,
+        vec![capacity::Need {
+            dir: generate_dir.clone(),
+            bytes: bundle_size_bound(&dataset),
+        }],
+        false,
+    )
+    .await?;
     let final_name = generate_dir.join(dataset.name.bundle_file_name());
     let bundle_path = blocking(move || -> anyhow::Result<PathBuf> {
         std::fs::create_dir_all(&generate_dir)

@@ -8,6 +8,7 @@
 
 pub mod archive;
 pub mod await_stability;
+pub mod capacity;
 pub mod delete;
 pub mod illumina;
 pub mod inspect;
@@ -36,6 +37,7 @@ use crate::identity::Identity;
 use crate::model::{DatasetName, InspectionRecord};
 use crate::progress::Progress;
 use crate::registry::{Dataset, DatasetId, Registry, RegistryError};
+use crate::store::{SpaceLedger, WorkflowStore};
 use anyhow::Context;
 
 /// The task names live in `names`, which every layer may use.
@@ -50,6 +52,11 @@ pub struct StepEnv {
     pub settings: Arc<Settings>,
     pub registry: Arc<dyn Registry>,
     pub archive: Arc<dyn Archive>,
+    /// Where steps reserve the bytes of their output (`capacity`).
+    pub space: Arc<dyn SpaceLedger>,
+    /// Read only, to tell whether a dataset's copy is still in use by an active workflow
+    /// before a purge on demand removes it.
+    pub workflows: Arc<dyn WorkflowStore>,
     pub pool: Pool,
     pub identity: Identity,
 }
@@ -59,6 +66,8 @@ impl StepEnv {
         settings: Arc<Settings>,
         registry: Arc<dyn Registry>,
         archive: Arc<dyn Archive>,
+        space: Arc<dyn SpaceLedger>,
+        workflows: Arc<dyn WorkflowStore>,
         pool: Pool,
         identity: Identity,
     ) -> Arc<StepEnv> {
@@ -66,6 +75,8 @@ impl StepEnv {
             settings,
             registry,
             archive,
+            space,
+            workflows,
             pool,
             identity,
         })
@@ -119,10 +130,17 @@ impl StepContext {
     }
 }
 
+/// The exception type of a step that waits for space (`StepError::waiting_for_space`): how the
+/// engine tells its RETRY record from a failed attempt's.
+pub const WAITING_FOR_SPACE: &str = "WaitingForSpace";
+
 /// Why a step failed, and whether trying again may help.
 #[derive(Debug)]
 pub struct StepError {
     retryable: bool,
+    /// Not a failure: the step cannot start yet (no room for its output) and is to be run
+    /// again after this long, without counting a retry.
+    wait: Option<std::time::Duration>,
     /// The exception type recorded in the task result (`InspectionFailed`, ...).
     kind: &'static str,
     error: anyhow::Error,
@@ -132,6 +150,7 @@ impl StepError {
     pub fn retryable(error: anyhow::Error) -> StepError {
         StepError {
             retryable: true,
+            wait: None,
             kind: "RetryableException",
             error,
         }
@@ -141,6 +160,7 @@ impl StepError {
     pub fn retryable_as(kind: &'static str, error: anyhow::Error) -> StepError {
         StepError {
             retryable: true,
+            wait: None,
             kind,
             error,
         }
@@ -149,6 +169,7 @@ impl StepError {
     pub fn permanent(kind: &'static str, error: anyhow::Error) -> StepError {
         StepError {
             retryable: false,
+            wait: None,
             kind,
             error,
         }
@@ -178,6 +199,22 @@ impl StepError {
         } else {
             StepError::retryable(error)
         }
+    }
+
+    /// `WaitingForSpace`: the step's output does not fit yet; its message goes back to the queue
+    /// to run again after `delay`, and no retry is counted. `error` says what it waits for.
+    pub fn waiting_for_space(delay: std::time::Duration, error: anyhow::Error) -> StepError {
+        StepError {
+            retryable: true,
+            wait: Some(delay),
+            kind: WAITING_FOR_SPACE,
+            error,
+        }
+    }
+
+    /// How long to wait before running again, for a step that could not start yet.
+    pub fn wait(&self) -> Option<std::time::Duration> {
+        self.wait
     }
 
     pub fn is_cancelled(&self) -> bool {

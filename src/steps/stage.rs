@@ -16,7 +16,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use tracing::{info, warn};
 
-use super::{StepContext, StepError, StepResult, returns_dataset, stage_alias, staged_bundle_path};
+use super::{
+    StepContext, StepError, StepResult, capacity, returns_dataset, stage_alias, staged_bundle_path,
+};
 use crate::compute::extract::{ExtractError, ExtractOptions, extract_bundle};
 use crate::compute::{blocking, remove_tree};
 use crate::model::DatasetState;
@@ -44,6 +46,26 @@ pub async fn run(ctx: &StepContext) -> StepResult {
     };
     let paths = env.settings.paths.for_type(dataset.dataset_type);
     let local_bundle = staged_bundle_path(env, &dataset);
+    // The fetched bundle stays beside the staged tree (setup_download links both); held until
+    // the step ends, when both are in place and show in the free space.
+    let tree = dataset.du_size.max(dataset.size).unwrap_or(bundle.size);
+    let _space = capacity::admit(
+        ctx,
+        vec![
+            capacity::Need {
+                dir: local_bundle
+                    .parent()
+                    .map_or_else(|| paths.stage.clone(), PathBuf::from),
+                bytes: bundle.size,
+            },
+            capacity::Need {
+                dir: paths.stage.clone(),
+                bytes: tree,
+            },
+        ],
+        true,
+    )
+    .await?;
     let (stage_dir, alias_name, bundle_dir) = (
         paths.stage.clone(),
         alias.clone(),

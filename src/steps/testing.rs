@@ -19,6 +19,7 @@ use crate::progress::Progress;
 use crate::registry::sqlite::SqliteRegistry;
 use crate::registry::{DatasetId, NewDataset};
 use crate::sqlite::Db;
+use crate::store::sqlite::SqliteStore;
 
 /// A temporary project: `config/default.toml` as shipped, the database and the data beside it.
 pub(crate) struct TestEnv {
@@ -50,8 +51,10 @@ impl TestEnv {
         let pool = Pool::new(2).expect("pool");
         let env = StepEnv::new(
             Arc::new(settings),
-            Arc::new(SqliteRegistry::new(db)),
+            Arc::new(SqliteRegistry::new(db.clone())),
             Arc::new(LocalArchive::new(pool.clone())),
+            Arc::new(SqliteStore::new(db.clone())),
+            Arc::new(SqliteStore::new(db)),
             pool,
             Identity::current(),
         );

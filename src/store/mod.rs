@@ -315,6 +315,15 @@ pub struct FixityStanding {
     pub failing: bool,
 }
 
+/// Bytes a running step holds on a file system for the output it is about to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpaceReservation {
+    /// The step's task id.
+    pub holder: String,
+    pub bytes: u64,
+    pub expires_at: DateTime<Utc>,
+}
+
 /// Where a page of `workflows_created_before` ended: the last workflow's creation time and id.
 /// It carries the time itself so that it stays valid when that workflow is deleted before the
 /// next page is read (a purge deletes as it pages).
@@ -520,6 +529,33 @@ pub trait WorkflowStore: Send + Sync {
     /// Where each dataset ever checked stands in the fixity rotation; datasets never checked
     /// are absent.
     async fn fixity_standings(&self) -> anyhow::Result<HashMap<i64, FixityStanding>>;
+}
+
+/// The bytes running steps hold on each file system for the output they are about to write
+/// (`capacity`): kept by the workflow store's backend, so that steps of every worker sharing
+/// the store share one account.
+#[async_trait]
+pub trait SpaceLedger: Send + Sync {
+    /// Reserves `bytes` on the file system `fs` (its mount point) for `holder` when they fit:
+    /// the live reservations of the other holders plus `bytes` at most `available`. Taking it
+    /// again while it is held renews it without that check (the holder's own output uses up
+    /// the free space it reserved). Returns whether the holder holds it now. A reservation
+    /// lapses `ttl` after it was last taken, judged by the store's clock, so a crashed
+    /// worker's bytes come free as its claim does.
+    async fn reserve_space(
+        &self,
+        fs: &str,
+        holder: &str,
+        bytes: u64,
+        available: u64,
+        ttl: std::time::Duration,
+    ) -> anyhow::Result<bool>;
+
+    /// Gives up `holder`'s reservation on `fs`, if it has one.
+    async fn release_space(&self, fs: &str, holder: &str) -> anyhow::Result<()>;
+
+    /// The live reservations on `fs`.
+    async fn space_reservations(&self, fs: &str) -> anyhow::Result<Vec<SpaceReservation>>;
 }
 
 /// Why a job run started.

@@ -8,8 +8,9 @@ use rusqlite::{OptionalExtension, params};
 
 use super::{
     FixityRecord, FixityResult, FixityStanding, JobRun, PageCursor, RunOutcome, SchedulerStore,
-    StepSpec, TaskClaim, TaskError, TaskMeta, TaskRun, TaskStart, TaskStatus, Trigger, WatchState,
-    Workflow, WorkflowFilter, WorkflowSpec, WorkflowStep, WorkflowStore,
+    SpaceLedger, SpaceReservation, StepSpec, TaskClaim, TaskError, TaskMeta, TaskRun, TaskStart,
+    TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec, WorkflowStep,
+    WorkflowStore,
 };
 use crate::sqlite::{Db, from_millis, to_millis};
 
@@ -929,6 +930,86 @@ impl SchedulerStore for SqliteStore {
                     params![host, reason, to_millis(now)],
                 )?;
                 Ok(changed as u64)
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl SpaceLedger for SqliteStore {
+    async fn reserve_space(
+        &self,
+        fs: &str,
+        holder: &str,
+        bytes: u64,
+        available: u64,
+        ttl: std::time::Duration,
+    ) -> anyhow::Result<bool> {
+        let (fs, holder) = (fs.to_owned(), holder.to_owned());
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        // One immediate transaction: no other process sums the reservations in between.
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "DELETE FROM space_reservations
+                     WHERE expires_at < CAST(unixepoch('subsec') * 1000 AS INTEGER)",
+                    [],
+                )?;
+                let (own, others): (i64, i64) = tx.query_row(
+                    "SELECT COALESCE(SUM(bytes) FILTER (WHERE holder = ?2), -1),
+                            COALESCE(SUM(bytes) FILTER (WHERE holder != ?2), 0)
+                     FROM space_reservations WHERE fs = ?1",
+                    params![fs, holder],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                // Held already: renewed without a second look at the free space, which the
+                // holder's own output is using up.
+                let held = own >= 0;
+                if !held && (others as u64).saturating_add(bytes) > available {
+                    return Ok(false);
+                }
+                tx.execute(
+                    "INSERT INTO space_reservations (fs, holder, bytes, expires_at)
+                     VALUES (?1, ?2, ?3, CAST(unixepoch('subsec') * 1000 AS INTEGER) + ?4)
+                     ON CONFLICT (fs, holder) DO UPDATE
+                     SET bytes = MAX(bytes, excluded.bytes), expires_at = excluded.expires_at",
+                    params![fs, holder, i64::try_from(bytes).unwrap_or(i64::MAX), ttl_ms],
+                )?;
+                Ok(true)
+            })
+            .await
+    }
+
+    async fn release_space(&self, fs: &str, holder: &str) -> anyhow::Result<()> {
+        let (fs, holder) = (fs.to_owned(), holder.to_owned());
+        self.db
+            .write(move |tx| {
+                tx.execute(
+                    "DELETE FROM space_reservations WHERE fs = ?1 AND holder = ?2",
+                    params![fs, holder],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn space_reservations(&self, fs: &str) -> anyhow::Result<Vec<SpaceReservation>> {
+        let fs = fs.to_owned();
+        self.db
+            .call(move |conn| {
+                let mut query = conn.prepare_cached(
+                    "SELECT holder, bytes, expires_at FROM space_reservations
+                     WHERE fs = ?1 AND expires_at >= CAST(unixepoch('subsec') * 1000 AS INTEGER)
+                     ORDER BY holder",
+                )?;
+                let rows = query.query_map([fs], |r| {
+                    Ok(SpaceReservation {
+                        holder: r.get(0)?,
+                        bytes: r.get::<_, i64>(1)?.max(0) as u64,
+                        expires_at: from_millis(r.get(2)?),
+                    })
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
             })
             .await
     }

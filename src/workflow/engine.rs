@@ -824,7 +824,11 @@ async fn run_claimed(
         _ => {}
     }
     if let Some(meta) = &stored {
+        // A step that waited for space was queued again under the same retry count.
+        let waited =
+            meta.result.get("exc_type").and_then(Value::as_str) == Some(steps::WAITING_FOR_SPACE);
         match attempt_of(meta.status, meta.retries, message.retries) {
+            Attempt::Retried if waited => {}
             Attempt::Due => {}
             Attempt::Superseded => {
                 info!(task_id = %message.id, retries = message.retries, stored_retries = meta.retries,
@@ -942,6 +946,22 @@ async fn run_claimed(
         Err(err) => {
             let policy = retry_policy(app, &message.task);
             let error = task_error(&err);
+            if let Some(wait) = err.wait() {
+                // Recorded as a retry (the step shows RETRY with what it waits for), queued
+                // again with the same retry count: waiting is not failing.
+                info!(task_id = %message.id, error = %error.exc_message,
+                    "Step waits; it will be tried again in {} s.", wait.as_secs());
+                app.store
+                    .task_retry(&message.id, &error, message.retries)
+                    .await?;
+                step_run.finish(crate::metrics::StepOutcome::Waiting);
+                if let Some(control) = &runner.control {
+                    control.task_event("task-retried", &message.id, error_fields(&error));
+                }
+                let eta = Utc::now()
+                    + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(60));
+                return delivery.retry_later(eta, message.retries).await;
+            }
             if err.is_retryable() && message.retries < policy.max_retries {
                 let retries = message.retries + 1;
                 warn!(task_id = %message.id, attempt, error = %error.exc_message,

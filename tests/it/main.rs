@@ -6,6 +6,7 @@
 mod amqp_broker;
 mod aux_tasks;
 mod bad_input;
+mod capacity;
 mod cli;
 mod common;
 mod control;

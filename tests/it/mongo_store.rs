@@ -677,6 +677,7 @@ async fn app_with(project: &Project, store: MongoStore) -> Arc<App> {
     let store = Arc::new(store);
     Arc::new(App {
         store: store.clone(),
+        space: store.clone(),
         scheduler_store: store,
         ..app
     })

@@ -12,9 +12,9 @@ use workers::sqlite::Db;
 use workers::store::mongo::MongoStore;
 use workers::store::sqlite::SqliteStore;
 use workers::store::{
-    FixityRecord, FixityResult, FixityStanding, PageCursor, RunOutcome, SchedulerStore, StepSpec,
-    TaskClaim, TaskError, TaskStart, TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter,
-    WorkflowSpec, WorkflowStore,
+    FixityRecord, FixityResult, FixityStanding, PageCursor, RunOutcome, SchedulerStore,
+    SpaceLedger, StepSpec, TaskClaim, TaskError, TaskStart, TaskStatus, Trigger, WatchState,
+    Workflow, WorkflowFilter, WorkflowSpec, WorkflowStore,
 };
 use workers::workflow::status::derive;
 
@@ -867,6 +867,87 @@ async fn fixity_story(store: &dyn WorkflowStore) {
     assert!(store.fixity_history(4, 10).await.unwrap().is_empty());
 }
 
+/// Space reservations: admitted while they fit beside the others', renewed by their holder
+/// whatever the free space, given back, and lapsing by themselves.
+async fn space_story(ledger: &dyn SpaceLedger) {
+    let ttl = Duration::from_secs(30);
+    let fs = "/stage";
+    assert!(
+        ledger
+            .reserve_space(fs, "a", 600, 1_000, ttl)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !ledger
+            .reserve_space(fs, "b", 500, 1_000, ttl)
+            .await
+            .unwrap(),
+        "600 held and 500 more do not fit in 1,000"
+    );
+    assert!(
+        ledger
+            .reserve_space(fs, "b", 400, 1_000, ttl)
+            .await
+            .unwrap()
+    );
+    assert!(
+        ledger
+            .reserve_space("/archive", "c", 900, 1_000, ttl)
+            .await
+            .unwrap(),
+        "file systems are apart"
+    );
+    // The holder's own output uses up the free space: a renewal is not judged by it.
+    assert!(ledger.reserve_space(fs, "a", 600, 0, ttl).await.unwrap());
+    let held: Vec<(String, u64)> = ledger
+        .space_reservations(fs)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.holder, r.bytes))
+        .collect();
+    assert_eq!(held, [("a".to_owned(), 600), ("b".to_owned(), 400)]);
+
+    ledger.release_space(fs, "a").await.unwrap();
+    ledger.release_space(fs, "nobody").await.unwrap();
+    assert!(
+        ledger
+            .reserve_space(fs, "d", 600, 1_000, ttl)
+            .await
+            .unwrap()
+    );
+
+    // A holder that stops renewing loses its bytes.
+    assert!(
+        ledger
+            .reserve_space("/short", "e", 900, 1_000, Duration::from_millis(200))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !ledger
+            .reserve_space("/short", "f", 900, 1_000, ttl)
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        ledger
+            .reserve_space("/short", "f", 900, 1_000, ttl)
+            .await
+            .unwrap()
+    );
+    assert_eq!(ledger.space_reservations("/short").await.unwrap().len(), 1);
+    assert!(
+        ledger
+            .space_reservations("/nothing")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 async fn story(workflows: &dyn WorkflowStore, scheduler: &dyn SchedulerStore) {
     workflow_story(workflows).await;
     fixity_story(workflows).await;
@@ -883,6 +964,7 @@ async fn the_sqlite_store_keeps_the_contract() {
     let db = Db::open(&dir.path().join("store.db"), Duration::from_secs(5)).unwrap();
     let store = SqliteStore::new(db);
     story(&store, &store).await;
+    space_story(&store).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -894,4 +976,5 @@ async fn the_mongo_store_keeps_the_contract() {
         .await
         .unwrap();
     story(&store, &store).await;
+    space_story(&store).await;
 }

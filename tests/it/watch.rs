@@ -186,6 +186,7 @@ async fn a_failed_batch_is_tried_again_on_the_next_run() {
         registry: flaky,
         store: Arc::clone(&built.store),
         scheduler_store: Arc::clone(&built.scheduler_store),
+        space: Arc::clone(&built.space),
         broker: Arc::clone(&built.broker),
         archive: Arc::clone(&built.archive),
         pool: built.pool.clone(),

@@ -22,8 +22,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use crate::store::{
-    FixityRecord, FixityResult, FixityStanding, JobRun, PageCursor, RunOutcome, StepSpec,
-    TaskError, TaskMeta, TaskRun, TaskStart, TaskStatus, Trigger, WatchState, Workflow,
+    FixityRecord, FixityResult, FixityStanding, JobRun, PageCursor, RunOutcome, SpaceReservation,
+    StepSpec, TaskError, TaskMeta, TaskRun, TaskStart, TaskStatus, Trigger, WatchState, Workflow,
     WorkflowStep,
 };
 
@@ -57,6 +57,10 @@ pub(super) const FIXITY_CHECKS: &str = "workers_fixity_checks";
 /// rotation, kept beside the checks so that ordering the rotation reads one small document per
 /// dataset instead of grouping every check.
 pub(super) const FIXITY_STANDINGS: &str = "workers_fixity_standings";
+/// `{_id: file system (mount point), version, holders: [{holder, bytes, expires_at}]}`: the
+/// bytes running steps hold there. One document per file system, replaced as a whole under its
+/// `version`, so that checking the sum and adding a reservation is one atomic write.
+pub(super) const SPACE: &str = "workers_space_reservations";
 
 // Field names that filters, updates and parsers share (the structs below name theirs in
 // `serde` attributes, which take literals only; their tests check them against these).
@@ -842,6 +846,54 @@ fn parse_step(step: &Document) -> anyhow::Result<WorkflowStep> {
         },
         runs,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// workers_space_reservations
+
+const VERSION: &str = "version";
+const HOLDERS: &str = "holders";
+
+/// The version and the reservations of a `workers_space_reservations` document (expired ones
+/// included); a reservation with a field missing is left out.
+pub(super) fn parse_space(doc: &Document) -> (i64, Vec<SpaceReservation>) {
+    let version = doc.get(VERSION).and_then(bson_i64).unwrap_or(0);
+    let holders = match doc.get(HOLDERS) {
+        Some(Bson::Array(items)) => items
+            .iter()
+            .filter_map(|item| {
+                let item = item.as_document()?;
+                Some(SpaceReservation {
+                    holder: item.get_str("holder").ok()?.to_owned(),
+                    bytes: item.get("bytes").and_then(bson_i64)?.max(0) as u64,
+                    expires_at: chrono_date(*item.get_datetime("expires_at").ok()?),
+                })
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    (version, holders)
+}
+
+/// The whole document of `fs` at `version`.
+pub(super) fn space_document(fs: &str, version: i64, holders: &[SpaceReservation]) -> Document {
+    let holders: Vec<Bson> = holders
+        .iter()
+        .map(|r| {
+            Bson::Document(doc! {
+                "holder": &r.holder,
+                "bytes": i64::try_from(r.bytes).unwrap_or(i64::MAX),
+                "expires_at": bson_date(r.expires_at),
+            })
+        })
+        .collect();
+    doc! {ID: fs, VERSION: version, HOLDERS: holders}
+}
+
+/// The document of `fs` as it was read: a write under this filter fails to match when another
+/// process changed it since.
+pub(super) fn space_at_version(fs: &str, version: i64) -> Document {
+    doc! {ID: fs, VERSION: version}
 }
 
 // ---------------------------------------------------------------------------------------------

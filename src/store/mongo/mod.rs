@@ -27,14 +27,24 @@ use serde_json::{Map, Value};
 
 use self::documents::{
     COUNTERS, FIXITY_CHECKS, FIXITY_STANDINGS, FixityCheckDocument, JOB_RUNS, JOB_SLOTS,
-    JobRunDocument, LEASES, REVOKED, RequestFields, START_ARGS, StartArgsDocument, State,
+    JobRunDocument, LEASES, REVOKED, RequestFields, SPACE, START_ARGS, StartArgsDocument, State,
     TASK_STARTS, TASKS, TaskDocument, WATCH_STATE, WORKFLOWS, WatchStateDocument, WorkflowDocument,
 };
 use super::{
-    FixityRecord, FixityStanding, JobRun, PageCursor, RunOutcome, SchedulerStore, TaskClaim,
-    TaskError, TaskMeta, TaskStart, TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter,
-    WorkflowSpec, WorkflowStore,
+    FixityRecord, FixityStanding, JobRun, PageCursor, RunOutcome, SchedulerStore, SpaceLedger,
+    SpaceReservation, TaskClaim, TaskError, TaskMeta, TaskStart, TaskStatus, Trigger, WatchState,
+    Workflow, WorkflowFilter, WorkflowSpec, WorkflowStore,
 };
+
+/// What `change_space` does with a holder's reservation.
+enum SpaceChange {
+    /// Write nothing.
+    Nothing,
+    /// Remove the holder's reservation.
+    Drop,
+    /// Put this one in its place.
+    Hold(SpaceReservation),
+}
 
 /// Ids per `$in` query, so a long list never makes one oversized command.
 const IN_BATCH: usize = 1000;
@@ -212,6 +222,59 @@ impl MongoStore {
             run.await?;
         }
         Ok(())
+    }
+
+    /// Changes the reservations of `fs` as `change` decides, given the server's time,
+    /// `holder`'s live reservation and the others' (expired ones are dropped on the way). The
+    /// document is replaced under the version it was read at, and read again when another
+    /// process wrote it first. Returns whether `holder` holds a reservation afterwards.
+    async fn change_space(
+        &self,
+        fs: &str,
+        holder: &str,
+        change: impl Fn(DateTime<Utc>, Option<&SpaceReservation>, &[SpaceReservation]) -> SpaceChange,
+    ) -> anyhow::Result<bool> {
+        const ATTEMPTS: usize = 32;
+        let coll = self.collection(SPACE);
+        for _ in 0..ATTEMPTS {
+            let now = self.server_now().await?;
+            let doc = coll
+                .find_one(documents::by_id(fs))
+                .await
+                .with_context(|| format!("cannot read {}", self.at(SPACE)))?;
+            let (version, holders) = doc.as_ref().map(documents::parse_space).unwrap_or_default();
+            let (own, mut kept): (Vec<SpaceReservation>, Vec<SpaceReservation>) = holders
+                .into_iter()
+                .filter(|r| r.expires_at >= now)
+                .partition(|r| r.holder == holder);
+            let held = match change(now, own.first(), &kept) {
+                SpaceChange::Nothing => return Ok(!own.is_empty()),
+                SpaceChange::Drop => false,
+                SpaceChange::Hold(reservation) => {
+                    kept.push(reservation);
+                    true
+                }
+            };
+            let replacement = documents::space_document(fs, version + 1, &kept);
+            let written = if doc.is_some() {
+                coll.replace_one(documents::space_at_version(fs, version), replacement)
+                    .await
+                    .map(|r| r.matched_count == 1)
+            } else {
+                match coll.insert_one(replacement).await {
+                    Ok(_) => Ok(true),
+                    Err(err) if is_duplicate_key(&err) => Ok(false),
+                    Err(err) => Err(err),
+                }
+            };
+            if written.with_context(|| format!("cannot write {}", self.at(SPACE)))? {
+                return Ok(held);
+            }
+        }
+        anyhow::bail!(
+            "cannot change the reservations of `{fs}` in {}: {ATTEMPTS} other writes came first",
+            self.at(SPACE)
+        )
     }
 
     /// Names a collection in messages: `database.collection`.
@@ -1124,4 +1187,69 @@ fn error_code(err: &mongodb::error::Error) -> Option<i32> {
 
 fn is_duplicate_key(err: &mongodb::error::Error) -> bool {
     error_code(err) == Some(DUPLICATE_KEY)
+}
+
+#[async_trait]
+impl SpaceLedger for MongoStore {
+    async fn reserve_space(
+        &self,
+        fs: &str,
+        holder: &str,
+        bytes: u64,
+        available: u64,
+        ttl: std::time::Duration,
+    ) -> anyhow::Result<bool> {
+        let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        self.change_space(fs, holder, |now, own, others| {
+            let reservation = |bytes| {
+                SpaceChange::Hold(SpaceReservation {
+                    holder: holder.to_owned(),
+                    bytes,
+                    expires_at: now + ttl,
+                })
+            };
+            match own {
+                // Held already: renewed without a second look at the free space, which the
+                // holder's own output is using up.
+                Some(own) => reservation(own.bytes.max(bytes)),
+                None if others
+                    .iter()
+                    .map(|r| r.bytes)
+                    .sum::<u64>()
+                    .saturating_add(bytes)
+                    <= available =>
+                {
+                    reservation(bytes)
+                }
+                None => SpaceChange::Nothing,
+            }
+        })
+        .await
+    }
+
+    async fn release_space(&self, fs: &str, holder: &str) -> anyhow::Result<()> {
+        self.change_space(fs, holder, |_, own, _| match own {
+            Some(_) => SpaceChange::Drop,
+            None => SpaceChange::Nothing,
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn space_reservations(&self, fs: &str) -> anyhow::Result<Vec<SpaceReservation>> {
+        let now = self.server_now().await?;
+        let doc = self
+            .collection(SPACE)
+            .find_one(documents::by_id(fs))
+            .await
+            .with_context(|| format!("cannot read {}", self.at(SPACE)))?;
+        let mut live: Vec<SpaceReservation> = doc
+            .map(|doc| documents::parse_space(&doc).1)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.expires_at >= now)
+            .collect();
+        live.sort_by(|a, b| a.holder.cmp(&b.holder));
+        Ok(live)
+    }
 }
