@@ -1612,3 +1612,37 @@ fn fixity_settings_take_sizes_with_units_and_name_each_bad_value() {
             .contains("never, missing, always")
     );
 }
+
+#[test]
+fn capacity_and_purge_by_fill_settings_are_checked() {
+    let project = Project::new();
+    let settings = ok(load(&project.opts(None, &[])));
+    assert_eq!(settings.capacity.headroom, 1 << 30);
+    assert_eq!(settings.capacity.wait, Duration::from_secs(60));
+    assert_eq!(settings.stage.watermarks, Some((85, 75)));
+    assert_eq!(settings.stage.min_age, Duration::from_secs(24 * 3600));
+    let settings = ok(load(&project.opts(
+        None,
+        &[("WORKERS__STAGE__PURGE__HIGH_WATERMARK_PERCENT", "0")],
+    )));
+    assert_eq!(
+        settings.stage.watermarks, None,
+        "0 turns purging by fill off"
+    );
+
+    let errors = expect_errors(project.load_production(
+        "[capacity]\nheadroom = \"plenty\"\nwait_seconds = 0\n[stage.purge]\nhigh_watermark_percent = 70\nlow_watermark_percent = 80\n",
+        &[],
+    ));
+    assert!(
+        error_for(&errors, "capacity.headroom")
+            .message
+            .contains("`plenty` is not a size")
+    );
+    error_for(&errors, "capacity.wait_seconds");
+    assert!(
+        error_for(&errors, "stage.purge.low_watermark_percent")
+            .message
+            .contains("must be below high_watermark_percent (70)")
+    );
+}

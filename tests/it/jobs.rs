@@ -126,7 +126,7 @@ async fn purge_staged_datasets_removes_old_staged_copies_and_their_links() {
     assert_eq!(runs[0]["outcome"], "success");
     assert_eq!(
         runs[0]["counters"],
-        json!({"purged": 2, "deferred": 1, "failed": 0})
+        json!({"purged": 2, "purged_by_fill": 0, "over_watermark": 0, "deferred": 1, "failed": 0})
     );
     assert_eq!(runs[1]["dry_run"], true);
 
