@@ -188,7 +188,10 @@ async fn the_fixity_job_rotates_through_the_archive_within_its_budget_and_alerts
         bytes[middle] ^= 0x10;
     });
     let third = run(false).await;
-    assert_eq!(names(&third), ["fix_b", "fix_c"]);
+    // fix_b was checked longest ago; fix_c and fix_a follow it in the order of their checks
+    // (which can fall in one millisecond).
+    let third_names = names(&third);
+    assert_eq!((third_names.len(), third_names[0]), (2, "fix_b"));
     assert_eq!(third.count(FixityResult::Differs), 1);
     assert_eq!(third.failing, 1);
     assert_eq!(
