@@ -82,15 +82,9 @@ pub fn space_of(dir: &Path) -> anyhow::Result<FsSpace> {
 pub struct Held {
     ledger: Arc<dyn SpaceLedger>,
     holder: String,
-    mounts: Vec<String>,
+    /// Mount point and bytes, per file system held.
+    mounts: Vec<(String, u64)>,
     renew: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Held {
-    /// The file systems (mount points) held.
-    pub fn mounts(&self) -> &[String] {
-        &self.mounts
-    }
 }
 
 impl Drop for Held {
@@ -108,7 +102,7 @@ impl Drop for Held {
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
-                for mount in mounts {
+                for (mount, _) in mounts {
                     if let Err(err) = ledger.release_space(&mount, &holder).await {
                         warn!(fs = %mount, error = %format!("{err:#}"),
                             "Could not give back reserved space; it lapses by itself.");
@@ -210,7 +204,7 @@ pub async fn admit(
                 ),
             ));
         }
-        held.mounts.push(mount);
+        held.mounts.push((mount, bytes));
     }
     let (ledger, holder, mounts) = (
         Arc::clone(&env.space),
@@ -222,9 +216,14 @@ pub async fn admit(
         every.tick().await;
         loop {
             every.tick().await;
-            for mount in &mounts {
-                // Taking it again while held renews it; the free space is not looked at.
-                if let Err(err) = ledger.reserve_space(mount, &holder, 0, 0, ttl).await {
+            for (mount, bytes) in &mounts {
+                // Taking it again while held renews it without a look at the free space; one
+                // that lapsed meanwhile (the store out of reach) is put back whatever the space,
+                // since the output is being written.
+                if let Err(err) = ledger
+                    .reserve_space(mount, &holder, *bytes, u64::MAX, ttl)
+                    .await
+                {
                     warn!(fs = %mount, error = %format!("{err:#}"), "Could not renew reserved space.");
                 }
             }
@@ -370,4 +369,24 @@ pub async fn purge_staged_copy(env: &StepEnv, dataset: &Dataset) -> anyhow::Resu
         .add_state(dataset.id, DatasetState::Purged)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_is_placed_on_its_file_system_by_mount_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("a/b");
+        let space = space_of(&nested).unwrap();
+        assert!(nested.is_dir(), "the directory is created");
+        let resolved = std::fs::canonicalize(&nested).unwrap();
+        assert!(resolved.starts_with(&space.mount), "{space:?}");
+        assert!(space.total >= space.free && space.total > 0, "{space:?}");
+        // Two directories of one file system have one mount point.
+        let other = space_of(dir.path()).unwrap();
+        assert_eq!(other.mount, space.mount);
+        assert!((0.0..=100.0).contains(&space.used_percent()));
+    }
 }
