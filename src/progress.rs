@@ -187,6 +187,62 @@ impl RateEstimator {
     }
 }
 
+/// A report (spec F.5 fields) for people: `tar 666 MiB / 2.79 GiB · 350 MiB/s · 7 s left`, or
+/// with counts `inspect 41,200 / 50,000 files · 1,030 files/s · 8 s left`; a stability wait
+/// reads `stable in 42 s`; anything else as its JSON.
+pub fn describe(report: &serde_json::Value) -> String {
+    let name = report["name"].as_str().unwrap_or_default();
+    let units = report["units"].as_str().unwrap_or_default();
+    let Some(done) = report["done"].as_u64() else {
+        if let Some(remaining) = report["time_remaining_sec"].as_f64() {
+            return format!("stable in {}", human_seconds(remaining));
+        }
+        return report.to_string();
+    };
+    let amount = |n: u64| {
+        if units == "bytes" {
+            indicatif::HumanBytes(n).to_string()
+        } else {
+            format!("{} {units}", indicatif::HumanCount(n))
+        }
+    };
+    let mut parts = vec![match report["total"].as_u64() {
+        Some(total) if units == "bytes" => format!("{} / {}", amount(done), amount(total)),
+        Some(total) => format!("{} / {}", indicatif::HumanCount(done), amount(total)),
+        None => amount(done),
+    }];
+    if let Some(rate) = report["wt_avg_rate"].as_f64().filter(|r| *r > 0.0) {
+        parts.push(match rate {
+            _ if units == "bytes" || rate >= 10.0 => format!("{}/s", amount(rate.round() as u64)),
+            1.0.. => format!("{rate:.1} {units}/s"),
+            _ => format!("{:.1} {units}/min", rate * 60.0),
+        });
+    }
+    if let Some(left) = report["time_remaining_sec"].as_f64()
+        && report["fraction_done"].as_f64().is_some_and(|f| f < 1.0)
+    {
+        parts.push(format!("{} left", human_seconds(left)));
+    }
+    let figures = parts.join(" · ");
+    if name.is_empty() {
+        figures
+    } else {
+        format!("{name} {figures}")
+    }
+}
+
+/// `7 s`, `3 min 20 s`, `2 h 5 min`.
+pub fn human_seconds(seconds: f64) -> String {
+    let seconds = seconds.max(0.0).round() as u64;
+    match seconds {
+        0..60 => format!("{seconds} s"),
+        60..3600 if seconds % 60 == 0 => format!("{} min", seconds / 60),
+        60..3600 => format!("{} min {} s", seconds / 60, seconds % 60),
+        _ if seconds % 3600 < 60 => format!("{} h", seconds / 3600),
+        _ => format!("{} h {} min", seconds / 3600, seconds % 3600 / 60),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -229,6 +285,48 @@ mod tests {
         let report = RateEstimator::default().report(&progress.snapshot(), Instant::now());
         assert!(report["fraction_done"].is_null());
         assert_eq!(report["done"], 5);
+    }
+
+    #[test]
+    fn reports_read_in_human_units_with_rate_and_time_left() {
+        let bytes = serde_json::json!({
+            "name": "tar", "fraction_done": 0.2328, "done": 698_351_616_u64,
+            "total": 3_000_012_288_u64, "units": "bytes", "time_remaining_sec": 6.6,
+            "wt_avg_rate": 367_001_600.0, "avg_rate": 300_000_000.0,
+        });
+        assert_eq!(
+            describe(&bytes),
+            "tar 666.00 MiB / 2.79 GiB · 350.00 MiB/s · 7 s left"
+        );
+        let files = serde_json::json!({
+            "name": "inspect", "fraction_done": 0.824, "done": 41_200, "total": 50_000,
+            "units": "files", "time_remaining_sec": 8.2, "wt_avg_rate": 1030.4,
+        });
+        assert_eq!(
+            describe(&files),
+            "inspect 41,200 / 50,000 files · 1,030 files/s · 8 s left"
+        );
+        // No estimate yet, and an unknown total.
+        let first = serde_json::json!({
+            "name": "md5", "fraction_done": 0.0, "done": 0, "total": 10,
+            "units": "files", "time_remaining_sec": null, "wt_avg_rate": null,
+        });
+        assert_eq!(describe(&first), "md5 0 / 10 files");
+        let open =
+            serde_json::json!({"name": "tar", "done": 2048, "total": null, "units": "bytes"});
+        assert_eq!(describe(&open), "tar 2.00 KiB");
+        let stable = serde_json::json!({"name": "2026-01-01T00:00:00", "time_remaining_sec": 125});
+        assert_eq!(describe(&stable), "stable in 2 min 5 s");
+        let slow = serde_json::json!({
+            "name": "workflows", "fraction_done": 0.4, "done": 2, "total": 5,
+            "units": "workflows", "time_remaining_sec": 150.0, "wt_avg_rate": 0.02,
+        });
+        assert_eq!(
+            describe(&slow),
+            "workflows 2 / 5 workflows · 1.2 workflows/min · 2 min 30 s left"
+        );
+        assert_eq!(human_seconds(7260.0), "2 h 1 min");
+        assert_eq!(human_seconds(3600.0), "1 h");
     }
 
     #[test]

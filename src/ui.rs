@@ -181,9 +181,8 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// Shows a progress report (spec F.5 fields).
+    /// Shows a progress report (spec F.5 fields), in human units (`progress::describe`).
     pub fn update(&self, report: &serde_json::Value) {
-        let name = report["name"].as_str().unwrap_or_default();
         let done = report["done"].as_u64();
         let total = report["total"].as_u64();
         if let Some(bars) = &self.bars {
@@ -191,26 +190,18 @@ impl Tracker {
             let bar = slot.get_or_insert_with(|| {
                 let bar = bars.add(ProgressBar::new(0));
                 bar.set_style(
-                    ProgressStyle::with_template(
-                        "{prefix:>28.bold} {msg:<16} [{bar:30}] {pos}/{len} ({eta})",
-                    )
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                    ProgressStyle::with_template("{prefix:>28.bold} [{bar:30}] {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
                 );
                 bar.set_prefix(self.label.clone());
                 bar
             });
-            match (done, total) {
-                (Some(done), Some(total)) => {
-                    bar.set_message(name.to_owned());
-                    bar.set_length(total);
-                    bar.set_position(done);
-                }
-                _ => {
-                    let remaining = report["time_remaining_sec"].as_f64().unwrap_or_default();
-                    bar.set_message(format!("stable in {remaining:.0} s"));
-                }
+            if let (Some(done), Some(total)) = (done, total) {
+                bar.set_length(total);
+                bar.set_position(done);
             }
+            bar.set_message(crate::progress::describe(report));
             return;
         }
         if !self.log_lines {
@@ -221,26 +212,13 @@ impl Tracker {
             return;
         }
         *last = Instant::now();
-        let units = report["units"].as_str().unwrap_or_default();
-        match (done, total, report["time_remaining_sec"].as_f64()) {
-            (Some(done), Some(total), eta) => {
-                let percent = if total > 0 {
-                    done as f64 * 100.0 / total as f64
-                } else {
-                    100.0
-                };
-                let eta = eta
-                    .map(|s| format!(", about {s:.0} s left"))
-                    .unwrap_or_default();
-                info!("Progress: {name} {done}/{total} {units} ({percent:.0}%{eta})");
+        let percent = match (done, total) {
+            (Some(done), Some(total)) if total > 0 => {
+                format!(" ({:.0}%)", done as f64 * 100.0 / total as f64)
             }
-            (Some(done), None, _) => info!("Progress: {name} {done} {units}"),
-            _ => {
-                if let Some(remaining) = report["time_remaining_sec"].as_f64() {
-                    info!("Progress: waiting for the data to be stable, {remaining:.0} s left");
-                }
-            }
-        }
+            _ => String::new(),
+        };
+        info!("Progress: {}{percent}", crate::progress::describe(report));
     }
 
     pub fn finish(self) {

@@ -24,6 +24,7 @@ mod workflows;
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Instant;
 
 use comfy_table::{Table, presets};
 use tokio::sync::watch;
@@ -218,6 +219,9 @@ pub(crate) async fn run_until_idle(app: &Arc<App>, display: Display) -> anyhow::
     Ok(())
 }
 
+/// How often the whole `--wait` run's line is brought up to date.
+const OVERALL_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Runs every active workflow to its end in this process (`--wait`), then prints a summary of
 /// `started` and of every workflow that was active before (left by an interrupted run, for
 /// example). Fails (exit 1) if any of them did not succeed.
@@ -236,7 +240,41 @@ pub(crate) async fn wait_for(
             workflow_ids.push(workflow.id);
         }
     }
-    run_until_idle(app, display).await?;
+    // One line for the whole run beside the steps' own: workflows done of all, rate, time left.
+    let (stop_overall, mut stopped) = tokio::sync::watch::channel(false);
+    let overall = tokio::spawn({
+        let (app, tracker, total) = (
+            Arc::clone(app),
+            display.track("all workflows"),
+            workflow_ids.len() as u64,
+        );
+        let ids: std::collections::HashSet<String> = workflow_ids.iter().cloned().collect();
+        async move {
+            let progress = crate::progress::Progress::new();
+            progress.start("workflows", "workflows", Some(total));
+            let mut estimator = crate::progress::RateEstimator::default();
+            loop {
+                if let Ok(active) = app
+                    .store
+                    .workflows(crate::store::WorkflowFilter::Active, 10_000)
+                    .await
+                {
+                    let running = active.iter().filter(|w| ids.contains(&w.id)).count() as u64;
+                    progress.set_done(total.saturating_sub(running));
+                    tracker.update(&estimator.report(&progress.snapshot(), Instant::now()));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(OVERALL_EVERY) => {}
+                    _ = stopped.changed() => break,
+                }
+            }
+            tracker.finish();
+        }
+    });
+    let ran = run_until_idle(app, display).await;
+    let _ = stop_overall.send(true);
+    let _ = overall.await;
+    ran?;
     let mut table = table([
         "dataset", "type", "workflow", "status", "state", "files", "bytes", "duration",
     ]);

@@ -185,25 +185,6 @@ fn step_detail(view: &WorkflowView, idx: usize) -> (Option<Value>, Option<Value>
     }
 }
 
-fn describe_progress(progress: &Value) -> String {
-    match (
-        progress["fraction_done"].as_f64(),
-        progress["done"].as_u64(),
-        progress["total"].as_u64(),
-    ) {
-        (Some(fraction), Some(done), Some(total)) => format!(
-            "{} {:.0}% ({done}/{total} {})",
-            progress["name"].as_str().unwrap_or_default(),
-            fraction * 100.0,
-            progress["units"].as_str().unwrap_or_default()
-        ),
-        _ => match progress["time_remaining_sec"].as_f64() {
-            Some(left) => format!("stable in {left:.0} s"),
-            None => progress.to_string(),
-        },
-    }
-}
-
 fn describe_error(error: &Value) -> String {
     let message = match &error["exc_message"] {
         Value::Array(parts) => parts
@@ -250,7 +231,10 @@ async fn print_view(app: &App, view: &WorkflowView) -> anyhow::Result<()> {
             step.spec.task.clone(),
             view.derived.steps[idx].to_string(),
             attempts(view, idx).to_string(),
-            progress.as_ref().map(describe_progress).unwrap_or_default(),
+            progress
+                .as_ref()
+                .map(crate::progress::describe)
+                .unwrap_or_default(),
             error.as_ref().map(describe_error).unwrap_or_default(),
         ]);
     }
