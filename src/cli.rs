@@ -92,6 +92,23 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Run every job on its schedule until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration)
     Scheduler,
+    /// Print the completions of this command line for a shell
+    ///
+    /// Needs no configuration. Examples: `workers completions bash >
+    /// /usr/share/bash-completion/completions/workers`, `workers completions zsh > _workers`,
+    /// `workers completions fish > ~/.config/fish/completions/workers.fish`
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one page per command into a directory
+    ///
+    /// Needs no configuration. Examples: `workers man | man -l -`, `workers man --dir
+    /// /usr/share/man/man1` (workers.1, workers-jobs.1, workers-jobs-run.1, ...)
+    Man {
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Which workers a control command reaches, and how long it waits for their replies.
@@ -217,7 +234,7 @@ pub enum JobsCommand {
     /// Run one job now, exactly as the scheduler runs it (recorded in the job history)
     Run {
         /// watch, purge_staged_datasets, purge_stale_workflows, reconcile or metrics
-        #[arg(value_parser = parse_job)]
+        #[arg(value_parser = job_name())]
         job: JobName,
         /// Also run the workflows in this process until every one has finished, then print a summary
         #[arg(long)]
@@ -236,7 +253,7 @@ pub enum JobsCommand {
     },
     /// Recent runs of a job: trigger, start, end, outcome, error and counters
     History {
-        #[arg(value_parser = parse_job)]
+        #[arg(value_parser = job_name())]
         job: JobName,
         #[arg(long, default_value_t = 20)]
         limit: usize,
@@ -245,8 +262,12 @@ pub enum JobsCommand {
     },
 }
 
-fn parse_job(s: &str) -> Result<JobName, String> {
-    JobName::from_name(s).ok_or_else(|| format!("unknown job `{s}` (known: {})", JobName::names()))
+/// A job by name; the names are clap's possible values, so that completions offer them and an
+/// unknown name is refused with the list.
+fn job_name() -> impl clap::builder::TypedValueParser<Value = JobName> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(JobName::ALL.map(JobName::name))
+        .map(|name: String| JobName::from_name(&name).expect("one of the possible values"))
 }
 
 #[derive(Debug, Args)]

@@ -13,6 +13,7 @@ mod config;
 mod control;
 mod datasets;
 mod jobs;
+mod manual;
 mod paths;
 mod queue;
 mod register;
@@ -63,6 +64,11 @@ pub fn exit_code(err: &anyhow::Error) -> ExitCode {
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Completions { shell } => return manual::completions(*shell),
+        Command::Man { dir } => return manual::man(dir.as_deref()),
+        _ => {}
+    }
     let load = LoadOptions::from_process(cli.config_dir.clone(), flags(&cli));
     if let Command::Config(cmd) = &cli.command {
         return config::run(&load, cmd);
@@ -110,7 +116,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         App::build(settings).await?
     };
     match cli.command {
-        Command::Config(_) | Command::Paths(_) => unreachable!("handled above"),
+        Command::Config(_)
+        | Command::Paths(_)
+        | Command::Completions { .. }
+        | Command::Man { .. } => unreachable!("handled above"),
         Command::Uploads(cmd) => uploads::run(&app, cmd).await,
         Command::Jobs(cmd) => jobs::run(&app, cmd, display).await,
         Command::Register(args) => register::run(&app, args, display).await,

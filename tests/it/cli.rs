@@ -305,3 +305,65 @@ fn look_ups_read_an_existing_database_without_changing_it() {
     );
     assert_eq!(before, after);
 }
+
+/// Completions and manual pages come from the command line definitions and need no
+/// configuration: run from an empty directory.
+#[test]
+fn completions_and_man_pages_are_generated_without_a_configuration() {
+    let empty = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_workers"))
+            .args(args)
+            .current_dir(empty.path())
+            .env_remove("WORKERS_CONFIG_DIR")
+            .output()
+            .unwrap()
+    };
+    for (shell, marker) in [
+        ("bash", "_workers()"),
+        ("zsh", "#compdef workers"),
+        ("fish", "complete -c workers"),
+    ] {
+        let out = run(&["completions", shell]);
+        assert!(out.status.success(), "{}", describe(&out));
+        let text = stdout(&out);
+        assert!(text.contains(marker), "{shell}: {text}");
+        for sub in ["verify", "jobs", "completions"] {
+            assert!(text.contains(sub), "{shell} completes `{sub}`");
+        }
+        // Job names after `jobs run` (fish completes no positional values).
+        if shell != "fish" {
+            assert!(text.contains("purge_staged_datasets"), "{shell}: {text}");
+        }
+    }
+    let out = run(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("possible values: bash"),
+        "{}",
+        describe(&out)
+    );
+
+    let out = run(&["man"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let page = stdout(&out);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH workers"),
+        "{page}"
+    );
+    assert!(page.contains("verify"), "{page}");
+    let dir = empty.path().join("man1");
+    let out = run(&["man", "--dir", dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    for page in [
+        "workers.1",
+        "workers-jobs.1",
+        "workers-jobs-run.1",
+        "workers-verify.1",
+    ] {
+        let text = std::fs::read_to_string(dir.join(page)).unwrap();
+        assert!(text.contains(".TH"), "{page}: {text}");
+    }
+    let run_page = std::fs::read_to_string(dir.join("workers-jobs-run.1")).unwrap();
+    assert!(run_page.contains("dry\\-run"), "{run_page}");
+}
