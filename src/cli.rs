@@ -92,6 +92,17 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Run every job on its schedule until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration)
     Scheduler,
+    /// The whole deployment at a glance: scheduler and jobs, workers, workflows, queue,
+    /// datasets by state, file systems, fixity
+    ///
+    /// Exit code 0 when healthy, 1 when something needs attention (a workflow failed in the
+    /// last 24 h, a job whose last run failed, no scheduler holding the lease, a staging file
+    /// system over its high watermark, a fixity difference), so monitoring can run it.
+    /// Example: `workers status --format json`
+    Status {
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
     /// Print the completions of this command line for a shell
     ///
     /// Needs no configuration. Examples: `workers completions bash >

@@ -50,7 +50,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use super::celery::{self, Sender};
-use super::{Broker, Consume, Delivery, TaskMessage};
+use super::{Broker, Consume, Delivery, QueueDepth, TaskMessage};
 use crate::identity::Identity;
 
 /// The priorities a Celery queue of the original supports (`task_queue_max_priority`).
@@ -877,6 +877,37 @@ impl Broker for AmqpBroker {
         }
         self.start(consume, false);
         Ok(())
+    }
+
+    async fn queued(&self) -> anyhow::Result<Option<QueueDepth>> {
+        let link = self.shared.link().await?;
+        let channel = link.connection.create_channel().await.with_context(|| {
+            format!("cannot open a channel to RabbitMQ at {}", self.shared.shown)
+        })?;
+        let mut waiting = 0u64;
+        for queue in &self.shared.config.queues {
+            // Passive: only asks; a queue nobody declared yet holds nothing.
+            let declared = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            match declared {
+                Ok(queue) => waiting += u64::from(queue.message_count()),
+                Err(_) => break,
+            }
+        }
+        let _ = channel.close(200, "OK".into()).await;
+        // RabbitMQ counts the ready messages; it keeps no publication time to report.
+        Ok(Some(QueueDepth {
+            waiting,
+            oldest: None,
+        }))
     }
 
     async fn delete_queue(&self, name: &str) -> anyhow::Result<Option<u32>> {

@@ -13,7 +13,7 @@ use rusqlite::{OptionalExtension, params};
 use tokio::sync::Notify;
 use tracing::{error, warn};
 
-use super::{Broker, Consume, DeadLetter, Delivery, TaskMessage};
+use super::{Broker, Consume, DeadLetter, Delivery, QueueDepth, TaskMessage};
 use crate::identity::Identity;
 use crate::sqlite::{Db, from_millis, to_millis};
 
@@ -376,6 +376,23 @@ impl Broker for EmbeddedBroker {
         // No queue at all: `next` claims nothing until `start_consuming` names queues again.
         *self.queues.lock().unwrap_or_else(|e| e.into_inner()) = Some("[]".to_owned());
         Ok(())
+    }
+
+    async fn queued(&self) -> anyhow::Result<Option<QueueDepth>> {
+        self.db
+            .call(|conn| {
+                let (waiting, oldest): (i64, Option<i64>) = conn.query_row(
+                    "SELECT COUNT(*), MIN(COALESCE(published_at, eta)) FROM queue
+                     WHERE lease_owner IS NULL OR lease_until IS NULL OR lease_until < ?1",
+                    [to_millis(Utc::now())],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                Ok(Some(QueueDepth {
+                    waiting: waiting.max(0) as u64,
+                    oldest: oldest.filter(|ms| *ms > 0).map(from_millis),
+                }))
+            })
+            .await
     }
 
     async fn dead_letters(&self) -> anyhow::Result<Option<Vec<DeadLetter>>> {

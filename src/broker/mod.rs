@@ -65,6 +65,14 @@ impl TaskMessage {
     }
 }
 
+/// Messages waiting in a queue (`Broker::queued`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDepth {
+    pub waiting: u64,
+    /// When the oldest waiting message was published, where the broker records it.
+    pub oldest: Option<DateTime<Utc>>,
+}
+
 /// A message that can never run, kept aside by a broker that has a place for it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
@@ -148,6 +156,13 @@ pub trait Broker: Send + Sync {
     /// back (a worker that must end once idle).
     async fn check_reachable(&self) -> anyhow::Result<()> {
         Ok(())
+    }
+
+    /// How many messages wait in the queues this process consumes (not held by a worker), and
+    /// when the oldest of them was published where the broker keeps that; `None` when the
+    /// broker cannot tell.
+    async fn queued(&self) -> anyhow::Result<Option<QueueDepth>> {
+        Ok(None)
     }
 
     /// The messages kept aside because they can never run, oldest first; `None` when this

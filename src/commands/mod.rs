@@ -18,6 +18,7 @@ mod paths;
 mod queue;
 mod register;
 mod scheduler;
+mod status;
 mod uploads;
 mod verify;
 mod worker;
@@ -126,6 +127,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Workflows(cmd) => workflows::run(&app, cmd, display).await,
         Command::Datasets(cmd) => datasets::run(&app, cmd).await,
         Command::Verify(args) => verify::run(&app, args).await,
+        Command::Status { format } => status::run(&app, format).await,
         Command::Queue(cmd) => queue::run(&app, cmd).await,
         Command::Control(cmd) => control::run(&app, cmd).await,
         Command::Worker(args) => worker::run(&app, args).await,

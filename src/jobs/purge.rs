@@ -120,7 +120,9 @@ async fn purge_by_fill(
         if dry_run {
             continue;
         }
-        let wanted_free = space.total / 100 * u64::from(100 - low);
+        // Purging moves bytes from used to free; their sum stays.
+        let usable = space.used.saturating_add(space.free);
+        let wanted_free = usable / 100 * u64::from(100 - low);
         let purged = free_staging(
             &env,
             &space.mount,

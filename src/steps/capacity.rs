@@ -31,21 +31,25 @@ pub struct Need {
     pub bytes: u64,
 }
 
-/// A file system: where it is mounted, its size and the bytes free to an unprivileged writer.
+/// A file system: where it is mounted, its size, the bytes in use and the bytes free to an
+/// unprivileged writer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FsSpace {
     pub mount: PathBuf,
     pub total: u64,
+    pub used: u64,
     pub free: u64,
 }
 
 impl FsSpace {
-    /// Percent of the file system in use.
+    /// Percent of the file system in use, as `df` counts it: used of used and available (the
+    /// blocks kept for root count as neither).
     pub fn used_percent(&self) -> f64 {
-        if self.total == 0 {
+        let usable = self.used.saturating_add(self.free);
+        if usable == 0 {
             return 0.0;
         }
-        100.0 * (self.total - self.free.min(self.total)) as f64 / self.total as f64
+        100.0 * self.used as f64 / usable as f64
     }
 }
 
@@ -54,8 +58,18 @@ impl FsSpace {
 /// The mount point names the file system in the ledger, so hosts that mount a shared file
 /// system at the same place share its account.
 pub fn space_of(dir: &Path) -> anyhow::Result<FsSpace> {
-    use std::os::unix::fs::MetadataExt;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
+    space_at(dir)
+}
+
+/// `space_of` for a look-up that creates nothing: a directory that does not exist yet is on
+/// the file system of its nearest existing ancestor.
+pub fn space_at(dir: &Path) -> anyhow::Result<FsSpace> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = dir
+        .ancestors()
+        .find(|d| d.exists())
+        .with_context(|| format!("no part of `{}` exists", dir.display()))?;
     let resolved = std::fs::canonicalize(dir)
         .with_context(|| format!("cannot resolve `{}`", dir.display()))?;
     let device = std::fs::metadata(&resolved)
@@ -73,6 +87,10 @@ pub fn space_of(dir: &Path) -> anyhow::Result<FsSpace> {
     Ok(FsSpace {
         mount,
         total: stat.f_blocks.saturating_mul(stat.f_frsize),
+        used: stat
+            .f_blocks
+            .saturating_sub(stat.f_bfree)
+            .saturating_mul(stat.f_frsize),
         free: stat.f_bavail.saturating_mul(stat.f_frsize),
     })
 }
@@ -148,14 +166,16 @@ pub async fn admit(
     };
     for (space, bytes) in spaces {
         let mount = space.mount.display().to_string();
-        if bytes.saturating_add(headroom) > space.total {
+        // What an unprivileged writer could ever have there: the blocks kept for root aside.
+        let usable = space.used.saturating_add(space.free);
+        if bytes.saturating_add(headroom) > usable {
             return Err(StepError::permanent(
                 "InsufficientSpace",
                 anyhow::format_err!(
                     "dataset {} needs {} on `{mount}`, which holds {} in all (capacity.headroom {}): it can never fit there",
                     ctx.dataset_id,
                     HumanBytes(bytes),
-                    HumanBytes(space.total),
+                    HumanBytes(usable),
                     HumanBytes(headroom)
                 ),
             ));

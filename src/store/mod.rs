@@ -610,6 +610,13 @@ impl RunOutcome {
     }
 }
 
+/// A live lease: who holds it and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseState {
+    pub holder: String,
+    pub expires_at: DateTime<Utc>,
+}
+
 /// One recorded run of a job.
 #[derive(Debug, Clone)]
 pub struct JobRun {
@@ -644,6 +651,13 @@ pub trait SchedulerStore: Send + Sync {
 
     /// Gives the lease up, if `holder` has it.
     async fn release_lease(&self, name: &str, holder: &str) -> anyhow::Result<()>;
+
+    /// Who holds the lease `name` now and until when (by the store's clock); `None` when nobody
+    /// does, or when the store cannot tell.
+    async fn lease(&self, name: &str) -> anyhow::Result<Option<LeaseState>> {
+        let _ = name;
+        Ok(None)
+    }
 
     /// `acquire_lease` for many names and one holder; whether each is held now, in order.
     async fn acquire_leases(

@@ -7,10 +7,10 @@ use chrono::{DateTime, Utc};
 use rusqlite::{OptionalExtension, params};
 
 use super::{
-    FixityRecord, FixityResult, FixityStanding, JobRun, PageCursor, RunOutcome, SchedulerStore,
-    SpaceLedger, SpaceReservation, StepSpec, TaskClaim, TaskError, TaskMeta, TaskRun, TaskStart,
-    TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec, WorkflowStep,
-    WorkflowStore,
+    FixityRecord, FixityResult, FixityStanding, JobRun, LeaseState, PageCursor, RunOutcome,
+    SchedulerStore, SpaceLedger, SpaceReservation, StepSpec, TaskClaim, TaskError, TaskMeta,
+    TaskRun, TaskStart, TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec,
+    WorkflowStep, WorkflowStore,
 };
 use crate::sqlite::{Db, from_millis, to_millis};
 
@@ -765,6 +765,27 @@ impl SchedulerStore for SqliteStore {
                     release.execute(params![name, holder])?;
                 }
                 Ok(())
+            })
+            .await
+    }
+
+    async fn lease(&self, name: &str) -> anyhow::Result<Option<LeaseState>> {
+        let name = name.to_owned();
+        self.db
+            .call(move |conn| {
+                Ok(conn
+                    .query_row(
+                        "SELECT holder, expires_at FROM leases WHERE name = ?1
+                         AND expires_at >= CAST(unixepoch('subsec') * 1000 AS INTEGER)",
+                        [name],
+                        |r| {
+                            Ok(LeaseState {
+                                holder: r.get(0)?,
+                                expires_at: from_millis(r.get(1)?),
+                            })
+                        },
+                    )
+                    .optional()?)
             })
             .await
     }

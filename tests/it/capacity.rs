@@ -350,3 +350,42 @@ async fn a_staging_file_system_above_its_high_watermark_is_purged_down_to_the_lo
         .used_percent();
     assert!(used <= 45.0, "{used}% used after the purge");
 }
+
+/// A copy larger than the whole staging file system can never fit: the step fails at once,
+/// naming both sizes, instead of waiting for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_copy_larger_than_the_file_system_fails_at_once_naming_both_sizes() {
+    let mut project = Project::new();
+    let Some(tmpfs) = Tmpfs::mount("2m", &project.path("var/staging-fs")) else {
+        return;
+    };
+    project.dataset(
+        DatasetType::RawData,
+        "cap_1",
+        &[("data.bin", &pseudo_random(1_500_000, 60))],
+    );
+    project.set_env(
+        "WORKERS__PATHS__RAW_DATA__STAGE",
+        tmpfs.path("stage").to_str().unwrap(),
+    );
+    project.set_env(
+        "WORKERS__PATHS__RAW_DATA__BUNDLE__STAGE",
+        tmpfs.path("bundles").to_str().unwrap(),
+    );
+    project.set_env("WORKERS__CAPACITY__HEADROOM", "0");
+    let out = project.run(&["jobs", "run", "watch", "--wait"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let app = project.app().await;
+    let errors = step_errors(&app).await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let (status, text) = &errors[0];
+    assert_eq!(*status, TaskStatus::Failure);
+    assert!(
+        text.contains("InsufficientSpace") && text.contains("it can never fit there"),
+        "{text}"
+    );
+    assert!(
+        text.contains("2.00 MiB in all"),
+        "the file system's size is named: {text}"
+    );
+}

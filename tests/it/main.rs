@@ -27,6 +27,7 @@ mod register;
 mod registry_contract;
 mod scheduler;
 mod scheduler_process;
+mod status;
 mod store_contract;
 mod upload_manifest;
 mod uploads;

@@ -542,13 +542,21 @@ async fn lease_story(store: &dyn SchedulerStore) {
     );
     half().await;
     half().await;
-    // Expired: taken over.
+    // Expired: nobody holds it until it is taken over.
+    assert_eq!(store.lease("scheduler").await.unwrap(), None);
     assert!(store.acquire_lease("scheduler", "b", ttl).await.unwrap());
     assert!(!store.acquire_lease("scheduler", "a", ttl).await.unwrap());
+    let held = store.lease("scheduler").await.unwrap().unwrap();
+    assert_eq!(held.holder, "b");
+    assert!(
+        held.expires_at > Utc::now() - TimeDelta::seconds(1),
+        "{held:?}"
+    );
     // Only the holder gives it up.
     store.release_lease("scheduler", "a").await.unwrap();
     assert!(!store.acquire_lease("scheduler", "a", ttl).await.unwrap());
     store.release_lease("scheduler", "b").await.unwrap();
+    assert_eq!(store.lease("scheduler").await.unwrap(), None);
     assert!(store.acquire_lease("scheduler", "a", ttl).await.unwrap());
     // Leases are independent of each other.
     assert!(store.acquire_lease("other", "b", ttl).await.unwrap());

@@ -22,9 +22,9 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
 use crate::store::{
-    FixityRecord, FixityResult, FixityStanding, JobRun, PageCursor, RunOutcome, SpaceReservation,
-    StepSpec, TaskError, TaskMeta, TaskRun, TaskStart, TaskStatus, Trigger, WatchState, Workflow,
-    WorkflowStep,
+    FixityRecord, FixityResult, FixityStanding, JobRun, LeaseState, PageCursor, RunOutcome,
+    SpaceReservation, StepSpec, TaskError, TaskMeta, TaskRun, TaskStart, TaskStatus, Trigger,
+    WatchState, Workflow, WorkflowStep,
 };
 
 /// sca-rhythm's workflows (spec F.2).
@@ -1076,6 +1076,14 @@ pub(super) fn lease_takeable(name: &str, holder: &str, now: DateTime<Utc>) -> Do
 /// Gives a lease to `holder` until `until` (upserted).
 pub(super) fn hold_lease(holder: &str, until: DateTime<Utc>) -> Document {
     doc! {"$set": {HOLDER: holder, EXPIRES_AT: bson_date(until)}}
+}
+
+/// The holder and expiry of a `workers_leases` document.
+pub(super) fn parse_lease(doc: &Document) -> Option<LeaseState> {
+    Some(LeaseState {
+        holder: doc.get_str(HOLDER).ok()?.to_owned(),
+        expires_at: chrono_date(*doc.get_datetime(EXPIRES_AT).ok()?),
+    })
 }
 
 /// Lease `name` while `holder` holds it.

@@ -31,9 +31,9 @@ use self::documents::{
     TASK_STARTS, TASKS, TaskDocument, WATCH_STATE, WORKFLOWS, WatchStateDocument, WorkflowDocument,
 };
 use super::{
-    FixityRecord, FixityStanding, JobRun, PageCursor, RunOutcome, SchedulerStore, SpaceLedger,
-    SpaceReservation, TaskClaim, TaskError, TaskMeta, TaskStart, TaskStatus, Trigger, WatchState,
-    Workflow, WorkflowFilter, WorkflowSpec, WorkflowStore,
+    FixityRecord, FixityStanding, JobRun, LeaseState, PageCursor, RunOutcome, SchedulerStore,
+    SpaceLedger, SpaceReservation, TaskClaim, TaskError, TaskMeta, TaskStart, TaskStatus, Trigger,
+    WatchState, Workflow, WorkflowFilter, WorkflowSpec, WorkflowStore,
 };
 
 /// What `change_space` does with a holder's reservation.
@@ -1038,6 +1038,19 @@ impl SchedulerStore for MongoStore {
             Err(err) => Err(anyhow::Error::new(err)
                 .context(format!("cannot take lease `{name}` in {}", self.at(LEASES)))),
         }
+    }
+
+    async fn lease(&self, name: &str) -> anyhow::Result<Option<LeaseState>> {
+        let now = self.server_now().await?;
+        let doc = self
+            .collection(LEASES)
+            .find_one(documents::by_id(name))
+            .await
+            .with_context(|| format!("cannot read lease `{name}` in {}", self.at(LEASES)))?;
+        Ok(doc
+            .as_ref()
+            .and_then(documents::parse_lease)
+            .filter(|lease| lease.expires_at >= now))
     }
 
     async fn release_lease(&self, name: &str, holder: &str) -> anyhow::Result<()> {
