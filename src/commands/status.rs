@@ -139,6 +139,8 @@ async fn scheduler(
     }
     Ok(json!({
         "lease_holder": lease.as_ref().map(|l| l.holder.clone()),
+        "lease_since": lease.as_ref().and_then(|l| l.since).map(|t| t.to_rfc3339()),
+        "lease_seconds_held": lease.as_ref().and_then(|l| l.since).map(|t| (now - t).num_seconds()),
         "lease_until": lease.as_ref().map(|l| l.expires_at.to_rfc3339()),
         "jobs": jobs,
     }))
@@ -332,7 +334,11 @@ fn print_report(report: &Value, now: DateTime<Utc>) {
     say!("");
     match scheduler["lease_holder"].as_str() {
         Some(holder) => say!(
-            "scheduler: {holder} holds the lease (until {})",
+            "scheduler: {holder} holds the lease{} (until {})",
+            scheduler["lease_seconds_held"]
+                .as_i64()
+                .map(|s| format!(", taken {}", ago(&json!(s))))
+                .unwrap_or_default(),
             text(&scheduler["lease_until"])
         ),
         None => say!("scheduler: nobody holds the lease"),

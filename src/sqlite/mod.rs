@@ -181,6 +181,7 @@ fn migrations() -> Migrations<'static> {
         M::up(include_str!("migrations/0007_queue_published_at.sql")),
         M::up(include_str!("migrations/0008_fixity.sql")),
         M::up(include_str!("migrations/0009_space.sql")),
+        M::up(include_str!("migrations/0010_lease_since.sql")),
     ])
 }
 

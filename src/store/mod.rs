@@ -615,6 +615,9 @@ impl RunOutcome {
 pub struct LeaseState {
     pub holder: String,
     pub expires_at: DateTime<Utc>,
+    /// When this holder took it; `None` when the store does not know (taken by an older
+    /// version).
+    pub since: Option<DateTime<Utc>>,
 }
 
 /// One recorded run of a job.

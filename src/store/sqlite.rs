@@ -710,9 +710,13 @@ fn task_claim_name(task_id: &str) -> String {
     format!("task/{task_id}")
 }
 
-const LEASE_UPSERT: &str = "INSERT INTO leases (name, holder, expires_at)
-     VALUES (?1, ?2, CAST(unixepoch('subsec') * 1000 AS INTEGER) + ?3)
-     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+const LEASE_UPSERT: &str = "INSERT INTO leases (name, holder, expires_at, since)
+     VALUES (?1, ?2, CAST(unixepoch('subsec') * 1000 AS INTEGER) + ?3,
+             CAST(unixepoch('subsec') * 1000 AS INTEGER))
+     ON CONFLICT (name) DO UPDATE SET
+         since = CASE WHEN leases.holder = excluded.holder
+                      THEN COALESCE(leases.since, excluded.since) ELSE excluded.since END,
+         holder = excluded.holder, expires_at = excluded.expires_at
      WHERE leases.holder = excluded.holder
         OR leases.expires_at < CAST(unixepoch('subsec') * 1000 AS INTEGER)";
 
@@ -775,13 +779,14 @@ impl SchedulerStore for SqliteStore {
             .call(move |conn| {
                 Ok(conn
                     .query_row(
-                        "SELECT holder, expires_at FROM leases WHERE name = ?1
+                        "SELECT holder, expires_at, since FROM leases WHERE name = ?1
                          AND expires_at >= CAST(unixepoch('subsec') * 1000 AS INTEGER)",
                         [name],
                         |r| {
                             Ok(LeaseState {
                                 holder: r.get(0)?,
                                 expires_at: from_millis(r.get(1)?),
+                                since: r.get::<_, Option<i64>>(2)?.map(from_millis),
                             })
                         },
                     )

@@ -105,6 +105,7 @@ fn status_reports_the_deployment_and_exits_1_while_something_needs_attention() {
         report["scheduler"]["lease_holder"].is_string(),
         "{report:#}"
     );
+    assert!(report["scheduler"]["lease_since"].is_string(), "{report:#}");
     let node = report["workers"]
         .as_array()
         .unwrap()

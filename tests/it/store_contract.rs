@@ -544,6 +544,7 @@ async fn lease_story(store: &dyn SchedulerStore) {
     half().await;
     // Expired: nobody holds it until it is taken over.
     assert_eq!(store.lease("scheduler").await.unwrap(), None);
+    let taken = Utc::now();
     assert!(store.acquire_lease("scheduler", "b", ttl).await.unwrap());
     assert!(!store.acquire_lease("scheduler", "a", ttl).await.unwrap());
     let held = store.lease("scheduler").await.unwrap().unwrap();
@@ -551,6 +552,15 @@ async fn lease_story(store: &dyn SchedulerStore) {
     assert!(
         held.expires_at > Utc::now() - TimeDelta::seconds(1),
         "{held:?}"
+    );
+    let since = held.since.expect("when b took it");
+    assert!((since - taken).num_milliseconds().abs() < 1000, "{held:?}");
+    // A renewal keeps the time it was taken.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(store.acquire_lease("scheduler", "b", ttl).await.unwrap());
+    assert_eq!(
+        store.lease("scheduler").await.unwrap().unwrap().since,
+        Some(since)
     );
     // Only the holder gives it up.
     store.release_lease("scheduler", "a").await.unwrap();

@@ -1078,12 +1078,32 @@ pub(super) fn hold_lease(holder: &str, until: DateTime<Utc>) -> Document {
     doc! {"$set": {HOLDER: holder, EXPIRES_AT: bson_date(until)}}
 }
 
-/// The holder and expiry of a `workers_leases` document.
+/// The holder, expiry and start of a `workers_leases` document; the start counts only when it
+/// was recorded for the current holder.
 pub(super) fn parse_lease(doc: &Document) -> Option<LeaseState> {
+    let holder = doc.get_str(HOLDER).ok()?.to_owned();
+    let since = (doc.get_str(SINCE_HOLDER).ok() == Some(holder.as_str()))
+        .then(|| doc.get_datetime(SINCE).ok().map(|d| chrono_date(*d)))
+        .flatten();
     Some(LeaseState {
-        holder: doc.get_str(HOLDER).ok()?.to_owned(),
+        holder,
         expires_at: chrono_date(*doc.get_datetime(EXPIRES_AT).ok()?),
+        since,
     })
+}
+
+const SINCE: &str = "since";
+const SINCE_HOLDER: &str = "since_holder";
+
+/// Lease `name` held by `holder` whose start was recorded for another holder (or never): a
+/// lease just taken over.
+pub(super) fn lease_taken_anew(name: &str, holder: &str) -> Document {
+    doc! {ID: name, HOLDER: holder, SINCE_HOLDER: {"$ne": holder}}
+}
+
+/// Records that `holder` took the lease at `now`.
+pub(super) fn lease_since(holder: &str, now: DateTime<Utc>) -> Document {
+    doc! {"$set": {SINCE_HOLDER: holder, SINCE: bson_date(now)}}
 }
 
 /// Lease `name` while `holder` holds it.

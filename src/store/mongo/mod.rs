@@ -1033,7 +1033,22 @@ impl SchedulerStore for MongoStore {
             .upsert(true)
             .await;
         match result {
-            Ok(_) => Ok(true),
+            Ok(_) => {
+                // When this holder took it, for `workers status`: matches only on a takeover.
+                self.collection(LEASES)
+                    .update_one(
+                        documents::lease_taken_anew(name, holder),
+                        documents::lease_since(holder, now),
+                    )
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot record who took lease `{name}` in {}",
+                            self.at(LEASES)
+                        )
+                    })?;
+                Ok(true)
+            }
             Err(err) if is_duplicate_key(&err) => Ok(false),
             Err(err) => Err(anyhow::Error::new(err)
                 .context(format!("cannot take lease `{name}` in {}", self.at(LEASES)))),
