@@ -103,6 +103,16 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "table")]
         format: OutputFormat,
     },
+    /// Check the configuration, the directories, the database, the queue, the API, the clocks
+    /// and the free space, each on a line with what to do when it fails
+    ///
+    /// Exit code 0 when every check passes, 1 otherwise (a broken configuration included:
+    /// doctor reports it). Example: `workers doctor`, `APP_ENV=production workers doctor
+    /// --format json`
+    Doctor {
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
     /// Print the completions of this command line for a shell
     ///
     /// Needs no configuration. Examples: `workers completions bash >

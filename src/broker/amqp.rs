@@ -879,6 +879,24 @@ impl Broker for AmqpBroker {
         Ok(())
     }
 
+    async fn check_queues(&self) -> anyhow::Result<()> {
+        let link = self.shared.link().await?;
+        for queue in &self.shared.config.queues {
+            if let Err(err) = link.declare(queue, &self.shared.shown).await {
+                let text = format!("{err:#}");
+                if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent arg") {
+                    return Err(err.context(format!(
+                        "the queue `{queue}` exists with other arguments than the workers declare \
+                         (x-max-priority 10, durable): `workers queue delete --yes` deletes it, \
+                         with the messages in it, and the workers declare it again"
+                    )));
+                }
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
     async fn queued(&self) -> anyhow::Result<Option<QueueDepth>> {
         let link = self.shared.link().await?;
         let channel = link.connection.create_channel().await.with_context(|| {

@@ -158,6 +158,13 @@ pub trait Broker: Send + Sync {
         Ok(())
     }
 
+    /// Declares the queues this process uses as the workers do, so that a queue that exists
+    /// with other arguments (RabbitMQ's PRECONDITION_FAILED) is found before a worker trips on
+    /// it (`workers doctor`). Nothing to do for a broker without such declarations.
+    async fn check_queues(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+
     /// How many messages wait in the queues this process consumes (not held by a worker), and
     /// when the oldest of them was published where the broker keeps that; `None` when the
     /// broker cannot tell.

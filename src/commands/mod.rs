@@ -12,6 +12,7 @@ macro_rules! say {
 mod config;
 mod control;
 mod datasets;
+mod doctor;
 mod jobs;
 mod manual;
 mod paths;
@@ -71,6 +72,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         _ => {}
     }
     let load = LoadOptions::from_process(cli.config_dir.clone(), flags(&cli));
+    if let Command::Doctor { format } = &cli.command {
+        return doctor::run(&load, *format).await;
+    }
     if let Command::Config(cmd) = &cli.command {
         return config::run(&load, cmd);
     }
@@ -120,6 +124,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Config(_)
         | Command::Paths(_)
         | Command::Completions { .. }
+        | Command::Doctor { .. }
         | Command::Man { .. } => unreachable!("handled above"),
         Command::Uploads(cmd) => uploads::run(&app, cmd).await,
         Command::Jobs(cmd) => jobs::run(&app, cmd, display).await,

@@ -255,6 +255,12 @@ pub trait Registry: Send + Sync {
     /// Records usage measurements, all with the same timestamp.
     async fn add_metrics(&self, metrics: &[Metric]) -> Result<(), RegistryError>;
 
+    /// Whether this registry's credentials may record metrics (the Bioloop API grants it to
+    /// admins only, spec E.4), found by recording none; `None` when there is nothing to check.
+    async fn may_post_metrics(&self) -> Result<Option<bool>, RegistryError> {
+        Ok(None)
+    }
+
     // Uploads (spec C.5, E.5).
 
     /// Registers a dataset created by upload (create method UPLOAD, state REGISTERED) with its

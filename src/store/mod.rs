@@ -655,6 +655,12 @@ pub trait SchedulerStore: Send + Sync {
     /// Gives the lease up, if `holder` has it.
     async fn release_lease(&self, name: &str, holder: &str) -> anyhow::Result<()>;
 
+    /// The store server's clock, where it has one of its own (MongoDB); `None` for a store on
+    /// this host. Leases and claims are judged by it, so `workers doctor` compares it with ours.
+    async fn server_time(&self) -> anyhow::Result<Option<DateTime<Utc>>> {
+        Ok(None)
+    }
+
     /// Who holds the lease `name` now and until when (by the store's clock); `None` when nobody
     /// does, or when the store cannot tell.
     async fn lease(&self, name: &str) -> anyhow::Result<Option<LeaseState>> {

@@ -12,6 +12,7 @@ mod common;
 mod control;
 mod data_safety;
 mod deployment;
+mod doctor;
 mod durability;
 mod engine;
 mod fixity;

@@ -720,6 +720,16 @@ impl Registry for HttpRegistry {
         }
     }
 
+    async fn may_post_metrics(&self) -> Result<Option<bool>, RegistryError> {
+        let call = Call::post("metrics".to_owned(), &Value::Array(Vec::new()));
+        match self.http.send(&call, None).await? {
+            Sent::Answer(reply) if reply.answer.status.is_success() => Ok(Some(true)),
+            Sent::Answer(reply) if reply.answer.status == StatusCode::FORBIDDEN => Ok(Some(false)),
+            Sent::Answer(reply) => Err(self.http.unexpected(&call, &reply)),
+            Sent::AlreadyDone => Ok(Some(true)),
+        }
+    }
+
     // Auxiliary tasks and scripts.
 
     async fn upload_report(

@@ -1055,6 +1055,10 @@ impl SchedulerStore for MongoStore {
         }
     }
 
+    async fn server_time(&self) -> anyhow::Result<Option<DateTime<Utc>>> {
+        self.server_now().await.map(Some)
+    }
+
     async fn lease(&self, name: &str) -> anyhow::Result<Option<LeaseState>> {
         let now = self.server_now().await?;
         let doc = self
