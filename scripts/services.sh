@@ -7,7 +7,8 @@
 #   packages, used by the interop tests as real peers (they are test tools, not product code),
 #   blake3, the reference for the upload manifests, MultiQC, which the QC tests run for real, and
 #   Flower, the monitor whose HTTP API the event tests read;
-# - FastQC, from Debian's packages when missing.
+# - FastQC, from Debian's packages when missing;
+# - cargo-deb, with which the packaging test builds the Debian package (scripts/deb.sh).
 # Progress goes to stderr; only the export lines go to stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +59,12 @@ venv "$state/interop-venv" "celery==5.2.7" "sca-rhythm==0.6.15" "pymongo" "blake
 if ! command -v fastqc >/dev/null; then
     say "installing fastqc"
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends fastqc >&2
+fi
+
+# cargo-deb (the packaging test)
+if ! command -v cargo-deb >/dev/null; then
+    say "installing cargo-deb"
+    cargo install --locked --version 3.8.0 cargo-deb >&2
 fi
 
 # SecantusDB (MongoDB wire protocol)

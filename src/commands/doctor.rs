@@ -75,7 +75,15 @@ pub(super) async fn run(load: &LoadOptions, format: OutputFormat) -> anyhow::Res
         OutputFormat::Table => {
             for check in &checks {
                 let mark = if check.ok { '✔' } else { '✘' };
-                say!("{mark} {}: {}", check.area, check.detail);
+                let mut lines = check.detail.lines();
+                say!(
+                    "{mark} {}: {}",
+                    check.area,
+                    lines.next().unwrap_or_default()
+                );
+                for line in lines {
+                    say!("    {line}");
+                }
                 if let Some(fix) = &check.fix {
                     say!("    → {fix}");
                 }

@@ -7,6 +7,8 @@ use std::process::Command;
 
 use workers::jobs::JobName;
 
+use crate::common::{describe, stdout};
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -60,8 +62,7 @@ fn workers_commands(unit: &BTreeMap<String, BTreeMap<String, Vec<String>>>) -> V
         .flat_map(|key| service.get(*key).cloned().unwrap_or_default())
         .filter_map(|line| {
             let mut words = line.split_whitespace();
-            (words.next() == Some("/usr/local/bin/workers"))
-                .then(|| words.map(str::to_owned).collect())
+            (words.next() == Some("/usr/bin/workers")).then(|| words.map(str::to_owned).collect())
         })
         .collect()
 }
@@ -166,7 +167,7 @@ fn systemd_accepts_the_units() {
     assert!(version.status.success());
     let dir = tempfile::tempdir().unwrap();
     for (name, text) in units() {
-        let text = text.replace("/usr/local/bin/workers", env!("CARGO_BIN_EXE_workers"));
+        let text = text.replace("/usr/bin/workers", env!("CARGO_BIN_EXE_workers"));
         std::fs::write(dir.path().join(&name), text).unwrap();
     }
     let mut instances: Vec<String> = units()
@@ -234,4 +235,145 @@ fn the_pm2_ecosystem_runs_the_scheduler_and_a_worker() {
             .collect();
         assert_help_works(&args);
     }
+}
+
+/// The Debian package, built from this build's binary (`scripts/deb.sh`): what it installs,
+/// its conffiles and maintainer scripts, and that the packaged binary and configuration work
+/// together (extracted, not installed: installing would change the machine the tests run on).
+#[test]
+fn the_debian_package_holds_the_binary_configuration_units_man_pages_and_completions() {
+    let tools = ["cargo-deb", "dpkg-deb"].map(|tool| {
+        std::process::Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if tools != [true, true] {
+        assert_ne!(
+            std::env::var("CI").as_deref(),
+            Ok("true"),
+            "cargo-deb and dpkg-deb are needed (cargo install --locked cargo-deb)"
+        );
+        eprintln!("skipped: cargo-deb or dpkg-deb is missing");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let deb = dir.path().join("workers.deb");
+    let built = std::process::Command::new(repo().join("scripts/deb.sh"))
+        .env("BINARY", env!("CARGO_BIN_EXE_workers"))
+        .env("OUTPUT", &deb)
+        .env("FAST", "1")
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", describe(&built));
+
+    let dpkg = |args: &[&str]| {
+        let out = std::process::Command::new("dpkg-deb")
+            .args(args)
+            .arg(&deb)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", describe(&out));
+        stdout(&out)
+    };
+    let listing = dpkg(&["--contents"]);
+    for path in [
+        "./usr/bin/workers",
+        "./etc/workers/config/default.toml",
+        "./etc/workers/config/production.toml",
+        "./etc/workers/jobs/integrated.toml",
+        "./lib/systemd/system/workers-scheduler.service",
+        "./lib/systemd/system/workers-worker@.service",
+        "./lib/systemd/system/workers-job@.service",
+        "./lib/systemd/system/workers-job@fixity.timer",
+        "./usr/lib/sysusers.d/workers.conf",
+        "./usr/share/man/man1/workers.1.gz",
+        "./usr/share/man/man1/workers-jobs-run.1.gz",
+        "./usr/share/man/man1/workers-doctor.1.gz",
+        "./usr/share/bash-completion/completions/workers",
+        "./usr/share/zsh/vendor-completions/_workers",
+        "./usr/share/fish/vendor_completions.d/workers.fish",
+    ] {
+        assert!(
+            listing.lines().any(|l| l.ends_with(path)),
+            "{path} is packaged:\n{listing}"
+        );
+    }
+    let timers = listing.lines().filter(|l| l.ends_with(".timer")).count();
+    assert_eq!(timers, JobName::ALL.len(), "a timer per job:\n{listing}");
+    assert_eq!(dpkg(&["--field"]).lines().next(), Some("Package: workers"));
+
+    let control = dir.path().join("control");
+    let out = std::process::Command::new("dpkg-deb")
+        .arg("--control")
+        .arg(&deb)
+        .arg(&control)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap();
+    assert!(
+        conffiles.contains("/etc/workers/config/default.toml"),
+        "{conffiles}"
+    );
+    assert!(
+        conffiles.contains("/etc/workers/jobs/integrated.toml"),
+        "{conffiles}"
+    );
+    let postinst = std::fs::read_to_string(control.join("postinst")).unwrap();
+    assert!(
+        postinst.contains("systemd-sysusers workers.conf"),
+        "{postinst}"
+    );
+    for script in ["postinst", "prerm", "postrm"] {
+        let text = std::fs::read_to_string(control.join(script)).unwrap();
+        assert!(
+            !text.contains("systemctl enable")
+                && !text.contains("deb-systemd-helper enable")
+                && !text.contains("systemctl start"),
+            "{script} leaves the services disabled:\n{text}"
+        );
+        let mode = std::fs::metadata(control.join(script))
+            .unwrap()
+            .permissions();
+        assert!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o111 != 0);
+    }
+    // The units run the packaged binary.
+    let units = dir.path().join("root");
+    let out = std::process::Command::new("dpkg-deb")
+        .arg("--extract")
+        .arg(&deb)
+        .arg(&units)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let worker_unit =
+        std::fs::read_to_string(units.join("lib/systemd/system/workers-worker@.service")).unwrap();
+    assert!(
+        worker_unit.contains("ExecStart=/usr/bin/workers worker"),
+        "{worker_unit}"
+    );
+
+    // The packaged binary with the packaged configuration: the directories made, then every
+    // check of doctor passes.
+    let binary = units.join("usr/bin/workers");
+    let config = units.join("etc/workers/config");
+    let run = |args: &[&str]| {
+        std::process::Command::new(&binary)
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("WORKERS_CONFIG_DIR", &config)
+            .env("ALIAS_SALT", "package-test")
+            .env("WORKERS__SERVICE_USER", "root")
+            .env("WORKERS__CAPACITY__HEADROOM", "0")
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let made = run(&["paths", "check", "--create"]);
+    assert!(made.status.success(), "{}", describe(&made));
+    let doctor = run(&["doctor"]);
+    assert!(doctor.status.success(), "{}", describe(&doctor));
+    assert!(stdout(&doctor).contains("✔ store"), "{}", describe(&doctor));
 }
