@@ -649,6 +649,12 @@ impl Archive for HsiArchive {
         Ok(true)
     }
 
+    /// `pwd`: answers only when `hsi` is found and authenticated (its keytab or credentials).
+    async fn check(&self, cancel: &CancellationToken) -> Result<Option<String>, ArchiveError> {
+        let answer = self.run("pwd", cancel).await.map_err(RunError::transient)?;
+        Ok(Some(trimmed_text(answer.as_bytes())))
+    }
+
     /// `hashlist` for the MD5 HPSS stored with the file (`put -c on`), `ls -s1` for its size.
     async fn stat(
         &self,

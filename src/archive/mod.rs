@@ -74,6 +74,14 @@ pub trait Archive: Send + Sync {
         self.get(archive_path, local, progress, cancel).await
     }
 
+    /// Whether the archive answers with the configured credentials (`workers doctor`): what it
+    /// said, or `None` for an archive with nothing to ask (a local directory, checked with the
+    /// other directories).
+    async fn check(&self, cancel: &CancellationToken) -> Result<Option<String>, ArchiveError> {
+        let _ = cancel;
+        Ok(None)
+    }
+
     /// Removes `archive_path`; returns whether there was something to remove.
     async fn delete(&self, archive_path: &str) -> Result<bool, ArchiveError>;
 

@@ -145,6 +145,9 @@ async fn checks(settings: Settings) -> Vec<Check> {
     ));
     checks.push(clock(&app).await);
     checks.push(broker(&app).await);
+    if let Some(check) = archive(&app).await {
+        checks.push(check);
+    }
     checks.extend(registry(&app).await);
     checks.extend(space(&app).await);
     checks
@@ -327,6 +330,31 @@ async fn broker(app: &App) -> Check {
             ),
             "check amqp.url and that RabbitMQ runs",
         ),
+    }
+}
+
+/// An archive that has something to ask (HPSS): whether `hsi` runs and is let in.
+async fn archive(app: &App) -> Option<Check> {
+    let cancel = crate::cancel::CancellationToken::new();
+    match tokio::time::timeout(ANSWER_WITHIN, app.archive.check(&cancel)).await {
+        Ok(Ok(None)) => None,
+        Ok(Ok(Some(answer))) => Some(Check::pass(
+            "archive",
+            format!("{} answers: {answer}", app.archive.describe()),
+        )),
+        Ok(Err(err)) => Some(Check::fail(
+            "archive",
+            format!("{:#}", anyhow::Error::new(err)),
+            "check hsi.command (found on PATH?) and the service user's HPSS credentials (keytab); `hsi pwd` as that user must answer",
+        )),
+        Err(_) => {
+            cancel.cancel();
+            Some(Check::fail(
+                "archive",
+                format!("hsi did not answer within {} s", ANSWER_WITHIN.as_secs()),
+                "check that HPSS is reachable from this host",
+            ))
+        }
     }
 }
 

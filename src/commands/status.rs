@@ -146,32 +146,37 @@ async fn scheduler(
     }))
 }
 
-/// The workers that answer `active` within a second: node name and steps running.
+/// The workers that answer within a second, Rust and Python alike: node name, steps running
+/// (`active`), slots and uptime (`stats`), asked at once.
 async fn workers(app: &App) -> Value {
-    let collect = Collect {
-        timeout: WORKERS_ANSWER_WITHIN,
-        limit: None,
+    let ask = |method: &str| {
+        let collect = Collect {
+            timeout: WORKERS_ANSWER_WITHIN,
+            limit: None,
+        };
+        app.mailbox
+            .broadcast(Request::new(method, Map::new()), Some(collect))
     };
-    match app
-        .mailbox
-        .broadcast(Request::new("active", Map::new()), Some(collect))
-        .await
-    {
-        Ok(replies) => {
-            let mut nodes: Vec<Value> = replies
-                .iter()
-                .map(|(node, reply)| {
-                    json!({
-                        "node": node,
-                        "busy": reply.as_array().map_or(0, Vec::len),
-                    })
-                })
-                .collect();
-            nodes.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
-            Value::Array(nodes)
-        }
-        Err(err) => json!({"error": format!("{err:#}")}),
-    }
+    let (active, stats) = tokio::join!(ask("active"), ask("stats"));
+    let active = match active {
+        Ok(replies) => replies,
+        Err(err) => return json!({"error": format!("{err:#}")}),
+    };
+    let stats: BTreeMap<String, Value> = stats.unwrap_or_default().into_iter().collect();
+    let mut nodes: Vec<Value> = active
+        .iter()
+        .map(|(node, reply)| {
+            let stat = stats.get(node);
+            json!({
+                "node": node,
+                "busy": reply.as_array().map_or(0, Vec::len),
+                "slots": stat.and_then(|s| s["pool"]["max-concurrency"].as_u64()),
+                "uptime_seconds": stat.and_then(|s| s["uptime"].as_u64()),
+            })
+        })
+        .collect();
+    nodes.sort_by(|a, b| a["node"].as_str().cmp(&b["node"].as_str()));
+    Value::Array(nodes)
 }
 
 /// Active workflows (and the oldest with its step), and those that failed in the last day.
@@ -372,7 +377,15 @@ fn print_report(report: &Value, now: DateTime<Utc>) {
         Value::Array(nodes) => {
             let listed: Vec<String> = nodes
                 .iter()
-                .map(|n| format!("{} ({} busy)", text(&n["node"]), n["busy"]))
+                .map(|n| match n["slots"].as_u64() {
+                    Some(slots) => format!(
+                        "{} ({} of {slots} slots busy, up {})",
+                        text(&n["node"]),
+                        n["busy"],
+                        human_seconds(n["uptime_seconds"].as_f64().unwrap_or_default())
+                    ),
+                    None => format!("{} ({} busy)", text(&n["node"]), n["busy"]),
+                })
                 .collect();
             say!("workers: {}", listed.join(", "));
         }

@@ -954,3 +954,65 @@ async fn fixity_over_hsi_reads_the_tape_only_when_told_to_recall() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// `workers doctor` asks HPSS for its working directory: an hsi that answers passes, one that
+/// is refused is named with what to check.
+#[test]
+fn doctor_checks_that_hsi_runs_and_is_let_in() {
+    let hpss = Hpss::new();
+    let mut project = Project::new();
+    project.set_env("WORKERS__ARCHIVE__KIND", "hsi");
+    project.set_env(
+        "WORKERS__HSI__COMMAND",
+        hpss.dir.path().join("bin/hsi").to_str().unwrap(),
+    );
+    project.set_env("WORKERS__SERVICE_USER", "root");
+    project.set_env("WORKERS__CAPACITY__HEADROOM", "0");
+    project.run_ok(&["paths", "check", "--create"]);
+    let checks = |project: &Project| -> (Option<i32>, Vec<serde_json::Value>) {
+        let out = project.run(&["doctor", "--format", "json"]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", describe(&out)));
+        let archive = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["check"] == "archive")
+            .cloned()
+            .collect();
+        (out.status.code(), archive)
+    };
+    let (code, archive) = checks(&project);
+    assert_eq!(archive.len(), 1, "{archive:?}");
+    assert_eq!(archive[0]["ok"], true, "{archive:?}");
+    assert!(
+        archive[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("pwd0: /home/workers"),
+        "{archive:?}"
+    );
+    if rustix::process::geteuid().is_root() {
+        assert_eq!(code, Some(0), "{archive:?}");
+    }
+    assert!(hpss.log().contains(&"pwd".to_owned()), "{:?}", hpss.log());
+
+    hpss.inject(&[
+        ("HSI_STANDIN_FAIL", "pwd"),
+        (
+            "HSI_STANDIN_FAIL_MESSAGE",
+            "*** HPSS authentication failed [-11000]",
+        ),
+    ]);
+    let (code, archive) = checks(&project);
+    assert_eq!(code, Some(1));
+    assert_eq!(archive[0]["ok"], false);
+    assert!(
+        archive[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("HPSS authentication failed"),
+        "{archive:?}"
+    );
+    assert!(archive[0]["fix"].as_str().unwrap().contains("keytab"));
+}

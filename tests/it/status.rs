@@ -113,6 +113,8 @@ fn status_reports_the_deployment_and_exits_1_while_something_needs_attention() {
         .find(|n| n["node"] == "status-node@test")
         .unwrap();
     assert_eq!(node["busy"], 0);
+    assert_eq!(node["slots"], 3);
+    assert!(node["uptime_seconds"].is_u64(), "{node}");
 
     // A staging file system over its high watermark needs attention; the table says so too.
     project.set_env("WORKERS__STAGE__PURGE__HIGH_WATERMARK_PERCENT", "1");
@@ -129,7 +131,10 @@ fn status_reports_the_deployment_and_exits_1_while_something_needs_attention() {
     assert_eq!(out.status.code(), Some(1));
     let text = stdout(&out);
     assert!(text.starts_with("needs attention:"), "{text}");
-    assert!(text.contains("status-node@test (0 busy)"), "{text}");
+    assert!(
+        text.contains("status-node@test (0 of 3 slots busy, up "),
+        "{text}"
+    );
     assert!(text.contains("datasets: STAGED 1"), "{text}");
     for mut child in [scheduler, worker] {
         let _ = child.kill();
