@@ -594,9 +594,18 @@ async fn a_batch_published_at_once_arrives_whole() {
     };
     let broker = broker(&url, &queue);
     let rabbit = Rabbit::connect(&url).await;
+    assert_eq!(
+        broker.queued().await.unwrap().map(|d| d.waiting),
+        Some(0),
+        "a queue not declared yet holds nothing"
+    );
     let batch: Vec<TaskMessage> = (0..150).map(|_| message(&queue, 5)).collect();
     broker.publish_many(&batch).await.unwrap();
     assert_eq!(rabbit.ready(&queue).await, 150);
+    // What `workers status` reports: the ready messages, as RabbitMQ counts them.
+    let depth = broker.queued().await.unwrap().unwrap();
+    assert_eq!((depth.waiting, depth.oldest), (150, None));
+    broker.check_queues().await.unwrap();
     broker
         .start_consuming(&Consume {
             queues: None,

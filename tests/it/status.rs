@@ -67,7 +67,19 @@ fn status_reports_the_deployment_and_exits_1_while_something_needs_attention() {
     assert!(stage_fs["free"].as_u64().unwrap() > 0);
     assert_eq!(stage_fs["headroom"], 1u64 << 30);
 
-    // A scheduler holds the lease and a worker answers: healthy.
+    // A workflow started with no worker to run it: active, its step queued.
+    project.run_ok(&["workflows", "start", "stage", "seen"]);
+    let (_, report) = status(&project);
+    assert_eq!(report["workflows"]["active"], 1, "{report:#}");
+    assert_eq!(report["workflows"]["oldest_active"]["name"], "stage");
+    assert!(
+        report["workflows"]["oldest_active"]["step"].is_string(),
+        "{report:#}"
+    );
+    assert_eq!(report["queue"]["waiting"], 1, "{report:#}");
+    assert!(report["queue"]["oldest"].is_string(), "{report:#}");
+
+    // A scheduler holds the lease and a worker answers (and runs that step): healthy.
     project.set_env("WORKERS__SCHEDULER__WORKERS", "0");
     let scheduler = project
         .command(&["scheduler"])
