@@ -16,6 +16,7 @@ use tracing::{error, warn};
 
 use crate::archive::{ArchiveError, ArchivedFile};
 use crate::cancel::CancellationToken;
+use crate::compute::blocking;
 use crate::compute::md5::Md5Digest;
 use crate::compute::walk::{InspectOptions, InspectRecord, RecordKind, inspect_tree};
 use crate::config::RecallPolicy;
@@ -24,6 +25,7 @@ use crate::model::{DatasetState, FileRecord, FileType};
 use crate::progress::Progress;
 use crate::registry::{Dataset, DatasetId, DatasetPatch, FilePages};
 use crate::steps::StepEnv;
+use crate::steps::capacity;
 use crate::store::{FixityRecord, FixityResult, WorkflowStore};
 
 /// File rows read from the registry per round trip.
@@ -355,7 +357,7 @@ async fn check_archive(
             RecallPolicy::Always => true,
         };
     let (found, bytes_read) = if recalls {
-        let recalled = recall_bundle(env, dataset, path, cancel).await?;
+        let recalled = recall_bundle(env, dataset, path, found.size, cancel).await?;
         (recalled, Some(recalled.size))
     } else {
         (found, env.archive.reads_to_checksum().then_some(found.size))
@@ -399,43 +401,63 @@ async fn recall_bundle(
     env: &StepEnv,
     dataset: &Dataset,
     path: &str,
+    size: u64,
     cancel: &CancellationToken,
 ) -> anyhow::Result<ArchivedFile> {
-    let dir = &env
+    let dir = env
         .settings
         .paths
         .for_type(dataset.dataset_type)
-        .bundle_stage;
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create `{}`", dir.display()))?;
-    let local = dir.join(format!(
-        ".fixity-{}-{}.tar",
+        .bundle_stage
+        .clone();
+    // The recalled copy takes room on the staging file system like a staged bundle.
+    let holder = format!("fixity-{}", uuid::Uuid::new_v4());
+    let _space = capacity::admit_as(
+        env,
+        &holder,
         dataset.id,
-        uuid::Uuid::new_v4()
-    ));
+        vec![capacity::Need {
+            dir: dir.clone(),
+            bytes: size,
+        }],
+        false,
+    )
+    .await
+    .map_err(|err| {
+        anyhow::format_err!(
+            "no room to recall the bundle of dataset {} into `{}`: {:#}",
+            dataset.id,
+            dir.display(),
+            err.error()
+        )
+    })?;
+    let local = dir.join(format!(".fixity-{}-{holder}.tar", dataset.id));
     let fetched = env
         .archive
         .recall(path, &local, &Progress::new(), cancel)
-        .await
-        .and_then(|md5| {
-            let size = std::fs::metadata(&local)
-                .map_err(|err| ArchiveError::Transient(err.into()))?
-                .len();
-            Ok(ArchivedFile {
-                size,
-                md5: Some(md5),
-            })
-        });
-    if let Err(err) = std::fs::remove_file(&local)
-        && err.kind() != std::io::ErrorKind::NotFound
-    {
-        warn!(path = %local.display(), error = %err, "Could not remove a recalled bundle.");
-    }
-    fetched.map_err(|err| {
-        anyhow::Error::new(err).context(format!(
+        .await;
+    let removed = local.clone();
+    let fetched_size = blocking(move || {
+        let size = std::fs::metadata(&removed).map(|m| m.len());
+        if let Err(err) = std::fs::remove_file(&removed)
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(path = %removed.display(), error = %err, "Could not remove a recalled bundle.");
+        }
+        size
+    })
+    .await;
+    let context = || {
+        format!(
             "cannot recall the bundle of dataset {} from `{path}` in the {}",
             dataset.id,
             env.archive.describe()
-        ))
+        )
+    };
+    let md5 = fetched.map_err(|err| anyhow::Error::new(err).context(context()))?;
+    Ok(ArchivedFile {
+        size: fetched_size.with_context(context)?,
+        md5: Some(md5),
     })
 }
 

@@ -15,7 +15,7 @@ use crate::cli::OutputFormat;
 use crate::config::{BrokerKind, LoadOptions, RegistryKind, Settings, StoreKind};
 use crate::jobs::JobName;
 use crate::registry::DatasetQuery;
-use crate::steps::capacity::space_at;
+use crate::steps::capacity::file_systems_of;
 
 /// The most a store's clock may differ from ours: leases of 15 s are judged by the store's.
 const MAX_SKEW: chrono::Duration = chrono::Duration::seconds(2);
@@ -434,20 +434,9 @@ async fn space(app: &App) -> Vec<Check> {
         .into_iter()
         .filter(|(key, _)| !key.starts_with("registration."))
         .collect();
-    let spaces = crate::compute::blocking(move || {
-        let mut seen: Vec<crate::steps::capacity::FsSpace> = Vec::new();
-        for (_, dir) in dirs {
-            if let Ok(space) = space_at(&dir)
-                && !seen.iter().any(|s| s.mount == space.mount)
-            {
-                seen.push(space);
-            }
-        }
-        seen
-    })
-    .await;
+    let (spaces, _) = crate::compute::blocking(move || file_systems_of(dirs)).await;
     let mut checks = Vec::new();
-    for space in spaces {
+    for (space, _) in spaces {
         let mount = space.mount.display().to_string();
         if space.free <= headroom {
             checks.push(Check::fail(

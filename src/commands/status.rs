@@ -21,7 +21,7 @@ use crate::jobs::JobName;
 use crate::model::DatasetType;
 use crate::progress::human_seconds;
 use crate::registry::DatasetQuery;
-use crate::steps::capacity::{FsSpace, space_at};
+use crate::steps::capacity::file_systems_of;
 use crate::store::{RunOutcome, TaskStatus, WorkflowFilter};
 use crate::workflow::engine;
 
@@ -249,41 +249,28 @@ async fn datasets_by_state(app: &App) -> anyhow::Result<BTreeMap<String, u64>> {
 /// free, headroom, reserved, and whether a staging one is over its high watermark.
 async fn file_systems(app: &App, problems: &mut Vec<String>) -> anyhow::Result<Vec<Value>> {
     let settings = &app.settings;
-    let mut dirs: Vec<(String, PathBuf, bool)> = Vec::new();
+    let mut dirs: Vec<(String, PathBuf)> = Vec::new();
+    let mut staging_keys = Vec::new();
     for dataset_type in DatasetType::ALL {
         let paths = settings.paths.for_type(dataset_type);
         let key = |name: &str| format!("paths.{}.{name}", dataset_type.as_str());
-        dirs.push((key("stage"), paths.stage.clone(), true));
-        dirs.push((key("bundle.stage"), paths.bundle_stage.clone(), false));
-        dirs.push((key("bundle.generate"), paths.bundle_generate.clone(), false));
+        staging_keys.push(key("stage"));
+        dirs.push((key("stage"), paths.stage.clone()));
+        dirs.push((key("bundle.stage"), paths.bundle_stage.clone()));
+        dirs.push((key("bundle.generate"), paths.bundle_generate.clone()));
         if settings.backends.archive == ArchiveKind::Local {
             let root = paths.archive.split("{year}").next().unwrap_or_default();
-            dirs.push((key("archive"), PathBuf::from(root), false));
+            dirs.push((key("archive"), PathBuf::from(root)));
         }
     }
-    let spaces = crate::compute::blocking(move || {
-        dirs.into_iter()
-            .map(|(key, dir, staging)| (key, space_at(&dir), staging))
-            .collect::<Vec<_>>()
-    })
-    .await;
+    let (found, unreadable) = crate::compute::blocking(move || file_systems_of(dirs)).await;
     let headroom = settings.capacity.headroom;
-    // One entry per file system, with the keys of the directories on it.
-    let mut found: Vec<(FsSpace, Vec<String>, bool)> = Vec::new();
-    let mut out = Vec::new();
-    for (key, space, staging) in spaces {
-        match space {
-            Ok(space) => match found.iter_mut().find(|(s, _, _)| s.mount == space.mount) {
-                Some((_, keys, is_staging)) => {
-                    keys.push(key);
-                    *is_staging |= staging;
-                }
-                None => found.push((space, vec![key], staging)),
-            },
-            Err(err) => out.push(json!({"paths": [key], "error": format!("{err:#}")})),
-        }
-    }
-    for (space, keys, staging) in found {
+    let mut out: Vec<Value> = unreadable
+        .into_iter()
+        .map(|(key, err)| json!({"paths": [key], "error": format!("{err:#}")}))
+        .collect();
+    for (space, keys) in found {
+        let staging = keys.iter().any(|k| staging_keys.contains(k));
         let mount = space.mount.display().to_string();
         let reserved: u64 = app
             .space

@@ -16,7 +16,7 @@ use crate::cancel::CancellationToken;
 use crate::compute::blocking;
 use crate::model::DatasetType;
 use crate::registry::DatasetQuery;
-use crate::steps::capacity::{FsSpace, free_staging, purge_staged_copy, space_of};
+use crate::steps::capacity::{file_systems_of, free_staging, purge_staged_copy};
 use crate::store::PageCursor;
 
 #[derive(Debug, Clone, Default)]
@@ -92,22 +92,20 @@ async fn purge_by_fill(
         return Ok(());
     };
     let env = app.step_env();
-    let dirs: Vec<PathBuf> = DatasetType::ALL
+    let dirs: Vec<(String, PathBuf)> = DatasetType::ALL
         .iter()
-        .map(|t| app.settings.paths.for_type(*t).stage.clone())
+        .map(|t| {
+            (
+                format!("paths.{t}.stage"),
+                app.settings.paths.for_type(*t).stage.clone(),
+            )
+        })
         .collect();
-    let spaces = blocking(move || -> anyhow::Result<Vec<FsSpace>> {
-        let mut spaces: Vec<FsSpace> = Vec::new();
-        for dir in dirs {
-            let space = space_of(&dir)?;
-            if !spaces.iter().any(|s| s.mount == space.mount) {
-                spaces.push(space);
-            }
-        }
-        Ok(spaces)
-    })
-    .await?;
-    for space in spaces {
+    let (spaces, unreadable) = blocking(move || file_systems_of(dirs)).await;
+    if let Some((key, err)) = unreadable.into_iter().next() {
+        return Err(err.context(format!("cannot read the file system of {key}")));
+    }
+    for (space, _) in spaces {
         let used = space.used_percent();
         if used <= f64::from(high) {
             continue;

@@ -95,6 +95,30 @@ pub fn space_at(dir: &Path) -> anyhow::Result<FsSpace> {
     })
 }
 
+/// A file system and the keys of the configured directories on it.
+pub type FsOfKeys = (FsSpace, Vec<String>);
+
+/// The file systems of `dirs` (key, directory), each once with the keys of the directories on
+/// it, in the order first met; a directory not created yet counts on its nearest existing
+/// ancestor's file system. Directories whose file system cannot be read come apart, with the
+/// error. Nothing is created. Blocking: call it on a blocking thread.
+pub fn file_systems_of(
+    dirs: Vec<(String, PathBuf)>,
+) -> (Vec<FsOfKeys>, Vec<(String, anyhow::Error)>) {
+    let mut found: Vec<(FsSpace, Vec<String>)> = Vec::new();
+    let mut unreadable = Vec::new();
+    for (key, dir) in dirs {
+        match space_at(&dir) {
+            Ok(space) => match found.iter_mut().find(|(s, _)| s.mount == space.mount) {
+                Some((_, keys)) => keys.push(key),
+                None => found.push((space, vec![key])),
+            },
+            Err(err) => unreadable.push((key, err)),
+        }
+    }
+    (found, unreadable)
+}
+
 /// The bytes a step holds; given back when dropped (and, should the process die, when the
 /// reservations lapse, one claim period later). Renewed meanwhile.
 pub struct Held {
@@ -139,7 +163,17 @@ pub async fn admit(
     needs: Vec<Need>,
     purge_to_fit: bool,
 ) -> Result<Held, StepError> {
-    let env = &ctx.env;
+    admit_as(&ctx.env, &ctx.task_id, ctx.dataset_id, needs, purge_to_fit).await
+}
+
+/// `admit` for work that is not a step (a fixity recall): `holder` names the reservation.
+pub async fn admit_as(
+    env: &StepEnv,
+    holder: &str,
+    dataset_id: DatasetId,
+    needs: Vec<Need>,
+    purge_to_fit: bool,
+) -> Result<Held, StepError> {
     let settings = &env.settings;
     let headroom = settings.capacity.headroom;
     let ttl = Duration::from_secs(settings.worker.lease_seconds.max(3));
@@ -160,7 +194,7 @@ pub async fn admit(
 
     let mut held = Held {
         ledger: Arc::clone(&env.space),
-        holder: ctx.task_id.clone(),
+        holder: holder.to_owned(),
         mounts: Vec::new(),
         renew: None,
     };
@@ -173,7 +207,7 @@ pub async fn admit(
                 "InsufficientSpace",
                 anyhow::format_err!(
                     "dataset {} needs {} on `{mount}`, which holds {} in all (capacity.headroom {}): it can never fit there",
-                    ctx.dataset_id,
+                    dataset_id,
                     HumanBytes(bytes),
                     HumanBytes(usable),
                     HumanBytes(headroom)
@@ -181,24 +215,18 @@ pub async fn admit(
             ));
         }
         let mut space = space;
-        let mut taken = reserve(env, &mount, &ctx.task_id, bytes, &space, ttl).await?;
+        let mut taken = reserve(env, &mount, holder, bytes, &space, ttl).await?;
         if !taken && purge_to_fit {
-            let others = held_by_others(env, &mount, &ctx.task_id).await?;
+            let others = held_by_others(env, &mount, holder).await?;
             let wanted = bytes.saturating_add(headroom).saturating_add(others);
-            free_staging(
-                env,
-                &space.mount,
-                wanted,
-                Some(ctx.dataset_id),
-                &ctx.task_id,
-            )
-            .await
-            .map_err(StepError::retryable)?;
+            free_staging(env, &space.mount, wanted, Some(dataset_id), holder)
+                .await
+                .map_err(StepError::retryable)?;
             let dir = space.mount.clone();
             space = blocking(move || space_of(&dir))
                 .await
                 .map_err(StepError::retryable)?;
-            taken = reserve(env, &mount, &ctx.task_id, bytes, &space, ttl).await?;
+            taken = reserve(env, &mount, holder, bytes, &space, ttl).await?;
         }
         if !taken {
             let others = env
@@ -206,10 +234,7 @@ pub async fn admit(
                 .space_reservations(&mount)
                 .await
                 .map_err(StepError::retryable)?;
-            let others: Vec<_> = others
-                .into_iter()
-                .filter(|r| r.holder != ctx.task_id)
-                .collect();
+            let others: Vec<_> = others.into_iter().filter(|r| r.holder != holder).collect();
             let wait = settings.capacity.wait;
             return Err(StepError::waiting_for_space(
                 wait,
@@ -228,7 +253,7 @@ pub async fn admit(
     }
     let (ledger, holder, mounts) = (
         Arc::clone(&env.space),
-        ctx.task_id.clone(),
+        holder.to_owned(),
         held.mounts.clone(),
     );
     held.renew = Some(tokio::spawn(async move {

@@ -53,6 +53,18 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Stages raw data on `tmpfs`: the staged trees in `stage/`, the fetched bundles in `bundles/`.
+fn stage_on(project: &mut Project, tmpfs: &Tmpfs) {
+    project.set_env(
+        "WORKERS__PATHS__RAW_DATA__STAGE",
+        tmpfs.path("stage").to_str().unwrap(),
+    );
+    project.set_env(
+        "WORKERS__PATHS__RAW_DATA__BUNDLE__STAGE",
+        tmpfs.path("bundles").to_str().unwrap(),
+    );
+}
+
 /// Runs two worker slots until `done` holds (checked every 200 ms), then stops them; fails
 /// after `limit`.
 async fn run_until<F, Fut>(app: &Arc<App>, limit: Duration, done: F)
@@ -137,13 +149,8 @@ async fn datasets_that_do_not_fit_together_wait_for_room_and_a_purge_on_demand_m
     }
     // Each staged copy needs its bundle and its tree, about 3 MB on the 8 MiB tmpfs: two fit,
     // the third does not.
-    let stage = tmpfs.path("stage");
+    stage_on(&mut project, &tmpfs);
     let bundles = tmpfs.path("bundles");
-    project.set_env("WORKERS__PATHS__RAW_DATA__STAGE", stage.to_str().unwrap());
-    project.set_env(
-        "WORKERS__PATHS__RAW_DATA__BUNDLE__STAGE",
-        bundles.to_str().unwrap(),
-    );
     project.set_env("WORKERS__CAPACITY__HEADROOM", "512 KiB");
     project.set_env("WORKERS__CAPACITY__WAIT_SECONDS", "1");
     project.run_ok(&["jobs", "run", "watch"]);
@@ -286,14 +293,7 @@ async fn a_staging_file_system_above_its_high_watermark_is_purged_down_to_the_lo
             &[("data.bin", &pseudo_random(1_500_000, 50 + i))],
         );
     }
-    project.set_env(
-        "WORKERS__PATHS__RAW_DATA__STAGE",
-        tmpfs.path("stage").to_str().unwrap(),
-    );
-    project.set_env(
-        "WORKERS__PATHS__RAW_DATA__BUNDLE__STAGE",
-        tmpfs.path("bundles").to_str().unwrap(),
-    );
+    stage_on(&mut project, &tmpfs);
     project.set_env("WORKERS__CAPACITY__HEADROOM", "0");
     project.run_ok(&["jobs", "run", "watch", "--wait"]);
     // Two copies of about 3 MB each: some 75% of 8 MiB. One must go to be at most 45% full.
@@ -364,14 +364,7 @@ async fn a_copy_larger_than_the_file_system_fails_at_once_naming_both_sizes() {
         "cap_1",
         &[("data.bin", &pseudo_random(1_500_000, 60))],
     );
-    project.set_env(
-        "WORKERS__PATHS__RAW_DATA__STAGE",
-        tmpfs.path("stage").to_str().unwrap(),
-    );
-    project.set_env(
-        "WORKERS__PATHS__RAW_DATA__BUNDLE__STAGE",
-        tmpfs.path("bundles").to_str().unwrap(),
-    );
+    stage_on(&mut project, &tmpfs);
     project.set_env("WORKERS__CAPACITY__HEADROOM", "0");
     let out = project.run(&["jobs", "run", "watch", "--wait"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
