@@ -188,9 +188,11 @@ impl WorkerControl {
         &self.node
     }
 
-    /// Loads the revokes the store remembers (those of the last three hours).
+    /// Loads the revokes the store remembers (those of the last three hours), and has it forget
+    /// the older ones.
     pub async fn load_revoked(&self) -> anyhow::Result<usize> {
         let since = Utc::now() - revoked::EXPIRES;
+        self.app.store.forget_revoked_before(since).await?;
         let remembered = self.app.store.revoked_since(since).await?;
         for (id, at) in &remembered {
             self.revoked.insert([id.as_str()], *at);

@@ -478,6 +478,10 @@ pub trait WorkflowStore: Send + Sync {
     /// store): a message of one of them that arrives later is not run.
     async fn remember_revoked(&self, task_ids: &[String], at: DateTime<Utc>) -> anyhow::Result<()>;
 
+    /// Forgets the revokes remembered before `cutoff` (they have expired: Celery keeps them for
+    /// three hours), so that the record does not grow for ever.
+    async fn forget_revoked_before(&self, cutoff: DateTime<Utc>) -> anyhow::Result<()>;
+
     /// The task ids revoked at or after `since`, with when; older ones are forgotten.
     async fn revoked_since(
         &self,

@@ -456,6 +456,16 @@ impl WorkflowStore for SqliteStore {
             .await
     }
 
+    async fn forget_revoked_before(&self, cutoff: DateTime<Utc>) -> anyhow::Result<()> {
+        let cutoff = to_millis(cutoff);
+        self.db
+            .write(move |tx| {
+                tx.execute("DELETE FROM revoked_tasks WHERE revoked_at < ?1", [cutoff])?;
+                Ok(())
+            })
+            .await
+    }
+
     async fn revoked_since(
         &self,
         since: DateTime<Utc>,

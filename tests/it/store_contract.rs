@@ -966,7 +966,29 @@ async fn space_story(ledger: &dyn SpaceLedger) {
     );
 }
 
+/// Revokes are remembered with their time, and the expired ones can be forgotten.
+async fn revoked_story(store: &dyn WorkflowStore) {
+    let now = ms(Utc::now());
+    let old = now - TimeDelta::hours(4);
+    store
+        .remember_revoked(&["old-1".into(), "old-2".into()], old)
+        .await
+        .unwrap();
+    store.remember_revoked(&["new".into()], now).await.unwrap();
+    let all = store.revoked_since(old).await.unwrap();
+    assert_eq!(all.len(), 3, "{all:?}");
+    store
+        .forget_revoked_before(now - TimeDelta::hours(3))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.revoked_since(old).await.unwrap(),
+        [("new".to_owned(), now)]
+    );
+}
+
 async fn story(workflows: &dyn WorkflowStore, scheduler: &dyn SchedulerStore) {
+    revoked_story(workflows).await;
     workflow_story(workflows).await;
     fixity_story(workflows).await;
     task_claim_story(workflows).await;

@@ -536,6 +536,11 @@ pub(super) fn revoked_since(since: DateTime<Utc>) -> Document {
     doc! {REVOKED_AT: {"$gte": bson_date(since)}}
 }
 
+/// Revocations before `cutoff`.
+pub(super) fn revoked_before(cutoff: DateTime<Utc>) -> Document {
+    doc! {REVOKED_AT: {"$lt": bson_date(cutoff)}}
+}
+
 /// Oldest revocation first.
 pub(super) fn by_revocation_time() -> Document {
     doc! {REVOKED_AT: 1}

@@ -820,6 +820,14 @@ impl WorkflowStore for MongoStore {
         Ok(())
     }
 
+    async fn forget_revoked_before(&self, cutoff: DateTime<Utc>) -> anyhow::Result<()> {
+        self.collection(REVOKED)
+            .delete_many(documents::revoked_before(cutoff))
+            .await
+            .with_context(|| format!("cannot forget expired revokes in {}", self.at(REVOKED)))?;
+        Ok(())
+    }
+
     async fn revoked_since(
         &self,
         since: DateTime<Utc>,
