@@ -490,8 +490,10 @@ pub struct FixitySettings {
     pub copies: Vec<CopyKind>,
     /// Most bytes one run reads; `None`: no limit.
     pub bytes_per_run: Option<u64>,
-    /// Every archived dataset is to be verified at least this often.
-    pub period: std::time::Duration,
+    /// Every archived dataset is checked once in this period (when it falls due); `None`
+    /// (`period_days = 0`): continuously, the longest unchecked first, as far as the budget
+    /// of each run goes.
+    pub period: Option<std::time::Duration>,
     pub recall: RecallPolicy,
 }
 

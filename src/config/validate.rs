@@ -1027,10 +1027,6 @@ impl Checker<'_> {
         let bytes_per_run = self
             .size(&["fixity", "bytes_per_run"], &raw.bytes_per_run)
             .map(|bytes| (bytes > 0).then_some(bytes));
-        if raw.period_days == 0 {
-            self.fail(&key(&["fixity", "period_days"]), "must be at least 1");
-            ok = false;
-        }
         let recall = RecallPolicy::from_name(&raw.recall);
         if recall.is_none() {
             self.fail(
@@ -1048,7 +1044,8 @@ impl Checker<'_> {
         Some(FixitySettings {
             copies,
             bytes_per_run,
-            period: Duration::from_secs(u64::from(raw.period_days) * 86_400),
+            period: (raw.period_days > 0)
+                .then(|| Duration::from_secs(u64::from(raw.period_days) * 86_400)),
             recall,
         })
     }

@@ -1,11 +1,14 @@
 //! `fixity`: re-reads the copies of archived datasets, the longest unchecked first, within a
-//! byte budget per run, so that every archived dataset is verified within the configured
+//! byte budget per run, so that every archived dataset is verified once in the configured
 //! period; each check is recorded and a difference raises the alert (`fixity::record`).
 //!
-//! The order is the store's: datasets never checked first, then by their last check. A run that
-//! stops (its budget spent, the scheduler stopping) leaves the rest first in line for the next
-//! run, so runs resume where the last one stopped without keeping a cursor. A check that fails
-//! to read (the archive unreachable) does not move the dataset back in line.
+//! A dataset falls due when its last check would be older than the period by the next run (so
+//! it is checked in time, not a run late); with `period_days = 0` every run goes on with the
+//! longest unchecked as far as its budget goes. The order is the store's: datasets never
+//! checked first, then by their last check. A run that stops (its budget spent, the scheduler
+//! stopping) leaves the rest first in line for the next run, so runs resume where the last one
+//! stopped without keeping a cursor. A check that fails to read (the archive unreachable) does
+//! not move the dataset back in line.
 
 use chrono::{DateTime, Utc};
 use tracing::{info, warn};
@@ -35,6 +38,8 @@ pub struct FixityReport {
     pub checked: Vec<FixityItem>,
     /// Datasets left for the next run: the run's byte budget was spent.
     pub deferred: usize,
+    /// Datasets checked recently enough that they are not due yet.
+    pub not_due: usize,
     /// Archived datasets not verified within the period (after this run).
     pub overdue: usize,
     /// Archived datasets whose last verdict on some copy is a difference (after this run).
@@ -71,14 +76,30 @@ pub async fn run(
         .into_iter()
         .filter(|d| d.archive_path.is_some() && !copies_of(settings, d).is_empty())
         .collect();
+    // Every archived dataset, due or not: what `overdue` and `failing` are counted over.
+    let archived: Vec<i64> = datasets.iter().map(|d| d.id).collect();
     let standings = app.store.fixity_standings().await?;
-    // Never checked first (`None` sorts first), then the longest unchecked; ties by id.
-    datasets.sort_by_key(|d| (standings.get(&d.id).and_then(|s| s.checked_at), d.id));
-
+    let now = Utc::now();
     let mut report = FixityReport {
         dry_run,
         ..FixityReport::default()
     };
+    if let Some(period) = settings.period {
+        // Due: checked too long ago to be still within the period at the next run.
+        let until_next = until_next_run(app, now);
+        let due_before = now - chrono::Duration::from_std(period).unwrap_or_default() + until_next;
+        let all = datasets.len();
+        datasets.retain(|d| {
+            standings
+                .get(&d.id)
+                .and_then(|s| s.checked_at)
+                .is_none_or(|at| at < due_before)
+        });
+        report.not_due = all - datasets.len();
+    }
+    // Never checked first (`None` sorts first), then the longest unchecked; ties by id.
+    datasets.sort_by_key(|d| (standings.get(&d.id).and_then(|s| s.checked_at), d.id));
+
     let env = app.step_env();
     let mut spent: u64 = 0;
     for (position, dataset) in datasets.iter().enumerate() {
@@ -135,14 +156,17 @@ pub async fn run(
     } else {
         app.store.fixity_standings().await?
     };
-    let due_after = Utc::now() - settings.period;
-    report.overdue = datasets
+    // Without a period, a dataset is overdue only while it has never been verified.
+    let verified_after = settings.period.map_or(DateTime::<Utc>::MIN_UTC, |period| {
+        Utc::now() - chrono::Duration::from_std(period).unwrap_or_default()
+    });
+    report.overdue = archived
         .iter()
-        .filter(|d| is_overdue(standings.get(&d.id), due_after))
+        .filter(|id| is_overdue(standings.get(id), verified_after))
         .count();
-    report.failing = datasets
+    report.failing = archived
         .iter()
-        .filter(|d| standings.get(&d.id).is_some_and(|s| s.failing))
+        .filter(|id| standings.get(id).is_some_and(|s| s.failing))
         .count();
     if !dry_run {
         crate::metrics::fixity_standing(report.overdue as u64, report.failing as u64);
@@ -150,12 +174,23 @@ pub async fn run(
     if report.overdue > 0 {
         warn!(
             overdue = report.overdue,
-            period_days = settings.period.as_secs() / 86_400,
+            period_days = settings.period.map_or(0, |p| p.as_secs() / 86_400),
             "Archived datasets have not been verified within fixity.period_days; \
              fixity.bytes_per_run may be too small, or the job runs too rarely."
         );
     }
     Ok(report)
+}
+
+/// The time from `now` to the job's next scheduled run; zero when it is not scheduled.
+fn until_next_run(app: &App, now: DateTime<Utc>) -> chrono::Duration {
+    app.settings
+        .schedule(crate::jobs::JobName::Fixity)
+        .filter(|s| s.enabled)
+        .and_then(|s| s.next_slot(now))
+        .map_or(chrono::Duration::zero(), |next| {
+            (next - now).max(chrono::Duration::zero())
+        })
 }
 
 /// The configured copies `dataset` has.
@@ -224,9 +259,9 @@ async fn check_dataset(
     Ok(records)
 }
 
-/// Whether a dataset with `standing` was last verified before `due_after` (or never).
-fn is_overdue(standing: Option<&FixityStanding>, due_after: DateTime<Utc>) -> bool {
+/// Whether a dataset with `standing` was last verified before `verified_after` (or never).
+fn is_overdue(standing: Option<&FixityStanding>, verified_after: DateTime<Utc>) -> bool {
     standing
         .and_then(|s| s.verified_at)
-        .is_none_or(|at| at < due_after)
+        .is_none_or(|at| at < verified_after)
 }

@@ -130,6 +130,8 @@ async fn the_fixity_job_rotates_through_the_archive_within_its_budget_and_alerts
     project.run_ok(&["jobs", "run", "watch", "--wait"]);
     // About 102 kB a bundle: two fit in a run, three do not.
     project.set_env("WORKERS__FIXITY__BYTES_PER_RUN", "250 kB");
+    // A continuous rotation: every run goes on as far as its budget goes.
+    project.set_env("WORKERS__FIXITY__PERIOD_DAYS", "0");
     let app = project.app().await;
     let mut ids = HashMap::new();
     let mut bundles = HashMap::new();
@@ -238,6 +240,19 @@ async fn the_fixity_job_rotates_through_the_archive_within_its_budget_and_alerts
     assert!(text.contains("differs (1)"), "{text}");
     let listed = project.run_ok(&["jobs", "list"]);
     assert!(stdout(&listed).contains("fixity"), "{}", stdout(&listed));
+
+    // With a period, a dataset checked within it is not due: nothing is read again.
+    project.set_env("WORKERS__FIXITY__PERIOD_DAYS", "90");
+    let app = project.app().await;
+    let opts = JobOptions::default();
+    let execution = jobs::execute(app, JobName::Fixity, Trigger::Manual, None, opts)
+        .await
+        .unwrap();
+    let Some(JobReport::Fixity(due)) = execution.report else {
+        panic!("{:?}", execution.outcome)
+    };
+    assert_eq!((due.checked.len(), due.not_due, due.deferred), (0, 3, 0));
+    assert_eq!((due.overdue, due.failing), (0, 1));
 }
 
 #[tokio::test(flavor = "multi_thread")]
