@@ -57,18 +57,13 @@ pub(super) async fn run(
         }
         JobsCommand::List { format } => {
             let mut rows = Vec::new();
-            for job in JobName::ALL {
-                let last = app
-                    .scheduler_store
-                    .runs(Some(job.name()), 1)
-                    .await?
-                    .into_iter()
-                    .next();
-                let schedule = app.settings.schedule(job);
-                let next = schedule.filter(|s| s.enabled).and_then(|s| {
-                    s.next_slot(Utc::now())
-                        .map(|slot| s.fire_time(job.name(), slot))
-                });
+            for jobs::JobOverview {
+                job,
+                schedule,
+                next_run: next,
+                last_run: last,
+            } in jobs::overview(app, Utc::now()).await?
+            {
                 rows.push(json!({
                     "job": job.name(),
                     "schedule": schedule.map(|s| s.text.clone()),

@@ -17,7 +17,6 @@ use crate::cli::OutputFormat;
 use crate::config::ArchiveKind;
 use crate::control::Request;
 use crate::control::mailbox::Collect;
-use crate::jobs::JobName;
 use crate::model::DatasetType;
 use crate::progress::human_seconds;
 use crate::registry::DatasetQuery;
@@ -104,18 +103,14 @@ async fn scheduler(
         );
     }
     let mut jobs = Vec::new();
-    for job in JobName::ALL {
-        let schedule = app.settings.schedule(job);
+    for crate::jobs::JobOverview {
+        job,
+        schedule,
+        next_run: next,
+        last_run: last,
+    } in crate::jobs::overview(app, now).await?
+    {
         let enabled = schedule.is_some_and(|s| s.enabled);
-        let next = schedule
-            .filter(|s| s.enabled)
-            .and_then(|s| s.next_slot(now).map(|slot| s.fire_time(job.name(), slot)));
-        let last = app
-            .scheduler_store
-            .runs(Some(job.name()), 1)
-            .await?
-            .into_iter()
-            .next();
         if let Some(run) = &last
             && let RunOutcome::Failed(reason) = &run.outcome
         {

@@ -272,6 +272,39 @@ impl JobReport {
     }
 }
 
+/// A job as the scheduler sees it: its schedule, when it fires next (if enabled) and its last
+/// recorded run.
+pub struct JobOverview<'a> {
+    pub job: JobName,
+    pub schedule: Option<&'a crate::scheduler::schedule::Schedule>,
+    pub next_run: Option<DateTime<Utc>>,
+    pub last_run: Option<crate::store::JobRun>,
+}
+
+/// Every job's overview at `now`, in `JobName::ALL` order (`workers jobs list`, `workers status`).
+pub async fn overview(app: &App, now: DateTime<Utc>) -> anyhow::Result<Vec<JobOverview<'_>>> {
+    let mut jobs = Vec::with_capacity(JobName::ALL.len());
+    for job in JobName::ALL {
+        let schedule = app.settings.schedule(job);
+        let next_run = schedule
+            .filter(|s| s.enabled)
+            .and_then(|s| s.next_slot(now).map(|slot| s.fire_time(job.name(), slot)));
+        let last_run = app
+            .scheduler_store
+            .runs(Some(job.name()), 1)
+            .await?
+            .into_iter()
+            .next();
+        jobs.push(JobOverview {
+            job,
+            schedule,
+            next_run,
+            last_run,
+        });
+    }
+    Ok(jobs)
+}
+
 /// Runs one job.
 pub async fn run_job(app: &App, job: JobName, opts: &JobOptions) -> anyhow::Result<JobReport> {
     let cancel = &opts.cancel;
