@@ -44,6 +44,7 @@ pub mod names;
 pub mod progress;
 pub mod registry;
 pub mod scheduler;
+pub mod sql;
 pub mod sqlite;
 pub mod steps;
 pub mod store;

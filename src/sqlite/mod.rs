@@ -170,19 +170,23 @@ fn migrate(conn: &mut Connection, path: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot migrate the database `{}`", path.display()))
 }
 
+/// The schema, one migration per file, oldest first: SQLite's, and PostgreSQL's through
+/// `sql::postgres::schema_of`.
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_initial.sql"),
+    include_str!("migrations/0002_scheduler.sql"),
+    include_str!("migrations/0003_dead_letters.sql"),
+    include_str!("migrations/0004_task_starts.sql"),
+    include_str!("migrations/0005_uploads.sql"),
+    include_str!("migrations/0006_control.sql"),
+    include_str!("migrations/0007_queue_published_at.sql"),
+    include_str!("migrations/0008_fixity.sql"),
+    include_str!("migrations/0009_space.sql"),
+    include_str!("migrations/0010_lease_since.sql"),
+];
+
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![
-        M::up(include_str!("migrations/0001_initial.sql")),
-        M::up(include_str!("migrations/0002_scheduler.sql")),
-        M::up(include_str!("migrations/0003_dead_letters.sql")),
-        M::up(include_str!("migrations/0004_task_starts.sql")),
-        M::up(include_str!("migrations/0005_uploads.sql")),
-        M::up(include_str!("migrations/0006_control.sql")),
-        M::up(include_str!("migrations/0007_queue_published_at.sql")),
-        M::up(include_str!("migrations/0008_fixity.sql")),
-        M::up(include_str!("migrations/0009_space.sql")),
-        M::up(include_str!("migrations/0010_lease_since.sql")),
-    ])
+    Migrations::new(MIGRATIONS.iter().map(|sql| M::up(sql)).collect())
 }
 
 /// Milliseconds since the Unix epoch, the time unit of every column.
