@@ -76,8 +76,19 @@ if ! port_open 27017; then
     wait_port 27017 30 || { say "SecantusDB did not open port 27017 (see $state/secantus.log)"; exit 1; }
 fi
 
+# PostgreSQL (the postgres profile): the machine's server on 127.0.0.1:5432, trust
+# authentication; the tests create and drop databases of their own on it.
+if ! port_open 5432; then
+    say "starting PostgreSQL"
+    if command -v pg_ctlcluster >/dev/null; then
+        pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -1)" main start >&2 || true
+    fi
+    wait_port 5432 30 || { say "PostgreSQL is not listening on 127.0.0.1:5432"; exit 1; }
+fi
+
 echo "export WORKERS_TEST_AMQP_URL='amqp://guest:guest@127.0.0.1:5672/%2f'"
 echo "export WORKERS_TEST_MONGO_URI='mongodb://127.0.0.1:27017/?directConnection=true'"
+echo "export WORKERS_TEST_POSTGRES_URL='postgres://postgres@127.0.0.1:5432/postgres'"
 echo "export WORKERS_TEST_PYTHON='$state/interop-venv/bin/python'"
 echo "export WORKERS_TEST_FASTQC='$(command -v fastqc)'"
 echo "export WORKERS_TEST_MULTIQC='$state/interop-venv/bin/multiqc'"

@@ -24,7 +24,7 @@ use crate::registry::sqlite::SqliteRegistry;
 use crate::sqlite::Db;
 use crate::steps::StepEnv;
 use crate::store::mongo::MongoStore;
-use crate::store::sqlite::SqliteStore;
+use crate::store::sql::SqlStore;
 use crate::store::{SchedulerStore, SpaceLedger, WorkflowStore};
 use crate::workflow::definitions::Definitions;
 
@@ -160,7 +160,7 @@ impl App {
             Arc<dyn SpaceLedger>,
         ) = match settings.backends.store {
             StoreKind::Sqlite => {
-                let store = Arc::new(SqliteStore::new(embedded_db()?));
+                let store = Arc::new(SqlStore::new(embedded_db()?));
                 (store.clone(), store.clone(), store)
             }
             StoreKind::Mongo => {

@@ -39,10 +39,33 @@ pub struct PgConfig {
 /// The pool of connections to one database. Cloning is cheap.
 #[derive(Clone)]
 pub struct PgDb {
-    pool: r2d2::Pool<Manager>,
+    pool: Arc<Pool>,
     config: Arc<postgres::Config>,
     display: Arc<str>,
     reconnect_max: Duration,
+}
+
+/// The pool, closed on a thread of its own: closing a connection of the sync client blocks,
+/// which must not happen on a thread of the async runtime, where the last `PgDb` is often
+/// dropped.
+struct Pool(Option<r2d2::Pool<Manager>>);
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        if let Some(pool) = self.0.take() {
+            std::thread::spawn(move || drop(pool));
+        }
+    }
+}
+
+impl std::ops::Deref for Pool {
+    type Target = r2d2::Pool<Manager>;
+
+    fn deref(&self) -> &r2d2::Pool<Manager> {
+        self.0
+            .as_ref()
+            .expect("the pool is only taken when dropped")
+    }
 }
 
 /// A pooled connection and the statements prepared on it.
@@ -111,7 +134,7 @@ pub fn schema_of(sqlite: &str) -> String {
 }
 
 /// The advisory lock that lets one process at a time migrate a database.
-const MIGRATION_LOCK: i64 = 0x776f_726b_6572_73; // "workers"
+const MIGRATION_LOCK: i64 = 0x0077_6f72_6b65_7273; // "workers" in ASCII
 
 impl PgDb {
     /// Connects, brings the schema up to date (once per database, under an advisory lock) and
@@ -149,7 +172,7 @@ impl PgDb {
             })
             .map_err(|err| anyhow::format_err!("cannot connect to {display}: {err}"))?;
         Ok(PgDb {
-            pool,
+            pool: Arc::new(Pool(Some(pool))),
             config: Arc::new(config),
             display: display.into(),
             reconnect_max: settings.reconnect_max,

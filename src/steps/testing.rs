@@ -19,7 +19,7 @@ use crate::progress::Progress;
 use crate::registry::sqlite::SqliteRegistry;
 use crate::registry::{DatasetId, NewDataset};
 use crate::sqlite::Db;
-use crate::store::sqlite::SqliteStore;
+use crate::store::sql::SqlStore;
 
 /// A temporary project: `config/default.toml` as shipped, the database and the data beside it.
 pub(crate) struct TestEnv {
@@ -53,8 +53,8 @@ impl TestEnv {
             Arc::new(settings),
             Arc::new(SqliteRegistry::new(db.clone())),
             Arc::new(LocalArchive::new(pool.clone())),
-            Arc::new(SqliteStore::new(db.clone())),
-            Arc::new(SqliteStore::new(db)),
+            Arc::new(SqlStore::new(db.clone())),
+            Arc::new(SqlStore::new(db)),
             pool,
             Identity::current(),
         );

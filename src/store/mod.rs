@@ -6,7 +6,7 @@
 //! kept here is only a cache, as in sca-rhythm.
 
 pub mod mongo;
-pub mod sqlite;
+pub mod sql;
 
 use std::collections::{BTreeSet, HashMap};
 

@@ -48,7 +48,7 @@ fn runs(project: &Project, job: &str) -> Vec<Value> {
     if !path.exists() {
         return Vec::new();
     }
-    let store = workers::store::sqlite::SqliteStore::new(
+    let store = workers::store::sql::SqlStore::new(
         workers::sqlite::Db::open(&path, Duration::from_secs(10)).unwrap(),
     );
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -5,12 +5,13 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
+use crate::common::postgres::TestPostgres;
 use crate::common::services::TestDatabase;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::{Map, Value, json};
 use workers::sqlite::Db;
 use workers::store::mongo::MongoStore;
-use workers::store::sqlite::SqliteStore;
+use workers::store::sql::SqlStore;
 use workers::store::{
     FixityRecord, FixityResult, FixityStanding, PageCursor, RunOutcome, SchedulerStore,
     SpaceLedger, StepSpec, TaskClaim, TaskError, TaskStart, TaskStatus, Trigger, WatchState,
@@ -1002,7 +1003,7 @@ async fn story(workflows: &dyn WorkflowStore, scheduler: &dyn SchedulerStore) {
 async fn the_sqlite_store_keeps_the_contract() {
     let dir = tempfile::tempdir().unwrap();
     let db = Db::open(&dir.path().join("store.db"), Duration::from_secs(5)).unwrap();
-    let store = SqliteStore::new(db);
+    let store = SqlStore::new(db);
     story(&store, &store).await;
     space_story(&store).await;
 }
@@ -1015,6 +1016,16 @@ async fn the_mongo_store_keeps_the_contract() {
     let store = MongoStore::connect(&database.uri, &database.name)
         .await
         .unwrap();
+    story(&store, &store).await;
+    space_story(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_postgres_store_keeps_the_contract() {
+    let Some(database) = TestPostgres::new() else {
+        return;
+    };
+    let store = SqlStore::new(database.db().await);
     story(&store, &store).await;
     space_story(&store).await;
 }

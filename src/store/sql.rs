@@ -1,10 +1,10 @@
-//! The workflow store in the embedded SQLite database.
+//! The workflow store, the scheduler's records and the space ledger in a SQL database: the
+//! embedded SQLite file or a shared PostgreSQL database (`crate::sql`).
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use rusqlite::{OptionalExtension, params};
 
 use super::{
     FixityRecord, FixityResult, FixityStanding, JobRun, LeaseState, PageCursor, RunOutcome,
@@ -12,15 +12,17 @@ use super::{
     TaskRun, TaskStart, TaskStatus, Trigger, WatchState, Workflow, WorkflowFilter, WorkflowSpec,
     WorkflowStep, WorkflowStore,
 };
-use crate::sqlite::{Db, from_millis, to_millis};
+use crate::args;
+use crate::sql::{Conn, Database, Engine, Row, json_list};
+use crate::sqlite::{from_millis, to_millis};
 
-pub struct SqliteStore {
-    db: Db,
+pub struct SqlStore {
+    db: Database,
 }
 
-impl SqliteStore {
-    pub fn new(db: Db) -> SqliteStore {
-        SqliteStore { db }
+impl SqlStore {
+    pub fn new(db: impl Into<Database>) -> SqlStore {
+        SqlStore { db: db.into() }
     }
 }
 
@@ -28,46 +30,23 @@ fn json_text(value: &serde_json::Value) -> String {
     value.to_string()
 }
 
-fn load_workflow(conn: &rusqlite::Connection, id: &str) -> anyhow::Result<Option<Workflow>> {
-    let row = conn
-        .query_row(
-            "SELECT id, name, app_id, description, status, resume_lock, start_args, created_at, updated_at
-             FROM workflows WHERE id = ?1",
-            [id],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, Option<String>>(3)?,
-                    r.get::<_, String>(4)?,
-                    r.get::<_, Option<i64>>(5)?,
-                    r.get::<_, String>(6)?,
-                    r.get::<_, i64>(7)?,
-                    r.get::<_, Option<i64>>(8)?,
-                ))
-            },
-        )
-        .optional()?;
-    let Some((
-        id,
-        name,
-        app_id,
-        description,
-        status,
-        resume_lock,
-        start_args,
-        created_at,
-        updated_at,
-    )) = row
+fn load_workflow(conn: &mut dyn Conn, id: &str) -> anyhow::Result<Option<Workflow>> {
+    let Some(row) = conn.query_opt(
+        "SELECT id, name, app_id, description, status, resume_lock, start_args, created_at, updated_at
+         FROM workflows WHERE id = ?1",
+        args![id],
+    )?
     else {
         return Ok(None);
     };
-    let mut steps_stmt = conn.prepare_cached(
-        "SELECT position, name, task, queue, kwargs, priority FROM workflow_steps WHERE workflow_id = ?1 ORDER BY position",
-    )?;
-    let mut steps: Vec<WorkflowStep> = steps_stmt
-        .query_map([&id], |r| {
+    let mut steps: Vec<WorkflowStep> = conn
+        .query(
+            "SELECT position, name, task, queue, kwargs, priority FROM workflow_steps
+             WHERE workflow_id = ?1 ORDER BY position",
+            args![id],
+        )?
+        .iter()
+        .map(|r| {
             let kwargs: Option<String> = r.get(4)?;
             Ok(WorkflowStep {
                 spec: StepSpec {
@@ -75,46 +54,43 @@ fn load_workflow(conn: &rusqlite::Connection, id: &str) -> anyhow::Result<Option
                     task: r.get(2)?,
                     queue: r.get(3)?,
                     kwargs: kwargs.and_then(|k| serde_json::from_str(&k).ok()),
-                    priority: r.get::<_, Option<i64>>(5)?.map(|p| p.clamp(0, 255) as u8),
+                    priority: r.get::<Option<i64>>(5)?.map(|p| p.clamp(0, 255) as u8),
                 },
                 runs: Vec::new(),
             })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    let mut runs_stmt = conn.prepare_cached(
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let runs = conn.query(
         "SELECT position, task_id, date_start FROM task_runs WHERE workflow_id = ?1 ORDER BY seq",
+        args![id],
     )?;
-    let runs = runs_stmt.query_map([&id], |r| {
-        Ok((
-            r.get::<_, i64>(0)?,
-            TaskRun {
-                task_id: r.get(1)?,
-                date_start: from_millis(r.get(2)?),
-            },
-        ))
-    })?;
-    for run in runs {
-        let (position, run) = run?;
-        if let Some(step) = steps.get_mut(position as usize) {
-            step.runs.push(run);
+    for run in &runs {
+        let position: usize = run.get(0)?;
+        if let Some(step) = steps.get_mut(position) {
+            step.runs.push(TaskRun {
+                task_id: run.get(1)?,
+                date_start: from_millis(run.get(2)?),
+            });
         }
     }
+    let status: String = row.get(4)?;
+    let start_args: String = row.get(6)?;
     Ok(Some(Workflow {
-        id,
-        name,
-        app_id,
-        description,
-        created_at: from_millis(created_at),
-        updated_at: updated_at.map(from_millis),
+        id: row.get(0)?,
+        name: row.get(1)?,
+        app_id: row.get(2)?,
+        description: row.get(3)?,
+        created_at: from_millis(row.get(7)?),
+        updated_at: row.get::<Option<i64>>(8)?.map(from_millis),
         status_cache: TaskStatus::parse(&status).unwrap_or(TaskStatus::Pending),
-        resume_lock: resume_lock.map(from_millis),
+        resume_lock: row.get::<Option<i64>>(5)?.map(from_millis),
         start_args: serde_json::from_str(&start_args).unwrap_or_default(),
         steps,
     }))
 }
 
 /// The workflows of `ids` that exist, in that order.
-fn load_workflows(conn: &rusqlite::Connection, ids: &[String]) -> anyhow::Result<Vec<Workflow>> {
+fn load_workflows(conn: &mut dyn Conn, ids: &[String]) -> anyhow::Result<Vec<Workflow>> {
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
         if let Some(workflow) = load_workflow(conn, id)? {
@@ -124,7 +100,10 @@ fn load_workflows(conn: &rusqlite::Connection, ids: &[String]) -> anyhow::Result
     Ok(out)
 }
 
-fn meta_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskMeta> {
+/// The columns of `task_meta` that `meta_from_row` reads, in its order.
+const META_COLUMNS: &str = "task_id, status, result, traceback, date_done, name, args, kwargs, worker, retries, queue, starts";
+
+fn meta_from_row(r: &Row) -> anyhow::Result<TaskMeta> {
     let status: String = r.get(1)?;
     let result: Option<String> = r.get(2)?;
     let args: Option<String> = r.get(6)?;
@@ -136,7 +115,7 @@ fn meta_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskMeta> {
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or(serde_json::Value::Null),
         traceback: r.get(3)?,
-        date_done: r.get::<_, Option<i64>>(4)?.map(from_millis),
+        date_done: r.get::<Option<i64>>(4)?.map(from_millis),
         name: r.get(5)?,
         args: args
             .and_then(|a| serde_json::from_str(&a).ok())
@@ -145,20 +124,16 @@ fn meta_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TaskMeta> {
             .and_then(|k| serde_json::from_str(&k).ok())
             .unwrap_or_default(),
         worker: r.get(8)?,
-        retries: r.get::<_, i64>(9)? as u32,
+        retries: r.get(9)?,
         queue: r.get(10)?,
-        starts: r.get::<_, i64>(11)? as u32,
+        starts: r.get(11)?,
     })
 }
 
-fn touch(
-    tx: &rusqlite::Transaction<'_>,
-    workflow_id: &str,
-    status: Option<TaskStatus>,
-) -> anyhow::Result<()> {
+fn touch(tx: &mut dyn Conn, workflow_id: &str, status: Option<TaskStatus>) -> anyhow::Result<()> {
     tx.execute(
-        "UPDATE workflows SET status = COALESCE(?2, status), updated_at = ?3 WHERE id = ?1",
-        params![
+        "UPDATE workflows SET status = COALESCE(CAST(?2 AS TEXT), status), updated_at = ?3 WHERE id = ?1",
+        args![
             workflow_id,
             status.map(|s| s.as_str()),
             to_millis(Utc::now())
@@ -169,7 +144,7 @@ fn touch(
 
 /// Replaces status and result of a task that already has a row (every state after STARTED).
 fn set_result(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &mut dyn Conn,
     task_id: &str,
     status: TaskStatus,
     result: &serde_json::Value,
@@ -181,21 +156,28 @@ fn set_result(
         None
     };
     let changed = tx.execute(
-        "UPDATE task_meta SET status = ?2, result = ?3, date_done = ?4, retries = COALESCE(?5, retries)
+        "UPDATE task_meta SET status = ?2, result = ?3, date_done = ?4,
+            retries = COALESCE(CAST(?5 AS BIGINT), retries)
          WHERE task_id = ?1",
-        params![task_id, status.as_str(), json_text(result), date_done, retries.map(i64::from)],
+        args![
+            task_id,
+            status.as_str(),
+            json_text(result),
+            date_done,
+            retries.map(i64::from)
+        ],
     )?;
     if changed == 0 {
         tx.execute(
             "INSERT INTO task_meta (task_id, status, result, date_done, retries) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![task_id, status.as_str(), json_text(result), date_done, retries.map(i64::from).unwrap_or(0)],
+            args![task_id, status.as_str(), json_text(result), date_done, retries.map(i64::from).unwrap_or(0)],
         )?;
     }
     Ok(())
 }
 
 #[async_trait]
-impl WorkflowStore for SqliteStore {
+impl WorkflowStore for SqlStore {
     async fn create_workflow(
         &self,
         id: &str,
@@ -217,14 +199,6 @@ impl WorkflowStore for SqliteStore {
         self.db
             .write(move |tx| {
                 let now = to_millis(Utc::now());
-                let mut workflow = tx.prepare_cached(
-                    "INSERT INTO workflows (id, name, app_id, description, status, start_args, created_at)
-                     VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5, ?6)",
-                )?;
-                let mut step = tx.prepare_cached(
-                    "INSERT INTO workflow_steps (workflow_id, position, name, task, queue, kwargs, priority)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?;
                 let kwargs: Vec<Option<String>> = spec
                     .steps
                     .iter()
@@ -232,9 +206,16 @@ impl WorkflowStore for SqliteStore {
                     .collect();
                 for (id, start_args) in &workflows {
                     let start_args = serde_json::Value::from(start_args.clone());
-                    workflow.execute(params![id, spec.name, app_id, spec.description, json_text(&start_args), now])?;
+                    tx.execute(
+                        "INSERT INTO workflows (id, name, app_id, description, status, start_args, created_at)
+                         VALUES (?1, ?2, ?3, ?4, 'PENDING', ?5, ?6)",
+                        args![id, spec.name, app_id, spec.description, json_text(&start_args), now],
+                    )?;
                     for (position, s) in spec.steps.iter().enumerate() {
-                        step.execute(params![
+                        tx.execute(
+                            "INSERT INTO workflow_steps (workflow_id, position, name, task, queue, kwargs, priority)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                            args![
                             id,
                             position as i64,
                             s.name,
@@ -242,7 +223,8 @@ impl WorkflowStore for SqliteStore {
                             s.queue,
                             kwargs[position],
                             s.priority.map(i64::from)
-                        ])?;
+                        ],
+                        )?;
                     }
                 }
                 Ok(())
@@ -252,7 +234,7 @@ impl WorkflowStore for SqliteStore {
 
     async fn workflow(&self, id: &str) -> anyhow::Result<Option<Workflow>> {
         let id = id.to_owned();
-        self.db.call(move |conn| load_workflow(conn, &id)).await
+        self.db.read(move |conn| load_workflow(conn, &id)).await
     }
 
     async fn workflows(
@@ -261,7 +243,7 @@ impl WorkflowStore for SqliteStore {
         limit: usize,
     ) -> anyhow::Result<Vec<Workflow>> {
         self.db
-            .call(move |conn| {
+            .read(move |conn| {
                 let sql = match filter {
                     WorkflowFilter::All => {
                         "SELECT id FROM workflows ORDER BY created_at DESC, id LIMIT ?1"
@@ -271,10 +253,11 @@ impl WorkflowStore for SqliteStore {
                          ORDER BY created_at DESC, id LIMIT ?1"
                     }
                 };
-                let ids: Vec<String> = conn
-                    .prepare(sql)?
-                    .query_map([limit as i64], |r| r.get(0))?
-                    .collect::<rusqlite::Result<_>>()?;
+                let ids = conn
+                    .query(sql, args![limit])?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect::<anyhow::Result<Vec<String>>>()?;
                 load_workflows(conn, &ids)
             })
             .await
@@ -283,18 +266,16 @@ impl WorkflowStore for SqliteStore {
     async fn task_metas(&self, task_ids: &[String]) -> anyhow::Result<HashMap<String, TaskMeta>> {
         let task_ids = task_ids.to_vec();
         self.db
-            .call(move |conn| {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT task_id, status, result, traceback, date_done, name, args, kwargs, worker, retries, queue, starts
-                     FROM task_meta WHERE task_id = ?1",
+            .read(move |conn| {
+                let rows = conn.query(
+                    &format!(
+                        "SELECT {META_COLUMNS} FROM task_meta WHERE task_id IN {{text_list ?1}}"
+                    ),
+                    args![json_list(&task_ids)],
                 )?;
-                let mut out = HashMap::new();
-                for id in task_ids {
-                    if let Some(meta) = stmt.query_row([&id], meta_from_row).optional()? {
-                        out.insert(id, meta);
-                    }
-                }
-                Ok(out)
+                rows.iter()
+                    .map(|r| meta_from_row(r).map(|meta| (meta.task_id.clone(), meta)))
+                    .collect()
             })
             .await
     }
@@ -339,7 +320,7 @@ impl WorkflowStore for SqliteStore {
                     tx.execute(
                         "INSERT INTO task_runs (task_id, workflow_id, position, date_start) VALUES (?1, ?2, ?3, ?4)
                          ON CONFLICT (task_id) DO NOTHING",
-                        params![start.task_id, workflow_id, start.position as i64, now],
+                        args![start.task_id, workflow_id, start.position, now],
                     )?;
                 }
                 let result = serde_json::json!({"pid": start.pid, "hostname": start.hostname});
@@ -349,21 +330,21 @@ impl WorkflowStore for SqliteStore {
                      ON CONFLICT (task_id) DO UPDATE SET status = 'STARTED', result = excluded.result,
                         date_done = NULL, worker = excluded.worker, retries = excluded.retries,
                         args = excluded.args, kwargs = excluded.kwargs, starts = task_meta.starts + 1",
-                    params![
+                    args![
                         start.task_id,
                         json_text(&result),
                         start.task_name,
                         json_text(&serde_json::Value::from(start.args.clone())),
                         json_text(&serde_json::Value::Object(start.kwargs.clone())),
                         start.hostname,
-                        i64::from(start.retries),
+                        start.retries,
                         start.queue
                     ],
                 )?;
                 if let Some(workflow_id) = &start.workflow_id {
                     tx.execute(
                         "UPDATE workflows SET status = 'STARTED', resume_lock = NULL, updated_at = ?2 WHERE id = ?1",
-                        params![workflow_id, now],
+                        args![workflow_id, now],
                     )?;
                 }
                 Ok(())
@@ -381,7 +362,7 @@ impl WorkflowStore for SqliteStore {
             .write(move |tx| {
                 tx.execute(
                     "UPDATE task_meta SET result = ?2 WHERE task_id = ?1 AND status = 'STARTED'",
-                    params![task_id, progress],
+                    args![task_id, progress],
                 )?;
                 Ok(())
             })
@@ -444,12 +425,12 @@ impl WorkflowStore for SqliteStore {
         let (task_ids, at) = (task_ids.to_vec(), to_millis(at));
         self.db
             .write(move |tx| {
-                let mut insert = tx.prepare(
-                    "INSERT INTO revoked_tasks (task_id, revoked_at) VALUES (?1, ?2)
-                     ON CONFLICT (task_id) DO UPDATE SET revoked_at = excluded.revoked_at",
-                )?;
                 for task_id in &task_ids {
-                    insert.execute(params![task_id, at])?;
+                    tx.execute(
+                        "INSERT INTO revoked_tasks (task_id, revoked_at) VALUES (?1, ?2)
+                         ON CONFLICT (task_id) DO UPDATE SET revoked_at = excluded.revoked_at",
+                        args![task_id, at],
+                    )?;
                 }
                 Ok(())
             })
@@ -460,7 +441,10 @@ impl WorkflowStore for SqliteStore {
         let cutoff = to_millis(cutoff);
         self.db
             .write(move |tx| {
-                tx.execute("DELETE FROM revoked_tasks WHERE revoked_at < ?1", [cutoff])?;
+                tx.execute(
+                    "DELETE FROM revoked_tasks WHERE revoked_at < ?1",
+                    args![cutoff],
+                )?;
                 Ok(())
             })
             .await
@@ -472,17 +456,15 @@ impl WorkflowStore for SqliteStore {
     ) -> anyhow::Result<Vec<(String, DateTime<Utc>)>> {
         let since = to_millis(since);
         self.db
-            .call(move |conn| {
-                let mut query = conn.prepare(
+            .read(move |conn| {
+                conn.query(
                     "SELECT task_id, revoked_at FROM revoked_tasks WHERE revoked_at >= ?1
                      ORDER BY revoked_at",
-                )?;
-                let rows = query
-                    .query_map([since], |r| {
-                        Ok((r.get::<_, String>(0)?, from_millis(r.get(1)?)))
-                    })?
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(rows)
+                    args![since],
+                )?
+                .iter()
+                .map(|r| Ok((r.get::<String>(0)?, from_millis(r.get(1)?))))
+                .collect()
             })
             .await
     }
@@ -490,12 +472,11 @@ impl WorkflowStore for SqliteStore {
     async fn workflow_status(&self, id: &str) -> anyhow::Result<Option<TaskStatus>> {
         let id = id.to_owned();
         self.db
-            .call(move |conn| {
+            .read(move |conn| {
                 let status: Option<String> = conn
-                    .query_row("SELECT status FROM workflows WHERE id = ?1", [id], |r| {
-                        r.get(0)
-                    })
-                    .optional()?;
+                    .query_opt("SELECT status FROM workflows WHERE id = ?1", args![id])?
+                    .map(|r| r.get(0))
+                    .transpose()?;
                 Ok(status.map(|s| TaskStatus::parse(&s).unwrap_or(TaskStatus::Pending)))
             })
             .await
@@ -518,7 +499,7 @@ impl WorkflowStore for SqliteStore {
             .write(move |tx| {
                 let changed = tx.execute(
                     "UPDATE workflows SET resume_lock = ?2, updated_at = ?2 WHERE id = ?1 AND resume_lock IS NULL",
-                    params![workflow_id, to_millis(now)],
+                    args![workflow_id, to_millis(now)],
                 )?;
                 Ok(changed == 1)
             })
@@ -538,26 +519,24 @@ impl WorkflowStore for SqliteStore {
             None => (None, None),
         };
         self.db
-            .call(move |conn| {
-                let names_json = serde_json::to_string(&names)?;
-                let mut stmt = conn.prepare(
-                    "SELECT id FROM workflows
-                     WHERE name IN (SELECT value FROM json_each(?1)) AND created_at <= ?2
-                       AND (?3 IS NULL OR (created_at, id) > (?3, ?4))
-                     ORDER BY created_at, id LIMIT ?5",
-                )?;
-                let ids: Vec<String> = stmt
-                    .query_map(
-                        params![
-                            names_json,
+            .read(move |conn| {
+                let ids = conn
+                    .query(
+                        "SELECT id FROM workflows
+                         WHERE name IN {text_list ?1} AND created_at <= ?2
+                           AND (CAST(?3 AS BIGINT) IS NULL OR (created_at, id) > (?3, ?4))
+                         ORDER BY created_at, id LIMIT ?5",
+                        args![
+                            json_list(&names),
                             to_millis(cutoff),
                             after_created,
                             after_id,
-                            limit as i64
+                            limit
                         ],
-                        |r| r.get(0),
                     )?
-                    .collect::<rusqlite::Result<_>>()?;
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect::<anyhow::Result<Vec<String>>>()?;
                 load_workflows(conn, &ids)
             })
             .await
@@ -569,11 +548,15 @@ impl WorkflowStore for SqliteStore {
             .write(move |tx| {
                 tx.execute(
                     "DELETE FROM task_meta WHERE task_id IN (SELECT task_id FROM task_runs WHERE workflow_id = ?1)",
-                    [&id],
+                    args![id],
                 )?;
-                tx.execute("DELETE FROM queue WHERE json_extract(kwargs, '$.workflow_id') = ?1", [&id])?;
+                let queued = match tx.engine() {
+                    Engine::Sqlite => "DELETE FROM queue WHERE json_extract(kwargs, '$.workflow_id') = ?1",
+                    Engine::Postgres => "DELETE FROM queue WHERE CAST(kwargs AS json) ->> 'workflow_id' = ?1",
+                };
+                tx.execute(queued, args![id])?;
                 // Steps and runs go with the workflow (ON DELETE CASCADE).
-                tx.execute("DELETE FROM workflows WHERE id = ?1", [&id])?;
+                tx.execute("DELETE FROM workflows WHERE id = ?1", args![id])?;
                 Ok(())
             })
             .await
@@ -582,18 +565,15 @@ impl WorkflowStore for SqliteStore {
     async fn watch_state(&self, source_dir: &str) -> anyhow::Result<WatchState> {
         let source_dir = source_dir.to_owned();
         self.db
-            .call(move |conn| {
-                let row: Option<(i64, String)> = conn
-                    .query_row(
-                        "SELECT scan_count, known FROM watch_state WHERE source_dir = ?1",
-                        [source_dir],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .optional()?;
+            .read(move |conn| {
+                let row = conn.query_opt(
+                    "SELECT scan_count, known FROM watch_state WHERE source_dir = ?1",
+                    args![source_dir],
+                )?;
                 Ok(match row {
-                    Some((scan_count, known)) => WatchState {
-                        scan_count: scan_count as u32,
-                        known: serde_json::from_str(&known).unwrap_or_default(),
+                    Some(row) => WatchState {
+                        scan_count: row.get(0)?,
+                        known: serde_json::from_str(&row.get::<String>(1)?).unwrap_or_default(),
                     },
                     None => WatchState::default(),
                 })
@@ -608,7 +588,7 @@ impl WorkflowStore for SqliteStore {
                 tx.execute(
                     "INSERT INTO watch_state (source_dir, scan_count, known) VALUES (?1, ?2, ?3)
                      ON CONFLICT (source_dir) DO UPDATE SET scan_count = excluded.scan_count, known = excluded.known",
-                    params![source_dir, i64::from(state.scan_count), serde_json::to_string(&state.known)?],
+                    args![source_dir, state.scan_count, serde_json::to_string(&state.known)?],
                 )?;
                 Ok(())
             })
@@ -619,13 +599,12 @@ impl WorkflowStore for SqliteStore {
         let checks = checks.to_vec();
         self.db
             .write(move |tx| {
-                let mut insert = tx.prepare_cached(
+                for check in &checks {
+                    tx.execute(
                     "INSERT INTO fixity_checks
                        (dataset_id, copy, checked_at, result, files, bytes_read, differences, detail, by)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                )?;
-                for check in &checks {
-                    insert.execute(params![
+                    args![
                         check.dataset_id,
                         check.copy,
                         to_millis(check.checked_at),
@@ -648,61 +627,67 @@ impl WorkflowStore for SqliteStore {
         limit: usize,
     ) -> anyhow::Result<Vec<FixityRecord>> {
         self.db
-            .call(move |conn| {
-                let mut query = conn.prepare_cached(
+            .read(move |conn| {
+                let rows = conn.query(
                     "SELECT copy, checked_at, result, files, bytes_read, differences, detail, by
                      FROM fixity_checks WHERE dataset_id = ?1
                      ORDER BY checked_at DESC, seq DESC LIMIT ?2",
+                    args![dataset_id, limit],
                 )?;
-                let rows = query.query_map(params![dataset_id, limit as i64], |r| {
-                    let result: String = r.get(2)?;
-                    Ok(FixityRecord {
-                        dataset_id,
-                        copy: r.get(0)?,
-                        checked_at: from_millis(r.get(1)?),
-                        result: FixityResult::parse(&result).unwrap_or(FixityResult::Error),
-                        files: r.get::<_, i64>(3)? as u64,
-                        bytes_read: r.get::<_, i64>(4)? as u64,
-                        differences: r.get::<_, i64>(5)? as u64,
-                        detail: r.get(6)?,
-                        by: r.get(7)?,
+                rows.iter()
+                    .map(|r| {
+                        let result: String = r.get(2)?;
+                        Ok(FixityRecord {
+                            dataset_id,
+                            copy: r.get(0)?,
+                            checked_at: from_millis(r.get(1)?),
+                            result: FixityResult::parse(&result).unwrap_or(FixityResult::Error),
+                            files: r.get::<i64>(3)?.max(0) as u64,
+                            bytes_read: r.get::<i64>(4)?.max(0) as u64,
+                            differences: r.get::<i64>(5)?.max(0) as u64,
+                            detail: r.get(6)?,
+                            by: r.get(7)?,
+                        })
                     })
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                    .collect()
             })
             .await
     }
 
     async fn fixity_standings(&self) -> anyhow::Result<HashMap<i64, FixityStanding>> {
         self.db
-            .call(move |conn| {
-                let mut query = conn.prepare_cached(
+            .read(move |conn| {
+                let rows = conn.query(
                     "SELECT dataset_id,
                             MAX(checked_at) FILTER (WHERE result != 'error'),
                             MAX(checked_at) FILTER (WHERE result IN ('intact', 'differs'))
                      FROM fixity_checks GROUP BY dataset_id",
+                    args![],
                 )?;
-                let rows = query.query_map([], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        FixityStanding {
-                            checked_at: r.get::<_, Option<i64>>(1)?.map(from_millis),
-                            verified_at: r.get::<_, Option<i64>>(2)?.map(from_millis),
-                            failing: false,
-                        },
-                    ))
-                })?;
-                let mut standings = rows.collect::<Result<HashMap<_, _>, _>>()?;
+                let mut standings = rows
+                    .iter()
+                    .map(|r| {
+                        Ok((
+                            r.get::<i64>(0)?,
+                            FixityStanding {
+                                checked_at: r.get::<Option<i64>>(1)?.map(from_millis),
+                                verified_at: r.get::<Option<i64>>(2)?.map(from_millis),
+                                failing: false,
+                            },
+                        ))
+                    })
+                    .collect::<anyhow::Result<HashMap<_, _>>>()?;
                 // A copy whose last verdict is a difference: no intact check of it since.
-                let mut failing = conn.prepare_cached(
+                let failing = conn.query(
                     "SELECT DISTINCT c.dataset_id FROM fixity_checks c
                      WHERE c.result = 'differs' AND NOT EXISTS (
                         SELECT 1 FROM fixity_checks d
                         WHERE d.dataset_id = c.dataset_id AND d.copy = c.copy
                           AND d.result = 'intact' AND d.seq > c.seq)",
+                    args![],
                 )?;
-                for id in failing.query_map([], |r| r.get::<_, i64>(0))? {
-                    if let Some(standing) = standings.get_mut(&id?) {
+                for row in &failing {
+                    if let Some(standing) = standings.get_mut(&row.get::<i64>(0)?) {
                         standing.failing = true;
                     }
                 }
@@ -721,17 +706,17 @@ fn task_claim_name(task_id: &str) -> String {
 }
 
 const LEASE_UPSERT: &str = "INSERT INTO leases (name, holder, expires_at, since)
-     VALUES (?1, ?2, CAST(unixepoch('subsec') * 1000 AS INTEGER) + ?3,
-             CAST(unixepoch('subsec') * 1000 AS INTEGER))
+     VALUES (?1, ?2, {now_ms} + ?3,
+             {now_ms})
      ON CONFLICT (name) DO UPDATE SET
          since = CASE WHEN leases.holder = excluded.holder
                       THEN COALESCE(leases.since, excluded.since) ELSE excluded.since END,
          holder = excluded.holder, expires_at = excluded.expires_at
      WHERE leases.holder = excluded.holder
-        OR leases.expires_at < CAST(unixepoch('subsec') * 1000 AS INTEGER)";
+        OR leases.expires_at < {now_ms}";
 
 #[async_trait]
-impl SchedulerStore for SqliteStore {
+impl SchedulerStore for SqlStore {
     async fn acquire_lease(
         &self,
         name: &str,
@@ -743,7 +728,7 @@ impl SchedulerStore for SqliteStore {
         self.db
             .write(move |tx| {
                 // The database's own clock (every process sharing the file is on this host).
-                let changed = tx.execute(LEASE_UPSERT, params![name, holder, ttl])?;
+                let changed = tx.execute(LEASE_UPSERT, args![name, holder, ttl])?;
                 Ok(changed == 1)
             })
             .await
@@ -759,10 +744,9 @@ impl SchedulerStore for SqliteStore {
         let ttl = ttl.as_millis() as i64;
         self.db
             .write(move |tx| {
-                let mut take = tx.prepare_cached(LEASE_UPSERT)?;
                 let mut held = Vec::with_capacity(names.len());
                 for name in &names {
-                    held.push(take.execute(params![name, holder, ttl])? == 1);
+                    held.push(tx.execute(LEASE_UPSERT, args![name, holder, ttl])? == 1);
                 }
                 Ok(held)
             })
@@ -773,10 +757,11 @@ impl SchedulerStore for SqliteStore {
         let (names, holder) = (names.to_vec(), holder.to_owned());
         self.db
             .write(move |tx| {
-                let mut release =
-                    tx.prepare_cached("DELETE FROM leases WHERE name = ?1 AND holder = ?2")?;
                 for name in &names {
-                    release.execute(params![name, holder])?;
+                    tx.execute(
+                        "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
+                        args![name, holder],
+                    )?;
                 }
                 Ok(())
             })
@@ -786,21 +771,20 @@ impl SchedulerStore for SqliteStore {
     async fn lease(&self, name: &str) -> anyhow::Result<Option<LeaseState>> {
         let name = name.to_owned();
         self.db
-            .call(move |conn| {
-                Ok(conn
-                    .query_row(
-                        "SELECT holder, expires_at, since FROM leases WHERE name = ?1
-                         AND expires_at >= CAST(unixepoch('subsec') * 1000 AS INTEGER)",
-                        [name],
-                        |r| {
-                            Ok(LeaseState {
-                                holder: r.get(0)?,
-                                expires_at: from_millis(r.get(1)?),
-                                since: r.get::<_, Option<i64>>(2)?.map(from_millis),
-                            })
-                        },
-                    )
-                    .optional()?)
+            .read(move |conn| {
+                conn.query_opt(
+                    "SELECT holder, expires_at, since FROM leases WHERE name = ?1
+                     AND expires_at >= {now_ms}",
+                    args![name],
+                )?
+                .map(|r| {
+                    Ok(LeaseState {
+                        holder: r.get(0)?,
+                        expires_at: from_millis(r.get(1)?),
+                        since: r.get::<Option<i64>>(2)?.map(from_millis),
+                    })
+                })
+                .transpose()
             })
             .await
     }
@@ -811,7 +795,7 @@ impl SchedulerStore for SqliteStore {
             .write(move |tx| {
                 tx.execute(
                     "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
-                    params![name, holder],
+                    args![name, holder],
                 )?;
                 Ok(())
             })
@@ -820,11 +804,11 @@ impl SchedulerStore for SqliteStore {
 
     async fn last_slots(&self) -> anyhow::Result<HashMap<String, DateTime<Utc>>> {
         self.db
-            .call(|conn| {
-                let mut stmt = conn.prepare("SELECT job, slot FROM job_slots")?;
-                let rows =
-                    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, from_millis(r.get(1)?))))?;
-                Ok(rows.collect::<rusqlite::Result<_>>()?)
+            .read(|conn| {
+                conn.query("SELECT job, slot FROM job_slots", args![])?
+                    .iter()
+                    .map(|r| Ok((r.get::<String>(0)?, from_millis(r.get(1)?))))
+                    .collect()
             })
             .await
     }
@@ -835,8 +819,9 @@ impl SchedulerStore for SqliteStore {
             .write(move |tx| {
                 tx.execute(
                     "INSERT INTO job_slots (job, slot) VALUES (?1, ?2)
-                     ON CONFLICT (job) DO UPDATE SET slot = MAX(job_slots.slot, excluded.slot)",
-                    params![job, to_millis(slot)],
+                     ON CONFLICT (job) DO UPDATE SET slot = CASE WHEN job_slots.slot > excluded.slot
+                         THEN job_slots.slot ELSE excluded.slot END",
+                    args![job, to_millis(slot)],
                 )?;
                 Ok(())
             })
@@ -855,10 +840,10 @@ impl SchedulerStore for SqliteStore {
         let (job, host) = (job.to_owned(), host.to_owned());
         self.db
             .write(move |tx| {
-                tx.execute(
+                tx.query_one(
                     "INSERT INTO job_runs (job, trigger, slot, started_at, outcome, host, dry_run)
-                     VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6)",
-                    params![
+                     VALUES (?1, ?2, ?3, ?4, 'running', ?5, ?6) RETURNING id",
+                    args![
                         job,
                         trigger.as_str(),
                         slot.map(to_millis),
@@ -866,8 +851,8 @@ impl SchedulerStore for SqliteStore {
                         host,
                         dry_run
                     ],
-                )?;
-                Ok(tx.last_insert_rowid())
+                )?
+                .get(0)
             })
             .await
     }
@@ -887,7 +872,7 @@ impl SchedulerStore for SqliteStore {
             .write(move |tx| {
                 tx.execute(
                     "UPDATE job_runs SET outcome = ?2, error = ?3, counters = ?4, ended_at = ?5 WHERE id = ?1",
-                    params![id, outcome.as_str(), outcome.reason(), counters, to_millis(now)],
+                    args![id, outcome.as_str(), outcome.reason(), counters, to_millis(now)],
                 )?;
                 Ok(())
             })
@@ -909,7 +894,7 @@ impl SchedulerStore for SqliteStore {
                 tx.execute(
                     "INSERT INTO job_runs (job, trigger, slot, started_at, ended_at, outcome, error, host)
                      VALUES (?1, ?2, ?3, ?4, ?4, 'skipped', ?5, ?6)",
-                    params![job, trigger.as_str(), to_millis(slot), to_millis(now), reason, host],
+                    args![job, trigger.as_str(), to_millis(slot), to_millis(now), reason, host],
                 )?;
                 Ok(())
             })
@@ -919,12 +904,13 @@ impl SchedulerStore for SqliteStore {
     async fn runs(&self, job: Option<&str>, limit: usize) -> anyhow::Result<Vec<JobRun>> {
         let job = job.map(str::to_owned);
         self.db
-            .call(move |conn| {
-                let mut stmt = conn.prepare(
+            .read(move |conn| {
+                let rows = conn.query(
                     "SELECT id, job, trigger, slot, started_at, ended_at, outcome, error, counters, host, dry_run
-                     FROM job_runs WHERE (?1 IS NULL OR job = ?1) ORDER BY id DESC LIMIT ?2",
+                     FROM job_runs WHERE (CAST(?1 AS TEXT) IS NULL OR job = ?1) ORDER BY id DESC LIMIT ?2",
+                    args![job, limit],
                 )?;
-                let rows = stmt.query_map(params![job, limit as i64], |r| {
+                rows.iter().map(|r| {
                     let outcome: String = r.get(6)?;
                     let error: Option<String> = r.get(7)?;
                     let counters: String = r.get(8)?;
@@ -932,9 +918,9 @@ impl SchedulerStore for SqliteStore {
                         id: r.get(0)?,
                         job: r.get(1)?,
                         trigger: r.get(2)?,
-                        slot: r.get::<_, Option<i64>>(3)?.map(from_millis),
+                        slot: r.get::<Option<i64>>(3)?.map(from_millis),
                         started_at: from_millis(r.get(4)?),
-                        ended_at: r.get::<_, Option<i64>>(5)?.map(from_millis),
+                        ended_at: r.get::<Option<i64>>(5)?.map(from_millis),
                         outcome: match outcome.as_str() {
                             "success" => RunOutcome::Success,
                             "failed" => RunOutcome::Failed(error.unwrap_or_default()),
@@ -945,8 +931,7 @@ impl SchedulerStore for SqliteStore {
                         host: r.get(9)?,
                         dry_run: r.get(10)?,
                     })
-                })?;
-                Ok(rows.collect::<rusqlite::Result<_>>()?)
+                }).collect()
             })
             .await
     }
@@ -963,16 +948,16 @@ impl SchedulerStore for SqliteStore {
                 let changed = tx.execute(
                     "UPDATE job_runs SET outcome = 'failed', error = ?2, ended_at = ?3
                      WHERE host = ?1 AND outcome = 'running'",
-                    params![host, reason, to_millis(now)],
+                    args![host, reason, to_millis(now)],
                 )?;
-                Ok(changed as u64)
+                Ok(changed)
             })
             .await
     }
 }
 
 #[async_trait]
-impl SpaceLedger for SqliteStore {
+impl SpaceLedger for SqlStore {
     async fn reserve_space(
         &self,
         fs: &str,
@@ -988,16 +973,16 @@ impl SpaceLedger for SqliteStore {
             .write(move |tx| {
                 tx.execute(
                     "DELETE FROM space_reservations
-                     WHERE expires_at < CAST(unixepoch('subsec') * 1000 AS INTEGER)",
-                    [],
+                     WHERE expires_at < {now_ms}",
+                    args![],
                 )?;
-                let (own, others): (i64, i64) = tx.query_row(
-                    "SELECT COALESCE(SUM(bytes) FILTER (WHERE holder = ?2), -1),
-                            COALESCE(SUM(bytes) FILTER (WHERE holder != ?2), 0)
+                let sums = tx.query_one(
+                    "SELECT CAST(COALESCE(SUM(bytes) FILTER (WHERE holder = ?2), -1) AS BIGINT),
+                            CAST(COALESCE(SUM(bytes) FILTER (WHERE holder != ?2), 0) AS BIGINT)
                      FROM space_reservations WHERE fs = ?1",
-                    params![fs, holder],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                    args![fs, holder],
                 )?;
+                let (own, others): (i64, i64) = (sums.get(0)?, sums.get(1)?);
                 // Held already: renewed without a second look at the free space, which the
                 // holder's own output is using up.
                 let held = own >= 0;
@@ -1006,10 +991,12 @@ impl SpaceLedger for SqliteStore {
                 }
                 tx.execute(
                     "INSERT INTO space_reservations (fs, holder, bytes, expires_at)
-                     VALUES (?1, ?2, ?3, CAST(unixepoch('subsec') * 1000 AS INTEGER) + ?4)
+                     VALUES (?1, ?2, ?3, {now_ms} + ?4)
                      ON CONFLICT (fs, holder) DO UPDATE
-                     SET bytes = MAX(bytes, excluded.bytes), expires_at = excluded.expires_at",
-                    params![fs, holder, i64::try_from(bytes).unwrap_or(i64::MAX), ttl_ms],
+                     SET bytes = CASE WHEN space_reservations.bytes > excluded.bytes
+                                      THEN space_reservations.bytes ELSE excluded.bytes END,
+                         expires_at = excluded.expires_at",
+                    args![fs, holder, i64::try_from(bytes).unwrap_or(i64::MAX), ttl_ms],
                 )?;
                 Ok(true)
             })
@@ -1022,7 +1009,7 @@ impl SpaceLedger for SqliteStore {
             .write(move |tx| {
                 tx.execute(
                     "DELETE FROM space_reservations WHERE fs = ?1 AND holder = ?2",
-                    params![fs, holder],
+                    args![fs, holder],
                 )?;
                 Ok(())
             })
@@ -1032,20 +1019,22 @@ impl SpaceLedger for SqliteStore {
     async fn space_reservations(&self, fs: &str) -> anyhow::Result<Vec<SpaceReservation>> {
         let fs = fs.to_owned();
         self.db
-            .call(move |conn| {
-                let mut query = conn.prepare_cached(
+            .read(move |conn| {
+                conn.query(
                     "SELECT holder, bytes, expires_at FROM space_reservations
-                     WHERE fs = ?1 AND expires_at >= CAST(unixepoch('subsec') * 1000 AS INTEGER)
+                     WHERE fs = ?1 AND expires_at >= {now_ms}
                      ORDER BY holder",
-                )?;
-                let rows = query.query_map([fs], |r| {
+                    args![fs],
+                )?
+                .iter()
+                .map(|r| {
                     Ok(SpaceReservation {
                         holder: r.get(0)?,
-                        bytes: r.get::<_, i64>(1)?.max(0) as u64,
+                        bytes: r.get::<i64>(1)?.max(0) as u64,
                         expires_at: from_millis(r.get(2)?),
                     })
-                })?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                })
+                .collect()
             })
             .await
     }
