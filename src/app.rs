@@ -11,7 +11,7 @@ use crate::archive::hsi::{HsiArchive, HsiConfig};
 use crate::archive::local::LocalArchive;
 use crate::broker::Broker;
 use crate::broker::amqp::{AmqpBroker, AmqpConfig};
-use crate::broker::embedded::EmbeddedBroker;
+use crate::broker::sql::SqlBroker;
 use crate::compute::Pool;
 use crate::config::{ArchiveKind, BrokerKind, RegistryKind, Settings, StoreKind};
 use crate::control::amqp::AmqpMailbox;
@@ -177,7 +177,7 @@ impl App {
         };
         let broker: Arc<dyn Broker> = match (broker, settings.backends.broker) {
             (Some(broker), _) => broker,
-            (None, BrokerKind::Embedded) => Arc::new(EmbeddedBroker::new(
+            (None, BrokerKind::Embedded) => Arc::new(SqlBroker::new(
                 embedded_db()?,
                 identity.clone(),
                 Duration::from_secs(settings.worker.lease_seconds),

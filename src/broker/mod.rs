@@ -7,7 +7,7 @@
 
 pub mod amqp;
 pub mod celery;
-pub mod embedded;
+pub mod sql;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};

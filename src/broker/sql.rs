@@ -1,43 +1,63 @@
-//! The embedded broker: the `queue` table of the SQLite database, shared safely by every
-//! process on the host. A claim is a lease that the consumer renews while it works; a lease
-//! that runs out, or whose owner process on this host is gone, makes the message claimable
-//! again. A message that can never run (a row that is not a message, or one the engine
-//! cannot place) moves to the `dead_letters` table, kept for an operator to look at.
+//! The broker of the embedded and postgres profiles: the `queue` table of the SQL database,
+//! shared safely by every process on the host (SQLite) or on every host (PostgreSQL). A claim
+//! is a lease that the consumer renews while it works; a lease that runs out, or whose owner
+//! process on this host is gone, makes the message claimable again. Leases are timed by the
+//! database's clock. A message that can never run (a row that is not a message, or one the
+//! engine cannot place) moves to the `dead_letters` table, kept for an operator to look at.
+//!
+//! On PostgreSQL consumers take rows with `FOR UPDATE SKIP LOCKED`, so that they never queue
+//! behind each other's claims, and idle consumers wait for a `NOTIFY` from the publisher
+//! rather than polling.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use rusqlite::{OptionalExtension, params};
 use tokio::sync::Notify;
 use tracing::{error, warn};
 
 use super::{Broker, Consume, DeadLetter, Delivery, QueueDepth, TaskMessage};
+use crate::args;
 use crate::identity::Identity;
-use crate::sqlite::{Db, from_millis, to_millis};
+use crate::sql::{Conn, Database, Engine, Row, Value, json_list};
+use crate::sqlite::{from_millis, to_millis};
 
-/// How long an idle consumer waits before looking again; messages published by other
-/// processes are seen at most this late.
+/// How long an idle consumer of the SQLite queue waits before looking again; messages
+/// published by other processes are seen at most this late.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 
-pub struct EmbeddedBroker {
-    db: Db,
+/// The same on PostgreSQL, where a publisher's `NOTIFY` wakes idle consumers: only a fallback,
+/// for a notification lost while the listening connection was away.
+const POLL_INTERVAL_NOTIFIED: Duration = Duration::from_secs(5);
+
+/// The channel publishers notify on PostgreSQL.
+const CHANNEL: &str = "workers_queue";
+
+pub struct SqlBroker {
+    db: Database,
     consumer: Identity,
     lease: Duration,
     published: Arc<Notify>,
     /// The queues `next` takes from, as a JSON list; `None` takes from every queue.
     queues: std::sync::Mutex<Option<String>>,
+    poll: Duration,
 }
 
-impl EmbeddedBroker {
-    pub fn new(db: Db, consumer: Identity, lease: Duration) -> EmbeddedBroker {
-        EmbeddedBroker {
+impl SqlBroker {
+    pub fn new(db: impl Into<Database>, consumer: Identity, lease: Duration) -> SqlBroker {
+        let db = db.into();
+        let (published, poll) = match &db {
+            Database::Sqlite(_) => (Arc::new(Notify::new()), POLL_INTERVAL),
+            Database::Postgres(pg) => (pg.listen(CHANNEL), POLL_INTERVAL_NOTIFIED),
+        };
+        SqlBroker {
             db,
             consumer,
             lease,
-            published: Arc::new(Notify::new()),
+            published,
             queues: std::sync::Mutex::new(None),
+            poll,
         }
     }
 
@@ -66,11 +86,12 @@ impl EmbeddedBroker {
             if let Err(Ok(Ok(Claimed { message, owner, .. }))) = tx.send(claimed) {
                 let released = db
                     .write(move |tx| {
-                        Ok(tx.execute(
+                        tx.execute(
                             "UPDATE queue SET lease_owner = NULL, lease_until = NULL
                              WHERE task_id = ?1 AND lease_owner = ?2",
-                            params![message.id, owner],
-                        )?)
+                            args![message.id, owner],
+                        )?;
+                        notify_consumers(tx)
                     })
                     .await;
                 if let Err(err) = released {
@@ -95,41 +116,37 @@ struct Claimed {
 /// Claims the next runnable message: `Ok` with it and its owner, or `Err` with the time the
 /// next one becomes due.
 async fn claim(
-    db: &Db,
+    db: &Database,
     consumer: Identity,
     lease_ms: i64,
     queues: Option<String>,
 ) -> anyhow::Result<Result<Claimed, Option<DateTime<Utc>>>> {
     db
-        .write(move |tx| {
-            let now = to_millis(Utc::now());
-            let dead = dead_owners(tx, &consumer, now, queues.as_deref())?;
-            // Claimability is decided in the query, so that no number of leased messages
-            // ahead of a runnable one can hide it.
-            let mut candidates = tx.prepare_cached(
-                "SELECT task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue,
-                        published_at
-                 FROM queue WHERE eta <= ?1
-                 AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))
-                 AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < ?1
-                      OR lease_owner IN (SELECT value FROM json_each(?3)))
-                 ORDER BY priority DESC, seq LIMIT 1",
-            )?;
-            let dead = serde_json::Value::from(dead).to_string();
+        .write_skipping_locked(move |tx| {
+            let dead = dead_owners(tx, &consumer, queues.as_deref())?;
+            let dead = json_list(&dead);
             loop {
-                let row = candidates
-                    .query_row(params![now, queues, dead], Row::read)
-                    .optional()?;
-                let Some(row) = row else {
+                // Claimability is decided in the query, so that no number of leased messages
+                // ahead of a runnable one can hide it; rows another consumer is claiming at
+                // this moment are passed over, not waited for.
+                let row = tx.query_opt(
+                    "SELECT task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue,
+                            published_at
+                     FROM queue WHERE eta <= {now_ms}
+                     AND (CAST(?1 AS TEXT) IS NULL OR queue IN {text_list ?1})
+                     AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < {now_ms}
+                          OR lease_owner IN {text_list ?2})
+                     ORDER BY priority DESC, seq LIMIT 1 {skip_locked}",
+                    args![queues, dead],
+                )?;
+                let Some(row) = row.map(|r| QueueRow::read(&r)).transpose()? else {
                     let next_eta: Option<i64> = tx
-                        .query_row(
-                            "SELECT MIN(eta) FROM queue WHERE eta > ?1
-                             AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))",
-                            params![now, queues],
-                            |r| r.get(0),
-                        )
-                        .optional()?
-                        .flatten();
+                        .query_one(
+                            "SELECT MIN(eta) FROM queue WHERE eta > {now_ms}
+                             AND (CAST(?1 AS TEXT) IS NULL OR queue IN {text_list ?1})",
+                            args![queues],
+                        )?
+                        .get(0)?;
                     return Ok(Err(next_eta.map(from_millis)));
                 };
                 match row.message() {
@@ -140,8 +157,9 @@ async fn claim(
                             uuid::Uuid::new_v4().simple()
                         );
                         tx.execute(
-                            "UPDATE queue SET lease_owner = ?2, lease_until = ?3 WHERE task_id = ?1",
-                            params![message.id, owner, now + lease_ms],
+                            "UPDATE queue SET lease_owner = ?2, lease_until = {now_ms} + ?3
+                             WHERE task_id = ?1",
+                            args![message.id, owner, lease_ms],
                         )?;
                         return Ok(Ok(Claimed {
                             message,
@@ -150,7 +168,7 @@ async fn claim(
                         }));
                     }
                     Err(reason) => {
-                        move_to_dead_letters(tx, &row.task_id, None, &reason, now)?;
+                        move_to_dead_letters(tx, &row.task_id, None, &reason)?;
                         error!(task_id = %row.task_id, task = %row.task, reason = %reason,
                             "Moved a queued message that cannot be read to the dead letters (`workers queue dead-letters`).");
                     }
@@ -164,52 +182,62 @@ async fn claim(
 /// claims are void at once rather than when their leases run out. Few processes hold
 /// leases, and whether one is alive is known only here, so they are looked at one by one.
 fn dead_owners(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &mut dyn Conn,
     consumer: &Identity,
-    now: i64,
     queues: Option<&str>,
 ) -> anyhow::Result<Vec<String>> {
-    let mut owners = tx.prepare_cached(
-        "SELECT DISTINCT lease_owner FROM queue WHERE lease_owner IS NOT NULL
-         AND lease_until >= ?1 AND eta <= ?1
-         AND (?2 IS NULL OR queue IN (SELECT value FROM json_each(?2)))
-         AND substr(lease_owner, 1, length(?3)) = ?3",
-    )?;
     let host = format!("{}:", consumer.hostname);
-    let found = owners
-        .query_map(params![now, queues, host], |r| r.get::<_, String>(0))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(found
-        .into_iter()
-        .filter(|owner| consumer.is_dead_owner(owner))
-        .collect())
+    let found = tx.query(
+        "SELECT DISTINCT lease_owner FROM queue WHERE lease_owner IS NOT NULL
+         AND lease_until >= {now_ms} AND eta <= {now_ms}
+         AND (CAST(?1 AS TEXT) IS NULL OR queue IN {text_list ?1})
+         AND substr(lease_owner, 1, length(CAST(?2 AS TEXT))) = CAST(?2 AS TEXT)",
+        args![queues, host],
+    )?;
+    let mut dead = Vec::new();
+    for row in &found {
+        let owner: String = row.get(0)?;
+        if consumer.is_dead_owner(&owner) {
+            dead.push(owner);
+        }
+    }
+    Ok(dead)
+}
+
+/// Wakes idle consumers of other processes (PostgreSQL: when the transaction commits); those
+/// of this process are woken by the broker's own `Notify`.
+fn notify_consumers(tx: &mut dyn Conn) -> anyhow::Result<()> {
+    if tx.engine() == Engine::Postgres {
+        tx.query("SELECT pg_notify(?1, '')", args![CHANNEL])?;
+    }
+    Ok(())
 }
 
 /// Moves the queue row of `task_id` (only while `owner` holds it, when given) to the dead
 /// letters; false if there was no such row.
 fn move_to_dead_letters(
-    tx: &rusqlite::Transaction<'_>,
+    tx: &mut dyn Conn,
     task_id: &str,
     owner: Option<&str>,
     reason: &str,
-    now: i64,
 ) -> anyhow::Result<bool> {
     let copied = tx.execute(
         "INSERT INTO dead_letters
             (task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue, reason, dead_at)
-         SELECT task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue, ?3, ?4
-         FROM queue WHERE task_id = ?1 AND (?2 IS NULL OR lease_owner = ?2)",
-        params![task_id, owner, reason, now],
+         SELECT task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue,
+                CAST(?3 AS TEXT), {now_ms}
+         FROM queue WHERE task_id = ?1 AND (CAST(?2 AS TEXT) IS NULL OR lease_owner = ?2)",
+        args![task_id, owner, reason],
     )?;
     tx.execute(
-        "DELETE FROM queue WHERE task_id = ?1 AND (?2 IS NULL OR lease_owner = ?2)",
-        params![task_id, owner],
+        "DELETE FROM queue WHERE task_id = ?1 AND (CAST(?2 AS TEXT) IS NULL OR lease_owner = ?2)",
+        args![task_id, owner],
     )?;
     Ok(copied > 0)
 }
 
 /// A queue row as stored.
-struct Row {
+struct QueueRow {
     task_id: String,
     task: String,
     args: String,
@@ -223,9 +251,9 @@ struct Row {
     published_at: Option<i64>,
 }
 
-impl Row {
-    fn read(r: &rusqlite::Row<'_>) -> rusqlite::Result<Row> {
-        Ok(Row {
+impl QueueRow {
+    fn read(r: &Row) -> anyhow::Result<QueueRow> {
+        Ok(QueueRow {
             task_id: r.get(0)?,
             task: r.get(1)?,
             args: r.get(2)?,
@@ -264,7 +292,7 @@ impl Row {
 }
 
 #[async_trait]
-impl Broker for EmbeddedBroker {
+impl Broker for SqlBroker {
     async fn publish(&self, message: &TaskMessage) -> anyhow::Result<()> {
         self.publish_many(std::slice::from_ref(message)).await
     }
@@ -273,14 +301,13 @@ impl Broker for EmbeddedBroker {
         let messages = messages.to_vec();
         self.db
             .write(move |tx| {
-                let mut insert = tx.prepare_cached(
+                let now = to_millis(Utc::now());
+                for message in &messages {
+                    tx.execute(
                     "INSERT INTO queue (task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue, published_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                      ON CONFLICT (task_id) DO NOTHING",
-                )?;
-                let now = to_millis(Utc::now());
-                for message in &messages {
-                    insert.execute(params![
+                    args![
                         message.id,
                         message.task,
                         serde_json::Value::from(message.args.clone()).to_string(),
@@ -294,7 +321,7 @@ impl Broker for EmbeddedBroker {
                         now
                     ])?;
                 }
-                Ok(())
+                notify_consumers(tx)
             })
             .await?;
         self.published.notify_waiters();
@@ -308,7 +335,7 @@ impl Broker for EmbeddedBroker {
             let notified = self.published.notified();
             match self.try_claim().await? {
                 Ok(claimed) => {
-                    return Ok(Box::new(EmbeddedDelivery {
+                    return Ok(Box::new(SqlDelivery {
                         db: self.db.clone(),
                         owner: claimed.owner,
                         lease: self.lease,
@@ -318,7 +345,7 @@ impl Broker for EmbeddedBroker {
                     }));
                 }
                 Err(next_eta) => {
-                    let mut wait = POLL_INTERVAL;
+                    let mut wait = self.poll;
                     if let Some(eta) = next_eta {
                         let until = (eta - Utc::now()).to_std().unwrap_or_default();
                         wait = wait.min(until.max(Duration::from_millis(10)));
@@ -335,12 +362,9 @@ impl Broker for EmbeddedBroker {
     async fn holds(&self, task_id: &str) -> anyhow::Result<Option<bool>> {
         let task_id = task_id.to_owned();
         self.db
-            .call(move |conn| {
-                let found: Option<i64> = conn
-                    .query_row("SELECT 1 FROM queue WHERE task_id = ?1", [task_id], |r| {
-                        r.get(0)
-                    })
-                    .optional()?;
+            .read(move |conn| {
+                let found =
+                    conn.query_opt("SELECT 1 FROM queue WHERE task_id = ?1", args![task_id])?;
                 Ok(Some(found.is_some()))
             })
             .await
@@ -349,15 +373,11 @@ impl Broker for EmbeddedBroker {
     async fn has_due_messages(&self, tasks: &[&str]) -> anyhow::Result<Option<bool>> {
         let tasks = serde_json::to_string(tasks)?;
         self.db
-            .call(move |conn| {
-                let due: Option<i64> = conn
-                    .query_row(
-                        "SELECT 1 FROM queue WHERE eta <= ?1
-                         AND task IN (SELECT value FROM json_each(?2)) LIMIT 1",
-                        params![to_millis(Utc::now()), tasks],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
+            .read(move |conn| {
+                let due = conn.query_opt(
+                    "SELECT 1 FROM queue WHERE eta <= {now_ms} AND task IN {text_list ?1} LIMIT 1",
+                    args![tasks],
+                )?;
                 Ok(Some(due.is_some()))
             })
             .await
@@ -380,13 +400,13 @@ impl Broker for EmbeddedBroker {
 
     async fn queued(&self) -> anyhow::Result<Option<QueueDepth>> {
         self.db
-            .call(|conn| {
-                let (waiting, oldest): (i64, Option<i64>) = conn.query_row(
+            .read(|conn| {
+                let row = conn.query_one(
                     "SELECT COUNT(*), MIN(COALESCE(published_at, eta)) FROM queue
-                     WHERE lease_owner IS NULL OR lease_until IS NULL OR lease_until < ?1",
-                    [to_millis(Utc::now())],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
+                     WHERE lease_owner IS NULL OR lease_until IS NULL OR lease_until < {now_ms}",
+                    args![],
                 )?;
+                let (waiting, oldest): (i64, Option<i64>) = (row.get(0)?, row.get(1)?);
                 Ok(Some(QueueDepth {
                     waiting: waiting.max(0) as u64,
                     oldest: oldest.filter(|ms| *ms > 0).map(from_millis),
@@ -397,14 +417,16 @@ impl Broker for EmbeddedBroker {
 
     async fn dead_letters(&self) -> anyhow::Result<Option<Vec<DeadLetter>>> {
         self.db
-            .call(|conn| {
-                let mut rows = conn.prepare(
-                    "SELECT task_id, task, queue, args, kwargs, priority, eta, retries, root_id,
-                            parent_id, reason, dead_at
-                     FROM dead_letters ORDER BY id",
-                )?;
-                let letters = rows
-                    .query_map([], |r| {
+            .read(|conn| {
+                let letters = conn
+                    .query(
+                        "SELECT task_id, task, queue, args, kwargs, priority, eta, retries, root_id,
+                                parent_id, reason, dead_at
+                         FROM dead_letters ORDER BY id",
+                        args![],
+                    )?
+                    .iter()
+                    .map(|r| {
                         let eta: i64 = r.get(6)?;
                         Ok(DeadLetter {
                             task_id: r.get(0)?,
@@ -420,16 +442,16 @@ impl Broker for EmbeddedBroker {
                             reason: r.get(10)?,
                             dead_at: from_millis(r.get(11)?),
                         })
-                    })?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
                 Ok(Some(letters))
             })
             .await
     }
 }
 
-struct EmbeddedDelivery {
-    db: Db,
+struct SqlDelivery {
+    db: Database,
     owner: String,
     lease: Duration,
     message: TaskMessage,
@@ -437,18 +459,28 @@ struct EmbeddedDelivery {
     published: Arc<Notify>,
 }
 
-impl EmbeddedDelivery {
-    /// Runs `sql` (parameters: task id, owner, then `extra`) and fails if the lease was lost.
-    async fn update_owned(&self, sql: &'static str, extra: Vec<i64>) -> anyhow::Result<()> {
-        let (task_id, owner) = (self.message.id.clone(), self.owner.clone());
+impl SqlDelivery {
+    /// Runs `sql` (parameters: task id, owner, then `extra`) and fails if the lease was lost;
+    /// with `wake`, wakes idle consumers (the message is claimable again).
+    async fn update_owned(
+        &self,
+        sql: &'static str,
+        extra: Vec<i64>,
+        wake: bool,
+    ) -> anyhow::Result<()> {
+        let mut values = vec![
+            Value::Text(self.message.id.clone()),
+            Value::Text(self.owner.clone()),
+        ];
+        values.extend(extra.into_iter().map(Value::Int));
         let changed = self
             .db
             .write(move |tx| {
-                let mut values: Vec<&dyn rusqlite::ToSql> = vec![&task_id, &owner];
-                for v in &extra {
-                    values.push(v);
+                let changed = tx.execute(sql, &values)?;
+                if wake {
+                    notify_consumers(tx)?;
                 }
-                Ok(tx.execute(sql, values.as_slice())?)
+                Ok(changed)
             })
             .await?;
         if changed == 0 {
@@ -462,7 +494,7 @@ impl EmbeddedDelivery {
 }
 
 #[async_trait]
-impl Delivery for EmbeddedDelivery {
+impl Delivery for SqlDelivery {
     fn message(&self) -> &TaskMessage {
         &self.message
     }
@@ -478,10 +510,10 @@ impl Delivery for EmbeddedDelivery {
     }
 
     async fn keep_alive(&self) -> anyhow::Result<()> {
-        let until = to_millis(Utc::now()) + self.lease.as_millis() as i64;
         self.update_owned(
-            "UPDATE queue SET lease_until = ?3 WHERE task_id = ?1 AND lease_owner = ?2",
-            vec![until],
+            "UPDATE queue SET lease_until = {now_ms} + ?3 WHERE task_id = ?1 AND lease_owner = ?2",
+            vec![self.lease.as_millis() as i64],
+            false,
         )
         .await
     }
@@ -490,6 +522,7 @@ impl Delivery for EmbeddedDelivery {
         self.update_owned(
             "DELETE FROM queue WHERE task_id = ?1 AND lease_owner = ?2",
             vec![],
+            false,
         )
         .await
     }
@@ -501,6 +534,7 @@ impl Delivery for EmbeddedDelivery {
                 lease_until = NULL
              WHERE task_id = ?1 AND lease_owner = ?2",
             vec![to_millis(eta), i64::from(retries), to_millis(Utc::now())],
+            true,
         )
         .await?;
         self.published.notify_waiters();
@@ -518,6 +552,7 @@ impl Delivery for EmbeddedDelivery {
         self.update_owned(
             "UPDATE queue SET lease_owner = NULL, lease_until = NULL WHERE task_id = ?1 AND lease_owner = ?2",
             vec![],
+            true,
         )
         .await?;
         self.published.notify_waiters();
@@ -532,9 +567,7 @@ impl Delivery for EmbeddedDelivery {
         );
         let moved = self
             .db
-            .write(move |tx| {
-                move_to_dead_letters(tx, &task_id, Some(&owner), &why, to_millis(Utc::now()))
-            })
+            .write(move |tx| move_to_dead_letters(tx, &task_id, Some(&owner), &why))
             .await?;
         if !moved {
             anyhow::bail!(
@@ -554,9 +587,18 @@ mod tests {
 
     use super::*;
 
-    fn broker(dir: &tempfile::TempDir) -> EmbeddedBroker {
-        let db = Db::open(&dir.path().join("q.db"), Duration::from_secs(5)).unwrap();
-        EmbeddedBroker::new(db, Identity::current(), Duration::from_secs(30))
+    fn broker(dir: &tempfile::TempDir) -> SqlBroker {
+        let db = crate::sqlite::Db::open(&dir.path().join("q.db"), Duration::from_secs(5)).unwrap();
+        SqlBroker::new(db, Identity::current(), Duration::from_secs(30))
+    }
+
+    /// Runs one statement on the broker's database.
+    async fn execute(broker: &SqlBroker, sql: &'static str, values: Vec<Value>) {
+        broker
+            .db
+            .write(move |conn| conn.execute(sql, &values))
+            .await
+            .unwrap();
     }
 
     fn message(id: &str, priority: u8) -> TaskMessage {
@@ -579,22 +621,18 @@ mod tests {
     }
 
     /// Leases every queued message whose id starts with `prefix` to `owner` for an hour.
-    fn lease(broker: &EmbeddedBroker, prefix: &str, owner: &str) {
+    async fn lease(broker: &SqlBroker, prefix: &str, owner: &str) {
         let until = to_millis(Utc::now()) + 3_600_000;
-        broker
-            .db
-            .with_conn(|conn| {
-                conn.execute(
-                    "UPDATE queue SET lease_owner = ?2, lease_until = ?3
-                     WHERE substr(task_id, 1, length(?1)) = ?1",
-                    params![prefix, owner, until],
-                )?;
-                Ok(())
-            })
-            .unwrap();
+        execute(
+            broker,
+            "UPDATE queue SET lease_owner = ?2, lease_until = ?3
+             WHERE substr(task_id, 1, length(?1)) = ?1",
+            args![prefix, owner, until].to_vec(),
+        )
+        .await;
     }
 
-    async fn next(broker: &EmbeddedBroker) -> Box<dyn Delivery> {
+    async fn next(broker: &SqlBroker) -> Box<dyn Delivery> {
         tokio::time::timeout(Duration::from_secs(5), broker.next())
             .await
             .expect("a runnable message is found")
@@ -619,7 +657,7 @@ mod tests {
                 .unwrap();
         }
         // A live process of another host holds them all, ahead of the runnable one.
-        lease(&broker, "leased-", "elsewhere.example:1");
+        lease(&broker, "leased-", "elsewhere.example:1").await;
         broker.publish(&message("runnable", 1)).await.unwrap();
         let delivery = next(&broker).await;
         assert_eq!(delivery.message().id, "runnable");
@@ -639,9 +677,10 @@ mod tests {
             &broker,
             "leased-",
             &format!("{}:1", Identity::current().hostname),
-        );
+        )
+        .await;
         broker.publish(&message("orphan", 9)).await.unwrap();
-        lease(&broker, "orphan", &dead_pid_owner());
+        lease(&broker, "orphan", &dead_pid_owner()).await;
         broker.publish(&message("runnable", 1)).await.unwrap();
         // The orphan's lease has an hour to go, but its owner is gone; it outranks the
         // runnable one by priority.
@@ -658,17 +697,13 @@ mod tests {
             ("bad-args", "not json", "{}"),
             ("bad-kwargs", "[1]", "[\"a list\"]"),
         ] {
-            broker
-                .db
-                .with_conn(|conn| {
-                    conn.execute(
-                        "INSERT INTO queue (task_id, task, args, kwargs, priority, eta, retries, root_id, queue)
-                         VALUES (?1, 'noop', ?2, ?3, 9, 0, 2, ?1, 'q')",
-                        params![id, args, kwargs],
-                    )?;
-                    Ok(())
-                })
-                .unwrap();
+            execute(
+                &broker,
+                "INSERT INTO queue (task_id, task, args, kwargs, priority, eta, retries, root_id, queue)
+                 VALUES (?1, 'noop', ?2, ?3, 9, 0, 2, ?1, 'q')",
+                args![id, args, kwargs].to_vec(),
+            )
+            .await;
         }
         let delivery = next(&broker).await;
         assert_eq!(delivery.message().id, "good", "the bad rows were passed by");
