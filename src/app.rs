@@ -21,6 +21,7 @@ pub use crate::identity::Identity;
 use crate::registry::Registry;
 use crate::registry::http::{HttpConfig, HttpRegistry};
 use crate::registry::sqlite::SqliteRegistry;
+use crate::sql::PgDb;
 use crate::sqlite::Db;
 use crate::steps::StepEnv;
 use crate::store::mongo::MongoStore;
@@ -134,8 +135,36 @@ impl App {
             db = Some(opened.clone());
             Ok(opened)
         };
+        // The postgres backends share one pool; connect only if one of them is used.
+        let backends = settings.backends;
+        let postgres = if backends.registry == RegistryKind::Postgres
+            || backends.store == StoreKind::Postgres
+            || backends.broker == BrokerKind::Postgres
+        {
+            Some(
+                PgDb::connect(settings.postgres.clone())
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot use the PostgreSQL database at {} (postgres.url)",
+                            settings.postgres.display
+                        )
+                    })?,
+            )
+        } else {
+            None
+        };
+        let shared_db = |kind: &str| -> anyhow::Result<PgDb> {
+            postgres.clone().with_context(|| {
+                format!("{kind} is of kind \"postgres\" but no database was connected")
+            })
+        };
         let registry: Arc<dyn Registry> = match settings.backends.registry {
             RegistryKind::Sqlite => Arc::new(SqliteRegistry::new(embedded_db()?)),
+            RegistryKind::Postgres => {
+                let _ = shared_db("registry")?;
+                anyhow::bail!("registry.kind = \"postgres\" is not available yet")
+            }
             RegistryKind::Http => {
                 let api = &settings.api;
                 let token = api.token.as_ref().map(|t| t.expose().to_owned());
@@ -163,6 +192,10 @@ impl App {
                 let store = Arc::new(SqlStore::new(embedded_db()?));
                 (store.clone(), store.clone(), store)
             }
+            StoreKind::Postgres => {
+                let store = Arc::new(SqlStore::new(shared_db("store")?));
+                (store.clone(), store.clone(), store)
+            }
             StoreKind::Mongo => {
                 let mongo = &settings.mongo;
                 let store = Arc::new(
@@ -182,6 +215,11 @@ impl App {
                 identity.clone(),
                 Duration::from_secs(settings.worker.lease_seconds),
             )),
+            (None, BrokerKind::Postgres) => Arc::new(SqlBroker::new(
+                shared_db("broker")?,
+                identity.clone(),
+                Duration::from_secs(settings.worker.lease_seconds),
+            )),
             (None, BrokerKind::Amqp) => Arc::new(AmqpBroker::new(
                 AmqpConfig {
                     uri: settings.amqp.uri.expose().to_owned(),
@@ -197,6 +235,9 @@ impl App {
         };
         let mailbox: Arc<dyn Mailbox> = match settings.backends.broker {
             BrokerKind::Embedded => Arc::new(SqliteMailbox::new(embedded_db()?)),
+            BrokerKind::Postgres => {
+                anyhow::bail!("broker.kind = \"postgres\" is not available yet")
+            }
             BrokerKind::Amqp => Arc::new(AmqpMailbox::new(
                 settings.amqp.uri.expose(),
                 &settings.amqp.display,

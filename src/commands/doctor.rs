@@ -112,6 +112,7 @@ async fn checks(settings: Settings) -> Vec<Check> {
                 match settings.backends.store {
                     StoreKind::Mongo => "check mongo.uri (or MONGO_HOST, MONGO_PORT, MONGO_DB), MONGO_PASS, that MongoDB runs, and that the user may create indexes",
                     StoreKind::Sqlite => "check sqlite.path: its directory must exist and be writable by the service user",
+                    StoreKind::Postgres => "check postgres.url and PGPASSWORD, that PostgreSQL runs and is reachable from this host, and that the user may create tables in the database",
                 },
             ));
             checks.push(Check::fail(
@@ -136,6 +137,10 @@ async fn checks(settings: Settings) -> Vec<Check> {
             StoreKind::Sqlite => format!(
                 "the embedded database `{}` opens, schema current",
                 settings.sqlite.path.display()
+            ),
+            StoreKind::Postgres => format!(
+                "PostgreSQL at {} answers, schema current",
+                settings.postgres.display
             ),
             StoreKind::Mongo => format!(
                 "MongoDB at {} answers; the indexes are in place",
@@ -298,6 +303,12 @@ async fn broker(app: &App) -> Check {
     if settings.backends.broker == BrokerKind::Embedded {
         return Check::pass("broker", "the embedded queue, in the embedded database");
     }
+    if settings.backends.broker == BrokerKind::Postgres {
+        return Check::pass(
+            "broker",
+            format!("the queue in PostgreSQL at {}", settings.postgres.display),
+        );
+    }
     let checked = tokio::time::timeout(ANSWER_WITHIN, async {
         app.broker.check_reachable().await?;
         app.broker.check_queues().await
@@ -364,6 +375,15 @@ async fn registry(app: &App) -> Vec<Check> {
         return vec![Check::pass(
             "registry",
             "the embedded registry, in the embedded database",
+        )];
+    }
+    if settings.backends.registry == RegistryKind::Postgres {
+        return vec![Check::pass(
+            "registry",
+            format!(
+                "the registry in PostgreSQL at {}",
+                settings.postgres.display
+            ),
         )];
     }
     let base = settings.api.base_url.as_str();

@@ -288,6 +288,7 @@ pub fn effective(opts: &LoadOptions) -> Result<(Settings, toml::Table), ConfigEr
     // The connection strings may carry a password; `config show` output ends up in tickets.
     loaded.resolved.mongo.uri = redact_uri(&loaded.resolved.mongo.uri);
     loaded.resolved.amqp.url = redact_uri(&loaded.resolved.amqp.url);
+    loaded.resolved.postgres.url = redact_uri(&loaded.resolved.postgres.url);
     let mut tree = toml::Table::try_from(&loaded.resolved).map_err(|err| {
         ConfigErrors(vec![ConfigError::new(
             "",

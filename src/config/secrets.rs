@@ -37,6 +37,11 @@ pub(super) const SECRETS: &[SecretSpec] = &[
         name: "mongo_password",
         legacy_var: Some("MONGO_PASS"),
     },
+    // PostgreSQL's password (a backend of kind "postgres"); libpq's own variable.
+    SecretSpec {
+        name: "postgres_password",
+        legacy_var: Some("PGPASSWORD"),
+    },
 ];
 
 /// Salt of the stage aliases when none is configured outside production.

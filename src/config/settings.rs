@@ -37,6 +37,7 @@ pub struct RawSettings {
     pub sqlite: RawSqlite,
     pub api: RawApi,
     pub mongo: RawMongo,
+    pub postgres: RawPostgres,
     pub amqp: RawAmqp,
     pub hsi: RawHsi,
     pub secrets: RawSecrets,
@@ -373,6 +374,21 @@ pub struct RawMongo {
     pub user: String,
 }
 
+/// A PostgreSQL database shared by hosts (`registry.kind`, `store.kind` or `broker.kind` =
+/// `"postgres"`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RawPostgres {
+    /// `postgres://user@host:port/database` (or `host=... dbname=...`); the password is the
+    /// secret postgres_password (PGPASSWORD).
+    pub url: String,
+    /// Connections each process keeps at most.
+    pub pool_size: u32,
+    pub connect_timeout_seconds: u64,
+    /// How long a statement keeps trying while the database cannot be reached, before the
+    /// work that needed it fails (and is retried as a failure of its own).
+    pub reconnect_max_seconds: u64,
+}
+
 /// RabbitMQ (`broker.kind = "amqp"`, spec G.1).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RawAmqp {
@@ -449,6 +465,8 @@ pub struct Settings {
     pub sqlite: RawSqlite,
     pub api: ApiSettings,
     pub mongo: MongoSettings,
+    /// What it takes to reach the PostgreSQL database (checked only when a backend uses it).
+    pub postgres: crate::sql::postgres::PgConfig,
     pub amqp: AmqpSettings,
     pub hsi: RawHsi,
     pub log: RawLog,
@@ -717,18 +735,21 @@ pub struct Stage {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegistryKind {
     Sqlite,
+    Postgres,
     Http,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreKind {
     Sqlite,
+    Postgres,
     Mongo,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BrokerKind {
     Embedded,
+    Postgres,
     Amqp,
 }
 
@@ -763,9 +784,9 @@ macro_rules! backend_kind_names {
     };
 }
 
-backend_kind_names!(RegistryKind { Sqlite => "sqlite", Http => "http" });
-backend_kind_names!(StoreKind { Sqlite => "sqlite", Mongo => "mongo" });
-backend_kind_names!(BrokerKind { Embedded => "embedded", Amqp => "amqp" });
+backend_kind_names!(RegistryKind { Sqlite => "sqlite", Postgres => "postgres", Http => "http" });
+backend_kind_names!(StoreKind { Sqlite => "sqlite", Postgres => "postgres", Mongo => "mongo" });
+backend_kind_names!(BrokerKind { Embedded => "embedded", Postgres => "postgres", Amqp => "amqp" });
 backend_kind_names!(ArchiveKind { Local => "local", Hsi => "hsi" });
 
 #[derive(Debug, Clone, Copy)]

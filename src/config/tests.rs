@@ -900,11 +900,30 @@ fn a_bad_glob_is_reported_with_its_index() {
 #[test]
 fn an_unknown_backend_kind_lists_the_known_ones() {
     let project = Project::new();
-    let errors = expect_errors(project.load_production("[registry]\nkind = \"postgres\"\n", &[]));
+    let errors = expect_errors(project.load_production("[registry]\nkind = \"mysql\"\n", &[]));
     let error = error_for(&errors, "registry.kind");
     assert_eq!(
         error.message,
-        "unknown registry backend `postgres` (known: sqlite, http)"
+        "unknown registry backend `mysql` (known: sqlite, postgres, http)"
+    );
+}
+
+#[test]
+fn a_postgres_backend_needs_a_valid_url() {
+    let project = Project::new();
+    let errors = expect_errors(project.load_production("[store]\nkind = \"postgres\"\n", &[]));
+    let error = error_for(&errors, "postgres.url");
+    assert!(error.message.contains("must be set"), "{error}");
+
+    let errors = expect_errors(project.load_production(
+        "[broker]\nkind = \"postgres\"\n[postgres]\nurl = \"postgres://u:secret@h:notaport/db\"\n",
+        &[],
+    ));
+    let error = error_for(&errors, "postgres.url");
+    assert!(error.message.contains("not a PostgreSQL URL"), "{error}");
+    assert!(
+        !error.message.contains("secret"),
+        "the password is never shown: {error}"
     );
 }
 

@@ -17,6 +17,7 @@ use super::secrets::{DEVELOPMENT_ALIAS_SALT, SECRETS, SecretValue, redact_uri};
 use super::settings::*;
 use crate::names::JobName;
 use crate::scheduler::schedule::{Schedule, ScheduleFields};
+use crate::sql::postgres::PgConfig;
 use mongodb::options::ConnectionString;
 use serde_path_to_error::Segment;
 
@@ -444,6 +445,7 @@ pub(super) fn build(
     let (found, warnings) = check.secrets(&raw.secrets, secrets);
     let api = check.api(&raw.api, backends.registry, found.api_token.clone());
     let mongo = check.mongo(&raw.mongo, backends.store, found.mongo_password.as_deref());
+    let postgres = check.postgres(&raw.postgres, &backends, found.postgres_password.clone());
     let amqp = check.amqp(
         &raw.amqp,
         &app_id,
@@ -571,6 +573,7 @@ pub(super) fn build(
         Some(progress_interval),
         Some(api),
         Some(mongo),
+        Some(postgres),
         Some(amqp),
         Some(fixity),
         Some(headroom),
@@ -579,6 +582,7 @@ pub(super) fn build(
         progress_interval,
         api,
         mongo,
+        postgres,
         amqp,
         fixity,
         headroom,
@@ -633,6 +637,7 @@ pub(super) fn build(
         },
         api,
         mongo,
+        postgres,
         amqp,
         hsi: raw.hsi,
         log: raw.log,
@@ -708,6 +713,7 @@ struct FoundSecrets {
     api_token: Option<String>,
     queue_password: Option<String>,
     mongo_password: Option<String>,
+    postgres_password: Option<String>,
 }
 
 struct MaybeBackends {
@@ -1171,6 +1177,7 @@ impl Checker<'_> {
             api_token: value("api_token"),
             queue_password: value("queue_password"),
             mongo_password: value("mongo_password"),
+            postgres_password: value("postgres_password"),
         };
         (secrets, warnings)
     }
@@ -1289,6 +1296,53 @@ impl Checker<'_> {
             display: redact_uri(&uri),
             uri: SecretString::new(uri),
             database,
+        })
+    }
+
+    /// The PostgreSQL connection: `postgres.url` parsed by the client's own parser, so that
+    /// what passes here is what the backends connect with; required only when a backend is
+    /// of kind `postgres`.
+    fn postgres(
+        &mut self,
+        raw: &RawPostgres,
+        backends: &MaybeBackends,
+        password: Option<String>,
+    ) -> Option<PgConfig> {
+        let used = backends.registry == Some(RegistryKind::Postgres)
+            || backends.store == Some(StoreKind::Postgres)
+            || backends.broker == Some(BrokerKind::Postgres);
+        let url = raw.url.trim().to_owned();
+        if used && url.is_empty() {
+            self.fail(
+                &key(&["postgres", "url"]),
+                "must be set when a backend is of kind \"postgres\" \
+                 (postgres://user@host:5432/database)",
+            );
+            return None;
+        }
+        if !url.is_empty()
+            && let Err(err) = url.parse::<postgres::Config>()
+        {
+            self.fail(
+                &key(&["postgres", "url"]),
+                format!("`{}` is not a PostgreSQL URL: {err}", redact_uri(&url)),
+            );
+            return None;
+        }
+        if raw.pool_size == 0 || raw.pool_size > 1000 {
+            self.fail(
+                &key(&["postgres", "pool_size"]),
+                format!("must be between 1 and 1000 (found {})", raw.pool_size),
+            );
+            return None;
+        }
+        Some(PgConfig {
+            display: redact_uri(&url),
+            url,
+            password,
+            pool_size: raw.pool_size,
+            connect_timeout: Duration::from_secs(raw.connect_timeout_seconds.max(1)),
+            reconnect_max: Duration::from_secs(raw.reconnect_max_seconds),
         })
     }
 

@@ -658,10 +658,12 @@ impl WorkerControl {
             broker_kind(&self.app),
             match settings.backends.store {
                 crate::config::StoreKind::Sqlite => "sqlite".to_owned(),
+                crate::config::StoreKind::Postgres => settings.postgres.display.clone(),
                 crate::config::StoreKind::Mongo => settings.mongo.display.clone(),
             },
             match settings.backends.registry {
                 crate::config::RegistryKind::Sqlite => "sqlite".to_owned(),
+                crate::config::RegistryKind::Postgres => settings.postgres.display.clone(),
                 crate::config::RegistryKind::Http => settings.api.base_url.to_string(),
             },
             self.node,
@@ -826,6 +828,7 @@ fn broker_kind(app: &App) -> String {
         crate::config::BrokerKind::Embedded => {
             format!("sqlite:{}", app.settings.sqlite.path.display())
         }
+        crate::config::BrokerKind::Postgres => app.settings.postgres.display.clone(),
     }
 }
 
@@ -858,6 +861,15 @@ fn broker_info(app: &App) -> Value {
             "transport": "sqlite",
             "hostname": app.settings.sqlite.path.display().to_string(),
         }),
+        crate::config::BrokerKind::Postgres => {
+            let url = url::Url::parse(&app.settings.postgres.display).ok();
+            json!({
+                "transport": "postgres",
+                "hostname": url.as_ref().and_then(|u| u.host_str().map(str::to_owned)),
+                "port": url.as_ref().and_then(url::Url::port).unwrap_or(5432),
+                "virtual_host": url.as_ref().map(|u| u.path().trim_start_matches('/').to_owned()),
+            })
+        }
     }
 }
 

@@ -768,6 +768,19 @@ impl SchedulerStore for SqlStore {
             .await
     }
 
+    async fn server_time(&self) -> anyhow::Result<Option<DateTime<Utc>>> {
+        // SQLite's clock is this host's.
+        if self.db.engine() == Engine::Sqlite {
+            return Ok(None);
+        }
+        self.db
+            .read(|conn| {
+                let now = conn.query_one("SELECT {now_ms}", args![])?.get(0)?;
+                Ok(Some(from_millis(now)))
+            })
+            .await
+    }
+
     async fn lease(&self, name: &str) -> anyhow::Result<Option<LeaseState>> {
         let name = name.to_owned();
         self.db

@@ -97,7 +97,8 @@ pub async fn run(
             }
         }
     });
-    // Events travel through RabbitMQ; the embedded profile has no one to receive them.
+    // Events travel through RabbitMQ; the embedded and postgres profiles have no one to
+    // receive them.
     let (events, event_publisher) = match app.settings.backends.broker {
         crate::config::BrokerKind::Amqp => {
             let (sender, publisher) = EventSender::start(
@@ -109,7 +110,7 @@ pub async fn run(
             )?;
             (Some((sender, opts.send_events)), Some(publisher))
         }
-        crate::config::BrokerKind::Embedded => {
+        crate::config::BrokerKind::Embedded | crate::config::BrokerKind::Postgres => {
             if opts.send_events {
                 warn!("Events are sent only with the RabbitMQ broker; this worker sends none.");
             }
