@@ -111,7 +111,7 @@ pub fn schema_of(sqlite: &str) -> String {
 }
 
 /// The advisory lock that lets one process at a time migrate a database.
-const MIGRATION_LOCK: i64 = 0x776f_726b_6572_73; // "workers"
+const MIGRATION_LOCK: i64 = 0x0077_6f72_6b65_7273; // "workers" in ASCII
 
 impl PgDb {
     /// Connects, brings the schema up to date (once per database, under an advisory lock) and
