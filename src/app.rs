@@ -20,7 +20,7 @@ use crate::control::sqlite::SqliteMailbox;
 pub use crate::identity::Identity;
 use crate::registry::Registry;
 use crate::registry::http::{HttpConfig, HttpRegistry};
-use crate::registry::sqlite::SqliteRegistry;
+use crate::registry::sql::SqlRegistry;
 use crate::sqlite::Db;
 use crate::steps::StepEnv;
 use crate::store::mongo::MongoStore;
@@ -135,7 +135,7 @@ impl App {
             Ok(opened)
         };
         let registry: Arc<dyn Registry> = match settings.backends.registry {
-            RegistryKind::Sqlite => Arc::new(SqliteRegistry::new(embedded_db()?)),
+            RegistryKind::Sqlite => Arc::new(SqlRegistry::new(embedded_db()?)),
             RegistryKind::Http => {
                 let api = &settings.api;
                 let token = api.token.as_ref().map(|t| t.expose().to_owned());
