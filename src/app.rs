@@ -16,7 +16,7 @@ use crate::compute::Pool;
 use crate::config::{ArchiveKind, BrokerKind, RegistryKind, Settings, StoreKind};
 use crate::control::amqp::AmqpMailbox;
 use crate::control::mailbox::Mailbox;
-use crate::control::sqlite::SqliteMailbox;
+use crate::control::sql::SqlMailbox;
 pub use crate::identity::Identity;
 use crate::registry::Registry;
 use crate::registry::http::{HttpConfig, HttpRegistry};
@@ -196,7 +196,7 @@ impl App {
             )?),
         };
         let mailbox: Arc<dyn Mailbox> = match settings.backends.broker {
-            BrokerKind::Embedded => Arc::new(SqliteMailbox::new(embedded_db()?)),
+            BrokerKind::Embedded => Arc::new(SqlMailbox::new(embedded_db()?)),
             BrokerKind::Amqp => Arc::new(AmqpMailbox::new(
                 settings.amqp.uri.expose(),
                 &settings.amqp.display,
