@@ -4,6 +4,7 @@
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+pub mod postgres;
 pub mod services;
 
 use std::collections::BTreeMap;
