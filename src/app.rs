@@ -16,11 +16,11 @@ use crate::compute::Pool;
 use crate::config::{ArchiveKind, BrokerKind, RegistryKind, Settings, StoreKind};
 use crate::control::amqp::AmqpMailbox;
 use crate::control::mailbox::Mailbox;
-use crate::control::sqlite::SqliteMailbox;
+use crate::control::sql::SqlMailbox;
 pub use crate::identity::Identity;
 use crate::registry::Registry;
 use crate::registry::http::{HttpConfig, HttpRegistry};
-use crate::registry::sqlite::SqliteRegistry;
+use crate::registry::sql::SqlRegistry;
 use crate::sql::PgDb;
 use crate::sqlite::Db;
 use crate::steps::StepEnv;
@@ -160,11 +160,8 @@ impl App {
             })
         };
         let registry: Arc<dyn Registry> = match settings.backends.registry {
-            RegistryKind::Sqlite => Arc::new(SqliteRegistry::new(embedded_db()?)),
-            RegistryKind::Postgres => {
-                let _ = shared_db("registry")?;
-                anyhow::bail!("registry.kind = \"postgres\" is not available yet")
-            }
+            RegistryKind::Sqlite => Arc::new(SqlRegistry::new(embedded_db()?)),
+            RegistryKind::Postgres => Arc::new(SqlRegistry::new(shared_db("registry")?)),
             RegistryKind::Http => {
                 let api = &settings.api;
                 let token = api.token.as_ref().map(|t| t.expose().to_owned());
@@ -234,10 +231,8 @@ impl App {
             )?),
         };
         let mailbox: Arc<dyn Mailbox> = match settings.backends.broker {
-            BrokerKind::Embedded => Arc::new(SqliteMailbox::new(embedded_db()?)),
-            BrokerKind::Postgres => {
-                anyhow::bail!("broker.kind = \"postgres\" is not available yet")
-            }
+            BrokerKind::Embedded => Arc::new(SqlMailbox::new(embedded_db()?)),
+            BrokerKind::Postgres => Arc::new(SqlMailbox::new(shared_db("broker")?)),
             BrokerKind::Amqp => Arc::new(AmqpMailbox::new(
                 settings.amqp.uri.expose(),
                 &settings.amqp.display,

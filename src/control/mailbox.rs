@@ -1,6 +1,6 @@
 //! The mailbox seam: how control requests reach workers and their replies come back.
 //! RabbitMQ carries them as Celery's pidbox does ([`super::amqp`]); the embedded profile keeps
-//! them in its database ([`super::sqlite`]).
+//! them in its database ([`super::sql`]).
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 //! commands (`workers control ...`) see Rust and Python workers alike.
 //!
 //! A request travels through a [`mailbox::Mailbox`]: Celery's pidbox on RabbitMQ
-//! ([`amqp`]), or the database in the embedded profile ([`sqlite`]). Every worker process
+//! ([`amqp`]), or the database in the embedded profile ([`sql`]). Every worker process
 //! serves it with one [`WorkerControl`], which knows the steps it runs, the revoked task ids
 //! and how to stop the worker; its replies are the JSON documents a Celery worker sends.
 
@@ -12,7 +12,7 @@ pub mod amqp;
 pub mod events;
 pub mod mailbox;
 pub mod revoked;
-pub mod sqlite;
+pub mod sql;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

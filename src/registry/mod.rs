@@ -7,7 +7,7 @@
 //! one given, and `add_workflow` is a no-op for a link that exists.
 
 pub mod http;
-pub mod sqlite;
+pub mod sql;
 pub mod uploads;
 
 use std::collections::{HashMap, HashSet};

@@ -16,7 +16,7 @@ use crate::config::LoadOptions;
 use crate::identity::Identity;
 use crate::model::{CreateMethod, DatasetName, DatasetType};
 use crate::progress::Progress;
-use crate::registry::sqlite::SqliteRegistry;
+use crate::registry::sql::SqlRegistry;
 use crate::registry::{DatasetId, NewDataset};
 use crate::sqlite::Db;
 use crate::store::sql::SqlStore;
@@ -51,7 +51,7 @@ impl TestEnv {
         let pool = Pool::new(2).expect("pool");
         let env = StepEnv::new(
             Arc::new(settings),
-            Arc::new(SqliteRegistry::new(db.clone())),
+            Arc::new(SqlRegistry::new(db.clone())),
             Arc::new(LocalArchive::new(pool.clone())),
             Arc::new(SqlStore::new(db.clone())),
             Arc::new(SqlStore::new(db)),

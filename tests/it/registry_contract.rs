@@ -3,11 +3,13 @@
 
 use crate::common::Project;
 use crate::common::bioloop_api::TestApi;
+use crate::common::postgres::TestPostgres;
 use serde_json::json;
 use workers::model::{
     Bundle, CreateMethod, DatasetName, DatasetState, DatasetType, FileRecord, FileType,
 };
 use workers::registry::http::{HttpConfig, HttpRegistry};
+use workers::registry::sql::SqlRegistry;
 use workers::registry::{
     DatasetPatch, DatasetQuery, MAX_BULK, NewDataset, Registry, RegistryError,
 };
@@ -303,6 +305,17 @@ async fn the_sqlite_registry_keeps_the_contract() {
     let project = Project::new();
     let app = project.app().await;
     registry_story(app.registry.as_ref(), FileSizes::Returned).await;
+}
+
+/// The same statements on PostgreSQL, in a database of the test's own (skipped with a note
+/// when the server cannot be reached, except under CI).
+#[tokio::test]
+async fn the_postgres_registry_keeps_the_contract() {
+    let Some(database) = TestPostgres::new() else {
+        return;
+    };
+    let registry = SqlRegistry::new(database.db().await);
+    registry_story(&registry, FileSizes::Returned).await;
 }
 
 #[tokio::test]

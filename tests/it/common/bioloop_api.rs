@@ -32,7 +32,7 @@ use chrono::{SecondsFormat, TimeDelta, Utc};
 use serde_json::{Value, json};
 use url::Url;
 use workers::model::{Bundle, DatasetName, FileRecord, FileType};
-use workers::registry::sqlite::SqliteRegistry;
+use workers::registry::sql::SqlRegistry;
 use workers::registry::{
     Dataset, DatasetId, DatasetPatch, DatasetQuery, FilePages, MAX_BULK, Metric, NewDataset,
     Registry, RegistryError,
@@ -97,7 +97,7 @@ pub struct TestApi {
 const ROOT: &str = "/api";
 
 struct Shared {
-    registry: SqliteRegistry,
+    registry: SqlRegistry,
     db: Db,
     token: String,
     faults: Mutex<Vec<PendingFault>>,
@@ -137,7 +137,7 @@ impl TestApi {
             .expect("temp dir");
         let db = Db::open(&dir.path().join("api.db"), Duration::from_secs(10)).expect("api db");
         let shared = Arc::new(Shared {
-            registry: SqliteRegistry::new(db.clone()),
+            registry: SqlRegistry::new(db.clone()),
             db,
             token: format!("test-token-{}", uuid::Uuid::new_v4()),
             faults: Mutex::new(Vec::new()),
@@ -215,7 +215,7 @@ impl TestApi {
     }
 
     /// The server's own registry, for arranging and checking what the API holds.
-    pub fn registry(&self) -> &SqliteRegistry {
+    pub fn registry(&self) -> &SqlRegistry {
         &self.shared.registry
     }
 

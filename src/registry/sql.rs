@@ -1,10 +1,10 @@
-//! The registry in the embedded SQLite database, with the Bioloop API's semantics.
+//! The registry in a SQL database, with the Bioloop API's semantics: the embedded SQLite file
+//! or a shared PostgreSQL database, through one body of statements (`crate::sql`).
 
 use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use chrono::Utc;
-use rusqlite::{OptionalExtension, Row, Transaction, params};
 
 use super::uploads::{
     NewUpload, Notification, ProcessLogLine, UploadLog, UploadLogPatch, UploadQuery, UploadRef,
@@ -14,16 +14,18 @@ use super::{
     BulkOutcome, Creator, Dataset, DatasetId, DatasetPatch, DatasetQuery, FileRowSource, MAX_BULK,
     Metric, NewDataset, Project, Registry, RegistryError, StateRecord, deep_merge,
 };
+use crate::args;
 use crate::model::{Bundle, CreateMethod, DatasetName, DatasetState, DatasetType, FileRecord};
-use crate::sqlite::{Db, from_millis, to_millis};
+use crate::sql::{Conn, Database, Row, Value, json_list};
+use crate::sqlite::{from_millis, to_millis};
 
-pub struct SqliteRegistry {
-    db: Db,
+pub struct SqlRegistry {
+    db: Database,
 }
 
-impl SqliteRegistry {
-    pub fn new(db: Db) -> SqliteRegistry {
-        SqliteRegistry { db }
+impl SqlRegistry {
+    pub fn new(db: impl Into<Database>) -> SqlRegistry {
+        SqlRegistry { db: db.into() }
     }
 }
 
@@ -31,18 +33,16 @@ fn unavailable(err: anyhow::Error) -> RegistryError {
     RegistryError::Unavailable(err)
 }
 
-impl SqliteRegistry {
+impl SqlRegistry {
     /// Runs `f` in a write transaction if dataset `id` exists; `NotFound` otherwise.
     async fn write_existing<T, F>(&self, id: DatasetId, f: F) -> Result<T, RegistryError>
     where
-        F: FnOnce(&Transaction<'_>) -> anyhow::Result<T> + Send + 'static,
+        F: Fn(&mut dyn Conn) -> anyhow::Result<T> + Send + 'static,
         T: Send + 'static,
     {
         self.db
             .write(move |tx| {
-                let exists: Option<i64> = tx
-                    .query_row("SELECT id FROM datasets WHERE id = ?1", [id], |r| r.get(0))
-                    .optional()?;
+                let exists = tx.query_opt("SELECT id FROM datasets WHERE id = ?1", args![id])?;
                 if exists.is_none() {
                     return Ok(None);
                 }
@@ -58,12 +58,12 @@ const DATASET_COLUMNS: &str = "id, name, type, origin_path, archive_path, staged
      du_size, size, bundle_size, num_files, num_directories, is_deleted, is_staged, metadata, \
      create_method, created_at, updated_at";
 
-fn opt_u64(row: &Row<'_>, idx: usize) -> rusqlite::Result<Option<u64>> {
-    Ok(row.get::<_, Option<i64>>(idx)?.map(|v| v as u64))
+fn opt_u64(row: &Row, idx: usize) -> anyhow::Result<Option<u64>> {
+    Ok(row.get::<Option<i64>>(idx)?.map(|v| v as u64))
 }
 
 /// Reads the columns of `DATASET_COLUMNS`; states, bundle and workflows are filled separately.
-fn dataset_from_row(row: &Row<'_>) -> rusqlite::Result<Dataset> {
+fn dataset_from_row(row: &Row) -> anyhow::Result<Dataset> {
     let type_text: String = row.get(2)?;
     let metadata_text: String = row.get(14)?;
     let create_method: Option<String> = row.get(15)?;
@@ -93,38 +93,39 @@ fn dataset_from_row(row: &Row<'_>) -> rusqlite::Result<Dataset> {
 }
 
 /// Loads one dataset with its relations inside an open transaction or connection.
-fn load_dataset(conn: &rusqlite::Connection, id: DatasetId) -> anyhow::Result<Option<Dataset>> {
+fn load_dataset(conn: &mut dyn Conn, id: DatasetId) -> anyhow::Result<Option<Dataset>> {
     let sql = format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE id = ?1");
-    let Some(mut dataset) = conn.query_row(&sql, [id], dataset_from_row).optional()? else {
+    let Some(row) = conn.query_opt(&sql, args![id])? else {
         return Ok(None);
     };
+    let mut dataset = dataset_from_row(&row)?;
     fill_relations(conn, &mut dataset)?;
     Ok(Some(dataset))
 }
 
-fn fill_relations(conn: &rusqlite::Connection, dataset: &mut Dataset) -> anyhow::Result<()> {
-    let mut states = conn.prepare_cached(
-        "SELECT state, timestamp FROM dataset_states WHERE dataset_id = ?1 ORDER BY seq",
-    )?;
-    dataset.states = states
-        .query_map([dataset.id], |r| {
+fn fill_relations(conn: &mut dyn Conn, dataset: &mut Dataset) -> anyhow::Result<()> {
+    dataset.states = conn
+        .query(
+            "SELECT state, timestamp FROM dataset_states WHERE dataset_id = ?1 ORDER BY seq",
+            args![dataset.id],
+        )?
+        .iter()
+        .map(|r| {
             Ok(StateRecord {
                 state: r.get(0)?,
                 timestamp: from_millis(r.get(1)?),
             })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    let mut bundle =
-        conn.prepare_cached("SELECT name, size, md5 FROM bundles WHERE dataset_id = ?1")?;
-    dataset.bundle = bundle
-        .query_row([dataset.id], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-            ))
         })
-        .optional()?
+        .collect::<anyhow::Result<_>>()?;
+    dataset.bundle = conn
+        .query_opt(
+            "SELECT name, size, md5 FROM bundles WHERE dataset_id = ?1",
+            args![dataset.id],
+        )?
+        .map(|r| -> anyhow::Result<_> {
+            Ok((r.get::<String>(0)?, r.get::<i64>(1)?, r.get::<String>(2)?))
+        })
+        .transpose()?
         .and_then(|(name, size, md5)| {
             Some(Bundle {
                 name,
@@ -132,33 +133,32 @@ fn fill_relations(conn: &rusqlite::Connection, dataset: &mut Dataset) -> anyhow:
                 md5: md5.parse().ok()?,
             })
         });
-    let mut workflows = conn.prepare_cached(
-        "SELECT workflow_id FROM dataset_workflows WHERE dataset_id = ?1 ORDER BY created_at, workflow_id",
-    )?;
-    dataset.workflows = workflows
-        .query_map([dataset.id], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+    dataset.workflows = conn
+        .query(
+            "SELECT workflow_id FROM dataset_workflows WHERE dataset_id = ?1 ORDER BY created_at, workflow_id",
+            args![dataset.id],
+        )?
+        .iter()
+        .map(|r| r.get(0))
+        .collect::<anyhow::Result<_>>()?;
     Ok(())
 }
 
-fn insert_state(tx: &Transaction<'_>, id: DatasetId, state: &str) -> anyhow::Result<()> {
+fn insert_state(tx: &mut dyn Conn, id: DatasetId, state: &str) -> anyhow::Result<()> {
     tx.execute(
         "INSERT INTO dataset_states (dataset_id, state, timestamp) VALUES (?1, ?2, ?3)",
-        params![id, state, to_millis(Utc::now())],
+        args![id, state, to_millis(Utc::now())],
     )?;
     Ok(())
 }
 
-fn create_one(tx: &Transaction<'_>, item: &NewDataset) -> anyhow::Result<Option<DatasetId>> {
+fn create_one(tx: &mut dyn Conn, item: &NewDataset) -> anyhow::Result<Option<DatasetId>> {
     // The API checks for a live dataset of the same name first and reports a conflict
     // instead of failing (spec E.3).
-    let exists: Option<i64> = tx
-        .query_row(
-            "SELECT id FROM datasets WHERE name = ?1 AND type = ?2 AND is_deleted = 0",
-            params![item.name.as_str(), item.dataset_type.as_str()],
-            |r| r.get(0),
-        )
-        .optional()?;
+    let exists = tx.query_opt(
+        "SELECT id FROM datasets WHERE name = ?1 AND type = ?2 AND is_deleted = 0",
+        args![item.name.as_str(), item.dataset_type.as_str()],
+    )?;
     if exists.is_some() {
         return Ok(None);
     }
@@ -167,26 +167,27 @@ fn create_one(tx: &Transaction<'_>, item: &NewDataset) -> anyhow::Result<Option<
         .metadata
         .clone()
         .unwrap_or_else(|| serde_json::json!({}));
-    tx.execute(
-        "INSERT INTO datasets (name, type, origin_path, description, metadata, create_method, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
-        params![
-            item.name.as_str(),
-            item.dataset_type.as_str(),
-            item.origin_path,
-            item.description,
-            metadata.to_string(),
-            item.create_method.as_str(),
-            now
-        ],
-    )?;
-    let id = tx.last_insert_rowid();
+    let id: DatasetId = tx
+        .query_one(
+            "INSERT INTO datasets (name, type, origin_path, description, metadata, create_method, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7) RETURNING id",
+            args![
+                item.name.as_str(),
+                item.dataset_type.as_str(),
+                item.origin_path,
+                item.description,
+                metadata.to_string(),
+                item.create_method.as_str(),
+                now
+            ],
+        )?
+        .get(0)?;
     insert_state(tx, id, DatasetState::Registered.as_str())?;
     Ok(Some(id))
 }
 
 #[async_trait]
-impl Registry for SqliteRegistry {
+impl Registry for SqlRegistry {
     async fn bulk_create(&self, items: &[NewDataset]) -> Result<BulkOutcome, RegistryError> {
         if items.len() > MAX_BULK {
             return Err(RegistryError::Invalid(format!(
@@ -220,7 +221,7 @@ impl Registry for SqliteRegistry {
 
     async fn get(&self, id: DatasetId) -> Result<Dataset, RegistryError> {
         self.db
-            .call(move |conn| load_dataset(conn, id))
+            .read(move |conn| load_dataset(conn, id))
             .await
             .map_err(unavailable)?
             .ok_or(RegistryError::NotFound(id))
@@ -229,29 +230,29 @@ impl Registry for SqliteRegistry {
     async fn find(&self, query: &DatasetQuery) -> Result<Vec<Dataset>, RegistryError> {
         let query = query.clone();
         self.db
-            .call(move |conn| {
+            .read(move |conn| {
                 let mut sql = format!("SELECT {DATASET_COLUMNS} FROM datasets WHERE 1 = 1");
-                let mut args: Vec<Box<dyn rusqlite::ToSql + Send>> = Vec::new();
+                let mut args: Vec<Value> = Vec::new();
                 if !query.include_deleted {
                     sql.push_str(" AND is_deleted = 0");
                 }
                 if let Some(t) = query.dataset_type {
-                    args.push(Box::new(t.as_str()));
+                    args.push(Value::Text(t.as_str().to_owned()));
                     sql.push_str(&format!(" AND type = ?{}", args.len()));
                 }
                 if let Some(name) = &query.name {
-                    args.push(Box::new(name.as_str().to_owned()));
+                    args.push(Value::Text(name.as_str().to_owned()));
                     sql.push_str(&format!(" AND name = ?{}", args.len()));
                 }
                 if let Some(method) = query.create_method {
-                    args.push(Box::new(method.as_str()));
+                    args.push(Value::Text(method.as_str().to_owned()));
                     sql.push_str(&format!(" AND create_method = ?{}", args.len()));
                 }
                 if query.without_workflows {
                     sql.push_str(" AND NOT EXISTS (SELECT 1 FROM dataset_workflows w WHERE w.dataset_id = datasets.id)");
                 }
                 if let Some(cutoff) = query.staged_before {
-                    args.push(Box::new(to_millis(cutoff)));
+                    args.push(Value::Int(to_millis(cutoff)));
                     sql.push_str(&format!(
                         " AND is_staged = 1 AND NOT EXISTS (SELECT 1 FROM dataset_states s
                            WHERE s.dataset_id = datasets.id AND s.state = 'STAGED' AND s.timestamp >= ?{})",
@@ -259,7 +260,7 @@ impl Registry for SqliteRegistry {
                     ));
                 }
                 if let Some(workflow_id) = &query.workflow_id {
-                    args.push(Box::new(workflow_id.clone()));
+                    args.push(Value::Text(workflow_id.clone()));
                     sql.push_str(&format!(
                         " AND id IN (SELECT dataset_id FROM dataset_workflows WHERE workflow_id = ?{})",
                         args.len()
@@ -267,13 +268,16 @@ impl Registry for SqliteRegistry {
                 }
                 sql.push_str(" ORDER BY updated_at DESC, id DESC");
                 if let Some(limit) = query.limit {
-                    sql.push_str(&format!(" LIMIT {limit}"));
+                    // Bound, not written into the statement: one prepared statement serves
+                    // every limit.
+                    args.push(Value::Int(limit as i64));
+                    sql.push_str(&format!(" LIMIT ?{}", args.len()));
                 }
-                let mut stmt = conn.prepare(&sql)?;
-                let params: Vec<&dyn rusqlite::ToSql> =
-                    args.iter().map(|a| a.as_ref() as &dyn rusqlite::ToSql).collect();
-                let mut datasets =
-                    stmt.query_map(params.as_slice(), dataset_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
+                let mut datasets = conn
+                    .query(&sql, &args)?
+                    .iter()
+                    .map(dataset_from_row)
+                    .collect::<anyhow::Result<Vec<_>>>()?;
                 for dataset in &mut datasets {
                     fill_relations(conn, dataset)?;
                 }
@@ -304,15 +308,15 @@ impl Registry for SqliteRegistry {
                         num_files = COALESCE(?5, num_files),
                         num_directories = COALESCE(?6, num_directories),
                         metadata = ?7,
-                        archive_path = CASE WHEN ?8 THEN ?9 ELSE archive_path END,
-                        staged_path = CASE WHEN ?10 THEN ?11 ELSE staged_path END,
+                        archive_path = CASE WHEN ?8 = 1 THEN ?9 ELSE archive_path END,
+                        staged_path = CASE WHEN ?10 = 1 THEN ?11 ELSE staged_path END,
                         is_staged = COALESCE(?12, is_staged),
                         is_deleted = COALESCE(?13, is_deleted),
                         bundle_size = COALESCE(?14, bundle_size),
                         updated_at = ?15,
                         origin_path = COALESCE(?16, origin_path)
                      WHERE id = ?1",
-                    params![
+                    args![
                         id,
                         patch.name.as_ref().map(|n| n.as_str().to_owned()),
                         as_i64(patch.du_size),
@@ -335,7 +339,7 @@ impl Registry for SqliteRegistry {
                     tx.execute(
                         "INSERT INTO bundles (dataset_id, name, size, md5) VALUES (?1, ?2, ?3, ?4)
                          ON CONFLICT (dataset_id) DO UPDATE SET name = excluded.name, size = excluded.size, md5 = excluded.md5",
-                        params![id, bundle.name, bundle.size as i64, bundle.md5.to_string()],
+                        args![id, bundle.name, bundle.size as i64, bundle.md5.to_string()],
                     )?;
                 }
                 load_dataset(tx, id)
@@ -348,15 +352,15 @@ impl Registry for SqliteRegistry {
     async fn add_state(&self, id: DatasetId, state: DatasetState) -> Result<(), RegistryError> {
         self.write_existing(id, move |tx| {
             let latest: Option<String> = tx
-                .query_row(
+                .query_opt(
                     "SELECT state FROM dataset_states WHERE dataset_id = ?1 ORDER BY seq DESC LIMIT 1",
-                    [id],
-                    |r| r.get(0),
-                )
-                .optional()?;
+                    args![id],
+                )?
+                .map(|r| r.get(0))
+                .transpose()?;
             if latest.as_deref() != Some(state.as_str()) {
                 insert_state(tx, id, state.as_str())?;
-                tx.execute("UPDATE datasets SET updated_at = ?2 WHERE id = ?1", params![id, to_millis(Utc::now())])?;
+                tx.execute("UPDATE datasets SET updated_at = ?2 WHERE id = ?1", args![id, to_millis(Utc::now())])?;
             }
             Ok(())
         })
@@ -375,18 +379,18 @@ impl Registry for SqliteRegistry {
         let files = files.to_vec();
         self.db
             .write(move |tx| {
-                let mut stmt = tx.prepare_cached(
-                    "INSERT INTO dataset_files (dataset_id, path, md5, size, filetype) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT (dataset_id, path) DO NOTHING",
-                )?;
                 for file in &files {
-                    stmt.execute(params![
-                        id,
-                        file.path,
-                        file.md5.map(|m| m.to_string()),
-                        file.size.unwrap_or_default() as i64,
-                        file.file_type.as_str()
-                    ])?;
+                    tx.execute(
+                        "INSERT INTO dataset_files (dataset_id, path, md5, size, filetype) VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT (dataset_id, path) DO NOTHING",
+                        args![
+                            id,
+                            file.path,
+                            file.md5.map(|m| m.to_string()),
+                            file.size.unwrap_or_default() as i64,
+                            file.file_type.as_str()
+                        ],
+                    )?;
                 }
                 Ok(())
             })
@@ -399,25 +403,26 @@ impl Registry for SqliteRegistry {
         id: DatasetId,
         rows: std::sync::Arc<dyn FileRowSource>,
     ) -> Result<u64, RegistryError> {
-        // One transaction: readers see the old rows or the new ones, never a mixture.
+        // One transaction: readers see the old rows or the new ones, never a mixture. The rows
+        // are read from the source afresh each time the transaction runs.
         self.write_existing(id, move |tx| {
-            tx.execute("DELETE FROM dataset_files WHERE dataset_id = ?1", [id])?;
-            let mut stmt = tx.prepare_cached(
-                "INSERT INTO dataset_files (dataset_id, path, md5, size, filetype) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
+            tx.execute("DELETE FROM dataset_files WHERE dataset_id = ?1", args![id])?;
             let mut stored = 0u64;
             for row in rows.rows()? {
                 let file = row?;
                 let Some(size) = file.size else {
                     anyhow::bail!("file row `{}` of dataset {id} has no size", file.path);
                 };
-                stmt.execute(params![
-                    id,
-                    file.path,
-                    file.md5.map(|m| m.to_string()),
-                    size as i64,
-                    file.file_type.as_str()
-                ])?;
+                tx.execute(
+                    "INSERT INTO dataset_files (dataset_id, path, md5, size, filetype) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    args![
+                        id,
+                        file.path,
+                        file.md5.map(|m| m.to_string()),
+                        size as i64,
+                        file.file_type.as_str()
+                    ],
+                )?;
                 stored += 1;
             }
             Ok(stored)
@@ -433,22 +438,24 @@ impl Registry for SqliteRegistry {
     ) -> Result<Vec<FileRecord>, RegistryError> {
         let after = after.map(str::to_owned);
         self.db
-            .call(move |conn| {
-                let mut stmt = conn.prepare_cached(
+            .read(move |conn| {
+                conn.query(
                     "SELECT path, md5, size, filetype FROM dataset_files
-                     WHERE dataset_id = ?1 AND (?2 IS NULL OR path > ?2) ORDER BY path LIMIT ?3",
-                )?;
-                let rows = stmt.query_map(params![id, after, limit as i64], |r| {
+                     WHERE dataset_id = ?1 AND (CAST(?2 AS TEXT) IS NULL OR path > ?2) ORDER BY path LIMIT ?3",
+                    args![id, after, limit as i64],
+                )?
+                .iter()
+                .map(|r| {
                     let md5: Option<String> = r.get(1)?;
                     let filetype: String = r.get(3)?;
                     Ok(FileRecord {
                         path: r.get(0)?,
                         md5: md5.and_then(|m| m.parse().ok()),
-                        size: Some(r.get::<_, i64>(2)? as u64),
+                        size: Some(r.get::<i64>(2)? as u64),
                         file_type: filetype.parse().unwrap_or(crate::model::FileType::File),
                     })
-                })?;
-                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+                })
+                .collect()
             })
             .await
             .map_err(unavailable)
@@ -460,7 +467,7 @@ impl Registry for SqliteRegistry {
             tx.execute(
                 "INSERT INTO dataset_workflows (workflow_id, dataset_id, created_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (workflow_id) DO NOTHING",
-                params![workflow_id, id, to_millis(Utc::now())],
+                args![workflow_id, id, to_millis(Utc::now())],
             )?;
             Ok(())
         })
@@ -473,19 +480,18 @@ impl Registry for SqliteRegistry {
             .db
             .write(move |tx| {
                 let now = to_millis(Utc::now());
-                let mut exists = tx.prepare_cached("SELECT 1 FROM datasets WHERE id = ?1")?;
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO dataset_workflows (workflow_id, dataset_id, created_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (workflow_id) DO NOTHING",
-                )?;
                 // Every dataset is checked before anything is written: all or nothing.
                 for (id, _) in &links {
-                    if !exists.exists([id])? {
+                    if tx.query_opt("SELECT 1 FROM datasets WHERE id = ?1", args![id])?.is_none() {
                         return Ok(Some(*id));
                     }
                 }
                 for (id, workflow_id) in &links {
-                    insert.execute(params![workflow_id, id, now])?;
+                    tx.execute(
+                        "INSERT INTO dataset_workflows (workflow_id, dataset_id, created_at) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (workflow_id) DO NOTHING",
+                        args![workflow_id, id, now],
+                    )?;
                 }
                 Ok(None)
             })
@@ -501,22 +507,23 @@ impl Registry for SqliteRegistry {
         &self,
         ids: &[DatasetId],
     ) -> Result<HashMap<DatasetId, Vec<String>>, RegistryError> {
-        let ids = serde_json::to_string(ids).unwrap_or_else(|_| "[]".to_owned());
+        let ids = json_list(ids);
         self.db
-            .call(move |conn| {
+            .read(move |conn| {
                 let mut out: HashMap<DatasetId, Vec<String>> = HashMap::new();
-                let mut datasets = conn
-                    .prepare("SELECT id FROM datasets WHERE id IN (SELECT value FROM json_each(?1))")?;
-                for id in datasets.query_map([&ids], |r| r.get::<_, DatasetId>(0))? {
-                    out.insert(id?, Vec::new());
+                for row in conn.query(
+                    "SELECT id FROM datasets WHERE id IN {int_list ?1}",
+                    args![ids],
+                )? {
+                    out.insert(row.get(0)?, Vec::new());
                 }
-                let mut links = conn.prepare(
+                let links = conn.query(
                     "SELECT dataset_id, workflow_id FROM dataset_workflows
-                     WHERE dataset_id IN (SELECT value FROM json_each(?1)) ORDER BY created_at, workflow_id",
+                     WHERE dataset_id IN {int_list ?1} ORDER BY created_at, workflow_id",
+                    args![ids],
                 )?;
-                let rows = links.query_map([&ids], |r| Ok((r.get::<_, DatasetId>(0)?, r.get::<_, String>(1)?)))?;
-                for row in rows {
-                    let (id, workflow_id) = row?;
+                for row in links {
+                    let (id, workflow_id): (DatasetId, String) = (row.get(0)?, row.get(1)?);
                     out.entry(id).or_default().push(workflow_id);
                 }
                 Ok(out)
@@ -530,13 +537,14 @@ impl Registry for SqliteRegistry {
         dataset_type: DatasetType,
     ) -> Result<HashMap<String, Option<String>>, RegistryError> {
         self.db
-            .call(move |conn| {
-                let mut stmt = conn.prepare(
+            .read(move |conn| {
+                conn.query(
                     "SELECT name, origin_path FROM datasets WHERE type = ?1 AND is_deleted = 0",
-                )?;
-                let rows =
-                    stmt.query_map([dataset_type.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
-                Ok(rows.collect::<rusqlite::Result<_>>()?)
+                    args![dataset_type.as_str()],
+                )?
+                .iter()
+                .map(|r| Ok((r.get(0)?, r.get(1)?)))
+                .collect()
             })
             .await
             .map_err(unavailable)
@@ -546,14 +554,16 @@ impl Registry for SqliteRegistry {
         &self,
         workflow_ids: &[String],
     ) -> Result<HashSet<String>, RegistryError> {
-        let ids = serde_json::to_string(workflow_ids).unwrap_or_else(|_| "[]".to_owned());
+        let ids = json_list(workflow_ids);
         self.db
-            .call(move |conn| {
-                let mut stmt = conn.prepare(
-                    "SELECT workflow_id FROM dataset_workflows WHERE workflow_id IN (SELECT value FROM json_each(?1))",
-                )?;
-                let rows = stmt.query_map([ids], |r| r.get(0))?;
-                Ok(rows.collect::<rusqlite::Result<_>>()?)
+            .read(move |conn| {
+                conn.query(
+                    "SELECT workflow_id FROM dataset_workflows WHERE workflow_id IN {text_list ?1}",
+                    args![ids],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
             })
             .await
             .map_err(unavailable)
@@ -564,21 +574,21 @@ impl Registry for SqliteRegistry {
         self.db
             .write(move |tx| {
                 let now = to_millis(Utc::now());
-                let mut stmt = tx.prepare_cached(
-                    "INSERT INTO metrics (timestamp, measurement, subject, usage, \"limit\", tags)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (timestamp, measurement, subject) DO UPDATE SET usage = excluded.usage,
-                        \"limit\" = excluded.\"limit\", tags = excluded.tags",
-                )?;
                 for m in &metrics {
-                    stmt.execute(params![
-                        now,
-                        m.measurement,
-                        m.subject,
-                        m.usage as i64,
-                        m.limit as i64,
-                        serde_json::to_string(&m.tags)?
-                    ])?;
+                    tx.execute(
+                        "INSERT INTO metrics (timestamp, measurement, subject, usage, \"limit\", tags)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (timestamp, measurement, subject) DO UPDATE SET usage = excluded.usage,
+                            \"limit\" = excluded.\"limit\", tags = excluded.tags",
+                        args![
+                            now,
+                            m.measurement,
+                            m.subject,
+                            m.usage as i64,
+                            m.limit as i64,
+                            serde_json::to_string(&m.tags)?
+                        ],
+                    )?;
                 }
                 Ok(())
             })
@@ -611,11 +621,11 @@ impl Registry for SqliteRegistry {
                     .join(upload.name.as_str());
                 tx.execute(
                     "UPDATE datasets SET origin_path = ?2 WHERE id = ?1",
-                    params![id, origin.to_string_lossy()],
+                    args![id, origin.to_string_lossy().into_owned()],
                 )?;
                 tx.execute(
                     "INSERT INTO upload_logs (dataset_id, status, updated_at) VALUES (?1, 'UPLOADING', ?2)",
-                    params![id, to_millis(Utc::now())],
+                    args![id, to_millis(Utc::now())],
                 )?;
                 Ok(Ok(load_upload(tx, id)?.expect("the upload log was just written")))
             })
@@ -660,13 +670,13 @@ impl Registry for SqliteRegistry {
                     &log,
                     &UploadLogPatch {
                         status: Some(UploadStatus::Uploaded),
-                        metadata,
+                        metadata: metadata.clone(),
                         ..UploadLogPatch::default()
                     },
                 )?;
                 tx.execute(
                     "UPDATE upload_logs SET process_id = ?2 WHERE dataset_id = ?1",
-                    params![id, process_id],
+                    args![id, process_id],
                 )?;
                 Ok(Ok(load_upload(tx, id)?.expect("the upload log exists")))
             })
@@ -676,7 +686,7 @@ impl Registry for SqliteRegistry {
 
     async fn upload_log(&self, id: DatasetId) -> Result<Option<UploadLog>, RegistryError> {
         self.db
-            .call(move |conn| load_upload(conn, id))
+            .read(move |conn| load_upload(conn, id))
             .await
             .map_err(unavailable)
     }
@@ -703,63 +713,67 @@ impl Registry for SqliteRegistry {
     async fn uploads(&self, query: &UploadQuery) -> Result<Vec<UploadRef>, RegistryError> {
         let query = query.clone();
         self.db
-            .call(move |conn| {
-                let now = Utc::now();
-                let (filter, args): (String, Vec<rusqlite::types::Value>) = match &query {
+            .read(move |conn| {
+                // Ages are measured on the database's clock.
+                let (filter, mut args): (&str, Vec<Value>) = match &query {
                     UploadQuery::Expired { status, age_days } => (
-                        "u.status = ?1 AND u.updated_at < ?2".to_owned(),
+                        "u.status = ?1 AND u.updated_at < {now_ms} - ?2",
                         vec![
-                            status.as_str().to_owned().into(),
-                            to_millis(now - days(*age_days)).into(),
+                            Value::Text(status.as_str().to_owned()),
+                            Value::Int(days(*age_days).num_milliseconds()),
                         ],
                     ),
                     UploadQuery::Stalled { after_seconds } => (
-                        "u.status IN ('UPLOADED', 'VERIFYING', 'VERIFIED') AND u.updated_at <= ?1".to_owned(),
-                        vec![to_millis(now - chrono::Duration::seconds(*after_seconds as i64)).into()],
+                        "u.status IN ('UPLOADED', 'VERIFYING', 'VERIFIED') AND u.updated_at <= {now_ms} - ?1",
+                        vec![Value::Int(
+                            chrono::Duration::seconds(*after_seconds as i64).num_milliseconds(),
+                        )],
                     ),
                     UploadQuery::Failed { max_retry_count, max_age_hours } => (
-                        "u.status = 'PROCESSING_FAILED' AND u.retry_count <= ?1 AND u.updated_at >= ?2".to_owned(),
+                        "u.status = 'PROCESSING_FAILED' AND u.retry_count <= ?1 AND u.updated_at >= {now_ms} - ?2",
                         vec![
-                            i64::from(*max_retry_count).into(),
-                            to_millis(now - days(max_age_hours / 24.0)).into(),
+                            Value::Int(i64::from(*max_retry_count)),
+                            Value::Int(days(max_age_hours / 24.0).num_milliseconds()),
                         ],
                     ),
                     UploadQuery::ByStatus(statuses) => {
-                        let list: Vec<String> =
-                            statuses.iter().map(|s| s.as_str().to_owned()).collect();
-                        (
-                            "u.status IN (SELECT value FROM json_each(?1))".to_owned(),
-                            vec![serde_json::to_string(&list)?.into()],
-                        )
+                        let list: Vec<&str> = statuses.iter().map(|s| s.as_str()).collect();
+                        ("u.status IN {text_list ?1}", vec![Value::Text(json_list(&list))])
                     }
-                    UploadQuery::All { .. } => ("1 = 1".to_owned(), Vec::new()),
+                    UploadQuery::All { .. } => ("1 = 1", Vec::new()),
                 };
+                // Without a limit the statement has no LIMIT clause: PostgreSQL refuses
+                // SQLite's `LIMIT -1`.
                 let limit = match query {
-                    UploadQuery::All { limit } => limit as i64,
-                    _ => -1,
+                    UploadQuery::All { limit } => {
+                        args.push(Value::Int(limit as i64));
+                        format!(" LIMIT ?{}", args.len())
+                    }
+                    _ => String::new(),
                 };
                 let sql = format!(
                     "SELECT u.dataset_id, d.name, u.status, u.retry_count, u.metadata, d.origin_path, u.updated_at
                      FROM upload_logs u JOIN datasets d ON d.id = u.dataset_id
-                     WHERE {filter} ORDER BY u.updated_at DESC, u.dataset_id DESC LIMIT {limit}"
+                     WHERE {filter} ORDER BY u.updated_at DESC, u.dataset_id DESC{limit}"
                 );
-                let mut stmt = conn.prepare(&sql)?;
-                let rows = stmt.query_map(rusqlite::params_from_iter(args), |r| {
-                    let metadata: Option<String> = r.get(4)?;
-                    let last_error = metadata
-                        .and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok())
-                        .and_then(|m| m.get("failure_reason")?.as_str().map(str::to_owned));
-                    Ok(UploadRef {
-                        dataset_id: r.get(0)?,
-                        dataset_name: r.get(1)?,
-                        status: r.get::<_, String>(2)?.parse().ok(),
-                        retry_count: Some(r.get::<_, i64>(3)? as u32),
-                        last_error,
-                        origin_path: r.get(5)?,
-                        updated_at: Some(from_millis(r.get(6)?)),
+                conn.query(&sql, &args)?
+                    .iter()
+                    .map(|r| {
+                        let metadata: Option<String> = r.get(4)?;
+                        let last_error = metadata
+                            .and_then(|m| serde_json::from_str::<serde_json::Value>(&m).ok())
+                            .and_then(|m| m.get("failure_reason")?.as_str().map(str::to_owned));
+                        Ok(UploadRef {
+                            dataset_id: r.get(0)?,
+                            dataset_name: r.get(1)?,
+                            status: r.get::<String>(2)?.parse().ok(),
+                            retry_count: Some(r.get::<i64>(3)? as u32),
+                            last_error,
+                            origin_path: r.get(5)?,
+                            updated_at: Some(from_millis(r.get(6)?)),
+                        })
                     })
-                })?;
-                Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+                    .collect()
             })
             .await
             .map_err(unavailable)
@@ -772,20 +786,22 @@ impl Registry for SqliteRegistry {
         let process = process.clone();
         self.db
             .write(move |tx| {
-                tx.execute(
-                    "INSERT INTO worker_processes (workflow_id, step, task_id, pid, hostname, start_time, tags)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![
-                        process.workflow_id,
-                        process.step,
-                        process.task_id,
-                        process.pid,
-                        process.hostname,
-                        to_millis(process.start_time),
-                        process.tags.to_string()
-                    ],
-                )?;
-                Ok(Some(tx.last_insert_rowid()))
+                let id = tx
+                    .query_one(
+                        "INSERT INTO worker_processes (workflow_id, step, task_id, pid, hostname, start_time, tags)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) RETURNING id",
+                        args![
+                            process.workflow_id,
+                            process.step,
+                            process.task_id,
+                            process.pid,
+                            process.hostname,
+                            to_millis(process.start_time),
+                            process.tags.to_string()
+                        ],
+                    )?
+                    .get(0)?;
+                Ok(Some(id))
             })
             .await
             .map_err(unavailable)
@@ -799,16 +815,16 @@ impl Registry for SqliteRegistry {
         let lines = lines.to_vec();
         self.db
             .write(move |tx| {
-                let mut stmt = tx.prepare_cached(
-                    "INSERT INTO worker_logs (process_id, timestamp, level, message) VALUES (?1, ?2, ?3, ?4)",
-                )?;
                 for line in &lines {
-                    stmt.execute(params![
-                        process_id,
-                        to_millis(line.timestamp),
-                        line.level,
-                        line.message
-                    ])?;
+                    tx.execute(
+                        "INSERT INTO worker_logs (process_id, timestamp, level, message) VALUES (?1, ?2, ?3, ?4)",
+                        args![
+                            process_id,
+                            to_millis(line.timestamp),
+                            line.level,
+                            line.message
+                        ],
+                    )?;
                 }
                 Ok(())
             })
@@ -828,7 +844,8 @@ impl Registry for SqliteRegistry {
     /// Keeps a copy of the report next to the database, at
     /// `reports/<report_id>/multiqc_report.html`, as the Bioloop API keeps its upload: the QC
     /// directory it came from belongs to `generate_qc` and is rebuilt by its next run, so a
-    /// recorded path into it could point at a report being rewritten or gone.
+    /// recorded path into it could point at a report being rewritten or gone. A PostgreSQL
+    /// database has no directory beside it, so there the report is refused.
     async fn upload_report(
         &self,
         id: DatasetId,
@@ -845,8 +862,12 @@ impl Registry for SqliteRegistry {
                 "dataset {id}: metadata.report_id `{report_id}` cannot name a directory"
             )));
         }
-        let base = self
-            .db
+        let Database::Sqlite(db) = &self.db else {
+            return Err(RegistryError::Invalid(format!(
+                "dataset {id}: the registry in PostgreSQL has no directory to keep QC reports in"
+            )));
+        };
+        let base = db
             .path()
             .parent()
             .map(std::path::Path::to_path_buf)
@@ -894,38 +915,32 @@ fn days(days: f64) -> chrono::Duration {
 }
 
 /// Loads a dataset's upload log with the dataset fields the API returns with it.
-fn load_upload(conn: &rusqlite::Connection, id: DatasetId) -> anyhow::Result<Option<UploadLog>> {
-    let log = conn
-        .query_row(
-            "SELECT u.id, u.dataset_id, u.status, u.process_id, u.retry_count, u.metadata, u.updated_at,
-                    d.name, d.type, d.origin_path
-             FROM upload_logs u JOIN datasets d ON d.id = u.dataset_id WHERE u.dataset_id = ?1",
-            [id],
-            |r| {
-                let metadata: Option<String> = r.get(5)?;
-                Ok((
-                    UploadLog {
-                        id: r.get(0)?,
-                        dataset_id: r.get(1)?,
-                        status: UploadStatus::Uploading,
-                        process_id: r.get(3)?,
-                        retry_count: r.get::<_, i64>(4)? as u32,
-                        metadata: metadata
-                            .and_then(|m| serde_json::from_str(&m).ok())
-                            .unwrap_or(serde_json::Value::Null),
-                        updated_at: from_millis(r.get(6)?),
-                        dataset_name: r.get(7)?,
-                        dataset_type: r.get::<_, String>(8)?.parse().ok(),
-                        origin_path: r.get(9)?,
-                    },
-                    r.get::<_, String>(2)?,
-                ))
-            },
-        )
-        .optional()?;
-    let Some((mut log, status)) = log else {
+fn load_upload(conn: &mut dyn Conn, id: DatasetId) -> anyhow::Result<Option<UploadLog>> {
+    let Some(r) = conn.query_opt(
+        "SELECT u.id, u.dataset_id, u.status, u.process_id, u.retry_count, u.metadata, u.updated_at,
+                d.name, d.type, d.origin_path
+         FROM upload_logs u JOIN datasets d ON d.id = u.dataset_id WHERE u.dataset_id = ?1",
+        args![id],
+    )?
+    else {
         return Ok(None);
     };
+    let metadata: Option<String> = r.get(5)?;
+    let mut log = UploadLog {
+        id: r.get(0)?,
+        dataset_id: r.get(1)?,
+        status: UploadStatus::Uploading,
+        process_id: r.get(3)?,
+        retry_count: r.get::<i64>(4)? as u32,
+        metadata: metadata
+            .and_then(|m| serde_json::from_str(&m).ok())
+            .unwrap_or(serde_json::Value::Null),
+        updated_at: from_millis(r.get(6)?),
+        dataset_name: r.get(7)?,
+        dataset_type: r.get::<String>(8)?.parse().ok(),
+        origin_path: r.get(9)?,
+    };
+    let status: String = r.get(2)?;
     log.status = status
         .parse()
         .map_err(|err: String| anyhow::format_err!("upload log of dataset {id}: {err}"))?;
@@ -936,7 +951,7 @@ fn load_upload(conn: &rusqlite::Connection, id: DatasetId) -> anyhow::Result<Opt
 /// `updated_at` moved only by a status or retry-count change, the workflow linked in the same
 /// transaction, and a terminal failure tombstoning the dataset once.
 fn write_upload_patch(
-    tx: &Transaction<'_>,
+    tx: &mut dyn Conn,
     log: &UploadLog,
     patch: &UploadLogPatch,
 ) -> anyhow::Result<()> {
@@ -951,14 +966,14 @@ fn write_upload_patch(
         }
         tx.execute(
             "UPDATE upload_logs SET metadata = ?2 WHERE dataset_id = ?1",
-            params![id, serde_json::Value::Object(metadata).to_string()],
+            args![id, serde_json::Value::Object(metadata).to_string()],
         )?;
     }
     if patch.status.is_some() || patch.retry_count.is_some() {
         tx.execute(
             "UPDATE upload_logs SET status = COALESCE(?2, status), retry_count = COALESCE(?3, retry_count),
                 updated_at = ?4 WHERE dataset_id = ?1",
-            params![
+            args![
                 id,
                 patch.status.map(UploadStatus::as_str),
                 patch.retry_count.map(i64::from),
@@ -970,21 +985,21 @@ fn write_upload_patch(
         tx.execute(
             "INSERT INTO dataset_workflows (workflow_id, dataset_id, created_at) VALUES (?1, ?2, ?3)
              ON CONFLICT (workflow_id) DO NOTHING",
-            params![workflow_id, id, to_millis(Utc::now())],
+            args![workflow_id, id, to_millis(Utc::now())],
         )?;
     }
     if patch.status.is_some_and(UploadStatus::is_terminal_failure) {
-        let dataset: Option<(String, bool)> = tx
-            .query_row(
+        let dataset = tx
+            .query_opt(
                 "SELECT name, is_deleted FROM datasets WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()?;
+                args![id],
+            )?
+            .map(|r| -> anyhow::Result<(String, bool)> { Ok((r.get(0)?, r.get(1)?)) })
+            .transpose()?;
         if let Some((name, false)) = dataset {
             tx.execute(
                 "UPDATE datasets SET name = ?2, is_deleted = 1, updated_at = ?3 WHERE id = ?1",
-                params![id, tombstone_name(&name, id), to_millis(Utc::now())],
+                args![id, tombstone_name(&name, id), to_millis(Utc::now())],
             )?;
         }
     }

@@ -1,44 +1,43 @@
-//! The embedded profile's mailbox: requests and replies are rows of the database every local
-//! worker shares (`control_requests`, `control_replies`); workers look for new requests a few
-//! times a second.
+//! The embedded profile's mailbox: requests and replies are rows of the database every worker
+//! shares (`control_requests`, `control_replies`), the SQLite file of one host or a PostgreSQL
+//! database, through one body of statements (`crate::sql`); workers look for new requests a
+//! few times a second.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use rusqlite::{OptionalExtension, params};
 use serde_json::Value;
 use tokio::sync::watch;
 use tracing::warn;
 
 use super::mailbox::{Collect, Mailbox, Reply, answer};
 use super::{Request, WorkerControl};
-use crate::sqlite::{Db, to_millis};
+use crate::args;
+use crate::sql::Database;
+use crate::sqlite::to_millis;
 
 /// How often a worker looks for new requests, and a sender for replies.
 const POLL: Duration = Duration::from_millis(200);
 /// Requests and replies older than this are removed.
 const KEEP: chrono::Duration = chrono::Duration::minutes(10);
 
-pub struct SqliteMailbox {
-    db: Db,
+pub struct SqlMailbox {
+    db: Database,
 }
 
-impl SqliteMailbox {
-    pub fn new(db: Db) -> SqliteMailbox {
-        SqliteMailbox { db }
+impl SqlMailbox {
+    pub fn new(db: impl Into<Database>) -> SqlMailbox {
+        SqlMailbox { db: db.into() }
     }
 
     async fn last_request(&self) -> anyhow::Result<i64> {
         self.db
-            .call(|conn| {
+            .read(|conn| {
                 Ok(conn
-                    .query_row("SELECT MAX(id) FROM control_requests", [], |r| {
-                        r.get::<_, Option<i64>>(0)
-                    })
-                    .optional()?
-                    .flatten()
+                    .query_one("SELECT MAX(id) FROM control_requests", args![])?
+                    .get::<Option<i64>>(0)?
                     .unwrap_or(0))
             })
             .await
@@ -46,20 +45,21 @@ impl SqliteMailbox {
 
     async fn requests_after(&self, after: i64) -> anyhow::Result<Vec<(i64, String)>> {
         self.db
-            .call(move |conn| {
-                let mut query = conn
-                    .prepare("SELECT id, body FROM control_requests WHERE id > ?1 ORDER BY id")?;
-                let rows = query
-                    .query_map([after], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(rows)
+            .read(move |conn| {
+                conn.query(
+                    "SELECT id, body FROM control_requests WHERE id > ?1 ORDER BY id",
+                    args![after],
+                )?
+                .iter()
+                .map(|r| Ok((r.get(0)?, r.get(1)?)))
+                .collect()
             })
             .await
     }
 }
 
 #[async_trait]
-impl Mailbox for SqliteMailbox {
+impl Mailbox for SqlMailbox {
     async fn serve(&self, control: Arc<WorkerControl>, mut stop: watch::Receiver<bool>) {
         // Requests sent before this worker started are not for it.
         let mut last = loop {
@@ -106,9 +106,11 @@ impl Mailbox for SqliteMailbox {
                     .db
                     .write(move |tx| {
                         tx.execute(
-                            "INSERT OR REPLACE INTO control_replies (ticket, hostname, reply, sent_at)
-                             VALUES (?1, ?2, ?3, ?4)",
-                            params![ticket, node, reply.to_string(), to_millis(Utc::now())],
+                            "INSERT INTO control_replies (ticket, hostname, reply, sent_at)
+                             VALUES (?1, ?2, ?3, ?4)
+                             ON CONFLICT (ticket, hostname) DO UPDATE SET reply = excluded.reply,
+                                sent_at = excluded.sent_at",
+                            args![ticket, node, reply.to_string(), to_millis(Utc::now())],
                         )?;
                         Ok(())
                     })
@@ -130,13 +132,19 @@ impl Mailbox for SqliteMailbox {
         let body = serde_json::to_string(&request)?;
         self.db
             .write(move |tx| {
-                let now = Utc::now();
-                let old = to_millis(now - KEEP);
-                tx.execute("DELETE FROM control_requests WHERE sent_at < ?1", [old])?;
-                tx.execute("DELETE FROM control_replies WHERE sent_at < ?1", [old])?;
+                // Measured on the database's clock.
+                let keep = KEEP.num_milliseconds();
+                tx.execute(
+                    "DELETE FROM control_requests WHERE sent_at < {now_ms} - ?1",
+                    args![keep],
+                )?;
+                tx.execute(
+                    "DELETE FROM control_replies WHERE sent_at < {now_ms} - ?1",
+                    args![keep],
+                )?;
                 tx.execute(
                     "INSERT INTO control_requests (body, sent_at) VALUES (?1, ?2)",
-                    params![body, to_millis(now)],
+                    args![body, to_millis(Utc::now())],
                 )?;
                 Ok(())
             })
@@ -149,14 +157,14 @@ impl Mailbox for SqliteMailbox {
             let ticket = ticket.clone();
             let rows: Vec<(String, String)> = self
                 .db
-                .call(move |conn| {
-                    let mut query = conn.prepare(
+                .read(move |conn| {
+                    conn.query(
                         "SELECT hostname, reply FROM control_replies WHERE ticket = ?1 ORDER BY sent_at, hostname",
-                    )?;
-                    let rows = query
-                        .query_map([ticket], |r| Ok((r.get(0)?, r.get(1)?)))?
-                        .collect::<Result<Vec<_>, _>>()?;
-                    Ok(rows)
+                        args![ticket],
+                    )?
+                    .iter()
+                    .map(|r| Ok((r.get(0)?, r.get(1)?)))
+                    .collect()
                 })
                 .await?;
             let replies: Vec<Reply> = rows
