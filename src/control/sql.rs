@@ -15,11 +15,14 @@ use tracing::warn;
 use super::mailbox::{Collect, Mailbox, Reply, answer};
 use super::{Request, WorkerControl};
 use crate::args;
-use crate::sql::Database;
+use crate::sql::{Database, Engine};
 use crate::sqlite::to_millis;
 
 /// How often a worker looks for new requests, and a sender for replies.
 const POLL: Duration = Duration::from_millis(200);
+/// The advisory lock senders of requests take on PostgreSQL.
+const REQUEST_LOCK: i64 = 0x006d_6169_6c62_6f78; // "mailbox" in ASCII
+
 /// Requests and replies older than this are removed.
 const KEEP: chrono::Duration = chrono::Duration::minutes(10);
 
@@ -132,6 +135,12 @@ impl Mailbox for SqlMailbox {
         let body = serde_json::to_string(&request)?;
         self.db
             .write(move |tx| {
+                // Workers read the requests after the last id they saw, so ids must become
+                // visible in order. PostgreSQL hands ids out at insert, not at commit: senders
+                // take turns until their commit.
+                if tx.engine() == Engine::Postgres {
+                    tx.query("SELECT pg_advisory_xact_lock(?1)", args![REQUEST_LOCK])?;
+                }
                 // Measured on the database's clock.
                 let keep = KEEP.num_milliseconds();
                 tx.execute(

@@ -478,7 +478,10 @@ fn row_of(row: &postgres::Row) -> anyhow::Result<Row> {
     let mut values = Vec::with_capacity(row.len());
     for (i, column) in row.columns().iter().enumerate() {
         let ty = column.type_();
-        let value = if *ty == Type::INT8 {
+        let value = if *ty == Type::VOID {
+            // What `pg_notify` and the advisory lock functions return.
+            None
+        } else if *ty == Type::INT8 {
             row.try_get::<_, Option<i64>>(i)?.map(Value::Int)
         } else if *ty == Type::INT4 {
             row.try_get::<_, Option<i32>>(i)?

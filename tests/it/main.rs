@@ -24,6 +24,7 @@ mod lifecycle;
 mod metrics;
 mod mongo_store;
 mod ops_commands;
+mod postgres_profile;
 mod register;
 mod registry_contract;
 mod scheduler;

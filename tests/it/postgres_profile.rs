@@ -1,0 +1,272 @@
+//! The postgres profile as a site runs it: several `workers worker` processes and schedulers
+//! on one PostgreSQL database. A worker killed with SIGKILL mid-step, a scheduler killed while
+//! it holds the lease, and every connection cut by the server: work is only delayed, each
+//! dataset is staged exactly once and each step recorded once.
+
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::common::postgres::TestPostgres;
+use crate::common::*;
+use workers::app::App;
+use workers::model::DatasetType;
+use workers::registry::DatasetQuery;
+use workers::store::{TaskStatus, WorkflowFilter};
+use workers::workflow::engine;
+
+/// A project whose three backends are the test's PostgreSQL database, with `watch` every
+/// second and the other jobs off.
+fn project(database: &TestPostgres) -> Project {
+    let mut project = Project::new();
+    for backend in ["REGISTRY", "STORE", "BROKER"] {
+        project.set_env(&format!("WORKERS__{backend}__KIND"), "postgres");
+    }
+    project.set_env("WORKERS__POSTGRES__URL", &database.url);
+    project.set_env("WORKERS__POSTGRES__RECONNECT_MAX_SECONDS", "60");
+    project.set_env("WORKERS__SCHEDULES__WATCH__EVERY", "1s");
+    for job in [
+        "PURGE_STAGED_DATASETS",
+        "PURGE_STALE_WORKFLOWS",
+        "RECONCILE",
+        "METRICS",
+        "FIXITY",
+    ] {
+        project.set_env(&format!("WORKERS__SCHEDULES__{job}__ENABLED"), "false");
+    }
+    project.set_env("WORKERS__SCHEDULER__LEASE_SECONDS", "3");
+    project.set_env("WORKERS__SCHEDULER__WORKERS", "0");
+    // A killed worker's claims lapse soon (a restarted one on this host takes them at once).
+    project.set_env("WORKERS__WORKER__LEASE_SECONDS", "10");
+    project
+}
+
+fn spawn(project: &Project, args: &[&str]) -> (Child, Reap) {
+    let child = project
+        .command(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let reap = Reap(child.id());
+    (child, reap)
+}
+
+fn spawn_worker(project: &Project, node: &str) -> (Child, Reap) {
+    spawn(
+        project,
+        &["worker", "--hostname", node, "--concurrency", "2"],
+    )
+}
+
+/// Datasets of a few files each, large enough that steps take a moment.
+fn datasets(project: &Project, count: usize) {
+    for i in 0..count {
+        let big = pseudo_random(1 << 20, i as u64);
+        let small = pseudo_random(4096, 1000 + i as u64);
+        project.dataset(
+            DatasetType::RawData,
+            &format!("run-{i:02}"),
+            &[
+                ("reads/a.fastq", &big),
+                ("reads/b.fastq", &small),
+                ("meta.txt", b"x"),
+            ],
+        );
+    }
+}
+
+/// How many datasets are STAGED.
+async fn staged(app: &App) -> usize {
+    app.registry
+        .find(&DatasetQuery::default())
+        .await
+        .unwrap()
+        .iter()
+        .filter(|d| d.is_staged)
+        .count()
+}
+
+/// Waits until a step is running in the process `pid` (its STARTED result names it), then
+/// kills the process with SIGKILL.
+async fn kill_mid_step(app: &App, child: &mut Child) {
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no step ever ran in process {pid}"
+        );
+        for workflow in app
+            .store
+            .workflows(WorkflowFilter::Active, 100)
+            .await
+            .unwrap()
+        {
+            let ids: Vec<String> = workflow.all_task_ids().into_iter().collect();
+            let metas = app.store.task_metas(&ids).await.unwrap();
+            if metas.values().any(|m| {
+                m.status == TaskStatus::Started && m.result["pid"].as_u64() == Some(u64::from(pid))
+            }) {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every dataset staged once, with one workflow whose every step ran once and succeeded.
+async fn assert_each_done_once(app: &Arc<App>, count: usize) {
+    let datasets = app.registry.find(&DatasetQuery::default()).await.unwrap();
+    assert_eq!(datasets.len(), count);
+    for summary in datasets {
+        let d = app.registry.get(summary.id).await.unwrap();
+        assert_eq!(
+            state_names(&d),
+            ["REGISTERED", "READY", "ARCHIVED", "FETCHED", "STAGED"],
+            "{}: each state once",
+            d.name
+        );
+        assert_eq!(d.workflows.len(), 1, "{}: one workflow", d.name);
+        let rows = file_rows(app, d.id).await;
+        assert_eq!(rows.len(), 3, "{}: one row per file", d.name);
+        let workflow = app.store.workflow(&d.workflows[0]).await.unwrap().unwrap();
+        let view = engine::view(app, workflow).await.unwrap();
+        assert_eq!(view.derived.status, TaskStatus::Success, "{}", d.name);
+        assert!(
+            view.workflow.steps.iter().all(|s| s.runs.len() == 1),
+            "{}: one run per step: {:?}",
+            d.name,
+            view.workflow.steps
+        );
+    }
+}
+
+async fn wait_for_staged(app: &App, count: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let done = staged(app).await;
+        if done == count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {done} of {count} datasets staged after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_and_a_scheduler_stage_twenty_datasets_once_though_a_worker_is_killed() {
+    let Some(database) = TestPostgres::new() else {
+        return;
+    };
+    let project = project(&database);
+    datasets(&project, 20);
+    let app = project.app().await;
+
+    let (mut worker_a, _reap_a) = spawn_worker(&project, "a@%h");
+    let (_worker_b, _reap_b) = spawn_worker(&project, "b@%h");
+    let (_scheduler, _reap_s) = spawn(&project, &["scheduler"]);
+
+    kill_mid_step(&app, &mut worker_a).await;
+    let (_worker_a, _reap_a2) = spawn_worker(&project, "a@%h");
+
+    wait_for_staged(&app, 20, Duration::from_secs(300)).await;
+    assert_each_done_once(&app, 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_scheduler_takes_the_lease_when_the_first_is_killed() {
+    let Some(database) = TestPostgres::new() else {
+        return;
+    };
+    let project = project(&database);
+    let app = project.app().await;
+    let watch_hosts = || async {
+        app.scheduler_store
+            .runs(Some("watch"), 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.host)
+            .collect::<Vec<_>>()
+    };
+
+    let (mut first, _reap_first) = spawn(&project, &["scheduler"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while watch_hosts().await.is_empty() {
+        assert!(Instant::now() < deadline, "the first scheduler never fired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (second, _reap_second) = spawn(&project, &["scheduler"]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let first_pid = format!(":{}", first.id());
+    let second_pid = format!(":{}", second.id());
+    let hosts = watch_hosts().await;
+    assert!(
+        hosts.iter().all(|h| h.ends_with(&first_pid)),
+        "only the lease holder fires: {hosts:?}"
+    );
+
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let killed = Instant::now();
+    loop {
+        if watch_hosts().await.iter().any(|h| h.ends_with(&second_pid)) {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "the second scheduler never took over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Within two lease periods (3 s each), plus the one-second slot granularity.
+    assert!(
+        killed.elapsed() <= Duration::from_secs(8),
+        "{:?}",
+        killed.elapsed()
+    );
+    // The lease is judged by the database's clock, which the store reports.
+    let server = app.scheduler_store.server_time().await.unwrap().unwrap();
+    assert!((server - chrono::Utc::now()).num_seconds().abs() < 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_cut_by_the_server_only_delay_the_work() {
+    let Some(database) = TestPostgres::new() else {
+        return;
+    };
+    let project = project(&database);
+    datasets(&project, 6);
+    let app = project.app().await;
+    let (_worker, _reap_w) = spawn_worker(&project, "w@%h");
+    let (_scheduler, _reap_s) = spawn(&project, &["scheduler"]);
+
+    // Every connection to the database is terminated by the server, again and again, as a
+    // restart or a failover does, while the datasets go through their workflows.
+    let cut = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = '{}' AND pid <> pg_backend_pid()",
+        database.name
+    );
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut cuts = 0;
+    while staged(&app).await < 6 {
+        assert!(Instant::now() < deadline, "the work did not finish");
+        if cuts < 40 {
+            database.execute(&cut);
+            cuts += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        cuts >= 3,
+        "the connections were cut while work ran ({cuts} times)"
+    );
+    assert_each_done_once(&app, 6).await;
+}
