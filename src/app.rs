@@ -144,12 +144,7 @@ impl App {
             Some(
                 PgDb::connect(settings.postgres.clone())
                     .await
-                    .with_context(|| {
-                        format!(
-                            "cannot use the PostgreSQL database at {} (postgres.url)",
-                            settings.postgres.display
-                        )
-                    })?,
+                    .context("cannot use the PostgreSQL database (postgres.url)")?,
             )
         } else {
             None

@@ -427,7 +427,13 @@ fn migrate_locked(client: &mut postgres::Client) -> anyhow::Result<()> {
             &[&version],
         )?;
         tx.commit()?;
-        info!(version, "Migrated the database schema.");
+    }
+    if current < known.len() as i64 {
+        info!(
+            from = current,
+            to = known.len(),
+            "Migrated the database schema."
+        );
     }
     Ok(())
 }

@@ -270,3 +270,56 @@ async fn connections_cut_by_the_server_only_delay_the_work() {
     );
     assert_each_done_once(&app, 6).await;
 }
+
+/// The message of the error `PgDb::connect` gives for `url`.
+async fn connect_error(url: &str) -> String {
+    let config = workers::sql::postgres::PgConfig {
+        url: url.to_owned(),
+        password: None,
+        pool_size: 1,
+        connect_timeout: Duration::from_secs(3),
+        reconnect_max: Duration::from_secs(1),
+        display: url.to_owned(),
+    };
+    match workers::sql::postgres::PgDb::connect(config).await {
+        Ok(_) => panic!("connected to {url}"),
+        Err(err) => format!("{err:#}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_server_a_refused_user_and_a_newer_schema_are_named() {
+    let Some(database) = TestPostgres::new() else {
+        return;
+    };
+    let unreachable = "postgres://postgres@127.0.0.1:1/workers";
+    let err = connect_error(unreachable).await;
+    assert!(
+        err.contains(unreachable) && err.contains("reachable"),
+        "{err}"
+    );
+
+    let refused = database.url.replace("postgres@", "nobody_here@");
+    let err = connect_error(&refused).await;
+    assert!(
+        err.contains(&refused) && err.contains("refused the user"),
+        "{err}"
+    );
+
+    let missing = database.url.replace(&database.name, "no_such_database");
+    let err = connect_error(&missing).await;
+    assert!(err.contains("does not exist"), "{err}");
+
+    // A schema written by a newer version is refused, through the binary as an operator
+    // meets it.
+    drop(database.db().await);
+    database.execute("INSERT INTO workers_schema (version) VALUES (999)");
+    let project = project(&database);
+    let out = project.run(&["datasets", "list"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("newer") && err.contains("999") && err.contains("postgres.url"),
+        "{err}"
+    );
+}
