@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Queue throughput of the three profiles: no-op steps per second of one `workers worker` with
+# SLOTS slots on the embedded SQLite file, on PostgreSQL, and on RabbitMQ + MongoDB, measured
+# side by side in one run, REPEAT times each, medians. Writes the section between the
+# queue-throughput markers of BENCHMARKS.md.
+#   WORKFLOWS=50 STEPS_PER_WORKFLOW=10 SLOTS=4 REPEAT=3
+#
+# Each run has a database of its own: a SQLite file on tmpfs, a PostgreSQL database created
+# for it (the machine's server, 127.0.0.1:5432), and a MongoDB-wire server (SecantusDB) started
+# for it alone with its storage on tmpfs (see benches/worker_overhead.sh for why).
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+cd "$REPO"
+WORKFLOWS=${WORKFLOWS:-50}
+STEPS=${STEPS_PER_WORKFLOW:-10}
+SLOTS=${SLOTS:-4}
+REPEAT=${REPEAT:-3}
+cargo build --release --locked --quiet
+eval "$(scripts/services.sh)"
+DRIVER=$(cargo bench --locked --bench queue_throughput --no-run --message-format=json-render-diagnostics |
+    python3 -c '
+import json, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg.get("reason") == "compiler-artifact" and msg["target"]["name"] == "queue_throughput" and msg.get("executable"):
+        print(msg["executable"])
+')
+SECANTUSD=$REPO/target/services/secantus-venv/bin/secantusd-py
+WORK=$(mktemp -d /dev/shm/queue-throughput.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+RESULTS=$WORK/results.jsonl
+PG_ADMIN=${WORKERS_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+
+common_env() {
+    echo "ALIAS_SALT=bench WORKERS__LOG__LEVEL=warn WORKERS__LOG__FORMAT=human"
+}
+
+run_profile() {
+    local profile=$1 round=$2
+    local env_vars
+    env_vars="$(common_env) WORKERS__APP_ID=bench-$round.example.org"
+    case $profile in
+        embedded)
+            env_vars="$env_vars WORKERS__SQLITE__PATH=$WORK/embedded-$round/w.db"
+            ;;
+        postgres)
+            local db="workers_bench_${round}_$$"
+            psql "$PG_ADMIN" -qc "CREATE DATABASE $db" >/dev/null
+            local url=${PG_ADMIN%/*}/$db
+            env_vars="$env_vars WORKERS__SQLITE__PATH=$WORK/pg-$round/w.db"
+            env_vars="$env_vars WORKERS__REGISTRY__KIND=postgres WORKERS__STORE__KIND=postgres"
+            env_vars="$env_vars WORKERS__BROKER__KIND=postgres WORKERS__POSTGRES__URL=$url"
+            ;;
+        amqp-mongo)
+            local port=$((27200 + round))
+            mkdir -p "$WORK/mongo-$round"
+            setsid "$SECANTUSD" --host 127.0.0.1 --port "$port" --storage-path "$WORK/mongo-$round" \
+                >"$WORK/mongo-$round.log" 2>&1 </dev/null &
+            echo $! >"$WORK/mongo-$round.pid"
+            for _ in $(seq 1 300); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+            env_vars="$env_vars APP_ENV=production APP_API_TOKEN=unused-by-noop"
+            env_vars="$env_vars API_BASE_URL=http://127.0.0.1:9/ QUEUE_PASS=unused"
+            env_vars="$env_vars WORKERS__AMQP__URL=$WORKERS_TEST_AMQP_URL"
+            env_vars="$env_vars WORKERS__MONGO__URI=mongodb://127.0.0.1:$port/?directConnection=true"
+            env_vars="$env_vars WORKERS__MONGO__DATABASE=bench"
+            ;;
+    esac
+    local line
+    # shellcheck disable=SC2086
+    line=$(env -i PATH="$PATH" HOME="$HOME" $env_vars \
+        "$DRIVER" "$REPO/target/release/workers" "$WORKFLOWS" "$STEPS" "$SLOTS")
+    echo "{\"profile\": \"$profile\", \"round\": $round, \"result\": $line}" | tee -a "$RESULTS"
+    case $profile in
+        postgres) psql "$PG_ADMIN" -qc "DROP DATABASE workers_bench_${round}_$$ WITH (FORCE)" >/dev/null ;;
+        amqp-mongo)
+            kill "$(cat "$WORK/mongo-$round.pid")" 2>/dev/null || true
+            rabbitmqctl delete_queue "bench-$round.example.org.q" >/dev/null 2>&1 || true
+            ;;
+    esac
+}
+
+for round in $(seq 1 "$REPEAT"); do
+    for profile in embedded postgres amqp-mongo; do
+        run_profile "$profile" "$round"
+    done
+done
+
+python3 - "$RESULTS" "$WORKFLOWS" "$STEPS" "$SLOTS" "$REPEAT" <<'PY'
+import json, re, statistics, subprocess, sys
+results, workflows, steps, slots, repeat = sys.argv[1:]
+runs = [json.loads(line) for line in open(results)]
+def med(profile, key):
+    return statistics.median(r["result"][key] for r in runs if r["profile"] == profile)
+names = {"embedded": "embedded (SQLite file)", "postgres": "postgres (PostgreSQL 15, local)",
+         "amqp-mongo": "production (RabbitMQ + MongoDB wire)"}
+base = med("embedded", "steps_per_second")
+rows = []
+for p in ["embedded", "postgres", "amqp-mongo"]:
+    sps = med(p, "steps_per_second")
+    cpu = med(p, "worker_cpu_seconds") / (int(workflows) * int(steps)) * 1000
+    each = ", ".join(f"{r['result']['steps_per_second']:.1f}" for r in runs if r["profile"] == p)
+    tps = [r["result"].get("transactions_per_step") for r in runs if r["profile"] == p]
+    tps = f"{statistics.median(tps):.1f}" if all(t is not None for t in tps) else "n/a"
+    rows.append(f"| {names[p]} | {sps:.1f} | {sps / base:.2f}x | {cpu:.2f} s | {tps} | {each} |")
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+section = f"""<!-- queue-throughput:begin -->
+### Queue throughput by profile
+
+`benches/queue_throughput.sh` (commit {commit}): one `workers worker` with {slots} slots runs
+{workflows} workflows of {steps} `noop` steps, published at once, on each profile in turn, {repeat}
+rounds; medians. Each run has a database of its own (SQLite on tmpfs; a fresh PostgreSQL
+database; a fresh MongoDB-wire server on tmpfs). The worker's CPU is its own, user + system.
+
+| Profile | Steps/s | Against embedded | Worker CPU per 1,000 steps | Database transactions per step | Each round (steps/s) |
+|---|---|---|---|---|---|
+""" + "\n".join(rows) + """
+
+Reproduce: `REPEAT=3 benches/queue_throughput.sh`.
+<!-- queue-throughput:end -->"""
+text = open("BENCHMARKS.md").read()
+if "<!-- queue-throughput:begin -->" in text:
+    text = re.sub(r"<!-- queue-throughput:begin -->.*<!-- queue-throughput:end -->", lambda _: section, text, flags=re.S)
+else:
+    text = text.rstrip() + "\n\n" + section + "\n"
+open("BENCHMARKS.md", "w").write(text)
+print(section)
+PY
