@@ -88,6 +88,27 @@ pub enum Command {
     /// pause and resume workflows
     #[command(subcommand)]
     Control(ControlCommand),
+    /// Copy the embedded SQLite database into a PostgreSQL database, to move a site to the
+    /// postgres backends
+    ///
+    /// Copies every table that holds records, ids kept: datasets with their states, files,
+    /// bundles and workflows; workflows, steps, task runs and results; the queue (without its
+    /// leases, so no claim of a worker of the old site moves across) and its dead letters; watch
+    /// state, job runs and slots, metrics, uploads, worker processes and their logs, revoked
+    /// tasks and fixity checks. Skips what only the processes running now use: leases,
+    /// space_reservations, control_requests and control_replies. Then sets every id sequence
+    /// past the copied ids. Stop the workers and the scheduler first; the source is only read.
+    ///
+    /// Rows go in batches in key order, one transaction each; rows the target already holds are
+    /// skipped, so a second run copies nothing and an interrupted one continues where it
+    /// stopped. A row the target holds with other values (another database's data) stops it.
+    /// Exit code 0 when done; 1 when the copy failed midway (run it again), or completed in a
+    /// target that also holds rows that are not the source's; 2 when the source or the target
+    /// cannot be used, or the target holds other values for the source's rows.
+    ///
+    /// Example: `workers migrate --from sqlite:var/workers.db --to
+    /// postgres://workers@db.example.org:5432/workers` (password: PGPASSWORD)
+    Migrate(MigrateArgs),
     /// Run workflow steps from the queue until stopped
     Worker(WorkerArgs),
     /// Run every job on its schedule until stopped (SIGTERM/SIGINT; SIGHUP reloads the configuration)
@@ -515,6 +536,42 @@ pub struct VerifyArgs {
     /// A file holding the sender's path-size-v1 size manifest (JSON)
     #[arg(long, value_name = "FILE")]
     pub size_manifest: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The embedded database to copy: `sqlite:PATH` (sqlite.path), read only
+    #[arg(long, value_name = "sqlite:PATH", value_parser = parse_sqlite_source)]
+    pub from: PathBuf,
+    /// The database to copy into: `postgres://user@host:5432/database` (or `postgres:` and
+    /// libpq's `host=... dbname=...`); the password is the secret postgres_password
+    /// (PGPASSWORD) [default: postgres.url]
+    #[arg(long, value_name = "postgres:URL")]
+    pub to: Option<String>,
+    /// Print how many rows each table holds, that is what a copy into an empty database
+    /// writes; read the source only, connect to nothing
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Rows per transaction
+    #[arg(long, default_value_t = 1000, value_name = "ROWS",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub batch_size: u32,
+    #[arg(long, value_enum, default_value = "table")]
+    pub format: OutputFormat,
+}
+
+/// `sqlite:PATH` (also `sqlite://PATH`, the URL form) to PATH.
+fn parse_sqlite_source(s: &str) -> Result<PathBuf, String> {
+    let path = s
+        .strip_prefix("sqlite:")
+        .map(|rest| rest.strip_prefix("//").unwrap_or(rest))
+        .filter(|path| !path.is_empty())
+        .ok_or_else(|| {
+            "expected sqlite:PATH, the embedded database file (sqlite.path), such as \
+             sqlite:var/workers.db"
+                .to_owned()
+        })?;
+    Ok(PathBuf::from(path))
 }
 
 #[derive(Debug, Args)]

@@ -15,6 +15,7 @@ mod datasets;
 mod doctor;
 mod jobs;
 mod manual;
+mod migrate;
 mod paths;
 mod queue;
 mod register;
@@ -115,6 +116,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             warn!("{warning}");
         }
     }
+    // Opens its own databases: the source read-only, whatever the backends are configured as.
+    if let Command::Migrate(args) = &cli.command {
+        return migrate::run(&settings, args, display).await;
+    }
     let app = if looks_up {
         App::build_read_only(settings).await?
     } else {
@@ -125,6 +130,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         | Command::Paths(_)
         | Command::Completions { .. }
         | Command::Doctor { .. }
+        | Command::Migrate(_)
         | Command::Man { .. } => unreachable!("handled above"),
         Command::Uploads(cmd) => uploads::run(&app, cmd).await,
         Command::Jobs(cmd) => jobs::run(&app, cmd, display).await,

@@ -20,6 +20,7 @@
 //! Values cross the seam as [`Value`]s: integers (times are milliseconds since the epoch,
 //! booleans 0 and 1, as in the SQLite schema), reals, text (JSON is stored as text) and NULL.
 
+pub mod copy;
 pub mod postgres;
 pub mod sqlite;
 

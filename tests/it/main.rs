@@ -22,6 +22,7 @@ mod interop;
 mod jobs;
 mod lifecycle;
 mod metrics;
+mod migrate;
 mod mongo_store;
 mod ops_commands;
 mod postgres_profile;
