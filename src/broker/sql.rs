@@ -31,6 +31,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// for a notification lost while the listening connection was away.
 const POLL_INTERVAL_NOTIFIED: Duration = Duration::from_secs(5);
 
+/// How long a list of the dead owners of claims is used before it is looked up again.
+const DEAD_OWNERS_EVERY: Duration = Duration::from_secs(1);
+
 /// The channel publishers notify on PostgreSQL.
 const CHANNEL: &str = "workers_queue";
 
@@ -42,6 +45,8 @@ pub struct SqlBroker {
     /// The queues `next` takes from, as a JSON list; `None` takes from every queue.
     queues: std::sync::Mutex<Option<String>>,
     poll: Duration,
+    /// The dead owners last looked up, and when.
+    dead: std::sync::Mutex<Option<(std::time::Instant, String)>>,
 }
 
 impl SqlBroker {
@@ -58,6 +63,7 @@ impl SqlBroker {
             published,
             queues: std::sync::Mutex::new(None),
             poll,
+            dead: std::sync::Mutex::new(None),
         }
     }
 
@@ -78,11 +84,12 @@ impl SqlBroker {
         // its stop) must not leave a claimed message leased to nobody for a whole lease. The
         // claim therefore runs in a task of its own, which gives the message back when the
         // caller is gone.
+        let dead = self.dead_owners().await?;
         let (tx, rx) = tokio::sync::oneshot::channel();
         let db = self.db.clone();
         let published = Arc::clone(&self.published);
         tokio::spawn(async move {
-            let claimed = claim(&db, consumer, lease_ms, queues).await;
+            let claimed = claim(&db, consumer, lease_ms, queues, dead).await;
             if let Err(Ok(Ok(Claimed { message, owner, .. }))) = tx.send(claimed) {
                 let released = db
                     .write(move |tx| {
@@ -103,6 +110,26 @@ impl SqlBroker {
         rx.await
             .map_err(|_| anyhow::format_err!("the claim of a queued message was abandoned"))?
     }
+
+    /// `dead_owners` as a JSON list, looked up at most once every `DEAD_OWNERS_EVERY`: a
+    /// process that died is noticed that much later, and claims cost one statement.
+    async fn dead_owners(&self) -> anyhow::Result<String> {
+        if let Some((at, list)) = &*self.dead.lock().unwrap_or_else(|e| e.into_inner())
+            && at.elapsed() < DEAD_OWNERS_EVERY
+        {
+            return Ok(list.clone());
+        }
+        let consumer = self.consumer.clone();
+        let list = json_list(
+            &self
+                .db
+                .read(move |conn| dead_owners(conn, &consumer))
+                .await?,
+        );
+        *self.dead.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), list.clone()));
+        Ok(list)
+    }
 }
 
 /// A message claimed for a consumer.
@@ -120,79 +147,74 @@ async fn claim(
     consumer: Identity,
     lease_ms: i64,
     queues: Option<String>,
+    dead: String,
 ) -> anyhow::Result<Result<Claimed, Option<DateTime<Utc>>>> {
-    db
-        .write_skipping_locked(move |tx| {
-            let dead = dead_owners(tx, &consumer, queues.as_deref())?;
-            let dead = json_list(&dead);
-            loop {
-                // Claimability is decided in the query, so that no number of leased messages
-                // ahead of a runnable one can hide it; rows another consumer is claiming at
-                // this moment are passed over, not waited for.
-                let row = tx.query_opt(
-                    "SELECT task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue,
-                            published_at
-                     FROM queue WHERE eta <= {now_ms}
-                     AND (CAST(?1 AS TEXT) IS NULL OR queue IN {text_list ?1})
-                     AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < {now_ms}
-                          OR lease_owner IN {text_list ?2})
-                     ORDER BY priority DESC, seq LIMIT 1 {skip_locked}",
-                    args![queues, dead],
-                )?;
-                let Some(row) = row.map(|r| QueueRow::read(&r)).transpose()? else {
-                    let next_eta: Option<i64> = tx
-                        .query_one(
-                            "SELECT MIN(eta) FROM queue WHERE eta > {now_ms}
-                             AND (CAST(?1 AS TEXT) IS NULL OR queue IN {text_list ?1})",
-                            args![queues],
-                        )?
-                        .get(0)?;
-                    return Ok(Err(next_eta.map(from_millis)));
-                };
-                match row.message() {
-                    Ok(message) => {
-                        let owner = format!(
-                            "{}/{}",
-                            consumer.holder(),
-                            uuid::Uuid::new_v4().simple()
-                        );
-                        tx.execute(
-                            "UPDATE queue SET lease_owner = ?2, lease_until = {now_ms} + ?3
-                             WHERE task_id = ?1",
-                            args![message.id, owner, lease_ms],
-                        )?;
-                        return Ok(Ok(Claimed {
-                            message,
-                            owner,
-                            published_at: row.published_at.map(from_millis),
-                        }));
-                    }
-                    Err(reason) => {
-                        move_to_dead_letters(tx, &row.task_id, None, &reason)?;
-                        error!(task_id = %row.task_id, task = %row.task, reason = %reason,
-                            "Moved a queued message that cannot be read to the dead letters (`workers queue dead-letters`).");
-                    }
-                }
+    loop {
+        let owner = format!("{}/{}", consumer.holder(), uuid::Uuid::new_v4().simple());
+        let (queues_now, dead_now, owner_now) = (queues.clone(), dead.clone(), owner.clone());
+        // One statement: the best claimable row is chosen and leased at once. Claimability is
+        // decided in the query, so that no number of leased messages ahead of a runnable one
+        // can hide it; rows another consumer is claiming at this moment are passed over, not
+        // waited for.
+        let row = db
+            .write_alone(move |tx| {
+                tx.query_opt(
+                    "UPDATE queue SET lease_owner = ?3, lease_until = {now_ms} + ?4
+                     WHERE seq = (
+                         SELECT seq FROM queue WHERE eta <= {now_ms}
+                         AND (CAST(?1 AS TEXT) IS NULL OR queue IN {text_list ?1})
+                         AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < {now_ms}
+                              OR lease_owner IN {text_list ?2})
+                         ORDER BY priority DESC, seq LIMIT 1 {skip_locked})
+                     RETURNING task_id, task, args, kwargs, priority, eta, retries, root_id,
+                               parent_id, queue, published_at",
+                    args![queues_now, dead_now, owner_now, lease_ms],
+                )
+            })
+            .await?;
+        let Some(row) = row.map(|r| QueueRow::read(&r)).transpose()? else {
+            let queues = queues.clone();
+            let next_eta: Option<i64> = db
+                .read(move |conn| {
+                    conn.query_one(
+                        "SELECT MIN(eta) FROM queue WHERE eta > {now_ms}
+                         AND (CAST(?1 AS TEXT) IS NULL OR queue IN {text_list ?1})",
+                        args![queues],
+                    )?
+                    .get(0)
+                })
+                .await?;
+            return Ok(Err(next_eta.map(from_millis)));
+        };
+        match row.message() {
+            Ok(message) => {
+                return Ok(Ok(Claimed {
+                    message,
+                    owner,
+                    published_at: row.published_at.map(from_millis),
+                }));
             }
-        })
-        .await
+            Err(reason) => {
+                let (task_id, why) = (row.task_id.clone(), reason.clone());
+                db.write(move |tx| move_to_dead_letters(tx, &task_id, Some(&owner), &why))
+                    .await?;
+                error!(task_id = %row.task_id, task = %row.task, reason = %reason,
+                    "Moved a queued message that cannot be read to the dead letters (`workers queue dead-letters`).");
+            }
+        }
+    }
 }
 
-/// The owners of leased, due messages that are processes of this host which died: their
-/// claims are void at once rather than when their leases run out. Few processes hold
-/// leases, and whether one is alive is known only here, so they are looked at one by one.
-fn dead_owners(
-    tx: &mut dyn Conn,
-    consumer: &Identity,
-    queues: Option<&str>,
-) -> anyhow::Result<Vec<String>> {
+/// The owners of live leases that are processes of this host which died: their claims are
+/// void at once rather than when their leases run out. Few processes hold leases, and whether
+/// one is alive is known only here, so they are looked at one by one.
+fn dead_owners(tx: &mut dyn Conn, consumer: &Identity) -> anyhow::Result<Vec<String>> {
     let host = format!("{}:", consumer.hostname);
     let found = tx.query(
         "SELECT DISTINCT lease_owner FROM queue WHERE lease_owner IS NOT NULL
-         AND lease_until >= {now_ms} AND eta <= {now_ms}
-         AND (CAST(?1 AS TEXT) IS NULL OR queue IN {text_list ?1})
-         AND substr(lease_owner, 1, length(CAST(?2 AS TEXT))) = CAST(?2 AS TEXT)",
-        args![queues, host],
+         AND lease_until >= {now_ms}
+         AND substr(lease_owner, 1, length(CAST(?1 AS TEXT))) = CAST(?1 AS TEXT)",
+        args![host],
     )?;
     let mut dead = Vec::new();
     for row in &found {
@@ -473,16 +495,19 @@ impl SqlDelivery {
             Value::Text(self.owner.clone()),
         ];
         values.extend(extra.into_iter().map(Value::Int));
-        let changed = self
-            .db
-            .write(move |tx| {
-                let changed = tx.execute(sql, &values)?;
-                if wake {
+        let changed = if wake {
+            self.db
+                .write(move |tx| {
+                    let changed = tx.execute(sql, &values)?;
                     notify_consumers(tx)?;
-                }
-                Ok(changed)
-            })
-            .await?;
+                    Ok(changed)
+                })
+                .await?
+        } else {
+            self.db
+                .write_alone(move |tx| tx.execute(sql, &values))
+                .await?
+        };
         if changed == 0 {
             anyhow::bail!(
                 "the claim on task {} was lost to another consumer",

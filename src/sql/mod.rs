@@ -291,6 +291,20 @@ impl Database {
         }
     }
 
+    /// `write` for a closure that runs one statement: on PostgreSQL it is its own transaction
+    /// (no BEGIN and COMMIT round trips), at the server's default isolation, READ COMMITTED,
+    /// which a single statement's atomicity makes enough; it is not run again once sent.
+    pub async fn write_alone<T, F>(&self, f: F) -> anyhow::Result<T>
+    where
+        F: Fn(&mut dyn Conn) -> anyhow::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        match self {
+            Database::Sqlite(db) => db.write(move |tx| f(&mut sqlite::SqliteConn(tx))).await,
+            Database::Postgres(db) => db.write_alone(f).await,
+        }
+    }
+
     /// Where the database is, for messages (a path, or a URL without its password).
     pub fn describe(&self) -> String {
         match self {

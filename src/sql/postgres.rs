@@ -188,7 +188,7 @@ impl PgDb {
         F: Fn(&mut dyn Conn) -> anyhow::Result<T> + Send + 'static,
         T: Send + 'static,
     {
-        self.run(None, f).await
+        self.run(Mode::Read, f).await
     }
 
     pub async fn write<T, F>(&self, f: F) -> anyhow::Result<T>
@@ -196,7 +196,8 @@ impl PgDb {
         F: Fn(&mut dyn Conn) -> anyhow::Result<T> + Send + 'static,
         T: Send + 'static,
     {
-        self.run(Some(IsolationLevel::Serializable), f).await
+        self.run(Mode::Transaction(IsolationLevel::Serializable), f)
+            .await
     }
 
     pub async fn write_read_committed<T, F>(&self, f: F) -> anyhow::Result<T>
@@ -204,7 +205,19 @@ impl PgDb {
         F: Fn(&mut dyn Conn) -> anyhow::Result<T> + Send + 'static,
         T: Send + 'static,
     {
-        self.run(Some(IsolationLevel::ReadCommitted), f).await
+        self.run(Mode::Transaction(IsolationLevel::ReadCommitted), f)
+            .await
+    }
+
+    /// One statement that writes, in a transaction of its own (autocommit: no BEGIN and
+    /// COMMIT round trips). Not run again once it was sent: like a commit, it may have been
+    /// applied when its connection broke.
+    pub async fn write_alone<T, F>(&self, f: F) -> anyhow::Result<T>
+    where
+        F: Fn(&mut dyn Conn) -> anyhow::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.run(Mode::Alone, f).await
     }
 
     /// Runs `f` on a pooled connection, in a transaction of `isolation` if given. A conflict
@@ -213,20 +226,20 @@ impl PgDb {
     /// pause, for up to `reconnect_max`. A connection that broke while committing is not
     /// retried: whether the commit happened is unknown, and the caller's error handling owns
     /// that case, as for any store.
-    async fn run<T, F>(&self, isolation: Option<IsolationLevel>, f: F) -> anyhow::Result<T>
+    async fn run<T, F>(&self, mode: Mode, f: F) -> anyhow::Result<T>
     where
         F: Fn(&mut dyn Conn) -> anyhow::Result<T> + Send + 'static,
         T: Send + 'static,
     {
         let db = self.clone();
-        tokio::task::spawn_blocking(move || db.run_blocking(isolation, &f))
+        tokio::task::spawn_blocking(move || db.run_blocking(mode, &f))
             .await
             .context("database task panicked")?
     }
 
     fn run_blocking<T>(
         &self,
-        isolation: Option<IsolationLevel>,
+        mode: Mode,
         f: &dyn Fn(&mut dyn Conn) -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
         let started = Instant::now();
@@ -234,7 +247,7 @@ impl PgDb {
         let mut pause = Duration::from_millis(100);
         loop {
             let outcome = match self.pool.get() {
-                Ok(mut conn) => attempt(&mut conn, isolation, f),
+                Ok(mut conn) => attempt(&mut conn, mode, f),
                 Err(err) => Err(Failure::Unreachable(anyhow::format_err!(
                     "cannot connect to {}: {err}",
                     self.display
@@ -318,6 +331,16 @@ fn listen_loop(config: &postgres::Config, shown: &str, channel: &str, notify: &W
     }
 }
 
+/// How `f` runs on its connection.
+#[derive(Debug, Clone, Copy)]
+enum Mode {
+    /// Statement by statement, each its own transaction; safe to run again.
+    Read,
+    /// One writing statement, its own transaction; never run again once sent.
+    Alone,
+    Transaction(IsolationLevel),
+}
+
 /// Why an attempt failed: what decides whether it is tried again.
 enum Failure {
     Conflict(anyhow::Error),
@@ -327,12 +350,21 @@ enum Failure {
 
 fn attempt<T>(
     conn: &mut PgConnection,
-    isolation: Option<IsolationLevel>,
+    mode: Mode,
     f: &dyn Fn(&mut dyn Conn) -> anyhow::Result<T>,
 ) -> Result<T, Failure> {
     let PgConnection { client, statements } = conn;
-    let Some(isolation) = isolation else {
-        return f(&mut PgConn { client, statements }).map_err(classify);
+    let isolation = match mode {
+        Mode::Read => return f(&mut PgConn { client, statements }).map_err(classify),
+        Mode::Alone => {
+            return f(&mut PgConn { client, statements }).map_err(|err| match classify(err) {
+                Failure::Unreachable(err) => Failure::Other(
+                    err.context("the statement's outcome is unknown: its connection broke"),
+                ),
+                other => other,
+            });
+        }
+        Mode::Transaction(isolation) => isolation,
     };
     let mut tx = client
         .build_transaction()

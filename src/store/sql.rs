@@ -142,7 +142,8 @@ fn touch(tx: &mut dyn Conn, workflow_id: &str, status: Option<TaskStatus>) -> an
     Ok(())
 }
 
-/// Replaces status and result of a task that already has a row (every state after STARTED).
+/// Stores status and result of a task (every state after STARTED): one statement, so that
+/// it can run alone (`Database::write_alone`).
 fn set_result(
     tx: &mut dyn Conn,
     task_id: &str,
@@ -155,24 +156,13 @@ fn set_result(
     } else {
         None
     };
-    let changed = tx.execute(
-        "UPDATE task_meta SET status = ?2, result = ?3, date_done = ?4,
-            retries = COALESCE(CAST(?5 AS BIGINT), retries)
-         WHERE task_id = ?1",
-        args![
-            task_id,
-            status.as_str(),
-            json_text(result),
-            date_done,
-            retries.map(i64::from)
-        ],
+    tx.execute(
+        "INSERT INTO task_meta (task_id, status, result, date_done, retries)
+         VALUES (?1, ?2, ?3, ?4, COALESCE(CAST(?5 AS BIGINT), 0))
+         ON CONFLICT (task_id) DO UPDATE SET status = excluded.status, result = excluded.result,
+            date_done = excluded.date_done, retries = COALESCE(CAST(?5 AS BIGINT), task_meta.retries)",
+        args![task_id, status.as_str(), json_text(result), date_done, retries],
     )?;
-    if changed == 0 {
-        tx.execute(
-            "INSERT INTO task_meta (task_id, status, result, date_done, retries) VALUES (?1, ?2, ?3, ?4, ?5)",
-            args![task_id, status.as_str(), json_text(result), date_done, retries.map(i64::from).unwrap_or(0)],
-        )?;
-    }
     Ok(())
 }
 
@@ -359,7 +349,7 @@ impl WorkflowStore for SqlStore {
     ) -> anyhow::Result<()> {
         let (task_id, progress) = (task_id.to_owned(), json_text(progress));
         self.db
-            .write(move |tx| {
+            .write_alone(move |tx| {
                 tx.execute(
                     "UPDATE task_meta SET result = ?2 WHERE task_id = ?1 AND status = 'STARTED'",
                     args![task_id, progress],
@@ -377,7 +367,9 @@ impl WorkflowStore for SqlStore {
     ) -> anyhow::Result<()> {
         let (task_id, error) = (task_id.to_owned(), error.to_json());
         self.db
-            .write(move |tx| set_result(tx, &task_id, TaskStatus::Retry, &error, Some(retries)))
+            .write_alone(move |tx| {
+                set_result(tx, &task_id, TaskStatus::Retry, &error, Some(retries))
+            })
             .await
     }
 
@@ -388,7 +380,7 @@ impl WorkflowStore for SqlStore {
     ) -> anyhow::Result<()> {
         let (task_id, result) = (task_id.to_owned(), result.clone());
         self.db
-            .write(move |tx| set_result(tx, &task_id, TaskStatus::Success, &result, None))
+            .write_alone(move |tx| set_result(tx, &task_id, TaskStatus::Success, &result, None))
             .await
     }
 
@@ -417,7 +409,7 @@ impl WorkflowStore for SqlStore {
     async fn task_revoked(&self, task_id: &str, reason: &str) -> anyhow::Result<()> {
         let (task_id, error) = (task_id.to_owned(), TaskError::revoked(reason).to_json());
         self.db
-            .write(move |tx| set_result(tx, &task_id, TaskStatus::Revoked, &error, None))
+            .write_alone(move |tx| set_result(tx, &task_id, TaskStatus::Revoked, &error, None))
             .await
     }
 
