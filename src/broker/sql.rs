@@ -104,7 +104,7 @@ impl SqlBroker {
                 if let Err(err) = released {
                     warn!(error = %format!("{err:#}"), "Could not give back a message claimed for a consumer that stopped waiting; it is handed out again when its lease ends.");
                 }
-                published.notify_waiters();
+                published.notify_one();
             }
         });
         rx.await
@@ -346,7 +346,7 @@ impl Broker for SqlBroker {
                 notify_consumers(tx)
             })
             .await?;
-        self.published.notify_waiters();
+        self.published.notify_one();
         Ok(())
     }
 
@@ -357,6 +357,11 @@ impl Broker for SqlBroker {
             let notified = self.published.notified();
             match self.try_claim().await? {
                 Ok(claimed) => {
+                    // Idle consumers are woken one at a time: the one that gets a message
+                    // wakes the next, which looks for another, and so on until one finds the
+                    // queue empty; waking them all for one message would send every one of
+                    // them to the database for nothing.
+                    self.published.notify_one();
                     return Ok(Box::new(SqlDelivery {
                         db: self.db.clone(),
                         owner: claimed.owner,
@@ -562,7 +567,7 @@ impl Delivery for SqlDelivery {
             true,
         )
         .await?;
-        self.published.notify_waiters();
+        self.published.notify_one();
         Ok(())
     }
 
@@ -580,7 +585,7 @@ impl Delivery for SqlDelivery {
             true,
         )
         .await?;
-        self.published.notify_waiters();
+        self.published.notify_one();
         Ok(())
     }
 

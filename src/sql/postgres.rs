@@ -278,9 +278,9 @@ impl PgDb {
         }
     }
 
-    /// Wakes the returned `Notify` whenever a notification arrives on `channel`, from a
-    /// connection of its own that comes back after the database does. The listener stops
-    /// when every holder of the `Notify` has dropped it.
+    /// Wakes a waiter of the returned `Notify` (`notify_one`) whenever a notification arrives
+    /// on `channel`, from a connection of its own that comes back after the database does.
+    /// The listener stops when every holder of the `Notify` has dropped it.
     pub fn listen(&self, channel: &'static str) -> Arc<Notify> {
         let notify = Arc::new(Notify::new());
         let weak = Arc::downgrade(&notify);
@@ -303,7 +303,7 @@ fn listen_loop(config: &postgres::Config, shown: &str, channel: &str, notify: &W
             pause = Duration::from_millis(200);
             // Whatever was published while the listener was away: look once.
             if let Some(notify) = notify.upgrade() {
-                notify.notify_waiters();
+                notify.notify_one();
             }
             loop {
                 let arrived = client
@@ -312,7 +312,7 @@ fn listen_loop(config: &postgres::Config, shown: &str, channel: &str, notify: &W
                     .next()?;
                 match arrived {
                     Some(_) => match notify.upgrade() {
-                        Some(notify) => notify.notify_waiters(),
+                        Some(notify) => notify.notify_one(),
                         None => return Ok(()),
                     },
                     None if notify.strong_count() == 0 => return Ok(()),
