@@ -156,12 +156,41 @@ impl PgDb {
         }
         config.connect_timeout(settings.connect_timeout);
         config.application_name("workers");
-        let display = settings.display.clone();
-        let mut client = config
-            .connect(NoTls)
-            .map_err(|err| explain(err, &display))?;
-        migrate(&mut client).with_context(|| format!("cannot migrate the database {display}"))?;
-        drop(client);
+        let shown = settings.display.clone();
+        // A server that cannot be reached or refuses us is reported at once; a connection lost
+        // once made (a restart, a failover, a terminated backend) is waited out, as every later
+        // statement's is.
+        let started = Instant::now();
+        let mut seen = false;
+        loop {
+            let mut client = match config.connect(NoTls) {
+                Ok(client) => client,
+                // The server was there a moment ago: it is restarting.
+                Err(err)
+                    if seen
+                        && err.code().is_none()
+                        && started.elapsed() < settings.reconnect_max =>
+                {
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+                Err(err) => return Err(explain(err, &shown)),
+            };
+            seen = true;
+            match migrate(&mut client).map_err(classify) {
+                Ok(()) => break,
+                Err(Failure::Unreachable(_)) if started.elapsed() < settings.reconnect_max => {
+                    warn!(
+                        database = %shown,
+                        "Lost the connection while checking the schema; trying again."
+                    );
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(Failure::Conflict(err) | Failure::Unreachable(err) | Failure::Other(err)) => {
+                    return Err(err.context(format!("cannot migrate the database {shown}")));
+                }
+            }
+        }
         let pool = r2d2::Pool::builder()
             .max_size(settings.pool_size.max(1))
             .min_idle(Some(1))
@@ -170,11 +199,11 @@ impl PgDb {
             .build(Manager {
                 config: config.clone(),
             })
-            .map_err(|err| anyhow::format_err!("cannot connect to {display}: {err}"))?;
+            .map_err(|err| anyhow::format_err!("cannot connect to {shown}: {err}"))?;
         Ok(PgDb {
             pool: Arc::new(Pool(Some(pool))),
             config: Arc::new(config),
-            display: display.into(),
+            display: shown.into(),
             reconnect_max: settings.reconnect_max,
         })
     }

@@ -144,16 +144,24 @@ async fn assert_each_done_once(app: &Arc<App>, count: usize) {
     }
 }
 
+/// Waits until `count` datasets are staged and no workflow is active any more (staging is
+/// not the last step).
 async fn wait_for_staged(app: &App, count: usize, limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
         let done = staged(app).await;
-        if done == count {
+        let idle = app
+            .store
+            .workflows(WorkflowFilter::Active, 1)
+            .await
+            .unwrap()
+            .is_empty();
+        if done == count && idle {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "only {done} of {count} datasets staged after {limit:?}"
+            "only {done} of {count} datasets staged after {limit:?} (workflows idle: {idle})"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -244,8 +252,8 @@ async fn connections_cut_by_the_server_only_delay_the_work() {
     let project = project(&database);
     datasets(&project, 6);
     let app = project.app().await;
-    let (_worker, _reap_w) = spawn_worker(&project, "w@%h");
-    let (_scheduler, _reap_s) = spawn(&project, &["scheduler"]);
+    let (mut worker, _reap_w) = spawn_worker(&project, "w@%h");
+    let (mut scheduler, _reap_s) = spawn(&project, &["scheduler"]);
 
     // Every connection to the database is terminated by the server, again and again, as a
     // restart or a failover does, while the datasets go through their workflows.
@@ -254,10 +262,26 @@ async fn connections_cut_by_the_server_only_delay_the_work() {
          WHERE datname = '{}' AND pid <> pg_backend_pid()",
         database.name
     );
-    let deadline = Instant::now() + Duration::from_secs(300);
+    let deadline = Instant::now() + Duration::from_secs(90);
     let mut cuts = 0;
     while staged(&app).await < 6 {
-        assert!(Instant::now() < deadline, "the work did not finish");
+        if Instant::now() > deadline {
+            let mut report = Vec::new();
+            for workflow in app.store.workflows(WorkflowFilter::All, 100).await.unwrap() {
+                let view = engine::view(&app, workflow).await.unwrap();
+                let ids: Vec<String> = view.workflow.all_task_ids().into_iter().collect();
+                let metas = app.store.task_metas(&ids).await.unwrap();
+                let results: Vec<String> = metas
+                    .values()
+                    .map(|m| format!("{} {} {}", m.status, m.retries, m.result))
+                    .collect();
+                report.push(format!(
+                    "{:?} {:?} {results:?}",
+                    view.derived.status, view.derived.steps
+                ));
+            }
+            panic!("the work did not finish: {report:#?}");
+        }
         if cuts < 40 {
             database.execute(&cut);
             cuts += 1;
@@ -268,7 +292,14 @@ async fn connections_cut_by_the_server_only_delay_the_work() {
         cuts >= 3,
         "the connections were cut while work ran ({cuts} times)"
     );
+    wait_for_staged(&app, 6, Duration::from_secs(120)).await;
     assert_each_done_once(&app, 6).await;
+    // Neither process gave up: the cuts, from their start on, were waited out.
+    assert!(worker.try_wait().unwrap().is_none(), "the worker exited");
+    assert!(
+        scheduler.try_wait().unwrap().is_none(),
+        "the scheduler exited"
+    );
 }
 
 /// The message of the error `PgDb::connect` gives for `url`.
