@@ -9,7 +9,8 @@
 //! - `config`: files and environment to validated `Settings`, every problem reported at once.
 //! - `app`: builds the backends from the settings; the only place that chooses them.
 //! - `registry`, `store`, `broker`, `archive`: the four seams, one trait each, one file per
-//!   backend. `sqlite` is the embedded database the default backends share.
+//!   backend. The SQL backends are written once against `sql` (SQLite or PostgreSQL); `sqlite`
+//!   is the embedded database file the default backends share.
 //! - `workflow`: definitions, derived status, the engine that runs one step to a recorded end,
 //!   and the worker loop.
 //! - `control`: remote control of workers (Celery's pidbox commands: ping, revoke, shutdown,
