@@ -354,3 +354,49 @@ async fn an_unreachable_server_a_refused_user_and_a_newer_schema_are_named() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_transactions_lose_no_update_and_concurrent_starts_migrate_once() {
+    let Some(database) = TestPostgres::new() else {
+        return;
+    };
+    // Eight processes' worth of pools starting at once on a fresh database: the schema is
+    // created once, under the advisory lock, and every one of them opens.
+    let mut starts = Vec::new();
+    for _ in 0..8 {
+        let config = database.config();
+        starts.push(tokio::spawn(workers::sql::postgres::PgDb::connect(config)));
+    }
+    let mut pools = Vec::new();
+    for start in starts {
+        pools.push(start.await.unwrap().unwrap());
+    }
+    database.execute("CREATE TABLE counter (n BIGINT NOT NULL); INSERT INTO counter VALUES (0)");
+
+    // Read, then write what was read plus one: serializable transactions that conflict run
+    // again, so no increment is lost.
+    let mut writers = Vec::new();
+    for i in 0..40 {
+        let db = workers::sql::Database::from(pools[i % pools.len()].clone());
+        writers.push(tokio::spawn(async move {
+            db.write(|conn| {
+                let n: i64 = conn.query_one("SELECT n FROM counter", &[])?.get(0)?;
+                conn.execute(
+                    "UPDATE counter SET n = ?1",
+                    &[workers::sql::Value::Int(n + 1)],
+                )?;
+                Ok(())
+            })
+            .await
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap().unwrap();
+    }
+    let db = workers::sql::Database::from(pools[0].clone());
+    let n: i64 = db
+        .read(|conn| conn.query_one("SELECT n FROM counter", &[])?.get(0))
+        .await
+        .unwrap();
+    assert_eq!(n, 40);
+}
