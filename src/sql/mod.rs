@@ -277,20 +277,6 @@ impl Database {
         }
     }
 
-    /// `write` for statements that take their rows with `{skip_locked}`: on PostgreSQL a
-    /// READ COMMITTED transaction, in which rows another transaction has locked are passed
-    /// over instead of waited for or reported as a conflict.
-    pub async fn write_skipping_locked<T, F>(&self, f: F) -> anyhow::Result<T>
-    where
-        F: Fn(&mut dyn Conn) -> anyhow::Result<T> + Send + 'static,
-        T: Send + 'static,
-    {
-        match self {
-            Database::Sqlite(db) => db.write(move |tx| f(&mut sqlite::SqliteConn(tx))).await,
-            Database::Postgres(db) => db.write_read_committed(f).await,
-        }
-    }
-
     /// `write` for a closure that runs one statement: on PostgreSQL it is its own transaction
     /// (no BEGIN and COMMIT round trips), at the server's default isolation, READ COMMITTED,
     /// which a single statement's atomicity makes enough; it is not run again once sent.
@@ -302,14 +288,6 @@ impl Database {
         match self {
             Database::Sqlite(db) => db.write(move |tx| f(&mut sqlite::SqliteConn(tx))).await,
             Database::Postgres(db) => db.write_alone(f).await,
-        }
-    }
-
-    /// Where the database is, for messages (a path, or a URL without its password).
-    pub fn describe(&self) -> String {
-        match self {
-            Database::Sqlite(db) => db.path().display().to_string(),
-            Database::Postgres(db) => db.display().to_owned(),
         }
     }
 }

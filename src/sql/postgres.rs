@@ -225,17 +225,7 @@ impl PgDb {
         F: Fn(&mut dyn Conn) -> anyhow::Result<T> + Send + 'static,
         T: Send + 'static,
     {
-        self.run(Mode::Transaction(IsolationLevel::Serializable), f)
-            .await
-    }
-
-    pub async fn write_read_committed<T, F>(&self, f: F) -> anyhow::Result<T>
-    where
-        F: Fn(&mut dyn Conn) -> anyhow::Result<T> + Send + 'static,
-        T: Send + 'static,
-    {
-        self.run(Mode::Transaction(IsolationLevel::ReadCommitted), f)
-            .await
+        self.run(Mode::Serializable, f).await
     }
 
     /// One statement that writes, in a transaction of its own (autocommit: no BEGIN and
@@ -249,10 +239,10 @@ impl PgDb {
         self.run(Mode::Alone, f).await
     }
 
-    /// Runs `f` on a pooled connection, in a transaction of `isolation` if given. A conflict
-    /// with a concurrent transaction (serialization failure, deadlock) runs it again at once;
-    /// a connection that cannot be had or broke before the commit was sent, again after a
-    /// pause, for up to `reconnect_max`. A connection that broke while committing is not
+    /// Runs `f` on a pooled connection, as `mode` says. A conflict with a concurrent
+    /// transaction (serialization failure, deadlock) runs it again at once; a connection that
+    /// cannot be had or broke before the commit was sent, again after a pause, for up to
+    /// `reconnect_max`. A connection that broke while committing is not
     /// retried: whether the commit happened is unknown, and the caller's error handling owns
     /// that case, as for any store.
     async fn run<T, F>(&self, mode: Mode, f: F) -> anyhow::Result<T>
@@ -367,7 +357,8 @@ enum Mode {
     Read,
     /// One writing statement, its own transaction; never run again once sent.
     Alone,
-    Transaction(IsolationLevel),
+    /// A serializable transaction, run again on a conflict.
+    Serializable,
 }
 
 /// Why an attempt failed: what decides whether it is tried again.
@@ -383,7 +374,7 @@ fn attempt<T>(
     f: &dyn Fn(&mut dyn Conn) -> anyhow::Result<T>,
 ) -> Result<T, Failure> {
     let PgConnection { client, statements } = conn;
-    let isolation = match mode {
+    match mode {
         Mode::Read => return f(&mut PgConn { client, statements }).map_err(classify),
         Mode::Alone => {
             return f(&mut PgConn { client, statements }).map_err(|err| match classify(err) {
@@ -393,11 +384,11 @@ fn attempt<T>(
                 other => other,
             });
         }
-        Mode::Transaction(isolation) => isolation,
-    };
+        Mode::Serializable => {}
+    }
     let mut tx = client
         .build_transaction()
-        .isolation_level(isolation)
+        .isolation_level(IsolationLevel::Serializable)
         .start()
         .map_err(|err| classify(err.into()))?;
     let value = f(&mut PgConn {
