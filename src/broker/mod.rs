@@ -214,8 +214,31 @@ pub trait Delivery: Send + Sync {
     /// step, so the caller must stop and record nothing.
     async fn keep_alive(&self) -> anyhow::Result<()>;
 
+    /// Whether this consumer certainly still holds the message without asking the broker: its
+    /// claim was taken or renewed so recently that it cannot have lapsed. Only a broker whose
+    /// claims lapse (`exclusive`) can say so.
+    fn surely_held(&self) -> bool {
+        false
+    }
+
     /// The step is finished and recorded: remove the message.
     async fn ack(self: Box<Self>) -> anyhow::Result<()>;
+
+    /// The step is finished and recorded and `next` follows it: publishes `next` and removes
+    /// this message. This default publishes through `broker` (with its confirm) and then
+    /// acknowledges, so that a crash in between delivers this message again, and its
+    /// bookkeeping publishes the same `next` again (its task id follows from this one's). A
+    /// broker whose queue is a database table does both in one transaction.
+    async fn ack_publishing(
+        self: Box<Self>,
+        broker: &dyn Broker,
+        next: Option<&TaskMessage>,
+    ) -> anyhow::Result<()> {
+        if let Some(next) = next {
+            broker.publish(next).await?;
+        }
+        self.ack().await
+    }
 
     /// Run the same task id again at `eta` with the given retry count.
     async fn retry_later(self: Box<Self>, eta: DateTime<Utc>, retries: u32) -> anyhow::Result<()>;

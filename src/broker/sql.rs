@@ -10,7 +10,7 @@
 //! rather than polling.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -138,6 +138,8 @@ struct Claimed {
     /// The claim's owner in the queue row.
     owner: String,
     published_at: Option<DateTime<Utc>>,
+    /// When the claim was sent: it is held for at least a lease after.
+    sent: Instant,
 }
 
 /// Claims the next runnable message: `Ok` with it and its owner, or `Err` with the time the
@@ -152,6 +154,7 @@ async fn claim(
     loop {
         let owner = format!("{}/{}", consumer.holder(), uuid::Uuid::new_v4().simple());
         let (queues_now, dead_now, owner_now) = (queues.clone(), dead.clone(), owner.clone());
+        let sent = Instant::now();
         // One statement: the best claimable row is chosen and leased at once. Claimability is
         // decided in the query, so that no number of leased messages ahead of a runnable one
         // can hide it; rows another consumer is claiming at this moment are passed over, not
@@ -192,6 +195,7 @@ async fn claim(
                     message,
                     owner,
                     published_at: row.published_at.map(from_millis),
+                    sent,
                 }));
             }
             Err(reason) => {
@@ -258,6 +262,43 @@ fn move_to_dead_letters(
     Ok(copied > 0)
 }
 
+/// Queues a message (parameters: `queue_values`) unless its task id is queued already.
+const INSERT_MESSAGE: &str = "INSERT INTO queue
+        (task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue, published_at)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+    ON CONFLICT (task_id) DO NOTHING";
+
+/// The parameters of `INSERT_MESSAGE` for `message`, published now.
+fn queue_values(message: &TaskMessage) -> Vec<Value> {
+    args![
+        message.id,
+        message.task,
+        serde_json::Value::from(message.args.clone()).to_string(),
+        serde_json::Value::Object(message.kwargs.clone()).to_string(),
+        i64::from(message.priority.min(9)),
+        message.eta.map(to_millis).unwrap_or(0),
+        i64::from(message.retries),
+        message.root_id,
+        message.parent_id,
+        message.queue,
+        to_millis(Utc::now())
+    ]
+    .to_vec()
+}
+
+/// Removes the message of task ?1 while owner ?2 holds it.
+const ACK: &str = "DELETE FROM queue WHERE task_id = ?1 AND lease_owner = ?2";
+
+/// `INSERT_MESSAGE` (?1 to ?11) and `ACK` (?12, ?13) in one statement, which also notifies
+/// channel ?14; returns how many messages were acknowledged.
+static ACK_PUBLISHING_POSTGRES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH next AS ({INSERT_MESSAGE}),
+              done AS (DELETE FROM queue WHERE task_id = ?12 AND lease_owner = ?13 RETURNING 1)
+         SELECT (SELECT COUNT(*) FROM done), pg_notify(?14, '')"
+    )
+});
+
 /// A queue row as stored.
 struct QueueRow {
     task_id: String,
@@ -320,28 +361,11 @@ impl Broker for SqlBroker {
     }
 
     async fn publish_many(&self, messages: &[TaskMessage]) -> anyhow::Result<()> {
-        let messages = messages.to_vec();
+        let rows: Vec<Vec<Value>> = messages.iter().map(queue_values).collect();
         self.db
             .write(move |tx| {
-                let now = to_millis(Utc::now());
-                for message in &messages {
-                    tx.execute(
-                    "INSERT INTO queue (task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue, published_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-                     ON CONFLICT (task_id) DO NOTHING",
-                    args![
-                        message.id,
-                        message.task,
-                        serde_json::Value::from(message.args.clone()).to_string(),
-                        serde_json::Value::Object(message.kwargs.clone()).to_string(),
-                        i64::from(message.priority.min(9)),
-                        message.eta.map(to_millis).unwrap_or(0),
-                        i64::from(message.retries),
-                        message.root_id,
-                        message.parent_id,
-                        message.queue,
-                        now
-                    ])?;
+                for row in &rows {
+                    tx.execute(INSERT_MESSAGE, row)?;
                 }
                 notify_consumers(tx)
             })
@@ -368,6 +392,7 @@ impl Broker for SqlBroker {
                         lease: self.lease,
                         message: claimed.message,
                         published_at: claimed.published_at,
+                        renewed: std::sync::Mutex::new(claimed.sent),
                         published: Arc::clone(&self.published),
                     }));
                 }
@@ -484,6 +509,8 @@ struct SqlDelivery {
     message: TaskMessage,
     published_at: Option<DateTime<Utc>>,
     published: Arc<Notify>,
+    /// When the claim or its last renewal was sent.
+    renewed: std::sync::Mutex<Instant>,
 }
 
 impl SqlDelivery {
@@ -539,22 +566,69 @@ impl Delivery for SqlDelivery {
         true
     }
 
+    fn surely_held(&self) -> bool {
+        // Nobody can take the message before its lease, counted from when the claim or its
+        // renewal was sent, runs out.
+        self.renewed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+            < self.lease / 2
+    }
+
     async fn keep_alive(&self) -> anyhow::Result<()> {
+        let sent = Instant::now();
         self.update_owned(
             "UPDATE queue SET lease_until = {now_ms} + ?3 WHERE task_id = ?1 AND lease_owner = ?2",
             vec![self.lease.as_millis() as i64],
             false,
         )
-        .await
+        .await?;
+        *self.renewed.lock().unwrap_or_else(|e| e.into_inner()) = sent;
+        Ok(())
     }
 
     async fn ack(self: Box<Self>) -> anyhow::Result<()> {
-        self.update_owned(
-            "DELETE FROM queue WHERE task_id = ?1 AND lease_owner = ?2",
-            vec![],
-            false,
-        )
-        .await
+        self.update_owned(ACK, vec![], false).await
+    }
+
+    async fn ack_publishing(
+        self: Box<Self>,
+        _broker: &dyn Broker,
+        next: Option<&TaskMessage>,
+    ) -> anyhow::Result<()> {
+        let Some(next) = next else {
+            return self.ack().await;
+        };
+        // The next step queued and this one removed in one transaction: no moment where a
+        // crash leaves both or neither.
+        let mut values = queue_values(next);
+        values.extend(args![self.message.id, self.owner, CHANNEL].iter().cloned());
+        let acked: i64 = match self.db.engine() {
+            // One statement (with the notification of idle consumers): no BEGIN and COMMIT
+            // round trips on the path of every step.
+            Engine::Postgres => {
+                self.db
+                    .write_alone(move |tx| tx.query_one(&ACK_PUBLISHING_POSTGRES, &values)?.get(0))
+                    .await?
+            }
+            Engine::Sqlite => {
+                self.db
+                    .write(move |tx| {
+                        tx.execute(INSERT_MESSAGE, &values[..11])?;
+                        Ok(tx.execute(ACK, &values[11..13])? as i64)
+                    })
+                    .await?
+            }
+        };
+        self.published.notify_one();
+        if acked == 0 {
+            anyhow::bail!(
+                "the claim on task {} was lost to another consumer",
+                self.message.id
+            );
+        }
+        Ok(())
     }
 
     async fn retry_later(self: Box<Self>, eta: DateTime<Utc>, retries: u32) -> anyhow::Result<()> {

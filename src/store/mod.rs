@@ -383,6 +383,20 @@ pub trait WorkflowStore: Send + Sync {
         self.workflow(id).await
     }
 
+    /// `workflow_for_step` of `workflow_id` and `task_result` of `task_id` together: what a
+    /// worker reads before running a delivered step, in one round trip where the store can.
+    /// The task's result may be left out (`None`) when the workflow does not exist.
+    async fn step_state(
+        &self,
+        workflow_id: &str,
+        task_id: &str,
+    ) -> anyhow::Result<(Option<Workflow>, Option<TaskMeta>)> {
+        tokio::try_join!(
+            self.workflow_for_step(workflow_id),
+            self.task_result(task_id)
+        )
+    }
+
     /// Workflows, newest first.
     async fn workflows(
         &self,

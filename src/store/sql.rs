@@ -2,6 +2,7 @@
 //! embedded SQLite file or a shared PostgreSQL database (`crate::sql`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -18,11 +19,54 @@ use crate::sqlite::{from_millis, to_millis};
 
 pub struct SqlStore {
     db: Database,
+    /// The steps of workflows read before. A workflow's steps never change once it exists, so
+    /// running one of its steps reads only the workflow's row and its runs: one statement.
+    steps: std::sync::Mutex<HashMap<String, Arc<Vec<StepSpec>>>>,
 }
 
+/// How many workflows' steps are kept; all are forgotten when there would be more (a miss
+/// costs one statement).
+const STEPS_KEPT: usize = 4096;
+
 impl SqlStore {
+    fn steps_of(&self, workflow_id: &str) -> Option<Arc<Vec<StepSpec>>> {
+        self.steps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(workflow_id)
+            .cloned()
+    }
+
+    /// `load_step_state` with the steps kept here.
+    async fn load_step_state(
+        &self,
+        workflow_id: &str,
+        task_id: Option<&str>,
+    ) -> anyhow::Result<(Option<Workflow>, Option<TaskMeta>)> {
+        let known = self.steps_of(workflow_id);
+        let (id, task_id) = (workflow_id.to_owned(), task_id.map(str::to_owned));
+        let loaded = {
+            let id = id.clone();
+            self.db
+                .read(move |conn| load_step_state(conn, &id, task_id.as_deref(), known.clone()))
+                .await?
+        };
+        let Some((workflow, meta, steps)) = loaded else {
+            return Ok((None, None));
+        };
+        let mut kept = self.steps.lock().unwrap_or_else(|e| e.into_inner());
+        if kept.len() >= STEPS_KEPT && !kept.contains_key(&id) {
+            kept.clear();
+        }
+        kept.insert(id, steps);
+        Ok((Some(workflow), meta))
+    }
+
     pub fn new(db: impl Into<Database>) -> SqlStore {
-        SqlStore { db: db.into() }
+        SqlStore {
+            db: db.into(),
+            steps: std::sync::Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -30,63 +74,127 @@ fn json_text(value: &serde_json::Value) -> String {
     value.to_string()
 }
 
+/// The columns of `workflows` that `workflow_from_row` reads, in its order.
+const WORKFLOW_COLUMNS: &str =
+    "w.id, w.name, w.app_id, w.description, w.status, w.resume_lock, w.created_at, w.updated_at";
+
 fn load_workflow(conn: &mut dyn Conn, id: &str) -> anyhow::Result<Option<Workflow>> {
     let Some(row) = conn.query_opt(
-        "SELECT id, name, app_id, description, status, resume_lock, start_args, created_at, updated_at
-         FROM workflows WHERE id = ?1",
+        &format!("SELECT {WORKFLOW_COLUMNS}, w.start_args FROM workflows w WHERE w.id = ?1"),
         args![id],
     )?
     else {
         return Ok(None);
     };
-    let mut steps: Vec<WorkflowStep> = conn
-        .query(
-            "SELECT position, name, task, queue, kwargs, priority FROM workflow_steps
-             WHERE workflow_id = ?1 ORDER BY position",
-            args![id],
-        )?
-        .iter()
-        .map(|r| {
-            let kwargs: Option<String> = r.get(4)?;
-            Ok(WorkflowStep {
-                spec: StepSpec {
-                    name: r.get(1)?,
-                    task: r.get(2)?,
-                    queue: r.get(3)?,
-                    kwargs: kwargs.and_then(|k| serde_json::from_str(&k).ok()),
-                    priority: r.get::<Option<i64>>(5)?.map(|p| p.clamp(0, 255) as u8),
-                },
-                runs: Vec::new(),
-            })
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let mut workflow = workflow_from_row(&row, &load_steps(conn, id)?)?;
+    let start_args: String = row.get(8)?;
+    workflow.start_args = serde_json::from_str(&start_args).unwrap_or_default();
     let runs = conn.query(
         "SELECT position, task_id, date_start FROM task_runs WHERE workflow_id = ?1 ORDER BY seq",
         args![id],
     )?;
     for run in &runs {
-        let position: usize = run.get(0)?;
-        if let Some(step) = steps.get_mut(position) {
-            step.runs.push(TaskRun {
-                task_id: run.get(1)?,
-                date_start: from_millis(run.get(2)?),
-            });
+        add_run(&mut workflow, run, 0)?;
+    }
+    Ok(Some(workflow))
+}
+
+/// A workflow, the stored result of one of its tasks, and the workflow's steps to keep.
+type StepState = (Workflow, Option<TaskMeta>, Arc<Vec<StepSpec>>);
+
+/// `load_workflow` without the start arguments, with the stored result of task `task_id`
+/// (if given):
+/// what running one of the workflow's steps needs, in one statement (the workflow's row, its
+/// runs and the task's result), with the steps from `steps` when they were read before.
+/// Returns the steps too, for the next time.
+fn load_step_state(
+    conn: &mut dyn Conn,
+    id: &str,
+    task_id: Option<&str>,
+    steps: Option<Arc<Vec<StepSpec>>>,
+) -> anyhow::Result<Option<StepState>> {
+    let rows = conn.query(
+        &format!(
+            "SELECT {WORKFLOW_COLUMNS}, r.position, r.task_id, r.date_start, {META_COLUMNS}
+             FROM workflows w LEFT JOIN task_runs r ON r.workflow_id = w.id
+                 LEFT JOIN task_meta m ON m.task_id = ?2
+             WHERE w.id = ?1 ORDER BY r.seq"
+        ),
+        args![id, task_id],
+    )?;
+    let Some(first) = rows.first() else {
+        return Ok(None);
+    };
+    let steps = match steps {
+        Some(steps) => steps,
+        None => Arc::new(load_steps(conn, id)?),
+    };
+    let mut workflow = workflow_from_row(first, &steps)?;
+    for row in &rows {
+        if row.get::<Option<String>>(9)?.is_some() {
+            add_run(&mut workflow, row, 8)?;
         }
     }
+    let meta = match first.get::<Option<String>>(11)? {
+        Some(_) => Some(meta_from_row(first, 11)?),
+        None => None,
+    };
+    Ok(Some((workflow, meta, steps)))
+}
+
+fn load_steps(conn: &mut dyn Conn, id: &str) -> anyhow::Result<Vec<StepSpec>> {
+    conn.query(
+        "SELECT position, name, task, queue, kwargs, priority FROM workflow_steps
+         WHERE workflow_id = ?1 ORDER BY position",
+        args![id],
+    )?
+    .iter()
+    .map(|r| {
+        let kwargs: Option<String> = r.get(4)?;
+        Ok(StepSpec {
+            name: r.get(1)?,
+            task: r.get(2)?,
+            queue: r.get(3)?,
+            kwargs: kwargs.and_then(|k| serde_json::from_str(&k).ok()),
+            priority: r.get::<Option<i64>>(5)?.map(|p| p.clamp(0, 255) as u8),
+        })
+    })
+    .collect()
+}
+
+/// A workflow from the `WORKFLOW_COLUMNS` of `row`, with `steps` and no runs or start arguments.
+fn workflow_from_row(row: &Row, steps: &[StepSpec]) -> anyhow::Result<Workflow> {
     let status: String = row.get(4)?;
-    let start_args: String = row.get(6)?;
-    Ok(Some(Workflow {
+    Ok(Workflow {
         id: row.get(0)?,
         name: row.get(1)?,
         app_id: row.get(2)?,
         description: row.get(3)?,
-        created_at: from_millis(row.get(7)?),
-        updated_at: row.get::<Option<i64>>(8)?.map(from_millis),
+        created_at: from_millis(row.get(6)?),
+        updated_at: row.get::<Option<i64>>(7)?.map(from_millis),
         status_cache: TaskStatus::parse(&status).unwrap_or(TaskStatus::Pending),
         resume_lock: row.get::<Option<i64>>(5)?.map(from_millis),
-        start_args: serde_json::from_str(&start_args).unwrap_or_default(),
-        steps,
-    }))
+        start_args: Vec::new(),
+        steps: steps
+            .iter()
+            .map(|spec| WorkflowStep {
+                spec: spec.clone(),
+                runs: Vec::new(),
+            })
+            .collect(),
+    })
+}
+
+/// Adds the run in columns `at..at + 3` of `row` (position, task id, start) to its step.
+fn add_run(workflow: &mut Workflow, row: &Row, at: usize) -> anyhow::Result<()> {
+    let position: usize = row.get(at)?;
+    if let Some(step) = workflow.steps.get_mut(position) {
+        step.runs.push(TaskRun {
+            task_id: row.get(at + 1)?,
+            date_start: from_millis(row.get(at + 2)?),
+        });
+    }
+    Ok(())
 }
 
 /// The workflows of `ids` that exist, in that order.
@@ -100,33 +208,35 @@ fn load_workflows(conn: &mut dyn Conn, ids: &[String]) -> anyhow::Result<Vec<Wor
     Ok(out)
 }
 
-/// The columns of `task_meta` that `meta_from_row` reads, in its order.
-const META_COLUMNS: &str = "task_id, status, result, traceback, date_done, name, args, kwargs, worker, retries, queue, starts";
+/// The columns of `task_meta` (as `m`) that `meta_from_row` reads, in its order.
+const META_COLUMNS: &str = "m.task_id, m.status, m.result, m.traceback, m.date_done, m.name, m.args, \
+     m.kwargs, m.worker, m.retries, m.queue, m.starts";
 
-fn meta_from_row(r: &Row) -> anyhow::Result<TaskMeta> {
-    let status: String = r.get(1)?;
-    let result: Option<String> = r.get(2)?;
-    let args: Option<String> = r.get(6)?;
-    let kwargs: Option<String> = r.get(7)?;
+/// The task meta in the `META_COLUMNS` of `r` from column `at` on.
+fn meta_from_row(r: &Row, at: usize) -> anyhow::Result<TaskMeta> {
+    let status: String = r.get(at + 1)?;
+    let result: Option<String> = r.get(at + 2)?;
+    let args: Option<String> = r.get(at + 6)?;
+    let kwargs: Option<String> = r.get(at + 7)?;
     Ok(TaskMeta {
-        task_id: r.get(0)?,
+        task_id: r.get(at)?,
         status: TaskStatus::parse(&status).unwrap_or(TaskStatus::Pending),
         result: result
             .and_then(|t| serde_json::from_str(&t).ok())
             .unwrap_or(serde_json::Value::Null),
-        traceback: r.get(3)?,
-        date_done: r.get::<Option<i64>>(4)?.map(from_millis),
-        name: r.get(5)?,
+        traceback: r.get(at + 3)?,
+        date_done: r.get::<Option<i64>>(at + 4)?.map(from_millis),
+        name: r.get(at + 5)?,
         args: args
             .and_then(|a| serde_json::from_str(&a).ok())
             .unwrap_or_default(),
         kwargs: kwargs
             .and_then(|k| serde_json::from_str(&k).ok())
             .unwrap_or_default(),
-        worker: r.get(8)?,
-        retries: r.get(9)?,
-        queue: r.get(10)?,
-        starts: r.get(11)?,
+        worker: r.get(at + 8)?,
+        retries: r.get(at + 9)?,
+        queue: r.get(at + 10)?,
+        starts: r.get(at + 11)?,
     })
 }
 
@@ -140,6 +250,47 @@ fn touch(tx: &mut dyn Conn, workflow_id: &str, status: Option<TaskStatus>) -> an
         ],
     )?;
     Ok(())
+}
+
+/// Stores status (?2), result (?3), end (?4) and, unless NULL, retry count (?5) of task ?1:
+/// every state after STARTED.
+macro_rules! set_result_sql {
+    () => {
+        "INSERT INTO task_meta (task_id, status, result, date_done, retries)
+         VALUES (?1, ?2, ?3, ?4, COALESCE(CAST(?5 AS BIGINT), 0))
+         ON CONFLICT (task_id) DO UPDATE SET status = excluded.status, result = excluded.result,
+            date_done = excluded.date_done, retries = COALESCE(CAST(?5 AS BIGINT), task_meta.retries)"
+    };
+}
+
+/// The statements that record a start (sca-rhythm's `before_start`), on the parameters
+/// task id (?1), `{pid, hostname}` (?2), task name, args, kwargs, worker, retries, queue
+/// (?3 to ?8), workflow id (?9, NULL for a plain task), position (?10) and now (?11).
+/// The run is appended unless the task id has one.
+macro_rules! task_run_sql {
+    () => {
+        "INSERT INTO task_runs (task_id, workflow_id, position, date_start)
+         SELECT ?1, ?9, ?10, ?11 WHERE CAST(?9 AS TEXT) IS NOT NULL
+         ON CONFLICT (task_id) DO NOTHING"
+    };
+}
+
+/// STARTED with `{pid, hostname}`, counting the start.
+macro_rules! task_started_sql {
+    () => {
+        "INSERT INTO task_meta (task_id, status, result, name, args, kwargs, worker, retries, queue, starts)
+         VALUES (?1, 'STARTED', ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1)
+         ON CONFLICT (task_id) DO UPDATE SET status = 'STARTED', result = excluded.result,
+            date_done = NULL, worker = excluded.worker, retries = excluded.retries,
+            args = excluded.args, kwargs = excluded.kwargs, starts = task_meta.starts + 1"
+    };
+}
+
+/// The workflow STARTED, its resume lock cleared.
+macro_rules! workflow_started_sql {
+    () => {
+        "UPDATE workflows SET status = 'STARTED', resume_lock = NULL, updated_at = ?11 WHERE id = ?9"
+    };
 }
 
 /// Stores status and result of a task (every state after STARTED): one statement, so that
@@ -157,11 +308,14 @@ fn set_result(
         None
     };
     tx.execute(
-        "INSERT INTO task_meta (task_id, status, result, date_done, retries)
-         VALUES (?1, ?2, ?3, ?4, COALESCE(CAST(?5 AS BIGINT), 0))
-         ON CONFLICT (task_id) DO UPDATE SET status = excluded.status, result = excluded.result,
-            date_done = excluded.date_done, retries = COALESCE(CAST(?5 AS BIGINT), task_meta.retries)",
-        args![task_id, status.as_str(), json_text(result), date_done, retries],
+        set_result_sql!(),
+        args![
+            task_id,
+            status.as_str(),
+            json_text(result),
+            date_done,
+            retries
+        ],
     )?;
     Ok(())
 }
@@ -227,6 +381,18 @@ impl WorkflowStore for SqlStore {
         self.db.read(move |conn| load_workflow(conn, &id)).await
     }
 
+    async fn workflow_for_step(&self, id: &str) -> anyhow::Result<Option<Workflow>> {
+        Ok(self.load_step_state(id, None).await?.0)
+    }
+
+    async fn step_state(
+        &self,
+        workflow_id: &str,
+        task_id: &str,
+    ) -> anyhow::Result<(Option<Workflow>, Option<TaskMeta>)> {
+        self.load_step_state(workflow_id, Some(task_id)).await
+    }
+
     async fn workflows(
         &self,
         filter: WorkflowFilter,
@@ -259,13 +425,28 @@ impl WorkflowStore for SqlStore {
             .read(move |conn| {
                 let rows = conn.query(
                     &format!(
-                        "SELECT {META_COLUMNS} FROM task_meta WHERE task_id IN {{text_list ?1}}"
+                        "SELECT {META_COLUMNS} FROM task_meta m WHERE m.task_id IN {{text_list ?1}}"
                     ),
                     args![json_list(&task_ids)],
                 )?;
                 rows.iter()
-                    .map(|r| meta_from_row(r).map(|meta| (meta.task_id.clone(), meta)))
+                    .map(|r| meta_from_row(r, 0).map(|meta| (meta.task_id.clone(), meta)))
                     .collect()
+            })
+            .await
+    }
+
+    async fn task_result(&self, task_id: &str) -> anyhow::Result<Option<TaskMeta>> {
+        // By the key alone: a list of one, as `task_metas` takes, can cost PostgreSQL a scan.
+        let task_id = task_id.to_owned();
+        self.db
+            .read(move |conn| {
+                conn.query_opt(
+                    &format!("SELECT {META_COLUMNS} FROM task_meta m WHERE m.task_id = ?1"),
+                    args![task_id],
+                )?
+                .map(|row| meta_from_row(&row, 0))
+                .transpose()
             })
             .await
     }
@@ -302,44 +483,58 @@ impl WorkflowStore for SqlStore {
 
     async fn task_started(&self, start: &TaskStart) -> anyhow::Result<()> {
         let start = start.clone();
-        self.db
-            .write(move |tx| {
-                let now = to_millis(Utc::now());
-                // A plain Celery task (no workflow) has its result only.
-                if let Some(workflow_id) = &start.workflow_id {
-                    tx.execute(
-                        "INSERT INTO task_runs (task_id, workflow_id, position, date_start) VALUES (?1, ?2, ?3, ?4)
-                         ON CONFLICT (task_id) DO NOTHING",
-                        args![start.task_id, workflow_id, start.position, now],
-                    )?;
-                }
-                let result = serde_json::json!({"pid": start.pid, "hostname": start.hostname});
-                tx.execute(
-                    "INSERT INTO task_meta (task_id, status, result, name, args, kwargs, worker, retries, queue, starts)
-                     VALUES (?1, 'STARTED', ?2, ?3, ?4, ?5, ?6, ?7, ?8, 1)
-                     ON CONFLICT (task_id) DO UPDATE SET status = 'STARTED', result = excluded.result,
-                        date_done = NULL, worker = excluded.worker, retries = excluded.retries,
-                        args = excluded.args, kwargs = excluded.kwargs, starts = task_meta.starts + 1",
-                    args![
-                        start.task_id,
-                        json_text(&result),
-                        start.task_name,
-                        json_text(&serde_json::Value::from(start.args.clone())),
-                        json_text(&serde_json::Value::Object(start.kwargs.clone())),
-                        start.hostname,
-                        start.retries,
-                        start.queue
-                    ],
-                )?;
-                if let Some(workflow_id) = &start.workflow_id {
-                    tx.execute(
-                        "UPDATE workflows SET status = 'STARTED', resume_lock = NULL, updated_at = ?2 WHERE id = ?1",
-                        args![workflow_id, now],
-                    )?;
-                }
-                Ok(())
-            })
-            .await
+        let result = serde_json::json!({"pid": start.pid, "hostname": start.hostname});
+        let values = args![
+            start.task_id,
+            json_text(&result),
+            start.task_name,
+            json_text(&serde_json::Value::from(start.args.clone())),
+            json_text(&serde_json::Value::Object(start.kwargs.clone())),
+            start.hostname,
+            start.retries,
+            start.queue,
+            start.workflow_id,
+            start.position,
+            to_millis(Utc::now())
+        ]
+        .to_vec();
+        match self.db.engine() {
+            // One statement, its own transaction: no BEGIN and COMMIT round trips on the path
+            // of every step.
+            Engine::Postgres => {
+                self.db
+                    .write_alone(move |tx| {
+                        tx.execute(
+                            concat!(
+                                "WITH run AS (",
+                                task_run_sql!(),
+                                "), meta AS (",
+                                task_started_sql!(),
+                                ") ",
+                                workflow_started_sql!()
+                            ),
+                            &values,
+                        )
+                    })
+                    .await?;
+            }
+            Engine::Sqlite => {
+                self.db
+                    .write(move |tx| {
+                        // A plain Celery task (no workflow) has its result only.
+                        if start.workflow_id.is_some() {
+                            tx.execute(task_run_sql!(), &values)?;
+                        }
+                        tx.execute(task_started_sql!(), &values[..8])?;
+                        if start.workflow_id.is_some() {
+                            tx.execute(workflow_started_sql!(), &values)?;
+                        }
+                        Ok(())
+                    })
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     async fn task_progress(
@@ -371,6 +566,54 @@ impl WorkflowStore for SqlStore {
                 set_result(tx, &task_id, TaskStatus::Retry, &error, Some(retries))
             })
             .await
+    }
+
+    async fn task_succeeded_from(
+        &self,
+        start: &TaskStart,
+        result: &serde_json::Value,
+    ) -> anyhow::Result<Option<TaskStatus>> {
+        let values = args![
+            start.task_id,
+            TaskStatus::Success.as_str(),
+            json_text(result),
+            to_millis(Utc::now()),
+            Option::<u32>::None,
+            start.workflow_id
+        ]
+        .to_vec();
+        // The result stored and the workflow's status read back: one statement on PostgreSQL,
+        // one transaction on SQLite.
+        let status = match self.db.engine() {
+            Engine::Postgres => {
+                self.db
+                    .write_alone(move |tx| {
+                        tx.query_opt(
+                            concat!(
+                                "WITH meta AS (",
+                                set_result_sql!(),
+                                ") SELECT status FROM workflows WHERE id = ?6"
+                            ),
+                            &values,
+                        )
+                    })
+                    .await?
+            }
+            Engine::Sqlite => {
+                self.db
+                    .write(move |tx| {
+                        tx.execute(set_result_sql!(), &values[..5])?;
+                        tx.query_opt("SELECT status FROM workflows WHERE id = ?1", &values[5..])
+                    })
+                    .await?
+            }
+        };
+        status
+            .map(|row| {
+                let status: String = row.get(0)?;
+                Ok(TaskStatus::parse(&status).unwrap_or(TaskStatus::Pending))
+            })
+            .transpose()
     }
 
     async fn task_succeeded(
@@ -535,7 +778,7 @@ impl WorkflowStore for SqlStore {
     }
 
     async fn delete_workflow(&self, id: &str) -> anyhow::Result<()> {
-        let id = id.to_owned();
+        let (id, deleted) = (id.to_owned(), id);
         self.db
             .write(move |tx| {
                 tx.execute(
@@ -551,7 +794,12 @@ impl WorkflowStore for SqlStore {
                 tx.execute("DELETE FROM workflows WHERE id = ?1", args![id])?;
                 Ok(())
             })
-            .await
+            .await?;
+        self.steps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(deleted);
+        Ok(())
     }
 
     async fn watch_state(&self, source_dir: &str) -> anyhow::Result<WatchState> {

@@ -343,7 +343,8 @@ enum Republish {
     UnlessStarted,
 }
 
-/// Publishes the step after `position`, or marks the workflow done after the last one.
+/// The message of the step after `position`, for the caller to publish, or `None` when
+/// nothing is to be sent (after the last step, which marks the workflow done here).
 /// `status` is the workflow's status when the caller knows it (read with the step's result);
 /// otherwise it is read here.
 async fn advance(
@@ -354,17 +355,17 @@ async fn advance(
     result: &Value,
     republish: Republish,
     status: Option<TaskStatus>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<TaskMessage>> {
     let next = position + 1;
     if next >= workflow.steps.len() {
         app.store
             .set_workflow_status(&workflow.id, TaskStatus::Success)
             .await?;
         info!(workflow_id = %workflow.id, "Workflow succeeded.");
-        return Ok(());
+        return Ok(None);
     }
     if republish == Republish::UnlessStarted && !workflow.steps[next].runs.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     // Paused (rhythm_api's pause sets REVOKED) while the step ran: the workflow stops here,
     // whichever worker finished the step; a resume continues it.
@@ -375,7 +376,7 @@ async fn advance(
     if status == Some(TaskStatus::Revoked) {
         info!(workflow_id = %workflow.id, next = %workflow.steps[next].spec.name,
             "The workflow is paused (REVOKED): its next step is not sent.");
-        return Ok(());
+        return Ok(None);
     }
     let args = next_args(result, &finished.args);
     let mut message = step_message(
@@ -388,7 +389,7 @@ async fn advance(
     );
     message.parent_id = Some(finished.id.clone());
     message.root_id = finished.root_id.clone();
-    app.broker.publish(&message).await
+    Ok(Some(message))
 }
 
 /// Converts a step failure into the error Celery records.
@@ -498,10 +499,19 @@ pub async fn handle_with(
         control.task_received(&message);
     }
     // Messages that can never run are kept aside (or, where the broker has no place for
-    // them, logged and removed) rather than requeued forever.
+    // them, logged and removed) rather than requeued forever. Where the delivery is the
+    // claim, the task's stored result is read with the workflow.
+    let mut prefetched = None;
     let owner = match (message.workflow_id(), message.step_name()) {
         (Some(workflow_id), Some(step_name)) => {
-            let Some(workflow) = app.store.workflow_for_step(workflow_id).await? else {
+            let workflow = if delivery.exclusive() {
+                let (workflow, stored) = app.store.step_state(workflow_id, &message.id).await?;
+                prefetched = Some(stored);
+                workflow
+            } else {
+                app.store.workflow_for_step(workflow_id).await?
+            };
+            let Some(workflow) = workflow else {
                 error!(task_id = %message.id, workflow_id, "Dropped a message of a workflow that does not exist.");
                 return delivery.ack().await;
             };
@@ -559,7 +569,11 @@ pub async fn handle_with(
     async move {
         // The claim and the task's stored result are read at once: one round trip of waiting.
         let (claim, stored) = if delivery.exclusive() {
-            (None, app.store.task_result(&message.id).await?)
+            let stored = match prefetched {
+                Some(stored) => stored,
+                None => app.store.task_result(&message.id).await?,
+            };
+            (None, stored)
         } else {
             let claim = Claim::new(app, &message.id);
             // Taking the claim counts the start where the store can: one write fewer.
@@ -630,7 +644,8 @@ impl Owner {
         }
     }
 
-    /// After the task succeeded: the workflow's next step (nothing follows a plain task).
+    /// After the task succeeded: the message of the workflow's next step, to publish
+    /// (nothing follows a plain task).
     async fn advance(
         &self,
         app: &App,
@@ -638,7 +653,7 @@ impl Owner {
         result: &Value,
         republish: Republish,
         status: Option<TaskStatus>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<Option<TaskMessage>> {
         match self {
             Owner::Step {
                 workflow, position, ..
@@ -648,7 +663,7 @@ impl Owner {
                 )
                 .await
             }
-            Owner::Plain => Ok(()),
+            Owner::Plain => Ok(None),
         }
     }
 }
@@ -812,10 +827,12 @@ async fn run_claimed(
                 .as_ref()
                 .map(|m| m.result.clone())
                 .unwrap_or_default();
-            owner
+            let next = owner
                 .advance(app, &message, &result, Republish::UnlessStarted, None)
                 .await?;
-            return delivery.ack().await;
+            return delivery
+                .ack_publishing(app.broker.as_ref(), next.as_ref())
+                .await;
         }
         Some(TaskStatus::Failure | TaskStatus::Revoked) => {
             info!(task_id = %message.id, "Step already finished; dropping the duplicate message.");
@@ -938,10 +955,12 @@ async fn run_claimed(
                 fields.insert("runtime".into(), serde_json::json!(elapsed));
                 control.task_event("task-succeeded", &message.id, fields);
             }
-            owner
+            let next = owner
                 .advance(app, &message, &result, Republish::Always, status)
                 .await?;
-            delivery.ack().await
+            delivery
+                .ack_publishing(app.broker.as_ref(), next.as_ref())
+                .await
         }
         Err(err) => {
             let policy = retry_policy(app, &message.task);
@@ -1084,6 +1103,7 @@ async fn still_holds(
         // Renewed less than half a lease ago (a short step): still held, no round trip.
         Some(claim) if claim.surely_held() => Ok(true),
         Some(claim) => claim.renew(app).await,
+        None if delivery.surely_held() => Ok(true),
         None => Ok(delivery.keep_alive().await.is_ok()),
     }
 }
@@ -1135,10 +1155,11 @@ impl Supervisor<'_> {
         tokio::pin!(revoked);
         let keep_alive_every = Duration::from_secs(app.settings.worker.lease_seconds.max(3) / 3);
         let report_every = app.settings.progress_interval;
-        let mut keep_alive = tokio::time::interval(keep_alive_every);
-        let mut report = tokio::time::interval(report_every);
-        keep_alive.tick().await;
-        report.tick().await;
+        // First due one period from now. (An interval's immediate first tick is not free: the
+        // timer rounds it up to its next millisecond, which short steps would wait for.)
+        let now = tokio::time::Instant::now();
+        let mut keep_alive = tokio::time::interval_at(now + keep_alive_every, keep_alive_every);
+        let mut report = tokio::time::interval_at(now + report_every, report_every);
         let mut reporter = Reporter {
             estimator: RateEstimator::default(),
             last_version: u64::MAX,

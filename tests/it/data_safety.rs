@@ -66,9 +66,12 @@ async fn a_step_past_its_time_limit_is_stopped_and_fails() {
 
 /// The embedded queue's claim is taken by another worker while the step runs (its lease
 /// lapsed during a pause): the step's result is not recorded and no next step is published.
+/// The step outlasts half the lease (3 s), so that the claim is not known to be held still
+/// without asking the queue: a claim younger than that cannot have lapsed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_result_is_not_recorded_once_the_claim_is_lost() {
-    let project = Project::new();
+    let mut project = Project::new();
+    project.set_env("WORKERS__WORKER__LEASE_SECONDS", "3");
     let app = project.app().await;
     let id = register_small(&app, &project, "claim_lost").await;
     let workflow_id = engine::start(

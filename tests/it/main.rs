@@ -30,6 +30,7 @@ mod register;
 mod registry_contract;
 mod scheduler;
 mod scheduler_process;
+mod sql_queue;
 mod status;
 mod store_contract;
 mod upload_manifest;

@@ -349,8 +349,62 @@ async fn workflow_story(store: &dyn WorkflowStore) {
         None
     );
 
-    // To the end.
-    store.task_succeeded("t3", &json!([7])).await.unwrap();
+    // What a worker reads before running a step: the workflow with its runs and the task's
+    // stored result, together; twice, as a store may keep the steps it read the first time.
+    let whole = store.workflow("wf-1").await.unwrap().unwrap();
+    let runs = |wf: &Workflow| -> Vec<Vec<String>> {
+        wf.steps
+            .iter()
+            .map(|s| s.runs.iter().map(|r| r.task_id.clone()).collect())
+            .collect()
+    };
+    for _ in 0..2 {
+        let (wf, meta) = store.step_state("wf-1", "t3").await.unwrap();
+        let wf = wf.expect("the workflow");
+        let alone = store.workflow_for_step("wf-1").await.unwrap().unwrap();
+        for read in [&wf, &alone] {
+            assert_eq!((&read.id, &read.name), (&whole.id, &whole.name));
+            assert_eq!(read.status_cache, Started);
+            assert_eq!(read.resume_lock, None);
+            assert_eq!(runs(read), runs(&whole));
+            let names: Vec<&str> = read.steps.iter().map(|s| s.spec.name.as_str()).collect();
+            assert_eq!(names, ["await stability", "inspect", "archive"]);
+            assert_eq!(read.steps[1].spec.task, whole.steps[1].spec.task);
+        }
+        let meta = meta.expect("the task's result");
+        assert_eq!((meta.task_id.as_str(), meta.status), ("t3", Started));
+        assert_eq!(meta.worker.as_deref(), Some("worker-a@host"));
+    }
+    assert!(
+        store
+            .step_state("wf-1", "never-ran")
+            .await
+            .unwrap()
+            .1
+            .is_none()
+    );
+    assert!(
+        store
+            .step_state("no-such-workflow", "t3")
+            .await
+            .unwrap()
+            .0
+            .is_none()
+    );
+
+    // To the end; a success recorded by the run that started it reads the workflow's status
+    // back.
+    assert_eq!(
+        store
+            .task_succeeded_from(&start("wf-1", 1, "t3", 0), &json!([7]))
+            .await
+            .unwrap(),
+        Some(Started)
+    );
+    assert_eq!(
+        store.task_metas(&["t3".into()]).await.unwrap()["t3"].status,
+        Success
+    );
     store
         .task_started(&start("wf-1", 2, "t4", 0))
         .await
