@@ -9,8 +9,9 @@
 //! It starts the worker, waits until it is idle, creates WORKFLOWS workflows of STEPS `noop`
 //! steps in the store and publishes their first steps at once, then times until every workflow
 //! has succeeded (and checks that every one did). Prints one JSON line: `{"steps", "seconds",
-//! "steps_per_second", "worker_cpu_seconds"}`; the CPU is the worker process's own (user +
-//! system). On PostgreSQL also `transactions_per_step`: the database's committed transactions
+//! "steps_per_second", "worker_cpu_seconds", "machine_cpu_seconds", "cpus"}`; the worker's
+//! CPU is the worker process's own (user + system), the machine's that of every process (the
+//! database server's included) and of the kernel, over the same time. On PostgreSQL also `transactions_per_step`: the database's committed transactions
 //! (every statement outside a transaction counts as one) per step, read from
 //! `pg_stat_database` once every connection has closed, the driver's own polling included.
 
@@ -135,6 +136,7 @@ async fn measure(
         .collect();
     app.store.create_workflows(&app_id, &spec, &items).await?;
     let cpu_before = cpu_seconds(worker.id())?;
+    let machine_before = machine_busy_seconds()?;
     let started = Instant::now();
     app.broker.publish_many(&messages).await?;
     loop {
@@ -153,6 +155,7 @@ async fn measure(
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(worker.id())? - cpu_before;
+    let machine = machine_busy_seconds()? - machine_before;
     for (id, _) in &items {
         let status = app.store.workflow_status(id).await?;
         if status != Some(TaskStatus::Success) {
@@ -165,7 +168,24 @@ async fn measure(
         "seconds": seconds,
         "steps_per_second": total / seconds,
         "worker_cpu_seconds": cpu,
+        "machine_cpu_seconds": machine,
+        "cpus": std::thread::available_parallelism().map_or(1, |n| n.get()),
     }))
+}
+
+/// CPU seconds every process of the machine has spent so far, the database server's and the
+/// kernel's included: the `cpu` line of `/proc/stat` less its idle and iowait times.
+fn machine_busy_seconds() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat is empty")?;
+    let ticks: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal ...; guest time is already in user.
+    let busy = ticks.iter().take(8).sum::<f64>() - ticks[3] - ticks[4];
+    Ok(busy / 100.0)
 }
 
 /// User + system CPU seconds of process `pid` so far (`/proc/PID/stat`, fields 14 and 15).

@@ -94,6 +94,9 @@ def med(profile, key):
 names = {"embedded": "embedded (SQLite file)", "postgres": "postgres (PostgreSQL 15, local)",
          "amqp-mongo": "production (RabbitMQ + MongoDB wire)"}
 base = med("embedded", "steps_per_second")
+cpus = runs[0]["result"]["cpus"]
+pg_machine = med("postgres", "machine_cpu_seconds") / (int(workflows) * int(steps)) * 1000
+pg_worker = med("postgres", "worker_cpu_seconds") / (int(workflows) * int(steps)) * 1000
 rows = []
 for p in ["embedded", "postgres", "amqp-mongo"]:
     sps = med(p, "steps_per_second")
@@ -101,7 +104,10 @@ for p in ["embedded", "postgres", "amqp-mongo"]:
     each = ", ".join(f"{r['result']['steps_per_second']:.1f}" for r in runs if r["profile"] == p)
     tps = [r["result"].get("transactions_per_step") for r in runs if r["profile"] == p]
     tps = f"{statistics.median(tps):.1f}" if all(t is not None for t in tps) else "n/a"
-    rows.append(f"| {names[p]} | {sps:.1f} | {sps / base:.2f}x | {cpu:.2f} s | {tps} | {each} |")
+    machine = med(p, "machine_cpu_seconds") / (int(workflows) * int(steps)) * 1000
+    busy = statistics.median(r["result"]["machine_cpu_seconds"] / (r["result"]["seconds"] * r["result"]["cpus"])
+                             for r in runs if r["profile"] == p)
+    rows.append(f"| {names[p]} | {sps:.1f} | {sps / base:.2f}x | {cpu:.2f} s | {machine:.2f} s | {busy:.0%} | {tps} | {each} |")
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 section = f"""<!-- queue-throughput:begin -->
 ### Queue throughput by profile
@@ -109,11 +115,21 @@ section = f"""<!-- queue-throughput:begin -->
 `benches/queue_throughput.sh` (commit {commit}): one `workers worker` with {slots} slots runs
 {workflows} workflows of {steps} `noop` steps, published at once, on each profile in turn, {repeat}
 rounds; medians. Each run has a database of its own (SQLite on tmpfs; a fresh PostgreSQL
-database; a fresh MongoDB-wire server on tmpfs). The worker's CPU is its own, user + system.
+database; a fresh MongoDB-wire server on tmpfs). The worker's CPU is its own, user + system;
+the machine's is every process's (the database server's too) and the kernel's, over the same
+time, and "busy" is that time as a share of all {cpus} CPUs. Database transactions count every
+statement outside a transaction as one, over the whole run (idle polling and the driver's own
+reads included).
 
-| Profile | Steps/s | Against embedded | Worker CPU per 1,000 steps | Database transactions per step | Each round (steps/s) |
-|---|---|---|---|---|---|
-""" + "\n".join(rows) + """
+| Profile | Steps/s | Against embedded | Worker CPU per 1,000 steps | Machine CPU per 1,000 steps | Machine busy | Database transactions per step | Each round (steps/s) |
+|---|---|---|---|---|---|---|---|
+""" + "\n".join(rows) + f"""
+
+What bounds PostgreSQL here: a step costs the machine {pg_machine:.2f} ms of CPU (the worker
+{pg_worker:.2f} ms, the server and the kernel's loopback the rest), so {cpus} CPUs allow at most
+{cpus / pg_machine * 1000:.0f} steps/s however the steps are scheduled. Matching the embedded
+rate on one machine would take every step, worker and server together, in {cpus / base * 1000:.2f} ms
+of CPU. With the server on a host of its own, a worker host spends only the worker's share.
 
 Reproduce: `REPEAT=3 benches/queue_throughput.sh`.
 <!-- queue-throughput:end -->"""
