@@ -14,7 +14,7 @@ use super::{
     WorkflowStep, WorkflowStore,
 };
 use crate::args;
-use crate::sql::{Conn, Database, Engine, Row, json_list};
+use crate::sql::{Conn, Database, Engine, Row, ToValue, Value, json_list};
 use crate::sqlite::{from_millis, to_millis};
 
 pub struct SqlStore {
@@ -302,22 +302,29 @@ fn set_result(
     result: &serde_json::Value,
     retries: Option<u32>,
 ) -> anyhow::Result<()> {
-    let date_done = if status.is_done() {
-        Some(to_millis(Utc::now()))
-    } else {
-        None
-    };
     tx.execute(
         set_result_sql!(),
-        args![
-            task_id,
-            status.as_str(),
-            json_text(result),
-            date_done,
-            retries
-        ],
+        &result_values(task_id, status, result, retries),
     )?;
     Ok(())
+}
+
+/// The parameters of `set_result_sql!`: a done state is dated now.
+fn result_values(
+    task_id: &str,
+    status: TaskStatus,
+    result: &serde_json::Value,
+    retries: Option<u32>,
+) -> Vec<Value> {
+    let date_done = status.is_done().then(|| to_millis(Utc::now()));
+    args![
+        task_id,
+        status.as_str(),
+        json_text(result),
+        date_done,
+        retries
+    ]
+    .to_vec()
 }
 
 #[async_trait]
@@ -482,7 +489,6 @@ impl WorkflowStore for SqlStore {
     }
 
     async fn task_started(&self, start: &TaskStart) -> anyhow::Result<()> {
-        let start = start.clone();
         let result = serde_json::json!({"pid": start.pid, "hostname": start.hostname});
         let values = args![
             start.task_id,
@@ -521,14 +527,11 @@ impl WorkflowStore for SqlStore {
             Engine::Sqlite => {
                 self.db
                     .write(move |tx| {
-                        // A plain Celery task (no workflow) has its result only.
-                        if start.workflow_id.is_some() {
-                            tx.execute(task_run_sql!(), &values)?;
-                        }
+                        // A plain Celery task (no workflow, ?9 NULL) changes no run or
+                        // workflow.
+                        tx.execute(task_run_sql!(), &values)?;
                         tx.execute(task_started_sql!(), &values[..8])?;
-                        if start.workflow_id.is_some() {
-                            tx.execute(workflow_started_sql!(), &values)?;
-                        }
+                        tx.execute(workflow_started_sql!(), &values)?;
                         Ok(())
                     })
                     .await?;
@@ -573,15 +576,8 @@ impl WorkflowStore for SqlStore {
         start: &TaskStart,
         result: &serde_json::Value,
     ) -> anyhow::Result<Option<TaskStatus>> {
-        let values = args![
-            start.task_id,
-            TaskStatus::Success.as_str(),
-            json_text(result),
-            to_millis(Utc::now()),
-            Option::<u32>::None,
-            start.workflow_id
-        ]
-        .to_vec();
+        let mut values = result_values(&start.task_id, TaskStatus::Success, result, None);
+        values.push(start.workflow_id.to_value());
         // The result stored and the workflow's status read back: one statement on PostgreSQL,
         // one transaction on SQLite.
         let status = match self.db.engine() {
