@@ -19,8 +19,10 @@ Commands (results are printed as one JSON document):
   send TASK ARGS_JSON [TASK_ID]            publish a plain task as `apply_async` does
                                            (default queue, priority 1); prints {"task_id"}
   result TASK_ID                           AsyncResult's view: {"state", "result"}
-  ping                                     app.control.ping(): [{node: {"ok": "pong"}}]
+  ping [DESTINATIONS_JSON]                 app.control.ping(): [{node: {"ok": "pong"}}]
   inspect METHOD [DESTINATIONS_JSON]       app.control.inspect().METHOD(): {node: reply}
+                                           (named nodes: the answer comes as soon as each has
+                                           replied; otherwise every reply within a second)
   revoke TASK_ID                           app.control.revoke(TASK_ID, terminate=True)
   shutdown DESTINATIONS_JSON               app.control.shutdown(destination=...)
   pause WORKFLOW_ID                        sca-rhythm's pause()
@@ -89,6 +91,13 @@ def dump(value):
     print(json.dumps(value, default=default, sort_keys=True))
 
 
+def reply_timeout(destination):
+    """Seconds to collect a broadcast's replies. Named nodes bound the wait (kombu stops at one
+    reply from each), so it can be long enough for a loaded machine; a broadcast to all has no
+    end but its timeout, and is only used to discover nodes, polled again when one is missing."""
+    return 15 if destination else 1
+
+
 def main(argv):
     command = argv[1]
     if command == "start":
@@ -129,10 +138,11 @@ def main(argv):
             value = {"exc_type": type(value).__name__, "exc_message": [str(a) for a in value.args]}
         dump({"state": state, "result": value})
     elif command == "ping":
-        dump(app.control.ping(timeout=3))
+        destination = json.loads(argv[2]) if len(argv) > 2 else None
+        dump(app.control.ping(destination=destination, timeout=reply_timeout(destination)))
     elif command == "inspect":
         destination = json.loads(argv[3]) if len(argv) > 3 else None
-        inspect = app.control.inspect(timeout=3, destination=destination)
+        inspect = app.control.inspect(timeout=reply_timeout(destination), destination=destination)
         dump(getattr(inspect, argv[2])() or {})
     elif command == "revoke":
         app.control.revoke(argv[2], terminate=True)
@@ -158,7 +168,9 @@ def main(argv):
         original = len(argv) > 4 and argv[4] == "1"
         args = ["worker", "--loglevel=WARNING", f"--queues={queues}",
                 f"--concurrency={concurrency}", "-O", "fair", "--without-gossip",
-                "--without-mingle", "--without-heartbeat", f"--hostname=py-{os.getpid()}@%h"]
+                "--without-mingle", "--without-heartbeat",
+                # Unique to the test run, so that runs sharing one RabbitMQ tell their nodes apart.
+                f"--hostname=py-{APP_ID}-{os.getpid()}@%h"]
         if original:
             # The original workers start a fresh process per task (spec G.3).
             args.append("--max-tasks-per-child=1")

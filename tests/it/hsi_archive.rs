@@ -21,10 +21,8 @@ use workers::progress::Progress;
 use workers::store::TaskStatus;
 use workers::workflow::engine;
 
-const STAND_IN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/hsi");
-
 /// One stand-in HPSS: a home directory, a command log, and the `hsi` the archive runs (a
-/// link to the stand-in, which reads its settings from `hsi.env` beside the link, so tests
+/// copy of the stand-in, which reads its settings from `hsi.env` beside the copy, so tests
 /// running at once never share settings through the process environment).
 struct Hpss {
     dir: tempfile::TempDir,
@@ -39,7 +37,7 @@ impl Hpss {
         std::fs::create_dir_all(dir.path().join("bin")).unwrap();
         std::fs::create_dir_all(dir.path().join("home")).unwrap();
         std::fs::create_dir_all(dir.path().join("local")).unwrap();
-        std::os::unix::fs::symlink(STAND_IN, dir.path().join("bin/hsi")).unwrap();
+        install_hsi_stand_in(&dir.path().join("bin"));
         let hpss = Hpss { dir };
         hpss.inject(&[]);
         hpss

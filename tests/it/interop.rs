@@ -532,6 +532,11 @@ impl Production {
         format!("{role}-{}@%h", &self.app_id["interop-".len()..])
     }
 
+    /// The start of the node name of this test's Python workers (`py-{app_id}-{pid}@host`).
+    fn python_node_prefix(&self) -> String {
+        format!("py-{}-", self.app_id)
+    }
+
     /// Polls `app.control.ping()` from Python until a node whose name starts with each of
     /// `prefixes` answers; returns their names in that order.
     fn wait_for_nodes(&self, prefixes: &[&str]) -> Vec<String> {
@@ -577,7 +582,7 @@ impl Production {
     fn wait_for_active(&self, node: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let active = self.python(&["inspect", "active"]);
+            let active = self.python(&["inspect", "active", &json!([node]).to_string()]);
             if let Some(task) = active[node].as_array().and_then(|tasks| tasks.first()) {
                 return task.clone();
             }
@@ -599,13 +604,15 @@ async fn python_and_rust_workers_answer_the_fleets_remote_control_side_by_side()
     let (rust_worker, _rust_reap) =
         prod.spawn_rust_worker(&["--hostname", &rust_name, "--concurrency", "2"]);
     let rust_prefix = rust_name.trim_end_matches("%h").to_owned();
-    let nodes = prod.wait_for_nodes(&["py-", &rust_prefix]);
+    let python_prefix = prod.python_node_prefix();
+    let nodes = prod.wait_for_nodes(&[&python_prefix, &rust_prefix]);
     let (python_node, rust_node) = (&nodes[0], &nodes[1]);
+    let both = json!(nodes).to_string();
     // What no node can read is logged and ignored: both go on answering.
     prod.python(&["malformed"]);
-    assert_eq!(prod.wait_for_nodes(&["py-", &rust_prefix]), nodes);
+    assert_eq!(prod.wait_for_nodes(&[&python_prefix, &rust_prefix]), nodes);
 
-    let registered = prod.python(&["inspect", "registered"]);
+    let registered = prod.python(&["inspect", "registered", &both]);
     let rust_tasks = registered[rust_node].as_array().unwrap();
     assert!(rust_tasks.contains(&json!("inspect_dataset")) && rust_tasks.contains(&json!("noop")));
     assert!(
@@ -614,7 +621,7 @@ async fn python_and_rust_workers_answer_the_fleets_remote_control_side_by_side()
             .unwrap()
             .contains(&json!("site_task"))
     );
-    let queues = prod.python(&["inspect", "active_queues"]);
+    let queues = prod.python(&["inspect", "active_queues", &both]);
     assert_eq!(queues[rust_node][0]["name"], json!(prod.queue()));
     assert_eq!(
         queues[rust_node][0]["queue_arguments"],
@@ -624,7 +631,8 @@ async fn python_and_rust_workers_answer_the_fleets_remote_control_side_by_side()
     // Celery's own command line and the operator command see both workers.
     let out = Command::new(&prod.python)
         .args(["-m", "celery", "-A", "pyside", "inspect", "ping"])
-        .args(["--timeout", "3"])
+        // Named nodes: the answer comes once both have replied.
+        .args(["--destination", &nodes.join(","), "--timeout", "15"])
         .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop"))
         .env("PYSIDE_AMQP_URL", &prod.amqp)
         .env("PYSIDE_MONGO_URI", prod.python_mongo_uri())
@@ -643,7 +651,8 @@ async fn python_and_rust_workers_answer_the_fleets_remote_control_side_by_side()
     );
     let out = prod
         .project
-        .command(&["control", "ping", "--format", "json", "--timeout", "3"])
+        .command(&["control", "ping", "--format", "json", "--timeout", "15"])
+        .args(["--destination", python_node, "--destination", rust_node])
         .output()
         .unwrap();
     assert!(
@@ -696,7 +705,7 @@ async fn python_and_rust_workers_answer_the_fleets_remote_control_side_by_side()
         view["steps"][1]["last_task_run"].is_null(),
         "a terminated step was followed: {view:#}"
     );
-    let revoked = prod.python(&["inspect", "revoked"]);
+    let revoked = prod.python(&["inspect", "revoked", &both]);
     assert!(
         revoked[rust_node]
             .as_array()
@@ -723,7 +732,7 @@ async fn python_and_rust_workers_answer_the_fleets_remote_control_side_by_side()
         "the Rust worker did not shut down cleanly: {}",
         describe(&out)
     );
-    let left = prod.wait_for_nodes(&["py-"]);
+    let left = prod.wait_for_nodes(&[&python_prefix]);
     assert_eq!(&left[0], python_node);
     let _ = stop(python_worker);
 }

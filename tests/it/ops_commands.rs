@@ -476,11 +476,7 @@ async fn populate_bundles_reads_the_md5_hpss_stored_and_skips_files_stored_witho
     let home = project.path("hpss");
     std::fs::create_dir_all(&bin).unwrap();
     std::fs::create_dir_all(&home).unwrap();
-    std::os::unix::fs::symlink(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/hsi"),
-        bin.join("hsi"),
-    )
-    .unwrap();
+    install_hsi_stand_in(&bin);
     std::fs::write(
         bin.join("hsi.env"),
         format!("HSI_STANDIN_HOME={}\n", home.display()),

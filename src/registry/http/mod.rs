@@ -605,6 +605,11 @@ impl Registry for HttpRegistry {
             if stalled || last_move.is_some_and(|(_, count)| count != visible.len()) {
                 last_move = Some((Instant::now(), visible.len()));
             }
+            if stalled {
+                // Rows just sent show within moments when the API keeps them: look again soon
+                // rather than after the longest wait so far.
+                wait = Duration::from_millis(500);
+            }
             if started.elapsed() >= self.rows_visible_wait {
                 return Err(RegistryError::Unavailable(anyhow::format_err!(
                     "the Bioloop API accepted the {} file rows of dataset {id}, but {missing} of them were still not readable after {} s",

@@ -424,3 +424,26 @@ pub fn wait_for_exit(mut child: Child, limit: Duration) -> Output {
     }
     child.wait_with_output().unwrap()
 }
+
+/// Installs the `hsi` stand-in (`tests/support/hsi`) as `dir/hsi`, run by the Python
+/// interpreter itself rather than through `#!/usr/bin/env python3`: where `python3` is a
+/// version manager's shim, that shim costs more than the stand-in's own work, once per command.
+/// The stand-in reads its settings from `hsi.env` beside the path it was invoked by.
+pub fn install_hsi_stand_in(dir: &Path) -> PathBuf {
+    static INTERPRETER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let interpreter = INTERPRETER.get_or_init(|| {
+        let out = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .expect("python3 runs the hsi stand-in");
+        assert!(out.status.success(), "python3: {}", describe(&out));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    });
+    let source =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/hsi")).unwrap();
+    let (_, body) = source.split_once('\n').unwrap();
+    let hsi = dir.join("hsi");
+    std::fs::write(&hsi, format!("#!{interpreter}\n{body}")).unwrap();
+    std::fs::set_permissions(&hsi, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    hsi
+}
