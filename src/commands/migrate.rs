@@ -242,9 +242,9 @@ fn parse_target(text: &str) -> anyhow::Result<String> {
                 ))
             })?
     };
-    if let Err(err) = url.parse::<postgres::Config>() {
+    if let Err(err) = crate::sql::tls::Target::parse(url) {
         return Err(Usage(format!(
-            "--to `{}` is not a PostgreSQL URL: {err}",
+            "--to `{}` is not a PostgreSQL URL: {err:#}",
             redact_uri(url)
         ))
         .into());

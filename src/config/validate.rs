@@ -1321,11 +1321,11 @@ impl Checker<'_> {
             return None;
         }
         if !url.is_empty()
-            && let Err(err) = url.parse::<postgres::Config>()
+            && let Err(err) = crate::sql::tls::Target::parse(&url)
         {
             self.fail(
                 &key(&["postgres", "url"]),
-                format!("`{}` is not a PostgreSQL URL: {err}", redact_uri(&url)),
+                format!("`{}` is not a PostgreSQL URL: {err:#}", redact_uri(&url)),
             );
             return None;
         }

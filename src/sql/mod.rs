@@ -23,6 +23,7 @@
 pub mod copy;
 pub mod postgres;
 pub mod sqlite;
+pub mod tls;
 
 use std::borrow::Cow;
 

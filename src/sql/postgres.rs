@@ -15,10 +15,11 @@ use bytes::BytesMut;
 use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
-use postgres::{GenericClient, IsolationLevel, NoTls, Statement};
+use postgres::{GenericClient, IsolationLevel, Statement};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use super::tls::{self, Target, Tls};
 use super::{Conn, Engine, Row, Value, render};
 
 /// What it takes to reach the database.
@@ -41,6 +42,7 @@ pub struct PgConfig {
 pub struct PgDb {
     pool: Arc<Pool>,
     config: Arc<postgres::Config>,
+    tls: Tls,
     display: Arc<str>,
     reconnect_max: Duration,
 }
@@ -76,6 +78,7 @@ pub struct PgConnection {
 
 struct Manager {
     config: postgres::Config,
+    tls: Tls,
 }
 
 impl r2d2::ManageConnection for Manager {
@@ -84,7 +87,7 @@ impl r2d2::ManageConnection for Manager {
 
     fn connect(&self) -> Result<PgConnection, postgres::Error> {
         Ok(PgConnection {
-            client: self.config.connect(NoTls)?,
+            client: tls::connect(&self.config, &self.tls)?,
             statements: HashMap::new(),
         })
     }
@@ -147,9 +150,9 @@ impl PgDb {
     }
 
     fn connect_blocking(settings: PgConfig) -> anyhow::Result<PgDb> {
-        let mut config: postgres::Config = settings
-            .url
-            .parse()
+        let Target {
+            mut config, tls, ..
+        } = Target::parse(&settings.url)
             .with_context(|| format!("postgres.url `{}` is not a valid URL", settings.display))?;
         if let Some(password) = &settings.password {
             config.password(password);
@@ -163,7 +166,7 @@ impl PgDb {
         let started = Instant::now();
         let mut seen = false;
         loop {
-            let mut client = match config.connect(NoTls) {
+            let mut client = match tls::connect(&config, &tls) {
                 Ok(client) => client,
                 // The server was there a moment ago: it is restarting.
                 Err(err)
@@ -198,11 +201,13 @@ impl PgDb {
             .error_handler(Box::new(r2d2::NopErrorHandler))
             .build(Manager {
                 config: config.clone(),
+                tls: tls.clone(),
             })
             .map_err(|err| anyhow::format_err!("cannot connect to {shown}: {err}"))?;
         Ok(PgDb {
             pool: Arc::new(Pool(Some(pool))),
             config: Arc::new(config),
+            tls,
             display: shown.into(),
             reconnect_max: settings.reconnect_max,
         })
@@ -304,20 +309,27 @@ impl PgDb {
         let notify = Arc::new(Notify::new());
         let weak = Arc::downgrade(&notify);
         let config = Arc::clone(&self.config);
+        let tls = self.tls.clone();
         let display = Arc::clone(&self.display);
         std::thread::Builder::new()
             .name(format!("listen {channel}"))
-            .spawn(move || listen_loop(&config, &display, channel, &weak))
+            .spawn(move || listen_loop(&config, &tls, &display, channel, &weak))
             .ok();
         notify
     }
 }
 
-fn listen_loop(config: &postgres::Config, shown: &str, channel: &str, notify: &Weak<Notify>) {
+fn listen_loop(
+    config: &postgres::Config,
+    tls: &Tls,
+    shown: &str,
+    channel: &str,
+    notify: &Weak<Notify>,
+) {
     let mut pause = Duration::from_millis(200);
     while notify.strong_count() > 0 {
         let listened = (|| -> Result<(), postgres::Error> {
-            let mut client = config.connect(NoTls)?;
+            let mut client = tls::connect(config, tls)?;
             client.batch_execute(&format!("LISTEN {channel}"))?;
             pause = Duration::from_millis(200);
             // Whatever was published while the listener was away: look once.
@@ -435,6 +447,10 @@ fn explain(err: postgres::Error, display: &str) -> anyhow::Error {
             "the database does not exist: create it (createdb) or correct postgres.url"
         }
         Some(_) => "the server refused the connection",
+        None if tls::is_tls_failure(&err) => {
+            "TLS failed: the server does not offer it, or its certificate is not the one \
+             postgres.url's sslmode and sslrootcert accept"
+        }
         None => "is the server running and reachable at that host and port?",
     };
     anyhow::Error::new(err).context(format!("cannot connect to the database {display}: {hint}"))

@@ -400,3 +400,129 @@ async fn concurrent_transactions_lose_no_update_and_concurrent_starts_migrate_on
         .unwrap();
     assert_eq!(n, 40);
 }
+
+/// A connection of `PgDb` to `url`, asked whether it is encrypted (`pg_stat_ssl`).
+async fn encrypted(url: &str) -> anyhow::Result<bool> {
+    let config = workers::sql::postgres::PgConfig {
+        url: url.to_owned(),
+        password: None,
+        pool_size: 1,
+        connect_timeout: Duration::from_secs(3),
+        reconnect_max: Duration::from_secs(1),
+        display: url.to_owned(),
+    };
+    let db = workers::sql::postgres::PgDb::connect(config).await?;
+    let ssl: i64 = db
+        .read(|conn| {
+            conn.query_one(
+                "SELECT ssl::int::bigint FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )?
+            .get(0)
+        })
+        .await?;
+    Ok(ssl == 1)
+}
+
+/// TLS as libpq's `sslmode` and `sslrootcert` say, against the test server (Debian's
+/// PostgreSQL offers TLS with a self-signed certificate issued to `localhost`): offered TLS is
+/// used by default, `disable` goes without, the verifying modes check the certificate, and
+/// a certificate refused, or a root certificate file that is missing, is an error naming it.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_follows_sslmode_and_sslrootcert_and_a_refused_certificate_is_named() {
+    let Some(database) = TestPostgres::new() else {
+        return;
+    };
+    let db = database.db().await;
+    let (ssl, cert_file): (String, String) = db
+        .read(|conn| {
+            let row = conn.query_one(
+                "SELECT current_setting('ssl'), current_setting('ssl_cert_file')",
+                &[],
+            )?;
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .await
+        .unwrap();
+    assert_eq!(ssl, "on", "the test server must offer TLS (ssl = on)");
+    let data_dir: String = db
+        .read(|conn| {
+            conn.query_one("SELECT current_setting('data_directory')", &[])?
+                .get(0)
+        })
+        .await
+        .unwrap();
+    let root = std::path::Path::new(&data_dir).join(&cert_file);
+    let root = root.display();
+    let url = &database.url;
+    assert!(url.contains("@127.0.0.1:") && !url.contains('?'), "{url}");
+    let by_name = url.replace("@127.0.0.1:", "@localhost:");
+
+    assert!(encrypted(url).await.unwrap(), "TLS offered is TLS used");
+    assert!(!encrypted(&format!("{url}?sslmode=disable")).await.unwrap());
+    assert!(encrypted(&format!("{url}?sslmode=require")).await.unwrap());
+    // The certificate is signed by itself and issued to `localhost`: verify-ca takes it on the
+    // address, verify-full only on the name.
+    assert!(
+        encrypted(&format!("{url}?sslmode=verify-ca&sslrootcert={root}"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        encrypted(&format!("{by_name}?sslmode=verify-full&sslrootcert={root}"))
+            .await
+            .unwrap()
+    );
+    let err = connect_error(&format!("{url}?sslmode=verify-full&sslrootcert={root}")).await;
+    assert!(
+        err.contains("TLS failed") && err.contains("127.0.0.1"),
+        "{err}"
+    );
+    // Another authority did not sign it.
+    let scratch = tempfile::tempdir().unwrap();
+    let other = scratch.path().join("other-ca.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=another authority",
+            "-keyout",
+            "/dev/null",
+            "-out",
+        ])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "openssl req: {}", describe(&made));
+    let other = other.display();
+    let err = connect_error(&format!(
+        "{by_name}?sslmode=verify-full&sslrootcert={other}"
+    ))
+    .await;
+    assert!(
+        err.contains("TLS failed") && err.contains("UnknownIssuer"),
+        "{err}"
+    );
+
+    // Through the binary, as an operator meets it: a missing root certificate file is a
+    // configuration error naming the file (exit code 2), a good one works.
+    let mut project = project(&database);
+    project.set_env(
+        "WORKERS__POSTGRES__URL",
+        &format!("{url}?sslmode=verify-ca&sslrootcert=/nonexistent/root.crt"),
+    );
+    let out = project.run(&["datasets", "list"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("cannot read sslrootcert `/nonexistent/root.crt`"),
+        "{}",
+        describe(&out)
+    );
+    project.set_env(
+        "WORKERS__POSTGRES__URL",
+        &format!("{by_name}?sslmode=verify-full&sslrootcert={root}"),
+    );
+    project.run_ok(&["datasets", "list"]);
+}
