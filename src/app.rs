@@ -156,7 +156,13 @@ impl App {
         };
         let registry: Arc<dyn Registry> = match settings.backends.registry {
             RegistryKind::Sqlite => Arc::new(SqlRegistry::new(embedded_db()?)),
-            RegistryKind::Postgres => Arc::new(SqlRegistry::new(shared_db("registry")?)),
+            RegistryKind::Postgres => {
+                let registry = SqlRegistry::new(shared_db("registry")?);
+                Arc::new(match &settings.postgres_reports_dir {
+                    Some(dir) => registry.keeping_reports_in(dir.clone()),
+                    None => registry,
+                })
+            }
             RegistryKind::Http => {
                 let api = &settings.api;
                 let token = api.token.as_ref().map(|t| t.expose().to_owned());

@@ -387,6 +387,9 @@ pub struct RawPostgres {
     /// How long a statement keeps trying while the database cannot be reached, before the
     /// work that needed it fails (and is retried as a failure of its own).
     pub reconnect_max_seconds: u64,
+    /// Where the registry in PostgreSQL keeps uploaded QC reports
+    /// (`<dir>/<report_id>/multiqc_report.html`); empty: nowhere.
+    pub reports_dir: PathBuf,
 }
 
 /// RabbitMQ (`broker.kind = "amqp"`, spec G.1).
@@ -467,6 +470,8 @@ pub struct Settings {
     pub mongo: MongoSettings,
     /// What it takes to reach the PostgreSQL database (checked only when a backend uses it).
     pub postgres: crate::sql::postgres::PgConfig,
+    /// `postgres.reports_dir`, resolved; `None` when not set.
+    pub postgres_reports_dir: Option<PathBuf>,
     pub amqp: AmqpSettings,
     pub hsi: RawHsi,
     pub log: RawLog,

@@ -446,6 +446,19 @@ pub(super) fn build(
     let api = check.api(&raw.api, backends.registry, found.api_token.clone());
     let mongo = check.mongo(&raw.mongo, backends.store, found.mongo_password.as_deref());
     let postgres = check.postgres(&raw.postgres, &backends, found.postgres_password.clone());
+    let reports_key = key(&["postgres", "reports_dir"]);
+    let postgres_reports_dir = (!raw.postgres.reports_dir.as_os_str().is_empty())
+        .then(|| check.resolve(&reports_key, &raw.postgres.reports_dir));
+    if backends.registry == Some(RegistryKind::Postgres)
+        && raw.workflows.integrated.qc
+        && postgres_reports_dir.is_none()
+    {
+        check.fail(
+            &reports_key,
+            "must be set when workflows.integrated.qc is true and registry.kind is \"postgres\": \
+             the registry keeps QC reports there (a directory every host mounts at the same place)",
+        );
+    }
     let amqp = check.amqp(
         &raw.amqp,
         &app_id,
@@ -607,6 +620,7 @@ pub(super) fn build(
     resolved.registration.data_product.source_dir = registration.data_product.source_dir.clone();
     resolved.workflows.dir = workflows_dir.clone();
     resolved.sqlite.path = sqlite_path.clone();
+    resolved.postgres.reports_dir = postgres_reports_dir.clone().unwrap_or_default();
     resolved.metrics.lfs_path = lfs_path.clone();
     resolved.illumina.download_dir = illumina_dir.clone();
 
@@ -638,6 +652,7 @@ pub(super) fn build(
         api,
         mongo,
         postgres,
+        postgres_reports_dir,
         amqp,
         hsi: raw.hsi,
         log: raw.log,

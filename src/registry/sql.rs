@@ -21,11 +21,31 @@ use crate::sqlite::{from_millis, to_millis};
 
 pub struct SqlRegistry {
     db: Database,
+    /// Where uploaded QC reports are kept: `reports/` beside a SQLite file; for PostgreSQL,
+    /// `postgres.reports_dir` when set.
+    reports: Option<std::path::PathBuf>,
 }
 
 impl SqlRegistry {
     pub fn new(db: impl Into<Database>) -> SqlRegistry {
-        SqlRegistry { db: db.into() }
+        let db = db.into();
+        let reports = match &db {
+            Database::Sqlite(db) => Some(
+                db.path()
+                    .parent()
+                    .map(std::path::Path::to_path_buf)
+                    .unwrap_or_default()
+                    .join("reports"),
+            ),
+            Database::Postgres(_) => None,
+        };
+        SqlRegistry { db, reports }
+    }
+
+    /// Keeps uploaded QC reports in `dir` (`<dir>/<report_id>/multiqc_report.html`).
+    pub fn keeping_reports_in(mut self, dir: std::path::PathBuf) -> SqlRegistry {
+        self.reports = Some(dir);
+        self
     }
 }
 
@@ -862,17 +882,14 @@ impl Registry for SqlRegistry {
                 "dataset {id}: metadata.report_id `{report_id}` cannot name a directory"
             )));
         }
-        let Database::Sqlite(db) = &self.db else {
+        let Some(base) = &self.reports else {
             return Err(RegistryError::Invalid(format!(
-                "dataset {id}: the registry in PostgreSQL has no directory to keep QC reports in"
+                "dataset {id}: the registry in PostgreSQL keeps QC reports in \
+                 postgres.reports_dir, which is not set (a directory every host mounts at the \
+                 same place)"
             )));
         };
-        let base = db
-            .path()
-            .parent()
-            .map(std::path::Path::to_path_buf)
-            .unwrap_or_default();
-        let dir = base.join("reports").join(report_id);
+        let dir = base.join(report_id);
         let (source, target) = (report.to_path_buf(), dir.join("multiqc_report.html"));
         let stored = target.clone();
         crate::compute::blocking(move || -> anyhow::Result<()> {

@@ -526,3 +526,69 @@ async fn tls_follows_sslmode_and_sslrootcert_and_a_refused_certificate_is_named(
     );
     project.run_ok(&["datasets", "list"]);
 }
+
+/// The registry in PostgreSQL keeps QC reports in `postgres.reports_dir` (a directory every
+/// host mounts): uploaded there under the dataset's report id; without it the upload fails
+/// naming the key, and a configuration that runs QC in `integrated` is refused at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn qc_reports_are_kept_in_postgres_reports_dir() {
+    use workers::registry::{DatasetPatch, RegistryError};
+    let Some(database) = TestPostgres::new() else {
+        return;
+    };
+    let mut project = project(&database);
+    let origin = project.dataset(DatasetType::RawData, "run_qc", &[("a.fastq.gz", b"reads")]);
+    let report = project.path("multiqc_report.html");
+    write_file(&report, b"<html>report</html>");
+
+    let app = project.app().await;
+    let id = app
+        .registry
+        .bulk_create(&[workers::registry::NewDataset {
+            name: workers::model::DatasetName::normalize("run_qc").unwrap(),
+            dataset_type: DatasetType::RawData,
+            origin_path: origin.to_string_lossy().into_owned(),
+            create_method: workers::model::CreateMethod::Scan,
+            description: None,
+            metadata: None,
+        }])
+        .await
+        .unwrap()
+        .created[0]
+        .id;
+    app.registry
+        .update(
+            id,
+            &DatasetPatch {
+                metadata: Some(serde_json::json!({ "report_id": "r-7" })),
+                ..DatasetPatch::default()
+            },
+        )
+        .await
+        .unwrap();
+    let err = app.registry.upload_report(id, &report).await.unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::Invalid(m) if m.contains("postgres.reports_dir")),
+        "{err:?}"
+    );
+    drop(app);
+
+    let shared = project.path("shared/qc-reports");
+    project.set_env("WORKERS__POSTGRES__REPORTS_DIR", shared.to_str().unwrap());
+    let app = project.app().await;
+    let stored = app.registry.upload_report(id, &report).await.unwrap();
+    let kept = shared.join("r-7/multiqc_report.html");
+    assert_eq!(stored, kept.to_string_lossy());
+    assert_eq!(std::fs::read(&kept).unwrap(), b"<html>report</html>");
+    drop(app);
+
+    project.remove_env("WORKERS__POSTGRES__REPORTS_DIR");
+    project.set_env("WORKERS__WORKFLOWS__INTEGRATED__QC", "true");
+    let out = project.run(&["datasets", "list"]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        stderr(&out).contains("postgres.reports_dir"),
+        "{}",
+        describe(&out)
+    );
+}
