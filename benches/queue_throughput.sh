@@ -27,7 +27,8 @@ for line in sys.stdin:
 ')
 SECANTUSD=$REPO/target/services/secantus-venv/bin/secantusd-py
 WORK=$(mktemp -d /dev/shm/queue-throughput.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+# A run that stops half-way leaves no MongoDB-wire server behind on its port.
+trap 'for pid in "$WORK"/mongo-*.pid; do [ -e "$pid" ] && kill "$(cat "$pid")" 2>/dev/null; done; rm -rf "$WORK"' EXIT
 RESULTS=$WORK/results.jsonl
 PG_ADMIN=${WORKERS_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 
@@ -53,6 +54,10 @@ run_profile() {
             ;;
         amqp-mongo)
             local port=$((27200 + round))
+            if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+                echo "port $port is taken (a server left by another run?): stop it first" >&2
+                exit 1
+            fi
             mkdir -p "$WORK/mongo-$round"
             setsid "$SECANTUSD" --host 127.0.0.1 --port "$port" --storage-path "$WORK/mongo-$round" \
                 >"$WORK/mongo-$round.log" 2>&1 </dev/null &
@@ -74,6 +79,7 @@ run_profile() {
         postgres) psql "$PG_ADMIN" -qc "DROP DATABASE workers_bench_${round}_$$ WITH (FORCE)" >/dev/null ;;
         amqp-mongo)
             kill "$(cat "$WORK/mongo-$round.pid")" 2>/dev/null || true
+            rm -f "$WORK/mongo-$round.pid"
             rabbitmqctl delete_queue "bench-$round.example.org.q" >/dev/null 2>&1 || true
             ;;
     esac
@@ -115,7 +121,8 @@ section = f"""<!-- queue-throughput:begin -->
 `benches/queue_throughput.sh` (commit {commit}): one `workers worker` with {slots} slots runs
 {workflows} workflows of {steps} `noop` steps, published at once, on each profile in turn, {repeat}
 rounds; medians. Each run has a database of its own (SQLite on tmpfs; a fresh PostgreSQL
-database; a fresh MongoDB-wire server on tmpfs). The worker's CPU is its own, user + system;
+database, reached over loopback TCP with the default `sslmode=prefer`, so over TLS as the
+server offers it; a fresh MongoDB-wire server on tmpfs). The worker's CPU is its own, user + system;
 the machine's is every process's (the database server's too) and the kernel's, over the same
 time, and "busy" is that time as a share of all {cpus} CPUs. Database transactions count every
 statement outside a transaction as one, over the whole run (idle polling and the driver's own

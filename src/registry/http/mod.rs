@@ -605,11 +605,6 @@ impl Registry for HttpRegistry {
             if stalled || last_move.is_some_and(|(_, count)| count != visible.len()) {
                 last_move = Some((Instant::now(), visible.len()));
             }
-            if stalled {
-                // Rows just sent show within moments when the API keeps them: look again soon
-                // rather than after the longest wait so far.
-                wait = Duration::from_millis(500);
-            }
             if started.elapsed() >= self.rows_visible_wait {
                 return Err(RegistryError::Unavailable(anyhow::format_err!(
                     "the Bioloop API accepted the {} file rows of dataset {id}, but {missing} of them were still not readable after {} s",
@@ -617,8 +612,15 @@ impl Registry for HttpRegistry {
                     self.rows_visible_wait.as_secs()
                 )));
             }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(15));
+            if stalled {
+                // Rows just sent show within moments when the API keeps them: look once soon,
+                // then go on waiting longer each time, so that rows the API keeps losing are
+                // not sent more often.
+                tokio::time::sleep(wait.min(Duration::from_millis(500))).await;
+            } else {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(15));
+            }
             visible = Arc::new(self.visible_rows(id).await?);
         }
     }
