@@ -302,17 +302,21 @@ async fn connections_cut_by_the_server_only_delay_the_work() {
     );
 }
 
-/// The message of the error `PgDb::connect` gives for `url`.
-async fn connect_error(url: &str) -> String {
-    let config = workers::sql::postgres::PgConfig {
+/// One connection to `url`, which messages show as it is.
+fn one_connection(url: &str) -> workers::sql::postgres::PgConfig {
+    workers::sql::postgres::PgConfig {
         url: url.to_owned(),
         password: None,
         pool_size: 1,
         connect_timeout: Duration::from_secs(3),
         reconnect_max: Duration::from_secs(1),
         display: url.to_owned(),
-    };
-    match workers::sql::postgres::PgDb::connect(config).await {
+    }
+}
+
+/// The message of the error `PgDb::connect` gives for `url`.
+async fn connect_error(url: &str) -> String {
+    match workers::sql::postgres::PgDb::connect(one_connection(url)).await {
         Ok(_) => panic!("connected to {url}"),
         Err(err) => format!("{err:#}"),
     }
@@ -403,15 +407,7 @@ async fn concurrent_transactions_lose_no_update_and_concurrent_starts_migrate_on
 
 /// A connection of `PgDb` to `url`, asked whether it is encrypted (`pg_stat_ssl`).
 async fn encrypted(url: &str) -> anyhow::Result<bool> {
-    let config = workers::sql::postgres::PgConfig {
-        url: url.to_owned(),
-        password: None,
-        pool_size: 1,
-        connect_timeout: Duration::from_secs(3),
-        reconnect_max: Duration::from_secs(1),
-        display: url.to_owned(),
-    };
-    let db = workers::sql::postgres::PgDb::connect(config).await?;
+    let db = workers::sql::postgres::PgDb::connect(one_connection(url)).await?;
     let ssl: i64 = db
         .read(|conn| {
             conn.query_one(
@@ -542,20 +538,7 @@ async fn qc_reports_are_kept_in_postgres_reports_dir() {
     write_file(&report, b"<html>report</html>");
 
     let app = project.app().await;
-    let id = app
-        .registry
-        .bulk_create(&[workers::registry::NewDataset {
-            name: workers::model::DatasetName::normalize("run_qc").unwrap(),
-            dataset_type: DatasetType::RawData,
-            origin_path: origin.to_string_lossy().into_owned(),
-            create_method: workers::model::CreateMethod::Scan,
-            description: None,
-            metadata: None,
-        }])
-        .await
-        .unwrap()
-        .created[0]
-        .id;
+    let id = register_without_workflow(&app, "run_qc", &origin).await;
     app.registry
         .update(
             id,
