@@ -111,13 +111,16 @@ pub(super) async fn run(app: &App, cmd: UploadsCommand) -> anyhow::Result<ExitCo
         }
         UploadsCommand::Complete(args) => complete(app, args).await,
         UploadsCommand::List { limit, format } => {
+            use futures_util::{StreamExt, TryStreamExt};
             let refs = app.registry.uploads(&UploadQuery::All { limit }).await?;
-            let mut logs = Vec::new();
-            for r in refs {
-                if let Some(log) = app.registry.upload_log(r.dataset_id).await? {
-                    logs.push(log);
-                }
-            }
+            // Each upload's log is a read of its own (a request to the API): several at once,
+            // in the listing's order.
+            let logs: Vec<UploadLog> = futures_util::stream::iter(refs)
+                .map(|r| app.registry.upload_log(r.dataset_id))
+                .buffered(8)
+                .try_filter_map(|log| async move { Ok(log) })
+                .try_collect()
+                .await?;
             print_logs(&logs, format, false)?;
             Ok(ExitCode::SUCCESS)
         }

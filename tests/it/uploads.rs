@@ -951,3 +951,43 @@ async fn a_lost_check_is_queued_again_and_one_that_never_ends_fails() {
     );
     assert!(app.registry.get(id).await.unwrap().is_deleted);
 }
+
+/// `uploads list` shows each upload with its log, in the registry's order, for more uploads
+/// than it reads at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_list_shows_every_upload_in_the_registrys_order() {
+    let project = upload_project();
+    let app = project.app().await;
+    let mut created = Vec::new();
+    for i in 0..11 {
+        created.push(create_upload(&app, &format!("listed {i}")).await.dataset_id);
+    }
+    let expected: Vec<i64> = app
+        .registry
+        .uploads(&UploadQuery::All { limit: 100 })
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.dataset_id)
+        .collect();
+    created.sort_unstable();
+    let mut sorted = expected.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, created);
+    let list = project.run_ok(&["uploads", "list", "--format", "json"]);
+    let list: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let shown: Vec<i64> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|log| log["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(shown, expected);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|log| log["status"] == "UPLOADING"),
+        "{list}"
+    );
+}
