@@ -131,6 +131,9 @@ async fn checks(settings: Settings) -> Vec<Check> {
             return checks;
         }
     };
+    if let Some(check) = database_tls(&settings).await {
+        checks.push(check);
+    }
     checks.push(Check::pass(
         "store",
         match settings.backends.store {
@@ -296,6 +299,50 @@ async fn clock(app: &App) -> Check {
             "check the store",
         ),
     }
+}
+
+/// Whether connections to the PostgreSQL database are encrypted, when a backend uses it:
+/// `sslmode=prefer` (the default) goes without TLS, silently, when the server offers none.
+async fn database_tls(settings: &Settings) -> Option<Check> {
+    let backends = &settings.backends;
+    if backends.registry != RegistryKind::Postgres
+        && backends.store != StoreKind::Postgres
+        && backends.broker != BrokerKind::Postgres
+    {
+        return None;
+    }
+    let asked = tokio::time::timeout(
+        ANSWER_WITHIN,
+        crate::sql::postgres::PgDb::tls_in_use(settings.postgres.clone()),
+    )
+    .await;
+    Some(match asked {
+        Ok(Ok(Some(version))) => Check::pass(
+            "database TLS",
+            format!(
+                "connections to {} are encrypted ({version})",
+                settings.postgres.display
+            ),
+        ),
+        Ok(Ok(None)) => Check::pass(
+            "database TLS",
+            format!(
+                "connections to {} are not encrypted (sslmode=disable, or a server that offers \
+                 no TLS); between hosts, set sslmode=verify-full in postgres.url",
+                settings.postgres.display
+            ),
+        ),
+        Ok(Err(err)) => Check::fail(
+            "database TLS",
+            format!("{err:#}"),
+            "check sslmode and sslrootcert in postgres.url against the server's certificate",
+        ),
+        Err(_) => Check::fail(
+            "database TLS",
+            format!("no answer within {} s", ANSWER_WITHIN.as_secs()),
+            "check that PostgreSQL runs and is reachable from this host",
+        ),
+    })
 }
 
 async fn broker(app: &App) -> Check {

@@ -217,6 +217,30 @@ impl PgDb {
         &self.display
     }
 
+    /// The TLS version a connection made as `settings` say runs under, as the server sees it
+    /// (`pg_stat_ssl`); `None` when it is not encrypted (`sslmode=disable`, or `prefer` and a
+    /// server that offers no TLS). A connection of its own, for `workers doctor`.
+    pub async fn tls_in_use(settings: PgConfig) -> anyhow::Result<Option<String>> {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Option<String>> {
+            let Target {
+                mut config, tls, ..
+            } = Target::parse(&settings.url)?;
+            if let Some(password) = &settings.password {
+                config.password(password);
+            }
+            config.connect_timeout(settings.connect_timeout);
+            let mut client =
+                tls::connect(&config, &tls).map_err(|err| explain(err, &settings.display))?;
+            let row = client.query_opt(
+                "SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl",
+                &[],
+            )?;
+            Ok(row.map(|row| row.get(0)))
+        })
+        .await
+        .context("the database connection task panicked")?
+    }
+
     pub async fn read<T, F>(&self, f: F) -> anyhow::Result<T>
     where
         F: Fn(&mut dyn Conn) -> anyhow::Result<T> + Send + 'static,

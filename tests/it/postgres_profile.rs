@@ -521,6 +521,37 @@ async fn tls_follows_sslmode_and_sslrootcert_and_a_refused_certificate_is_named(
         &format!("{by_name}?sslmode=verify-full&sslrootcert={root}"),
     );
     project.run_ok(&["datasets", "list"]);
+    // `workers doctor` says whether the connections are encrypted.
+    let database_tls = |project: &Project| {
+        let out = project.run(&["doctor", "--format", "json"]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("doctor printed no JSON ({e}): {}", describe(&out)));
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == "database TLS")
+            .unwrap_or_else(|| panic!("no database TLS check: {report:#}"))
+            .clone()
+    };
+    let check = database_tls(&project);
+    assert_eq!(check["ok"], true, "{check:#}");
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .contains("are encrypted (TLSv1."),
+        "{check:#}"
+    );
+    project.set_env("WORKERS__POSTGRES__URL", &format!("{url}?sslmode=disable"));
+    let check = database_tls(&project);
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .contains("are not encrypted"),
+        "{check:#}"
+    );
 }
 
 /// The registry in PostgreSQL keeps QC reports in `postgres.reports_dir` (a directory every
