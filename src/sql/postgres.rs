@@ -150,15 +150,7 @@ impl PgDb {
     }
 
     fn connect_blocking(settings: PgConfig) -> anyhow::Result<PgDb> {
-        let Target {
-            mut config, tls, ..
-        } = Target::parse(&settings.url)
-            .with_context(|| format!("postgres.url `{}` is not a valid URL", settings.display))?;
-        if let Some(password) = &settings.password {
-            config.password(password);
-        }
-        config.connect_timeout(settings.connect_timeout);
-        config.application_name("workers");
+        let (config, tls) = client_config(&settings)?;
         let shown = settings.display.clone();
         // A server that cannot be reached or refuses us is reported at once; a connection lost
         // once made (a restart, a failover, a terminated backend) is waited out, as every later
@@ -222,13 +214,7 @@ impl PgDb {
     /// server that offers no TLS). A connection of its own, for `workers doctor`.
     pub async fn tls_in_use(settings: PgConfig) -> anyhow::Result<Option<String>> {
         tokio::task::spawn_blocking(move || -> anyhow::Result<Option<String>> {
-            let Target {
-                mut config, tls, ..
-            } = Target::parse(&settings.url)?;
-            if let Some(password) = &settings.password {
-                config.password(password);
-            }
-            config.connect_timeout(settings.connect_timeout);
+            let (config, tls) = client_config(&settings)?;
             let mut client =
                 tls::connect(&config, &tls).map_err(|err| explain(err, &settings.display))?;
             let row = client.query_opt(
@@ -341,6 +327,21 @@ impl PgDb {
             .ok();
         notify
     }
+}
+
+/// The client's configuration and TLS for `settings`: the URL, with the password and timeout
+/// given apart.
+fn client_config(settings: &PgConfig) -> anyhow::Result<(postgres::Config, Tls)> {
+    let Target {
+        mut config, tls, ..
+    } = Target::parse(&settings.url)
+        .with_context(|| format!("postgres.url `{}` is not a valid URL", settings.display))?;
+    if let Some(password) = &settings.password {
+        config.password(password);
+    }
+    config.connect_timeout(settings.connect_timeout);
+    config.application_name("workers");
+    Ok((config, tls))
 }
 
 fn listen_loop(
