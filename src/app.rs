@@ -60,6 +60,7 @@ enum Access {
     ReadWrite,
     /// For commands that only look things up: the embedded database is opened read-only and
     /// never created; where it does not exist yet, an empty one in memory stands in for it.
+    /// A PostgreSQL schema is required to be current and never migrated.
     ReadOnly,
 }
 
@@ -83,7 +84,7 @@ impl App {
     }
 
     /// Builds the app for a command that only reads: it creates no file and changes nothing
-    /// in the embedded database.
+    /// in the embedded database, nor the schema of a PostgreSQL one.
     pub async fn build_read_only(settings: Settings) -> anyhow::Result<Arc<App>> {
         App::build_with(settings, None, Access::ReadOnly).await
     }
@@ -141,11 +142,12 @@ impl App {
             || backends.store == StoreKind::Postgres
             || backends.broker == BrokerKind::Postgres
         {
-            Some(
-                PgDb::connect(settings.postgres.clone())
-                    .await
-                    .context("cannot use the PostgreSQL database (postgres.url)")?,
-            )
+            let connected = match access {
+                Access::ReadWrite => PgDb::connect(settings.postgres.clone()).await,
+                // A command that only reads leaves the schema as it is.
+                Access::ReadOnly => PgDb::connect_read_only(settings.postgres.clone()).await,
+            };
+            Some(connected.context("cannot use the PostgreSQL database (postgres.url)")?)
         } else {
             None
         };

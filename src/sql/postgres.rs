@@ -136,6 +136,15 @@ pub fn schema_of(sqlite: &str) -> String {
     out
 }
 
+/// What connecting does with the database's schema.
+#[derive(Debug, Clone, Copy)]
+enum Schema {
+    /// Brings it up to date.
+    Migrate,
+    /// Requires it to be current, and changes nothing.
+    Check,
+}
+
 /// The advisory lock that lets one process at a time migrate a database.
 const MIGRATION_LOCK: i64 = 0x0077_6f72_6b65_7273; // "workers" in ASCII
 
@@ -144,12 +153,21 @@ impl PgDb {
     /// opens the pool. An unreachable server, refused credentials or a schema newer than this
     /// binary's are errors that name the database.
     pub async fn connect(settings: PgConfig) -> anyhow::Result<PgDb> {
-        tokio::task::spawn_blocking(move || PgDb::connect_blocking(settings))
+        tokio::task::spawn_blocking(move || PgDb::connect_blocking(settings, Schema::Migrate))
             .await
             .context("the database connection task panicked")?
     }
 
-    fn connect_blocking(settings: PgConfig) -> anyhow::Result<PgDb> {
+    /// Connects for a command that only reads: the schema must be this binary's already. An
+    /// older one is left as it is (processes of the older version may still be running on
+    /// other hosts) and refused, as a newer one is.
+    pub async fn connect_read_only(settings: PgConfig) -> anyhow::Result<PgDb> {
+        tokio::task::spawn_blocking(move || PgDb::connect_blocking(settings, Schema::Check))
+            .await
+            .context("the database connection task panicked")?
+    }
+
+    fn connect_blocking(settings: PgConfig, schema: Schema) -> anyhow::Result<PgDb> {
         let (config, tls) = client_config(&settings)?;
         let shown = settings.display.clone();
         // A server that cannot be reached or refuses us is reported at once; a connection lost
@@ -172,7 +190,11 @@ impl PgDb {
                 Err(err) => return Err(explain(err, &shown)),
             };
             seen = true;
-            match migrate(&mut client).map_err(classify) {
+            let checked = match schema {
+                Schema::Migrate => migrate(&mut client),
+                Schema::Check => check_schema(&mut client),
+            };
+            match checked.map_err(classify) {
                 Ok(()) => break,
                 Err(Failure::Unreachable(_)) if started.elapsed() < settings.reconnect_max => {
                     warn!(
@@ -182,7 +204,11 @@ impl PgDb {
                     std::thread::sleep(Duration::from_millis(500));
                 }
                 Err(Failure::Conflict(err) | Failure::Unreachable(err) | Failure::Other(err)) => {
-                    return Err(err.context(format!("cannot migrate the database {shown}")));
+                    let doing = match schema {
+                        Schema::Migrate => "migrate",
+                        Schema::Check => "use",
+                    };
+                    return Err(err.context(format!("cannot {doing} the database {shown}")));
                 }
             }
         }
@@ -492,6 +518,45 @@ fn migrate(client: &mut postgres::Client) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The schema version recorded in the database; 0 before the first migration.
+fn schema_version(client: &mut postgres::Client) -> anyhow::Result<i64> {
+    // Two statements: a statement naming a table that does not exist fails as it is parsed.
+    let recorded: bool = client
+        .query_one("SELECT to_regclass('workers_schema') IS NOT NULL", &[])?
+        .get(0);
+    if !recorded {
+        return Ok(0);
+    }
+    Ok(client
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM workers_schema", &[])?
+        .get(0))
+}
+
+fn refuse_newer(current: i64, known: usize) -> anyhow::Result<()> {
+    if current > known as i64 {
+        anyhow::bail!(
+            "its schema is version {current}, newer than this version of workers knows \
+             ({known}): it was written by a newer workers; upgrade this one"
+        );
+    }
+    Ok(())
+}
+
+/// A read-only connection's check: the schema is this binary's, neither older nor newer.
+fn check_schema(client: &mut postgres::Client) -> anyhow::Result<()> {
+    let current = schema_version(client)?;
+    let known = migrations().len();
+    refuse_newer(current, known)?;
+    if current < known as i64 {
+        anyhow::bail!(
+            "its schema is version {current}, older than this version of workers uses \
+             ({known}); a command that writes (such as `workers jobs run watch`, or starting \
+             a worker or scheduler of this version) brings it up to date"
+        );
+    }
+    Ok(())
+}
+
 fn migrate_locked(client: &mut postgres::Client) -> anyhow::Result<()> {
     client.batch_execute(
         "CREATE TABLE IF NOT EXISTS workers_schema (
@@ -499,17 +564,9 @@ fn migrate_locked(client: &mut postgres::Client) -> anyhow::Result<()> {
              applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
          )",
     )?;
-    let current: i64 = client
-        .query_one("SELECT COALESCE(MAX(version), 0) FROM workers_schema", &[])?
-        .get(0);
+    let current = schema_version(client)?;
     let known = migrations();
-    if current > known.len() as i64 {
-        anyhow::bail!(
-            "its schema is version {current}, newer than this version of workers knows ({}): \
-             it was written by a newer workers; upgrade this one",
-            known.len()
-        );
-    }
+    refuse_newer(current, known.len())?;
     for (index, sql) in known.iter().enumerate().skip(current as usize) {
         let version = index as i64 + 1;
         let mut tx = client.transaction()?;

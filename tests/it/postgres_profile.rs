@@ -606,3 +606,54 @@ async fn qc_reports_are_kept_in_postgres_reports_dir() {
         describe(&out)
     );
 }
+
+/// A command that only reads leaves a PostgreSQL schema as it is: on a database no writer has
+/// set up (or one of an older version), it is refused with what brings it up to date, and
+/// nothing is created; once a writing command has run, it reads.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_that_only_reads_never_migrates_the_schema() {
+    let Some(database) = TestPostgres::new() else {
+        return;
+    };
+    let project = project(&database);
+    let out = project.run(&["datasets", "list"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("schema is version 0, older") && err.contains("a command that writes"),
+        "{err}"
+    );
+    let tables = postgres_tables(&database).await;
+    assert!(tables.is_empty(), "a reading command created {tables:?}");
+
+    project.run_ok(&["jobs", "run", "watch"]);
+    assert!(
+        postgres_tables(&database)
+            .await
+            .contains(&"workers_schema".to_owned())
+    );
+    project.run_ok(&["datasets", "list"]);
+}
+
+/// The tables of the test database's public schema.
+async fn postgres_tables(database: &TestPostgres) -> Vec<String> {
+    let url = database.url.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut client = url
+            .parse::<::postgres::Config>()
+            .unwrap()
+            .connect(::postgres::NoTls)
+            .unwrap();
+        client
+            .query(
+                "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    })
+    .await
+    .unwrap()
+}
