@@ -1049,8 +1049,9 @@ async fn a_connection_lost_mid_step_runs_the_step_once_and_the_workflow_goes_on(
 async fn a_retry_whose_acknowledgement_was_lost_waits_for_its_delay_and_runs_once() {
     let Some(url) = amqp_url() else { return };
     let mut slow = Slow::new(0);
+    // Long enough for the reconnection and the original's second delivery on a loaded machine.
     slow.project
-        .set_env("WORKERS__RETRY__DEFAULT__DELAY_SECONDS", "4");
+        .set_env("WORKERS__RETRY__DEFAULT__DELAY_SECONDS", "8");
     let _cleanup = Cleanup {
         url: url.clone(),
         names: vec![slow.queue.clone()],
@@ -1095,7 +1096,7 @@ async fn a_retry_whose_acknowledgement_was_lost_waits_for_its_delay_and_runs_onc
         exc_module: "workers.exceptions".into(),
     };
     app.store.task_retry(&original.id, &error, 0).await.unwrap();
-    let eta = Utc::now() + chrono::Duration::seconds(4);
+    let eta = Utc::now() + chrono::Duration::seconds(8);
     let mut retry = original.clone();
     retry.eta = Some(eta);
     retry.retries = 1;
