@@ -215,17 +215,18 @@ fn client_config(mode: SslMode, root_cert: Option<&str>) -> anyhow::Result<Clien
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .context("no TLS protocol version in common with the crypto provider")?;
-    let verifier: Arc<dyn ServerCertVerifier> = match (mode, roots) {
+    let roots = match (mode, roots) {
         (SslMode::VerifyFull, Some(roots)) => {
             return Ok(builder.with_root_certificates(roots).with_no_client_auth());
         }
-        (_, Some(roots)) => Arc::new(SignedBy(
+        (_, Some(roots)) => Some(
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
                 .build()
                 .context("cannot use the root certificates")?,
-        )),
-        (_, None) => Arc::new(Unchecked(provider)),
+        ),
+        (_, None) => None,
     };
+    let verifier = Arc::new(Libpq { roots, provider });
     Ok(builder
         .dangerous()
         .with_custom_certificate_verifier(verifier)
@@ -266,11 +267,17 @@ fn system_roots() -> anyhow::Result<RootCertStore> {
     Ok(roots)
 }
 
-/// `verify-ca`: the chain must lead to a root, whatever host name the certificate is for.
+/// The certificate checks of `verify-ca` (a chain to `roots`, whatever host name the
+/// certificate is for) and of `prefer` and `require` without `sslrootcert` (`roots` `None`:
+/// encrypted, but who answers is not checked, libpq's rule). The handshake's signatures are
+/// verified in both.
 #[derive(Debug)]
-struct SignedBy(Arc<WebPkiServerVerifier>);
+struct Libpq {
+    roots: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
 
-impl ServerCertVerifier for SignedBy {
+impl ServerCertVerifier for Libpq {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -279,10 +286,10 @@ impl ServerCertVerifier for SignedBy {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let Some(roots) = &self.roots else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match roots.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -296,51 +303,11 @@ impl ServerCertVerifier for SignedBy {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `prefer` and `require` without `sslrootcert`: encrypted, but who answers is not checked
-/// (libpq's rule). The handshake's signatures are still verified.
-#[derive(Debug)]
-struct Unchecked(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for Unchecked {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -354,12 +321,14 @@ impl ServerCertVerifier for Unchecked {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
