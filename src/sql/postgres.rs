@@ -74,6 +74,30 @@ impl std::ops::Deref for Pool {
 pub struct PgConnection {
     client: postgres::Client,
     statements: HashMap<String, Statement>,
+    /// When a statement last ran on it (or it was made).
+    last_used: Instant,
+    /// Found unusable: the pool drops it when it comes back.
+    broken: bool,
+}
+
+/// How long a pooled connection may sit unused before it must answer a ping (a round trip)
+/// to be used. A connection used more recently is taken as it is, as HikariCP does with its
+/// alive-bypass window: a ping before every statement cost a sixth of the queue's throughput.
+/// A server restart or a cut connection is then met by at most the statements sent in the
+/// half second before it was seen, and a statement sent on a dead connection fails as it
+/// would had the connection broken a moment later.
+const PING_AFTER_IDLE: Duration = Duration::from_millis(500);
+
+impl PgConnection {
+    /// Whether a statement may be sent on this connection. One found unusable is marked, so
+    /// that the pool drops it.
+    fn usable(&mut self) -> bool {
+        let usable = !self.client.is_closed()
+            && (self.last_used.elapsed() < PING_AFTER_IDLE
+                || self.client.is_valid(Duration::from_secs(5)).is_ok());
+        self.broken |= !usable;
+        usable
+    }
 }
 
 struct Manager {
@@ -89,6 +113,8 @@ impl r2d2::ManageConnection for Manager {
         Ok(PgConnection {
             client: tls::connect(&self.config, &self.tls)?,
             statements: HashMap::new(),
+            last_used: Instant::now(),
+            broken: false,
         })
     }
 
@@ -97,7 +123,7 @@ impl r2d2::ManageConnection for Manager {
     }
 
     fn has_broken(&self, conn: &mut PgConnection) -> bool {
-        conn.client.is_closed()
+        conn.broken || conn.client.is_closed()
     }
 }
 
@@ -215,6 +241,8 @@ impl PgDb {
         let pool = r2d2::Pool::builder()
             .max_size(settings.pool_size.max(1))
             .min_idle(Some(1))
+            // Checked by `checked_out` instead: with a round trip only after a while unused.
+            .test_on_check_out(false)
             .connection_timeout(settings.connect_timeout.max(Duration::from_secs(1)))
             .error_handler(Box::new(r2d2::NopErrorHandler))
             .build(Manager {
@@ -306,12 +334,13 @@ impl PgDb {
         let mut conflicts = 0u32;
         let mut pause = Duration::from_millis(100);
         loop {
-            let outcome = match self.pool.get() {
-                Ok(mut conn) => attempt(&mut conn, mode, f),
-                Err(err) => Err(Failure::Unreachable(anyhow::format_err!(
-                    "cannot connect to {}: {err}",
-                    self.display
-                ))),
+            let outcome = match self.checked_out() {
+                Ok(mut conn) => {
+                    let outcome = attempt(&mut conn, mode, f);
+                    conn.last_used = Instant::now();
+                    outcome
+                }
+                Err(err) => Err(Failure::Unreachable(err)),
             };
             match outcome {
                 Ok(value) => return Ok(value),
@@ -336,6 +365,26 @@ impl PgDb {
                 }
             }
         }
+    }
+
+    /// A pooled connection that a statement may be sent on: those found closed are dropped
+    /// (the pool makes new ones), so that a statement is not sent on a connection known to be
+    /// gone, where its outcome would be unknown.
+    fn checked_out(&self) -> anyhow::Result<r2d2::PooledConnection<Manager>> {
+        let tries = self.pool.max_size() + 1;
+        for _ in 0..tries {
+            let mut conn = self
+                .pool
+                .get()
+                .map_err(|err| anyhow::format_err!("cannot connect to {}: {err}", self.display))?;
+            if conn.usable() {
+                return Ok(conn);
+            }
+        }
+        anyhow::bail!(
+            "cannot connect to {}: {tries} connections in a row were closed by the server",
+            self.display
+        )
     }
 
     /// Wakes a waiter of the returned `Notify` (`notify_one`) whenever a notification arrives
@@ -436,7 +485,9 @@ fn attempt<T>(
     mode: Mode,
     f: &dyn Fn(&mut dyn Conn) -> anyhow::Result<T>,
 ) -> Result<T, Failure> {
-    let PgConnection { client, statements } = conn;
+    let PgConnection {
+        client, statements, ..
+    } = conn;
     match mode {
         Mode::Read => return f(&mut PgConn { client, statements }).map_err(classify),
         Mode::Alone => {

@@ -405,6 +405,48 @@ async fn concurrent_transactions_lose_no_update_and_concurrent_starts_migrate_on
     assert_eq!(n, 40);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_that_cannot_run_twice_is_never_sent_on_a_connection_the_server_closed() {
+    let Some(database) = TestPostgres::new() else {
+        return;
+    };
+    let db = workers::sql::Database::from(
+        workers::sql::postgres::PgDb::connect(one_connection(&database.url))
+            .await
+            .unwrap(),
+    );
+    database.execute("CREATE TABLE written (n BIGINT NOT NULL)");
+    for round in 0..3 {
+        // The pooled connection is closed by the server (a restart, a failover, an
+        // administrator) while it waits in the pool, for longer than the half second after
+        // which a connection is checked before use.
+        db.read(|conn| conn.query_one("SELECT 1", &[])?.get::<i64>(0))
+            .await
+            .unwrap();
+        database.execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = '{}' AND pid <> pg_backend_pid()",
+            database.name
+        ));
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        // A statement in a transaction of its own is never run again once sent (its outcome
+        // would be unknown), so it must go out on a connection that is still there.
+        db.write_alone(move |tx| {
+            tx.execute(
+                "INSERT INTO written (n) VALUES (?1)",
+                &[workers::sql::Value::Int(round)],
+            )
+        })
+        .await
+        .unwrap_or_else(|err| panic!("round {round}: {err:#}"));
+    }
+    let written: i64 = db
+        .read(|conn| conn.query_one("SELECT COUNT(*) FROM written", &[])?.get(0))
+        .await
+        .unwrap();
+    assert_eq!(written, 3);
+}
+
 /// A connection of `PgDb` to `url`, asked whether it is encrypted (`pg_stat_ssl`).
 async fn encrypted(url: &str) -> anyhow::Result<bool> {
     let db = workers::sql::postgres::PgDb::connect(one_connection(url)).await?;
