@@ -158,7 +158,8 @@ async fn claim(
         // One statement: the best claimable row is chosen and leased at once. Claimability is
         // decided in the query, so that no number of leased messages ahead of a runnable one
         // can hide it; rows another consumer is claiming at this moment are passed over, not
-        // waited for.
+        // waited for. Its commit does not wait for a disk flush: nothing runs under the claim
+        // before the engine records STARTED (or settles the message), which does.
         let row = db
             .write_alone(move |tx| {
                 tx.query_opt(
@@ -169,6 +170,7 @@ async fn claim(
                          AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < {now_ms}
                               OR lease_owner IN {text_list ?2})
                          ORDER BY priority DESC, seq LIMIT 1 {skip_locked})
+                     AND {unflushed_commit}
                      RETURNING task_id, task, args, kwargs, priority, eta, retries, root_id,
                                parent_id, queue, published_at",
                     args![queues_now, dead_now, owner_now, lease_ms],

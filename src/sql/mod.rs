@@ -13,9 +13,18 @@
 //! | `{text_list ?N}` | `(SELECT value FROM json_each(?N))` | the elements of `?N` as text |
 //! | `{int_list ?N}` | `(SELECT value FROM json_each(?N))` | the elements of `?N` as bigint |
 //! | `{skip_locked}` | nothing (one writer at a time) | `FOR UPDATE SKIP LOCKED` |
+//! | `{unflushed_commit}` | true | true, and the commit does not wait for its flush |
 //!
 //! `{now_ms}` is the database's clock: on PostgreSQL the server's, so that hosts whose clocks
 //! disagree still agree on leases and claims.
+//!
+//! `{unflushed_commit}` is a condition that holds, and on PostgreSQL lets the statement's own
+//! commit return before the write-ahead log is flushed to disk (`synchronous_commit` off for
+//! that one transaction), saving a disk flush; SQLite's commits (WAL, `synchronous=NORMAL`)
+//! never wait for one. A statement may carry it only if a later statement of the same piece of
+//! work commits with a flush before anything outside the database acts on it: the log is
+//! written in order, so that flush makes this commit durable too, and a database crash before
+//! it loses this commit only as it loses the unfinished work.
 //!
 //! Values cross the seam as [`Value`]s: integers (times are milliseconds since the epoch,
 //! booleans 0 and 1, as in the SQLite schema), reals, text (JSON is stored as text) and NULL.
@@ -330,6 +339,7 @@ enum Token<'a> {
     TextList(&'a str),
     IntList(&'a str),
     SkipLocked,
+    UnflushedCommit,
 }
 
 /// The token at the start of `s`, and its length.
@@ -339,6 +349,7 @@ fn token_at(s: &str) -> Option<(Token<'_>, usize)> {
     let token = match inner.split_once(' ') {
         None if inner == "now_ms" => Token::NowMs,
         None if inner == "skip_locked" => Token::SkipLocked,
+        None if inner == "unflushed_commit" => Token::UnflushedCommit,
         Some(("text_list", param)) => Token::TextList(param),
         Some(("int_list", param)) => Token::IntList(param),
         _ => return None,
@@ -372,6 +383,10 @@ impl Token<'_> {
             ),
             (Token::SkipLocked, Engine::Sqlite) => String::new(),
             (Token::SkipLocked, Engine::Postgres) => "FOR UPDATE SKIP LOCKED".to_owned(),
+            (Token::UnflushedCommit, Engine::Sqlite) => "1 = 1".to_owned(),
+            (Token::UnflushedCommit, Engine::Postgres) => {
+                "(SELECT set_config('synchronous_commit', 'off', true)) = 'off'".to_owned()
+            }
         }
     }
 }
@@ -405,6 +420,20 @@ mod tests {
             "SELECT a FROM t WHERE b = $1 AND c IN (SELECT json_array_elements_text(CAST($12 \
              AS json))) AND d < CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT) \
              AND e = '?3 {now_ms}' FOR UPDATE SKIP LOCKED"
+        );
+    }
+
+    #[test]
+    fn a_commit_that_need_not_wait_for_its_flush_says_so_only_on_postgres() {
+        let sql = "UPDATE t SET a = 1 WHERE b = ?1 AND {unflushed_commit}";
+        assert_eq!(
+            render(Engine::Sqlite, sql),
+            "UPDATE t SET a = 1 WHERE b = ?1 AND 1 = 1"
+        );
+        assert_eq!(
+            render(Engine::Postgres, sql),
+            "UPDATE t SET a = 1 WHERE b = $1 AND \
+             (SELECT set_config('synchronous_commit', 'off', true)) = 'off'"
         );
     }
 

@@ -579,22 +579,24 @@ impl WorkflowStore for SqlStore {
         let mut values = result_values(&start.task_id, TaskStatus::Success, result, None);
         values.push(start.workflow_id.to_value());
         // The result stored and the workflow's status read back: one statement on PostgreSQL,
-        // one transaction on SQLite.
+        // one transaction on SQLite. A step's result does not wait for a disk flush: the
+        // engine settles the step's message (or ends the workflow) next, with one; a database
+        // crash before then loses the result with the message's settling, and the step runs
+        // again, as it does when its worker dies at that moment.
         let status = match self.db.engine() {
-            Engine::Postgres => {
-                self.db
-                    .write_alone(move |tx| {
-                        tx.query_opt(
-                            concat!(
-                                "WITH meta AS (",
-                                set_result_sql!(),
-                                ") SELECT status FROM workflows WHERE id = ?6"
-                            ),
-                            &values,
-                        )
-                    })
-                    .await?
-            }
+            Engine::Postgres => self
+                .db
+                .write_alone(move |tx| {
+                    tx.query_opt(
+                        concat!(
+                            "WITH meta AS (",
+                            set_result_sql!(),
+                            ") SELECT status FROM workflows WHERE id = ?6 AND {unflushed_commit}"
+                        ),
+                        &values,
+                    )
+                })
+                .await?,
             Engine::Sqlite => {
                 self.db
                     .write(move |tx| {
