@@ -584,10 +584,10 @@ impl WorkflowStore for SqlStore {
         // crash before then loses the result with the message's settling, and the step runs
         // again, as it does when its worker dies at that moment.
         let status = match self.db.engine() {
-            Engine::Postgres => self
-                .db
-                .write_alone(move |tx| {
-                    tx.query_opt(
+            Engine::Postgres => {
+                self.db
+                    .write_alone(move |tx| {
+                        tx.query_opt(
                         concat!(
                             "WITH meta AS (",
                             set_result_sql!(),
@@ -595,8 +595,9 @@ impl WorkflowStore for SqlStore {
                         ),
                         &values,
                     )
-                })
-                .await?,
+                    })
+                    .await?
+            }
             Engine::Sqlite => {
                 self.db
                     .write(move |tx| {

@@ -707,6 +707,8 @@ struct Claim {
     renewed: std::sync::Mutex<Option<Instant>>,
     /// The step started (STARTED recorded): a start counted with the claim stays counted.
     started: AtomicBool,
+    /// The task succeeded and its message was settled: the claim is left to lapse.
+    succeeded: AtomicBool,
 }
 
 impl Claim {
@@ -717,6 +719,7 @@ impl Claim {
             ttl: Duration::from_secs(app.settings.worker.lease_seconds.max(1)),
             renewed: std::sync::Mutex::new(None),
             started: AtomicBool::new(false),
+            succeeded: AtomicBool::new(false),
         }
     }
 
@@ -746,6 +749,11 @@ impl Claim {
         self.started.store(true, Ordering::Relaxed);
     }
 
+    /// The task succeeded and its message is settled (acknowledged, the next step queued).
+    fn step_succeeded(&self) {
+        self.succeeded.store(true, Ordering::Relaxed);
+    }
+
     /// Whether the claim is certainly still held without asking the store: taken or renewed
     /// less than half a lease ago (nobody can take a claim before its lease runs out).
     fn surely_held(&self) -> bool {
@@ -758,6 +766,13 @@ impl Claim {
     /// Gives the claim back, and the start its taking counted (`counted`) when the step never
     /// started (the task was found finished or superseded, or recording STARTED failed).
     async fn release(&self, app: &App, counted: bool) {
+        // A task that succeeded keeps its claim until it lapses, saving a write on every
+        // step: nothing needs it sooner. Its message is settled, so only a stray copy could
+        // come for it, which is deferred until then and finds the result stored. (A task that
+        // failed or waits keeps giving it back: its retry may come before the claim lapses.)
+        if self.succeeded.load(Ordering::Relaxed) {
+            return;
+        }
         let uncount = counted && !self.started.load(Ordering::Relaxed);
         if let Err(err) = app
             .store
@@ -960,7 +975,11 @@ async fn run_claimed(
                 .await?;
             delivery
                 .ack_publishing(app.broker.as_ref(), next.as_ref())
-                .await
+                .await?;
+            if let Some(claim) = claim {
+                claim.step_succeeded();
+            }
+            Ok(())
         }
         Err(err) => {
             let policy = retry_policy(app, &message.task);

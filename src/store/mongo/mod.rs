@@ -66,6 +66,15 @@ pub struct MongoStore {
 /// far less than a lease's margin in this time.
 const CLOCK_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How many connections a process opens to the server at most, unless the URI's `maxPoolSize`
+/// says otherwise. One: the operations of a process then reach the server one at a time, as
+/// each process of Celery's prefork pool sends them. A worker's operations are small and
+/// short; on the MongoDB-wire server of the benchmarks, which serves concurrent requests
+/// slower than the same requests one by one, a worker with four slots ran no-op steps 1.6 to
+/// 1.9 times faster on one connection than on the driver's default of ten
+/// (`benches/worker_overhead.sh`).
+const MAX_CONNECTIONS: u32 = 1;
+
 impl MongoStore {
     /// Connects to the database `database` at `uri`, checks that the server answers and
     /// creates the indexes of spec F.1 (and those of this program's own collections) when
@@ -74,8 +83,11 @@ impl MongoStore {
         // TLS connections need a process-wide crypto provider; an error only means one is set.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let shown = crate::config::redact_uri(uri);
-        let client = Client::with_uri_str(uri)
+        let mut options = mongodb::options::ClientOptions::parse(uri)
             .await
+            .with_context(|| format!("invalid MongoDB URI `{shown}`"))?;
+        options.max_pool_size = Some(options.max_pool_size.unwrap_or(MAX_CONNECTIONS));
+        let client = Client::with_options(options)
             .with_context(|| format!("invalid MongoDB URI `{shown}`"))?;
         let db = client.database(database);
         db.run_command(documents::ping_command())
