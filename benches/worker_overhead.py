@@ -112,7 +112,9 @@ def mongo_uri_with_db(db):
     return f"{base}/{db}?{query}" if query else f"{base}/{db}"
 
 
-def rust_worker(app_id, db, slots):
+def rust_worker(app_id, db, slots, uri_options=""):
+    """`workers worker` on MONGO_URI, with `uri_options` appended to its query."""
+    uri = MONGO_URI + (("&" if "?" in MONGO_URI else "?") + uri_options if uri_options else "")
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "APP_ENV": "production",
@@ -122,7 +124,7 @@ def rust_worker(app_id, db, slots):
         "API_BASE_URL": "http://127.0.0.1:9/",
         "QUEUE_PASS": "unused",
         "WORKERS__AMQP__URL": AMQP_URL,
-        "WORKERS__MONGO__URI": MONGO_URI,
+        "WORKERS__MONGO__URI": uri,
         "WORKERS__MONGO__DATABASE": db,
         "WORKERS__APP_ID": app_id,
         "WORKERS__LOG__LEVEL": "warn",
@@ -315,6 +317,8 @@ def median(values):
 def main():
     sides = [
         ("rust", "`workers worker`", lambda a, d: rust_worker(a, d, SLOTS)),
+        ("rust-ten", "`workers worker`, ten connections (`maxPoolSize=10`, the driver's default)",
+         lambda a, d: rust_worker(a, d, SLOTS, "maxPoolSize=10")),
         ("python-original", "Celery + sca-rhythm, original settings (one process per task)",
          lambda a, d: python_worker(a, d, SLOTS, True)),
         ("python-pool", "Celery + sca-rhythm, processes reused",
@@ -353,6 +357,7 @@ def write_section(sides, runs, costs, idle):
             f"{med(name, 'peak_rss_mb'):.1f} MB | {each} |")
     pool_ratio = rust_cpu / med("python-pool", "cpu_seconds_per_1000_steps")
     rate_ratio = med("rust", "steps_per_second") / med("python-pool", "steps_per_second")
+    ten_ratio = med("rust", "steps_per_second") / med("rust-ten", "steps_per_second")
     orig_ratio = rust_cpu / med("python-original", "cpu_seconds_per_1000_steps")
     write_ms = median([c["write_ms"] for c in costs])
     read_ms = median([c["read_ms"] for c in costs])
@@ -400,6 +405,11 @@ workflows, polling for their end), divided by the steps.
   its processes.
 - Rust steps per second: {rate_ratio:.2f}x the Python worker that reuses its processes (target:
   at least 2x: {'met' if rate_ratio >= 2 else 'NOT met'}).
+- One connection: `workers worker` opens one connection to MongoDB unless the URI's
+  `maxPoolSize` says otherwise, so its operations reach the server one at a time, as each
+  process of Celery's pool sends them. On the driver's default of ten it ran
+  {med('rust-ten', 'steps_per_second'):.1f} steps/s: one connection is {ten_ratio:.2f}x that. This
+  server serves concurrent requests slower than the same requests in turn.
 - What the server costs: on a fresh server, one client alone, a write (a one-statement upsert of
   a task-sized document) takes {write_ms:.2f} ms and a read by `_id` {read_ms:.2f} ms (medians of
   {len(costs)} probes of 600 each). So a step's server time is its writes and reads at those
@@ -418,13 +428,14 @@ workflows, polling for their end), divided by the steps.
   {floor_ms:.1f} ms of server time. Twice its rate would need at most {floor_ms / 2:.1f} ms per
   step, about two writes: fewer than those four documents. The Rust worker adds to them only
   what makes a step safe to deliver twice: the task's claim (taken with the start count in one
-  write; `workflows show` counts attempts across crashes), the read of the task's stored result
-  (a redelivered step that already succeeded is not run again) and the claim given back.
+  write; `workflows show` counts attempts across crashes) and the read of the task's stored
+  result (a redelivered step that already succeeded is not run again).
 - A Rust step's MongoDB operations, in the order it waits for them: read the workflow (1 read);
   take the task's claim, counting the start, and read the task's stored result, together (1
   write, 1 read); STARTED and the run in the workflow, together (2 writes); SUCCESS and the
-  workflow's `updated_at` with its status read back, together (2 writes); give the claim back, off
-  the slot's path (1 write); the last step of each workflow also marks it SUCCESS. The claim's
+  workflow's `updated_at` with its status read back, together (2 writes); the last step of each
+  workflow also marks it SUCCESS. The claim of a task that succeeded is left to lapse (one that
+  failed or waits is given back, with a write, for its retry). The claim's
   renewal before the result is skipped when it was taken less than half a lease ago, and the
   server's clock is read once per 10 s. RabbitMQ: the next step published with a confirm, then
   the ack.
