@@ -70,9 +70,9 @@ const CLOCK_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
 /// says otherwise. One: the operations of a process then reach the server one at a time, as
 /// each process of Celery's prefork pool sends them. A worker's operations are small and
 /// short; on the MongoDB-wire server of the benchmarks, which serves concurrent requests
-/// slower than the same requests one by one, a worker with four slots ran no-op steps 1.6 to
-/// 1.9 times faster on one connection than on the driver's default of ten
-/// (`benches/worker_overhead.sh`).
+/// slower than the same requests one by one, a worker with four slots ran no-op steps 1.17
+/// times as fast on one connection as on the driver's default of ten
+/// (`benches/worker_overhead.sh`, BENCHMARKS.md).
 const MAX_CONNECTIONS: u32 = 1;
 
 impl MongoStore {
