@@ -240,12 +240,20 @@ fn a_panicking_job_is_recorded_as_failed_and_the_scheduler_keeps_running() {
     project.set_env("WORKERS_FAILPOINTS", "watch=panic");
     let mut child = spawn_scheduler(&project);
     let _reap_child = Reap(child.id());
-    wait_until(Duration::from_secs(20), "three failed runs", || {
-        runs(&project, "watch").len() >= 3
+    let failed = |project: &Project| {
+        runs(project, "watch")
+            .iter()
+            .filter(|r| r["outcome"] == "failed")
+            .count()
+    };
+    wait_until(Duration::from_secs(30), "three failed runs", || {
+        failed(&project) >= 3
     });
+    // A slot that came while a run was still going is skipped (overlap), as on a loaded
+    // machine a run of a second's schedule can be; every run that ran failed.
     for run in runs(&project, "watch")
         .iter()
-        .filter(|r| r["outcome"] != "running")
+        .filter(|r| r["outcome"] != "running" && r["outcome"] != "skipped")
     {
         assert_eq!(run["outcome"], "failed");
         assert!(run["error"].as_str().unwrap().contains("panicked"), "{run}");
