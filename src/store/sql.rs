@@ -588,13 +588,14 @@ impl WorkflowStore for SqlStore {
                 self.db
                     .write_alone(move |tx| {
                         tx.query_opt(
-                        concat!(
-                            "WITH meta AS (",
-                            set_result_sql!(),
-                            ") SELECT status FROM workflows WHERE id = ?6 AND {unflushed_commit}"
-                        ),
-                        &values,
-                    )
+                            concat!(
+                                "WITH meta AS (",
+                                set_result_sql!(),
+                                ") SELECT status FROM workflows",
+                                " WHERE id = ?6 AND {unflushed_commit}"
+                            ),
+                            &values,
+                        )
                     })
                     .await?
             }
