@@ -1002,6 +1002,55 @@ async fn assert_ran_once_and_settled(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_task_that_succeeded_leaves_its_claim_to_lapse() {
+    let Some(url) = amqp_url() else { return };
+    let mut slow = Slow::new(1);
+    // Long enough that the claims taken are certainly still live when looked at.
+    slow.project
+        .set_env("WORKERS__WORKER__LEASE_SECONDS", "120");
+    let _cleanup = Cleanup {
+        url: url.clone(),
+        names: vec![slow.queue.clone()],
+    };
+    let broker = broker(&url, &slow.queue);
+    let app = App::with_broker(slow.project.settings(), broker.clone())
+        .await
+        .unwrap();
+    let workflow_id = slow.start(&app).await;
+    let (stop_tx, stop) = watch::channel(false);
+    let running = tokio::spawn(worker::run(
+        Arc::clone(&app),
+        opts(2, &slow.queue, Duration::from_secs(30)),
+        stop,
+        Display::quiet(),
+    ));
+    eventually("the workflow succeeds", Duration::from_secs(60), || async {
+        view_of(&app, &workflow_id).await.derived.status == TaskStatus::Success
+    })
+    .await;
+    let _ = stop_tx.send(true);
+    running.await.unwrap().unwrap();
+    broker.close().await;
+    // Giving back the claim of a task whose message is settled would only spend a write: it
+    // is still held, by the run that succeeded, until it lapses.
+    let view = view_of(&app, &workflow_id).await;
+    for step in &view.workflow.steps {
+        let task_id = &step.runs.last().unwrap().task_id;
+        assert_eq!(view.metas[task_id].status, TaskStatus::Success);
+        let claim = app
+            .scheduler_store
+            .lease(&format!("task/{task_id}"))
+            .await
+            .unwrap();
+        assert!(
+            claim.is_some(),
+            "step `{}`: its claim was given back",
+            step.spec.name
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_connection_lost_mid_step_runs_the_step_once_and_the_workflow_goes_on() {
     let Some(url) = amqp_url() else { return };
     let mut slow = Slow::new(4);
