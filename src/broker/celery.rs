@@ -12,7 +12,7 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use super::{TaskMessage, TimeLimits};
+use super::{TaskMessage, TimeLimits, saferepr};
 
 pub const CONTENT_TYPE: &str = "application/json";
 pub const CONTENT_ENCODING: &str = "utf-8";
@@ -55,8 +55,8 @@ pub fn encode(message: &TaskMessage, sender: &Sender) -> (BasicProperties, Vec<u
         "timelimit": [message.time_limits.hard, message.time_limits.soft],
         "root_id": message.root_id,
         "parent_id": message.parent_id,
-        "argsrepr": args_repr(&message.args),
-        "kwargsrepr": py_repr(&Value::Object(message.kwargs.clone())),
+        "argsrepr": saferepr::args(&message.args),
+        "kwargsrepr": saferepr::value(&Value::Object(message.kwargs.clone())),
         "origin": sender.origin,
         "ignore_result": false,
     });
@@ -236,19 +236,8 @@ pub fn parse_eta(text: &str) -> anyhow::Result<DateTime<Utc>> {
     anyhow::bail!("`{text}` is not an ISO 8601 date and time")
 }
 
-/// The positional arguments as Python shows a tuple: `(7,)`, `(7, 'x')`, `()`.
-pub fn args_repr(args: &[Value]) -> String {
-    match args {
-        [one] => format!("({},)", py_repr(one)),
-        _ => format!(
-            "({})",
-            args.iter().map(py_repr).collect::<Vec<_>>().join(", ")
-        ),
-    }
-}
-
-/// A JSON value as Python's `repr` shows the value `json.loads` makes of it (Celery's
-/// `argsrepr` and `kwargsrepr`, read by people in Flower and logs).
+/// A JSON value as Python's `repr` shows the value `json.loads` makes of it (an exception's
+/// message in Celery's events is its `repr`).
 pub fn py_repr(value: &Value) -> String {
     match value {
         Value::Null => "None".to_owned(),
@@ -609,9 +598,6 @@ mod tests {
 
     #[test]
     fn reprs_read_like_python() {
-        assert_eq!(args_repr(&[json!(7)]), "(7,)");
-        assert_eq!(args_repr(&[]), "()");
-        assert_eq!(args_repr(&[json!(7), json!("a")]), "(7, 'a')");
         assert_eq!(
             py_repr(&json!({"a": null, "b": true, "c": [1.5, 2.0], "d": "it's", "e": "x\"'y\n"})),
             r#"{'a': None, 'b': True, 'c': [1.5, 2.0], 'd': "it's", 'e': 'x"\'y\n'}"#

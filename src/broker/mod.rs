@@ -7,6 +7,7 @@
 
 pub mod amqp;
 pub mod celery;
+pub mod saferepr;
 pub mod sql;
 
 use async_trait::async_trait;

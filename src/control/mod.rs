@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::app::App;
-use crate::broker::{Consume, TaskMessage};
+use crate::broker::{Consume, TaskMessage, saferepr};
 use crate::cancel::CancellationToken;
 use revoked::RevokedSet;
 
@@ -273,16 +273,16 @@ impl WorkerControl {
         }
     }
 
-    /// `task-received`, with the message's fields as Celery sends them (reprs of the
-    /// arguments).
+    /// `task-received`, with the message's fields as Celery sends them: the arguments as its
+    /// `argsrepr` and `kwargsrepr`.
     pub fn task_received(&self, message: &TaskMessage) {
         if self.sending().is_none() {
             return;
         }
         let fields = json!({
             "name": message.task,
-            "args": crate::broker::celery::py_repr(&Value::Array(message.args.clone())),
-            "kwargs": crate::broker::celery::py_repr(&Value::Object(message.kwargs.clone())),
+            "args": saferepr::args(&message.args),
+            "kwargs": saferepr::value(&Value::Object(message.kwargs.clone())),
             "root_id": message.root_id,
             "parent_id": message.parent_id,
             "retries": message.retries,

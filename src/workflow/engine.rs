@@ -965,7 +965,7 @@ async fn run_claimed(
                 let mut fields = serde_json::Map::new();
                 fields.insert(
                     "result".into(),
-                    Value::String(crate::broker::celery::py_repr(&result)),
+                    Value::String(crate::broker::saferepr::value(&result)),
                 );
                 fields.insert("runtime".into(), serde_json::json!(elapsed));
                 control.task_event("task-succeeded", &message.id, fields);

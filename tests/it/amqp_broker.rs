@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use workers::app::App;
 use workers::broker::amqp::{AmqpBroker, AmqpConfig, queue_arguments};
 use workers::broker::celery::{self, Sender};
-use workers::broker::{Broker, Consume, TaskMessage};
+use workers::broker::{Broker, Consume, TaskMessage, saferepr};
 use workers::identity::Identity;
 use workers::model::DatasetType;
 use workers::store::{TaskClaim, TaskError, TaskStart, TaskStatus, WorkflowFilter};
@@ -1565,6 +1565,116 @@ fn celery_peer(python: &str, mode: &str, url: &str, queue: &str) -> Value {
 
 fn python() -> Option<String> {
     common::services::service_var("WORKERS_TEST_PYTHON")
+}
+
+/// Values that exercise every turn of `saferepr`: quotes, backslashes and newlines, text
+/// beyond code points of one byte, cuts inside strings with and without spaces, inside long
+/// lists and between keys, depth beyond three levels, numbers of each kind.
+fn repr_corpus() -> Vec<Value> {
+    let counts = [1, 2, 3].repeat(400);
+    let mut corpus = vec![
+        json!(null),
+        json!([]),
+        json!({}),
+        json!([[]]),
+        json!(7),
+        json!(-0.0),
+        json!(0.1),
+        json!(1e100),
+        json!(18446744073709551615u64),
+        json!(true),
+        json!("it's"),
+        json!("say \"hi\" and it's \\ done\n\ttab"),
+        json!("naïve café 🙂 ".repeat(120)),
+        json!("x".repeat(1023)),
+        json!("x".repeat(1024)),
+        json!("a b ".repeat(600)),
+        json!(counts),
+        json!({ "k": counts }),
+        json!([[[[1]]], {"a": {"b": {"c": {"d": 1}}}}]),
+        json!({"it's": "key with a quote", "": "empty key"}),
+        json!({"workflow_id": "0e1412df-b846-4d3b-9402-a10f96f520d7", "step": "await stability",
+               "app_id": "bioloop-dev.sca.iu.edu", "notes": "ab cd ".repeat(400)}),
+    ];
+    // Pseudo-random nests of every kind of value, sized around the 1,024-character cut.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |n: u64| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (state >> 33) % n
+    };
+    fn random(next: &mut dyn FnMut(u64) -> u64, depth: u32) -> Value {
+        match next(if depth > 4 { 5 } else { 8 }) {
+            0 => Value::Null,
+            1 => json!(next(2) == 1),
+            2 => json!(next(1_000_000) as i64 - 500_000),
+            3 => json!(next(1000) as f64 / 7.0),
+            4 => {
+                let words = ["a", "b'c", "d e", "f\\g", "h\ni", "jé", " "];
+                let n = next(60);
+                json!((0..n).map(|_| words[next(7) as usize]).collect::<String>())
+            }
+            5 | 6 => Value::Array((0..next(40)).map(|_| random(next, depth + 1)).collect()),
+            _ => Value::Object(
+                (0..next(12))
+                    .map(|i| (format!("k{i}'{}", next(10)), random(next, depth + 1)))
+                    .collect(),
+            ),
+        }
+    }
+    for _ in 0..300 {
+        corpus.push(random(&mut next, 0));
+    }
+    corpus
+}
+
+#[test]
+fn argsrepr_kwargsrepr_and_result_reprs_are_celerys_saferepr() {
+    let Some(python) = python() else { return };
+    let corpus = repr_corpus();
+    let input: String = corpus.iter().map(|v| format!("{v}\n")).collect();
+    let script = r#"
+import json, sys
+from celery.utils.saferepr import saferepr
+for line in sys.stdin:
+    value = json.loads(line)
+    args = value if isinstance(value, list) else [value]
+    print(json.dumps([saferepr(tuple(args), 1024), saferepr(value, 1024)]))
+"#;
+    let mut child = std::process::Command::new(&python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        stdin.write_all(input.as_bytes()).unwrap();
+    });
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(
+        out.status.success(),
+        "Celery's saferepr: {}",
+        describe(&out)
+    );
+    let celerys: Vec<(String, String)> = out
+        .stdout
+        .split(|b| *b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| serde_json::from_slice(line).unwrap())
+        .collect();
+    assert_eq!(celerys.len(), corpus.len());
+    for (value, (args_repr, value_repr)) in corpus.iter().zip(&celerys) {
+        let args = match value {
+            Value::Array(items) => items.clone(),
+            other => vec![other.clone()],
+        };
+        assert_eq!(&saferepr::args(&args), args_repr, "argsrepr of {value}");
+        assert_eq!(&saferepr::value(value), value_repr, "repr of {value}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

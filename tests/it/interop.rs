@@ -887,7 +887,9 @@ async fn flower_sees_the_rust_worker_online_and_the_tasks_it_ran() {
     let task = &tasks[&task_id];
     assert_eq!(task["name"], "noop");
     assert_eq!(task["worker"], json!(node));
-    assert_eq!(task["args"], "[7]");
+    // As a Celery worker reports it: the message's `argsrepr`, the `saferepr` of the tuple
+    // sca-rhythm sends.
+    assert_eq!(task["args"], "(7,)");
     assert!(task["runtime"].as_f64().unwrap() >= 0.0);
     assert!(task["received"].as_f64().is_some() && task["started"].as_f64().is_some());
 
