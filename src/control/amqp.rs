@@ -49,8 +49,7 @@ pub struct AmqpMailbox {
 
 impl AmqpMailbox {
     pub fn new(uri: &str, shown: &str, connection_name: &str) -> anyhow::Result<AmqpMailbox> {
-        let uri: AMQPUri = uri
-            .parse()
+        let uri = crate::broker::amqp::parse_uri(uri)
             .map_err(|_| anyhow::format_err!("amqp.uri is not an AMQP URI: {shown}"))?;
         Ok(AmqpMailbox {
             uri,

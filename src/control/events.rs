@@ -52,8 +52,7 @@ impl EventSender {
         node: &str,
         pid: u32,
     ) -> anyhow::Result<(EventSender, tokio::task::JoinHandle<()>)> {
-        let uri: AMQPUri = uri
-            .parse()
+        let uri = crate::broker::amqp::parse_uri(uri)
             .map_err(|_| anyhow::format_err!("amqp.uri is not an AMQP URI: {shown}"))?;
         let (tx, rx) = mpsc::channel(BACKLOG);
         let publisher = tokio::spawn(publish_events(

@@ -633,6 +633,43 @@ async fn a_batch_published_at_once_arrives_whole() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_message_of_many_frames_arrives_whole() {
+    // A message larger than a frame (128 KiB), its keyword arguments partly characters of
+    // four bytes in UTF-8, goes out and comes back intact: its body in several frames, its
+    // headers (which cannot be split) small, as they carry only the first 1,024 characters
+    // of the arguments' repr.
+    let Some(url) = amqp_url() else { return };
+    let queue = unique("frames");
+    let _cleanup = Cleanup {
+        url: url.clone(),
+        names: vec![queue.clone()],
+    };
+    let broker = broker(&url, &queue);
+    let mut big = message(&queue, 5);
+    let notes: String = (0..300_000u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    big.kwargs.insert("faces".into(), json!("🙂".repeat(5000)));
+    big.kwargs.insert("notes".into(), json!(notes));
+    broker.publish(&big).await.unwrap();
+    broker
+        .start_consuming(&Consume {
+            queues: None,
+            prefetch: 1,
+        })
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.message().id, big.id);
+    assert_eq!(delivery.message().kwargs, big.kwargs);
+    delivery.ack().await.unwrap();
+    broker.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn holds_a_message_until_its_eta_without_taking_the_slot() {
     let Some(url) = amqp_url() else { return };
     let queue = unique("eta");
