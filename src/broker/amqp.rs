@@ -50,7 +50,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn};
 
 use super::celery::{self, Sender};
-use super::{Broker, Consume, Delivery, QueueDepth, TaskMessage};
+use super::{ArgsRepr, Broker, Consume, Delivery, QueueDepth, TaskMessage};
 use crate::identity::Identity;
 
 /// The priorities a Celery queue of the original supports (`task_queue_max_priority`).
@@ -186,6 +186,7 @@ struct ConsumerTask {
 /// A message received and not yet handed to a slot.
 struct Incoming {
     message: TaskMessage,
+    reprs: Option<ArgsRepr>,
     /// The `timestamp` property, when the publisher set one.
     published_at: Option<DateTime<Utc>>,
     acker: Acker,
@@ -733,6 +734,7 @@ async fn consume_session(
         let incoming = Incoming {
             _waiting: Waiting::new(&shared.waiting, &message),
             message,
+            reprs: celery::header_reprs(&delivery.properties),
             published_at,
             acker: delivery.acker,
             delivery_tag: delivery.delivery_tag,
@@ -864,6 +866,7 @@ impl Broker for AmqpBroker {
             }
             return Ok(Box::new(AmqpDelivery {
                 message: incoming.message,
+                reprs: incoming.reprs,
                 published_at: incoming.published_at,
                 acker: incoming.acker,
                 delivery_tag: incoming.delivery_tag,
@@ -1012,6 +1015,7 @@ impl Broker for AmqpBroker {
 
 struct AmqpDelivery {
     message: TaskMessage,
+    reprs: Option<ArgsRepr>,
     published_at: Option<DateTime<Utc>>,
     acker: Acker,
     delivery_tag: u64,
@@ -1039,6 +1043,10 @@ impl Delivery for AmqpDelivery {
 
     fn published_at(&self) -> Option<DateTime<Utc>> {
         self.published_at
+    }
+
+    fn reprs(&self) -> Option<&ArgsRepr> {
+        self.reprs.as_ref()
     }
 
     async fn keep_alive(&self) -> anyhow::Result<()> {

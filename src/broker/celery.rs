@@ -12,7 +12,7 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use super::{TaskMessage, TimeLimits, saferepr};
+use super::{ArgsRepr, TaskMessage, TimeLimits, saferepr};
 
 pub const CONTENT_TYPE: &str = "application/json";
 pub const CONTENT_ENCODING: &str = "utf-8";
@@ -78,6 +78,16 @@ pub fn encode(message: &TaskMessage, sender: &Sender) -> (BasicProperties, Vec<u
         .with_correlation_id(short(&message.id))
         .with_reply_to(short(&sender.reply_to));
     (properties, body.to_string().into_bytes())
+}
+
+/// The `argsrepr` and `kwargsrepr` headers of a message, when it has both.
+pub fn header_reprs(properties: &BasicProperties) -> Option<ArgsRepr> {
+    let headers = properties.headers().as_ref().map(headers_json)?;
+    let text = |key: &str| headers.get(key).and_then(Value::as_str).map(str::to_owned);
+    Some(ArgsRepr {
+        args: text("argsrepr")?,
+        kwargs: text("kwargsrepr")?,
+    })
 }
 
 /// Reads a message consumed from `queue`. Fails, saying why, for anything that is not a

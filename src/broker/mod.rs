@@ -189,6 +189,13 @@ pub trait Broker: Send + Sync {
     }
 }
 
+/// How a message's arguments read in Celery's headers and events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArgsRepr {
+    pub args: String,
+    pub kwargs: String,
+}
+
 /// A claimed message. Exactly one of `ack`, `retry_later`, `release` or `dead_letter` ends
 /// it; dropping it without one leaves the message to be delivered again (after its lease runs
 /// out in the embedded queue, at once with RabbitMQ).
@@ -201,6 +208,14 @@ pub trait Delivery: Send + Sync {
     /// property that our publishers set (to the second; Celery's publishers set none). It
     /// measures the wait in the queue.
     fn published_at(&self) -> Option<DateTime<Utc>> {
+        None
+    }
+
+    /// The arguments as the publisher wrote them for people (Celery's `argsrepr` and
+    /// `kwargsrepr` headers), when the message carries them: a Celery worker reports these,
+    /// not reprs of its own, in `task-received`. They can differ from the `saferepr` of the
+    /// arguments: a list shows as `[7]`, and a caller may hide arguments behind its own text.
+    fn reprs(&self) -> Option<&ArgsRepr> {
         None
     }
 

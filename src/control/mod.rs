@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::app::App;
-use crate::broker::{Consume, TaskMessage, saferepr};
+use crate::broker::{ArgsRepr, Consume, TaskMessage, saferepr};
 use crate::cancel::CancellationToken;
 use revoked::RevokedSet;
 
@@ -274,15 +274,19 @@ impl WorkerControl {
     }
 
     /// `task-received`, with the message's fields as Celery sends them: the arguments as its
-    /// `argsrepr` and `kwargsrepr`.
-    pub fn task_received(&self, message: &TaskMessage) {
+    /// `argsrepr` and `kwargsrepr` headers (`reprs`), or as Celery would have written them
+    /// where the message has none (the embedded queue keeps no headers).
+    pub fn task_received(&self, message: &TaskMessage, reprs: Option<&ArgsRepr>) {
         if self.sending().is_none() {
             return;
         }
         let fields = json!({
             "name": message.task,
-            "args": saferepr::args(&message.args),
-            "kwargs": saferepr::value(&Value::Object(message.kwargs.clone())),
+            "args": reprs.map_or_else(|| saferepr::args(&message.args), |r| r.args.clone()),
+            "kwargs": reprs.map_or_else(
+                || saferepr::value(&Value::Object(message.kwargs.clone())),
+                |r| r.kwargs.clone(),
+            ),
             "root_id": message.root_id,
             "parent_id": message.parent_id,
             "retries": message.retries,

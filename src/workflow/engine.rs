@@ -496,7 +496,7 @@ pub async fn handle_with(
         return delivery.ack().await;
     }
     if let Some(control) = &runner.control {
-        control.task_received(&message);
+        control.task_received(&message, delivery.reprs());
     }
     // Messages that can never run are kept aside (or, where the broker has no place for
     // them, logged and removed) rather than requeued forever. Where the delivery is the

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use workers::app::App;
 use workers::broker::amqp::{AmqpBroker, AmqpConfig, queue_arguments};
 use workers::broker::celery::{self, Sender};
-use workers::broker::{Broker, Consume, TaskMessage, saferepr};
+use workers::broker::{ArgsRepr, Broker, Consume, TaskMessage, saferepr};
 use workers::identity::Identity;
 use workers::model::DatasetType;
 use workers::store::{TaskClaim, TaskError, TaskStart, TaskStatus, WorkflowFilter};
@@ -1770,6 +1770,15 @@ async fn celery_reads_our_messages_and_we_read_celerys() {
     );
     assert_eq!(got.retries, 0);
     assert_eq!(got.root_id, got.id);
+    // The arguments as Celery showed them, kept for the `task-received` event: sent as a
+    // list, they read `[7]`, where a tuple (as sca-rhythm and this worker send) reads `(7,)`.
+    assert_eq!(
+        delivery.reprs(),
+        Some(&ArgsRepr {
+            args: "[7]".into(),
+            kwargs: "{'workflow_id': 'wf', 'step': 's', 'app_id': 'a'}".into(),
+        })
+    );
     delivery.ack().await.unwrap();
     broker.close().await;
     assert_eq!(Rabbit::connect(&url).await.ready(&queue).await, 0);
