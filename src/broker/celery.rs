@@ -82,8 +82,11 @@ pub fn encode(message: &TaskMessage, sender: &Sender) -> (BasicProperties, Vec<u
 
 /// The `argsrepr` and `kwargsrepr` headers of a message, when it has both.
 pub fn header_reprs(properties: &BasicProperties) -> Option<ArgsRepr> {
-    let headers = properties.headers().as_ref().map(headers_json)?;
-    let text = |key: &str| headers.get(key).and_then(Value::as_str).map(str::to_owned);
+    let headers = properties.headers().as_ref()?.inner();
+    let text = |key: &str| match from_amqp(headers.get(&ShortString::from(key))?) {
+        Value::String(text) => Some(text),
+        _ => None,
+    };
     Some(ArgsRepr {
         args: text("argsrepr")?,
         kwargs: text("kwargsrepr")?,
