@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use workers::app::App;
 use workers::broker::amqp::{AmqpBroker, AmqpConfig, queue_arguments};
 use workers::broker::celery::{self, Sender};
-use workers::broker::{ArgsRepr, Broker, Consume, Delivery, TaskMessage, saferepr};
+use workers::broker::{ArgsRepr, Broker, Consume, TaskMessage, saferepr};
 use workers::identity::Identity;
 use workers::model::DatasetType;
 use workers::store::{TaskClaim, TaskError, TaskStart, TaskStatus, WorkflowFilter};
@@ -211,25 +211,6 @@ fn message(queue: &str, priority: u8) -> TaskMessage {
         queue: queue.to_owned(),
         time_limits: Default::default(),
     }
-}
-
-/// The next delivery of `broker`, failing the test after `seconds`.
-async fn next_delivery(broker: &AmqpBroker, seconds: u64) -> Box<dyn Delivery> {
-    tokio::time::timeout(Duration::from_secs(seconds), broker.next())
-        .await
-        .expect("a delivery in time")
-        .unwrap()
-}
-
-/// Starts consuming every queue of `broker`'s configuration, `prefetch` at a time.
-async fn consume_all(broker: &AmqpBroker, prefetch: u16) {
-    broker
-        .start_consuming(&Consume {
-            queues: None,
-            prefetch,
-        })
-        .await
-        .unwrap();
 }
 
 async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
@@ -580,10 +561,19 @@ async fn serves_the_highest_priority_first_from_either_exchange() {
     let (properties, body) = celery::encode(&python, &Sender::new("py-host", 1));
     rabbit.publish("", &queue, properties, &body).await;
 
-    consume_all(&broker, 1).await;
+    broker
+        .start_consuming(&Consume {
+            queues: None,
+            prefetch: 1,
+        })
+        .await
+        .unwrap();
     let mut order = Vec::new();
     for _ in 0..4 {
-        let delivery = next_delivery(&broker, 10).await;
+        let delivery = tokio::time::timeout(Duration::from_secs(10), broker.next())
+            .await
+            .unwrap()
+            .unwrap();
         order.push(delivery.message().priority);
         delivery.ack().await.unwrap();
     }
@@ -616,10 +606,19 @@ async fn a_batch_published_at_once_arrives_whole() {
     let depth = broker.queued().await.unwrap().unwrap();
     assert_eq!((depth.waiting, depth.oldest), (150, None));
     broker.check_queues().await.unwrap();
-    consume_all(&broker, 50).await;
+    broker
+        .start_consuming(&Consume {
+            queues: None,
+            prefetch: 50,
+        })
+        .await
+        .unwrap();
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..150 {
-        let delivery = next_delivery(&broker, 10).await;
+        let delivery = tokio::time::timeout(Duration::from_secs(10), broker.next())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(
             seen.insert(delivery.message().id.clone()),
             "delivered twice"
@@ -653,8 +652,17 @@ async fn a_message_of_many_frames_arrives_whole() {
     big.kwargs.insert("faces".into(), json!("🙂".repeat(5000)));
     big.kwargs.insert("notes".into(), json!(notes));
     broker.publish(&big).await.unwrap();
-    consume_all(&broker, 1).await;
-    let delivery = next_delivery(&broker, 10).await;
+    broker
+        .start_consuming(&Consume {
+            queues: None,
+            prefetch: 1,
+        })
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(Duration::from_secs(10), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(delivery.message().id, big.id);
     assert_eq!(delivery.message().kwargs, big.kwargs);
     delivery.ack().await.unwrap();
@@ -678,10 +686,19 @@ async fn holds_a_message_until_its_eta_without_taking_the_slot() {
     broker.publish(&later).await.unwrap();
     broker.publish(&now).await.unwrap();
 
-    consume_all(&broker, 1).await;
+    broker
+        .start_consuming(&Consume {
+            queues: None,
+            prefetch: 1,
+        })
+        .await
+        .unwrap();
     // One slot, and the message with the higher priority is held: the prefetch grows by one
     // while it is, so the other is delivered meanwhile.
-    let first = next_delivery(&broker, 10).await;
+    let first = tokio::time::timeout(Duration::from_secs(10), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(first.message().id, now.id);
     assert!(
         Utc::now() < eta,
@@ -692,7 +709,10 @@ async fn holds_a_message_until_its_eta_without_taking_the_slot() {
     let waiting: Vec<String> = broker.waiting().await.into_iter().map(|m| m.id).collect();
     assert_eq!(waiting, [later.id.clone()]);
     first.ack().await.unwrap();
-    let second = next_delivery(&broker, 10).await;
+    let second = tokio::time::timeout(Duration::from_secs(10), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(second.message().id, later.id);
     assert!(Utc::now() >= eta, "handed out before its eta");
     assert!(
@@ -735,7 +755,13 @@ async fn a_flood_of_eta_messages_raises_the_prefetch_only_up_to_its_cap() {
         broker.publish(&later).await.unwrap();
         sent.push(later.id);
     }
-    consume_all(&broker, 1).await;
+    broker
+        .start_consuming(&Consume {
+            queues: None,
+            prefetch: 1,
+        })
+        .await
+        .unwrap();
     // One slot and four held messages raise the prefetch to five; the fifth message held
     // takes the slot's place, and nothing more is taken until they come due.
     eventually("the worker holds five", Duration::from_secs(10), || async {
@@ -753,7 +779,10 @@ async fn a_flood_of_eta_messages_raises_the_prefetch_only_up_to_its_cap() {
     // Once due they run, and the rest follows; none before its eta.
     let mut got = Vec::new();
     for _ in 0..30 {
-        let delivery = next_delivery(&broker, 20).await;
+        let delivery = tokio::time::timeout(Duration::from_secs(20), broker.next())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(Utc::now() >= eta, "handed out before its eta");
         got.push(delivery.message().id.clone());
         delivery.ack().await.unwrap();
@@ -777,11 +806,17 @@ async fn a_retry_republishes_the_same_id_with_one_more_retry() {
     let rabbit = Rabbit::connect(&url).await;
     let sent = message(&queue, 4);
     broker.publish(&sent).await.unwrap();
-    let delivery = next_delivery(&broker, 10).await;
+    let delivery = tokio::time::timeout(Duration::from_secs(10), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
     let eta = Utc::now() + chrono::Duration::seconds(1);
     delivery.retry_later(eta, 1).await.unwrap();
 
-    let again = next_delivery(&broker, 10).await;
+    let again = tokio::time::timeout(Duration::from_secs(10), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(Utc::now() >= eta, "the retry ran before its eta");
     let got = again.message().clone();
     assert_eq!(got.id, sent.id);
@@ -834,7 +869,10 @@ async fn an_undecodable_message_is_rejected_once_not_requeued() {
         )
         .await;
 
-    let delivery = next_delivery(&broker, 10).await;
+    let delivery = tokio::time::timeout(Duration::from_secs(10), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         delivery.message().id,
         good.id,
@@ -905,7 +943,10 @@ async fn a_message_that_cannot_run_goes_to_the_dead_letter_exchange_when_the_que
             .await,
         Ok(())
     );
-    let delivery = next_delivery(&broker, 10).await;
+    let delivery = tokio::time::timeout(Duration::from_secs(10), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
     delivery
         .dead_letter("no workflow_id and step")
         .await
@@ -945,7 +986,10 @@ async fn a_message_that_cannot_run_is_acknowledged_when_the_queue_has_no_dead_le
     let mut orphan = message(&queue, 3);
     orphan.kwargs.clear();
     broker.publish(&orphan).await.unwrap();
-    let delivery = next_delivery(&broker, 10).await;
+    let delivery = tokio::time::timeout(Duration::from_secs(10), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
     delivery
         .dead_letter("no workflow_id and step")
         .await
@@ -1108,7 +1152,10 @@ async fn a_retry_whose_acknowledgement_was_lost_waits_for_its_delay_and_runs_onc
 
     // The first attempt failed and was retried as the engine retries: RETRY stored, the same
     // task id published again with one more retry and an eta...
-    let delivery = next_delivery(&broker, 10).await;
+    let delivery = tokio::time::timeout(Duration::from_secs(10), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
     let original = delivery.message().clone();
     assert_eq!(original.id, engine::start_task_id(&workflow_id));
     app.store
@@ -1714,7 +1761,10 @@ async fn celery_reads_our_messages_and_we_read_celerys() {
 
     // Celery's, sent as sca-rhythm sends a step (through the default exchange), read here.
     let sent = celery_peer(&python, "send", &url, &queue);
-    let delivery = next_delivery(&broker, 15).await;
+    let delivery = tokio::time::timeout(Duration::from_secs(15), broker.next())
+        .await
+        .unwrap()
+        .unwrap();
     let got = delivery.message().clone();
     assert_eq!(json!(got.id), sent["id"]);
     assert_eq!(got.task, "noop");
