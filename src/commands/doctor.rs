@@ -335,7 +335,8 @@ async fn database_tls(settings: &Settings) -> Option<Check> {
         Ok(Err(err)) => Check::fail(
             "database TLS",
             format!("{err:#}"),
-            "check sslmode and sslrootcert in postgres.url against the server's certificate",
+            "check sslmode and sslrootcert in postgres.url against the server's certificate, \
+             and sslcert and sslkey where the server authenticates by certificate",
         ),
         Err(_) => Check::fail(
             "database TLS",

@@ -538,12 +538,21 @@ fn classify(err: anyhow::Error) -> Failure {
 
 /// A connection error as an operator reads it: which database, and what to check.
 fn explain(err: postgres::Error, display: &str) -> anyhow::Error {
+    if let Some(alert) = tls::alert_received(&err) {
+        return anyhow::Error::new(err).context(format!(
+            "cannot connect to the database {display}: the server ended the TLS connection \
+             ({alert:?}); if it authenticates by client certificate, check sslcert and sslkey \
+             in postgres.url (a certificate signed by an authority the server trusts, issued \
+             to the user)"
+        ));
+    }
     let hint = match err.code() {
         Some(code) if *code == SqlState::INVALID_PASSWORD => {
             "the server refused the user or password (postgres.url, WORKERS_POSTGRES_PASSWORD)"
         }
         Some(code) if *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
-            "the server refused the user (postgres.url; pg_hba.conf)"
+            "the server refused the user, or the client certificate it authenticates by \
+             (postgres.url, its sslcert and sslkey; pg_hba.conf)"
         }
         Some(code) if *code == SqlState::INVALID_CATALOG_NAME => {
             "the database does not exist: create it (createdb) or correct postgres.url"

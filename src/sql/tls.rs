@@ -1,9 +1,10 @@
 //! TLS to PostgreSQL as libpq understands `postgres.url`: `sslmode` (`disable`, `prefer`,
-//! `require`, `verify-ca`, `verify-full`) and `sslrootcert` (a PEM file, or `system`), on the
-//! project's one TLS stack (rustls with ring).
+//! `require`, `verify-ca`, `verify-full`), `sslrootcert` (a PEM file, or `system`) and a
+//! client certificate (`sslcert` and `sslkey`, for servers that authenticate by certificate),
+//! on the project's one TLS stack (rustls with ring).
 //!
 //! The client library knows only `disable`, `prefer` and `require`, and connects without TLS
-//! unless it is handed a connector. So both options are taken out of the URL here, the rest is
+//! unless it is handed a connector. So these options are taken out of the URL here, the rest is
 //! parsed by the client, and the connector enforces what libpq would:
 //!
 //! | `sslmode` | TLS | the server's certificate |
@@ -13,7 +14,12 @@
 //! | `require` | always | checked against `sslrootcert` when given, else not |
 //! | `verify-ca` | always | signed by `sslrootcert` (default: the system's authorities) |
 //! | `verify-full` | always | that, and issued to the host in the URL |
+//!
+//! A client certificate is sent when the server asks for one, as libpq sends it; unlike libpq,
+//! none is looked for in `~/.postgresql/` when the URL names none: a service's certificate is
+//! one its configuration names. The key file must not be readable by others, libpq's rule.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,7 +29,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -68,14 +74,23 @@ pub struct Target {
 }
 
 impl Target {
-    /// Parses a `postgres://` URL or libpq's `key=value` form, `sslmode` and `sslrootcert`
-    /// included. A root certificate file is read here, so that a missing or unreadable one is
-    /// reported with the configuration rather than at the first connection.
+    /// Parses a `postgres://` URL or libpq's `key=value` form, `sslmode`, `sslrootcert`,
+    /// `sslcert` and `sslkey` included. Certificate and key files are read here, so that a
+    /// missing or unreadable one is reported with the configuration rather than at the first
+    /// connection.
     pub fn parse(url: &str) -> anyhow::Result<Target> {
         let (rest, options) = take_tls_options(url)?;
         let mode = match &options.mode {
             Some(value) => SslMode::parse(value)?,
             None => SslMode::Prefer,
+        };
+        let identity = match (&options.cert, &options.key) {
+            (Some(cert), Some(key)) if mode != SslMode::Disable => {
+                Some(client_identity(Path::new(cert), Path::new(key))?)
+            }
+            (Some(_), Some(_)) | (None, None) => None,
+            (Some(_), None) => anyhow::bail!("sslcert is given without sslkey: give both"),
+            (None, Some(_)) => anyhow::bail!("sslkey is given without sslcert: give both"),
         };
         let mut config: postgres::Config = rest.parse()?;
         config.ssl_mode(match mode {
@@ -88,6 +103,7 @@ impl Target {
             _ => Tls::On(MakeRustlsConnect::new(client_config(
                 mode,
                 options.root_cert.as_deref(),
+                identity,
             )?)),
         };
         Ok(Target { config, tls, mode })
@@ -113,20 +129,41 @@ pub fn is_tls_failure(err: &postgres::Error) -> bool {
         .starts_with("error performing TLS handshake")
 }
 
+/// The alert a server sent to end the TLS connection (an unknown authority for the client's
+/// certificate, say), which the client reports as an error of communication.
+pub fn alert_received(err: &postgres::Error) -> Option<rustls::AlertDescription> {
+    let mut source = std::error::Error::source(err);
+    while let Some(err) = source {
+        let found = match err.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()),
+            None => err.downcast_ref::<rustls::Error>(),
+        };
+        if let Some(rustls::Error::AlertReceived(alert)) = found {
+            return Some(*alert);
+        }
+        source = err.source();
+    }
+    None
+}
+
 #[derive(Default)]
 struct TlsOptions {
     mode: Option<String>,
     root_cert: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
 }
 
-/// Takes `sslmode` and `sslrootcert` out of a URL's query or a `key=value` string; the rest is
-/// returned as it was written.
+/// Takes `sslmode`, `sslrootcert`, `sslcert` and `sslkey` out of a URL's query or a
+/// `key=value` string; the rest is returned as it was written.
 fn take_tls_options(url: &str) -> anyhow::Result<(String, TlsOptions)> {
     let mut options = TlsOptions::default();
     let mut take = |key: &str, value: String| -> bool {
         match key {
             "sslmode" => options.mode = Some(value),
             "sslrootcert" => options.root_cert = Some(value),
+            "sslcert" => options.cert = Some(value),
+            "sslkey" => options.key = Some(value),
             _ => return false,
         }
         true
@@ -204,7 +241,14 @@ fn key_values(text: &str) -> anyhow::Result<Vec<(&str, String, &str)>> {
     Ok(pairs)
 }
 
-fn client_config(mode: SslMode, root_cert: Option<&str>) -> anyhow::Result<ClientConfig> {
+/// A client certificate (its chain) and its private key.
+type Identity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+fn client_config(
+    mode: SslMode,
+    root_cert: Option<&str>,
+    identity: Option<Identity>,
+) -> anyhow::Result<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = match root_cert {
         Some("system") => Some(system_roots()?),
@@ -215,9 +259,20 @@ fn client_config(mode: SslMode, root_cert: Option<&str>) -> anyhow::Result<Clien
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .context("no TLS protocol version in common with the crypto provider")?;
+    let with_identity = |builder: rustls::ConfigBuilder<
+        ClientConfig,
+        rustls::client::WantsClientCert,
+    >| {
+        match identity {
+            Some((chain, key)) => builder
+                .with_client_auth_cert(chain, key)
+                .context("sslcert and sslkey cannot be used together (does the key belong to the certificate?)"),
+            None => Ok(builder.with_no_client_auth()),
+        }
+    };
     let roots = match (mode, roots) {
         (SslMode::VerifyFull, Some(roots)) => {
-            return Ok(builder.with_root_certificates(roots).with_no_client_auth());
+            return with_identity(builder.with_root_certificates(roots));
         }
         (_, Some(roots)) => Some(
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
@@ -227,10 +282,56 @@ fn client_config(mode: SslMode, root_cert: Option<&str>) -> anyhow::Result<Clien
         (_, None) => None,
     };
     let verifier = Arc::new(Libpq { roots, provider });
-    Ok(builder
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth())
+    with_identity(
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier),
+    )
+}
+
+/// Reads `sslcert` (the client's certificate, then any intermediates) and `sslkey` (its
+/// private key, unencrypted PEM). A key file that others may read is refused as libpq refuses
+/// it: owned by this process's user with at most `0600`, or by root with at most `0640` (a key
+/// shared with a service's group).
+fn client_identity(cert: &Path, key: &Path) -> anyhow::Result<Identity> {
+    let (cert_shown, key_shown) = (cert.display(), key.display());
+    let mut chain = Vec::new();
+    for item in CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("cannot read sslcert `{cert_shown}`"))?
+    {
+        chain.push(item.with_context(|| format!("sslcert `{cert_shown}` is not PEM"))?);
+    }
+    anyhow::ensure!(
+        !chain.is_empty(),
+        "sslcert `{cert_shown}` holds no certificate"
+    );
+    let meta =
+        std::fs::metadata(key).with_context(|| format!("cannot read sslkey `{key_shown}`"))?;
+    let euid = rustix::process::geteuid().as_raw();
+    anyhow::ensure!(
+        meta.uid() == euid || meta.uid() == 0,
+        "sslkey `{key_shown}` belongs to user id {}: it must belong to this process's user \
+         ({euid}) or to root",
+        meta.uid()
+    );
+    let mode = meta.mode() & 0o777;
+    let allowed = if meta.uid() == 0 { 0o740 } else { 0o700 };
+    anyhow::ensure!(
+        mode & !allowed == 0,
+        "sslkey `{key_shown}` may be read by others (mode {mode:04o}): it must be u=rw (0600) \
+         or less, or u=rw,g=r (0640) or less when root owns it"
+    );
+    let text = std::fs::read_to_string(key)
+        .with_context(|| format!("cannot read sslkey `{key_shown}`"))?;
+    anyhow::ensure!(
+        !text.contains("ENCRYPTED"),
+        "sslkey `{key_shown}` is encrypted, which is not supported: decrypt it into a file only \
+         the service's user can read (`openssl pkey -in KEY -out PLAIN`)"
+    );
+    let key = PrivateKeyDer::from_pem_slice(text.as_bytes()).with_context(|| {
+        format!("sslkey `{key_shown}` holds no PEM private key (PKCS#8, PKCS#1 or SEC1)")
+    })?;
+    Ok((chain, key))
 }
 
 fn roots_from_file(path: &Path) -> anyhow::Result<RootCertStore> {
@@ -357,6 +458,110 @@ mod tests {
         assert_eq!(options.mode.as_deref(), Some("require"));
         assert_eq!(options.root_cert.as_deref(), Some("/etc/a 'b'.pem"));
         assert!(take_tls_options("host=x sslmode='open").is_err());
+
+        let (rest, options) = take_tls_options(
+            "postgres://u@h/db?sslcert=%2Fetc%2Fw%2Fclient.crt&connect_timeout=3&sslkey=/etc/w/client.key",
+        )
+        .unwrap();
+        assert_eq!(rest, "postgres://u@h/db?connect_timeout=3");
+        assert_eq!(options.cert.as_deref(), Some("/etc/w/client.crt"));
+        assert_eq!(options.key.as_deref(), Some("/etc/w/client.key"));
+    }
+
+    /// Runs `openssl` with `args`.
+    fn openssl(args: &[&std::ffi::OsStr]) {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_and_a_readable_private_one() {
+        let half = |url: &str| format!("{:#}", Target::parse(url).err().unwrap());
+        assert!(
+            half("postgres://u@h/db?sslcert=/a.crt").contains("sslcert is given without sslkey")
+        );
+        assert!(half("host=h sslkey=/a.key").contains("sslkey is given without sslcert"));
+        // Not read where no TLS is made, as libpq ignores them then.
+        Target::parse("postgres://u@h/db?sslmode=disable&sslcert=/a.crt&sslkey=/a.key").unwrap();
+        let err = half("postgres://u@h/db?sslcert=/nonexistent/c.crt&sslkey=/nonexistent/c.key");
+        assert!(
+            err.contains("cannot read sslcert `/nonexistent/c.crt`"),
+            "{err}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key, other) = (
+            dir.path().join("c.crt"),
+            dir.path().join("c.key"),
+            dir.path().join("other.key"),
+        );
+        let os = |s: &'static str| std::ffi::OsStr::new(s);
+        openssl(&[
+            os("req"),
+            os("-x509"),
+            os("-newkey"),
+            os("ec"),
+            os("-pkeyopt"),
+            os("ec_paramgen_curve:P-256"),
+            os("-nodes"),
+            os("-days"),
+            os("1"),
+            os("-subj"),
+            os("/CN=workers"),
+            os("-keyout"),
+            key.as_os_str(),
+            os("-out"),
+            cert.as_os_str(),
+        ]);
+        let url =
+            |key: &Path| format!("host=h sslcert={} sslkey={}", cert.display(), key.display());
+        chmod(&key, 0o600);
+        Target::parse(&url(&key)).unwrap();
+        chmod(&key, 0o640);
+        // Group-readable is allowed only to a key root owns.
+        let owned_by_root = rustix::process::geteuid().is_root();
+        assert_eq!(Target::parse(&url(&key)).is_ok(), owned_by_root);
+        chmod(&key, 0o604);
+        let err = half(&url(&key));
+        assert!(
+            err.contains("may be read by others (mode 0604)") && err.contains("c.key"),
+            "{err}"
+        );
+        chmod(&key, 0o600);
+
+        openssl(&[
+            os("pkey"),
+            os("-aes256"),
+            os("-passout"),
+            os("pass:secret"),
+            os("-in"),
+            key.as_os_str(),
+            os("-out"),
+            other.as_os_str(),
+        ]);
+        chmod(&other, 0o600);
+        let err = half(&url(&other));
+        assert!(
+            err.contains("is encrypted, which is not supported"),
+            "{err}"
+        );
+        // A certificate handed as the key is not a key.
+        std::fs::copy(&cert, &other).unwrap();
+        chmod(&other, 0o600);
+        let err = half(&url(&other));
+        assert!(err.contains("holds no PEM private key"), "{err}");
     }
 
     #[test]

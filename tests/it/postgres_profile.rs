@@ -7,7 +7,7 @@ use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::postgres::TestPostgres;
+use crate::common::postgres::{PrivateServer, TestPostgres};
 use crate::common::*;
 use workers::app::App;
 use workers::model::DatasetType;
@@ -698,4 +698,147 @@ async fn postgres_tables(database: &TestPostgres) -> Vec<String> {
     })
     .await
     .unwrap()
+}
+
+/// Runs `openssl` with `args`, in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl {args:?}: {}", describe(&out));
+}
+
+/// A key and a certificate for `subject`, signed by `test-ca` (made by the first call) or,
+/// for `self_signed`, by itself.
+fn certificate(dir: &std::path::Path, name: &str, subject: &str, self_signed: bool) {
+    let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
+    let new_key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    if self_signed {
+        let mut args = vec!["req", "-x509", "-days", "1", "-subj", subject];
+        args.extend(new_key);
+        args.extend(["-keyout", &key, "-out", &crt]);
+        openssl(dir, &args);
+    } else {
+        let csr = format!("{name}.csr");
+        let mut args = vec!["req", "-subj", subject];
+        args.extend(new_key);
+        args.extend(["-keyout", &key, "-out", &csr]);
+        openssl(dir, &args);
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName = DNS:localhost, IP:127.0.0.1\n",
+        )
+        .unwrap();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                "ext.cnf",
+                "-out",
+                &crt,
+            ],
+        );
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join(&key), std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// A server that authenticates by client certificate (`cert` in pg_hba.conf, a server of the
+/// test's own): reached with libpq's `sslcert` and `sslkey`, by the library and by the binary;
+/// without a certificate, or with one its authority did not sign, the error names the
+/// database and the certificate.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_authenticates_by_certificate_is_reached_with_sslcert_and_sslkey() {
+    let certs = tempfile::tempdir().unwrap();
+    let dir = certs.path();
+    certificate(dir, "ca", "/CN=test-ca", true);
+    certificate(dir, "server", "/CN=localhost", false);
+    certificate(dir, "client", "/CN=postgres", false);
+    certificate(dir, "stranger", "/CN=postgres", true);
+    let Some(server) = PrivateServer::start(|data| {
+        for file in ["server.crt", "server.key", "ca.crt"] {
+            std::fs::copy(dir.join(file), data.join(file)).unwrap();
+        }
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 cert\n",
+        )
+        .unwrap();
+        "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
+         ssl_ca_file = 'ca.crt'\n"
+            .to_owned()
+    }) else {
+        return;
+    };
+    let base = format!("postgres://postgres@localhost:{}/postgres", server.port);
+    let path = |file: &str| dir.join(file).display().to_string();
+    let verified = format!("{base}?sslmode=verify-full&sslrootcert={}", path("ca.crt"));
+    let with_cert = |name: &str| {
+        format!(
+            "{verified}&sslcert={}&sslkey={}",
+            path(&format!("{name}.crt")),
+            path(&format!("{name}.key"))
+        )
+    };
+
+    let db = workers::sql::postgres::PgDb::connect(one_connection(&with_cert("client")))
+        .await
+        .unwrap();
+    let client_dn: String = db
+        .read(|conn| {
+            conn.query_one(
+                "SELECT client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )?
+            .get(0)
+        })
+        .await
+        .unwrap();
+    assert_eq!(client_dn, "/CN=postgres");
+    drop(db);
+
+    let err = connect_error(&verified).await;
+    assert!(
+        err.contains(&base) && err.contains("client certificate"),
+        "{err}"
+    );
+    let err = connect_error(&with_cert("stranger")).await;
+    assert!(
+        err.contains(&base) && err.contains("client certificate"),
+        "{err}"
+    );
+
+    // Through the binary, as an operator configures it.
+    let mut project = Project::new();
+    for backend in ["REGISTRY", "STORE", "BROKER"] {
+        project.set_env(&format!("WORKERS__{backend}__KIND"), "postgres");
+    }
+    project.set_env("WORKERS__POSTGRES__URL", &with_cert("client"));
+    project.run_ok(&["datasets", "list"]);
+    project.set_env("WORKERS__POSTGRES__URL", &verified);
+    let out = project.run(&["datasets", "list"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("client certificate"),
+        "{}",
+        describe(&out)
+    );
 }

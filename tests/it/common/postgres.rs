@@ -105,3 +105,133 @@ impl Drop for TestPostgres {
         }
     }
 }
+
+/// A PostgreSQL server of the test's own, in a temporary directory, for what the shared server
+/// cannot be changed to do (authenticate by client certificate): made with the machine's
+/// `initdb` (Debian's `/usr/lib/postgresql/<version>/bin`, or `WORKERS_TEST_PG_BINDIR`), run as
+/// the `postgres` user when the test runs as root, stopped when dropped.
+pub struct PrivateServer {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    bindir: std::path::PathBuf,
+}
+
+impl PrivateServer {
+    /// `None`, with a note, where the server's programs are not installed; under CI that is a
+    /// failure. `configure` writes into the data directory (certificates, `pg_hba.conf`) and
+    /// returns lines for `postgresql.conf`, before the server starts.
+    pub fn start(configure: impl FnOnce(&std::path::Path) -> String) -> Option<PrivateServer> {
+        let Some(bindir) = server_bindir() else {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "no initdb found (/usr/lib/postgresql/*/bin, WORKERS_TEST_PG_BINDIR); CI runs \
+                 every test"
+            );
+            eprintln!("note: no initdb found (/usr/lib/postgresql/*/bin); skipping");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = PrivateServer { dir, port, bindir };
+        server.run_as_server(&["chown", "-R", "postgres:postgres"], &[server.dir.path()]);
+        server.server_command("initdb", |c| {
+            c.args(["--auth=trust", "--no-sync", "--username=postgres", "-D"])
+                .arg(&data);
+        });
+        let mut conf = configure(&data);
+        conf.push_str(&format!(
+            "\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
+             fsync = off\n",
+            server.dir.path().display()
+        ));
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut file, conf.as_bytes()).unwrap();
+        server.run_as_server(&["chown", "-R", "postgres:postgres"], &[server.dir.path()]);
+        let log = server.dir.path().join("server.log");
+        server.server_command("pg_ctl", |c| {
+            c.args(["-w", "-t", "30", "-D"])
+                .arg(&data)
+                .arg("-l")
+                .arg(&log)
+                .arg("start");
+        });
+        Some(server)
+    }
+
+    /// Runs one of the server's programs, as `postgres` when this process is root.
+    fn server_command(&self, program: &str, args: impl FnOnce(&mut std::process::Command)) {
+        let mut command = as_server(&self.bindir.join(program));
+        args(&mut command);
+        let out = command.output().unwrap();
+        let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+        assert!(
+            out.status.success(),
+            "{program}: {}{}\n{log}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Runs a command that makes files the server's user's (only when this process is root).
+    fn run_as_server(&self, command: &[&str], paths: &[&std::path::Path]) {
+        if !rustix::process::geteuid().is_root() {
+            return;
+        }
+        let status = std::process::Command::new(command[0])
+            .args(&command[1..])
+            .args(paths)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{command:?}");
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = as_server(&self.bindir.join("pg_ctl"))
+            .args(["-m", "immediate", "-D"])
+            .arg(&data)
+            .arg("stop")
+            .output();
+    }
+}
+
+/// `program` run as the server's user: `postgres` when this process is root (the server
+/// refuses to run as root), else this process's.
+fn as_server(program: &std::path::Path) -> std::process::Command {
+    if rustix::process::geteuid().is_root() {
+        let mut command = std::process::Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        std::process::Command::new(program)
+    }
+}
+
+/// Where `initdb` and `pg_ctl` are: `WORKERS_TEST_PG_BINDIR`, or the newest of Debian's.
+fn server_bindir() -> Option<std::path::PathBuf> {
+    if let Ok(dir) = std::env::var("WORKERS_TEST_PG_BINDIR") {
+        return Some(dir.into());
+    }
+    let mut found: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let bin = entry.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, bin)| bin)
+}
