@@ -7,7 +7,12 @@
 //!
 //! On PostgreSQL consumers take rows with `FOR UPDATE SKIP LOCKED`, so that they never queue
 //! behind each other's claims, and idle consumers wait for a `NOTIFY` from the publisher
-//! rather than polling.
+//! rather than polling. There, a step's acknowledgement also claims, in the same statement,
+//! the message its slot will ask for next (one round trip fewer per step, as a Celery worker
+//! prefetches one message per slot): kept for the next `next`, reported by `waiting`, given
+//! back when the consumer stops, and claimed afresh when it was kept longer than half a
+//! lease. A process that dies with such a claim leaves it as it leaves the claims of its
+//! running steps: taken at once by a process of the same host, elsewhere when its lease ends.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,7 +48,10 @@ pub struct SqlBroker {
     lease: Duration,
     published: Arc<Notify>,
     /// The queues `next` takes from, as a JSON list; `None` takes from every queue.
-    queues: std::sync::Mutex<Option<String>>,
+    queues: Arc<std::sync::Mutex<Option<String>>>,
+    /// Claims taken ahead (PostgreSQL): each by the acknowledgement of a step, in the same
+    /// statement, for the slot that ran it and is about to ask `next` for another.
+    ahead: Arc<std::sync::Mutex<Vec<Claimed>>>,
     poll: Duration,
     /// The dead owners last looked up, and when.
     dead: std::sync::Mutex<Option<(std::time::Instant, String)>>,
@@ -61,7 +69,8 @@ impl SqlBroker {
             consumer,
             lease,
             published,
-            queues: std::sync::Mutex::new(None),
+            queues: Arc::new(std::sync::Mutex::new(None)),
+            ahead: Arc::new(std::sync::Mutex::new(Vec::new())),
             poll,
             dead: std::sync::Mutex::new(None),
         }
@@ -90,25 +99,54 @@ impl SqlBroker {
         let published = Arc::clone(&self.published);
         tokio::spawn(async move {
             let claimed = claim(&db, consumer, lease_ms, queues, dead).await;
-            if let Err(Ok(Ok(Claimed { message, owner, .. }))) = tx.send(claimed) {
-                let released = db
-                    .write(move |tx| {
-                        tx.execute(
-                            "UPDATE queue SET lease_owner = NULL, lease_until = NULL
-                             WHERE task_id = ?1 AND lease_owner = ?2",
-                            args![message.id, owner],
-                        )?;
-                        notify_consumers(tx)
-                    })
-                    .await;
-                if let Err(err) = released {
-                    warn!(error = %format!("{err:#}"), "Could not give back a message claimed for a consumer that stopped waiting; it is handed out again when its lease ends.");
-                }
+            if let Err(Ok(Ok(claimed))) = tx.send(claimed) {
+                give_back(&db, &claimed.message.id, &claimed.owner).await;
                 published.notify_one();
             }
         });
         rx.await
             .map_err(|_| anyhow::format_err!("the claim of a queued message was abandoned"))?
+    }
+
+    /// The delivery of a claim of this consumer's.
+    fn delivery(&self, claimed: Claimed) -> SqlDelivery {
+        SqlDelivery {
+            db: self.db.clone(),
+            owner: claimed.owner,
+            lease: self.lease,
+            message: claimed.message,
+            published_at: claimed.published_at,
+            renewed: std::sync::Mutex::new(claimed.sent),
+            published: Arc::clone(&self.published),
+            claim_ahead: (self.db.engine() == Engine::Postgres).then(|| ClaimAhead {
+                holder: self.consumer.holder(),
+                queues: Arc::clone(&self.queues),
+                stash: Arc::clone(&self.ahead),
+            }),
+        }
+    }
+
+    /// A claim taken ahead that is still surely held, if any; one held too long to be sure of
+    /// is given back.
+    async fn take_ahead(&self) -> Option<Claimed> {
+        loop {
+            let claimed = self.ahead.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            if claimed.sent.elapsed() < self.lease / 2 {
+                return Some(claimed);
+            }
+            give_back(&self.db, &claimed.message.id, &claimed.owner).await;
+        }
+    }
+
+    /// Gives back every claim taken ahead (a consumer that stops, or changes its queues).
+    async fn give_back_ahead(&self) {
+        let stashed = std::mem::take(&mut *self.ahead.lock().unwrap_or_else(|e| e.into_inner()));
+        for claimed in &stashed {
+            give_back(&self.db, &claimed.message.id, &claimed.owner).await;
+        }
+        if !stashed.is_empty() {
+            self.published.notify_one();
+        }
     }
 
     /// `dead_owners` as a JSON list, looked up at most once every `DEAD_OWNERS_EVERY`: a
@@ -140,6 +178,25 @@ struct Claimed {
     published_at: Option<DateTime<Utc>>,
     /// When the claim was sent: it is held for at least a lease after.
     sent: Instant,
+}
+
+/// Makes a claim no consumer will use claimable again at once, rather than when its lease
+/// runs out.
+async fn give_back(db: &Database, task_id: &str, owner: &str) {
+    let values = args![task_id, owner].to_vec();
+    let released = db
+        .write(move |tx| {
+            tx.execute(
+                "UPDATE queue SET lease_owner = NULL, lease_until = NULL
+                 WHERE task_id = ?1 AND lease_owner = ?2",
+                &values,
+            )?;
+            notify_consumers(tx)
+        })
+        .await;
+    if let Err(err) = released {
+        warn!(task_id, error = %format!("{err:#}"), "Could not give back a message claimed for a consumer that no longer waits for it; it is handed out again when its lease ends.");
+    }
 }
 
 /// Claims the next runnable message: `Ok` with it and its owner, or `Err` with the time the
@@ -301,6 +358,73 @@ static ACK_PUBLISHING_POSTGRES: std::sync::LazyLock<String> = std::sync::LazyLoc
     )
 });
 
+/// On PostgreSQL, `ACK` of task ?A held by ?A+1 and, in the same statement, a claim of the
+/// best other claimable message for owner ?A+2, leased for ?A+3 ms, from queues ?A+4 (a JSON
+/// list, or NULL for all). With `publishing`, the statement first queues the message of
+/// `INSERT_MESSAGE` (?1 to ?11, so ?A is ?12) and notifies channel ?A+5, as
+/// `ACK_PUBLISHING_POSTGRES` does. Returns how many messages were acknowledged, a column to
+/// skip, then the claimed row's `QUEUE_COLUMNS` (NULL when none was claimable). Claims of dead
+/// owners are left to `claim`, which looks them up.
+fn ack_claiming_statement(publishing: bool) -> String {
+    let a = if publishing { 12 } else { 1 };
+    let (next, notify) = if publishing {
+        (
+            format!("next AS ({INSERT_MESSAGE}),"),
+            format!("pg_notify(?{}, '')", a + 5),
+        )
+    } else {
+        (String::new(), "0".to_owned())
+    };
+    format!(
+        "WITH {next}
+              done AS (DELETE FROM queue WHERE task_id = ?{a} AND lease_owner = ?{a1} RETURNING 1),
+              ahead AS (
+                  UPDATE queue SET lease_owner = ?{a2}, lease_until = {{now_ms}} + ?{a3}
+                  WHERE seq = (
+                      SELECT seq FROM queue WHERE eta <= {{now_ms}} AND task_id <> ?{a}
+                      AND (CAST(?{a4} AS TEXT) IS NULL OR queue IN {{text_list ?{a4}}})
+                      AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < {{now_ms}})
+                      ORDER BY priority DESC, seq LIMIT 1 {{skip_locked}})
+                  RETURNING {QUEUE_COLUMNS})
+         SELECT (SELECT COUNT(*) FROM done), {notify}, ahead.*
+         FROM (SELECT 1) AS one LEFT JOIN ahead ON TRUE",
+        a1 = a + 1,
+        a2 = a + 2,
+        a3 = a + 3,
+        a4 = a + 4,
+    )
+}
+
+/// `ack_claiming_statement`, without and with publishing.
+static ACK_CLAIMING_POSTGRES: std::sync::LazyLock<[String; 2]> =
+    std::sync::LazyLock::new(|| [ack_claiming_statement(false), ack_claiming_statement(true)]);
+
+/// The columns `QueueRow::read` reads, in its order.
+const QUEUE_COLUMNS: &str =
+    "task_id, task, args, kwargs, priority, eta, retries, root_id, parent_id, queue, published_at";
+
+/// The message an `ack_claiming_statement` claimed for `owner`, if any: `Err` with its
+/// task id when the row is not a message.
+fn claimed_ahead(
+    row: &Row,
+    owner: String,
+    sent: Instant,
+) -> anyhow::Result<Option<Result<Claimed, (String, String)>>> {
+    if row.get::<Option<String>>(2)?.is_none() {
+        return Ok(None);
+    }
+    let queued = QueueRow::read(&Row(row.0[2..].to_vec()))?;
+    Ok(Some(match queued.message() {
+        Ok(message) => Ok(Claimed {
+            message,
+            owner,
+            published_at: queued.published_at.map(from_millis),
+            sent,
+        }),
+        Err(_) => Err((queued.task_id, owner)),
+    }))
+}
+
 /// A queue row as stored.
 struct QueueRow {
     task_id: String,
@@ -381,6 +505,9 @@ impl Broker for SqlBroker {
             // Register interest before looking, so a publish between the look and the wait
             // is not missed.
             let notified = self.published.notified();
+            if let Some(claimed) = self.take_ahead().await {
+                return Ok(Box::new(self.delivery(claimed)));
+            }
             match self.try_claim().await? {
                 Ok(claimed) => {
                     // Idle consumers are woken one at a time: the one that gets a message
@@ -388,15 +515,7 @@ impl Broker for SqlBroker {
                     // queue empty; waking them all for one message would send every one of
                     // them to the database for nothing.
                     self.published.notify_one();
-                    return Ok(Box::new(SqlDelivery {
-                        db: self.db.clone(),
-                        owner: claimed.owner,
-                        lease: self.lease,
-                        message: claimed.message,
-                        published_at: claimed.published_at,
-                        renewed: std::sync::Mutex::new(claimed.sent),
-                        published: Arc::clone(&self.published),
-                    }));
+                    return Ok(Box::new(self.delivery(claimed)));
                 }
                 Err(next_eta) => {
                     let mut wait = self.poll;
@@ -443,13 +562,24 @@ impl Broker for SqlBroker {
             .as_ref()
             .map(|q| serde_json::Value::from(q.clone()).to_string());
         *self.queues.lock().unwrap_or_else(|e| e.into_inner()) = queues;
+        self.give_back_ahead().await;
         Ok(())
     }
 
     async fn stop_consuming(&self) -> anyhow::Result<()> {
         // No queue at all: `next` claims nothing until `start_consuming` names queues again.
         *self.queues.lock().unwrap_or_else(|e| e.into_inner()) = Some("[]".to_owned());
+        self.give_back_ahead().await;
         Ok(())
+    }
+
+    async fn waiting(&self) -> Vec<TaskMessage> {
+        self.ahead
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|claimed| claimed.message.clone())
+            .collect()
     }
 
     async fn queued(&self) -> anyhow::Result<Option<QueueDepth>> {
@@ -513,6 +643,16 @@ struct SqlDelivery {
     published: Arc<Notify>,
     /// When the claim or its last renewal was sent.
     renewed: std::sync::Mutex<Instant>,
+    /// Where the acknowledgement claims the consumer's next message (PostgreSQL).
+    claim_ahead: Option<ClaimAhead>,
+}
+
+/// What an acknowledgement needs to claim the next message for the slot that sends it.
+struct ClaimAhead {
+    /// The consumer's process (`hostname:pid`), which the claim's owner starts with.
+    holder: String,
+    queues: Arc<std::sync::Mutex<Option<String>>>,
+    stash: Arc<std::sync::Mutex<Vec<Claimed>>>,
 }
 
 impl SqlDelivery {
@@ -542,6 +682,11 @@ impl SqlDelivery {
                 .write_alone(move |tx| tx.execute(sql, &values))
                 .await?
         };
+        self.lost_unless(changed as i64)
+    }
+
+    /// An error unless the statement that needed this delivery's claim found it (`changed`).
+    fn lost_unless(&self, changed: i64) -> anyhow::Result<()> {
         if changed == 0 {
             anyhow::bail!(
                 "the claim on task {} was lost to another consumer",
@@ -549,6 +694,58 @@ impl SqlDelivery {
             );
         }
         Ok(())
+    }
+
+    /// On PostgreSQL, acknowledges the message (queueing `next` first, if any) and claims in
+    /// the same statement the message the slot asks for next, which `SqlBroker::next` then
+    /// hands out: one round trip fewer for every step. Returns how many messages were
+    /// acknowledged, or `None` where this is not done (SQLite, whose statements cost no round
+    /// trip, or a consumer that is stopping).
+    async fn ack_claiming(&self, next: Option<&TaskMessage>) -> anyhow::Result<Option<i64>> {
+        let Some(ahead) = &self.claim_ahead else {
+            return Ok(None);
+        };
+        let queues = ahead
+            .queues
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if queues.as_deref() == Some("[]") {
+            return Ok(None);
+        }
+        let owner = format!("{}/{}", ahead.holder, uuid::Uuid::new_v4().simple());
+        let mut values = next.map(queue_values).unwrap_or_default();
+        values.extend(
+            args![
+                self.message.id,
+                self.owner,
+                owner,
+                self.lease.as_millis() as i64,
+                queues
+            ]
+            .iter()
+            .cloned(),
+        );
+        if next.is_some() {
+            values.push(Value::Text(CHANNEL.to_owned()));
+        }
+        let publishing = usize::from(next.is_some());
+        let sent = Instant::now();
+        let row = self
+            .db
+            .write_alone(move |tx| tx.query_one(&ACK_CLAIMING_POSTGRES[publishing], &values))
+            .await?;
+        match claimed_ahead(&row, owner, sent)? {
+            Some(Ok(claimed)) => ahead
+                .stash
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(claimed),
+            // A row that is not a message: `claim` moves it to the dead letters.
+            Some(Err((task_id, owner))) => give_back(&self.db, &task_id, &owner).await,
+            None => {}
+        }
+        Ok(Some(row.get(0)?))
     }
 }
 
@@ -591,7 +788,10 @@ impl Delivery for SqlDelivery {
     }
 
     async fn ack(self: Box<Self>) -> anyhow::Result<()> {
-        self.update_owned(ACK, vec![], false).await
+        match self.ack_claiming(None).await? {
+            Some(acked) => self.lost_unless(acked),
+            None => self.update_owned(ACK, vec![], false).await,
+        }
     }
 
     async fn ack_publishing(
@@ -604,33 +804,34 @@ impl Delivery for SqlDelivery {
         };
         // The next step queued and this one removed in one transaction: no moment where a
         // crash leaves both or neither.
-        let mut values = queue_values(next);
-        values.extend(args![self.message.id, self.owner, CHANNEL].iter().cloned());
-        let acked: i64 = match self.db.engine() {
-            // One statement (with the notification of idle consumers): no BEGIN and COMMIT
-            // round trips on the path of every step.
-            Engine::Postgres => {
-                self.db
-                    .write_alone(move |tx| tx.query_one(&ACK_PUBLISHING_POSTGRES, &values)?.get(0))
-                    .await?
-            }
-            Engine::Sqlite => {
-                self.db
-                    .write(move |tx| {
-                        tx.execute(INSERT_MESSAGE, &values[..11])?;
-                        Ok(tx.execute(ACK, &values[11..13])? as i64)
-                    })
-                    .await?
+        let acked = match self.ack_claiming(Some(next)).await? {
+            Some(acked) => acked,
+            None => {
+                let mut values = queue_values(next);
+                values.extend(args![self.message.id, self.owner, CHANNEL].iter().cloned());
+                match self.db.engine() {
+                    // One statement (with the notification of idle consumers): no BEGIN and
+                    // COMMIT round trips on the path of every step.
+                    Engine::Postgres => {
+                        self.db
+                            .write_alone(move |tx| {
+                                tx.query_one(&ACK_PUBLISHING_POSTGRES, &values)?.get(0)
+                            })
+                            .await?
+                    }
+                    Engine::Sqlite => {
+                        self.db
+                            .write(move |tx| {
+                                tx.execute(INSERT_MESSAGE, &values[..11])?;
+                                Ok(tx.execute(ACK, &values[11..13])? as i64)
+                            })
+                            .await?
+                    }
+                }
             }
         };
         self.published.notify_one();
-        if acked == 0 {
-            anyhow::bail!(
-                "the claim on task {} was lost to another consumer",
-                self.message.id
-            );
-        }
-        Ok(())
+        self.lost_unless(acked)
     }
 
     async fn retry_later(self: Box<Self>, eta: DateTime<Utc>, retries: u32) -> anyhow::Result<()> {
