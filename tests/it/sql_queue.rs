@@ -189,6 +189,7 @@ async fn an_acknowledgement_claims_the_slots_next_message_on_postgres() {
         "claimed afresh"
     );
     broker.publish(&message("d")).await.unwrap();
+    elsewhere.keep_alive().await.unwrap();
     third.ack_publishing(&broker, None).await.unwrap();
     assert_eq!(waiting(&broker).await, ["d"]);
 
