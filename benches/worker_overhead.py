@@ -417,6 +417,13 @@ workflows, polling for their end), divided by the steps.
   {server_ms('python-pool'):.1f} ms for the Python one (at most {predicted('python-pool'):.0f}
   steps/s). Both measured rates are well below these bounds (the probe's collection has no
   secondary index and no concurrent clients); the bounds only order the workers.
+- Where the server's time goes under load: sampled with py-spy (`py-spy record -p PID -f raw`)
+  during a Rust run of 100 workflows, about a third of its samples were in pruning its
+  retryable-write records, a scan of every record it keeps (up to 10,000, for 30 minutes) on
+  each write. Both drivers send retryable writes, since the server answers as a replica-set
+  primary, so a write costs it more the more writes came before it: one reason the bounds
+  above are not reached, and the worker with more writes per step pays more for each. (mongod
+  keeps one such record per session, looked up by the session's id.)
 - Sent four to a command (one `update` of four statements), a write costs {batched_ms:.2f} ms.
   Even with every write of a Rust step batched four to a command with other slots' writes, a
   step would cost the server {batched_rust_ms:.1f} ms against the Python worker's
