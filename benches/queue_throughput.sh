@@ -52,6 +52,19 @@ run_profile() {
             env_vars="$env_vars WORKERS__REGISTRY__KIND=postgres WORKERS__STORE__KIND=postgres"
             env_vars="$env_vars WORKERS__BROKER__KIND=postgres WORKERS__POSTGRES__URL=$url"
             ;;
+        postgres-socket)
+            # The same server through its Unix socket, as a worker on the server's own host
+            # reaches it: no TCP, no TLS.
+            local db="workers_bench_${round}_$$"
+            psql "$PG_ADMIN" -qc "CREATE DATABASE $db" >/dev/null
+            local socket_dir user
+            socket_dir=$(psql "$PG_ADMIN" -Atc "SHOW unix_socket_directories" | cut -d, -f1)
+            user=$(python3 -c 'import sys, urllib.parse; print(urllib.parse.urlparse(sys.argv[1]).username or "postgres")' "$PG_ADMIN")
+            env_vars="$env_vars WORKERS__SQLITE__PATH=$WORK/pgs-$round/w.db"
+            env_vars="$env_vars WORKERS__REGISTRY__KIND=postgres WORKERS__STORE__KIND=postgres"
+            env_vars="$env_vars WORKERS__BROKER__KIND=postgres"
+            env_vars="$env_vars WORKERS__POSTGRES__URL=postgres://$user@$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$socket_dir")/$db"
+            ;;
         amqp-mongo)
             local port=$((27200 + round))
             if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -76,7 +89,8 @@ run_profile() {
         "$DRIVER" "$REPO/target/release/workers" "$WORKFLOWS" "$STEPS" "$SLOTS")
     echo "{\"profile\": \"$profile\", \"round\": $round, \"result\": $line}" | tee -a "$RESULTS"
     case $profile in
-        postgres) psql "$PG_ADMIN" -qc "DROP DATABASE workers_bench_${round}_$$ WITH (FORCE)" >/dev/null ;;
+        postgres | postgres-socket)
+            psql "$PG_ADMIN" -qc "DROP DATABASE workers_bench_${round}_$$ WITH (FORCE)" >/dev/null ;;
         amqp-mongo)
             kill "$(cat "$WORK/mongo-$round.pid")" 2>/dev/null || true
             rm -f "$WORK/mongo-$round.pid"
@@ -86,7 +100,7 @@ run_profile() {
 }
 
 for round in $(seq 1 "$REPEAT"); do
-    for profile in embedded postgres amqp-mongo; do
+    for profile in embedded postgres postgres-socket amqp-mongo; do
         run_profile "$profile" "$round"
     done
 done
@@ -98,13 +112,14 @@ runs = [json.loads(line) for line in open(results)]
 def med(profile, key):
     return statistics.median(r["result"][key] for r in runs if r["profile"] == profile)
 names = {"embedded": "embedded (SQLite file)", "postgres": "postgres (PostgreSQL 15, local)",
+         "postgres-socket": "postgres, through the Unix socket",
          "amqp-mongo": "production (RabbitMQ + MongoDB wire)"}
 base = med("embedded", "steps_per_second")
 cpus = runs[0]["result"]["cpus"]
 pg_machine = med("postgres", "machine_cpu_seconds") / (int(workflows) * int(steps)) * 1000
 pg_worker = med("postgres", "worker_cpu_seconds") / (int(workflows) * int(steps)) * 1000
 rows = []
-for p in ["embedded", "postgres", "amqp-mongo"]:
+for p in ["embedded", "postgres", "postgres-socket", "amqp-mongo"]:
     sps = med(p, "steps_per_second")
     cpu = med(p, "worker_cpu_seconds") / (int(workflows) * int(steps)) * 1000
     each = ", ".join(f"{r['result']['steps_per_second']:.1f}" for r in runs if r["profile"] == p)
@@ -122,7 +137,8 @@ section = f"""<!-- queue-throughput:begin -->
 {workflows} workflows of {steps} `noop` steps, published at once, on each profile in turn, {repeat}
 rounds; medians. Each run has a database of its own (SQLite on tmpfs; a fresh PostgreSQL
 database, reached over loopback TCP with the default `sslmode=prefer`, so over TLS as the
-server offers it; a fresh MongoDB-wire server on tmpfs). The worker's CPU is its own, user + system;
+server offers it, and in a second row through the server's Unix socket, as a worker on the
+server's own host would reach it; a fresh MongoDB-wire server on tmpfs). The worker's CPU is its own, user + system;
 the machine's is every process's (the database server's too) and the kernel's, over the same
 time, and "busy" is that time as a share of all {cpus} CPUs. Database transactions count every
 statement outside a transaction as one, over the whole run (idle polling and the driver's own
