@@ -735,15 +735,32 @@ impl SqlDelivery {
             .db
             .write_alone(move |tx| tx.query_one(&ACK_CLAIMING_POSTGRES[publishing], &values))
             .await?;
-        match claimed_ahead(&row, owner, sent)? {
-            Some(Ok(claimed)) => ahead
-                .stash
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(claimed),
+        let unused = match claimed_ahead(&row, owner, sent)? {
+            Some(Ok(claimed)) => {
+                // Kept unless the consumer stopped meanwhile. Decided under the lock that
+                // `stop_consuming` takes the kept claims under, after it has cleared the
+                // queues: either this claim is kept before and given back by it, or it sees
+                // the consumer stopped here.
+                let mut stash = ahead.stash.lock().unwrap_or_else(|e| e.into_inner());
+                let stopped = ahead
+                    .queues
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_deref()
+                    == Some("[]");
+                if stopped {
+                    Some((claimed.message.id, claimed.owner))
+                } else {
+                    stash.push(claimed);
+                    None
+                }
+            }
             // A row that is not a message: `claim` moves it to the dead letters.
-            Some(Err((task_id, owner))) => give_back(&self.db, &task_id, &owner).await,
-            None => {}
+            Some(Err(unreadable)) => Some(unreadable),
+            None => None,
+        };
+        if let Some((task_id, owner)) = unused {
+            give_back(&self.db, &task_id, &owner).await;
         }
         Ok(Some(row.get(0)?))
     }
