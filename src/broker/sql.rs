@@ -186,11 +186,7 @@ async fn give_back(db: &Database, task_id: &str, owner: &str) {
     let values = args![task_id, owner].to_vec();
     let released = db
         .write(move |tx| {
-            tx.execute(
-                "UPDATE queue SET lease_owner = NULL, lease_until = NULL
-                 WHERE task_id = ?1 AND lease_owner = ?2",
-                &values,
-            )?;
+            tx.execute(RELEASE, &values)?;
             notify_consumers(tx)
         })
         .await;
@@ -198,6 +194,22 @@ async fn give_back(db: &Database, task_id: &str, owner: &str) {
         warn!(task_id, error = %format!("{err:#}"), "Could not give back a message claimed for a consumer that no longer waits for it; it is handed out again when its lease ends.");
     }
 }
+
+/// Leases the best claimable message from queues ?1 (a JSON list, or NULL for all) to owner
+/// ?3 for ?4 ms, taking over claims of the dead owners ?2; returns its `QUEUE_COLUMNS`.
+static CLAIM: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "UPDATE queue SET lease_owner = ?3, lease_until = {{now_ms}} + ?4
+         WHERE seq = (
+             SELECT seq FROM queue WHERE eta <= {{now_ms}}
+             AND (CAST(?1 AS TEXT) IS NULL OR queue IN {{text_list ?1}})
+             AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < {{now_ms}}
+                  OR lease_owner IN {{text_list ?2}})
+             ORDER BY priority DESC, seq LIMIT 1 {{skip_locked}})
+         AND {{unflushed_commit}}
+         RETURNING {QUEUE_COLUMNS}"
+    )
+});
 
 /// Claims the next runnable message: `Ok` with it and its owner, or `Err` with the time the
 /// next one becomes due.
@@ -219,19 +231,7 @@ async fn claim(
         // before the engine records STARTED (or settles the message), which does.
         let row = db
             .write_alone(move |tx| {
-                tx.query_opt(
-                    "UPDATE queue SET lease_owner = ?3, lease_until = {now_ms} + ?4
-                     WHERE seq = (
-                         SELECT seq FROM queue WHERE eta <= {now_ms}
-                         AND (CAST(?1 AS TEXT) IS NULL OR queue IN {text_list ?1})
-                         AND (lease_owner IS NULL OR lease_until IS NULL OR lease_until < {now_ms}
-                              OR lease_owner IN {text_list ?2})
-                         ORDER BY priority DESC, seq LIMIT 1 {skip_locked})
-                     AND {unflushed_commit}
-                     RETURNING task_id, task, args, kwargs, priority, eta, retries, root_id,
-                               parent_id, queue, published_at",
-                    args![queues_now, dead_now, owner_now, lease_ms],
-                )
+                tx.query_opt(&CLAIM, args![queues_now, dead_now, owner_now, lease_ms])
             })
             .await?;
         let Some(row) = row.map(|r| QueueRow::read(&r)).transpose()? else {
@@ -344,6 +344,9 @@ fn queue_values(message: &TaskMessage) -> Vec<Value> {
     ]
     .to_vec()
 }
+
+/// Makes the message of task ?1 claimable again while owner ?2 holds it.
+const RELEASE: &str = "UPDATE queue SET lease_owner = NULL, lease_until = NULL WHERE task_id = ?1 AND lease_owner = ?2";
 
 /// Removes the message of task ?1 while owner ?2 holds it.
 const ACK: &str = "DELETE FROM queue WHERE task_id = ?1 AND lease_owner = ?2";
@@ -873,12 +876,7 @@ impl Delivery for SqlDelivery {
     }
 
     async fn release(self: Box<Self>) -> anyhow::Result<()> {
-        self.update_owned(
-            "UPDATE queue SET lease_owner = NULL, lease_until = NULL WHERE task_id = ?1 AND lease_owner = ?2",
-            vec![],
-            true,
-        )
-        .await?;
+        self.update_owned(RELEASE, vec![], true).await?;
         self.published.notify_one();
         Ok(())
     }

@@ -139,7 +139,7 @@ impl PrivateServer {
             .unwrap()
             .port();
         let server = PrivateServer { dir, port, bindir };
-        server.run_as_server(&["chown", "-R", "postgres:postgres"], &[server.dir.path()]);
+        server.chown_to_server();
         server.server_command("initdb", |c| {
             c.args(["--auth=trust", "--no-sync", "--username=postgres", "-D"])
                 .arg(&data);
@@ -155,7 +155,7 @@ impl PrivateServer {
             .open(data.join("postgresql.conf"))
             .unwrap();
         std::io::Write::write_all(&mut file, conf.as_bytes()).unwrap();
-        server.run_as_server(&["chown", "-R", "postgres:postgres"], &[server.dir.path()]);
+        server.chown_to_server();
         let log = server.dir.path().join("server.log");
         server.server_command("pg_ctl", |c| {
             c.args(["-w", "-t", "30", "-D"])
@@ -172,26 +172,33 @@ impl PrivateServer {
         let mut command = as_server(&self.bindir.join(program));
         args(&mut command);
         let out = command.output().unwrap();
-        let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
-        assert!(
-            out.status.success(),
-            "{program}: {}{}\n{log}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if !out.status.success() {
+            let log =
+                std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+            panic!(
+                "{program}: {}{}\n{log}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 
-    /// Runs a command that makes files the server's user's (only when this process is root).
-    fn run_as_server(&self, command: &[&str], paths: &[&std::path::Path]) {
+    /// Gives the server's directory, and what was written into it, to the server's user (only
+    /// when this process is root: otherwise it is this process's already).
+    fn chown_to_server(&self) {
         if !rustix::process::geteuid().is_root() {
             return;
         }
-        let status = std::process::Command::new(command[0])
-            .args(&command[1..])
-            .args(paths)
+        let status = std::process::Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(self.dir.path())
             .status()
             .unwrap();
-        assert!(status.success(), "{command:?}");
+        assert!(
+            status.success(),
+            "chown -R postgres:postgres {}",
+            self.dir.path().display()
+        );
     }
 }
 
